@@ -1,0 +1,243 @@
+"""Typed argument groups. Key names and meanings follow LLaMA-Factory's hparams.
+
+Every field carries ``metadata['help']``; fields with a closed set of values carry
+``metadata['choices']``. The parser (``lmf.config.parser``) validates types and choices,
+and rejects unknown keys with a suggestion.
+
+This module must stay import-light (stdlib only): ``lmf help`` imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+def _f(default: Any, help: str, choices: Optional[tuple] = None, **extra: Any) -> Any:
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    meta.update(extra)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load and how."""
+
+    model_name_or_path: Optional[str] = _f(None, "Local path (or hub id, when online) of the base model.")
+    adapter_name_or_path: Optional[str] = _f(None, "Comma-separated PEFT adapter path(s) to load on top of the base model.")
+    cache_dir: Optional[str] = _f(None, "Where to cache downloaded models.")
+    model_revision: str = _f("main", "Model revision (branch, tag or commit).")
+    trust_remote_code: bool = _f(False, "Allow custom modelling code shipped with the checkpoint.")
+    use_fast_tokenizer: bool = _f(True, "Use a fast (Rust) tokenizer.")
+    split_special_tokens: bool = _f(False, "Split special tokens when tokenizing.")
+    add_tokens: Optional[str] = _f(None, "Comma-separated non-special tokens to add to the tokenizer.")
+    add_special_tokens: Optional[str] = _f(None, "Comma-separated special tokens to add to the tokenizer.")
+    resize_vocab: bool = _f(False, "Resize the embeddings to the tokenizer's vocabulary.")
+    low_cpu_mem_usage: bool = _f(True, "Load weights lazily to save CPU memory.")
+    flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
+    disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
+    use_reentrant_gc: bool = _f(False, "Use reentrant gradient checkpointing.")
+    offload_activations: bool = _f(False, "Offload checkpointed activations to CPU memory (GPU only).")
+    upcast_layernorm: bool = _f(False, "Upcast layernorm weights to fp32.")
+    upcast_lmhead_output: bool = _f(False, "Upcast the lm_head output to fp32.")
+    use_chunked_loss: bool = _f(True, "Compute the loss in chunks over the sequence and never materialise full logits.")
+    loss_chunk_size: int = _f(1024, "Tokens per chunk for the chunked loss.")
+    enable_liger_kernel: bool = _f(False, "Use liger-kernel's fused linear cross-entropy on GPU when installed.")
+    train_from_scratch: bool = _f(False, "Randomly initialise the model weights from its config.")
+    infer_backend: str = _f("huggingface", "Inference backend for chat/api.", ("huggingface", "hf", "vllm"))
+    infer_dtype: str = _f("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))
+    use_cache: bool = _f(True, "Use the KV cache during generation.")
+    hf_hub_token: Optional[str] = _f(None, "Hugging Face Hub token.")
+    print_param_status: bool = _f(False, "Print every parameter's dtype, device and trainable flag.")
+    quantization_bit: Optional[int] = _f(None, "Quantize the base model on the fly (bitsandbytes, GPU only).", (None, 4, 8))
+    quantization_method: str = _f("bnb", "On-the-fly quantization method.", ("bnb",))
+    model_max_length: Optional[int] = _f(None, "Override the tokenizer's model_max_length.")
+    # export
+    export_dir: Optional[str] = _f(None, "Directory to write the merged model to (lmf export).")
+    export_size: int = _f(5, "Maximum shard size of the exported model, in GB.")
+    export_device: str = _f("cpu", "Device used to merge the adapter.", ("cpu", "auto"))
+    export_legacy_format: bool = _f(False, "Save .bin instead of .safetensors when exporting.")
+    export_overwrite: bool = _f(False, "Allow lmf export to overwrite a non-empty export_dir.")
+    export_hub_model_id: Optional[str] = _f(None, "Hub repo id to push the export to.")
+    # vllm
+    vllm_maxlen: int = _f(4096, "Max sequence length for the vLLM engine.")
+    vllm_gpu_util: float = _f(0.7, "GPU memory fraction for vLLM.")
+    vllm_enforce_eager: bool = _f(False, "Disable CUDA graphs in vLLM.")
+    vllm_max_lora_rank: int = _f(32, "Maximum LoRA rank vLLM accepts.")
+
+
+@dataclass
+class DataArguments:
+    """Which data to train on and how to turn it into tokens."""
+
+    template: Optional[str] = _f(None, "Chat template name (see `lmf data templates`), or 'auto' for the tokenizer's own.")
+    dataset: Optional[str] = _f(None, "Comma-separated dataset names from dataset_info.json (or file paths).")
+    eval_dataset: Optional[str] = _f(None, "Comma-separated evaluation dataset names.")
+    dataset_dir: str = _f("data", "Folder holding dataset_info.json and the data files.")
+    media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).")
+    cutoff_len: int = _f(2048, "Maximum tokens per sample after tokenization.")
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
+    mask_history: bool = _f(False, "Train on the last assistant turn only.")
+    streaming: bool = _f(False, "Stream the dataset instead of loading it.")
+    buffer_size: int = _f(16384, "Shuffle buffer size when streaming.")
+    mix_strategy: str = _f("concat", "How to mix several datasets.", ("concat", "interleave_under", "interleave_over"))
+    interleave_probs: Optional[str] = _f(None, "Comma-separated sampling probabilities for interleaving.")
+    overwrite_cache: bool = _f(False, "Re-run preprocessing even if a cached result exists.")
+    preprocessing_batch_size: int = _f(1000, "Records per preprocessing batch.")
+    preprocessing_num_workers: Optional[int] = _f(None, "Processes used for preprocessing.")
+    max_samples: Optional[int] = _f(None, "Keep at most this many records per dataset.")
+    eval_num_beams: Optional[int] = _f(None, "Beams for evaluation generation.")
+    ignore_pad_token_for_loss: bool = _f(True, "Ignore pad tokens in the loss.")
+    val_size: float = _f(0.0, "Validation split: a fraction in [0,1) or an absolute count.")
+    eval_on_each_dataset: bool = _f(False, "Evaluate on each eval dataset separately.")
+    packing: Optional[bool] = _f(None, "Pack several samples into one sequence (default: on for pt, off otherwise).")
+    neat_packing: bool = _f(False, "Packing without cross-sample attention (per-sample position ids).")
+    tool_format: Optional[str] = _f(None, "Tool format for function-calling data.")
+    default_system: Optional[str] = _f(None, "Override the template's default system prompt.")
+    enable_thinking: Optional[bool] = _f(True, "Whether reasoning (thinking) templates keep the thought.")
+    tokenized_path: Optional[str] = _f(None, "Save/load the tokenized dataset to/from this path.")
+    data_shared_file_system: bool = _f(False, "Whether nodes share a file system for the data cache.")
+    skip_bad_records: bool = _f(False, "Skip malformed records (counted and reported) instead of failing.")
+    preprocessing_cache_dir: Optional[str] = _f(None, "Where preprocessed datasets are cached (default: $LMF_CACHE or ~/.cache/lmf/datasets).")
+
+
+@dataclass
+class FinetuningArguments:
+    """What to train: stage, method and method-specific knobs."""
+
+    stage: str = _f("sft", "Training stage.", ("pt", "sft", "rm", "dpo", "kto", "ppo"))
+    finetuning_type: str = _f("lora", "Which parameters to train.", ("lora", "freeze", "full"))
+    # freeze
+    freeze_trainable_layers: int = _f(2, "Freeze: train the last N layers (negative: the first -N).")
+    freeze_trainable_modules: str = _f("all", "Freeze: comma-separated module names within trainable layers.")
+    freeze_extra_modules: Optional[str] = _f(None, "Freeze: extra non-layer modules to train (e.g. embed_tokens).")
+    # lora
+    lora_rank: int = _f(8, "LoRA rank.")
+    lora_alpha: Optional[int] = _f(None, "LoRA alpha (default: 2 * lora_rank).")
+    lora_dropout: float = _f(0.0, "LoRA dropout.")
+    lora_target: str = _f("all", "Comma-separated module names to adapt, or 'all' for every linear layer but the head.")
+    additional_target: Optional[str] = _f(None, "Comma-separated extra modules trained in full and saved with the adapter.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+    pissa_init: bool = _f(False, "PiSSA initialisation.")
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+ learning-rate ratio for B matrices.")
+    create_new_adapter: bool = _f(False, "Create a new adapter on top of loaded ones instead of resuming them.")
+    # preference
+    pref_beta: float = _f(0.1, "Beta of the preference loss.")
+    pref_ftx: float = _f(0.0, "Weight of the SFT loss added to the preference loss.")
+    pref_loss: str = _f("sigmoid", "Preference loss.", ("sigmoid", "hinge", "ipo", "orpo", "simpo"))
+    dpo_label_smoothing: float = _f(0.0, "Label smoothing for the sigmoid DPO loss (cDPO).")
+    simpo_gamma: float = _f(0.5, "Target reward margin of SimPO.")
+    ref_model: Optional[str] = _f(None, "Reference model path for DPO (default: the base model).")
+    ref_model_adapters: Optional[str] = _f(None, "Adapters of the reference model.")
+    precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (full fine-tuning).")
+    # misc
+    plot_loss: bool = _f(False, "Write training_loss.png at the end.")
+    compute_accuracy: bool = _f(False, "Compute token accuracy during evaluation.")
+    disable_shuffling: bool = _f(False, "Do not shuffle the training data.")
+    include_effective_tokens_per_second: bool = _f(False, "Report effective tokens/s.")
+    pure_bf16: bool = _f(False, "Train in pure bf16 (no AMP).")
+    use_llama_pro: bool = _f(False, "LLaMA Pro block expansion.")
+    use_galore: bool = _f(False, "GaLore optimizer.")
+    use_badam: bool = _f(False, "BAdam optimizer.")
+    use_apollo: bool = _f(False, "APOLLO optimizer.")
+    use_adam_mini: bool = _f(False, "Adam-mini optimizer.")
+    use_muon: bool = _f(False, "Muon optimizer.")
+    freeze_vision_tower: bool = _f(True, "Freeze the vision tower (multimodal).")
+    freeze_multi_modal_projector: bool = _f(True, "Freeze the multimodal projector.")
+    freeze_language_model: bool = _f(False, "Freeze the language model (multimodal).")
+    early_stopping_steps: Optional[int] = _f(None, "Stop when the eval loss has not improved for N evaluations.")
+
+
+@dataclass
+class TrainingArguments:
+    """How to train: optimisation, schedule, precision, distribution, outputs."""
+
+    output_dir: str = _f("saves/default", "Where checkpoints and the final model go.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
+    do_train: bool = _f(True, "Run training.")
+    do_eval: bool = _f(False, "Run evaluation.")
+    do_predict: bool = _f(False, "Run prediction.")
+    per_device_train_batch_size: int = _f(1, "Micro-batch size per device.")
+    per_device_eval_batch_size: int = _f(1, "Evaluation batch size per device.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(5e-5, "Peak learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    num_train_epochs: float = _f(3.0, "Epochs to train (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to train; overrides num_train_epochs when > 0.")
+    lr_scheduler_type: str = _f(
+        "linear", "Learning-rate schedule.",
+        ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "cosine_with_min_lr", "warmup_stable_decay", "inverse_sqrt"),
+    )
+    lr_scheduler_kwargs: dict = _f({}, "Extra scheduler arguments (e.g. min_lr_rate).")
+    warmup_ratio: float = _f(0.0, "Fraction of steps used for linear warmup.")
+    warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
+    optim: str = _f("adamw_torch", "Optimizer.", ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "sgd"))
+    bf16: bool = _f(False, "bfloat16 mixed precision (GPU; on CPU training falls back to fp32 with a warning).")
+    fp16: bool = _f(False, "float16 mixed precision (GPU only).")
+    tf32: Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
+    gradient_checkpointing: Optional[bool] = _f(None, "Activation checkpointing per decoder layer (default: on unless disable_gradient_checkpointing).")
+    seed: int = _f(42, "Random seed.")
+    data_seed: Optional[int] = _f(None, "Seed for data shuffling (default: seed).")
+    logging_steps: int = _f(10, "Log every N optimizer steps.")
+    logging_dir: Optional[str] = _f(None, "TensorBoard log dir (default: output_dir/runs).")
+    logging_first_step: bool = _f(False, "Log the first step.")
+    save_strategy: str = _f("steps", "When to checkpoint.", ("no", "steps", "epoch"))
+    save_steps: float = _f(500, "Checkpoint every N optimizer steps.")
+    save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints.")
+    save_only_model: bool = _f(False, "Checkpoints hold only the model (no optimizer state; not resumable exactly).")
+    eval_strategy: str = _f("no", "When to evaluate.", ("no", "steps", "epoch"))
+    evaluation_strategy: Optional[str] = _f(None, "Deprecated alias of eval_strategy.", (None, "no", "steps", "epoch"))
+    eval_steps: Optional[float] = _f(None, "Evaluate every N steps (default: logging_steps).")
+    report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb (comma-separated or list).")
+    run_name: Optional[str] = _f(None, "Run name for trackers.")
+    resume_from_checkpoint: Union[bool, str, None] = _f(None, "true: newest checkpoint in output_dir; a path: that checkpoint.")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (runs DeepSpeed when installed on GPU, else maps ZeRO onto FSDP2).")
+    fsdp: Union[str, list, None] = _f(None, "FSDP options, e.g. 'full_shard' (FSDP2).")
+    fsdp_config: Union[dict, str, None] = _f(None, "FSDP extra config.")
+    ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
+    ddp_backend: Optional[str] = _f(None, "Process group backend (default: nccl on GPU, gloo on CPU).", (None, "nccl", "gloo"))
+    ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    dataloader_pin_memory: bool = _f(True, "Pin DataLoader memory (GPU).")
+    remove_unused_columns: bool = _f(False, "Accepted for compatibility; lmf never drops columns it needs.")
+    use_cpu: bool = _f(False, "Train on CPU even when a GPU is present.")
+    torch_compile: bool = _f(False, "torch.compile the model.")
+    predict_with_generate: bool = _f(False, "Generate during prediction.")
+    disable_tqdm: bool = _f(False, "No progress bar.")
+    push_to_hub: bool = _f(False, "Push the result to the hub.")
+    label_names: Optional[list] = _f(None, "Accepted for compatibility.")
+    max_checkpoint_wait: int = _f(0, "Accepted for compatibility.")
+
+
+@dataclass
+class GeneratingArguments:
+    """Sampling settings for chat/api."""
+
+    do_sample: bool = _f(True, "Sample instead of greedy decoding.")
+    temperature: float = _f(0.95, "Sampling temperature.")
+    top_p: float = _f(0.7, "Nucleus sampling probability.")
+    top_k: int = _f(50, "Top-k sampling.")
+    num_beams: int = _f(1, "Beam search width.")
+    max_length: int = _f(1024, "Maximum total length (prompt + new) when max_new_tokens is unset.")
+    max_new_tokens: int = _f(1024, "Maximum new tokens.")
+    repetition_penalty: float = _f(1.0, "Repetition penalty.")
+    length_penalty: float = _f(1.0, "Length penalty for beam search.")
+    skip_special_tokens: bool = _f(True, "Skip special tokens when decoding.")
+
+
+ARG_GROUPS = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "finetuning": FinetuningArguments,
+    "training": TrainingArguments,
+    "generating": GeneratingArguments,
+}

@@ -1,0 +1,379 @@
+"""YAML + ``key=value`` overrides -> validated :class:`LmfConfig`.
+
+Rules:
+- later sources win: YAML file, then overrides in command-line order;
+- an unknown key is an error naming the key and the closest valid one;
+- a bad value names the key, the value and the allowed values/type;
+- keys accepted for LLaMA-Factory compatibility but not implemented are an error when set
+  to a non-default value (``UNSUPPORTED``) or a warning when harmless (``NO_EFFECT``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
+
+from lmf.config.args import (
+    ARG_GROUPS,
+    DataArguments,
+    FinetuningArguments,
+    GeneratingArguments,
+    ModelArguments,
+    TrainingArguments,
+)
+from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
+
+#: key -> reason. Setting these to anything but their default is an error.
+UNSUPPORTED: dict[str, str] = {
+    "quantization_bit": "on-the-fly quantization (QLoRA) is not implemented yet",
+    "use_llama_pro": "LLaMA Pro block expansion is not implemented",
+    "use_galore": "the GaLore optimizer is not implemented",
+    "use_badam": "the BAdam optimizer is not implemented",
+    "use_apollo": "the APOLLO optimizer is not implemented",
+    "use_adam_mini": "the Adam-mini optimizer is not implemented",
+    "use_muon": "the Muon optimizer is not implemented",
+    "pissa_init": "PiSSA initialisation is not implemented",
+    "use_dora": "DoRA is not implemented",
+    "streaming": "streaming datasets are not implemented; datasets are memory-mapped Arrow instead",
+    "mix_strategy": "only mix_strategy 'concat' is implemented",
+    "do_predict": "prediction (do_predict) is not implemented",
+    "predict_with_generate": "generation during evaluation is not implemented",
+    "push_to_hub": "pushing to the hub is not possible offline",
+    "export_hub_model_id": "pushing to the hub is not possible offline",
+    "loraplus_lr_ratio": "LoRA+ is not implemented",
+    "torch_compile": "torch.compile is not implemented",
+}
+#: stages that exist in LLaMA-Factory but not (yet) in lmf.
+UNSUPPORTED_STAGES = {"kto": "KTO is not implemented", "ppo": "PPO is not implemented"}
+#: key -> why it is ignored. A warning is printed when set to a non-default value.
+NO_EFFECT: dict[str, str] = {
+    "remove_unused_columns": "lmf never drops columns it needs",
+    "label_names": "lmf knows its label columns",
+    "max_checkpoint_wait": "not used",
+    "hf_hub_token": "lmf runs offline",
+    "data_shared_file_system": "the preprocessing cache is built on local rank 0 of every node",
+    "include_effective_tokens_per_second": "lmf always reports tokens/s",
+    "freeze_vision_tower": "multimodal models are not supported",
+    "freeze_multi_modal_projector": "multimodal models are not supported",
+    "freeze_language_model": "multimodal models are not supported",
+    "media_dir": "multimodal data is not supported",
+    "eval_num_beams": "generation during evaluation is not implemented",
+    "tool_format": "tool calls are rendered by the template's own format",
+    "dataloader_pin_memory": "pinning is decided by the device",
+}
+#: LLaMA-Factory aliases and renamed keys -> lmf key.
+ALIASES: dict[str, str] = {"evaluation_strategy": "eval_strategy"}
+
+
+@dataclass
+class LmfConfig:
+    """All argument groups of one run."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: TrainingArguments
+    generating: GeneratingArguments
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict of every key (as a YAML file would hold it)."""
+        out: dict[str, Any] = {}
+        for group in (self.model, self.data, self.finetuning, self.training, self.generating):
+            out.update(dataclasses.asdict(group))
+        return out
+
+    def config_hash(self) -> str:
+        """Stable short hash of the full config (used for the distributed fingerprint and caches)."""
+        payload = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for group_name, cls in ARG_GROUPS.items():
+        for f in fields(cls):
+            if f.name in index:
+                raise RuntimeError(f"duplicate config key {f.name!r} in {group_name} and {index[f.name][0]}")
+            index[f.name] = (group_name, f)
+    return index
+
+
+KEY_INDEX = _key_index()
+
+
+def suggest_key(key: str) -> Optional[str]:
+    """Closest valid key to ``key``, or None."""
+    candidates = list(KEY_INDEX) + list(ALIASES)
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` -> (key, value) with YAML typing of the value (``lr=1e-4`` -> float)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("-").replace("-", "_")
+    if not sep or not key:
+        raise ConfigError(f"bad override {text!r}: expected key=value")
+    return key, _yaml_scalar(raw)
+
+
+def _yaml_scalar(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw.strip() != "" else None
+    except yaml.YAMLError:
+        return raw
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Coerce ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
+    if isinstance(tp, str):  # postponed annotations
+        tp = eval(tp, {**vars(typing), **{"Optional": Optional, "Union": Union}})  # noqa: S307 - our own literals
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        allowed = " or ".join(_type_name(a) for a in args)
+        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {allowed}")
+    if value is None:
+        raise ConfigError(f"config key {key!r}: a value is required (got null)")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+    if tp in (dict, list):
+        if isinstance(value, str) and tp is dict:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"config key {key!r}: expected a {tp.__name__}, got {value!r}")
+    return value
+
+
+def _check_choices(key: str, value: Any, f: dataclasses.Field) -> None:
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        shown = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(f"config key {key!r}: {value!r} is not allowed; choose one of: {shown}")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a dict; errors name the file."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def split_cli_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """Split ``[config.yaml] [key=value | --key value | --key=value ...]`` into (config path, overrides)."""
+    config_path: Optional[str] = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            if "=" in arg:
+                overrides.append(arg[2:])
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append(f"{arg[2:]}={argv[i + 1]}")
+                i += 1
+            else:
+                overrides.append(f"{arg[2:]}=true")
+        elif "=" in arg:
+            overrides.append(arg)
+        elif config_path is None and arg.lower().endswith((".yaml", ".yml", ".json")):
+            config_path = arg
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: expected a config .yaml file or key=value")
+        i += 1
+    return config_path, overrides
+
+
+def build_config(raw: dict[str, Any], *, source: str = "config") -> LmfConfig:
+    """Validate a flat dict of keys into an :class:`LmfConfig`."""
+    values: dict[str, dict[str, Any]] = {g: {} for g in ARG_GROUPS}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: config keys must be strings, got {key!r}")
+        key = ALIASES.get(key, key)
+        if key not in KEY_INDEX:
+            hint = suggest_key(key)
+            msg = f"{source}: unknown config key {key!r}"
+            raise ConfigError(msg + (f"; did you mean {hint!r}?" if hint else "; see `lmf help config`"))
+        group, f = KEY_INDEX[key]
+        if value is None and f.default is None:
+            values[group][key] = None
+            continue
+        coerced = _coerce(key, value, f.type)
+        _check_choices(key, coerced, f)
+        values[group][key] = coerced
+    cfg = LmfConfig(
+        model=ModelArguments(**values["model"]),
+        data=DataArguments(**values["data"]),
+        finetuning=FinetuningArguments(**values["finetuning"]),
+        training=TrainingArguments(**values["training"]),
+        generating=GeneratingArguments(**values["generating"]),
+    )
+    _check_unsupported(cfg)
+    _post_process(cfg)
+    return cfg
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _check_unsupported(cfg: LmfConfig) -> None:
+    flat = cfg.to_dict()
+    for key, reason in UNSUPPORTED.items():
+        f = KEY_INDEX[key][1]
+        if flat[key] != _default_of(f):
+            raise ConfigError(f"config key {key!r} is accepted for LLaMA-Factory compatibility but {reason} in lmf")
+    for key, reason in NO_EFFECT.items():
+        f = KEY_INDEX[key][1]
+        if flat[key] != _default_of(f):
+            logger.warning("config key %r has no effect in lmf: %s", key, reason)
+    if cfg.finetuning.stage in UNSUPPORTED_STAGES:
+        raise ConfigError(f"config key 'stage': {cfg.finetuning.stage!r} — {UNSUPPORTED_STAGES[cfg.finetuning.stage]} in lmf")
+
+
+def _post_process(cfg: LmfConfig) -> None:
+    """Cross-field defaults and checks."""
+    t, d, ft, m = cfg.training, cfg.data, cfg.finetuning, cfg.model
+    if t.evaluation_strategy is not None:
+        t.eval_strategy = t.evaluation_strategy
+    if t.bf16 and t.fp16:
+        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
+    if ft.lora_alpha is None:
+        ft.lora_alpha = ft.lora_rank * 2
+    if isinstance(t.report_to, str):
+        t.report_to = [r.strip() for r in t.report_to.split(",") if r.strip() and r.strip() != "none"]
+    else:
+        t.report_to = [r for r in t.report_to if r != "none"]
+    for r in t.report_to:
+        if r not in ("tensorboard", "wandb", "all"):
+            raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard or wandb")
+    if d.packing is None:
+        d.packing = ft.stage == "pt"
+    if d.neat_packing:
+        d.packing = True
+    if d.val_size < 0:
+        raise ConfigError(f"config key 'val_size': must be >= 0, got {d.val_size}")
+    if d.cutoff_len <= 0:
+        raise ConfigError(f"config key 'cutoff_len': must be positive, got {d.cutoff_len}")
+    if t.per_device_train_batch_size <= 0:
+        raise ConfigError("config key 'per_device_train_batch_size': must be positive")
+    if t.gradient_accumulation_steps <= 0:
+        raise ConfigError("config key 'gradient_accumulation_steps': must be positive")
+    if t.data_seed is None:
+        t.data_seed = t.seed
+    if t.eval_steps is None:
+        t.eval_steps = t.logging_steps
+    if t.gradient_checkpointing is None:
+        # LLaMA-Factory turns gradient checkpointing on unless disable_gradient_checkpointing is set.
+        t.gradient_checkpointing = not m.disable_gradient_checkpointing
+    elif m.disable_gradient_checkpointing and t.gradient_checkpointing:
+        raise ConfigError("config keys 'gradient_checkpointing' and 'disable_gradient_checkpointing' are both true")
+    if ft.pref_loss in ("orpo", "simpo") and ft.stage == "dpo":
+        ft.ref_model = None  # reference-free losses
+
+
+def get_config(argv: list[str], *, require_model: bool = True) -> LmfConfig:
+    """Parse ``[config.yaml] [key=value ...]`` into a validated config."""
+    config_path, overrides = split_cli_args(argv)
+    raw: dict[str, Any] = load_yaml(config_path) if config_path else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        raw[key] = value
+    cfg = build_config(raw, source=config_path or "command line")
+    if require_model and not cfg.model.model_name_or_path:
+        raise ConfigError("config key 'model_name_or_path' is required")
+    return cfg
+
+
+def describe_keys() -> str:
+    """A plain-text reference of every key, grouped (for `lmf help config`)."""
+    lines: list[str] = []
+    for group_name, cls in ARG_GROUPS.items():
+        lines.append(f"[{group_name}]")
+        for f in fields(cls):
+            default = _default_of(f)
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(str(c) for c in choices if c is not None)})" if choices else ""
+            tag = " [not implemented]" if f.name in UNSUPPORTED else (" [no effect]" if f.name in NO_EFFECT else "")
+            lines.append(f"  {f.name} = {default!r}{tag}\n      {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

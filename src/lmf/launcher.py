@@ -1,0 +1,266 @@
+"""The ``lmf`` command: routes commands and relaunches training through torchrun.
+
+``launch()`` is the console entry point. For a training command (``train``, ``sft``, ``dpo``,
+``rm``) it re-executes itself through ``python -m torch.distributed.run`` when ``FORCE_TORCHRUN``
+is truthy or more than one accelerator is visible; each worker then enters ``main()``, which
+routes the command to its trainer. Everything else runs in-process.
+
+Only the standard library is imported at module level so that ``lmf help`` starts in a blink.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from typing import Mapping, Optional, Sequence
+
+from lmf import __version__
+from lmf.extras.errors import LmfError
+from lmf.extras.logging import is_truthy
+
+USAGE = f"""lmf {__version__} - fine-tune large language models from a YAML file
+
+Usage: lmf <command> [config.yaml] [key=value ...]
+
+Training (relaunched through torchrun with >1 GPU or FORCE_TORCHRUN=1):
+  sft | train   supervised fine-tuning (`train` follows the config's `stage`)
+  dpo           direct preference optimisation (sigmoid, ipo, hinge, orpo, simpo)
+  rm            reward model (pairwise Bradley-Terry)
+
+Models and data:
+  chat          interactive chat with a model or adapter (streams tokens)
+  export        merge a LoRA adapter into its base model and save it
+  api           OpenAI-compatible HTTP server (/v1/chat/completions)
+  data check    load, convert and tokenize the config's datasets; print statistics
+
+Information:
+  env           a table of the software and hardware environment
+  version       versions of lmf and its main dependencies
+  help [config] this text, or `lmf help config` for every config key
+
+Examples:
+  lmf sft examples/demo_lora_sft.yaml
+  lmf sft examples/demo_lora_sft.yaml learning_rate=1e-4 max_steps=20
+  FORCE_TORCHRUN=1 NPROC_PER_NODE=2 lmf sft cfg.yaml
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 lmf sft cfg.yaml
+
+Distributed environment variables:
+  FORCE_TORCHRUN  NNODES  NODE_RANK  NPROC_PER_NODE  MASTER_ADDR  MASTER_PORT
+  MAX_RESTARTS  RDZV_ID  MIN_NNODES  MAX_NNODES  OPTIM_TORCH (default 1)
+"""
+
+DIST_TRAIN_COMMANDS = ("train", "sft", "dpo", "rm")
+HELP_COMMANDS = ("help", "-h", "--help")
+
+
+def find_available_port() -> int:
+    """A free TCP port on this machine (bound to port 0 and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def get_device_count() -> int:
+    """Number of visible accelerators (CUDA, then NPU/XPU/MPS count as one or more); 0 on CPU."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    for name in ("xpu", "npu"):
+        backend = getattr(torch, name, None)
+        if backend is not None and hasattr(backend, "is_available") and backend.is_available():
+            return backend.device_count()
+    return 0
+
+
+def should_use_torchrun(env: Mapping[str, str], device_count: int) -> bool:
+    """True when a training command must be relaunched through torchrun."""
+    if is_truthy(env.get("USE_RAY")):
+        return False
+    return is_truthy(env.get("FORCE_TORCHRUN")) or device_count > 1
+
+
+def build_torchrun_argv(
+    command: str,
+    args: Sequence[str],
+    env: Mapping[str, str],
+    device_count: int,
+    python: str = sys.executable,
+    port_finder=find_available_port,
+) -> list[str]:
+    """The exact argv of the torchrun relaunch for ``lmf <command> <args>`` under ``env``.
+
+    Static (default): ``--nnodes N --node_rank R --master_addr A --master_port P``.
+    Elastic (``RDZV_ID`` set): ``--nnodes N|MIN:MAX --rdzv-id ID --rdzv-backend c10d
+    --rdzv-endpoint A:P``. Both carry ``--nproc-per-node`` and ``--max-restarts``.
+    """
+    nnodes = env.get("NNODES", "1")
+    node_rank = env.get("NODE_RANK", "0")
+    nproc_per_node = env.get("NPROC_PER_NODE") or str(max(device_count, 1))
+    master_addr = env.get("MASTER_ADDR", "127.0.0.1")
+    master_port = env.get("MASTER_PORT") or str(port_finder())
+    max_restarts = env.get("MAX_RESTARTS", "0")
+    rdzv_id = env.get("RDZV_ID")
+    min_nnodes, max_nnodes = env.get("MIN_NNODES"), env.get("MAX_NNODES")
+
+    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", nproc_per_node]
+    if rdzv_id:
+        rdzv_nnodes = f"{min_nnodes}:{max_nnodes}" if min_nnodes and max_nnodes else nnodes
+        argv += [
+            "--nnodes", rdzv_nnodes,
+            "--rdzv-id", rdzv_id,
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{master_addr}:{master_port}",
+        ]
+    else:
+        argv += [
+            "--nnodes", nnodes,
+            "--node_rank", node_rank,
+            "--master_addr", master_addr,
+            "--master_port", master_port,
+        ]
+    argv += ["--max-restarts", max_restarts, "--module", "lmf.launcher", command, *args]
+    return argv
+
+
+def build_child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """Environment of the torchrun children: ``OPTIM_TORCH`` (default on) adds allocator/NCCL tweaks."""
+    child = dict(env)
+    if is_truthy(env.get("OPTIM_TORCH", "1")):
+        child["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        child["TORCH_NCCL_AVOID_RECORD_STREAMS"] = "1"
+    child.setdefault("PYTHONUNBUFFERED", "1")
+    return child
+
+
+def _validate_dist_env(env: Mapping[str, str]) -> None:
+    for key in ("NNODES", "NODE_RANK", "NPROC_PER_NODE", "MASTER_PORT", "MAX_RESTARTS", "MIN_NNODES", "MAX_NNODES"):
+        value = env.get(key)
+        if value not in (None, "") and not value.isdigit():
+            raise LmfError(f"environment variable {key}={value!r} must be a non-negative integer")
+    if bool(env.get("MIN_NNODES")) != bool(env.get("MAX_NNODES")):
+        raise LmfError("set both MIN_NNODES and MAX_NNODES for an elastic range, or neither")
+
+
+def relaunch_with_torchrun(command: str, args: Sequence[str]) -> int:
+    """Run the training command through torchrun; return torchrun's exit code."""
+    env = os.environ
+    _validate_dist_env(env)
+    argv = build_torchrun_argv(command, args, env, get_device_count())
+    nproc = argv[argv.index("--nproc-per-node") + 1]
+    endpoint = env.get("MASTER_ADDR", "127.0.0.1")
+    print(f"lmf: launching {nproc} process(es) per node through torchrun ({endpoint})", file=sys.stderr, flush=True)
+    if int(env.get("NNODES", "1")) > 1:
+        print(f"lmf: multi-node training: {env.get('NNODES')} nodes, this is node {env.get('NODE_RANK', '0')}", file=sys.stderr)
+    proc = subprocess.Popen(argv, env=build_child_env(env))  # list argv, never shell=True
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        # torchrun forwards the signal to its workers; wait for them to exit cleanly.
+        try:
+            return proc.wait(timeout=60)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            return 130
+
+
+def print_version() -> None:
+    """Versions of lmf and its main dependencies, read from package metadata (no heavy imports)."""
+    from importlib import metadata
+    import platform
+
+    print(f"lmf {__version__}")
+    print(f"python {platform.python_version()}")
+    for pkg in ("torch", "transformers", "peft", "datasets", "accelerate", "deepspeed"):
+        try:
+            print(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            print(f"{pkg} not installed")
+
+
+def run_command(command: str, args: list[str]) -> int:
+    """Run one command in this process (training commands run on the current process group)."""
+    if command in DIST_TRAIN_COMMANDS:
+        from lmf.train.tuner import run_exp
+
+        run_exp(args, command=command)
+        return 0
+    if command == "chat":
+        from lmf.chat.cli import run_chat
+
+        return run_chat(args) or 0
+    if command == "export":
+        from lmf.export import run_export
+
+        run_export(args)
+        return 0
+    if command == "api":
+        from lmf.api.server import run_api
+
+        return run_api(args) or 0
+    if command == "data":
+        from lmf.data.check import run_data_command
+
+        return run_data_command(args) or 0
+    if command == "env":
+        from lmf.env_info import print_env
+
+        print_env()
+        return 0
+    if command == "version":
+        print_version()
+        return 0
+    if command in HELP_COMMANDS:
+        if args and args[0] == "config":
+            from lmf.config.parser import describe_keys
+
+            print(describe_keys())
+        else:
+            print(USAGE)
+        return 0
+    print(f"lmf: unknown command {command!r}\n", file=sys.stderr)
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+def _guarded(fn, *args) -> int:
+    """Run ``fn``; turn :class:`LmfError` into a one-line message and its exit code."""
+    try:
+        return fn(*args)
+    except LmfError as exc:
+        print(f"lmf: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("lmf: interrupted", file=sys.stderr)
+        return 130
+
+
+def launch(argv: Optional[list[str]] = None) -> None:
+    """Console entry point of ``lmf``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv else "help"
+    if command in DIST_TRAIN_COMMANDS and os.environ.get("LOCAL_RANK") is None:
+        forced = is_truthy(os.environ.get("FORCE_TORCHRUN"))
+        if should_use_torchrun(os.environ, 0 if forced else get_device_count()):
+            sys.exit(_guarded(relaunch_with_torchrun, command, argv))
+    sys.exit(_guarded(run_command, command, argv))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Worker entry point (what torchrun runs): ``<command> [config.yaml] [key=value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "sft"
+    if argv and argv[0] in DIST_TRAIN_COMMANDS:
+        command = argv.pop(0)
+    elif argv and not argv[0].lower().endswith((".yaml", ".yml", ".json")) and "=" not in argv[0]:
+        print(f"lmf worker: unknown training command {argv[0]!r}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_guarded(run_command, command, argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Trainers: one training loop shared by SFT, DPO and RM."""

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny models built locally (session-scoped), demo data paths, thread limits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATA_DIR = os.path.join(REPO_ROOT, "examples", "data")
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir() -> str:
+    """Folder with LLaMA-Factory's demo data and dataset_info.json (copied into the repo)."""
+    return DEMO_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    """A tiny Qwen3-architecture model + locally trained tokenizer, saved once per session."""
+    from lmf.model.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_qwen3")
+    return build_tiny_model(str(out), arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_tokenizer_dir) -> str:
+    """Path of the session's tiny Qwen3 model (loaded through from_pretrained by the code under test)."""
+    return tiny_tokenizer_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny Llama-architecture model + tokenizer."""
+    from lmf.model.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    return build_tiny_model(str(out), arch="llama")
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    """A temp working directory (cwd) for CLI runs."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def copy_demo_data(dst: str) -> str:
+    """Copy the demo data folder to ``dst`` (tests that write files into the data dir)."""
+    shutil.copytree(DEMO_DATA_DIR, dst, dirs_exist_ok=True)
+    return dst
