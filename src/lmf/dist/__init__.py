@@ -1,0 +1,1 @@
+"""Distributed runtime: process group, rank helpers, environment fingerprint, fault tolerance."""

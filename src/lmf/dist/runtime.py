@@ -1,0 +1,153 @@
+"""Process-group runtime: init/teardown, rank helpers, device choice, collectives used by the trainers.
+
+Works single-process (no process group: every helper degrades to a no-op) and under torchrun
+(``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set): gloo on CPU, nccl on CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: "object"  # torch.device
+    backend: Optional[str]
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        return self.local_rank == 0
+
+
+def env_rank() -> int:
+    """Global rank from the environment (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def env_world_size() -> int:
+    """World size from the environment (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def select_device(use_cpu: bool = False):
+    """cuda:LOCAL_RANK when CUDA is available (and not ``use_cpu``), else cpu."""
+    import torch
+
+    if not use_cpu and torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_cpu: bool = False) -> DistInfo:
+    """Initialise the default process group when launched by torchrun; return this process's :class:`DistInfo`.
+
+    ``timeout_s`` bounds every collective (``ddp_timeout``), so a dead peer makes the others fail
+    instead of hanging forever.
+    """
+    import torch
+    import torch.distributed as dist
+
+    device = select_device(use_cpu)
+    world_size = env_world_size()
+    if world_size > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=max(int(timeout_s), 1)),
+            device_id=device if device.type == "cuda" else None,
+        )
+        logger.info("initialised process group: backend=%s world_size=%d", backend, world_size)
+    backend = dist.get_backend() if dist.is_initialized() else None
+    return DistInfo(
+        rank=env_rank(),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        device=device,
+        backend=backend,
+    )
+
+
+def is_dist() -> bool:
+    """True when a default process group exists."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    """Global rank 0 (or no process group)."""
+    return env_rank() == 0
+
+
+def barrier() -> None:
+    """Barrier across all ranks; no-op without a process group."""
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first(local: bool = True) -> Iterator[None]:
+    """Let (local) rank 0 run the block first — e.g. to build a cache — then the other ranks."""
+    rank = int(os.environ.get("LOCAL_RANK", "0")) if local else env_rank()
+    if rank != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if rank == 0:
+            barrier()
+
+
+def all_reduce_sum(tensor):
+    """In-place sum across ranks (returns the tensor); identity without a process group."""
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Broadcast a picklable object from ``src``; identity without a process group."""
+    if not is_dist():
+        return obj
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down (safe to call twice)."""
+    if is_dist():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
