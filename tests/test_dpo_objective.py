@@ -125,3 +125,52 @@ def test_every_loss_learns_the_toy_preference(lora_model, tokenizer, loss_type):
     assert final["rewards/margins"] > margins[0] + 1e-3
     if loss_type == "orpo":
         assert {"sft_loss", "odds_ratio_loss"} <= set(final)
+
+
+def _pair_rows(tokenizer, prompts=PROMPTS):
+    rows = []
+    for p in prompts:
+        prompt = tokenizer.encode(f"<|im_start|>user\n{p}<|im_end|>\n<|im_start|>assistant\n")
+        row = {}
+        for key, answer in (("chosen", CHOSEN), ("rejected", REJECTED)):
+            resp = tokenizer.encode(f"{answer}<|im_end|>")
+            row[f"{key}_input_ids"] = prompt + resp
+            row[f"{key}_attention_mask"] = [1] * len(prompt + resp)
+            row[f"{key}_labels"] = [-100] * len(prompt) + resp
+        rows.append(row)
+    return rows
+
+
+def _toy_pair_collator(pad_id):
+    def collate(features):
+        seqs = [(f[f"{k}_input_ids"], f[f"{k}_labels"]) for k in ("chosen", "rejected") for f in features]
+        width = max(len(s) for s, _ in seqs)
+        return {
+            "input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s, _ in seqs]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in seqs]),
+            "labels": torch.tensor([y + [-100] * (width - len(y)) for _, y in seqs]),
+        }
+    return collate
+
+
+def test_precompute_reference_logps_matches_on_the_fly(lora_model, tokenizer):
+    from datasets import Dataset
+
+    from lmf.train.dpo.reference import WithReferenceLogps, precompute_reference_logps
+
+    with torch.no_grad():
+        for name, p in lora_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    dataset = Dataset.from_list(_pair_rows(tokenizer))
+    collator = WithReferenceLogps(_toy_pair_collator(tokenizer.pad_token_id))
+    dataset = precompute_reference_logps(dataset, collator, lora_model, batch_size=3)
+    assert {REF_CHOSEN, REF_REJECTED} <= set(dataset.column_names)
+    batch = collator([dataset[i] for i in range(4)])
+    on_the_fly = reference_logps(lora_model, {k: v for k, v in batch.items() if not k.startswith("ref_")})
+    assert torch.allclose(batch[REF_CHOSEN], on_the_fly[0], atol=1e-4)
+    assert torch.allclose(batch[REF_REJECTED], on_the_fly[1], atol=1e-4)
+    # the objective gives the same loss from the columns as from the disabled-adapter forward
+    with_cols, _, _ = DPOObjective()(lora_model, batch)
+    without, _, _ = DPOObjective()(lora_model, {k: v for k, v in batch.items() if not k.startswith("ref_")})
+    assert with_cols.item() == pytest.approx(without.item(), abs=1e-4)
