@@ -1,0 +1,125 @@
+"""Request/response schemas of the OpenAI chat-completions API (the subset lmf serves)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        """The message as plain text (text parts joined; tool calls as JSON)."""
+        if self.tool_calls:
+            import json
+
+            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in self.tool_calls]
+            return json.dumps(calls if len(calls) > 1 else calls[0], ensure_ascii=False)
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class FunctionDefinition(BaseModel):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions`` body. Unknown OpenAI fields are accepted and ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[Tool]] = None
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=0)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
+    n: int = Field(default=1, ge=1, le=16)
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: Union[str, list[str], None]) -> Optional[list[str]]:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings are allowed")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops
+
+
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def completion_body(request_id: str, model: str, choices: list[dict], usage: dict) -> dict:
+    """A non-streaming ``chat.completion`` object."""
+    return {"id": request_id, "object": "chat.completion", "created": now(), "model": model, "choices": choices, "usage": usage}
+
+
+def chunk_body(request_id: str, model: str, delta: dict, finish_reason: Optional[str] = None,
+               usage: Optional[dict] = None, with_choice: bool = True) -> dict:
+    """One streaming ``chat.completion.chunk`` object."""
+    choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if with_choice else []
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": now(), "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+               code: Optional[str] = None) -> dict:
+    """OpenAI-style error object (what the ``openai`` client shows as the exception message)."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,338 @@
+"""``lmf api``: an OpenAI-compatible HTTP server over a :class:`~lmf.chat.engine.ChatEngine`.
+
+Routes: ``GET /v1/models`` and ``POST /v1/chat/completions`` (JSON or, with ``stream: true``,
+server-sent events). Generation runs in worker threads; at most ``max_concurrent`` requests
+generate at once and at most ``max_queue`` more wait; beyond that the server answers 503.
+With an API key set, every request needs ``Authorization: Bearer <key>`` (else 401).
+Errors use OpenAI's ``{"error": {"message", "type", "param", "code"}}`` body.
+
+Settings (flag, then environment variable, then default):
+``--host`` / ``API_HOST`` (127.0.0.1), ``--port`` / ``API_PORT`` (8000), ``API_KEY`` (none; environment
+only, so it never shows in ``ps``), ``--model-name`` / ``API_MODEL_NAME`` (the model or adapter folder
+name), ``--max-concurrent`` / ``API_MAX_CONCURRENT`` (1), ``--max-queue`` / ``API_MAX_QUEUE`` (16).
+"""
+
+import asyncio
+import hmac
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
+
+from lmf.extras.errors import ConfigError, LmfError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from lmf.chat.engine import ChatEngine, ChatStream
+
+logger = get_logger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ApiSettings:
+    """Server settings that are not model config keys."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    model_name: Optional[str] = None
+    max_concurrent: int = 1
+    max_queue: int = 16
+
+
+class Overloaded(Exception):
+    """The request queue is full."""
+
+
+class RequestLimiter:
+    """At most ``max_concurrent`` requests run; at most ``max_queue`` more wait; the rest are refused."""
+
+    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+        if max_concurrent < 1 or max_queue < 0:
+            raise ConfigError("API limits: max_concurrent must be >= 1 and max_queue >= 0")
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.pending = 0  # running + waiting; only touched on the event loop
+        self._semaphore: Optional[asyncio.Semaphore] = None
+
+    async def acquire(self) -> Callable[[], None]:
+        """Wait for a slot; return an idempotent ``release``. Raises :class:`Overloaded` when the queue is full."""
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.max_concurrent)
+        if self.pending >= self.max_concurrent + self.max_queue:
+            raise Overloaded(f"server busy: {self.max_concurrent} request(s) running and {self.max_queue} queued; retry later")
+        self.pending += 1
+        try:
+            await self._semaphore.acquire()
+        except BaseException:
+            self.pending -= 1
+            raise
+        released = False
+        semaphore = self._semaphore
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                semaphore.release()
+                self.pending -= 1
+
+        return release
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI middleware: every HTTP request must carry ``Authorization: Bearer <api_key>``."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                from starlette.responses import JSONResponse
+
+                from lmf.api.protocol import error_body
+
+                message = "invalid API key" if token.strip() else "missing API key: send 'Authorization: Bearer <key>'"
+                response = JSONResponse(error_body(message, "invalid_request_error", code="invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _error_response(status: int, message: str, type_: str = "invalid_request_error",
+                    param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
+    from fastapi.responses import JSONResponse
+
+    from lmf.api.protocol import error_body
+
+    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
+    """Readable text and the first bad parameter of a pydantic validation error list."""
+    parts, first_param = [], None
+    for err in errors[:5]:
+        if err.get("type") == "json_invalid":
+            parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
+            continue
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # drop pydantic's union-branch names (e.g. 'str', 'list[TextPart]') from the path
+        loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "function-after")]
+        param = ".".join(loc) or None
+        first_param = first_param or param
+        msg = err.get("msg", "invalid value")
+        parts.append(f"{param}: {msg}" if param else msg)
+    return "; ".join(parts), first_param
+
+
+def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> "FastAPI":
+    """The FastAPI application serving ``engine``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from starlette.background import BackgroundTask
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.responses import JSONResponse, StreamingResponse
+
+    from lmf.api import protocol
+    from lmf.chat.engine import MessageError, split_system
+
+    settings = settings or ApiSettings()
+    model_name = settings.model_name or engine.model_name
+    limiter = RequestLimiter(settings.max_concurrent, settings.max_queue)
+    app = FastAPI(title="lmf", docs_url=None, redoc_url=None)
+    app.state.limiter = limiter
+    app.state.model_name = model_name
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation_error(request: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc.errors())
+        return _error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http_error(request: Request, exc: StarletteHTTPException):
+        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": protocol.now(), "owned_by": "lmf"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: protocol.ChatCompletionRequest):  # (no `from __future__ import annotations`
+        # in this module: FastAPI must see the real class to read the JSON body)
+        if body.model != model_name:
+            return _error_response(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
+                                   param="model", code="model_not_found")
+        if body.stream and body.n > 1:
+            return _error_response(400, "n > 1 is not supported with stream=true", param="n")
+        try:
+            system, messages = split_system([{"role": m.role, "content": m.text()} for m in body.messages])
+        except MessageError as exc:
+            return _error_response(400, str(exc), param="messages")
+        tools = json.dumps([t.function.model_dump(exclude_none=True) for t in body.tools], ensure_ascii=False) if body.tools else None
+        gen = {
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "max_new_tokens": body.max_completion_tokens or body.max_tokens,
+            "repetition_penalty": body.repetition_penalty,
+            "stop": body.stop,
+        }
+        try:
+            release = await limiter.acquire()
+        except Overloaded as exc:
+            return _error_response(503, str(exc), "server_error", code="server_overloaded", headers={"Retry-After": "1"})
+        request_id = protocol.new_id()
+        if not body.stream:
+            try:
+                replies = []
+                for _ in range(body.n):
+                    replies.append(await run_in_threadpool(engine.chat, messages, system, tools, **gen))
+            except (MessageError, ConfigError) as exc:
+                return _error_response(400, str(exc))
+            except Exception as exc:  # noqa: BLE001 - the client gets the message, the log gets the traceback
+                logger.exception("generation failed")
+                return _error_response(500, f"generation failed: {exc}", "server_error")
+            finally:
+                release()
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+                for i, r in enumerate(replies)
+            ]
+            usage = protocol.usage_body(replies[0].prompt_tokens, sum(r.completion_tokens for r in replies))
+            return JSONResponse(protocol.completion_body(request_id, model_name, choices, usage))
+
+        try:
+            stream = await run_in_threadpool(engine.stream_chat, messages, system, tools, **gen)
+        except (MessageError, ConfigError) as exc:
+            release()
+            return _error_response(400, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            release()
+            logger.exception("generation failed")
+            return _error_response(500, f"generation failed: {exc}", "server_error")
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        def cleanup() -> None:
+            stream.close()
+            release()
+
+        events = _sse_events(stream, request_id, model_name, include_usage, cleanup, iterate_in_threadpool)
+        return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(cleanup),
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _sse_events(stream: "ChatStream", request_id: str, model_name: str, include_usage: bool,
+                      cleanup: Callable[[], None], iterate_in_threadpool: Callable) -> AsyncIterator[str]:
+    """Server-sent events of one streamed completion, ending with ``data: [DONE]``."""
+    from lmf.api import protocol
+
+    try:
+        yield _sse(protocol.chunk_body(request_id, model_name, {"role": "assistant", "content": ""}))
+        async for piece in iterate_in_threadpool(stream):
+            if piece:
+                yield _sse(protocol.chunk_body(request_id, model_name, {"content": piece}))
+        yield _sse(protocol.chunk_body(request_id, model_name, {}, finish_reason=stream.finish_reason or "stop"))
+        if include_usage:
+            usage = protocol.usage_body(stream.prompt_tokens, stream.completion_tokens)
+            yield _sse(protocol.chunk_body(request_id, model_name, {}, usage=usage, with_choice=False))
+        yield "data: [DONE]\n\n"
+    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+        logger.exception("generation failed while streaming")
+        yield _sse(protocol.error_body(f"generation failed: {exc}", "server_error"))
+    finally:
+        cleanup()
+
+
+API_FLAGS = {"--host": "host", "--port": "port", "--model-name": "model_name",
+             "--max-concurrent": "max_concurrent", "--max-queue": "max_queue"}
+
+
+def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[ApiSettings, list[str]]:
+    """Pop the server flags from ``argv``; fill the rest from the environment. Returns (settings, remaining argv)."""
+    env = os.environ if env is None else env
+    values: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, inline = arg.partition("=")
+        if flag in API_FLAGS:
+            if eq:
+                values[API_FLAGS[flag]] = inline
+            elif i + 1 < len(argv):
+                values[API_FLAGS[flag]] = argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"flag {flag} needs a value")
+        else:
+            rest.append(arg)
+        i += 1
+
+    def pick(name: str, env_name: str, default: Any) -> Any:
+        return values.get(name, env.get(env_name) or default)
+
+    def as_int(name: str, env_name: str, default: int) -> int:
+        raw = pick(name, env_name, default)
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"API setting {name} ({env_name}): expected an integer, got {raw!r}") from None
+
+    settings = ApiSettings(
+        host=pick("host", "API_HOST", "127.0.0.1"),
+        port=as_int("port", "API_PORT", 8000),
+        api_key=env.get("API_KEY") or None,
+        model_name=pick("model_name", "API_MODEL_NAME", None),
+        max_concurrent=as_int("max_concurrent", "API_MAX_CONCURRENT", 1),
+        max_queue=as_int("max_queue", "API_MAX_QUEUE", 16),
+    )
+    if not 0 < settings.port < 65536:
+        raise ConfigError(f"API setting port: {settings.port} is not a valid TCP port")
+    RequestLimiter(settings.max_concurrent, settings.max_queue)  # validates the limits
+    return settings, rest
+
+
+def run_api(argv: list[str]) -> int:
+    """``lmf api CONFIG.yaml [key=value ...] [--host H] [--port P] [--model-name N] [--max-concurrent C] [--max-queue Q]``."""
+    try:
+        import uvicorn
+    except ImportError:
+        from lmf.extras.errors import NotAvailableError
+
+        raise NotAvailableError("lmf api needs fastapi and uvicorn: pip install 'lmf[api]'") from None
+    from lmf.chat.engine import create_engine
+    from lmf.chat.options import load_serving_config
+
+    settings, rest = parse_api_settings(argv)
+    cfg = load_serving_config(rest)
+    engine = create_engine(cfg)
+    app = create_app(engine, settings)
+    if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", settings.host)
+    print(f"lmf api: serving {app.state.model_name!r} on http://{settings.host}:{settings.port}/v1 "
+          f"({'API key required' if settings.api_key else 'no API key'})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+    except OSError as exc:
+        raise LmfError(f"cannot serve on {settings.host}:{settings.port}: {exc}") from exc
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,253 @@
+"""The chat-engine interface shared by ``lmf chat`` and ``lmf api``.
+
+An engine turns a conversation (OpenAI-style ``[{"role", "content"}]`` messages) into an
+assistant reply, either all at once (:meth:`ChatEngine.chat`) or as a stream of text pieces
+(:meth:`ChatEngine.stream_chat`). Backends: :mod:`lmf.chat.hf_engine` (transformers ``generate``)
+and :mod:`lmf.chat.vllm_engine`. :func:`create_engine` picks one from ``infer_backend``.
+
+This module imports no heavy library; backends import torch/transformers/vllm lazily.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from lmf.extras.errors import ConfigError, LmfError
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+#: Roles a conversation may hold (a leading ``system`` message is split off as the system prompt).
+CHAT_ROLES = ("user", "assistant")
+#: Roles answered by the model (used for alternation checks): ``tool`` results count as user-side turns.
+USER_SIDE_ROLES = ("user", "tool")
+
+
+class MessageError(LmfError):
+    """A conversation the engine cannot render (bad role order, empty content, too long for the model)."""
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Sampling settings of one request: defaults come from the ``generating`` config group."""
+
+    do_sample: bool = True
+    temperature: float = 0.95
+    top_p: float = 0.7
+    top_k: int = 50
+    max_new_tokens: int = 1024
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_args(cls, gen_args: Any) -> "GenerationSettings":
+        """Settings from a :class:`lmf.config.args.GeneratingArguments` (validated)."""
+        values = {f.name: getattr(gen_args, f.name) for f in dataclasses.fields(cls) if hasattr(gen_args, f.name)}
+        return cls().updated(**values)
+
+    def updated(self, **overrides: Any) -> "GenerationSettings":
+        """A copy with ``overrides`` applied (``None`` values are ignored); raises ConfigError on bad values."""
+        known = {f.name for f in dataclasses.fields(self)}
+        for key in overrides:
+            if key not in known:
+                raise ConfigError(f"unknown generation setting {key!r}; valid: {', '.join(sorted(known))}")
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if "stop" in values:
+            stop = values["stop"]
+            values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        new = dataclasses.replace(self, **values)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"config key 'temperature': must be in [0, 2], got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ConfigError(f"config key 'top_p': must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"config key 'top_k': must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"config key 'max_new_tokens': must be >= 1, got {self.max_new_tokens}")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"config key 'repetition_penalty': must be > 0, got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise ConfigError("generation setting 'stop': stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: sampling off, or a temperature / top_p of 0 (as OpenAI clients send)."""
+        return not self.do_sample or self.temperature == 0.0 or self.top_p == 0.0
+
+
+@dataclass
+class Response:
+    """A complete reply: ``finish_reason`` is ``"stop"`` (stop token/string) or ``"length"`` (token limit)."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class ChatStream:
+    """An iterator of reply text pieces.
+
+    Once exhausted, ``finish_reason``, ``prompt_tokens`` and ``completion_tokens`` hold the final
+    counts. :meth:`close` stops the generation early (client gone, Ctrl-C); it is idempotent and
+    safe to call from another thread. Stop strings are applied here, so every backend honours them:
+    text is held back while it could be the start of a stop string and cut at the first match.
+    """
+
+    def __init__(self, prompt_tokens: int, stop: tuple[str, ...] = ()) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: Optional[str] = None
+        self.cancelled = threading.Event()
+        self._stop = stop
+        self._source: Optional[Iterator[str]] = None
+        self._iter: Optional[Iterator[str]] = None
+        self._on_close: list[Callable[[], None]] = []
+
+    def attach(self, source: Iterator[str], on_close: Optional[Callable[[], None]] = None) -> "ChatStream":
+        """Set the backend's raw piece iterator (and a cancel hook); returns self."""
+        self._source = source
+        if on_close is not None:
+            self._on_close.append(on_close)
+        return self
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> str:
+        if self._iter is None:
+            if self._source is None:
+                raise RuntimeError("ChatStream has no source attached")
+            self._iter = self._filtered(self._source) if self._stop else iter(self._source)
+        return next(self._iter)
+
+    def _filtered(self, source: Iterator[str]) -> Iterator[str]:
+        buffer = ""
+        longest = max(len(s) for s in self._stop)
+        for piece in source:
+            buffer += piece
+            hits = [(buffer.find(s), s) for s in self._stop if s in buffer]
+            if hits:
+                cut = min(i for i, _ in hits)
+                if buffer[:cut]:
+                    yield buffer[:cut]
+                self.finish_reason = "stop"
+                self.close()
+                for _ in source:  # drain: lets the backend finish its bookkeeping
+                    pass
+                self.finish_reason = "stop"
+                return
+            # Emit everything that cannot be the start of a stop string.
+            keep = 0
+            for n in range(min(longest - 1, len(buffer)), 0, -1):
+                if any(s.startswith(buffer[-n:]) for s in self._stop):
+                    keep = n
+                    break
+            if len(buffer) > keep:
+                yield buffer[: len(buffer) - keep]
+                buffer = buffer[len(buffer) - keep:]
+        if buffer:
+            yield buffer
+
+    def close(self) -> None:
+        """Stop generating (no-op when already finished)."""
+        if self.cancelled.is_set():
+            return
+        self.cancelled.set()
+        for hook in self._on_close:
+            hook()
+
+
+class ChatEngine(ABC):
+    """A loaded model that answers conversations. Subclasses implement :meth:`stream_chat`."""
+
+    #: Name under which the API serves the model.
+    model_name: str = "lmf"
+    #: Default sampling settings (from the config's ``generating`` group).
+    settings: GenerationSettings = GenerationSettings()
+
+    @abstractmethod
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        system: Optional[str] = None,
+        tools: Optional[str] = None,
+        **gen: Any,
+    ) -> ChatStream:
+        """Start generating a reply to ``messages``; ``gen`` overrides :class:`GenerationSettings` fields."""
+
+    def chat(
+        self,
+        messages: list[dict[str, str]],
+        system: Optional[str] = None,
+        tools: Optional[str] = None,
+        **gen: Any,
+    ) -> Response:
+        """Generate a complete reply."""
+        stream = self.stream_chat(messages, system=system, tools=tools, **gen)
+        try:
+            text = "".join(stream)
+        finally:
+            stream.close()
+        return Response(text, stream.prompt_tokens, stream.completion_tokens, stream.finish_reason or "stop")
+
+    def close(self) -> None:
+        """Release the model (optional)."""
+
+
+def split_system(messages: list[dict[str, str]]) -> tuple[Optional[str], list[dict[str, str]]]:
+    """Check a conversation and split off a leading system message.
+
+    After the optional system message, turns alternate user-side (``user`` / ``tool``) and
+    ``assistant``, starting and ending with a user-side turn. Errors name the message index.
+    """
+    if not messages:
+        raise MessageError("messages must not be empty")
+    system: Optional[str] = None
+    offset = 0
+    if messages[0].get("role") == "system":
+        system = messages[0].get("content") or ""
+        offset = 1
+    rest = messages[offset:]
+    if not rest:
+        raise MessageError("messages hold only a system message; add a user message")
+    for i, message in enumerate(rest):
+        index = i + offset
+        role = message.get("role")
+        if role == "system":
+            raise MessageError(f"messages[{index}]: a system message is only allowed first")
+        if role not in CHAT_ROLES + ("tool",):
+            raise MessageError(f"messages[{index}]: unknown role {role!r}; use system, user, assistant or tool")
+        user_turn = i % 2 == 0
+        if user_turn and role not in USER_SIDE_ROLES:
+            raise MessageError(f"messages[{index}]: expected a user (or tool) message, got {role!r}; roles must alternate")
+        if not user_turn and role != "assistant":
+            raise MessageError(f"messages[{index}]: expected an assistant message, got {role!r}; roles must alternate")
+        if not isinstance(message.get("content"), str):
+            raise MessageError(f"messages[{index}]: content must be a string")
+    if rest[-1]["role"] not in USER_SIDE_ROLES:
+        raise MessageError("the last message must be a user (or tool) message")
+    return system, [{"role": m["role"], "content": m["content"]} for m in rest]
+
+
+def create_engine(cfg: "LmfConfig") -> ChatEngine:
+    """The engine of ``infer_backend``: ``huggingface``/``hf`` (default) or ``vllm``."""
+    backend = cfg.model.infer_backend
+    if backend in ("huggingface", "hf"):
+        from lmf.chat.hf_engine import HuggingFaceEngine
+
+        return HuggingFaceEngine(cfg)
+    if backend == "vllm":
+        from lmf.chat.vllm_engine import VllmEngine
+
+        return VllmEngine(cfg)
+    raise ConfigError(f"config key 'infer_backend': {backend!r} is not supported; choose huggingface or vllm")
