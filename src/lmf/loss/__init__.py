@@ -15,6 +15,13 @@ Contract used by every trainer (SFT, DPO, RM):
 
 ``chunk_size=None`` or ``0`` is the plain path (full logits). The chunked path never holds
 ``[tokens, vocab]`` logits for the whole batch (see ``lmf.loss.chunked``).
+
+Both loss functions also take keyword-only ``softcap`` (gemma2's ``final_logit_softcapping``) and
+``use_liger`` (liger-kernel's fused linear cross-entropy for ``causal_lm_loss`` on CUDA when it is
+installed; ignored elsewhere and by ``sequence_logps``). Trainers get all three from the config:
+
+    opts = loss_kwargs(cfg.model, model)          # {"chunk_size", "softcap", "use_liger"}
+    loss_sum, n = causal_lm_loss(hidden, lm_head_of(model), labels, **opts)
 """
 
 from __future__ import annotations
@@ -26,6 +33,18 @@ if TYPE_CHECKING:
     from torch import nn
 
 IGNORE_INDEX = -100
+
+_LOGGED: set = set()
+
+
+def _log_once(key: str, message: str, warning: bool = False) -> None:
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    from lmf.extras.logging import get_logger
+
+    logger = get_logger("lmf.loss")
+    (logger.warning if warning else logger.info)(message)
 
 
 def unwrap_causal_lm(model):
@@ -54,30 +73,108 @@ def _shift(hidden, labels):
     return hidden[:, :-1, :], labels[:, 1:]
 
 
-def causal_lm_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None):
+def _plain_logits(h, lm_head, softcap):
+    logits = lm_head(h).float()
+    if softcap:
+        logits = softcap * (logits / softcap).tanh()
+    return logits
+
+
+def logit_softcap_of(model) -> Optional[float]:
+    """The final-logit softcapping of a model's config (gemma2), else ``None``."""
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    getter = getattr(config, "get_text_config", None)
+    text_config = getter() if callable(getter) else config
+    return getattr(text_config, "final_logit_softcapping", None) or None
+
+
+def loss_kwargs(model_args, model) -> dict:
+    """Keyword arguments for :func:`causal_lm_loss` / :func:`sequence_logps` from the model config
+    keys ``use_chunked_loss``, ``loss_chunk_size`` and ``enable_liger_kernel``."""
+    chunk_size = int(model_args.loss_chunk_size) if model_args.use_chunked_loss else None
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    for key in ("logit_scale", "logits_scaling"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            _log_once(key, f"the model config's {key} is not applied by lmf's loss (logits are unscaled)", warning=True)
+    return {"chunk_size": chunk_size, "softcap": logit_softcap_of(model), "use_liger": bool(model_args.enable_liger_kernel)}
+
+
+def liger_available() -> bool:
+    """Whether liger-kernel can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def use_liger_for(hidden, use_liger: bool) -> bool:
+    """Liger's fused kernel runs only when asked for, on CUDA tensors, with liger-kernel installed."""
+    if not use_liger:
+        return False
+    if hidden.device.type != "cuda":
+        _log_once("liger-cpu", "enable_liger_kernel: liger-kernel runs on CUDA only; using the chunked loss")
+        return False
+    if not liger_available():
+        _log_once(
+            "liger-missing",
+            "enable_liger_kernel: liger-kernel is not installed (pip install 'lmf[liger]'); using the chunked loss",
+            warning=True,
+        )
+        return False
+    return True
+
+
+def _liger_causal_lm_loss(hidden, lm_head, labels, softcap):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    from lmf.loss.chunked import linear_params, select_label_rows
+
+    rows, targets, _, counts = select_label_rows(hidden, labels)
+    weight, bias = linear_params(lm_head)
+    kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
+    if softcap:
+        kwargs["softcap"] = softcap
+    out = LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, rows, targets, bias)
+    loss_sum = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+    return loss_sum.float(), counts.sum()
+
+
+def causal_lm_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
+                   softcap: Optional[float] = None, use_liger: bool = False):
     """Sum of next-token cross-entropy over label tokens, and the number of label tokens."""
+    if use_liger_for(hidden, use_liger):
+        from lmf.loss.chunked import linear_params
+
+        if linear_params(lm_head) is not None:
+            return _liger_causal_lm_loss(hidden, lm_head, labels, softcap)
+        _log_once("liger-head", "enable_liger_kernel: the LM head is not a plain nn.Linear; using the chunked loss")
+        chunk_size = chunk_size or 1024
     if chunk_size:
         from lmf.loss.chunked import chunked_causal_lm_loss
 
-        return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size)
+        return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size, softcap=softcap)
     import torch.nn.functional as F
 
     h, y = _shift(hidden, labels)
-    logits = lm_head(h).float()
+    logits = _plain_logits(h, lm_head, softcap)
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss_sum, (y != IGNORE_INDEX).sum()
 
 
-def sequence_logps(hidden, lm_head, labels, chunk_size: Optional[int] = None):
-    """Per-sequence sum of label-token log-probs ``[B]`` and label-token counts ``[B]``."""
+def sequence_logps(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
+                   softcap: Optional[float] = None, use_liger: bool = False):
+    """Per-sequence sum of label-token log-probs ``[B]`` and label-token counts ``[B]``.
+
+    ``use_liger`` is accepted for symmetry with :func:`causal_lm_loss` and ignored: the chunked
+    path (or the plain one) computes per-token log-probs.
+    """
     if chunk_size:
         from lmf.loss.chunked import chunked_sequence_logps
 
-        return chunked_sequence_logps(hidden, lm_head, labels, chunk_size)
+        return chunked_sequence_logps(hidden, lm_head, labels, chunk_size, softcap=softcap)
     import torch
 
     h, y = _shift(hidden, labels)
-    logits = lm_head(h).float()
+    logits = _plain_logits(h, lm_head, softcap)
     mask = y != IGNORE_INDEX
     safe = torch.where(mask, y, torch.zeros_like(y))
     logps = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
