@@ -32,6 +32,8 @@ class ScriptedEngine(ChatEngine):
         self.gate.set()
         self.started = threading.Semaphore(0)
         self.closed_streams = 0
+        self.delay = 0.0
+        self.streams: list[ChatStream] = []
 
     def stream_chat(self, messages, system=None, tools=None, **gen):
         self.calls.append({"messages": messages, "system": system, "tools": tools, "gen": gen})
@@ -46,12 +48,14 @@ class ScriptedEngine(ChatEngine):
                 if stream.cancelled.is_set():
                     break
                 stream.completion_tokens += 1
+                time.sleep(self.delay)
                 yield word if i == 0 else " " + word
             stream.finish_reason = "length" if len(words) > limit else "stop"
 
         def on_close():
             self.closed_streams += 1
 
+        self.streams.append(stream)
         return stream.attach(pieces(), on_close)
 
 
@@ -63,11 +67,17 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serve(engine: ChatEngine, **settings):
-    """Run the app with uvicorn in a background thread on a free loopback port; yield the base URL."""
+    """Serve ``engine`` with uvicorn in a background thread on a free loopback port; yield the base URL."""
+    with serve_app(create_app(engine, ApiSettings(**settings))) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serve_app(app):
+    """Run ``app`` with uvicorn in a background thread on a free loopback port; yield the base URL."""
     import uvicorn
 
     port = _free_port()
-    app = create_app(engine, ApiSettings(host="127.0.0.1", port=port, **settings))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -218,7 +228,8 @@ def test_api_key_required_on_every_request(engine):
 
 def test_full_queue_answers_503(engine):
     engine.gate.clear()  # generation blocks until the gate opens
-    with serve(engine, max_concurrent=1, max_queue=1) as url:
+    app = create_app(engine, ApiSettings(max_concurrent=1, max_queue=1))
+    with serve_app(app) as url:
         results: dict[str, object] = {}
 
         def call(tag):
@@ -233,11 +244,10 @@ def test_full_queue_answers_503(engine):
         waiting = threading.Thread(target=call, args=("second",))
         waiting.start()
         deadline = time.time() + 10
-        while time.time() < deadline:  # wait until the second request sits in the queue
-            response = httpx.post(f"{url}/chat/completions", json={"model": "tiny-test", "messages": [{"role": "user", "content": "third"}]})
-            if response.status_code == 503:
-                break
-            time.sleep(0.05)
+        while app.state.limiter.pending < 2 and time.time() < deadline:  # until the second request is queued
+            time.sleep(0.02)
+        assert app.state.limiter.pending == 2
+        response = httpx.post(f"{url}/chat/completions", json={"model": "tiny-test", "messages": [{"role": "user", "content": "third"}]})
         assert response.status_code == 503
         assert "busy" in response.json()["error"]["message"]
         engine.gate.set()
@@ -258,3 +268,23 @@ def test_parse_api_settings_flags_and_env():
         parse_api_settings(["--port", "abc"], env={})
     with pytest.raises(ConfigError, match="max_concurrent"):
         parse_api_settings([], env={"API_MAX_CONCURRENT": "0"})
+
+
+def test_client_disconnect_mid_stream_cancels_generation_and_frees_the_slot(engine):
+    app = create_app(engine, ApiSettings(max_concurrent=1, max_queue=0))
+    long_text = " ".join(f"w{i}" for i in range(2000))
+    engine.delay = 0.002
+    with serve_app(app) as url:
+        with httpx.stream("POST", f"{url}/chat/completions", timeout=10,
+                          json={"model": "tiny-test", "stream": True, "messages": [{"role": "user", "content": long_text}]}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")  # the role chunk
+        deadline = time.time() + 10
+        while app.state.limiter.pending and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.state.limiter.pending == 0
+        assert engine.closed_streams == 1
+        assert 0 < engine.streams[0].completion_tokens < 1000  # generation stopped early
+        reply = _client(url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "next"}])
+        assert reply.choices[0].message.content == "echo: next"
