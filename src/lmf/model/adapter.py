@@ -1,0 +1,177 @@
+"""Finetuning methods: LoRA (peft), full, freeze (train the last N decoder layers).
+
+``init_adapter(cfg, model)`` decides which parameters train; ``load_adapters_for_inference``
+merges ``adapter_name_or_path`` into the base model for chat/api/export.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import TYPE_CHECKING
+
+from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def find_all_linear_modules(model: "nn.Module") -> list[str]:
+    """Leaf names of every ``nn.Linear`` except the output head (lora_target: all)."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    names: set[str] = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            names.add(full_name.split(".")[-1])
+    head_names = {n.split(".")[-1] for n, m in model.named_modules() if m is head}
+    return sorted(names - head_names)
+
+
+def _adapter_paths(cfg: "LmfConfig") -> list[str]:
+    paths = _split(cfg.model.adapter_name_or_path)
+    for path in paths:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ConfigError(f"config key 'adapter_name_or_path': {path!r} holds no adapter_config.json")
+    return paths
+
+
+def _merge_adapters(model, paths: list[str]):
+    from peft import PeftModel
+
+    for path in paths:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        logger.info("merged adapter %s", path)
+    return model
+
+
+def load_adapters_for_inference(cfg: "LmfConfig", model):
+    """Merge every adapter of ``adapter_name_or_path`` (in order) into the base model."""
+    paths = _adapter_paths(cfg)
+    if paths and cfg.finetuning.finetuning_type != "lora":
+        raise ConfigError("config key 'adapter_name_or_path' needs finetuning_type: lora")
+    return _merge_adapters(model, paths) if paths else model
+
+
+def _cast_trainable_to_fp32(model) -> None:
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def _init_lora(cfg: "LmfConfig", model):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    ft = cfg.finetuning
+    paths = _adapter_paths(cfg)
+    if paths and not ft.create_new_adapter:
+        model = _merge_adapters(model, paths[:-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
+        logger.info("resumed training of adapter %s", paths[-1])
+        return model
+    model = _merge_adapters(model, paths)
+    targets = _split(ft.lora_target)
+    if targets == ["all"]:
+        targets = find_all_linear_modules(model)
+    elif "all" in targets:
+        raise ConfigError("config key 'lora_target': 'all' cannot be combined with module names")
+    else:
+        present = {n.split(".")[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ConfigError(f"config key 'lora_target': no module named {', '.join(missing)} in the model")
+    lora_config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=ft.lora_rank,
+        lora_alpha=ft.lora_alpha,
+        lora_dropout=ft.lora_dropout,
+        target_modules=targets,
+        modules_to_save=_split(ft.additional_target) or None,
+        use_rslora=ft.use_rslora,
+    )
+    with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, lora_config)
+    logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(targets))
+    return model
+
+
+def _layer_index(name: str) -> int | None:
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def _init_freeze(cfg: "LmfConfig", model) -> None:
+    ft = cfg.finetuning
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    if not num_layers:
+        raise ConfigError("finetuning_type: freeze needs a model config with num_hidden_layers")
+    n = ft.freeze_trainable_layers
+    if n == 0 or abs(n) > num_layers:
+        raise ConfigError(f"config key 'freeze_trainable_layers': {n} is invalid for a model with {num_layers} layers")
+    layer_ids = set(range(num_layers - n, num_layers)) if n > 0 else set(range(-n))
+    modules = _split(ft.freeze_trainable_modules)
+    extra = _split(ft.freeze_extra_modules)
+    matched_extra: set[str] = set()
+    for name, p in model.named_parameters():
+        idx = _layer_index(name)
+        trainable = idx in layer_ids and (modules == ["all"] or any(f".{m}." in f".{name}." for m in modules))
+        for m in extra:
+            if f".{m}." in f".{name}.":
+                trainable = True
+                matched_extra.add(m)
+        p.requires_grad_(trainable)
+    missing = set(extra) - matched_extra
+    if missing:
+        raise ConfigError(f"config key 'freeze_extra_modules': no module named {', '.join(sorted(missing))}")
+    logger.info("freeze: training layers %s", sorted(layer_ids))
+
+
+def init_adapter(cfg: "LmfConfig", model):
+    """Apply ``finetuning_type`` (lora | full | freeze): set requires_grad, wrap with peft for LoRA."""
+    ftype = cfg.finetuning.finetuning_type
+    if ftype != "lora" and cfg.model.adapter_name_or_path:
+        raise ConfigError(f"config key 'adapter_name_or_path' needs finetuning_type: lora (got {ftype})")
+    if ftype == "lora":
+        model = _init_lora(cfg, model)
+    elif ftype == "full":
+        model.requires_grad_(True)
+    elif ftype == "freeze":
+        _init_freeze(cfg, model)
+    else:  # the parser checks choices; keep a clear error for programmatic configs
+        raise ConfigError(f"config key 'finetuning_type': unknown value {ftype!r}")
+    if not cfg.finetuning.pure_bf16:
+        _cast_trainable_to_fp32(model)
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def log_param_counts(model) -> None:
+    trainable, total = count_parameters(model)
+    pct = 100.0 * trainable / max(total, 1)
+    logger.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", pct)

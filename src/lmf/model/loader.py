@@ -1,0 +1,245 @@
+"""Load a tokenizer and a causal LM from a local directory, with adapters for training or inference.
+
+``load_tokenizer(model_args)`` and ``load_model(cfg, tokenizer, is_trainable, device=None)`` are the
+entry points every command uses (train, chat, export, api).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any, Optional
+
+from lmf.extras.errors import ConfigError, LmfError, NotAvailableError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmf.config.args import ModelArguments
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(msg, *args)
+
+
+def _quiet_transformers() -> None:
+    """No per-load progress bars or advisory chatter from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _check_model_path(model_args: "ModelArguments") -> str:
+    path = model_args.model_name_or_path
+    if not path:
+        raise ConfigError("config key 'model_name_or_path' is required")
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ConfigError(f"config key 'model_name_or_path': {path!r} is a file, expected a model directory")
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ConfigError(f"config key 'model_name_or_path': directory {path!r} does not exist")
+    return path  # a hub id: from_pretrained resolves it from the local cache (or the hub when online)
+
+
+def read_model_config(path: str) -> dict:
+    """The raw config.json of a local model directory ({} when absent)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return {}
+    with open(cfg_path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _trust_remote_code(model_args: "ModelArguments", path: str) -> bool:
+    """trust_remote_code only when the user set it and the checkpoint actually ships custom code."""
+    if not model_args.trust_remote_code:
+        return False
+    raw = read_model_config(path) if os.path.isdir(path) else {}
+    if os.path.isdir(path) and "auto_map" not in raw:
+        return False  # a stock architecture: never execute code from the directory
+    return True
+
+
+def load_tokenizer(model_args: "ModelArguments"):
+    """AutoTokenizer from ``model_name_or_path`` (pad token defaults to eos; added tokens from the config)."""
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    path = _check_model_path(model_args)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path,
+            trust_remote_code=_trust_remote_code(model_args, path),
+            use_fast=model_args.use_fast_tokenizer,
+            split_special_tokens=model_args.split_special_tokens,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+        )
+    except (OSError, ValueError) as exc:
+        raise LmfError(f"cannot load the tokenizer from model_name_or_path={path!r}: {exc}") from exc
+    if model_args.model_max_length:
+        tokenizer.model_max_length = model_args.model_max_length
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_args.add_tokens:
+        added = tokenizer.add_tokens([t.strip() for t in model_args.add_tokens.split(",") if t.strip()])
+        logger.info("added %d tokens to the tokenizer", added)
+    if model_args.add_special_tokens:
+        toks = [t.strip() for t in model_args.add_special_tokens.split(",") if t.strip()]
+        added = tokenizer.add_special_tokens({"additional_special_tokens": toks}, replace_extra_special_tokens=False)
+        logger.info("added %d special tokens to the tokenizer", added)
+    return tokenizer
+
+
+def _config_dtype(path: str) -> Optional["torch.dtype"]:
+    import torch
+
+    raw = read_model_config(path) if os.path.isdir(path) else {}
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
+
+
+def resolve_dtype(cfg: "LmfConfig", device: "torch.device", is_trainable: bool) -> "torch.dtype":
+    """Weight dtype: bf16/fp16 when requested (training) or configured (inference) on GPU; always fp32 on CPU."""
+    import torch
+
+    t, m = cfg.training, cfg.model
+    if device.type == "cpu":
+        if is_trainable and (t.bf16 or t.fp16):
+            _warn_once("cpu-half", "%s is set but training runs on CPU: using float32", "bf16" if t.bf16 else "fp16")
+        return torch.float32
+    if is_trainable:
+        if t.bf16:
+            if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                raise NotAvailableError("bf16: true but this GPU does not support bfloat16; use fp16: true")
+            return torch.bfloat16
+        if t.fp16:
+            return torch.float16
+        return torch.float32
+    if m.infer_dtype != "auto":
+        return getattr(torch, m.infer_dtype)
+    dtype = _config_dtype(m.model_name_or_path) or torch.float32
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    return dtype
+
+
+def resolve_attn_implementation(flash_attn: str, device: "torch.device", dtype: "torch.dtype") -> str:
+    """flash_attn key -> transformers attn_implementation (sdpa by default; flash_attention_2 when installed)."""
+    import importlib.util
+
+    import torch
+
+    fa2_usable = (
+        importlib.util.find_spec("flash_attn") is not None
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+    )
+    if flash_attn == "fa2":
+        if not fa2_usable:
+            raise NotAvailableError(
+                "flash_attn: fa2 needs the flash-attn package, a CUDA GPU and bf16/fp16 weights; "
+                "use flash_attn: sdpa (or auto)"
+            )
+        return "flash_attention_2"
+    if flash_attn == "auto":
+        return "flash_attention_2" if fa2_usable else "sdpa"
+    if flash_attn in ("disabled", "eager"):
+        return "eager"
+    return "sdpa"
+
+
+def _from_pretrained(cfg: "LmfConfig", dtype, attn: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    path = _check_model_path(m)
+    trust = _trust_remote_code(m, path)
+    common = dict(trust_remote_code=trust, cache_dir=m.cache_dir, revision=m.model_revision)
+    try:
+        if m.train_from_scratch:
+            config = AutoConfig.from_pretrained(path, **common)
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=m.low_cpu_mem_usage, **common
+        )
+    except (OSError, ValueError) as exc:
+        raise LmfError(f"cannot load a causal LM from model_name_or_path={path!r}: {exc}") from exc
+
+
+def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None):
+    """Load the causal LM, apply the finetuning method (training) or merge adapters (inference).
+
+    The returned model stays on CPU unless ``device`` is given; trainable parameters are fp32
+    (mixed precision keeps fp32 master weights), frozen ones use the resolved dtype.
+    """
+    import torch
+
+    from lmf.model.adapter import init_adapter, load_adapters_for_inference, log_param_counts
+
+    _quiet_transformers()
+    device = device if device is not None else torch.device("cpu")
+    dtype = resolve_dtype(cfg, device, is_trainable)
+    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype)
+    model = _from_pretrained(cfg, dtype, attn)
+    logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
+    _maybe_resize_embeddings(cfg, model, tokenizer)
+    if tokenizer is not None and getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    if is_trainable:
+        model.config.use_cache = False
+        if cfg.training.gradient_checkpointing:
+            offload = cfg.model.offload_activations and device.type == "cuda"
+            if cfg.model.offload_activations and not offload:
+                _warn_once("offload-cpu", "offload_activations: only useful on GPU; ignored")
+            enable_gradient_checkpointing(model, cfg.model.use_reentrant_gc, offload)
+        model = init_adapter(cfg, model)
+        model.train()
+    else:
+        model = load_adapters_for_inference(cfg, model)
+        model.requires_grad_(False)
+        model.eval()
+    if cfg.model.print_param_status:
+        for name, p in model.named_parameters():
+            print(f"{name}: {p.dtype} {p.device} trainable={p.requires_grad}")
+    log_param_counts(model)
+    return model.to(device)
+
+
+def _maybe_resize_embeddings(cfg: "LmfConfig", model, tokenizer) -> None:
+    if tokenizer is None:
+        return
+    current = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > current:
+        if not (cfg.model.resize_vocab or cfg.model.add_tokens or cfg.model.add_special_tokens):
+            raise ConfigError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings hold {current}; set resize_vocab: true"
+            )
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        logger.info("resized the embeddings from %d to %d tokens", current, model.get_input_embeddings().weight.shape[0])
+
+
+def enable_gradient_checkpointing(model, use_reentrant: bool, offload: bool = False) -> None:
+    """Per-layer activation checkpointing through transformers (inputs require grad so frozen embeddings work)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        logger.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
+        return
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    logger.info("gradient checkpointing enabled (use_reentrant=%s%s)", use_reentrant, ", offloaded" if offload else "")

@@ -1,0 +1,89 @@
+"""Deterministic, rank-sharded, resumable stream of micro-batches.
+
+Each epoch shuffles with ``data_seed + epoch`` and gives rank r every W-th index (the tail is padded
+by wrapping, like ``DistributedSampler``). The position (epoch, micro-batches consumed) is saved
+in checkpoints; resuming skips the consumed indices without loading them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class ResumableShardedSampler(Sampler[int]):
+    """Indices of this rank for one epoch, optionally starting after ``skip`` of them."""
+
+    def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        if num_items <= 0:
+            raise ValueError("the training dataset is empty")
+        self.num_items, self.num_replicas, self.rank = num_items, num_replicas, rank
+        self.shuffle, self.seed = shuffle, seed
+        self.num_samples = math.ceil(num_items / num_replicas)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.num_items, generator=g).tolist()
+        else:
+            order = list(range(self.num_items))
+        total = self.num_samples * self.num_replicas
+        while len(order) < total:
+            order += order[: total - len(order)]
+        return order[self.rank:total:self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+class MicroBatchStream:
+    """Endless micro-batches across epochs; ``epoch`` and ``batch_in_epoch`` are the resumable position."""
+
+    def __init__(self, dataset: Sequence[Any], collate_fn: Callable, batch_size: int, sampler: ResumableShardedSampler,
+                 num_workers: int = 0, pin_memory: bool = False, epoch: int = 0, batch_in_epoch: int = 0):
+        self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
+        self.sampler, self.num_workers, self.pin_memory = sampler, num_workers, pin_memory
+        self.batches_per_epoch = math.ceil(sampler.num_samples / batch_size)
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._it = None
+
+    def _start_epoch(self) -> None:
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=self.collate_fn,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=False,
+            generator=torch.Generator(),  # never draw from the global RNG: resumed runs stay bit-exact
+        )
+        self._it = iter(loader)
+
+    def __next__(self):
+        if self._it is None:
+            self._start_epoch()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._start_epoch()
+            batch = next(self._it)
+        self.batch_in_epoch += 1
+        return batch
+
+    def __iter__(self):
+        return self
+
+    @property
+    def epoch_float(self) -> float:
+        return self.epoch + self.batch_in_epoch / self.batches_per_epoch

@@ -1,0 +1,69 @@
+"""Optimizer (AdamW, fused on CUDA) and learning-rate schedule (with warmup)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from lmf.extras.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmf.config.args import TrainingArguments
+
+
+def _no_decay(name: str, param) -> bool:
+    """Biases and norm weights (1-D tensors) get no weight decay."""
+    return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments") -> "torch.optim.Optimizer":
+    """AdamW over trainable parameters (two groups: with / without weight decay)."""
+    import torch
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    if not decay and not no_decay:
+        raise ConfigError("nothing to train: no parameter requires grad (check finetuning_type and its keys)")
+    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
+    if args.optim == "sgd":
+        return torch.optim.SGD(groups, lr=args.learning_rate)
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"])
+    fused = on_cuda and args.optim in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf")
+    return torch.optim.AdamW(
+        groups,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        fused=fused or None,
+    )
+
+
+def warmup_steps_for(args: "TrainingArguments", total_steps: int) -> int:
+    """warmup_steps when > 0, else ceil(warmup_ratio * total_steps)."""
+    if args.warmup_steps > 0:
+        return args.warmup_steps
+    return math.ceil(args.warmup_ratio * total_steps)
+
+
+def create_scheduler(optimizer, args: "TrainingArguments", total_steps: int):
+    """transformers' schedule ``lr_scheduler_type`` (linear, cosine, constant, ... with warmup)."""
+    from transformers import get_scheduler
+
+    kwargs = dict(args.lr_scheduler_kwargs or {})
+    name = args.lr_scheduler_type
+    if name == "cosine_with_min_lr" and not ({"min_lr", "min_lr_rate"} & set(kwargs)):
+        kwargs["min_lr_rate"] = 0.1
+    if name == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, total_steps // 10))
+    try:
+        return get_scheduler(
+            name, optimizer, num_warmup_steps=warmup_steps_for(args, total_steps), num_training_steps=total_steps,
+            scheduler_specific_kwargs=kwargs or None,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key 'lr_scheduler_kwargs': {kwargs!r} does not fit lr_scheduler_type {name!r}: {exc}") from exc

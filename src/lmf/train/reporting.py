@@ -1,0 +1,112 @@
+"""Rank-0 progress bar, metric trackers (tensorboard / wandb) and the loss plot."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING, Optional
+
+from lmf.extras.errors import NotAvailableError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+
+class Reporter:
+    """Sends logged metrics to the trackers named in ``report_to`` (rank 0 only; no-op elsewhere)."""
+
+    def __init__(self, cfg: "LmfConfig", is_main: bool):
+        self.writers: list = []
+        if not is_main:
+            return
+        targets = set(cfg.training.report_to)
+        if "all" in targets:
+            targets = {"tensorboard", "wandb"}
+        if "tensorboard" in targets:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise NotAvailableError("report_to: tensorboard needs `pip install tensorboard` (or lmf[tensorboard])") from exc
+            log_dir = cfg.training.logging_dir or os.path.join(cfg.training.output_dir, "runs")
+            self.writers.append(("tensorboard", SummaryWriter(log_dir=log_dir)))
+        if "wandb" in targets:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise NotAvailableError("report_to: wandb needs `pip install wandb` (or lmf[wandb])") from exc
+            run = wandb.init(name=cfg.training.run_name, config=cfg.to_dict(), dir=cfg.training.output_dir)
+            self.writers.append(("wandb", run))
+
+    def log(self, metrics: dict, step: int) -> None:
+        for kind, writer in self.writers:
+            if kind == "tensorboard":
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
+            else:
+                writer.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+    def close(self) -> None:
+        for kind, writer in self.writers:
+            if kind == "tensorboard":
+                writer.close()
+            else:
+                writer.finish()
+
+
+class ProgressBar:
+    """tqdm over optimizer steps with loss, lr and tokens/s in the postfix (ETA from tqdm)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average (as TensorBoard's smoothing)."""
+    out, last = [], values[0] if values else 0.0
+    for v in values:
+        last = last * weight + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def plot_loss(log_history: list[dict], output_dir: str, key: str = "loss") -> Optional[str]:
+    """Write ``training_loss.png`` (raw and smoothed) from the log history; None when nothing to plot."""
+    points = [(h["step"], h[key]) for h in log_history if key in h and isinstance(h[key], (int, float)) and math.isfinite(h[key])]
+    if not points:
+        logger.warning("plot_loss: no %r values logged; nothing to plot", key)
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, values = zip(*points)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, values, color="#1f77b4", alpha=0.4, label="original")
+    ax.plot(steps, _smooth(list(values)), color="#1f77b4", label="smoothed")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(f"training {key}")
+    ax.legend()
+    name = "training_loss.png" if key == "loss" else f"training_{key}.png"
+    path = os.path.join(output_dir, name)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,81 @@
+"""Supervised fine-tuning: next-token cross-entropy on the label tokens (``lmf sft``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import TYPE_CHECKING, Callable, Optional
+
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+
+def resolve_loss_kwargs(cfg: "LmfConfig", model) -> dict:
+    """``causal_lm_loss`` options from the config; the plain path when ``lmf.loss.chunked`` is absent."""
+    from lmf.loss import loss_kwargs
+
+    opts = loss_kwargs(cfg.model, model)
+    if opts.get("chunk_size") and importlib.util.find_spec("lmf.loss.chunked") is None:
+        logger.warning("use_chunked_loss: lmf.loss.chunked is not available; using the plain loss")
+        opts["chunk_size"] = None
+    return opts
+
+
+class SFTStage:
+    """Collator + summed token cross-entropy for the shared :class:`~lmf.train.trainer.Trainer`."""
+
+    name = "sft"
+
+    def __init__(self, cfg: "LmfConfig", model, collator: Callable):
+        self.collator = collator
+        self.loss_opts = resolve_loss_kwargs(cfg, model)
+
+    def compute_loss(self, model, batch: dict):
+        from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of
+
+        hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        loss_sum, num_tokens = causal_lm_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
+        return loss_sum, num_tokens, {}
+
+
+def build_sft_collator(tokenizer, pad_to_multiple_of: Optional[int] = 8):
+    from lmf.data.collator import SFTCollator
+
+    return SFTCollator(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def run_sft(cfg: "LmfConfig") -> None:
+    """Load tokenizer, data and model, then train; only rank 0 writes."""
+    from lmf.dist.runtime import destroy_distributed
+    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+
+    runtime = setup_runtime(cfg)
+    try:
+        resume = resolve_resume_checkpoint(cfg, runtime)
+        set_seed(cfg.training.seed)
+        tokenizer, template, data = load_tokenizer_and_data(cfg, cfg.finetuning.stage)
+        from lmf.model.loader import load_model
+
+        model = load_model(cfg, tokenizer, is_trainable=True)
+        stage = SFTStage(cfg, model, build_sft_collator(tokenizer, 8 if runtime.device.type == "cuda" else None))
+        trainer = Trainer(cfg, model, tokenizer, stage, data.train_dataset, runtime,
+                          eval_dataset=data.eval_dataset, resume_from=resume)
+        trainer.train()
+    finally:
+        destroy_distributed()
+
+
+def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
+    """Tokenizer (fixed by the template) and the tokenized datasets of ``stage``."""
+    from lmf.data.loader import get_dataset
+    from lmf.data.template import get_template
+    from lmf.model.loader import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(cfg.data.template, tokenizer)
+    template.fix_tokenizer(tokenizer)
+    data = get_dataset(cfg, tokenizer, template, stage=stage)
+    return tokenizer, template, data

@@ -1,0 +1,597 @@
+"""The one training loop shared by SFT, DPO and RM.
+
+A *stage* supplies ``collator(list[dict]) -> batch`` and
+``compute_loss(model, batch) -> (loss_sum, num_items, metrics)`` where ``loss_sum`` is a *sum* over
+``num_items`` (label tokens for SFT, pairs for DPO/RM). The loop wraps the model in
+:class:`LossModule` (whose ``forward(batch)`` calls the stage) and hands *that* to DDP/FSDP2, then:
+
+- accumulates ``gradient_accumulation_steps`` micro-batches, back-propagating ``loss_sum``;
+- all-reduces the item count of the window and scales the gradients by ``world_size / items``, so the
+  step optimises the mean over every label token of the window on every rank (not a mean of means);
+- clips, steps AdamW and the schedule, logs on rank 0, checkpoints atomically every ``save_steps``.
+
+Entry points: :func:`setup_runtime` (the one place the process group is created) and
+:class:`Trainer`. Resume rules: :func:`resolve_resume_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
+from lmf.extras.errors import ConfigError, LmfError
+from lmf.extras.logging import get_logger
+from lmf.train import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    import torch
+
+    from lmf.config.parser import LmfConfig
+    from lmf.dist.runtime import DistInfo
+
+logger = get_logger(__name__)
+
+
+class Stage(Protocol):
+    """What a training stage plugs into the loop."""
+
+    name: str
+    collator: Callable[[list[dict]], dict]
+
+    def compute_loss(self, model, batch: dict) -> tuple["torch.Tensor", "torch.Tensor", dict[str, float]]:
+        ...
+
+
+def setup_runtime(cfg: "LmfConfig") -> "DistInfo":
+    """Create the process group (under torchrun) and pick the device: the single place for runtime hooks."""
+    from lmf.dist.runtime import init_distributed
+
+    t = cfg.training
+    info = init_distributed(timeout_s=t.ddp_timeout, backend=t.ddp_backend, use_cpu=t.use_cpu)
+    if info.is_distributed:
+        logger.info("distributed: world_size=%d backend=%s device=%s", info.world_size, info.backend, info.device)
+    return info
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------- resume
+
+#: Keys that do not change the training trajectory: a run may be resumed with different values.
+RESUME_NEUTRAL_KEYS = frozenset({
+    "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_steps", "logging_dir", "logging_first_step",
+    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "report_to", "run_name", "disable_tqdm",
+    "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory", "plot_loss", "print_param_status",
+    "preprocessing_num_workers", "preprocessing_batch_size", "overwrite_cache", "preprocessing_cache_dir",
+    "tokenized_path", "eval_steps", "per_device_eval_batch_size", "do_eval", "eval_strategy", "evaluation_strategy",
+    "cache_dir", "low_cpu_mem_usage", "max_checkpoint_wait",
+})
+
+
+def resume_fingerprint(cfg: "LmfConfig") -> str:
+    """Hash of the config keys that shape the training trajectory (for automatic resume)."""
+    import hashlib
+
+    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_NEUTRAL_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _start_over(output_dir: str) -> None:
+    """Remove a previous run's checkpoints and final artefacts (overwrite_output_dir: true)."""
+    state = os.path.join(output_dir, ckpt.STATE_NAME)
+    if os.path.isfile(state):
+        os.remove(state)  # first: a crash below must not leave something that looks finished
+    for path in glob.glob(os.path.join(output_dir, f"{ckpt.CHECKPOINT_PREFIX}*")):
+        if ckpt.checkpoint_step(path) is not None:
+            shutil.rmtree(path, ignore_errors=True)
+    for name in ckpt.FINAL_ARTEFACTS:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+    for path in glob.glob(os.path.join(output_dir, "model-*.safetensors")):
+        os.remove(path)
+
+
+def decide_resume(cfg: "LmfConfig") -> Optional[str]:
+    """Which checkpoint to resume from (None: start fresh); may clean ``output_dir``. Rank 0 only.
+
+    - ``resume_from_checkpoint: PATH``: that checkpoint (must be complete).
+    - ``resume_from_checkpoint: true``: the newest complete checkpoint in ``output_dir`` (error when none).
+    - unset: a finished run in ``output_dir`` is an error, or is started over with
+      ``overwrite_output_dir: true``. Checkpoints of an unfinished run with the same training config
+      are resumed automatically (also with ``overwrite_output_dir: true``: a crash must not lose
+      work); with a different config they are an error, or removed with ``overwrite_output_dir: true``.
+    - ``resume_from_checkpoint: false``: never resume; a non-empty run needs ``overwrite_output_dir``.
+    """
+    t = cfg.training
+    out = t.output_dir
+    if os.path.isdir(out):
+        ckpt.remove_stale_temp_dirs(out)
+    flag = t.resume_from_checkpoint
+    if isinstance(flag, str) and flag.lower() not in ("true", "false"):
+        if not ckpt.is_complete_checkpoint(flag):
+            raise ConfigError(f"config key 'resume_from_checkpoint': {flag!r} is not a complete checkpoint-N directory")
+        return flag
+    if isinstance(flag, str):
+        flag = flag.lower() == "true"
+    latest = ckpt.latest_checkpoint(out)
+    if flag is True:
+        if latest is None:
+            raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint")
+        return latest
+    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME))
+    if finished or (flag is False and latest):
+        if not t.overwrite_output_dir:
+            what = "a finished run" if finished else "checkpoints"
+            raise ConfigError(
+                f"output_dir {out!r} already holds {what}; set overwrite_output_dir: true to start over, "
+                "or choose another output_dir"
+            )
+        logger.warning("overwrite_output_dir: starting over in %s (previous outputs removed)", out)
+        _start_over(out)
+        return None
+    if latest is None:
+        return None
+    saved = ckpt.read_json(os.path.join(latest, ckpt.STATE_NAME)).get("resume_fingerprint")
+    if saved == resume_fingerprint(cfg):
+        logger.info("found an unfinished run in %s: resuming from %s", out, latest)
+        return latest
+    if t.overwrite_output_dir:
+        logger.warning("%s holds checkpoints of a run with a different config; starting over (overwrite_output_dir)", out)
+        _start_over(out)
+        return None
+    raise ConfigError(
+        f"output_dir {out!r} holds checkpoints ({os.path.basename(latest)}) of a run with a different config; "
+        "set resume_from_checkpoint: PATH to resume it anyway, or overwrite_output_dir: true to start over"
+    )
+
+
+def resolve_resume_checkpoint(cfg: "LmfConfig", runtime: "DistInfo") -> Optional[str]:
+    """:func:`decide_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs)."""
+    from lmf.dist.runtime import broadcast_object
+
+    result: tuple[str, Any] = ("ok", None)
+    if runtime.is_main:
+        try:
+            result = ("ok", decide_resume(cfg))
+        except LmfError as exc:
+            result = ("error", str(exc))
+    result = broadcast_object(result)
+    if result[0] == "error":
+        raise ConfigError(result[1])
+    return result[1]
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+def _make_loss_module(model, compute_loss):
+    from torch import nn
+
+    class _LossModule(nn.Module):
+        """Wraps the HF model; ``forward(batch)`` returns the stage's loss pieces (so DDP/FSDP hooks fire)."""
+
+        def __init__(self, model, compute_loss):
+            super().__init__()
+            self.model = model
+            self._compute_loss = compute_loss
+
+        def forward(self, batch):
+            return self._compute_loss(self.model, batch)
+
+    return _LossModule(model, compute_loss)
+
+
+@dataclass
+class TrainState:
+    """Progress saved in trainer_state.json (and restored on resume)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    data_epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    world_size: int = 1
+    log_history: list = field(default_factory=list)
+    resume_fingerprint: str = ""
+    finished: bool = False
+
+
+class Trainer:
+    """Runs one stage to ``max_steps`` (or ``num_train_epochs``) with checkpoints and exact resume."""
+
+    def __init__(self, cfg: "LmfConfig", model, tokenizer, stage: Stage, train_dataset, runtime: "DistInfo",
+                 eval_dataset=None, resume_from: Optional[str] = None):
+        self.cfg, self.args = cfg, cfg.training
+        self.model, self.tokenizer, self.stage = model, tokenizer, stage
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.runtime, self.resume_from = runtime, resume_from
+        self.is_lora = cfg.finetuning.finetuning_type == "lora"
+        self.state = TrainState(world_size=runtime.world_size, resume_fingerprint=resume_fingerprint(cfg))
+        if len(train_dataset) == 0:
+            raise LmfError("the training dataset is empty")
+
+    # ------------------------------------------------------------------ setup
+    def _compute_dtype(self) -> Optional["torch.dtype"]:
+        import torch
+
+        if self.runtime.device.type != "cuda":
+            return None
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+
+    def _build_stream(self):
+        from lmf.train.batches import MicroBatchStream, ResumableShardedSampler
+
+        sampler = ResumableShardedSampler(
+            len(self.train_dataset), self.runtime.world_size, self.runtime.rank,
+            shuffle=not self.cfg.finetuning.disable_shuffling, seed=self.args.data_seed,
+        )
+        return MicroBatchStream(
+            self.train_dataset, self.stage.collator, self.args.per_device_train_batch_size, sampler,
+            num_workers=self.args.dataloader_num_workers, pin_memory=self.runtime.device.type == "cuda",
+        )
+
+    def _total_steps(self, batches_per_epoch: int) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        total = math.ceil(self.args.num_train_epochs * batches_per_epoch / self.args.gradient_accumulation_steps)
+        if total <= 0:
+            raise ConfigError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        return total
+
+    def _save_steps(self) -> int:
+        s = self.args.save_steps
+        return max(1, math.ceil(s * self.state.max_steps)) if 0 < s < 1 else max(1, int(s))
+
+    def _setup(self) -> None:
+        import torch
+
+        from lmf.train.optim import create_optimizer, create_scheduler
+        from lmf.train.parallel import plan_parallelism, wrap
+
+        self.stream = self._build_stream()
+        self.state.max_steps = self._total_steps(self.stream.batches_per_epoch)
+        if self.resume_from:
+            self._load_model_weights(self.resume_from)
+        self.plan = plan_parallelism(self.cfg, self.runtime.world_size)
+        self.loss_module = _make_loss_module(self.model, self.stage.compute_loss)
+        self.wrapped = wrap(self.loss_module, self.plan, self.runtime.device, self._compute_dtype(),
+                            self.args.ddp_find_unused_parameters)
+        self.trainable = [p for p in self.loss_module.parameters() if p.requires_grad]
+        self.optimizer = create_optimizer(self.loss_module, self.args)
+        self.scheduler = create_scheduler(self.optimizer, self.args, self.state.max_steps)
+        dtype = self._compute_dtype()
+        self.scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 and self.plan.mode != "fsdp" else None
+        if self.resume_from:
+            self._load_training_state(self.resume_from)
+
+    def _autocast(self):
+        import torch
+
+        dtype = self._compute_dtype()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.runtime.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ loop
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.runtime.device
+        return {k: (v.to(dev, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+    def train(self) -> TrainState:
+        """Train to the last step, then save the final model and state (rank 0)."""
+        import torch
+
+        from lmf.dist.runtime import all_reduce_sum
+        from lmf.train.parallel import gradient_sync
+        from lmf.train.reporting import ProgressBar, Reporter
+
+        self._setup()
+        args, st = self.args, self.state
+        ga = args.gradient_accumulation_steps
+        reporter = Reporter(self.cfg, self.runtime.is_main)
+        bar = ProgressBar(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
+        self._log_start()
+        save_every = self._save_steps()
+        window_losses: list[float] = []
+        window_start, window_tokens = time.perf_counter(), 0
+        self.wrapped.train()
+        try:
+            while st.global_step < st.max_steps:
+                step_start = time.perf_counter()
+                epoch_at_start = self.stream.epoch
+                acc = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)  # loss_sum, items, input tokens
+                metric_sums: dict[str, float] = {}
+                for micro in range(ga):
+                    batch = self._to_device(next(self.stream))
+                    with gradient_sync(self.wrapped, self.plan, enabled=micro == ga - 1), self._autocast():
+                        loss_sum, num_items, metrics = self.wrapped(batch)
+                    (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
+                    acc[0] += loss_sum.detach().double()
+                    acc[1] += num_items.detach().double() if hasattr(num_items, "detach") else float(num_items)
+                    mask = batch.get("attention_mask")
+                    acc[2] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
+                    for k, v in metrics.items():
+                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                stats = torch.cat([acc, torch.tensor([metric_sums[k] for k in sorted(metric_sums)], dtype=torch.float64,
+                                                     device=acc.device)])
+                all_reduce_sum(stats)
+                loss_total, items, tokens = stats[0].item(), stats[1].item(), stats[2].item()
+                grad_norm = self._optimizer_step(items)
+                st.global_step += 1
+                st.tokens_seen += int(tokens)
+                st.data_epoch, st.batch_in_epoch = self.stream.epoch, self.stream.batch_in_epoch
+                st.epoch = round(self.stream.epoch_float, 4)
+                step_loss = loss_total / max(items, 1.0)
+                window_losses.append(step_loss)
+                window_tokens += int(tokens)
+                lr = self.scheduler.get_last_lr()[0]
+                bar.update(step_loss, lr, tokens / max(time.perf_counter() - step_start, 1e-9))
+                n_div = ga * self.runtime.world_size
+                step_metrics = {k: stats[3 + i].item() / n_div for i, k in enumerate(sorted(metric_sums))}
+                is_last = st.global_step >= st.max_steps
+                if st.global_step % args.logging_steps == 0 or is_last or (args.logging_first_step and st.global_step == 1):
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    entry = {"step": st.global_step, "epoch": st.epoch, "loss": round(sum(window_losses) / len(window_losses), 6),
+                             "lr": lr, "grad_norm": round(grad_norm, 6), "tokens_per_second": round(window_tokens / elapsed, 1)}
+                    entry.update({k: round(v, 6) for k, v in step_metrics.items()})
+                    self._record(entry, reporter)
+                    window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+                if self.eval_dataset is not None and self._eval_due(is_last):
+                    self._record({"step": st.global_step, **self.evaluate()}, reporter)
+                epoch_ended = self.stream.epoch > epoch_at_start
+                if not is_last and self._save_due(save_every, epoch_ended):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        st.finished = True
+        if self.args.save_strategy != "no":
+            self.save_checkpoint()
+        self.save_final()
+        reporter.close()
+        return st
+
+    def _eval_due(self, is_last: bool) -> bool:
+        strategy = self.args.eval_strategy
+        if strategy == "no":
+            return is_last and self.args.do_eval
+        if strategy == "steps":
+            every = self.args.eval_steps or self.args.logging_steps
+            every = max(1, math.ceil(every * self.state.max_steps)) if 0 < every < 1 else max(1, int(every))
+            return self.state.global_step % every == 0 or is_last
+        return is_last or self.stream.batch_in_epoch == self.stream.batches_per_epoch
+
+    def _save_due(self, save_every: int, epoch_ended: bool) -> bool:
+        if self.args.save_strategy == "steps":
+            return self.state.global_step % save_every == 0
+        return self.args.save_strategy == "epoch" and epoch_ended
+
+    def _optimizer_step(self, items: float) -> float:
+        """Normalise grads to the mean over the window's items, clip, step; return the grad norm."""
+        import torch
+
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        factor = self.runtime.world_size / max(items, 1.0)  # DDP/FSDP average over ranks; undo, divide by all items
+        grads = [p.grad for p in self.trainable if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor)
+        grad_norm = 0.0
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.args.max_grad_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            grad_norm = float(norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        self.wrapped.eval()
+        try:
+            yield
+        finally:
+            self.wrapped.train()
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the eval set (sum of losses / sum of items across ranks)."""
+        import torch
+
+        from lmf.dist.runtime import all_reduce_sum
+        from lmf.train.batches import ResumableShardedSampler
+
+        sampler = ResumableShardedSampler(len(self.eval_dataset), self.runtime.world_size, self.runtime.rank, shuffle=False)
+        loader = torch.utils.data.DataLoader(self.eval_dataset, batch_size=self.args.per_device_eval_batch_size,
+                                             sampler=sampler, collate_fn=self.stage.collator)
+        acc = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        with self._eval_mode(), torch.no_grad():
+            for batch in loader:
+                with self._autocast():
+                    loss_sum, items, _ = self.wrapped(self._to_device(batch))
+                acc[0] += loss_sum.double()
+                acc[1] += items.double() if hasattr(items, "double") else float(items)
+        all_reduce_sum(acc)
+        return {"eval_loss": round(acc[0].item() / max(acc[1].item(), 1.0), 6)}
+
+    def _record(self, entry: dict, reporter) -> None:
+        self.state.log_history.append(entry)
+        if self.runtime.is_main:
+            reporter.log(entry, self.state.global_step)
+            logger.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+
+    def _log_start(self) -> None:
+        from lmf.model.adapter import count_parameters
+
+        a, st = self.args, self.state
+        trainable, total = count_parameters(self.model)
+        logger.info(
+            "training: %d examples, %d steps, micro-batch %d x accumulation %d x %d process(es) = %d per step, "
+            "%d trainable of %d params, parallel=%s%s",
+            len(self.train_dataset), st.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps,
+            self.runtime.world_size,
+            a.per_device_train_batch_size * a.gradient_accumulation_steps * self.runtime.world_size,
+            trainable, total, self.plan.mode,
+            f", resuming at step {st.global_step} from {self.resume_from}" if self.resume_from else "",
+        )
+
+    # ------------------------------------------------------------------ saving
+    def _full_state_dict(self, trainable_only: bool) -> dict:
+        """Full (unsharded, CPU) state dict of the HF model; a collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        sd = get_model_state_dict(self.loss_module, options=options)
+        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+
+    def _write_model(self, out_dir: str, final: bool) -> None:
+        """Adapter (LoRA) or full model + tokenizer into ``out_dir`` (collective; rank 0 writes)."""
+        sd = self._full_state_dict(trainable_only=self.is_lora)
+        if not self.runtime.is_main:
+            return
+        if self.is_lora:
+            self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+        else:
+            if final:
+                dtype = getattr(self.model.config, "dtype", None)
+                if dtype is not None and not isinstance(dtype, str):
+                    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+            self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out_dir)
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state."""
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from lmf.dist.runtime import barrier, is_dist
+
+        out, step = self.args.output_dir, self.state.global_step
+        final_dir = os.path.join(out, f"{ckpt.CHECKPOINT_PREFIX}{step}")
+        tmp = ckpt.make_temp_dir(out, f"checkpoint-{step}") if self.runtime.is_main else None
+        self._write_model(tmp, final=False)
+        rng = ckpt.capture_rng_state()
+        rngs = [None] * self.runtime.world_size if self.runtime.is_main else None
+        if is_dist():
+            dist.gather_object(rng, rngs, dst=0)
+        else:
+            rngs = [rng]
+        optim_sd = None
+        if not self.args.save_only_model:
+            optim_sd = get_optimizer_state_dict(self.loss_module, self.optimizer,
+                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.runtime.is_main:
+            if optim_sd is not None:
+                torch.save(optim_sd, os.path.join(tmp, ckpt.OPTIMIZER_NAME))
+                torch.save(self.scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
+                if self.scaler is not None:
+                    torch.save(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+                for rank, state in enumerate(rngs):
+                    torch.save(state, os.path.join(tmp, ckpt.rng_state_name(rank)))
+            ckpt.write_json(os.path.join(tmp, ckpt.STATE_NAME), asdict(self.state))
+            ckpt.commit_dir(tmp, final_dir)
+            ckpt.rotate_checkpoints(out, self.args.save_total_limit, keep=final_dir)
+            logger.info("saved %s", final_dir)
+        barrier()
+        return final_dir
+
+    def save_final(self) -> None:
+        """Final model/adapter, tokenizer, trainer_state.json (last) and the loss plot in output_dir."""
+        from lmf.dist.runtime import barrier
+
+        out = self.args.output_dir
+        tmp = ckpt.make_temp_dir(out, "final") if self.runtime.is_main else None
+        self._write_model(tmp, final=True)
+        if self.runtime.is_main:
+            if self.cfg.finetuning.plot_loss:
+                from lmf.train.reporting import plot_loss
+
+                plot_loss(self.state.log_history, tmp)
+            ckpt.write_json(os.path.join(tmp, ckpt.STATE_NAME), asdict(self.state))
+            ckpt.commit_files(tmp, out)
+            logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
+        barrier()
+
+    # ------------------------------------------------------------------ resume
+    def _load_model_weights(self, path: str) -> None:
+        """Trainable weights from a checkpoint into the unwrapped model (before DDP/FSDP wrapping)."""
+        from safetensors.torch import load_file
+
+        if self.is_lora:
+            from peft import set_peft_model_state_dict
+
+            file = os.path.join(path, "adapter_model.safetensors")
+            if not os.path.isfile(file):
+                raise LmfError(f"cannot resume: {path} holds no adapter_model.safetensors (was it a LoRA run?)")
+            result = set_peft_model_state_dict(self.model, load_file(file))
+            if getattr(result, "unexpected_keys", None):
+                raise LmfError(f"cannot resume from {path}: unexpected adapter weights {result.unexpected_keys[:3]}")
+            return
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise LmfError(f"cannot resume: {path} holds no model safetensors")
+        sd: dict = {}
+        for f in files:
+            sd.update(load_file(f))
+        own = self.model.state_dict()
+        sd = {k: v.to(own[k].dtype) for k, v in sd.items() if k in own}
+        self.model.load_state_dict(sd, strict=False)
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in sd]
+        if missing:
+            raise LmfError(f"cannot resume from {path}: it lacks trainable weights such as {missing[0]}")
+
+    def _load_training_state(self, path: str) -> None:
+        """Optimizer, scheduler, RNG and data position from a checkpoint (after wrapping)."""
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        saved = ckpt.read_json(os.path.join(path, ckpt.STATE_NAME))
+        if saved.get("max_steps") not in (None, self.state.max_steps):
+            logger.warning("resuming a run planned for %s steps with %d steps: the schedule differs",
+                           saved.get("max_steps"), self.state.max_steps)
+        optim_file = os.path.join(path, ckpt.OPTIMIZER_NAME)
+        if os.path.isfile(optim_file):
+            osd = torch.load(optim_file, map_location="cpu", weights_only=False)
+            set_optimizer_state_dict(self.loss_module, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+            self.scheduler.load_state_dict(torch.load(os.path.join(path, ckpt.SCHEDULER_NAME), weights_only=False))
+            scaler_file = os.path.join(path, "scaler.pt")
+            if self.scaler is not None and os.path.isfile(scaler_file):
+                self.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
+        else:
+            logger.warning("%s has no optimizer state (save_only_model): the optimizer restarts", path)
+            for _ in range(saved["global_step"]):
+                self.scheduler.step()
+        if saved.get("world_size", 1) != self.runtime.world_size:
+            logger.warning("resuming a %s-process run with %d processes: the data order differs from an uninterrupted run",
+                           saved.get("world_size"), self.runtime.world_size)
+        ckpt.load_rng_state(path, self.runtime.rank)
+        st = self.state
+        st.global_step, st.epoch = saved["global_step"], saved["epoch"]
+        st.tokens_seen, st.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
+        same_world = saved.get("world_size", 1) == self.runtime.world_size
+        st.data_epoch = saved.get("data_epoch", 0)
+        st.batch_in_epoch = saved.get("batch_in_epoch", 0) if same_world else 0
+        self.stream.epoch, self.stream.batch_in_epoch = st.data_epoch, st.batch_in_epoch
+        logger.info("resumed from %s at step %d (epoch %.2f)", path, st.global_step, st.epoch)

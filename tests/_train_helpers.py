@@ -1,0 +1,42 @@
+"""Helpers for the trainer tests: a small hand-made tokenized SFT dataset and a padding collator."""
+
+from __future__ import annotations
+
+import json
+import os
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IGNORE_INDEX = -100
+
+
+def tokenized_sft_rows(tokenizer, n: int = 24, max_len: int = 64) -> list[dict]:
+    """Prompt/response pairs from the bundled alpaca demo, tokenized; prompt tokens masked in labels."""
+    with open(os.path.join(REPO_ROOT, "examples", "data", "alpaca_en_demo.json"), encoding="utf-8") as fh:
+        records = json.load(fh)[:n]
+    rows = []
+    for r in records:
+        prompt = tokenizer(f"<|im_start|>user\n{r['instruction']} {r['input']}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+        answer = tokenizer(f"{r['output']}<|im_end|>\n")["input_ids"]
+        ids = (prompt + answer)[:max_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + answer)[:max_len]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return rows
+
+
+class PadCollator:
+    """Right-pads input_ids/attention_mask/labels to the longest row."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for r in rows:
+            pad = width - len(r["input_ids"])
+            out["input_ids"].append(r["input_ids"] + [self.pad_id] * pad)
+            out["attention_mask"].append(r["attention_mask"] + [0] * pad)
+            out["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
