@@ -1,0 +1,127 @@
+"""Preprocessing cache: a key over everything that changes the tokens, and atomic save/load.
+
+Key = hash of (cache format version, stage, template, tokenizer, the data arguments that matter,
+the dataset registry entries, and each data file's content). Files up to 256 MiB are hashed by
+content; larger ones by size + mtime (hashing them on every start would be slow).
+
+Location: ``preprocessing_cache_dir``, else ``$LMF_CACHE/datasets``, else ``~/.cache/lmf/datasets``.
+An entry is a folder ``<key>/`` with ``train/`` (and ``eval/``) saved by ``datasets`` plus
+``stats.json``; it is written in a temporary folder next to it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Optional
+
+CACHE_VERSION = "lmf-data-1"
+_CONTENT_HASH_LIMIT = 256 << 20
+
+
+def cache_root(data_args) -> str:
+    if data_args.preprocessing_cache_dir:
+        return data_args.preprocessing_cache_dir
+    if os.environ.get("LMF_CACHE"):
+        return os.path.join(os.environ["LMF_CACHE"], "datasets")
+    return os.path.join(os.path.expanduser("~"), ".cache", "lmf", "datasets")
+
+
+def file_fingerprint(path: str) -> str:
+    """Content hash (or size+mtime for very large files) of one data file."""
+    st = os.stat(path)
+    if st.st_size > _CONTENT_HASH_LIMIT:
+        return f"size={st.st_size},mtime={st.st_mtime_ns}"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary/merges, special tokens and chat template of ``tokenizer``."""
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
+        h.update(repr(getattr(tokenizer, attr, None)).encode())
+    h.update(repr(sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))).encode())
+    return h.hexdigest()
+
+
+_DATA_KEYS = ("cutoff_len", "train_on_prompt", "mask_history", "max_samples", "packing", "neat_packing",
+              "skip_bad_records")
+
+
+def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eval_attrs: list, seed: int) -> str:
+    """Stable key for one preprocessing result."""
+    payload: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "stage": stage,
+        "template": template.describe(),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "args": {k: getattr(data_args, k) for k in _DATA_KEYS},
+        "seed": seed,
+    }
+    for split, attrs in (("train", train_attrs), ("eval", eval_attrs)):
+        payload[split] = [
+            {"attr": {k: v for k, v in dataclasses.asdict(a).items() if k != "files"},
+             "files": [(os.path.basename(f), file_fingerprint(f)) for f in a.files]}
+            for a in attrs
+        ]
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "stats.json")) and os.path.isdir(os.path.join(path, "train"))
+
+
+def new_build_dir(target: str) -> str:
+    """A fresh temporary folder next to ``target``."""
+    parent = os.path.dirname(os.path.abspath(target)) or "."
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".tmp-{os.path.basename(target)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(path)
+    return path
+
+
+def publish(build_dir: str, target: str) -> None:
+    """Atomically move a finished ``build_dir`` to ``target`` (replacing an old entry)."""
+    old: Optional[str] = None
+    if os.path.exists(target):
+        old = f"{target}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(build_dir, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_entry(build_dir: str, train, eval_, stats: dict) -> None:
+    """Write datasets and stats into ``build_dir`` (stats last: it marks the entry complete)."""
+    train.save_to_disk(os.path.join(build_dir, "train"))
+    if eval_ is not None:
+        eval_.save_to_disk(os.path.join(build_dir, "eval"))
+    with open(os.path.join(build_dir, "stats.json"), "w", encoding="utf-8") as fh:
+        json.dump(stats, fh, indent=2, sort_keys=True)
+
+
+def load_entry(path: str) -> tuple[Any, Any, dict]:
+    """(train, eval or None, stats) from a cache entry or a ``tokenized_path`` folder (memory-mapped)."""
+    import datasets
+
+    train = datasets.load_from_disk(os.path.join(path, "train"))
+    eval_path = os.path.join(path, "eval")
+    eval_ = datasets.load_from_disk(eval_path) if os.path.isdir(eval_path) else None
+    with open(os.path.join(path, "stats.json"), encoding="utf-8") as fh:
+        stats = json.load(fh)
+    return train, eval_, stats

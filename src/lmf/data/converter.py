@@ -1,0 +1,209 @@
+"""Convert raw records (alpaca / sharegpt / openai layouts) into one normalized shape.
+
+Normalized record::
+
+    {"_prompt": [{"role": "user"|"assistant"|"observation"|"function", "content": str}, ...],
+     "_response": [{"role": "assistant"|"function", "content": str}, ...],  # 1 (sft) or 2: chosen, rejected
+     "_system": str, "_tools": str}
+
+:func:`convert_record` returns ``(normalized, None)`` or ``(None, problem)`` where the problem names
+the field; the caller adds the file and record index. Nothing is dropped here silently.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from lmf.data.registry import DatasetAttr
+
+USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
+PAIRWISE_STAGES = ("dpo", "rm")
+
+
+class RecordProblem(Exception):
+    """A malformed record; ``str()`` names the field."""
+
+
+def _text(value: Any, field: str, required: bool = True) -> str:
+    if value is None:
+        if required:
+            raise RecordProblem(f"field {field!r} is missing")
+        return ""
+    if isinstance(value, (dict, list)):
+        raise RecordProblem(f"field {field!r} must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _tools_text(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    text = str(value)
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordProblem(f"field 'tools' is not valid JSON: {exc.msg}") from exc
+    return text
+
+
+def _require_response(messages: list[dict], field: str) -> None:
+    for m in messages:
+        if m["role"] in (ASSISTANT, FUNCTION) and not m["content"].strip():
+            raise RecordProblem(f"field {field!r}: empty response")
+
+
+def _alpaca(record: dict, attr: DatasetAttr, stage: str) -> dict:
+    prompt: list[dict] = []
+    if attr.history and record.get(attr.history):
+        history = record[attr.history]
+        if not isinstance(history, list):
+            raise RecordProblem(f"field {attr.history!r} must be a list of [query, response] pairs")
+        for turn, pair in enumerate(history):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise RecordProblem(f"field {attr.history!r}[{turn}] must be a [query, response] pair")
+            prompt.append({"role": USER, "content": _text(pair[0], f"{attr.history}[{turn}][0]")})
+            prompt.append({"role": ASSISTANT, "content": _text(pair[1], f"{attr.history}[{turn}][1]")})
+    if attr.prompt not in record:
+        raise RecordProblem(f"field {attr.prompt!r} is missing")
+    query = [_text(record.get(attr.prompt), attr.prompt)]
+    if attr.query and record.get(attr.query):
+        query.append(_text(record[attr.query], attr.query))
+    query_text = "\n".join(q for q in query if q)
+    if not query_text.strip() and stage != "pt":
+        raise RecordProblem(f"field {attr.prompt!r} is empty")
+    prompt.append({"role": USER, "content": query_text})
+    response: list[dict] = []
+    if stage in PAIRWISE_STAGES:
+        chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
+        for key in (chosen_key, rejected_key):
+            if key not in record:
+                raise RecordProblem(f"field {key!r} is missing (preference data needs chosen and rejected)")
+        response = [{"role": ASSISTANT, "content": _text(record[chosen_key], chosen_key)},
+                    {"role": ASSISTANT, "content": _text(record[rejected_key], rejected_key)}]
+        _require_response(response[:1], chosen_key)
+        _require_response(response[1:], rejected_key)
+    elif stage != "pt":
+        if attr.response not in record or record[attr.response] is None:
+            raise RecordProblem(f"field {attr.response!r} is missing")
+        response = [{"role": ASSISTANT, "content": _text(record[attr.response], attr.response)}]
+        _require_response(response, attr.response)
+    _require_response(prompt, attr.history or "history")
+    system = _text(record.get(attr.system), attr.system, required=False) if attr.system else ""
+    tools = _tools_text(record.get(attr.tools)) if attr.tools else ""
+    return {"_prompt": prompt, "_response": response, "_system": system, "_tools": tools}
+
+
+def _openai_message(msg: dict, attr: DatasetAttr, field: str) -> tuple[str, str]:
+    """(tag, content) of an OpenAI-style message; assistant tool_calls become a function message."""
+    role = msg.get(attr.role_tag)
+    if role == attr.assistant_tag and msg.get("tool_calls"):
+        calls = []
+        for call in msg["tool_calls"]:
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or "name" not in fn:
+                raise RecordProblem(f"field {field!r}: tool_calls entries need a function name")
+            args = fn.get("arguments", {})
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except json.JSONDecodeError as exc:
+                    raise RecordProblem(f"field {field!r}: tool call arguments are not valid JSON: {exc.msg}") from exc
+            calls.append({"name": fn["name"], "arguments": args})
+        return attr.function_tag, json.dumps(calls if len(calls) > 1 else calls[0], ensure_ascii=False)
+    content = msg.get(attr.content_tag)
+    if isinstance(content, list):  # content parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return role, content
+
+
+def _messages(raw: Any, attr: DatasetAttr, field: str) -> tuple[list[dict], Optional[str]]:
+    """Sharegpt/openai message list -> (messages with canonical roles, system text or None)."""
+    if not isinstance(raw, list):
+        raise RecordProblem(f"field {field!r} must be a list of messages, got {type(raw).__name__}")
+    tag_to_role = {attr.user_tag: USER, attr.assistant_tag: ASSISTANT,
+                   attr.observation_tag: OBSERVATION, attr.function_tag: FUNCTION}
+    if attr.formatting == "openai":
+        tag_to_role.setdefault("function", FUNCTION)
+    system = None
+    out = []
+    for i, msg in enumerate(raw):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise RecordProblem(f"field {where!r} must be a message object")
+        if attr.formatting == "openai":
+            tag, content = _openai_message(msg, attr, where)
+        else:
+            tag, content = msg.get(attr.role_tag), msg.get(attr.content_tag)
+        if tag is None:
+            raise RecordProblem(f"field {where!r} has no {attr.role_tag!r}")
+        if i == 0 and tag == attr.system_tag:
+            system = _text(content, f"{where}.{attr.content_tag}", required=False)
+            continue
+        if tag not in tag_to_role:
+            raise RecordProblem(f"field {where}.{attr.role_tag} is {tag!r}; expected one of {sorted(tag_to_role)}")
+        out.append({"role": tag_to_role[tag], "content": _text(content, f"{where}.{attr.content_tag}")})
+    return out, system
+
+
+def _check_order(messages: list[dict], field: str, offset: int = 0) -> None:
+    for i, m in enumerate(messages):
+        expected = (USER, OBSERVATION) if (i + offset) % 2 == 0 else (ASSISTANT, FUNCTION)
+        if m["role"] not in expected:
+            raise RecordProblem(
+                f"field {field!r}: wrong role order at message {i}: {m['role']!r} where {'/'.join(expected)} "
+                "was expected (turns must alternate user, assistant)"
+            )
+
+
+def _sharegpt(record: dict, attr: DatasetAttr, stage: str) -> dict:
+    field = attr.messages
+    if field not in record:
+        raise RecordProblem(f"field {field!r} is missing")
+    messages, system = _messages(record[field], attr, field)
+    if attr.system and record.get(attr.system):
+        system = _text(record[attr.system], attr.system)
+    if not messages:
+        raise RecordProblem(f"field {field!r} has no messages")
+    _check_order(messages, field)
+    if stage in PAIRWISE_STAGES:
+        chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
+        if chosen_key in record and rejected_key in record:
+            if len(messages) % 2 != 1:
+                raise RecordProblem(f"field {field!r}: the prompt of preference data must end with a user turn")
+            response = []
+            for key in (chosen_key, rejected_key):
+                value = record[key]
+                if isinstance(value, dict):
+                    msgs, _ = _messages([value], attr, key)
+                    if msgs[0]["role"] not in (ASSISTANT, FUNCTION):
+                        raise RecordProblem(f"field {key!r}: role {msgs[0]['role']!r}; expected an assistant message")
+                    response.append(msgs[0])
+                else:
+                    response.append({"role": ASSISTANT, "content": _text(value, key)})
+                _require_response(response[-1:], key)
+            prompt = messages
+        else:
+            raise RecordProblem(f"field {chosen_key!r}/{rejected_key!r} is missing (preference data needs both)")
+    elif stage == "pt":
+        prompt, response = messages[:1], []
+    else:
+        if len(messages) % 2 != 0:
+            raise RecordProblem(f"field {field!r}: the conversation must end with an assistant turn")
+        prompt, response = messages[:-1], messages[-1:]
+        _require_response(messages, field)
+    tools = _tools_text(record.get(attr.tools)) if attr.tools else ""
+    return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": tools}
+
+
+def convert_record(record: Any, attr: DatasetAttr, stage: str) -> tuple[Optional[dict], Optional[str]]:
+    """(normalized record, None) or (None, problem naming the field)."""
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    try:
+        if attr.formatting == "alpaca":
+            return _alpaca(record, attr, stage), None
+        return _sharegpt(record, attr, stage), None
+    except RecordProblem as exc:
+        return None, str(exc)

@@ -1,0 +1,292 @@
+"""get_dataset: registry -> raw records -> normalized -> tokenized (-> packed) Arrow datasets, cached.
+
+Pipeline per split (train from ``dataset``, eval from ``eval_dataset``):
+
+1. resolve names in ``dataset_info.json`` (or file paths / a v1 YAML registry);
+2. read each file record by record, convert to the normalized shape; malformed records raise a
+   DataError naming file + record index + field, or with ``skip_bad_records`` are skipped, counted
+   and reported in a warning (never silently);
+3. ``max_samples`` / ``num_samples`` per dataset, datasets concatenated;
+4. tokenize with ``datasets.map`` (``preprocessing_num_workers`` processes);
+5. optional packing; statistics.
+
+The result is saved in the preprocessing cache and memory-mapped back; a second run with the same
+inputs loads it (unless ``overwrite_cache``). Local rank 0 builds first (``main_process_first``).
+``val_size`` splits the train set afterwards (seeded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lmf.data import cache as cache_mod
+from lmf.data.converter import convert_record
+from lmf.data.processor import IGNORE_INDEX, make_processor
+from lmf.data.readers import iter_records
+from lmf.data.registry import DatasetAttr, resolve_datasets
+from lmf.extras.errors import ConfigError, DataError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
+
+STAGES = ("pt", "sft", "dpo", "rm")
+PAIRWISE = ("dpo", "rm")
+MAX_REPORTED_PROBLEMS = 5
+
+
+@dataclass
+class DatasetModule:
+    """What the trainers consume: Arrow datasets with python-list columns, and preprocessing statistics."""
+
+    train_dataset: Any
+    eval_dataset: Optional[Any]
+    stats: dict = field(default_factory=dict)
+
+
+def _features(kind: str):
+    import datasets
+
+    ids = datasets.List(datasets.Value("int32"))
+    mask = datasets.List(datasets.Value("int8"))
+    if kind == "normalized":
+        msg = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+        return datasets.Features({"_prompt": msg, "_response": msg, "_system": datasets.Value("string"),
+                                  "_tools": datasets.Value("string")})
+    if kind == "pairwise":
+        cols = {}
+        for side in ("chosen", "rejected"):
+            cols.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": ids})
+        cols["_truncated"] = datasets.Value("bool")
+        return datasets.Features(cols)
+    return datasets.Features({"input_ids": ids, "attention_mask": mask, "labels": ids,
+                              "_truncated": datasets.Value("bool")})
+
+
+@dataclass
+class BadRecords:
+    """Malformed records seen while converting (file, record index, problem)."""
+
+    problems: list = field(default_factory=list)
+
+    def add(self, path: str, index: int, problem: str) -> None:
+        self.problems.append((path, index, problem))
+
+    def describe(self, limit: int = MAX_REPORTED_PROBLEMS) -> str:
+        lines = [f"{p}: record {i}: {msg}" for p, i, msg in self.problems[:limit]]
+        more = len(self.problems) - limit
+        return "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
+
+
+def check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"config key 'stage': {stage!r} has no data pipeline; choose one of: {', '.join(STAGES)}")
+
+
+def _check_attr_for_stage(attr: DatasetAttr, stage: str) -> None:
+    if stage in PAIRWISE and not attr.ranking:
+        raise DataError(f"dataset {attr.name!r} is not preference data (needs 'ranking: true' with chosen/rejected "
+                        f"columns in dataset_info.json) and cannot be used for stage {stage!r}")
+    if stage not in PAIRWISE and attr.ranking:
+        raise DataError(f"dataset {attr.name!r} is preference data (ranking: true); use it with stage dpo or rm, "
+                        f"not {stage!r}")
+
+
+def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, work_dir: str, seed: int):
+    """Normalized Arrow dataset of one registered dataset (records converted in this process)."""
+    import datasets
+
+    limit = data_args.max_samples if attr.num_samples is None else None
+
+    def generate():
+        seen = 0
+        for path in attr.files:
+            for index, record in iter_records(path):
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                if isinstance(record, DataError):
+                    bad.add(path, index, str(record).split(": ", 2)[-1])
+                    continue
+                normalized, problem = convert_record(record, attr, stage)
+                if problem is not None:
+                    bad.add(path, index, problem)
+                    continue
+                yield normalized
+
+    before = len(bad.problems)
+    try:
+        ds = datasets.Dataset.from_generator(generate, features=_features("normalized"),
+                                             cache_dir=os.path.join(work_dir, "raw", attr.name))
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, DataError):
+            raise cause from None
+        raise
+    if len(bad.problems) > before and not data_args.skip_bad_records:
+        raise DataError(f"dataset {attr.name!r}: {len(bad.problems) - before} malformed record(s): "
+                        f"{BadRecords(bad.problems[before:]).describe()}. Fix them or set skip_bad_records: true")
+    if attr.num_samples is not None and len(ds):
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        indexes = rng.permutation(len(ds))[: attr.num_samples]
+        if attr.num_samples > len(ds):
+            indexes = np.concatenate([indexes, rng.choice(len(ds), attr.num_samples - len(ds))])
+        ds = ds.select(indexes.tolist())
+        if data_args.max_samples:
+            ds = ds.select(range(min(data_args.max_samples, len(ds))))
+    return ds
+
+
+def _token_stats(ds, stage: str) -> dict[str, Any]:
+    """Counts and length statistics of a tokenized dataset (computed with Arrow, not Python loops)."""
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    prefix = "chosen_" if stage in PAIRWISE else ""
+    lengths = pc.list_value_length(table[f"{prefix}input_ids"])
+    labels = pc.list_flatten(table[f"{prefix}labels"])
+    n = len(ds)
+    stats = {
+        "samples": n,
+        "tokens": int(pc.sum(lengths).as_py() or 0),
+        "label_tokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
+        "min_length": int(pc.min(lengths).as_py() or 0) if n else 0,
+        "max_length": int(pc.max(lengths).as_py() or 0) if n else 0,
+        "mean_length": round(float(pc.mean(lengths).as_py() or 0), 1) if n else 0.0,
+    }
+    if stage in PAIRWISE:
+        rej = pc.list_value_length(table["rejected_input_ids"])
+        stats["rejected_tokens"] = int(pc.sum(rej).as_py() or 0)
+        stats["rejected_mean_length"] = round(float(pc.mean(rej).as_py() or 0), 1) if n else 0.0
+    if "_truncated" in table.column_names:
+        stats["truncated"] = int(pc.sum(table["_truncated"]).as_py() or 0)
+    return stats
+
+
+def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_args, work_dir: str,
+                seed: int) -> tuple[Any, dict[str, Any]]:
+    """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset."""
+    import datasets
+
+    bad = BadRecords()
+    parts, per_dataset = [], {}
+    for attr in attrs:
+        _check_attr_for_stage(attr, stage)
+        ds = convert_dataset(attr, stage, data_args, bad, work_dir, seed)
+        per_dataset[attr.name] = len(ds)
+        parts.append(ds)
+    if bad.problems:
+        logger.warning("skipped %d malformed record(s) (skip_bad_records: true): %s", len(bad.problems), bad.describe())
+    normalized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if len(normalized) == 0:
+        names = ", ".join(a.name for a in attrs)
+        raise DataError(f"dataset(s) {names}: no usable records" + (f" ({len(bad.problems)} skipped as malformed)"
+                                                                    if bad.problems else ""))
+    processor = make_processor(stage, tokenizer, template, data_args)
+    num_proc = data_args.preprocessing_num_workers
+    num_proc = min(num_proc, len(normalized)) if num_proc and num_proc > 1 else None
+    tokenized = normalized.map(
+        processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
+        remove_columns=normalized.column_names, features=_features("pairwise" if stage in PAIRWISE else "supervised"),
+        load_from_cache_file=False, desc="Tokenizing",
+    )
+    stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems),
+                             "skipped_examples": [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]}
+    stats.update(_token_stats(tokenized, stage))
+    tokenized = tokenized.remove_columns(["_truncated"])
+    if data_args.packing and stage not in PAIRWISE:
+        from lmf.data.packing import pack_dataset
+
+        tokenized, pack_stats = pack_dataset(tokenized, data_args.cutoff_len, cache_dir=os.path.join(work_dir, "packed"))
+        stats["packing"] = pack_stats
+    return tokenized, stats
+
+
+def _load_or_build(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
+    d = cfg.data
+    seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
+    if d.tokenized_path and cache_mod.is_complete(d.tokenized_path):
+        logger.info("loading tokenized dataset from tokenized_path %s", d.tokenized_path)
+        train, eval_, stats = cache_mod.load_entry(d.tokenized_path)
+        return train, eval_, dict(stats, cache="tokenized_path")
+    train_attrs = resolve_datasets(d.dataset, d.dataset_dir, key="dataset")
+    eval_attrs = resolve_datasets(d.eval_dataset, d.dataset_dir, key="eval_dataset")
+    if not train_attrs:
+        raise ConfigError("config key 'dataset' is required (comma-separated names from dataset_info.json)")
+    key = cache_mod.cache_key(stage, template, tokenizer, d, train_attrs, eval_attrs, seed)
+    entry = os.path.join(cache_mod.cache_root(d), key)
+    if cache_mod.is_complete(entry) and not d.overwrite_cache:
+        logger.info("reusing preprocessed dataset from cache %s", entry)
+        train, eval_, stats = cache_mod.load_entry(entry)
+        stats = dict(stats, cache="hit", cache_path=entry)
+    else:
+        build_dir = cache_mod.new_build_dir(entry)
+        work_dir = os.path.join(build_dir, "_work")
+        try:
+            train, train_stats = build_split(train_attrs, stage, tokenizer, template, d, work_dir, seed)
+            eval_, eval_stats = (None, None)
+            if eval_attrs:
+                eval_, eval_stats = build_split(eval_attrs, stage, tokenizer, template, d, work_dir, seed)
+            stats = {"stage": stage, "template": template.name, "cutoff_len": d.cutoff_len,
+                     "train": train_stats, "eval": eval_stats}
+            cache_mod.save_entry(build_dir, train, eval_, stats)
+            del train, eval_
+            shutil.rmtree(work_dir, ignore_errors=True)
+            cache_mod.publish(build_dir, entry)
+        finally:
+            if os.path.isdir(build_dir):
+                shutil.rmtree(build_dir, ignore_errors=True)
+        train, eval_, stats = cache_mod.load_entry(entry)
+        stats = dict(stats, cache="built", cache_path=entry)
+    if d.tokenized_path:
+        build_dir = cache_mod.new_build_dir(d.tokenized_path)
+        try:
+            cache_mod.save_entry(build_dir, train, eval_, {k: v for k, v in stats.items() if k != "cache"})
+            cache_mod.publish(build_dir, d.tokenized_path)
+        finally:
+            if os.path.isdir(build_dir):
+                shutil.rmtree(build_dir, ignore_errors=True)
+        logger.info("tokenized dataset saved to tokenized_path %s", d.tokenized_path)
+    return train, eval_, stats
+
+
+def split_validation(train, val_size: float, seed: int):
+    """(train, eval) with ``val_size`` (fraction < 1 or absolute count) of ``train`` held out, seeded."""
+    size = int(val_size) if val_size >= 1 else val_size
+    if isinstance(size, int) and size >= len(train):
+        raise ConfigError(f"config key 'val_size': {val_size} leaves no training samples (dataset has {len(train)})")
+    if len(train) < 2:
+        raise ConfigError(f"config key 'val_size': the dataset has {len(train)} sample(s); cannot split")
+    import numpy as np
+
+    n_eval = size if isinstance(size, int) else max(1, int(round(len(train) * size)))
+    if n_eval >= len(train):
+        raise ConfigError(f"config key 'val_size': {val_size} leaves no training samples (dataset has {len(train)})")
+    order = np.random.default_rng(seed).permutation(len(train))
+    eval_idx, train_idx = sorted(order[:n_eval].tolist()), order[n_eval:].tolist()
+    return train.select(train_idx, keep_in_memory=True), train.select(eval_idx, keep_in_memory=True)
+
+
+def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
+    """Tokenized train (and eval) datasets for ``stage`` (pt, sft, dpo, rm); see the module docstring."""
+    from lmf.dist.runtime import main_process_first
+
+    check_stage(stage)
+    with main_process_first(local=True):
+        train, eval_, stats = _load_or_build(cfg, tokenizer, template, stage)
+    d = cfg.data
+    seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
+    if d.val_size and eval_ is None:
+        train, eval_ = split_validation(train, d.val_size, seed)
+        stats = dict(stats, val_size=d.val_size)
+    stats = dict(stats, train_samples=len(train), eval_samples=len(eval_) if eval_ is not None else 0)
+    tr = stats.get("train") or {}
+    logger.info("dataset ready (%s): %d train / %d eval samples, %d tokens (%d labelled), %d skipped, %d truncated%s",
+                stats.get("cache"), stats["train_samples"], stats["eval_samples"], tr.get("tokens", 0),
+                tr.get("label_tokens", 0), tr.get("skipped_records", 0), tr.get("truncated", 0),
+                f", packing waste {tr['packing']['padding_waste_packed']:.1%}" if tr.get("packing") else "")
+    return DatasetModule(train_dataset=train, eval_dataset=eval_, stats=stats)

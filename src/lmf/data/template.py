@@ -1,0 +1,654 @@
+"""Chat templates: turn a conversation into token ids, split into (prompt, response) pairs.
+
+A template is a set of *slots* per role. A slot is a tuple of pieces: plain strings (``{{content}}``
+is replaced by the message text) or the markers :data:`BOS` / :data:`EOS` (the tokenizer's bos/eos
+token, skipped when the tokenizer has none). Each message is rendered and tokenized on its own, so
+the boundary between prompt and response never falls inside a token.
+
+Named templates follow LLaMA-Factory's ``src/llamafactory/data/template.py`` (same slot strings,
+default systems, stop words). ``template: auto`` derives the slots from the tokenizer's own jinja
+``chat_template``.
+
+Verified against the reference (slot strings read from LLaMA-Factory's template.py and the rendered
+text compared in tests/test_template.py): default, alpaca, chatml, qwen, qwen3, qwen3_nothink,
+llama2, llama3, mistral, gemma, empty, vicuna, zephyr, phi, yi.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
+
+from lmf.extras.errors import ConfigError, DataError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+class _Marker:
+    """A special token resolved at encode time (``bos_token`` / ``eos_token``)."""
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def __repr__(self) -> str:
+        return f"<{self.attr}>"
+
+
+BOS = _Marker("bos_token")
+EOS = _Marker("eos_token")
+
+Piece = Union[str, _Marker]
+Slots = tuple  # tuple[Piece, ...]
+
+USER, ASSISTANT, OBSERVATION, FUNCTION, SYSTEM = "user", "assistant", "observation", "function", "system"
+#: Role spellings accepted on input -> canonical role.
+ROLE_ALIASES = {
+    "user": USER, "human": USER,
+    "assistant": ASSISTANT, "gpt": ASSISTANT, "model": ASSISTANT,
+    "observation": OBSERVATION, "tool": OBSERVATION, "ipython": OBSERVATION,
+    "function": FUNCTION, "function_call": FUNCTION,
+    "system": SYSTEM,
+}
+
+
+@dataclass(frozen=True)
+class Template:
+    """One chat format. Build instances with :func:`get_template`; registry entries are never mutated."""
+
+    name: str
+    user: Slots
+    assistant: Slots
+    system: Slots
+    observation: Optional[Slots] = None  # default: the user slots
+    function: Optional[Slots] = None  # default: the assistant slots
+    prefix: Slots = ()
+    default_system: str = ""
+    stop_words: tuple = ()
+    replace_eos: bool = False
+    efficient_eos: bool = False
+    system_in_user: bool = False  # llama2-style: the system text is prepended to the first user message
+    replace_jinja_template: bool = False
+    tool_format: str = "default"
+    reasoning: bool = False  # qwen3-style thought block handling
+    thought_words: tuple = ("<think>\n", "\n</think>\n\n")
+    enable_thinking: Optional[bool] = True
+    jinja: Optional[str] = field(default=None, compare=False)  # tokenizer's own template (``auto``)
+
+    # ------------------------------------------------------------------ rendering
+    def _slots_for(self, role: str) -> Slots:
+        if role == USER:
+            return self.user
+        if role == ASSISTANT:
+            return self.assistant
+        if role == OBSERVATION:
+            return self.observation if self.observation is not None else self.user
+        if role == FUNCTION:
+            return self.function if self.function is not None else self.assistant
+        raise DataError(f"template {self.name!r}: unexpected role {role!r}")
+
+    @staticmethod
+    def _fill(slots: Slots, content: str) -> list[Piece]:
+        return [p.replace("{{content}}", content) if isinstance(p, str) else p for p in slots]
+
+    def _system_text(self, system: Optional[str], tools: Optional[str]) -> str:
+        system = self.default_system if system is None else system
+        tool_text = format_tools(tools, self.tool_format) if tools else ""
+        return (system or "") + tool_text
+
+    def _message_pieces(self, messages: list[dict], system: Optional[str], tools: Optional[str]) -> list[list[Piece]]:
+        """Pieces per message: turn 0 carries prefix + system."""
+        system_text = self._system_text(system, tools)
+        out: list[list[Piece]] = []
+        for i, message in enumerate(messages):
+            role, content = message["role"], message["content"]
+            pieces: list[Piece] = []
+            if i == 0:
+                pieces += list(self.prefix)
+                if system_text and not self.system_in_user:
+                    pieces += self._fill(self.system, system_text)
+                elif system_text:
+                    content = "".join(p for p in self._fill(self.system, system_text) if isinstance(p, str)) + content
+            if role == FUNCTION:
+                content = format_function_call(content, self.tool_format)
+            pieces += self._fill(self._slots_for(role), content)
+            out.append(pieces)
+        return out
+
+    def _pieces_to_ids(self, tokenizer, pieces: list[Piece]) -> list[int]:
+        ids: list[int] = []
+        for piece in pieces:
+            if isinstance(piece, _Marker):
+                token_id = getattr(tokenizer, piece.attr + "_id", None)
+                if token_id is not None:
+                    ids.append(token_id)
+            elif piece:
+                ids += tokenizer.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _pieces_to_text(self, tokenizer, pieces: list[Piece]) -> str:
+        out = []
+        for piece in pieces:
+            if isinstance(piece, _Marker):
+                token = getattr(tokenizer, piece.attr, None) if tokenizer is not None else f"<{piece.attr}>"
+                if token is not None and (tokenizer is None or getattr(tokenizer, piece.attr + "_id", None) is not None):
+                    out.append(str(token))
+            else:
+                out.append(piece)
+        return "".join(out)
+
+    # ------------------------------------------------------------------ encoding
+    def _prepare(self, messages: list[dict], system: Optional[str]) -> tuple[list[dict], Optional[str]]:
+        """Canonical roles; a leading system message becomes ``system`` (unless given)."""
+        normalized = [{"role": canonical_role(m["role"]), "content": _as_text(m.get("content"))} for m in messages]
+        if normalized and normalized[0]["role"] == SYSTEM:
+            if system is None:
+                system = normalized[0]["content"]
+            normalized = normalized[1:]
+        for i, m in enumerate(normalized):
+            expected = (USER, OBSERVATION) if i % 2 == 0 else (ASSISTANT, FUNCTION)
+            if m["role"] not in expected:
+                raise DataError(
+                    f"template {self.name!r}: message {i} has role {m['role']!r}; "
+                    f"expected {' or '.join(expected)} (turns must alternate user/assistant)"
+                )
+        return normalized, system
+
+    def encode_messages(self, tokenizer, messages: list[dict], system: Optional[str] = None,
+                        tools: Optional[str] = None) -> list[list[int]]:
+        """Token ids of each message (turn 0 includes prefix and system)."""
+        messages, system = self._prepare(messages, system)
+        return [self._pieces_to_ids(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
+
+    def render_messages(self, messages: list[dict], system: Optional[str] = None, tools: Optional[str] = None,
+                        tokenizer=None) -> list[str]:
+        """Text of each message as the template renders it (for inspection and tests)."""
+        messages, system = self._prepare(messages, system)
+        return [self._pieces_to_text(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
+
+    def _thought_ids(self, tokenizer) -> list[int]:
+        return tokenizer.encode(self.thought_words[0] + self.thought_words[1], add_special_tokens=False)
+
+    def _has_thought(self, text: str) -> bool:
+        return self.thought_words[0].strip() in text or self.thought_words[1].strip() in text
+
+    def remove_thought(self, text: str) -> str:
+        """Drop a ``<think>...</think>`` block from an assistant message."""
+        pattern = re.compile(f"{re.escape(self.thought_words[0])}(.*?){re.escape(self.thought_words[1])}", re.DOTALL)
+        return re.sub(pattern, "", text).lstrip("\n")
+
+    def encode_multiturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
+                         tools: Optional[str] = None) -> list[tuple[list[int], list[int]]]:
+        """(prompt_ids, response_ids) per assistant turn; concatenated they give the full sequence."""
+        messages, system = self._prepare(messages, system)
+        if len(messages) % 2 != 0:
+            raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
+        if self.reasoning and self.enable_thinking is False:
+            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m for i, m in enumerate(messages)]
+        encoded = [self._pieces_to_ids(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
+        pairs = []
+        for i in range(0, len(encoded), 2):
+            prompt_ids, response_ids = encoded[i], encoded[i + 1]
+            if self.reasoning and not self._has_thought(messages[i + 1]["content"]):
+                if self.enable_thinking:
+                    response_ids = self._thought_ids(tokenizer) + response_ids  # learned: empty thought
+                else:
+                    prompt_ids = prompt_ids + self._thought_ids(tokenizer)  # given: not learned
+            pairs.append((prompt_ids, response_ids))
+        return pairs
+
+    def encode_oneturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
+                       tools: Optional[str] = None) -> tuple[list[int], list[int]]:
+        """(prompt_ids, response_ids) where the response is the last assistant message; history is prompt."""
+        messages, system = self._prepare(messages, system)
+        if self.reasoning:
+            # history keeps no thoughts (as the chat template renders it); the last answer follows enable_thinking
+            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 and i < len(messages) - 1 else m
+                        for i, m in enumerate(messages)]
+            if self.enable_thinking is False:
+                messages[-1] = dict(messages[-1], content=self.remove_thought(messages[-1]["content"]))
+        if len(messages) % 2 != 0:
+            raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
+        encoded = [self._pieces_to_ids(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
+        prompt_ids = [t for ids in encoded[:-1] for t in ids]
+        response_ids = encoded[-1]
+        if self.reasoning and not self._has_thought(messages[-1]["content"]):
+            if self.enable_thinking:
+                response_ids = self._thought_ids(tokenizer) + response_ids
+            else:
+                prompt_ids = prompt_ids + self._thought_ids(tokenizer)
+        return prompt_ids, response_ids
+
+    def encode_prompt(self, tokenizer, messages: list[dict], system: Optional[str] = None,
+                      tools: Optional[str] = None) -> list[int]:
+        """Prompt ids for generation: ``messages`` ends with a user (or tool) turn; ends with the assistant prefix."""
+        prompt_ids, _ = self.encode_oneturn(tokenizer, list(messages) + [{"role": ASSISTANT, "content": ""}], system, tools)
+        return prompt_ids
+
+    # ------------------------------------------------------------------ tokenizer
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        """eos plus every stop word that is a single token of ``tokenizer``."""
+        ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        for word in self.stop_words:
+            token_id = _single_token_id(tokenizer, word)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+        return ids
+
+    def fix_tokenizer(self, tokenizer) -> None:
+        """Make ``tokenizer`` consistent with the template (idempotent).
+
+        - ``replace_eos`` templates: eos becomes the first stop word when it is a token of the vocabulary
+          (no new tokens are ever added here: that would need resized embeddings);
+        - a missing eos becomes ``<|endoftext|>`` when that token exists; a missing pad becomes eos;
+        - a jinja ``chat_template`` equivalent to this template is installed when the tokenizer has none
+          (or the template always replaces it, as LLaMA-Factory does), so exported models and vLLM
+          render the same prompt as :meth:`encode_prompt`.
+        """
+        if self.replace_eos and self.stop_words:
+            word = self.stop_words[0]
+            if tokenizer.eos_token != word:
+                if _single_token_id(tokenizer, word) is not None:
+                    tokenizer.eos_token = word
+                    logger.info("template %s: eos token set to %s", self.name, word)
+                else:
+                    logger.warning("template %s: stop word %r is not a token of this tokenizer; keeping eos %r",
+                                   self.name, word, tokenizer.eos_token)
+        if tokenizer.eos_token_id is None and _single_token_id(tokenizer, "<|endoftext|>") is not None:
+            tokenizer.eos_token = "<|endoftext|>"
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if self.jinja is None and (getattr(tokenizer, "chat_template", None) is None or self.replace_jinja_template):
+            tokenizer.chat_template = self.jinja_template(tokenizer)
+
+    def jinja_template(self, tokenizer) -> str:
+        """A jinja chat template that renders like this template (user/assistant/tool roles, system, tools)."""
+        if self.jinja is not None:
+            return self.jinja
+
+        def expr(slots: Slots, var: str) -> str:
+            parts = []
+            for piece in slots:
+                if isinstance(piece, _Marker):
+                    if getattr(tokenizer, piece.attr + "_id", None) is not None:
+                        parts.append(_jinja_str(getattr(tokenizer, piece.attr)))
+                    continue
+                chunks = piece.split("{{content}}")
+                for k, chunk in enumerate(chunks):
+                    if k:
+                        parts.append(var)
+                    if chunk:
+                        parts.append(_jinja_str(chunk))
+            return " + ".join(parts) if parts else "''"
+
+        system_expr = expr(self.system, "system_message")
+        out = []
+        if self.prefix:
+            out.append("{{ " + expr(self.prefix, "''") + " }}")
+        out.append("{% set system_message = " + _jinja_str(self.default_system) + " %}")
+        out.append(
+            "{% if messages and messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+            "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+        )
+        if not self.system_in_user:
+            out.append("{% if system_message %}{{ " + system_expr + " }}{% endif %}")
+        out.append("{% for message in loop_messages %}")
+        if self.system_in_user:
+            out.append("{% if loop.first and system_message %}{% set content = " + system_expr
+                       + " + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}")
+        else:
+            out.append("{% set content = message['content'] %}")
+        out.append("{% if message['role'] == 'user' %}{{ " + expr(self.user, "content") + " }}")
+        out.append("{% elif message['role'] == 'assistant' %}{{ " + expr(self.assistant, "content") + " }}")
+        out.append("{% elif message['role'] in ('tool', 'observation') %}{{ "
+                   + expr(self.observation if self.observation is not None else self.user, "content") + " }}")
+        out.append("{% endif %}{% endfor %}")
+        if self.reasoning and self.enable_thinking is False:
+            out.append("{% if add_generation_prompt and loop_messages and loop_messages[-1]['role'] != 'assistant' %}{{ "
+                       + _jinja_str(self.thought_words[0] + self.thought_words[1]) + " }}{% endif %}")
+        return "".join(out)
+
+    def describe(self) -> str:
+        """Stable text identifying everything that changes the rendered tokens (used in cache keys)."""
+        fields_ = {k: repr(v) for k, v in sorted(self.__dict__.items())}
+        return json.dumps(fields_, sort_keys=True)
+
+
+def _jinja_str(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _as_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return str(content)
+
+
+def canonical_role(role: Any) -> str:
+    """Map a role spelling (human/gpt/tool/...) to user/assistant/observation/function/system."""
+    key = str(role).strip().lower()
+    if key not in ROLE_ALIASES:
+        raise DataError(f"unknown message role {role!r}; expected one of: user, assistant, system, tool, function")
+    return ROLE_ALIASES[key]
+
+
+def _single_token_id(tokenizer, token: str) -> Optional[int]:
+    """Id of ``token`` when it is one token of the vocabulary, else None."""
+    vocab_id = tokenizer.convert_tokens_to_ids(token)
+    if vocab_id is None or (tokenizer.unk_token_id is not None and vocab_id == tokenizer.unk_token_id
+                            and token != tokenizer.unk_token):
+        return None
+    return vocab_id
+
+
+# ---------------------------------------------------------------------- tools
+DEFAULT_TOOL_PROMPT = (
+    "You have access to the following tools:\n{tool_text}"
+    "Use the following format if using a tool:\n"
+    "```\n"
+    "Action: tool name (one of [{tool_names}])\n"
+    "Action Input: the input to the tool, in a JSON format representing the kwargs "
+    '(e.g. ```{{"input": "hello world", "num_beams": 5}}```)\n'
+    "```\n"
+)
+QWEN_TOOL_PROMPT = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>{tool_text}"
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, '
+    '"arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def _load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{what} is not valid JSON: {exc}") from exc
+
+
+def format_tools(tools: str, tool_format: str) -> str:
+    """System-prompt text describing ``tools`` (a JSON list of function schemas)."""
+    specs = _load_json(tools, "tools") if isinstance(tools, str) else tools
+    if isinstance(specs, dict):
+        specs = [specs]
+    if tool_format == "qwen":
+        text = "".join("\n" + json.dumps(s if s.get("type") == "function" else {"type": "function", "function": s},
+                                         ensure_ascii=False) for s in specs)
+        return QWEN_TOOL_PROMPT.format(tool_text=text)
+    tool_text, names = "", []
+    for spec in specs:
+        spec = spec.get("function", spec) if spec.get("type") == "function" else spec
+        params = spec.get("parameters", {}) or {}
+        required = set(params.get("required", []))
+        lines = []
+        for name, param in (params.get("properties", {}) or {}).items():
+            req = ", required" if name in required else ""
+            enum = f", should be one of [{', '.join(param['enum'])}]" if param.get("enum") else ""
+            items = f", where each item should be {param['items'].get('type', '')}" if param.get("items") else ""
+            lines.append(f"  - {name} ({param.get('type', '')}{req}): {param.get('description', '')}{enum}{items}\n")
+        tool_text += f"> Tool Name: {spec['name']}\nTool Description: {spec.get('description', '')}\n" \
+                     f"Tool Args:\n{''.join(lines)}\n"
+        names.append(spec["name"])
+    return DEFAULT_TOOL_PROMPT.format(tool_text=tool_text, tool_names=", ".join(names))
+
+
+def format_function_call(content: str, tool_format: str) -> str:
+    """Assistant text of a tool call (``content`` is JSON: one call or a list of {name, arguments})."""
+    try:
+        calls = json.loads(content)
+    except json.JSONDecodeError:
+        return content  # already plain text
+    calls = calls if isinstance(calls, list) else [calls]
+    if not all(isinstance(c, dict) and "name" in c for c in calls):
+        return content
+    if tool_format == "qwen":
+        return "\n".join(
+            "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c.get("arguments", {})}, ensure_ascii=False)
+            + "\n</tool_call>" for c in calls
+        )
+    return "".join(
+        f"Action: {c['name']}\nAction Input: {json.dumps(c.get('arguments', {}), ensure_ascii=False)}\n" for c in calls
+    )
+
+
+# ---------------------------------------------------------------------- registry
+TEMPLATES: dict[str, Template] = {}
+
+
+def register_template(template: Template) -> Template:
+    """Add ``template`` to the registry under its name."""
+    if template.name in TEMPLATES:
+        raise ValueError(f"template {template.name!r} is already registered")
+    TEMPLATES[template.name] = template
+    return template
+
+
+_CHATML_USER = ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",)
+_CHATML_ASSISTANT = ("{{content}}<|im_end|>\n",)
+_CHATML_SYSTEM = ("<|im_start|>system\n{{content}}<|im_end|>\n",)
+_QWEN_OBSERVATION = ("<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",)
+
+register_template(Template(name="empty", user=("{{content}}",), assistant=("{{content}}",), system=("{{content}}",)))
+register_template(Template(
+    name="default",
+    user=("Human: {{content}}", EOS, "\nAssistant:"),
+    assistant=("{{content}}", EOS, "\n"),
+    system=("System: {{content}}", EOS, "\n"),
+    replace_jinja_template=True,
+))
+register_template(Template(
+    name="alpaca",
+    user=("### Instruction:\n{{content}}\n\n### Response:\n",),
+    assistant=("{{content}}", EOS, "\n\n"),
+    system=("{{content}}",),
+    default_system="Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+    replace_jinja_template=True,
+))
+register_template(Template(
+    name="vicuna",
+    user=("USER: {{content}} ASSISTANT:",),
+    assistant=("{{content}}", EOS),
+    system=("{{content}}",),
+    default_system="A chat between a curious user and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    replace_jinja_template=True,
+))
+register_template(Template(
+    name="chatml",
+    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
+    observation=("<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",),
+    stop_words=("<|im_end|>", "<|im_start|>"),
+    replace_eos=True, replace_jinja_template=True,
+))
+register_template(Template(
+    name="yi", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, stop_words=("<|im_end|>",),
+))
+register_template(Template(
+    name="qwen",
+    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, observation=_QWEN_OBSERVATION,
+    function=("{{content}}<|im_end|>\n",),
+    default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    stop_words=("<|im_end|>",), replace_eos=True, tool_format="qwen",
+))
+register_template(Template(
+    name="qwen3",
+    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, observation=_QWEN_OBSERVATION,
+    function=("{{content}}<|im_end|>\n",),
+    stop_words=("<|im_end|>",), replace_eos=True, tool_format="qwen", reasoning=True,
+))
+register_template(Template(
+    name="qwen3_nothink",
+    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, observation=_QWEN_OBSERVATION,
+    function=("{{content}}<|im_end|>\n",),
+    stop_words=("<|im_end|>",), replace_eos=True, tool_format="qwen",
+))
+register_template(Template(
+    name="llama2",
+    user=(BOS, "[INST] {{content}} [/INST]"),
+    assistant=("{{content}}", EOS),
+    system=("<<SYS>>\n{{content}}\n<</SYS>>\n\n",),
+    system_in_user=True,
+))
+register_template(Template(
+    name="llama3",
+    user=("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
+          "<|start_header_id|>assistant<|end_header_id|>\n\n",),
+    assistant=("{{content}}<|eot_id|>",),
+    system=("<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",),
+    observation=("<|start_header_id|>ipython<|end_header_id|>\n\n{{content}}<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n",),
+    prefix=(BOS,),
+    stop_words=("<|eot_id|>", "<|eom_id|>"),
+    replace_eos=True,
+))
+register_template(Template(
+    name="mistral",
+    user=("[INST] {{content}}[/INST]",),
+    assistant=(" {{content}}", EOS),
+    system=("{{content}}\n\n",),
+    observation=('[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]',),
+    function=("[TOOL_CALLS] {{content}}", EOS),
+    prefix=(BOS,),
+    system_in_user=True,
+))
+register_template(Template(
+    name="gemma",
+    user=("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+    assistant=("{{content}}<end_of_turn>\n",),
+    system=("{{content}}\n\n",),
+    observation=("<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
+    prefix=(BOS,),
+    stop_words=("<end_of_turn>",),
+    replace_eos=True,
+    system_in_user=True,
+))
+register_template(Template(
+    name="phi",
+    user=("<|user|>\n{{content}}<|end|>\n<|assistant|>\n",),
+    assistant=("{{content}}<|end|>\n",),
+    system=("<|system|>\n{{content}}<|end|>\n",),
+    stop_words=("<|end|>",),
+    replace_eos=True,
+))
+register_template(Template(
+    name="zephyr",
+    user=("<|user|>\n{{content}}", EOS, "<|assistant|>\n"),
+    assistant=("{{content}}", EOS),
+    system=("<|system|>\n{{content}}", EOS),
+    default_system="You are Zephyr, a helpful assistant.",
+))
+
+
+# ---------------------------------------------------------------------- auto (tokenizer's own template)
+def _render(tokenizer, messages: list[dict], generation: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def parse_chat_template(tokenizer) -> Template:
+    """Derive user/assistant/system slots from the tokenizer's jinja ``chat_template``.
+
+    Renders probe conversations with a placeholder and takes the differences, as LLaMA-Factory's
+    ``parse_template`` does. Works for the usual ChatML/Llama-style templates; a template whose
+    rendering is not prefix-consistent raises DataError naming the key ``template``.
+    """
+    marker = "{{content}}"
+    try:
+        system_only = _render(tokenizer, [{"role": "system", "content": marker}], False)
+        user_gen = _render(tokenizer, [{"role": "user", "content": marker}], True)
+        user_gen_empty_sys = _render(tokenizer, [{"role": "system", "content": ""}, {"role": "user", "content": marker}], True)
+        user_asst = _render(tokenizer, [{"role": "user", "content": marker}, {"role": "assistant", "content": marker}], False)
+    except Exception as exc:  # jinja errors come in many types
+        raise DataError(f"config key 'template': auto could not render the tokenizer's chat_template: {exc}") from exc
+    prefix = ""
+    bos = getattr(tokenizer, "bos_token", None)
+    if bos and system_only.startswith(bos) and user_gen.startswith(bos):
+        prefix = bos
+    system_slot = system_only[len(prefix):]
+    if not user_asst.startswith(user_gen):
+        raise DataError("config key 'template': auto cannot split the tokenizer's chat_template into turns; "
+                        f"choose a named template ({', '.join(sorted(TEMPLATES))})")
+    assistant_slot = user_asst[len(user_gen):]
+    reasoning = "<think>" in assistant_slot
+    assistant_slot = assistant_slot.replace("<think>", "").replace("</think>", "").lstrip("\n")
+    user_slot = user_gen[len(prefix):]
+    default_system = ""
+    sys_part_empty = system_slot.replace(marker, "")
+    if user_gen_empty_sys[len(prefix):].startswith(sys_part_empty):
+        user_no_default = user_gen_empty_sys[len(prefix) + len(sys_part_empty):]
+        if len(user_slot) > len(user_no_default) and user_slot.endswith(user_no_default):
+            rendered_system = user_slot[: len(user_slot) - len(user_no_default)]
+            before, _, after = system_slot.partition(marker)
+            if rendered_system.startswith(before) and rendered_system.endswith(after):
+                default_system = rendered_system[len(before): len(rendered_system) - len(after)]
+                user_slot = user_no_default
+    prefix_slots: Slots = (BOS,) if prefix else ()
+    return Template(
+        name="auto",
+        user=(user_slot,),
+        assistant=(assistant_slot,),
+        system=(system_slot,),
+        prefix=prefix_slots,
+        default_system=default_system,
+        reasoning=reasoning,
+        jinja=tokenizer.chat_template,
+    )
+
+
+def get_template(name: Optional[str], tokenizer, *, default_system: Optional[str] = None,
+                 enable_thinking: Optional[bool] = True, tool_format: Optional[str] = None,
+                 fix_tokenizer: bool = True) -> Template:
+    """The template called ``name`` (or ``'auto'``), adjusted by the data arguments; fixes ``tokenizer``.
+
+    ``name`` None means ``auto`` when the tokenizer has a chat_template, otherwise a ConfigError naming
+    the key ``template``. An unknown name is a ConfigError listing the valid names.
+    """
+    if name is None:
+        if isinstance(getattr(tokenizer, "chat_template", None), str):
+            logger.info("config key 'template' not set: using the tokenizer's chat_template (template: auto)")
+            name = "auto"
+        else:
+            raise ConfigError("config key 'template' is required: the tokenizer has no chat_template "
+                              f"(choose one of: auto, {', '.join(sorted(TEMPLATES))})")
+    if name == "auto":
+        if not isinstance(getattr(tokenizer, "chat_template", None), str):
+            raise ConfigError("config key 'template': 'auto' needs a tokenizer with a chat_template; "
+                              f"choose one of: {', '.join(sorted(TEMPLATES))}")
+        template = parse_chat_template(tokenizer)
+    elif name in TEMPLATES:
+        template = TEMPLATES[name]
+    else:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"config key 'template': unknown template {name!r}{hint} "
+                          f"Valid: auto, {', '.join(sorted(TEMPLATES))}")
+    changes: dict[str, Any] = {}
+    if default_system is not None:
+        changes["default_system"] = default_system
+    if template.reasoning:
+        changes["enable_thinking"] = enable_thinking
+    if tool_format is not None:
+        changes["tool_format"] = tool_format
+    template = replace(template, **changes) if changes else template
+    if fix_tokenizer:
+        template.fix_tokenizer(tokenizer)
+    return template
+
+
+def template_from_args(data_args, tokenizer, fix_tokenizer: bool = True) -> Template:
+    """:func:`get_template` with the config's ``template``, ``default_system``, ``enable_thinking``."""
+    return get_template(data_args.template, tokenizer, default_system=data_args.default_system,
+                        enable_thinking=data_args.enable_thinking, fix_tokenizer=fix_tokenizer)
+
+
+def list_templates() -> list[str]:
+    """Names accepted by the ``template`` key."""
+    return ["auto"] + sorted(TEMPLATES)

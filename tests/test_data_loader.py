@@ -1,0 +1,122 @@
+"""get_dataset on LLaMA-Factory's demo data: columns, masks, mixing, val split, caching, collators."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lmf.config.parser import build_config
+from lmf.data.collator import PairwiseCollator, SFTCollator
+from lmf.data.loader import get_dataset
+from lmf.data.processor import IGNORE_INDEX
+from lmf.data.template import get_template
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from lmf.model.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def make_cfg(tmp_path, demo_data_dir, **kw):
+    raw = dict(model_name_or_path="unused", dataset_dir=demo_data_dir, template="qwen", cutoff_len=256,
+               preprocessing_cache_dir=str(tmp_path / "cache"))
+    raw.update(kw)
+    return build_config(raw)
+
+
+def _label_text(tok, row, prefix=""):
+    return tok.decode([t for t, l in zip(row[prefix + "input_ids"], row[prefix + "labels"]) if l != IGNORE_INDEX],
+                      skip_special_tokens=False)
+
+
+def test_sft_mixed_datasets(tmp_path, demo_data_dir, tokenizer):
+    cfg = make_cfg(tmp_path, demo_data_dir, dataset="identity,alpaca_en_demo", max_samples=20)
+    template = get_template("qwen", tokenizer)
+    module = get_dataset(cfg, tokenizer, template, "sft")
+    train = module.train_dataset
+    assert module.eval_dataset is None
+    assert len(train) == 40
+    assert module.stats["train"]["records"] == {"identity": 20, "alpaca_en_demo": 20}
+    assert set(train.column_names) == {"input_ids", "attention_mask", "labels"}
+    row = train[0]
+    assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"]) <= 256
+    with open(os.path.join(demo_data_dir, "identity.json"), encoding="utf-8") as fh:
+        first = json.load(fh)[0]
+    # placeholders are kept as-is; the response ends with the end-of-turn token
+    assert _label_text(tokenizer, row) == first["output"] + "<|im_end|>\n"
+    assert "{{name}}" in _label_text(tokenizer, row)
+    prompt = tokenizer.decode(row["input_ids"][: row["labels"].index(next(l for l in row["labels"] if l != IGNORE_INDEX))])
+    assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_dpo_sharegpt_preference(tmp_path, demo_data_dir, tokenizer):
+    cfg = make_cfg(tmp_path, demo_data_dir, stage="dpo", dataset="dpo_en_demo", template="qwen3_nothink",
+                   cutoff_len=1024, max_samples=8)
+    template = get_template("qwen3_nothink", tokenizer)
+    module = get_dataset(cfg, tokenizer, template, "dpo")
+    row = module.train_dataset[0]
+    with open(os.path.join(demo_data_dir, "dpo_en_demo.json"), encoding="utf-8") as fh:
+        rec = json.load(fh)[0]
+    n_prompt = sum(1 for l in row["chosen_labels"] if l == IGNORE_INDEX)
+    assert row["chosen_input_ids"][:n_prompt] == row["rejected_input_ids"][:n_prompt]
+    assert _label_text(tokenizer, row, "chosen_").startswith(rec["chosen"]["value"][:200])
+    assert _label_text(tokenizer, row, "rejected_").startswith(rec["rejected"]["value"][:200])
+    batch = PairwiseCollator(tokenizer)([module.train_dataset[i] for i in range(3)])
+    assert batch["input_ids"].shape[0] == 6
+    assert batch["input_ids"][0].tolist()[: len(row["chosen_input_ids"])] == row["chosen_input_ids"]
+    assert batch["input_ids"][3].tolist()[: len(row["rejected_input_ids"])] == row["rejected_input_ids"]
+
+
+def test_val_size_split_is_seeded(tmp_path, demo_data_dir, tokenizer):
+    cfg = make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=50, val_size=0.2)
+    template = get_template("qwen", tokenizer)
+    a = get_dataset(cfg, tokenizer, template, "sft")
+    b = get_dataset(cfg, tokenizer, template, "sft")
+    assert len(a.train_dataset) == 40 and len(a.eval_dataset) == 10
+    assert a.eval_dataset["input_ids"] == b.eval_dataset["input_ids"]
+    cfg_abs = make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=50, val_size=7)
+    assert len(get_dataset(cfg_abs, tokenizer, template, "sft").eval_dataset) == 7
+
+
+def test_cache_reused_then_rebuilt(tmp_path, demo_data_dir, tokenizer, monkeypatch):
+    cfg = make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=30)
+    template = get_template("qwen", tokenizer)
+    first = get_dataset(cfg, tokenizer, template, "sft")
+    assert first.stats["cache"] == "built"
+
+    import lmf.data.loader as loader
+
+    def boom(*a, **k):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(loader, "build_split", boom)
+    second = get_dataset(cfg, tokenizer, template, "sft")
+    assert second.stats["cache"] == "hit"
+    assert second.train_dataset["input_ids"] == first.train_dataset["input_ids"]
+    monkeypatch.undo()
+    # a different cutoff is a different key; overwrite_cache forces a rebuild of the same key
+    assert get_dataset(make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=30, cutoff_len=64),
+                       tokenizer, template, "sft").stats["cache"] == "built"
+    rebuilt = get_dataset(make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=30, overwrite_cache=True),
+                          tokenizer, template, "sft")
+    assert rebuilt.stats["cache"] == "built"
+
+
+def test_sft_collator_pads_right(tokenizer):
+    collate = SFTCollator(tokenizer, pad_to_multiple_of=8)
+    batch = collate([
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+        {"input_ids": [9], "attention_mask": [1], "labels": [9]},
+    ])
+    assert batch["input_ids"].shape == (2, 8)
+    pad = tokenizer.pad_token_id
+    assert batch["input_ids"][1].tolist() == [9] + [pad] * 7
+    assert batch["attention_mask"][1].tolist() == [1] + [0] * 7
+    assert batch["labels"][0].tolist() == [-100, 6, 7] + [-100] * 5
+    assert "position_ids" not in batch
+    packed = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}])
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 0, 0, 0, 0, 0]]
