@@ -1,0 +1,146 @@
+"""The vLLM backend (``infer_backend: vllm``): GPU only, imported lazily.
+
+vLLM's async engine runs on its own event loop in a background thread; each request streams
+its cumulative output into a queue that :class:`ChatStream` reads. Prompts are the training
+template's token ids (not vLLM's own chat rendering), and a LoRA adapter is served through
+``LoRARequest`` without merging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import queue
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any, Iterator
+
+from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError
+from lmf.extras.errors import NotAvailableError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+_DONE = object()
+
+
+def check_vllm_available() -> None:
+    """Raise :class:`NotAvailableError` unless vllm is installed and a CUDA GPU is visible."""
+    if importlib.util.find_spec("vllm") is None:
+        raise NotAvailableError("infer_backend: vllm needs the vllm package (pip install 'lmf[vllm]', CUDA GPU only); "
+                                "or use infer_backend: huggingface")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise NotAvailableError("infer_backend: vllm needs a CUDA GPU; use infer_backend: huggingface on this machine")
+
+
+class VllmEngine(ChatEngine):
+    """``vllm.AsyncLLMEngine`` behind the synchronous :class:`ChatEngine` interface."""
+
+    def __init__(self, cfg: "LmfConfig") -> None:
+        check_vllm_available()
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+        from lmf.chat.hf_engine import served_model_name
+        from lmf.data.template import get_template
+        from lmf.model.loader import load_tokenizer
+
+        m = cfg.model
+        self.tokenizer = load_tokenizer(m)
+        self.template = get_template(cfg.data.template, self.tokenizer, default_system=cfg.data.default_system,
+                                     enable_thinking=cfg.data.enable_thinking)
+        self.stop_ids = self.template.stop_token_ids(self.tokenizer)
+        self.settings = GenerationSettings.from_args(cfg.generating)
+        self.model_name = served_model_name(cfg)
+        self.max_len = m.vllm_maxlen
+        adapters = [p.strip() for p in (m.adapter_name_or_path or "").split(",") if p.strip()]
+        if len(adapters) > 1:
+            raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; merge the others first with `lmf export`")
+        engine_args = AsyncEngineArgs(
+            model=m.model_name_or_path,
+            trust_remote_code=m.trust_remote_code,
+            dtype=m.infer_dtype,
+            max_model_len=m.vllm_maxlen,
+            gpu_memory_utilization=m.vllm_gpu_util,
+            enforce_eager=m.vllm_enforce_eager,
+            enable_lora=bool(adapters),
+            max_lora_rank=m.vllm_max_lora_rank,
+        )
+        self.lora_request = None
+        if adapters:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest("default", 1, adapters[0])
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="lmf-vllm-loop", daemon=True)
+        self.thread.start()
+
+        async def build():
+            return AsyncLLMEngine.from_engine_args(engine_args)
+
+        self.engine = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
+
+    def stream_chat(self, messages, system=None, tools=None, **gen: Any) -> ChatStream:
+        from vllm import SamplingParams
+
+        from lmf.extras.errors import DataError
+
+        settings = self.settings.updated(**gen)
+        try:
+            prompt_ids = self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools)
+        except DataError as exc:
+            raise MessageError(str(exc)) from exc
+        room = self.max_len - len(prompt_ids)
+        if room < 1:
+            raise MessageError(f"the prompt is {len(prompt_ids)} tokens but vllm_maxlen is {self.max_len}")
+        params = SamplingParams(
+            temperature=0.0 if settings.greedy else settings.temperature,
+            top_p=1.0 if settings.greedy else settings.top_p,
+            top_k=-1 if settings.greedy or not settings.top_k else settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+            max_tokens=min(settings.max_new_tokens, room),
+            stop_token_ids=self.stop_ids,
+            skip_special_tokens=settings.skip_special_tokens,
+        )
+        request_id = uuid.uuid4().hex
+        stream = ChatStream(prompt_tokens=len(prompt_ids), stop=settings.stop)
+        pipe: "queue.Queue[Any]" = queue.Queue()
+
+        async def produce() -> None:
+            sent = 0
+            try:
+                async for output in self.engine.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                                         lora_request=self.lora_request):
+                    result = output.outputs[0]
+                    if len(result.text) > sent:
+                        pipe.put(result.text[sent:])
+                        sent = len(result.text)
+                    stream.completion_tokens = len(result.token_ids)
+                    if result.finish_reason is not None:
+                        stream.finish_reason = "length" if result.finish_reason == "length" else "stop"
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                pipe.put(exc)
+            finally:
+                pipe.put(_DONE)
+
+        def pieces() -> Iterator[str]:
+            asyncio.run_coroutine_threadsafe(produce(), self.loop)
+            while True:
+                item = pipe.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        def abort() -> None:
+            asyncio.run_coroutine_threadsafe(self.engine.abort(request_id), self.loop)
+
+        return stream.attach(pieces(), on_close=abort)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
