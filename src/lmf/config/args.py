@@ -58,7 +58,7 @@ class ModelArguments:
     model_max_length: Optional[int] = _f(None, "Override the tokenizer's model_max_length.")
     # export
     export_dir: Optional[str] = _f(None, "Directory to write the merged model to (lmf export).")
-    export_size: int = _f(5, "Maximum shard size of the exported model, in GB.")
+    export_size: float = _f(5, "Maximum shard size of the exported model, in GB (fractions allowed, e.g. 0.5).")
     export_device: str = _f("cpu", "Device used to merge the adapter.", ("cpu", "auto"))
     export_legacy_format: bool = _f(False, "Save .bin instead of .safetensors when exporting.")
     export_overwrite: bool = _f(False, "Allow lmf export to overwrite a non-empty export_dir.")
