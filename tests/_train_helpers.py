@@ -40,3 +40,38 @@ class PadCollator:
             out["attention_mask"].append(r["attention_mask"] + [0] * pad)
             out["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+
+
+def make_config(model_dir: str, output_dir: str, **overrides):
+    """A validated LmfConfig for a short CPU run on the tiny model."""
+    from lmf.config.parser import build_config
+
+    raw = dict(
+        model_name_or_path=model_dir, output_dir=output_dir, finetuning_type="lora", max_steps=6,
+        per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3, logging_steps=1,
+        save_steps=100, disable_tqdm=True, seed=42, lr_scheduler_type="linear",
+    )
+    raw.update(overrides)
+    return build_config(raw)
+
+
+def train_tiny(cfg, rows=None, n_rows: int = 20):
+    """Run the real loader + Trainer + SFT stage on hand-made rows; return (trainer, state)."""
+    from lmf.model.loader import load_model, load_tokenizer
+    from lmf.train.sft import SFTStage
+    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+
+    runtime = setup_runtime(cfg)
+    resume = resolve_resume_checkpoint(cfg, runtime)
+    set_seed(cfg.training.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg, tokenizer, is_trainable=True)
+    rows = rows if rows is not None else tokenized_sft_rows(tokenizer, n=n_rows)
+    stage = SFTStage(cfg, model, PadCollator(tokenizer.pad_token_id))
+    trainer = Trainer(cfg, model, tokenizer, stage, rows, runtime, resume_from=resume)
+    state = trainer.train()
+    return trainer, state
+
+
+def losses(state) -> list[float]:
+    return [h["loss"] for h in state.log_history if "loss" in h]

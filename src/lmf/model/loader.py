@@ -201,10 +201,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     if is_trainable:
         model.config.use_cache = False
         if cfg.training.gradient_checkpointing:
-            offload = cfg.model.offload_activations and device.type == "cuda"
-            if cfg.model.offload_activations and not offload:
-                _warn_once("offload-cpu", "offload_activations: only useful on GPU; ignored")
-            enable_gradient_checkpointing(model, cfg.model.use_reentrant_gc, offload)
+            enable_gradient_checkpointing(model, cfg.model.use_reentrant_gc, cfg.model.offload_activations)
         model = init_adapter(cfg, model)
         model.train()
     else:
@@ -232,14 +229,11 @@ def _maybe_resize_embeddings(cfg: "LmfConfig", model, tokenizer) -> None:
 
 
 def enable_gradient_checkpointing(model, use_reentrant: bool, offload: bool = False) -> None:
-    """Per-layer activation checkpointing through transformers (inputs require grad so frozen embeddings work)."""
+    """Per-layer activation checkpointing (``lmf.model.checkpointing``); inputs require grad so frozen embeddings work."""
+    from lmf.model.checkpointing import apply_activation_checkpointing
+
     if not getattr(model, "supports_gradient_checkpointing", False):
         logger.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
         return
-    kwargs = {"use_reentrant": use_reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    apply_activation_checkpointing(model, offload_to_cpu=offload, use_reentrant=use_reentrant)
     model.enable_input_require_grads()
-    logger.info("gradient checkpointing enabled (use_reentrant=%s%s)", use_reentrant, ", offloaded" if offload else "")

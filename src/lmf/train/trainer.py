@@ -41,7 +41,16 @@ logger = get_logger(__name__)
 
 
 class Stage(Protocol):
-    """What a training stage plugs into the loop."""
+    """What a training stage plugs into the loop.
+
+    Optional hooks (looked up with ``getattr``):
+
+    - ``save_extra(out_dir, state_dict) -> state_dict``: called on rank 0 before the model is saved
+      (checkpoints and final output) with the full CPU state dict of the HF model (trainable
+      params only for LoRA); writes stage files (e.g. a value head) and returns what to save as model.
+    - ``load_extra(model, checkpoint_dir) -> set[str]``: on resume, loads those files into the
+      unwrapped model and returns the parameter names it restored.
+    """
 
     name: str
     collator: Callable[[list[dict]], dict]
@@ -469,6 +478,9 @@ class Trainer:
         sd = self._full_state_dict(trainable_only=self.is_lora)
         if not self.runtime.is_main:
             return
+        save_extra = getattr(self.stage, "save_extra", None)
+        if save_extra is not None:
+            sd = save_extra(out_dir, sd)
         if self.is_lora:
             self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
         else:
@@ -539,6 +551,8 @@ class Trainer:
         """Trainable weights from a checkpoint into the unwrapped model (before DDP/FSDP wrapping)."""
         from safetensors.torch import load_file
 
+        load_extra = getattr(self.stage, "load_extra", None)
+        restored = set(load_extra(self.model, path) or ()) if load_extra is not None else set()
         if self.is_lora:
             from peft import set_peft_model_state_dict
 
@@ -558,7 +572,7 @@ class Trainer:
         own = self.model.state_dict()
         sd = {k: v.to(own[k].dtype) for k, v in sd.items() if k in own}
         self.model.load_state_dict(sd, strict=False)
-        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in sd]
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in sd and n not in restored]
         if missing:
             raise LmfError(f"cannot resume from {path}: it lacks trainable weights such as {missing[0]}")
 

@@ -1,0 +1,102 @@
+"""Checkpoints and resume: exact continuation, automatic resume, output_dir rules, rotation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _train_helpers import losses, make_config, train_tiny
+from lmf.extras.errors import ConfigError
+
+torch.set_num_threads(1)
+
+
+def _weights(out_dir: str, ftype: str) -> dict:
+    return load_file(os.path.join(out_dir, "adapter_model.safetensors" if ftype == "lora" else "model.safetensors"))
+
+
+@pytest.mark.parametrize("ftype,extra", [("lora", {"lora_dropout": 0.1}), ("full", {"weight_decay": 0.01})])
+def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, ftype, extra):
+    """run(6 steps) == run(3 steps) + resume(3 more): same loss history and bit-identical final weights.
+
+    20 rows, micro-batch 4, accumulation 2 -> the checkpoint at step 3 sits mid-epoch (6 of 5 micro-batches).
+    """
+    full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
+    kw = dict(finetuning_type=ftype, max_steps=6, save_steps=3, learning_rate=5e-3, lr_scheduler_type="cosine",
+              warmup_steps=2, **extra)
+    _, ref = train_tiny(make_config(tiny_model_dir, full_dir, **kw))
+    # the "interrupted" run: only checkpoint-3 survived (the crash happened before step 6)
+    os.makedirs(part_dir)
+    shutil.copytree(os.path.join(full_dir, "checkpoint-3"), os.path.join(part_dir, "checkpoint-3"))
+    saved = json.load(open(os.path.join(part_dir, "checkpoint-3", "trainer_state.json")))
+    assert saved["global_step"] == 3 and saved["data_epoch"] == 1 and saved["batch_in_epoch"] == 1
+    _, resumed = train_tiny(make_config(tiny_model_dir, part_dir, resume_from_checkpoint=True, **kw))
+    assert losses(resumed) == losses(ref)
+    assert [h["lr"] for h in resumed.log_history] == [h["lr"] for h in ref.log_history]
+    a, b = _weights(full_dir, ftype), _weights(part_dir, ftype)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_from_explicit_path_and_auto_resume(tiny_model_dir, tmp_path):
+    ref_dir = str(tmp_path / "ref")
+    kw = dict(max_steps=4, save_steps=2)
+    _, ref = train_tiny(make_config(tiny_model_dir, ref_dir, **kw))
+    # explicit path into a fresh output_dir
+    _, explicit = train_tiny(make_config(tiny_model_dir, str(tmp_path / "explicit"),
+                                         resume_from_checkpoint=os.path.join(ref_dir, "checkpoint-2"), **kw))
+    assert losses(explicit) == losses(ref)
+    # relaunch in a dir holding an unfinished run (plus a half-written temp dir from the crash): resumes automatically
+    crash_dir = tmp_path / "crash"
+    crash_dir.mkdir()
+    shutil.copytree(os.path.join(ref_dir, "checkpoint-2"), crash_dir / "checkpoint-2")
+    (crash_dir / ".tmp-checkpoint-3-abc").mkdir()
+    (crash_dir / ".tmp-checkpoint-3-abc" / "optimizer.pt").write_bytes(b"partial")
+    _, auto = train_tiny(make_config(tiny_model_dir, str(crash_dir), overwrite_output_dir=True, **kw))
+    assert losses(auto) == losses(ref)
+    assert not (crash_dir / ".tmp-checkpoint-3-abc").exists()
+
+
+def test_output_dir_rules(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train_tiny(make_config(tiny_model_dir, out, max_steps=2, save_steps=1))
+    # a finished run is never silently overwritten
+    with pytest.raises(ConfigError, match="overwrite_output_dir"):
+        train_tiny(make_config(tiny_model_dir, out, max_steps=2))
+    # overwrite_output_dir starts over: old checkpoints removed, a fresh history
+    _, state = train_tiny(make_config(tiny_model_dir, out, max_steps=3, save_steps=100, overwrite_output_dir=True))
+    assert state.log_history[0]["step"] == 1 and len(state.log_history) == 3
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-3"]
+    # checkpoints of an unfinished run with a different training config: error without overwrite
+    os.remove(os.path.join(out, "trainer_state.json"))
+    with pytest.raises(ConfigError, match="different config"):
+        train_tiny(make_config(tiny_model_dir, out, max_steps=3, learning_rate=1e-4))
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train_tiny(make_config(tiny_model_dir, str(tmp_path / "empty"), resume_from_checkpoint=True))
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        train_tiny(make_config(tiny_model_dir, str(tmp_path / "x"), resume_from_checkpoint=str(tmp_path / "nope")))
+
+
+def test_save_total_limit_keeps_newest(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "rot")
+    train_tiny(make_config(tiny_model_dir, out, max_steps=5, save_steps=1, save_total_limit=2))
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_atomic_commit_replaces_and_ignores_partial(tmp_path):
+    from lmf.train import checkpoint as ckpt
+
+    out = str(tmp_path)
+    tmp = ckpt.make_temp_dir(out, "checkpoint-7")
+    ckpt.write_json(os.path.join(tmp, "trainer_state.json"), {"global_step": 7})
+    assert ckpt.latest_checkpoint(out) is None  # not renamed yet: invisible
+    ckpt.commit_dir(tmp, os.path.join(out, "checkpoint-7"))
+    os.makedirs(os.path.join(out, "checkpoint-9"))  # no trainer_state.json: incomplete
+    assert ckpt.latest_checkpoint(out) == os.path.join(out, "checkpoint-7")
+    assert oct(os.stat(os.path.join(out, "checkpoint-7")).st_mode & 0o777) != "0o700"
