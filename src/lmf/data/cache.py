@@ -112,7 +112,7 @@ def save_entry(build_dir: str, train, eval_, stats: dict) -> None:
     if eval_ is not None:
         eval_.save_to_disk(os.path.join(build_dir, "eval"))
     with open(os.path.join(build_dir, "stats.json"), "w", encoding="utf-8") as fh:
-        json.dump(stats, fh, indent=2, sort_keys=True)
+        json.dump(stats, fh, indent=2)
 
 
 def load_entry(path: str) -> tuple[Any, Any, dict]:

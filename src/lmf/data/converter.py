@@ -197,6 +197,32 @@ def _sharegpt(record: dict, attr: DatasetAttr, stage: str) -> dict:
     return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": tools}
 
 
+def _pair(record: dict, attr: DatasetAttr, stage: str) -> dict:
+    """v1 ``pair`` layout: chosen and rejected are full message lists sharing the same prompt."""
+    chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
+    convs = []
+    system = None
+    for key in (chosen_key, rejected_key):
+        if key not in record:
+            raise RecordProblem(f"field {key!r} is missing (pair data needs chosen and rejected message lists)")
+        messages, sys_text = _messages(record[key], attr, key)
+        system = system if system is not None else sys_text
+        if not messages:
+            raise RecordProblem(f"field {key!r} has no messages")
+        _check_order(messages, key)
+        if len(messages) % 2 != 0:
+            raise RecordProblem(f"field {key!r}: the conversation must end with an assistant turn")
+        _require_response(messages[-1:], key)
+        convs.append(messages)
+    if convs[0][:-1] != convs[1][:-1]:
+        raise RecordProblem(f"fields {chosen_key!r} and {rejected_key!r} must share the same prompt messages")
+    if stage in PAIRWISE_STAGES:
+        prompt, response = convs[0][:-1], [convs[0][-1], convs[1][-1]]
+    else:
+        prompt, response = convs[0][:-1], convs[0][-1:]
+    return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": ""}
+
+
 def convert_record(record: Any, attr: DatasetAttr, stage: str) -> tuple[Optional[dict], Optional[str]]:
     """(normalized record, None) or (None, problem naming the field)."""
     if not isinstance(record, dict):
@@ -204,6 +230,8 @@ def convert_record(record: Any, attr: DatasetAttr, stage: str) -> tuple[Optional
     try:
         if attr.formatting == "alpaca":
             return _alpaca(record, attr, stage), None
+        if attr.formatting == "pair":
+            return _pair(record, attr, stage), None
         return _sharegpt(record, attr, stage), None
     except RecordProblem as exc:
         return None, str(exc)

@@ -17,6 +17,7 @@ inputs loads it (unless ``overwrite_cache``). Local rank 0 builds first (``main_
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -80,6 +81,19 @@ class BadRecords:
         return "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
 
 
+@contextlib.contextmanager
+def progress_bars(on: bool):
+    """Show or hide datasets' progress bars inside the block; restores the previous state."""
+    import datasets
+
+    was_on = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if on else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was_on else datasets.disable_progress_bars)()
+
+
 def check_stage(stage: str) -> None:
     if stage not in STAGES:
         raise ConfigError(f"config key 'stage': {stage!r} has no data pipeline; choose one of: {', '.join(STAGES)}")
@@ -118,8 +132,9 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
 
     before = len(bad.problems)
     try:
-        ds = datasets.Dataset.from_generator(generate, features=_features("normalized"),
-                                             cache_dir=os.path.join(work_dir, "raw", attr.name))
+        with progress_bars(False):
+            ds = datasets.Dataset.from_generator(generate, features=_features("normalized"),
+                                                 cache_dir=os.path.join(work_dir, "raw", attr.name))
     except datasets.exceptions.DatasetGenerationError as exc:
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, DataError):
@@ -189,11 +204,12 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
     processor = make_processor(stage, tokenizer, template, data_args)
     num_proc = data_args.preprocessing_num_workers
     num_proc = min(num_proc, len(normalized)) if num_proc and num_proc > 1 else None
-    tokenized = normalized.map(
-        processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
-        remove_columns=normalized.column_names, features=_features("pairwise" if stage in PAIRWISE else "supervised"),
-        load_from_cache_file=False, desc="Tokenizing",
-    )
+    with progress_bars(len(normalized) >= 20000):
+        tokenized = normalized.map(
+            processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
+            remove_columns=normalized.column_names, features=_features("pairwise" if stage in PAIRWISE else "supervised"),
+            load_from_cache_file=False, desc="Tokenizing",
+        )
     stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems),
                              "skipped_examples": [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]}
     stats.update(_token_stats(tokenized, stage))
@@ -201,12 +217,19 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
     if data_args.packing and stage not in PAIRWISE:
         from lmf.data.packing import pack_dataset
 
-        tokenized, pack_stats = pack_dataset(tokenized, data_args.cutoff_len, cache_dir=os.path.join(work_dir, "packed"))
+        with progress_bars(False):
+            tokenized, pack_stats = pack_dataset(tokenized, data_args.cutoff_len,
+                                                 cache_dir=os.path.join(work_dir, "packed"))
         stats["packing"] = pack_stats
     return tokenized, stats
 
 
 def _load_or_build(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
+    with progress_bars(False):
+        return _load_or_build_inner(cfg, tokenizer, template, stage)
+
+
+def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
     d = cfg.data
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     if d.tokenized_path and cache_mod.is_complete(d.tokenized_path):

@@ -20,7 +20,7 @@ from lmf.extras.errors import DataError
 DATA_EXTENSIONS = {
     ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
 }
-FORMATTINGS = ("alpaca", "sharegpt", "openai")
+FORMATTINGS = ("alpaca", "sharegpt", "openai", "pair")
 COLUMN_KEYS = (
     "prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected", "kto_tag",
     "images", "videos", "audios",
@@ -123,8 +123,11 @@ def attr_from_info(name: str, entry: dict[str, Any], dataset_dir: str, source: s
         raise DataError(f"{source}: dataset {name!r}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
     attr = DatasetAttr(name=name, formatting=formatting, ranking=bool(entry.get("ranking", False)),
                        split=entry.get("split", "train"), num_samples=entry.get("num_samples"))
-    if formatting == "openai":
+    if formatting in ("openai", "pair"):
         _apply_openai_defaults(attr)
+        attr.formatting = formatting
+    if formatting == "pair":
+        attr.ranking, attr.chosen, attr.rejected = True, "chosen", "rejected"
     columns = entry.get("columns", {}) or {}
     for key, value in columns.items():
         if key not in COLUMN_KEYS:
@@ -157,7 +160,11 @@ def detect_attr(name: str, files: list[str], first_record: Optional[dict]) -> Da
     """Guess the layout of an unregistered data file from its first record."""
     attr = DatasetAttr(name=name, files=files, detected=True)
     rec = first_record or {}
-    if "messages" in rec or "conversations" in rec:
+    if isinstance(rec.get("chosen"), list) and isinstance(rec.get("rejected"), list) and "messages" not in rec \
+            and "conversations" not in rec:
+        _apply_openai_defaults(attr)
+        attr.formatting, attr.ranking, attr.chosen, attr.rejected = "pair", True, "chosen", "rejected"
+    elif "messages" in rec or "conversations" in rec:
         key = "messages" if "messages" in rec else "conversations"
         msgs = rec.get(key) or []
         first = msgs[0] if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) else {}
@@ -188,7 +195,11 @@ def detect_attr(name: str, files: list[str], first_record: Optional[dict]) -> Da
 
 
 def _load_v1_registry(path: str) -> list[DatasetAttr]:
-    """LLaMA-Factory v1 YAML registry: ``name: {path, source: local, converter: alpaca|sharegpt|..., size}``."""
+    """LLaMA-Factory v1 YAML registry: ``name: {path, source: local, converter: alpaca|sharegpt|pair, size, split}``.
+
+    Without a converter the records are OpenAI ``messages`` (v1's native format). ``path`` is taken
+    relative to the working directory, else to the YAML file's folder.
+    """
     import yaml
 
     try:
@@ -203,25 +214,27 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
     for name, entry in registry.items():
         if not isinstance(entry, dict) or "path" not in entry:
             raise DataError(f"{path}: dataset {name!r} needs a 'path'")
-        source = entry.get("source", "local")
-        if source not in ("local", "file"):
-            raise DataError(f"{path}: dataset {name!r}: source {source!r} is not available offline; use 'local'")
-        data_path = entry["path"] if os.path.isabs(entry["path"]) else os.path.join(base, entry["path"])
+        source = entry.get("source", "hf_hub")
+        if source != "local":
+            raise DataError(f"{path}: dataset {name!r}: source {source!r} needs the network; lmf reads local files "
+                            "only (set source: local and a local path)")
+        data_path = str(entry["path"])
+        if not os.path.exists(data_path) and not os.path.isabs(data_path):
+            data_path = os.path.join(base, data_path)
         files = _data_files(data_path, name)
         converter = entry.get("converter")
-        if converter in (None, "auto"):
-            from lmf.data.readers import first_record
-
-            attr = detect_attr(name, files, first_record(files[0]))
-        elif converter in ("alpaca", "sharegpt", "openai"):
-            info = {"file_name": data_path, "formatting": converter}
-            attr = attr_from_info(name, info, base, path)
-            if converter == "sharegpt":
-                rec = _first(files)
-                if rec and "messages" in rec and "conversations" not in rec:
-                    attr.messages = "messages"
+        attr = DatasetAttr(name=name, files=files)
+        if converter == "alpaca":
+            attr.system = "system"
+        elif converter == "sharegpt":
+            attr.formatting, attr.tools, attr.system = "sharegpt", "tools", "system"
+        elif converter == "pair":
+            _apply_openai_defaults(attr)
+            attr.formatting, attr.ranking, attr.chosen, attr.rejected = "pair", True, "chosen", "rejected"
+        elif converter in (None, "openai"):
+            _apply_openai_defaults(attr)
         else:
-            raise DataError(f"{path}: dataset {name!r}: converter {converter!r} is not one of alpaca, sharegpt, openai")
+            raise DataError(f"{path}: dataset {name!r}: converter {converter!r} is not one of alpaca, sharegpt, pair")
         if entry.get("size") is not None:
             attr.num_samples = int(entry["size"])
         attr.split = entry.get("split", "train")
