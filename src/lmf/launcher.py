@@ -244,6 +244,10 @@ def launch(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else "help"
     if command in DIST_TRAIN_COMMANDS and os.environ.get("LOCAL_RANK") is None:
+        if is_truthy(os.environ.get("USE_RAY")):
+            from lmf.dist.ray_launcher import run_with_ray
+
+            sys.exit(_guarded(run_with_ray, command, argv))
         forced = is_truthy(os.environ.get("FORCE_TORCHRUN"))
         if should_use_torchrun(os.environ, 0 if forced else get_device_count()):
             sys.exit(_guarded(relaunch_with_torchrun, command, argv))
@@ -259,7 +263,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     elif argv and not argv[0].lower().endswith((".yaml", ".yml", ".json")) and "=" not in argv[0]:
         print(f"lmf worker: unknown training command {argv[0]!r}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(_guarded(run_command, command, argv))
+    sys.exit(_guarded(run_worker_command, command, argv))
+
+
+def run_worker_command(command: str, args: list[str]) -> int:
+    """``run_command`` in a torchrun worker: a dead or hung peer becomes a one-line PeerLostError."""
+    from lmf.dist.faults import peer_failure_guard
+
+    with peer_failure_guard():
+        return run_command(command, args)
 
 
 if __name__ == "__main__":

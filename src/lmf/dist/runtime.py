@@ -16,6 +16,8 @@ from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
 
+_GROUP_TIMEOUT_S: Optional[float] = None
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -71,10 +73,15 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_c
     import torch
     import torch.distributed as dist
 
+    from lmf.dist.faults import configure_error_handling
+
+    global _GROUP_TIMEOUT_S
     device = select_device(use_cpu)
     world_size = env_world_size()
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        configure_error_handling()
+        _GROUP_TIMEOUT_S = float(max(int(timeout_s), 1))
         dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=max(int(timeout_s), 1)),
@@ -90,6 +97,11 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_c
         device=device,
         backend=backend,
     )
+
+
+def group_timeout_s() -> Optional[float]:
+    """Collective timeout (seconds) of the group this process initialised; None if it did not."""
+    return _GROUP_TIMEOUT_S
 
 
 def is_dist() -> bool:

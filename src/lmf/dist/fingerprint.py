@@ -1,0 +1,142 @@
+"""Environment fingerprint: every rank checks at start-up that all nodes run the same software and config.
+
+Mismatched torch / CUDA / NCCL / DeepSpeed versions across servers make multi-node jobs hang or
+crash deep inside a collective. ``check_consistency`` gathers one fingerprint per rank and, if any
+compared key differs, raises :class:`EnvironmentMismatchError` on *every* rank with a table of the
+differences, so the whole job fails fast with the same message everywhere.
+
+Testing hook: ``LMF_FINGERPRINT_OVERRIDE`` (a JSON object, e.g. ``'{"torch": "9.9"}'``) is merged
+into this process's fingerprint. It exists only so the tests can fake a mismatched node; never set
+it in real runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+from importlib import metadata
+from typing import Optional, Sequence
+
+from lmf.extras.errors import LmfError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
+
+OVERRIDE_ENV = "LMF_FINGERPRINT_OVERRIDE"
+
+# Keys shown in the table but never compared (they legitimately differ between nodes).
+DISPLAY_ONLY_KEYS = ("host",)
+
+# Package versions read from installed metadata (no heavy imports).
+FINGERPRINT_PACKAGES = ("transformers", "peft", "datasets", "accelerate", "deepspeed")
+
+NOT_INSTALLED = "not installed"
+
+
+class EnvironmentMismatchError(LmfError):
+    """The ranks of one job run different software versions or configs."""
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return NOT_INSTALLED
+
+
+def _torch_fields() -> dict[str, str]:
+    """torch version, the CUDA it was built with and the NCCL it ships (``none`` on CPU builds)."""
+    try:
+        import torch
+    except ImportError:
+        return {"torch": NOT_INSTALLED, "cuda": "none", "nccl": "none"}
+    nccl = "none"
+    if torch.cuda.is_available():
+        try:
+            version = torch.cuda.nccl.version()
+            nccl = ".".join(str(v) for v in version) if isinstance(version, tuple) else str(version)
+        except Exception:  # noqa: BLE001 - builds without NCCL raise various errors
+            nccl = "unavailable"
+    return {"torch": torch.__version__, "cuda": str(torch.version.cuda or "none"), "nccl": nccl}
+
+
+def _override_from_env() -> dict[str, str]:
+    raw = os.environ.get(OVERRIDE_ENV)
+    if not raw:
+        return {}
+    try:
+        override = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LmfError(f"{OVERRIDE_ENV} must be a JSON object, got {raw!r}: {exc}") from exc
+    if not isinstance(override, dict):
+        raise LmfError(f"{OVERRIDE_ENV} must be a JSON object, got {raw!r}")
+    logger.warning("%s is set (testing only): fingerprint overridden with %s", OVERRIDE_ENV, override)
+    return {str(k): str(v) for k, v in override.items()}
+
+
+def collect_fingerprint(config_hash: Optional[str]) -> dict[str, str]:
+    """This process's fingerprint: software versions, the config hash, and the host (display only)."""
+    from lmf import __version__
+
+    fingerprint = {"lmf": __version__, "python": platform.python_version()}
+    fingerprint.update(_torch_fields())
+    for name in FINGERPRINT_PACKAGES:
+        fingerprint[name] = _package_version(name)
+    fingerprint["config_hash"] = str(config_hash)
+    fingerprint["host"] = socket.gethostname()
+    fingerprint.update(_override_from_env())
+    return fingerprint
+
+
+def find_mismatches(fingerprints: Sequence[dict]) -> list[str]:
+    """Compared keys whose values are not identical on every rank (sorted; display-only keys excluded)."""
+    keys = sorted({k for fp in fingerprints for k in fp if k not in DISPLAY_ONLY_KEYS})
+    return [k for k in keys if len({fp.get(k, "<missing>") for fp in fingerprints}) > 1]
+
+
+def format_mismatch_table(fingerprints: Sequence[dict], keys: Sequence[str]) -> str:
+    """A text table: one row per rank, columns rank, host and each differing key."""
+    header = ["rank", "host", *keys]
+    rows = [[str(rank), str(fp.get("host", "?")), *(str(fp.get(k, "<missing>")) for k in keys)]
+            for rank, fp in enumerate(fingerprints)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "+-" + "-+-".join("-" * w for w in widths) + "-+"
+    return "\n".join([sep, line(header), sep, *(line(r) for r in rows), sep])
+
+
+def mismatch_message(fingerprints: Sequence[dict], keys: Sequence[str]) -> str:
+    """The full error text for a mismatch between ranks."""
+    return (
+        f"the {len(fingerprints)} ranks of this job do not share the same environment "
+        f"(differing: {', '.join(keys)}); install the same versions and use the same config on every node:\n"
+        + format_mismatch_table(fingerprints, keys)
+    )
+
+
+def check_consistency(config_hash: Optional[str]) -> list[dict]:
+    """Gather every rank's fingerprint; raise :class:`EnvironmentMismatchError` on every rank on a difference.
+
+    Returns the fingerprints by rank (just this process's one without a process group).
+    Collective: every rank of the default group must call it.
+    """
+    own = collect_fingerprint(config_hash)
+    from lmf.dist.runtime import is_dist
+
+    if not is_dist():
+        return [own]
+    import torch.distributed as dist
+
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    mismatched = find_mismatches(gathered)
+    if mismatched:
+        raise EnvironmentMismatchError(mismatch_message(gathered, mismatched))
+    logger.info("environment fingerprint identical on all %d ranks (torch %s, config %s)",
+                len(gathered), own.get("torch"), own.get("config_hash"))
+    return gathered
