@@ -170,11 +170,42 @@ def test_multi_turn_history_and_extra_sampling_fields(engine, base_url):
     assert call["gen"]["top_k"] == 5 and call["gen"]["repetition_penalty"] == 1.2
 
 
-def test_tools_are_passed_to_the_engine(engine, base_url):
-    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
-    _client(base_url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "weather?"}], tools=[tool])
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tools_are_passed_to_the_engine_and_plain_replies_stay_text(engine, base_url):
+    reply = _client(base_url).chat.completions.create(
+        model="tiny-test", messages=[{"role": "user", "content": "weather?"}], tools=[WEATHER_TOOL])
     assert json.loads(engine.calls[-1]["tools"])[0]["name"] == "get_weather"
+    assert reply.choices[0].message.content == "echo: weather?" and reply.choices[0].finish_reason == "stop"
+
+
+def test_tool_call_replies_and_tool_results_round_trip(engine, base_url):
+    engine.tool_format = "qwen"
+    call_text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    reply = _client(base_url).chat.completions.create(
+        model="tiny-test", messages=[{"role": "user", "content": call_text}], tools=[WEATHER_TOOL])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+
+    _client(base_url).chat.completions.create(
+        model="tiny-test", tools=[WEATHER_TOOL],
+        messages=[{"role": "user", "content": "weather in Paris?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"}])
+    seen = engine.calls[-1]["messages"]
+    assert [m["role"] for m in seen] == ["user", "function", "tool"]
+    assert json.loads(seen[1]["content"]) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert seen[2]["content"] == "sunny, 21C"
+
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        _client(base_url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "x"}],
+                                                  tools=[WEATHER_TOOL], stream=True)
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ and the same engine served through the OpenAI-compatible API."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import openai
@@ -86,6 +87,20 @@ def test_history_changes_the_prompt(engine):
     assert "hello" in text and "hi there" in text and text.endswith("again<|im_end|>\n<|im_start|>assistant\n")
 
 
+def test_tool_conversation_renders_in_the_template_format(engine):
+    tools = json.dumps([{"name": "get_weather", "description": "Weather of a city",
+                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+    messages = [{"role": "user", "content": "weather in Paris?"},
+                {"role": "function", "content": json.dumps([{"name": "get_weather", "arguments": {"city": "Paris"}}])},
+                {"role": "tool", "content": "sunny"}]
+    text = engine.tokenizer.decode(engine.encode(messages, tools=tools))
+    assert "get_weather" in text and "<tool_call>" in text and "<tool_response>\nsunny\n</tool_response>" in text
+    assert engine.tool_format == "qwen"
+    assert engine.parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>') == [
+        {"name": "f", "arguments": '{"a": 1}'}]
+    assert engine.parse_tool_calls("just text") is None
+
+
 def test_prompt_longer_than_the_context_is_a_clear_error(engine):
     saved = engine.max_positions
     engine.max_positions = 8
@@ -149,3 +164,14 @@ def test_split_system_and_stop_strings():
     assert "".join(stream) == "abc" and stream.finish_reason == "stop"
     stream = ChatStream(prompt_tokens=1, stop=("END",)).attach(iter(["ab", "cE", "Nx"]))
     assert "".join(stream) == "abcENx"  # a partial match is released once it cannot match any more
+
+
+def test_parse_tool_calls_formats():
+    from lmf.chat.tools import parse_tool_calls
+
+    assert parse_tool_calls('Action: get_weather\nAction Input: {"city": "Paris"}', "default") == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    two = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": "{\\"x\\": 2}"}\n</tool_call>'
+    assert parse_tool_calls(two, "qwen") == [{"name": "a", "arguments": "{}"}, {"name": "b", "arguments": '{"x": 2}'}]
+    assert parse_tool_calls("<tool_call>\nnot json\n</tool_call>", "qwen") is None
+    assert parse_tool_calls("Action: f\nAction Input: not json", "default") is None

@@ -32,13 +32,17 @@ class ChatMessage(BaseModel):
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
 
-    def text(self) -> str:
-        """The message as plain text (text parts joined; tool calls as JSON)."""
-        if self.tool_calls:
-            import json
+    def engine_role(self) -> str:
+        """The role the engine sees: an assistant message with ``tool_calls`` is a ``function`` turn."""
+        return "function" if self.role == "assistant" and self.tool_calls else self.role
 
-            calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in self.tool_calls]
-            return json.dumps(calls if len(calls) > 1 else calls[0], ensure_ascii=False)
+    def text(self) -> str:
+        """The message as plain text (text parts joined; tool calls as the templates' JSON list)."""
+        if self.role == "assistant" and self.tool_calls:
+            from lmf.chat.tools import tool_call_message_content
+
+            return tool_call_message_content([{"name": c.function.name, "arguments": c.function.arguments}
+                                              for c in self.tool_calls])
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""

@@ -176,8 +176,10 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                                    param="model", code="model_not_found")
         if body.stream and body.n > 1:
             return _error_response(400, "n > 1 is not supported with stream=true", param="n")
+        if body.stream and body.tools:
+            return _error_response(400, "tool calls cannot be streamed: send tools with stream=false", param="stream")
         try:
-            system, messages = split_system([{"role": m.role, "content": m.text()} for m in body.messages])
+            system, messages = split_system([{"role": m.engine_role(), "content": m.text()} for m in body.messages])
         except MessageError as exc:
             return _error_response(400, str(exc), param="messages")
         tools = json.dumps([t.function.model_dump(exclude_none=True) for t in body.tools], ensure_ascii=False) if body.tools else None
@@ -206,10 +208,7 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                 return _error_response(500, f"generation failed: {exc}", "server_error")
             finally:
                 release()
-            choices = [
-                {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
-                for i, r in enumerate(replies)
-            ]
+            choices = [_choice(i, r, engine.parse_tool_calls(r.text) if tools else None) for i, r in enumerate(replies)]
             usage = protocol.usage_body(replies[0].prompt_tokens, sum(r.completion_tokens for r in replies))
             return JSONResponse(protocol.completion_body(request_id, model_name, choices, usage))
 
@@ -233,6 +232,17 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def _choice(index: int, reply: Any, tool_calls: Optional[list[dict]]) -> dict:
+    """One non-streaming choice: a text reply, or (finish_reason ``tool_calls``) the parsed tool calls."""
+    if not tool_calls:
+        return {"index": index, "message": {"role": "assistant", "content": reply.text}, "finish_reason": reply.finish_reason}
+    import uuid
+
+    calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call} for call in tool_calls]
+    return {"index": index, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+            "finish_reason": "tool_calls"}
 
 
 def _sse(payload: Any) -> str:

@@ -21,10 +21,11 @@ from lmf.extras.errors import ConfigError, LmfError
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
-#: Roles a conversation may hold (a leading ``system`` message is split off as the system prompt).
-CHAT_ROLES = ("user", "assistant")
-#: Roles answered by the model (used for alternation checks): ``tool`` results count as user-side turns.
+#: Turns that the model answers: a user message or a ``tool`` result.
 USER_SIDE_ROLES = ("user", "tool")
+#: Turns of the model: a text reply or a ``function`` (tool call) turn, whose content is a JSON list of
+#: ``{"name", "arguments"}`` (the API turns an assistant message with ``tool_calls`` into one).
+ASSISTANT_SIDE_ROLES = ("assistant", "function")
 
 
 class MessageError(LmfError):
@@ -174,6 +175,8 @@ class ChatEngine(ABC):
     model_name: str = "lmf"
     #: Default sampling settings (from the config's ``generating`` group).
     settings: GenerationSettings = GenerationSettings()
+    #: How the template writes tool calls (see :mod:`lmf.chat.tools`).
+    tool_format: str = "default"
 
     @abstractmethod
     def stream_chat(
@@ -200,6 +203,12 @@ class ChatEngine(ABC):
             stream.close()
         return Response(text, stream.prompt_tokens, stream.completion_tokens, stream.finish_reason or "stop")
 
+    def parse_tool_calls(self, text: str) -> Optional[list[dict[str, str]]]:
+        """``[{"name", "arguments"}]`` when a reply is a tool call in the template's format, else None."""
+        from lmf.chat.tools import parse_tool_calls
+
+        return parse_tool_calls(text, self.tool_format)
+
     def close(self) -> None:
         """Release the model (optional)."""
 
@@ -208,7 +217,8 @@ def split_system(messages: list[dict[str, str]]) -> tuple[Optional[str], list[di
     """Check a conversation and split off a leading system message.
 
     After the optional system message, turns alternate user-side (``user`` / ``tool``) and
-    ``assistant``, starting and ending with a user-side turn. Errors name the message index.
+    assistant-side (``assistant`` / ``function``), starting and ending with a user-side turn.
+    Errors name the message index.
     """
     if not messages:
         raise MessageError("messages must not be empty")
@@ -225,12 +235,12 @@ def split_system(messages: list[dict[str, str]]) -> tuple[Optional[str], list[di
         role = message.get("role")
         if role == "system":
             raise MessageError(f"messages[{index}]: a system message is only allowed first")
-        if role not in CHAT_ROLES + ("tool",):
+        if role not in USER_SIDE_ROLES + ASSISTANT_SIDE_ROLES:
             raise MessageError(f"messages[{index}]: unknown role {role!r}; use system, user, assistant or tool")
         user_turn = i % 2 == 0
         if user_turn and role not in USER_SIDE_ROLES:
             raise MessageError(f"messages[{index}]: expected a user (or tool) message, got {role!r}; roles must alternate")
-        if not user_turn and role != "assistant":
+        if not user_turn and role not in ASSISTANT_SIDE_ROLES:
             raise MessageError(f"messages[{index}]: expected an assistant message, got {role!r}; roles must alternate")
         if not isinstance(message.get("content"), str):
             raise MessageError(f"messages[{index}]: content must be a string")

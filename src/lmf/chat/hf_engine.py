@@ -49,6 +49,7 @@ class HuggingFaceEngine(ChatEngine):
         self.model.eval()
         self.device = next(model.parameters()).device
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
+        self.tool_format = self.template.tool_format
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.settings = GenerationSettings.from_args(cfg.generating)

@@ -54,6 +54,7 @@ class VllmEngine(ChatEngine):
         self.template = get_template(cfg.data.template, self.tokenizer, default_system=cfg.data.default_system,
                                      enable_thinking=cfg.data.enable_thinking)
         self.stop_ids = self.template.stop_token_ids(self.tokenizer)
+        self.tool_format = self.template.tool_format
         self.settings = GenerationSettings.from_args(cfg.generating)
         self.model_name = served_model_name(cfg)
         self.max_len = m.vllm_maxlen
