@@ -149,15 +149,15 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
                 lse = _softmax_inplace(logits)  # logits now hold softmax probabilities
                 total += (lse - target_logit).sum()
-                if not any_grad:
-                    continue
-                grad_logits = logits
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # p - onehot
-                _apply_softcap_grad(grad_logits, capped)
-                grad_logits = grad_logits.to(compute_dtype)
-                if need_rows:
-                    grad_rows[start:start + chunk_size] = grad_logits @ w
-                _accumulate_param_grads(grad_logits, h, grad_weight, grad_bias)
+                if any_grad:
+                    logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # p - onehot = dCE/dlogits
+                    _apply_softcap_grad(logits, capped)
+                    grad_logits = logits.to(compute_dtype)
+                    if need_rows:
+                        grad_rows[start:start + chunk_size] = grad_logits @ w
+                    _accumulate_param_grads(grad_logits, h, grad_weight, grad_bias)
+                    del grad_logits
+                del logits, capped  # free this chunk's [C, V] buffers before the next one is allocated
         ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
         return total
 
@@ -201,10 +201,10 @@ class LinearTargetLogProbs(torch.autograd.Function):
                 logps[start:start + chunk_size] = target_logit - lse
                 lses[start:start + chunk_size] = lse
                 if store_row_grads:
-                    grad_logits = logits.neg_()
-                    grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0  # onehot - p
-                    _apply_softcap_grad(grad_logits, capped)
-                    row_grads[start:start + chunk_size] = grad_logits.to(compute_dtype) @ w
+                    logits.neg_()[torch.arange(t.shape[0], device=t.device), t] += 1.0  # onehot - p
+                    _apply_softcap_grad(logits, capped)
+                    row_grads[start:start + chunk_size] = logits.to(compute_dtype) @ w
+                del logits, capped  # free this chunk's [C, V] buffers before the next one is allocated
         if store_row_grads:
             ctx.save_for_backward(row_grads)
         else:
@@ -240,6 +240,7 @@ class LinearTargetLogProbs(torch.autograd.Function):
             if need_rows:
                 grad_rows[start:start + chunk_size] = grad_logits @ w
             _accumulate_param_grads(grad_logits, h, grad_weight, grad_bias)
+            del logits, capped, grad_logits  # free this chunk's [C, V] buffers before the next one
         if grad_rows is not None:
             grad_rows = grad_rows.to(rows_dtype)
         if grad_weight is not None:
