@@ -122,7 +122,7 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
                     return
                 seen += 1
                 if isinstance(record, DataError):
-                    bad.add(path, index, str(record).split(": ", 2)[-1])
+                    bad.add(path, index, str(record))
                     continue
                 normalized, problem = convert_record(record, attr, stage)
                 if problem is not None:
@@ -140,6 +140,10 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
         if isinstance(cause, DataError):
             raise cause from None
         raise
+    except ValueError as exc:  # the generator yielded no record at all
+        if "no data" not in str(exc):
+            raise
+        ds = datasets.Dataset.from_dict({k: [] for k in _features("normalized")}, features=_features("normalized"))
     if len(bad.problems) > before and not data_args.skip_bad_records:
         raise DataError(f"dataset {attr.name!r}: {len(bad.problems) - before} malformed record(s): "
                         f"{BadRecords(bad.problems[before:]).describe()}. Fix them or set skip_bad_records: true")

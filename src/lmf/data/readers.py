@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 
 from lmf.extras.errors import DataError
 
-RawRecord = tuple[int, Any]  # (index in file, record or a DataError for an unreadable line)
+RawRecord = tuple[int, Any]  # (index in file, record or a DataError describing an unreadable line)
 
 
 def file_kind(path: str) -> str:
@@ -49,7 +49,7 @@ def _iter_json_lines(path: str) -> Iterator[RawRecord]:
             try:
                 yield index, json.loads(line)
             except json.JSONDecodeError as exc:
-                yield index, DataError(f"{path}: record {index} (line {lineno}) is not valid JSON: {exc.msg}")
+                yield index, DataError(f"line {lineno} is not valid JSON: {exc.msg}")
             index += 1
 
 
