@@ -67,6 +67,9 @@ def setup_runtime(cfg: "LmfConfig") -> "DistInfo":
     info = init_distributed(timeout_s=t.ddp_timeout, backend=t.ddp_backend, use_cpu=t.use_cpu)
     if info.is_distributed:
         logger.info("distributed: world_size=%d backend=%s device=%s", info.world_size, info.backend, info.device)
+        from lmf.dist.fingerprint import check_consistency
+
+        check_consistency(cfg.config_hash())  # every rank fails fast if nodes differ in versions or config
     return info
 
 
