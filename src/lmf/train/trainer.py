@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
+from lmf.dist.fault_injection import fault_point
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 from lmf.train import checkpoint as ckpt
@@ -347,6 +348,7 @@ class Trainer:
                 loss_total, items, tokens = stats[0].item(), stats[1].item(), stats[2].item()
                 grad_norm = self._optimizer_step(items)
                 st.global_step += 1
+                fault_point("step", st.global_step)  # test-only kill hook (inert unless LMF_TEST_KILL_* is set)
                 st.tokens_seen += int(tokens)
                 st.data_epoch, st.batch_in_epoch = self.stream.epoch, self.stream.batch_in_epoch
                 st.epoch = round(self.stream.epoch_float, 4)
@@ -507,6 +509,7 @@ class Trainer:
         final_dir = os.path.join(out, f"{ckpt.CHECKPOINT_PREFIX}{step}")
         tmp = ckpt.make_temp_dir(out, f"checkpoint-{step}") if self.runtime.is_main else None
         self._write_model(tmp, final=False)
+        fault_point("save", step)  # test-only kill hook: leaves a half-written checkpoint behind
         rng = ckpt.capture_rng_state()
         rngs = [None] * self.runtime.world_size if self.runtime.is_main else None
         if is_dist():

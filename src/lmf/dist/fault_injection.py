@@ -1,0 +1,38 @@
+"""Test-only fault injection: a worker SIGKILLs itself at a chosen point of training.
+
+Used by the elastic-restart tests; inert unless one of these is set:
+
+- ``LMF_TEST_KILL_AT_STEP=N``: die right after optimizer step N (before it is logged or checkpointed);
+- ``LMF_TEST_KILL_DURING_SAVE=N``: die while checkpoint-N is half-written (model written, state not yet);
+- ``LMF_TEST_KILL_RANK=R``: the global rank that dies (default 0).
+
+Only the first attempt dies: torchrun sets ``TORCHELASTIC_RESTART_COUNT`` > 0 on restarts, so the
+restarted group trains through. Never set these in real runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+_ENV_BY_POINT = {"step": "LMF_TEST_KILL_AT_STEP", "save": "LMF_TEST_KILL_DURING_SAVE"}
+
+
+def should_die(point: str, step: int, env=None) -> bool:
+    """True when this process is the one configured to die at ``point`` of ``step`` on this attempt."""
+    env = os.environ if env is None else env
+    target = env.get(_ENV_BY_POINT[point])
+    if not target or int(target) != step:
+        return False
+    if int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return False
+    return int(env.get("RANK", "0")) == int(env.get("LMF_TEST_KILL_RANK", "0"))
+
+
+def fault_point(point: str, step: int) -> None:
+    """Kill this process with SIGKILL (no cleanup, like an OOM kill) if the test hooks say so."""
+    if should_die(point, step):
+        print(f"lmf test hook: rank {os.environ.get('RANK', '0')} killing itself at {point} {step}",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
