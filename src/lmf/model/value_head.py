@@ -97,12 +97,18 @@ def _atomic_write(path: str, write) -> None:
 
 
 def save_value_head(model, output_dir: str) -> None:
-    """Write ``value_head.safetensors`` and ``value_head_config.json`` into ``output_dir``."""
+    """Write ``value_head.safetensors`` and ``value_head_config.json`` of ``model.v_head`` into ``output_dir``."""
+    save_value_head_state(value_head_state_dict(model), output_dir)
+
+
+def save_value_head_state(state: dict, output_dir: str) -> None:
+    """Write the value head from its ``v_head.summary.*`` tensors (e.g. taken out of a full state dict)."""
     from safetensors.torch import save_file
 
+    tensors = {VALUE_HEAD_PREFIX + name: state[VALUE_HEAD_PREFIX + name].detach().cpu().float().contiguous()
+               for name in ("summary.weight", "summary.bias")}
     os.makedirs(output_dir, exist_ok=True)
-    tensors = value_head_state_dict(model)
-    config = {"hidden_size": get_value_head(model).hidden_size, "score": "last_non_pad_token"}
+    config = {"hidden_size": int(tensors[VALUE_HEAD_PREFIX + "summary.weight"].shape[1]), "score": "last_non_pad_token"}
     _atomic_write(os.path.join(output_dir, VALUE_HEAD_WEIGHTS), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
     def write_json(p):
@@ -134,10 +140,14 @@ def load_value_head(model, path: str) -> ValueHead:
     if state["summary.weight"].shape != (1, hidden_size):
         raise LmfError(f"{weights} has shape {tuple(state['summary.weight'].shape)}, "
                        f"but the model's hidden size is {hidden_size}")
+    head = getattr(model, "v_head", None)
+    if isinstance(head, ValueHead) and head.hidden_size == hidden_size:
+        with torch.no_grad():  # in place: the optimizer and any wrapper keep the same parameters
+            head.summary.weight.copy_(state["summary.weight"])
+            head.summary.bias.copy_(state["summary.bias"])
+        return head
     head = ValueHead(hidden_size)
     head.load_state_dict(state)
-    if getattr(model, "v_head", None) is not None:
-        del model.v_head
     model.v_head = head.to(unwrap_causal_lm(model).get_output_embeddings().weight.device)
     return model.v_head
 

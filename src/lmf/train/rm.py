@@ -43,3 +43,77 @@ class PairwiseRMObjective:
             "scores/margins": (c - r).mean().item(),
         }
         return losses.sum(), torch.tensor(losses.size(0), device=losses.device), metrics
+
+
+class RMStage:
+    """Pairwise collator, Bradley-Terry objective and value-head save/restore for the shared Trainer."""
+
+    name = "rm"
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.objective = PairwiseRMObjective()
+
+    def compute_loss(self, model, batch: dict):
+        return self.objective.compute_loss(model, batch)
+
+    def save_extra(self, out_dir: str, state_dict: dict) -> dict:
+        """Write the value head next to the adapter/model; return the state dict without it."""
+        from lmf.model.value_head import VALUE_HEAD_PREFIX, save_value_head_state, strip_value_head
+
+        head = {k[k.index(VALUE_HEAD_PREFIX):]: v for k, v in state_dict.items() if VALUE_HEAD_PREFIX in k}
+        save_value_head_state(head, out_dir)
+        return strip_value_head(state_dict)
+
+    def load_extra(self, model, checkpoint_dir: str) -> set:
+        """Restore the value head of a checkpoint (in place); the parameter names it restored."""
+        from lmf.model.value_head import load_value_head
+
+        load_value_head(model, checkpoint_dir)
+        return {n for n, _ in model.named_parameters() if "v_head." in n}
+
+
+def freeze_unused_lm_head(model) -> None:
+    """The reward never uses the LM head: stop training it (DDP would wait for its gradients)."""
+    from lmf.loss import unwrap_causal_lm
+
+    causal_lm = unwrap_causal_lm(model)
+    head, embed = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()
+    if head is not None and (embed is None or head.weight is not embed.weight):
+        head.requires_grad_(False)
+
+
+def run_rm(cfg) -> None:
+    """``lmf rm``: train a value head (+ LoRA/full/freeze) on pairwise data; saves value_head.safetensors."""
+    from lmf.data.collator import PairwiseCollator
+    from lmf.dist.runtime import destroy_distributed
+    from lmf.extras.logging import get_logger
+    from lmf.model.loader import load_model
+    from lmf.model.value_head import add_value_head, has_value_head, load_value_head
+    from lmf.train.sft import load_tokenizer_and_data
+    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+
+    logger = get_logger(__name__)
+    runtime = setup_runtime(cfg)
+    try:
+        resume = resolve_resume_checkpoint(cfg, runtime)
+        set_seed(cfg.training.seed)
+        tokenizer, _, data = load_tokenizer_and_data(cfg, "rm")
+        model = load_model(cfg, tokenizer, is_trainable=True)
+        freeze_unused_lm_head(model)
+        adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+        if adapters and has_value_head(adapters[-1]) and not cfg.finetuning.create_new_adapter:
+            load_value_head(model, adapters[-1])
+            logger.info("continuing the value head of %s", adapters[-1])
+        elif has_value_head(cfg.model.model_name_or_path):
+            load_value_head(model, cfg.model.model_name_or_path)
+            logger.info("continuing the value head of %s", cfg.model.model_name_or_path)
+        else:
+            add_value_head(model, seed=cfg.training.seed)
+        model.v_head.requires_grad_(True)
+        stage = RMStage(PairwiseCollator(tokenizer, 8 if runtime.device.type == "cuda" else None))
+        trainer = Trainer(cfg, model, tokenizer, stage, data.train_dataset, runtime,
+                          eval_dataset=data.eval_dataset, resume_from=resume)
+        trainer.train()
+    finally:
+        destroy_distributed()

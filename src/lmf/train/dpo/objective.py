@@ -9,7 +9,7 @@ model, or the policy itself with its LoRA adapters disabled (no second copy in m
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -21,10 +21,13 @@ REF_CHOSEN = "ref_chosen_logps"
 REF_REJECTED = "ref_rejected_logps"
 
 
-def concatenated_logps(model, batch: dict, chunk_size: Optional[int] = None):
-    """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``, from one forward."""
+def concatenated_logps(model, batch: dict, **loss_opts):
+    """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``, from one forward.
+
+    ``loss_opts`` are :func:`lmf.loss.sequence_logps` options (``chunk_size``, ``softcap``).
+    """
     hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-    logps, lengths = sequence_logps(hidden, lm_head_of(model), batch["labels"], chunk_size)
+    logps, lengths = sequence_logps(hidden, lm_head_of(model), batch["labels"], **loss_opts)
     half = batch["input_ids"].size(0) // 2
     return logps[:half], logps[half:], lengths[:half], lengths[half:]
 
@@ -35,7 +38,7 @@ def has_adapters(model) -> bool:
 
 
 @torch.no_grad()
-def reference_logps(model, batch: dict, ref_model=None, chunk_size: Optional[int] = None):
+def reference_logps(model, batch: dict, ref_model=None, loss_opts: Optional[dict] = None):
     """Reference ``(chosen_logps, rejected_logps)`` sums ``[B]``: ``ref_model``, or ``model`` without adapters."""
     if ref_model is not None:
         target, context = ref_model, nullcontext()
@@ -47,7 +50,7 @@ def reference_logps(model, batch: dict, ref_model=None, chunk_size: Optional[int
     target.eval()  # no dropout in the reference
     try:
         with context:
-            chosen, rejected, _, _ = concatenated_logps(target, batch, chunk_size)
+            chosen, rejected, _, _ = concatenated_logps(target, batch, **(loss_opts or {}))
     finally:
         target.train(was_training)
     return chosen.detach(), rejected.detach()
@@ -66,7 +69,7 @@ class DPOObjective:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     ftx: float = 0.0
-    chunk_size: Optional[int] = None
+    loss_opts: dict = field(default_factory=dict)
     ref_model: Optional[torch.nn.Module] = None
 
     @property
@@ -77,13 +80,13 @@ class DPOObjective:
         return self.compute_loss(model, batch)
 
     def compute_loss(self, model, batch: dict):
-        pi_c, pi_r, len_c, len_r = concatenated_logps(model, batch, self.chunk_size)
+        pi_c, pi_r, len_c, len_r = concatenated_logps(model, batch, **self.loss_opts)
         ref_c = ref_r = None
         if self.use_reference:
             if REF_CHOSEN in batch:
                 ref_c, ref_r = batch[REF_CHOSEN].to(pi_c.device), batch[REF_REJECTED].to(pi_c.device)
             else:
-                ref_c, ref_r = reference_logps(model, batch, self.ref_model, self.chunk_size)
+                ref_c, ref_r = reference_logps(model, batch, self.ref_model, self.loss_opts)
         losses, chosen_rewards, rejected_rewards = preference_loss(
             pi_c, pi_r, ref_c, ref_r,
             loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,

@@ -28,12 +28,11 @@ def load_reference_model(cfg, tokenizer, device=None):
     from lmf.model.loader import load_model
 
     ft = cfg.finetuning
-    ref_model_args = dataclasses.replace(
-        cfg.model,
-        model_name_or_path=ft.ref_model or cfg.model.model_name_or_path,
-        adapter_name_or_path=ft.ref_model_adapters,
-    )
-    ref_cfg = dataclasses.replace(cfg, model=ref_model_args)
+    ref_model_args = dataclasses.replace(cfg.model, model_name_or_path=ft.ref_model or cfg.model.model_name_or_path,
+                                         adapter_name_or_path=ft.ref_model_adapters)
+    # adapters of the reference are merged for inference, which the loader allows for LoRA configs only
+    finetuning = dataclasses.replace(ft, finetuning_type="lora") if ft.ref_model_adapters else ft
+    ref_cfg = dataclasses.replace(cfg, model=ref_model_args, finetuning=finetuning)
     logger.info("loading the frozen DPO reference model from %s", ref_model_args.model_name_or_path)
     model = load_model(ref_cfg, tokenizer, is_trainable=False, device=device)
     model.requires_grad_(False)
@@ -60,7 +59,7 @@ class WithReferenceLogps:
 
 @torch.no_grad()
 def precompute_reference_logps(dataset, collator, model, ref_model=None, *, batch_size: int = 4,
-                               device=None, chunk_size: Optional[int] = None):
+                               device=None, loss_opts: Optional[dict] = None):
     """``dataset`` with ``ref_chosen_logps``/``ref_rejected_logps`` columns (one pass, no gradients).
 
     Under torch.distributed each rank scores a strided shard and the results are all-gathered,
@@ -79,7 +78,7 @@ def precompute_reference_logps(dataset, collator, model, ref_model=None, *, batc
         idx = mine[start:start + batch_size]
         batch = collator([dataset[i] for i in idx])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        chosen, rejected = reference_logps(model, batch, ref_model, chunk_size)
+        chosen, rejected = reference_logps(model, batch, ref_model, loss_opts)
         for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
             results[i] = (c, r)
     if distributed:
