@@ -52,8 +52,9 @@ def _print_split(name: str, stats: Optional[dict], out: TextIO) -> None:
               "unpacked (padded to cutoff_len)", file=out)
 
 
-def print_report(module, tokenizer, template, stage: str, out: TextIO = sys.stdout) -> None:
+def print_report(module, tokenizer, template, stage: str, out: Optional[TextIO] = None) -> None:
     """Human-readable report of a DatasetModule."""
+    out = out or sys.stdout
     stats: dict[str, Any] = module.stats
     print(f"stage: {stage}  template: {template.name}  cutoff_len: {stats.get('cutoff_len')}", file=out)
     print(f"cache: {stats.get('cache')} {stats.get('cache_path', '')}".rstrip(), file=out)
