@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -14,6 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# preprocessing caches of the tests go to a throwaway folder, never to ~/.cache/lmf
+os.environ.setdefault("LMF_CACHE", tempfile.mkdtemp(prefix="lmf-test-cache-"))
 
 
 @pytest.fixture(scope="session")
