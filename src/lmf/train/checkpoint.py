@@ -36,6 +36,7 @@ FINAL_ARTEFACTS = (
     "model.safetensors", "model.safetensors.index.json", "training_loss.png", "all_results.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "README.md",
+    "value_head.safetensors", "value_head_config.json",
 )
 
 

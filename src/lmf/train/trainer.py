@@ -439,14 +439,20 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.eval_dataset, batch_size=self.args.per_device_eval_batch_size,
                                              sampler=sampler, collate_fn=self.stage.collator)
         acc = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
+        metric_sums: dict[str, float] = {}  # stage metrics weighted by items (every rank gets >= 1 batch)
         with self._eval_mode(), torch.no_grad():
             for batch in loader:
                 with self._autocast():
-                    loss_sum, items, _ = self.wrapped(self._to_device(batch))
+                    loss_sum, items, metrics = self.wrapped(self._to_device(batch))
                 acc[0] += loss_sum.double()
                 acc[1] += items.double() if hasattr(items, "double") else float(items)
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(items)
+        keys = sorted(metric_sums)
+        acc = torch.cat([acc, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64, device=acc.device)])
         all_reduce_sum(acc)
-        return {"eval_loss": round(acc[0].item() / max(acc[1].item(), 1.0), 6)}
+        n = max(acc[1].item(), 1.0)
+        return {"eval_loss": round(acc[0].item() / n, 6), **{f"eval_{k}": round(acc[2 + i].item() / n, 6) for i, k in enumerate(keys)}}
 
     def _record(self, entry: dict, reporter) -> None:
         self.state.log_history.append(entry)
