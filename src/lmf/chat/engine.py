@@ -113,6 +113,7 @@ class ChatStream:
         self._source: Optional[Iterator[str]] = None
         self._iter: Optional[Iterator[str]] = None
         self._on_close: list[Callable[[], None]] = []
+        self.finished = False
 
     def attach(self, source: Iterator[str], on_close: Optional[Callable[[], None]] = None) -> "ChatStream":
         """Set the backend's raw piece iterator (and a cancel hook); returns self."""
@@ -129,7 +130,11 @@ class ChatStream:
             if self._source is None:
                 raise RuntimeError("ChatStream has no source attached")
             self._iter = self._filtered(self._source) if self._stop else iter(self._source)
-        return next(self._iter)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self.finished = True
+            raise
 
     def _filtered(self, source: Iterator[str]) -> Iterator[str]:
         buffer = ""
@@ -161,7 +166,7 @@ class ChatStream:
 
     def close(self) -> None:
         """Stop generating (no-op when already finished)."""
-        if self.cancelled.is_set():
+        if self.cancelled.is_set() or self.finished:
             return
         self.cancelled.set()
         for hook in self._on_close:

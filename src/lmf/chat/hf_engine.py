@@ -53,6 +53,8 @@ class HuggingFaceEngine(ChatEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.settings = GenerationSettings.from_args(cfg.generating)
+        if cfg.generating.num_beams != 1:
+            logger.warning("num_beams=%d is ignored: chat and api stream one sequence (num_beams=1)", cfg.generating.num_beams)
         self.use_cache = cfg.model.use_cache
         self.model_name = served_model_name(cfg)
         logger.info("chat engine ready: %s on %s, template %s, stop tokens %s",
