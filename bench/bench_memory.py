@@ -15,11 +15,11 @@ tokens because its 8192-token step needs ~15 GiB):
 
     python bench/bench_memory.py
 
-GPU (H100; bf16 weights; writes bench/RESULTS-memory.md):
+GPU (H100; bf16 weights; no plain-path length limit, 8 GiB budget; writes bench/RESULTS-memory.md):
 
-    python bench/bench_memory.py --device cuda --lengths 1024,4096,8192,16384 --budget-gb 16 --max-plain-len 0
+    python bench/bench_memory.py --device cuda --lengths 1024,4096,8192,16384 --paths plain,chunked,liger --hidden 512
 
-Other knobs: --paths chunked,plain --layers 2 --hidden 256 --chunk-size 1024 --lora (LoRA on the
+Other knobs: --paths plain,chunked,liger (liger: needs CUDA and liger-kernel) --layers 2 --hidden 256 --chunk-size 1024 --lora (LoRA on the
 attention projections, frozen head) --grad-ckpt (per-layer activation checkpointing) --offload
 (with --grad-ckpt on CUDA) --no-budget --out FILE.
 """
@@ -105,12 +105,13 @@ def run_child(args) -> dict:
     input_ids = torch.randint(0, VOCAB, (1, args.length), generator=gen).to(device)
     labels = input_ids.clone()
     labels[:, : int(args.length * args.prompt_frac)] = IGNORE_INDEX
-    chunk_size = args.chunk_size if args.path == "chunked" else None
+    chunk_size = None if args.path == "plain" else args.chunk_size
+    use_liger = args.path == "liger"  # liger-kernel's fused linear CE (CUDA; falls back to chunked)
 
     def step():
         model.zero_grad(set_to_none=True)
         hidden = decoder_hidden_states(model, input_ids)
-        loss_sum, count = causal_lm_loss(hidden, head, labels, chunk_size)
+        loss_sum, count = causal_lm_loss(hidden, head, labels, chunk_size, use_liger=use_liger)
         loss = loss_sum / count
         loss.backward()
         return loss.item()
@@ -223,28 +224,35 @@ def render(args, results: list[dict], longest: dict) -> str:
         "weights and gradients included. tokens/s = "
         + ("the measured step's." if args.steps == 0 else f"median of {args.steps} steps after the measured one."),
         "",
-        "| cutoff_len | plain peak | chunked peak | memory ratio | plain tok/s | chunked tok/s | speed ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    others = [p for p in args.paths if p != "plain"]
+    header = "| cutoff_len | plain peak | plain tok/s |"
+    for p in others:
+        header += f" {p} peak | {p} tok/s | memory ratio (plain/{p}) | speed ratio ({p}/plain) |"
+    lines += [header, "|" + "---:|" * (3 + 4 * len(others))]
     by_key = {(r["path"], r["length"]): r for r in results}
+
+    def peak(r):
+        if r is None:
+            return "skipped"
+        return str(r["error"]) if "error" in r else f"{r['peak_bytes'] / 2**30:.2f} GiB"
+
+    def tps(r):
+        return f"{r['tokens_per_s']:.0f}" if r and "error" not in r else "-"
+
     for length in args.lengths:
-        plain, chunked = by_key.get(("plain", length)), by_key.get(("chunked", length))
-
-        def peak(r):
-            if r is None:
-                return "skipped"
-            return r.get("error", None) or f"{r['peak_bytes'] / 2**30:.2f} GiB"
-
-        def tps(r):
-            return f"{r['tokens_per_s']:.0f}" if r and "error" not in r else "-"
-
-        ok = plain and chunked and "error" not in plain and "error" not in chunked
-        mem_ratio = f"{plain['peak_bytes'] / chunked['peak_bytes']:.2f}x" if ok else "-"
-        speed_ratio = f"{chunked['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if ok else "-"
-        lines.append(f"| {length} | {peak(plain)} | {peak(chunked)} | {mem_ratio} | {tps(plain)} | {tps(chunked)} | {speed_ratio} |")
+        plain = by_key.get(("plain", length))
+        row = f"| {length} | {peak(plain)} | {tps(plain)} |"
+        for p in others:
+            other = by_key.get((p, length))
+            ok = plain and other and "error" not in plain and "error" not in other
+            mem_ratio = f"{plain['peak_bytes'] / other['peak_bytes']:.2f}x" if ok else "-"
+            speed_ratio = f"{other['tokens_per_s'] / plain['tokens_per_s']:.2f}x" if ok else "-"
+            row += f" {peak(other)} | {tps(other)} | {mem_ratio} | {speed_ratio} |"
+        lines.append(row)
     if longest:
         lines += ["", f"Longest cutoff_len within a {args.budget_gb:g} GiB budget (linear fit of the peaks, then verified by a run):", ""]
-        for path in ("plain", "chunked"):
+        for path in args.paths:
             item = longest.get(path)
             if item is None:
                 lines.append(f"- {path}: not determined")
@@ -271,9 +279,9 @@ def parse_args(argv=None):
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--max-plain-len", type=int, default=None,
                         help="skip the plain path above this length (cpu default 4096, 0 = no limit)")
-    parser.add_argument("--budget-gb", type=float, default=None, help="memory budget for the longest-cutoff search (cpu 3, cuda 16)")
+    parser.add_argument("--budget-gb", type=float, default=None, help="memory budget for the longest-cutoff search (cpu 3, cuda 8)")
     parser.add_argument("--max-budget-len", type=int, default=None,
-                        help="do not verify predicted lengths above this (cpu default 16384, 0 = no limit)")
+                        help="do not verify predicted lengths above this (cpu 16384, cuda 524288; 0 = no limit)")
     parser.add_argument("--no-budget", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS-memory.md"))
     # child mode
@@ -287,9 +295,9 @@ def parse_args(argv=None):
     if args.max_plain_len is None:
         args.max_plain_len = 4096 if cpu else 0
     if args.budget_gb is None:
-        args.budget_gb = 3.0 if cpu else 16.0
+        args.budget_gb = 3.0 if cpu else 8.0
     if args.max_budget_len is None:
-        args.max_budget_len = 16384 if cpu else 0
+        args.max_budget_len = 16384 if cpu else 524288
     return args
 
 

@@ -129,6 +129,10 @@ def _liger_causal_lm_loss(hidden, lm_head, labels, softcap):
     from lmf.loss.chunked import linear_params, select_label_rows
 
     rows, targets, _, counts = select_label_rows(hidden, labels)
+    if targets.numel() == 0:  # nothing to predict: the chunked path returns a connected zero
+        from lmf.loss.chunked import chunked_causal_lm_loss
+
+        return chunked_causal_lm_loss(hidden, lm_head, labels, 1024, softcap=softcap)
     weight, bias = linear_params(lm_head)
     kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
     if softcap:

@@ -55,8 +55,11 @@ def select_label_rows(hidden: torch.Tensor, labels: torch.Tensor):
 
 
 def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab_size):
-        bad = int(targets.max()) if int(targets.max()) >= vocab_size else int(targets.min())
+    if not targets.numel():
+        return
+    low, high = torch.stack([targets.min(), targets.max()]).tolist()  # one device sync
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
         raise ValueError(
             f"label id {bad} is outside the LM head's vocabulary [0, {vocab_size}) "
             f"(labels must be token ids or {IGNORE_INDEX}); is the tokenizer the model's own?"
