@@ -41,21 +41,17 @@ def test_chat_through_a_pipe_history_clear_exit(tiny_model_dir):
     assert "Welcome to lmf chat" in proc.stderr
 
 
-def test_end_of_input_quits_cleanly(tiny_model_dir, tmp_path):
-    cfg = tmp_path / "chat.yaml"
-    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ntemplate: qwen\ndo_sample: false\nmax_new_tokens: 4\n")
-    proc = _run_chat([str(cfg)], "hi\n\n   \n")  # blank lines are skipped; no `exit`
-    assert proc.returncode == 0, proc.stderr
-    assert len(_replies(proc.stdout)) == 1
-    assert "Traceback" not in proc.stderr
+def test_bad_config_is_a_one_line_error(tmp_path, capsys):
+    from lmf.launcher import launch
 
-
-def test_bad_config_is_a_one_line_error(tmp_path):
-    proc = _run_chat(["--template", "qwen"], "")
-    assert proc.returncode == 2
-    assert "model_name_or_path" in proc.stderr and "Traceback" not in proc.stderr
-    proc = _run_chat(["--model", str(tmp_path / "nowhere"), "--template", "qwen"], "")
-    assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        launch(["chat", "--template", "qwen"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model_name_or_path" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        launch(["chat", "--model", str(tmp_path / "nowhere"), "--template", "qwen"])
+    assert exit_info.value.code != 0 and "does not exist" in capsys.readouterr().err
 
 
 class RecordingWriter(io.StringIO):
@@ -105,6 +101,13 @@ def test_session_streams_and_keeps_history(engine):
     session.clear()
     session.reply("hello", out)
     assert recorder.seen[2] == [{"role": "user", "content": "hello"}]
+
+
+def test_end_of_input_quits_cleanly(engine):
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_loop(engine, io.StringIO("hi\n\n   \n"), out, err) == 0  # blank lines skipped, no `exit`
+    assert len(_replies(out.getvalue())) == 1
+    assert err.getvalue().startswith("Welcome to lmf chat")
 
 
 def test_loop_reports_a_too_long_conversation_and_goes_on(engine):
