@@ -319,3 +319,16 @@ def test_client_disconnect_mid_stream_cancels_generation_and_frees_the_slot(engi
         assert 0 < engine.streams[0].completion_tokens < 1000  # generation stopped early
         reply = _client(url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "next"}])
         assert reply.choices[0].message.content == "echo: next"
+
+
+def test_a_busy_port_fails_fast_with_a_message():
+    from lmf.api.server import check_port_free
+    from lmf.extras.errors import LmfError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        with pytest.raises(LmfError, match=f"cannot serve on 127.0.0.1:{port}"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", _free_port())

@@ -320,6 +320,23 @@ def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[Api
     return settings, rest
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail fast (before loading a model for minutes) when ``host:port`` cannot be bound."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(f"API setting host: cannot resolve {host!r}: {exc}") from exc
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise LmfError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port / API_PORT") from exc
+
+
 def run_api(argv: list[str]) -> int:
     """``lmf api CONFIG.yaml [key=value ...] [--host H] [--port P] [--model-name N] [--max-concurrent C] [--max-queue Q]``."""
     try:
@@ -333,6 +350,7 @@ def run_api(argv: list[str]) -> int:
 
     settings, rest = parse_api_settings(argv)
     cfg = load_serving_config(rest)
+    check_port_free(settings.host, settings.port)
     engine = create_engine(cfg)
     app = create_app(engine, settings)
     if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
