@@ -1,0 +1,85 @@
+"""LLaMA-Factory side of bench/compare_lf.py; runs in bench/.lf-venv (never imports lmf).
+
+``python lf_side.py SPEC.json RESULT.json`` where SPEC is
+``{"action": "preprocess" | "train", "config": {LLaMA-Factory config keys}}``.
+
+- preprocess: LLaMA-Factory's own ``get_dataset`` (load + align + tokenize/template/mask), timed;
+  token statistics of the result.
+- train: LLaMA-Factory's ``run_exp`` (what ``llamafactory-cli train`` runs on one device), with
+  ``transformers.Trainer.train`` timed and the tokenized train set counted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Stopwatch, cuda_peak_mib, peak_rss_mib, read_spec, token_stats, write_result  # noqa: E402
+
+PROCESS_START = time.perf_counter()
+
+
+def preprocess(config: dict) -> dict:
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, _, _ = get_train_args(dict(config))
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    with Stopwatch() as sw:
+        module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+    train = module["train_dataset"]
+    return {"seconds": sw.seconds, "stats": token_stats(train, tokenizer.pad_token_id)}
+
+
+def train(config: dict) -> dict:
+    import transformers
+
+    import llamafactory.train.sft.workflow as workflow
+    from llamafactory.train.tuner import run_exp
+
+    out: dict = {}
+    original_get_dataset = workflow.get_dataset
+
+    def counting_get_dataset(template, model_args, data_args, training_args, stage, tokenizer, **kw):
+        module = original_get_dataset(template, model_args, data_args, training_args, stage, tokenizer, **kw)
+        out["data"] = token_stats(module["train_dataset"], tokenizer.pad_token_id, with_digest=False)
+        return module
+
+    original_train = transformers.Trainer.train
+
+    def timed_train(self, *args, **kwargs):
+        with Stopwatch() as sw:
+            result = original_train(self, *args, **kwargs)
+        st = self.state
+        losses = [h["loss"] for h in st.log_history if "loss" in h]
+        out.update(train_seconds=sw.seconds, global_step=st.global_step, epoch=st.epoch,
+                   trainer_tokens=getattr(st, "num_input_tokens_seen", None),
+                   first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                   params=sum(p.numel() for p in self.model.parameters()))
+        return result
+
+    workflow.get_dataset = counting_get_dataset
+    transformers.Trainer.train = timed_train
+    run_exp(dict(config))
+    return out
+
+
+def main() -> None:
+    spec, result_path = read_spec()
+    action = {"preprocess": preprocess, "train": train}[spec["action"]]
+    result = action(spec["config"])
+    import llamafactory
+
+    result.update(side="llamafactory", version=llamafactory.__version__,
+                  process_seconds=time.perf_counter() - PROCESS_START,
+                  peak_rss_mib=peak_rss_mib(), cuda_peak_mib=cuda_peak_mib())
+    write_result(result_path, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""lmf side of bench/compare_lf.py; runs in lmf's environment (never imports llamafactory).
+
+``python lmf_side.py SPEC.json RESULT.json`` where SPEC is
+``{"action": "preprocess" | "train", "config": {lmf config keys}}``.
+
+- preprocess: ``lmf.data.loader.get_dataset`` (read + convert + tokenize/template/mask), timed;
+  token statistics of the result.
+- train: ``lmf.train.tuner.run_exp`` (what ``lmf sft CONFIG`` runs on one device), with
+  ``lmf.train.trainer.Trainer.train`` timed and the tokenized train set counted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Stopwatch, cuda_peak_mib, peak_rss_mib, read_spec, token_stats, write_result  # noqa: E402
+
+PROCESS_START = time.perf_counter()
+
+
+def _config_file(config: dict) -> str:
+    """lmf's CLI reads a YAML file: write the config next to the result file (JSON is valid YAML)."""
+    import json
+
+    path = os.path.splitext(sys.argv[2])[0] + ".config.yaml"
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=1)
+    return path
+
+
+def preprocess(config: dict) -> dict:
+    from lmf.config.parser import get_config
+    from lmf.data.loader import get_dataset
+    from lmf.data.template import get_template
+    from lmf.model.loader import load_tokenizer
+
+    cfg = get_config([_config_file(config)])
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(cfg.data.template, tokenizer)
+    template.fix_tokenizer(tokenizer)
+    with Stopwatch() as sw:
+        module = get_dataset(cfg, tokenizer, template, stage="sft")
+    return {"seconds": sw.seconds, "stats": token_stats(module.train_dataset, tokenizer.pad_token_id)}
+
+
+def train(config: dict) -> dict:
+    import lmf.data.loader as loader
+    import lmf.train.trainer as trainer_mod
+    from lmf.train.tuner import run_exp
+
+    out: dict = {}
+    original_get_dataset = loader.get_dataset
+
+    def counting_get_dataset(cfg, tokenizer, template, stage):
+        module = original_get_dataset(cfg, tokenizer, template, stage)
+        out["data"] = token_stats(module.train_dataset, tokenizer.pad_token_id, with_digest=False)
+        return module
+
+    original_train = trainer_mod.Trainer.train
+
+    def timed_train(self, *args, **kwargs):
+        with Stopwatch() as sw:
+            state = original_train(self, *args, **kwargs)
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        out.update(train_seconds=sw.seconds, global_step=state.global_step, epoch=state.epoch,
+                   trainer_tokens=state.tokens_seen,
+                   first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                   params=sum(p.numel() for p in self.model.parameters()))
+        return state
+
+    loader.get_dataset = counting_get_dataset
+    trainer_mod.Trainer.train = timed_train
+    run_exp([_config_file(config)], "sft")
+    return out
+
+
+def main() -> None:
+    spec, result_path = read_spec()
+    action = {"preprocess": preprocess, "train": train}[spec["action"]]
+    result = action(spec["config"])
+    import lmf
+
+    result.update(side="lmf", version=lmf.__version__, process_seconds=time.perf_counter() - PROCESS_START,
+                  peak_rss_mib=peak_rss_mib(), cuda_peak_mib=cuda_peak_mib())
+    write_result(result_path, result)
+
+
+if __name__ == "__main__":
+    main()
