@@ -10,6 +10,8 @@ Settings (flag, then environment variable, then default):
 ``--host`` / ``API_HOST`` (127.0.0.1), ``--port`` / ``API_PORT`` (8000), ``API_KEY`` (none; environment
 only, so it never shows in ``ps``), ``--model-name`` / ``API_MODEL_NAME`` (the model or adapter folder
 name), ``--max-concurrent`` / ``API_MAX_CONCURRENT`` (1), ``--max-queue`` / ``API_MAX_QUEUE`` (16).
+
+(No ``from __future__ import annotations`` here: FastAPI must see the real request class.)
 """
 
 import asyncio
@@ -162,15 +164,16 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http_error(request: Request, exc: StarletteHTTPException):
-        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return _error_response(exc.status_code, str(exc.detail), type_)
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": protocol.now(), "owned_by": "lmf"}]}
+        card = {"id": model_name, "object": "model", "created": protocol.now(), "owned_by": "lmf"}
+        return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatCompletionRequest):  # (no `from __future__ import annotations`
-        # in this module: FastAPI must see the real class to read the JSON body)
+    async def chat_completions(body: protocol.ChatCompletionRequest):
         if body.model != model_name:
             return _error_response(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                                    param="model", code="model_not_found")
@@ -182,7 +185,9 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             system, messages = split_system([{"role": m.engine_role(), "content": m.text()} for m in body.messages])
         except MessageError as exc:
             return _error_response(400, str(exc), param="messages")
-        tools = json.dumps([t.function.model_dump(exclude_none=True) for t in body.tools], ensure_ascii=False) if body.tools else None
+        tools = None
+        if body.tools:
+            tools = json.dumps([t.function.model_dump(exclude_none=True) for t in body.tools], ensure_ascii=False)
         gen = {
             "temperature": body.temperature,
             "top_p": body.top_p,
@@ -201,7 +206,7 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                 replies = []
                 for _ in range(body.n):
                     replies.append(await run_in_threadpool(engine.chat, messages, system, tools, **gen))
-            except (MessageError, ConfigError) as exc:
+            except LmfError as exc:  # a conversation or setting the engine rejects
                 return _error_response(400, str(exc))
             except Exception as exc:  # noqa: BLE001 - the client gets the message, the log gets the traceback
                 logger.exception("generation failed")
@@ -214,7 +219,7 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
 
         try:
             stream = await run_in_threadpool(engine.stream_chat, messages, system, tools, **gen)
-        except (MessageError, ConfigError) as exc:
+        except LmfError as exc:
             release()
             return _error_response(400, str(exc))
         except Exception as exc:  # noqa: BLE001
