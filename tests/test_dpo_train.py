@@ -24,6 +24,8 @@ def write_toy_preference_data(folder, n: int = 32) -> str:
     """A separable preference set: the chosen answer is always one phrase, the rejected another.
 
     Registered twice in dataset_info.json: alpaca layout (``toy_pref``) and sharegpt layout (``toy_pref_sg``).
+    ``toy_pref_words`` is harder: both answers share a sentence and differ in one word, drawn from a
+    "good" or a "bad" word list (separable, but a random value head starts near chance).
     """
     os.makedirs(folder, exist_ok=True)
     topics = ["the sea", "a cat", "bread", "rain", "mountains", "music", "a friend", "the moon"]
@@ -32,13 +34,20 @@ def write_toy_preference_data(folder, n: int = 32) -> str:
     sharegpt = [{"conversations": [{"from": "human", "value": r["instruction"]}],
                  "chosen": {"from": "gpt", "value": CHOSEN}, "rejected": {"from": "gpt", "value": REJECTED}}
                 for r in alpaca]
+    good, bad = ["apple", "river", "green", "music", "happy", "light"], ["stone", "cloud", "seven", "paper", "angry", "night"]
+    words = [{"instruction": f"Pick a word for item {i}.", "input": "",
+              "chosen": f"I pick {good[(i * 5) % 6]} for this one.", "rejected": f"I pick {bad[(i * 7) % 6]} for this one."}
+             for i in range(n)]
     info = {
         "toy_pref": {"file_name": "toy_pref.json", "ranking": True,
                      "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
         "toy_pref_sg": {"file_name": "toy_pref_sg.json", "ranking": True, "formatting": "sharegpt",
                         "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
+        "toy_pref_words": {"file_name": "toy_pref_words.json", "ranking": True,
+                           "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
     }
-    for name, rows in (("toy_pref.json", alpaca), ("toy_pref_sg.json", sharegpt), ("dataset_info.json", info)):
+    for name, rows in (("toy_pref.json", alpaca), ("toy_pref_sg.json", sharegpt), ("toy_pref_words.json", words),
+                       ("dataset_info.json", info)):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as fh:
             json.dump(rows, fh)
     return str(folder)
