@@ -10,8 +10,8 @@ include the model weights and gradients. tokens/s is the median over ``--steps``
 measured one. The longest cutoff_len fitting ``--budget-gb`` is predicted from a linear fit of the
 measured peaks (memory is linear in the length for both paths) and then verified by a run.
 
-CPU (default: about 3 minutes on 2 cores, peak < 9 GiB; the plain path is skipped above 4096
-tokens because its 8192-token step needs ~15 GiB):
+CPU (default: about 5 minutes, one thread, peak < 9 GiB; the plain path is skipped above 4096
+tokens because its 8192-token step needs ~15 GiB; speed is measured in process CPU time):
 
     python bench/bench_memory.py
 
@@ -116,12 +116,14 @@ def run_child(args) -> dict:
         loss.backward()
         return loss.item()
 
-    start = time.perf_counter()
+    # CPU: process time (the machine may be shared; with one thread it equals the uncontended wall time)
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    start = clock()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start = clock()
         loss = step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -132,15 +134,15 @@ def run_child(args) -> dict:
         loss = step()
         peak = _peak_rss_bytes(reset_ok, rss_before)
         base = rss_before
-    times = [time.perf_counter() - start] if args.steps == 0 else []  # steps 0: time the measured step
+    times = [clock() - start] if args.steps == 0 else []  # steps 0: time the measured step
     for _ in range(args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     seconds = statistics.median(times)
     return {"path": args.path, "length": args.length, "peak_bytes": peak, "before_bytes": base, "loss": loss,
             "step_s": seconds, "tokens_per_s": args.length / seconds}
@@ -222,6 +224,7 @@ def render(args, results: list[dict], longest: dict) -> str:
         f"device {device}; one sequence of cutoff_len tokens, {100 * (1 - args.prompt_frac):.0f}% of them labelled; "
         f"chunk_size {args.chunk_size}. Peak = {'peak RSS of the step (VmHWM)' if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}, "
         "weights and gradients included. tokens/s = "
+        + ("tokens per CPU-second of the process (robust to other load on a shared machine); " if args.device == "cpu" else "")
         + ("the measured step's." if args.steps == 0 else f"median of {args.steps} steps after the measured one."),
         "",
     ]
@@ -272,7 +275,7 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=None, help="timed steps after the measured one (cpu 0 = time the measured step, cuda 5)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-frac", type=float, default=0.0, help="fraction of each sequence masked as prompt")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--grad-ckpt", action="store_true")

@@ -197,3 +197,8 @@ def test_loss_kwargs_from_config(tiny_model_dir):
     assert loss_kwargs(args, model) == {"chunk_size": None, "softcap": None, "use_liger": True}
     model.config.final_logit_softcapping = 30.0
     assert loss_kwargs(ModelArguments(loss_chunk_size=256), model)["softcap"] == 30.0
+
+    from lmf.extras.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_chunk_size"):
+        loss_kwargs(ModelArguments(loss_chunk_size=0), model)

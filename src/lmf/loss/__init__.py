@@ -92,6 +92,10 @@ def loss_kwargs(model_args, model) -> dict:
     """Keyword arguments for :func:`causal_lm_loss` / :func:`sequence_logps` from the model config
     keys ``use_chunked_loss``, ``loss_chunk_size`` and ``enable_liger_kernel``."""
     chunk_size = int(model_args.loss_chunk_size) if model_args.use_chunked_loss else None
+    if chunk_size is not None and chunk_size <= 0:
+        from lmf.extras.errors import ConfigError
+
+        raise ConfigError(f"loss_chunk_size must be a positive number of tokens, got {model_args.loss_chunk_size}")
     config = getattr(unwrap_causal_lm(model), "config", None)
     for key in ("logit_scale", "logits_scaling"):
         if getattr(config, key, None) not in (None, 1, 1.0):
