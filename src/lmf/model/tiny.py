@@ -124,6 +124,66 @@ def build_tiny_model(out_dir: str, arch: str = "qwen3", vocab_size: int = 2048, 
     return out_dir
 
 
+def pretraining_texts(data_dir: Optional[str] = None) -> list[str]:
+    """Chat-formatted alpaca demo records and c4 demo text (not the identity data: the demo fine-tunes on it)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    data_dir = data_dir or os.path.join(here, "..", "..", "..", "examples", "data")
+    texts: list[str] = []
+    alpaca = os.path.join(data_dir, "alpaca_en_demo.json")
+    if os.path.isfile(alpaca):
+        with open(alpaca, encoding="utf-8") as fh:
+            for r in json.load(fh):
+                user = (r.get("instruction", "") + "\n" + r.get("input", "")).strip()
+                texts.append(
+                    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                    f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{r.get('output', '')}<|im_end|>\n"
+                )
+    c4 = os.path.join(data_dir, "c4_demo.jsonl")
+    if os.path.isfile(c4):
+        with open(c4, encoding="utf-8") as fh:
+            texts.extend(json.loads(line)["text"] for line in fh if line.strip())
+    return texts or _FALLBACK_CORPUS * 50
+
+
+def pretrain_tiny_model(model_dir: str, texts: Optional[list[str]] = None, steps: int = 300, seq_len: int = 128,
+                        batch_size: int = 16, lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """Briefly pre-train a tiny model in place (full parameters, next-token loss on random windows of ``texts``).
+
+    A randomly initialised model cannot show what LoRA fine-tuning does (its frozen head keeps
+    every prediction near uniform); a few hundred steps give it token statistics and the chat
+    format, so the demo's LoRA SFT has a loss that clearly goes down. Returns the loss curve.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids: list[int] = []
+    for text in texts if texts is not None else pretraining_texts():
+        ids.extend(tokenizer(text)["input_ids"] + [tokenizer.pad_token_id])
+    stream = torch.tensor(ids, dtype=torch.long)
+    if stream.numel() <= seq_len + 1:
+        raise ValueError("not enough text to pre-train on")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / steps))
+    model.train()
+    curve = []
+    for _ in range(steps):
+        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,))
+        batch = torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        curve.append(float(loss))
+    model.eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return curve
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Build a tiny random causal LM + local tokenizer.")
     parser.add_argument("out_dir")
@@ -132,9 +192,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="pre-train briefly on the bundled demo text (the bundled examples/tiny-qwen3 uses 400)")
+    parser.add_argument("--tokenizer-from", default=None, help="reuse the tokenizer saved in this directory")
     args = parser.parse_args(argv)
-    build_tiny_model(args.out_dir, arch=args.arch, vocab_size=args.vocab_size, seed=args.seed,
+    tokenizer = None
+    if args.tokenizer_from:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from)
+    build_tiny_model(args.out_dir, arch=args.arch, vocab_size=args.vocab_size, seed=args.seed, tokenizer=tokenizer,
                      hidden_size=args.hidden_size, num_layers=args.layers)
+    if args.pretrain_steps > 0:
+        curve = pretrain_tiny_model(args.out_dir, steps=args.pretrain_steps, seed=args.seed)
+        print(f"pre-trained {args.pretrain_steps} steps: loss {curve[0]:.3f} -> {sum(curve[-10:]) / 10:.3f}")
     print(f"tiny {args.arch} model written to {args.out_dir}")
 
 
