@@ -105,7 +105,8 @@ def now() -> int:
 
 def completion_body(request_id: str, model: str, choices: list[dict], usage: dict) -> dict:
     """A non-streaming ``chat.completion`` object."""
-    return {"id": request_id, "object": "chat.completion", "created": now(), "model": model, "choices": choices, "usage": usage}
+    return {"id": request_id, "object": "chat.completion", "created": now(), "model": model,
+            "choices": choices, "usage": usage}
 
 
 def chunk_body(request_id: str, model: str, delta: dict, finish_reason: Optional[str] = None,

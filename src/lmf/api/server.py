@@ -67,7 +67,8 @@ class RequestLimiter:
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(self.max_concurrent)
         if self.pending >= self.max_concurrent + self.max_queue:
-            raise Overloaded(f"server busy: {self.max_concurrent} request(s) running and {self.max_queue} queued; retry later")
+            raise Overloaded(f"server busy: {self.max_concurrent} request(s) running and "
+                             f"{self.max_queue} queued; retry later")
         self.pending += 1
         try:
             await self._semaphore.acquire()
@@ -104,7 +105,8 @@ class ApiKeyMiddleware:
                 from lmf.api.protocol import error_body
 
                 message = "invalid API key" if token.strip() else "missing API key: send 'Authorization: Bearer <key>'"
-                response = JSONResponse(error_body(message, "invalid_request_error", code="invalid_api_key"), status_code=401)
+                body = error_body(message, "invalid_request_error", code="invalid_api_key")
+                response = JSONResponse(body, status_code=401)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -199,7 +201,8 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
         try:
             release = await limiter.acquire()
         except Overloaded as exc:
-            return _error_response(503, str(exc), "server_error", code="server_overloaded", headers={"Retry-After": "1"})
+            return _error_response(503, str(exc), "server_error", code="server_overloaded",
+                                   headers={"Retry-After": "1"})
         request_id = protocol.new_id()
         if not body.stream:
             try:
@@ -242,7 +245,8 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
 def _choice(index: int, reply: Any, tool_calls: Optional[list[dict]]) -> dict:
     """One non-streaming choice: a text reply, or (finish_reason ``tool_calls``) the parsed tool calls."""
     if not tool_calls:
-        return {"index": index, "message": {"role": "assistant", "content": reply.text}, "finish_reason": reply.finish_reason}
+        return {"index": index, "message": {"role": "assistant", "content": reply.text},
+                "finish_reason": reply.finish_reason}
     import uuid
 
     calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call} for call in tool_calls]
@@ -339,11 +343,13 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind(address)
         except OSError as exc:
-            raise LmfError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port / API_PORT") from exc
+            raise LmfError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; "
+                           "choose another --port / API_PORT") from exc
 
 
 def run_api(argv: list[str]) -> int:
-    """``lmf api CONFIG.yaml [key=value ...] [--host H] [--port P] [--model-name N] [--max-concurrent C] [--max-queue Q]``."""
+    """``lmf api CONFIG.yaml [key=value ...] [--host H] [--port P] [--model-name N] [--max-concurrent C]
+    [--max-queue Q]``."""
     try:
         import uvicorn
     except ImportError:
@@ -359,7 +365,8 @@ def run_api(argv: list[str]) -> int:
     engine = create_engine(cfg)
     app = create_app(engine, settings)
     if settings.host not in LOOPBACK_HOSTS and not settings.api_key:
-        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model", settings.host)
+        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model",
+                       settings.host)
     print(f"lmf api: serving {app.state.model_name!r} on http://{settings.host}:{settings.port}/v1 "
           f"({'API key required' if settings.api_key else 'no API key'})", file=sys.stderr, flush=True)
     try:

@@ -244,7 +244,8 @@ def split_system(messages: list[dict[str, str]]) -> tuple[Optional[str], list[di
             raise MessageError(f"messages[{index}]: unknown role {role!r}; use system, user, assistant or tool")
         user_turn = i % 2 == 0
         if user_turn and role not in USER_SIDE_ROLES:
-            raise MessageError(f"messages[{index}]: expected a user (or tool) message, got {role!r}; roles must alternate")
+            raise MessageError(f"messages[{index}]: expected a user (or tool) message, got {role!r}; "
+                               "roles must alternate")
         if not user_turn and role not in ASSISTANT_SIDE_ROLES:
             raise MessageError(f"messages[{index}]: expected an assistant message, got {role!r}; roles must alternate")
         if not isinstance(message.get("content"), str):

@@ -54,13 +54,15 @@ class HuggingFaceEngine(ChatEngine):
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.settings = GenerationSettings.from_args(cfg.generating)
         if cfg.generating.num_beams != 1:
-            logger.warning("num_beams=%d is ignored: chat and api stream one sequence (num_beams=1)", cfg.generating.num_beams)
+            logger.warning("num_beams=%d is ignored: chat and api stream one sequence (num_beams=1)",
+                           cfg.generating.num_beams)
         self.use_cache = cfg.model.use_cache
         self.model_name = served_model_name(cfg)
         logger.info("chat engine ready: %s on %s, template %s, stop tokens %s",
                     self.model_name, self.device, self.template.name, self.stop_ids)
 
-    def encode(self, messages: list[dict[str, str]], system: Optional[str] = None, tools: Optional[str] = None) -> list[int]:
+    def encode(self, messages: list[dict[str, str]], system: Optional[str] = None,
+               tools: Optional[str] = None) -> list[int]:
         """Prompt token ids of a conversation (ending with a user turn), as the training template renders it."""
         from lmf.extras.errors import DataError
 
@@ -84,11 +86,13 @@ class HuggingFaceEngine(ChatEngine):
             max_new_tokens = min(max_new_tokens, room)
 
         stream = ChatStream(prompt_tokens=len(prompt_ids), stop=settings.stop)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=settings.skip_special_tokens)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=settings.skip_special_tokens)
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), stream.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+                stop = stream.cancelled.is_set()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
         kwargs: dict[str, Any] = dict(
             input_ids=torch.tensor([prompt_ids], device=self.device),
@@ -105,7 +109,8 @@ class HuggingFaceEngine(ChatEngine):
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
-            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+            kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                          top_k=settings.top_k or None)
         outcome: dict[str, Any] = {}
 
         def run() -> None:

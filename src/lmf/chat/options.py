@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
-FLAG_ALIASES = {"--model": "--model_name_or_path", "--adapter": "--adapter_name_or_path", "--backend": "--infer_backend"}
+FLAG_ALIASES = {
+    "--model": "--model_name_or_path",
+    "--adapter": "--adapter_name_or_path",
+    "--backend": "--infer_backend",
+}
 
 
 def translate_flags(argv: list[str]) -> list[str]:

@@ -60,7 +60,8 @@ class VllmEngine(ChatEngine):
         self.max_len = m.vllm_maxlen
         adapters = [p.strip() for p in (m.adapter_name_or_path or "").split(",") if p.strip()]
         if len(adapters) > 1:
-            raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; merge the others first with `lmf export`")
+            raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; "
+                                    "merge the others first with `lmf export`")
         engine_args = AsyncEngineArgs(
             model=m.model_name_or_path,
             trust_remote_code=m.trust_remote_code,
