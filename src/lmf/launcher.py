@@ -78,10 +78,12 @@ def get_device_count() -> int:
 
 
 def should_use_torchrun(env: Mapping[str, str], device_count: int) -> bool:
-    """True when a training command must be relaunched through torchrun."""
+    """True when a training command must be relaunched through torchrun (forced, >1 device, multi-node or elastic)."""
     if is_truthy(env.get("USE_RAY")):
         return False
-    return is_truthy(env.get("FORCE_TORCHRUN")) or device_count > 1
+    nnodes = env.get("NNODES") or "1"
+    multi_node = nnodes.isdigit() and int(nnodes) > 1  # one process per node still needs torchrun's rendezvous
+    return is_truthy(env.get("FORCE_TORCHRUN")) or device_count > 1 or multi_node or bool(env.get("RDZV_ID"))
 
 
 def build_torchrun_argv(
@@ -134,6 +136,10 @@ def build_child_env(env: Mapping[str, str]) -> dict[str, str]:
         child["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
         child["TORCH_NCCL_AVOID_RECORD_STREAMS"] = "1"
     child.setdefault("PYTHONUNBUFFERED", "1")
+    if env.get("RDZV_ID"):
+        # Elastic restarts break when workers share the rendezvous TCPStore: the new group reads the dead
+        # group's addresses (pytorch/pytorch#135712). A per-attempt store avoids it.
+        child.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     return child
 
 
