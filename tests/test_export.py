@@ -133,3 +133,21 @@ def test_demo_configs_are_valid(name):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_serving_config([os.path.join(root, "examples", name)])
     assert cfg.model.adapter_name_or_path == "saves/demo/lora/sft" and cfg.data.template == "qwen"
+
+
+def test_legacy_bin_format_needs_a_transformers_that_writes_it(tiny_model_dir, tmp_path):
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    from lmf.extras.errors import NotAvailableError
+
+    if "safe_serialization" in inspect.signature(PreTrainedModel.save_pretrained).parameters:
+        out = tmp_path / "bin"
+        run_export(["--model", tiny_model_dir, "--template", "qwen", f"export_dir={out}", "export_legacy_format=true"])
+        assert any(f.endswith(".bin") for f in os.listdir(out))
+    else:
+        with pytest.raises(NotAvailableError, match="only writes safetensors"):
+            run_export(["--model", tiny_model_dir, "--template", "qwen", f"export_dir={tmp_path / 'bin'}",
+                        "export_legacy_format=true"])
+        assert not (tmp_path / "bin").exists()
