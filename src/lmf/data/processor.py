@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from lmf.data.template import encode_text
+
 IGNORE_INDEX = -100
 
 
@@ -149,7 +151,7 @@ class PretrainProcessor:
             and tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         for prompt in batch["_prompt"]:
-            ids = bos + tok.encode(prompt[0]["content"], add_special_tokens=False) + eos
+            ids = bos + encode_text(tok, prompt[0]["content"]) + eos
             for start in range(0, len(ids), self.cutoff_len):
                 chunk = ids[start:start + self.cutoff_len]
                 out["input_ids"].append(chunk)

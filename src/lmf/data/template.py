@@ -125,7 +125,7 @@ class Template:
                 if token_id is not None:
                     ids.append(token_id)
             elif piece:
-                ids += tokenizer.encode(piece, add_special_tokens=False)
+                ids += encode_text(tokenizer, piece)
         return ids
 
     def _pieces_to_text(self, tokenizer, pieces: list[Piece]) -> str:
@@ -169,7 +169,7 @@ class Template:
         return [self._pieces_to_text(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
 
     def _thought_ids(self, tokenizer) -> list[int]:
-        return tokenizer.encode(self.thought_words[0] + self.thought_words[1], add_special_tokens=False)
+        return encode_text(tokenizer, self.thought_words[0] + self.thought_words[1])
 
     def _has_thought(self, text: str) -> bool:
         return self.thought_words[0].strip() in text or self.thought_words[1].strip() in text
@@ -314,6 +314,32 @@ class Template:
         """Stable text identifying everything that changes the rendered tokens (used in cache keys)."""
         fields_ = {k: repr(v) for k, v in sorted(self.__dict__.items())}
         return json.dumps(fields_, sort_keys=True)
+
+
+_PROBE = "Hello <|im_start|>user\n wörld <|im_end|>\n  x\t1+2 <s></s><|endoftext|>"
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=False)``, through the Rust backend when that is equivalent.
+
+    The fast path skips transformers' per-call Python overhead (about a third of preprocessing time);
+    it is used only after checking, once per tokenizer, that both paths give the same ids.
+    """
+    ok = getattr(tokenizer, "_lmf_backend_ok", None)
+    if ok is None:
+        backend = getattr(tokenizer, "_tokenizer", None)
+        try:
+            ok = backend is not None and backend.encode(_PROBE, add_special_tokens=False).ids == \
+                tokenizer.encode(_PROBE, add_special_tokens=False)
+        except Exception:  # any backend quirk: use the regular path
+            ok = False
+        try:
+            tokenizer._lmf_backend_ok = ok
+        except AttributeError:
+            pass
+    if ok:
+        return tokenizer._tokenizer.encode(text, add_special_tokens=False).ids
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _jinja_str(text: str) -> str:
