@@ -182,3 +182,41 @@ def test_two_ranks_with_different_config_fail(tmp_path):
     for rc, _, err in results:
         assert rc != 0
         assert "differing: config_hash" in err and "aaa" in err and "bbb" in err
+
+
+@pytest.mark.slow
+def test_cli_multi_node_with_mismatched_node_fails_on_every_rank(tiny_model_dir, tmp_path):
+    """Two `lmf sft` "nodes" (NNODES=2); node 1 reports another torch: both launchers exit non-zero with the table."""
+    import yaml
+
+    out = tmp_path / "out"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model_name_or_path": tiny_model_dir, "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "dataset_dir": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data"),
+        "dataset": "alpaca_en_demo", "template": "qwen", "max_samples": 8, "cutoff_len": 32, "output_dir": str(out),
+        "max_steps": 1, "report_to": "none",
+    }))
+    port = str(find_available_port())
+    procs = []
+    for node in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("LMF_FINGERPRINT_OVERRIDE", "RDZV_ID", "FORCE_TORCHRUN")}
+        env.update(NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   OMP_NUM_THREADS="1", LMF_CACHE=str(tmp_path / "cache"))
+        if node == 1:
+            env["LMF_FINGERPRINT_OVERRIDE"] = json.dumps({"torch": "9.9"})
+        procs.append(subprocess.Popen([sys.executable, "-m", "lmf", "sft", str(cfg)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for node, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode != 0, f"node {node} should have failed:\n{log[-3000:]}"
+        assert f"lmf: error: the 2 ranks of this job do not share the same environment (differing: torch)" in log, log[-3000:]
+        assert "| 1    |" in log and "9.9" in log
+    assert not out.exists() or not any(out.iterdir())  # failed before anything was written
