@@ -119,7 +119,11 @@ def suggest_key(key: str) -> Optional[str]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` -> (key, value) with YAML typing of the value (``lr=1e-4`` -> float)."""
+    """``key=value`` -> (key, value) with YAML typing of the value (``max_steps=10`` -> int).
+
+    YAML 1.1 reads ``1e-4`` as a string; the typed coercion in :func:`build_config` turns it into the
+    field's float, while string fields keep the text exactly as written.
+    """
     key, sep, raw = text.partition("=")
     key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not key:
