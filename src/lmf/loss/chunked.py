@@ -121,13 +121,22 @@ def _accumulate_param_grads(grad_logits, rows, grad_weight, grad_bias):
         if grad_weight.dtype == grad_logits.dtype == rows.dtype:
             grad_weight.addmm_(grad_logits.t(), rows)
         else:
-            grad_weight += (grad_logits.t() @ rows).float()
+            grad_weight.add_(grad_logits.t() @ rows)  # upcast in place: no [V, H] fp32 temporary
     if grad_bias is not None:
         grad_bias += grad_logits.float().sum(0)
 
 
 # --------------------------------------------------------------------------------------------
 # autograd functions
+
+
+def _scaled(grad, scale, dtype):
+    """``grad * scale`` in ``dtype`` without an extra full-size temporary; ``grad`` (saved) is untouched."""
+    if grad is None:
+        return None
+    if grad.dtype == dtype:
+        return grad * scale
+    return grad.to(dtype).mul_(scale)
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -170,13 +179,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_rows, grad_weight, grad_bias = ctx.saved_tensors
         rows_dtype, weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_output.float()
-        if grad_rows is not None:
-            grad_rows = (grad_rows.float() * scale).to(rows_dtype)
-        if grad_weight is not None:
-            grad_weight = (grad_weight * scale).to(weight_dtype)
-        if grad_bias is not None:
-            grad_bias = (grad_bias * scale).to(bias_dtype)
-        return grad_rows, grad_weight, grad_bias, None, None, None, None, None
+        return (_scaled(grad_rows, scale, rows_dtype), _scaled(grad_weight, scale, weight_dtype),
+                _scaled(grad_bias, scale, bias_dtype), None, None, None, None, None)
 
 
 class LinearTargetLogProbs(torch.autograd.Function):
