@@ -1,0 +1,60 @@
+"""`lmf sft` end to end through the CLI on the bundled demo config (tiny model, demo data, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join("examples", "demo_lora_sft.yaml")
+
+
+def run_lmf(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("FORCE_TORCHRUN", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", "from lmf.launcher import launch; launch()", *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def history(out_dir) -> list[dict]:
+    with open(os.path.join(out_dir, "trainer_state.json"), encoding="utf-8") as fh:
+        return json.load(fh)["log_history"]
+
+
+def test_demo_config_trains_and_adapter_loads(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "demo"
+    proc = run_lmf("sft", DEMO, f"output_dir={out}", "max_steps=6", "max_samples=24", "logging_steps=1", "save_steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trainable params: 16,384 || all params: 352,640" in proc.stderr
+    curve = [h["loss"] for h in history(out)]
+    assert len(curve) == 6 and min(curve[-2:]) < curve[0] - 0.3, curve
+    assert (out / "training_loss.png").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(os.path.join(REPO_ROOT, "examples", "tiny-qwen3")), str(out))
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 2048)
+    # relaunching into the finished run without overwrite_output_dir is refused with a one-line error
+    again = run_lmf("sft", DEMO, f"output_dir={out}", "max_steps=6", "max_samples=24", "overwrite_output_dir=false")
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+def test_command_stage_mismatch_is_a_config_error(tmp_path):
+    proc = run_lmf("sft", DEMO, "stage=dpo", f"output_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "stage" in proc.stderr and "dpo" in proc.stderr and "sft" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_model_path_names_the_key(tmp_path):
+    proc = run_lmf("sft", DEMO, f"model_name_or_path={tmp_path}/missing", f"output_dir={tmp_path}/o")
+    assert proc.returncode != 0 and "model_name_or_path" in proc.stderr and "Traceback" not in proc.stderr
