@@ -88,8 +88,14 @@ WORKER = textwrap.dedent(
     from lmf.dist.faults import peer_failure_guard, monitored_barrier
     from lmf.launcher import _guarded
 
-    mode, timeout_s = sys.argv[1], int(sys.argv[2])
-    info = init_distributed(timeout_s=timeout_s)
+    mode, timeout_s, via = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    if via == "config":  # the trainer's set-up point, with ddp_timeout from the config
+        from lmf.config.parser import build_config
+        from lmf.train.trainer import setup_runtime
+
+        info = setup_runtime(build_config({"model_name_or_path": "unused", "ddp_timeout": timeout_s}))
+    else:
+        info = init_distributed(timeout_s=timeout_s)
 
     def train():
         with peer_failure_guard():
@@ -111,7 +117,7 @@ WORKER = textwrap.dedent(
 )
 
 
-def _launch(tmp_path, mode: str, timeout_s: int):
+def _launch(tmp_path, mode: str, timeout_s: int, via: str = "runtime"):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = str(find_available_port())
@@ -119,7 +125,7 @@ def _launch(tmp_path, mode: str, timeout_s: int):
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(timeout_s)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), mode, str(timeout_s), via], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -165,3 +171,13 @@ def test_monitored_barrier_names_the_missing_rank(tmp_path):
     assert rc != 0
     assert "lmf: error: rank 0: Ranks 1 failed to pass monitoredBarrier" in err, err
     assert "those ranks died or hung" in err
+
+
+@pytest.mark.slow
+def test_config_ddp_timeout_bounds_collectives_at_the_trainer_setup_point(tmp_path):
+    procs = _launch(tmp_path, "hang", timeout_s=4, via="config")
+    rc, err, elapsed = _wait_rank0(procs, limit_s=60)
+    assert rc != 0
+    assert "environment fingerprint identical on all 2 ranks" in err  # the set-up point ran the check first
+    assert "lmf: error: rank 0 timed out after 4s (ddp_timeout) waiting for the other ranks" in err, err
+    assert elapsed < 45
