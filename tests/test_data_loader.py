@@ -120,3 +120,73 @@ def test_sft_collator_pads_right(tokenizer):
     assert "position_ids" not in batch
     packed = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}])
     assert packed["position_ids"].tolist() == [[0, 1, 0, 0, 0, 0, 0, 0]]
+
+
+def test_config_default_system_and_thinking_apply(tmp_path, demo_data_dir, tokenizer):
+    template = get_template("qwen3", tokenizer)
+    cfg = make_cfg(tmp_path, demo_data_dir, dataset="identity", max_samples=2, template="qwen3",
+                   default_system="Be terse.", enable_thinking=False)
+    row = get_dataset(cfg, tokenizer, template, "sft").train_dataset[0]
+    text = tokenizer.decode(row["input_ids"], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\nBe terse.<|im_end|>\n")
+    assert "<think>\n\n</think>\n\n" in text and "<think>" not in _label_text(tokenizer, row)
+
+
+def test_changed_data_file_invalidates_cache(tmp_path, tokenizer):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
+    (data / "d.json").write_text(json.dumps([{"instruction": "q", "output": "first"}]))
+    cfg = make_cfg(tmp_path, str(data), dataset="d")
+    template = get_template("qwen", tokenizer)
+    assert get_dataset(cfg, tokenizer, template, "sft").stats["cache"] == "built"
+    (data / "d.json").write_text(json.dumps([{"instruction": "q", "output": "second"}]))
+    module = get_dataset(cfg, tokenizer, template, "sft")
+    assert module.stats["cache"] == "built"
+    assert _label_text(tokenizer, module.train_dataset[0]) == "second<|im_end|>\n"
+
+
+def test_eval_dataset(tmp_path, demo_data_dir, tokenizer):
+    cfg = make_cfg(tmp_path, demo_data_dir, dataset="identity", eval_dataset="alpaca_en_demo", max_samples=6,
+                   val_size=0.5)
+    module = get_dataset(cfg, tokenizer, get_template("qwen", tokenizer), "sft")
+    assert len(module.train_dataset) == 6 and len(module.eval_dataset) == 6  # val_size ignored with eval_dataset
+    assert module.stats["eval"]["records"] == {"alpaca_en_demo": 6}
+
+
+DIST_SCRIPT = """
+import json, os, sys, hashlib
+from lmf.dist.runtime import init_distributed, destroy_distributed
+from lmf.config.parser import build_config
+from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.data.template import get_template
+from lmf.data.loader import get_dataset
+info = init_distributed(60, use_cpu=True)
+tok = build_char_tokenizer()
+cfg = build_config(dict(model_name_or_path="u", dataset_dir=sys.argv[1], dataset="alpaca_en_demo", template="chatml",
+                        max_samples=50, cutoff_len=256, preprocessing_cache_dir=sys.argv[2]))
+m = get_dataset(cfg, tok, get_template("chatml", tok), "sft")
+digest = hashlib.sha256(json.dumps(list(m.train_dataset["input_ids"])).encode()).hexdigest()
+with open(os.path.join(sys.argv[3], f"rank{info.rank}.json"), "w") as fh:
+    json.dump({"cache": m.stats["cache"], "digest": digest, "n": len(m.train_dataset)}, fh)
+destroy_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_build_once_and_agree(tmp_path, demo_data_dir):
+    import subprocess
+    import sys
+
+    script = tmp_path / "dist_data.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--standalone", str(script), demo_data_dir, str(tmp_path / "cache"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(r["cache"] for r in results) == ["built", "hit"]
+    assert results[0]["digest"] == results[1]["digest"] and results[0]["n"] == 50

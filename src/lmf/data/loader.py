@@ -298,11 +298,24 @@ def split_validation(train, val_size: float, seed: int):
     return train.select(train_idx, keep_in_memory=True), train.select(eval_idx, keep_in_memory=True)
 
 
+def _apply_data_args(template, data_args):
+    """The config's ``default_system`` / ``enable_thinking`` win over a template built without them."""
+    from dataclasses import replace
+
+    changes = {}
+    if data_args.default_system is not None and template.default_system != data_args.default_system:
+        changes["default_system"] = data_args.default_system
+    if template.reasoning and template.enable_thinking != data_args.enable_thinking:
+        changes["enable_thinking"] = data_args.enable_thinking
+    return replace(template, **changes) if changes else template
+
+
 def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
     """Tokenized train (and eval) datasets for ``stage`` (pt, sft, dpo, rm); see the module docstring."""
     from lmf.dist.runtime import main_process_first
 
     check_stage(stage)
+    template = _apply_data_args(template, cfg.data)
     with main_process_first(local=True):
         train, eval_, stats = _load_or_build(cfg, tokenizer, template, stage)
     d = cfg.data
