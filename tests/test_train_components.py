@@ -1,0 +1,140 @@
+"""Trainer building blocks: optimizer groups, LR schedules, the resumable sharded sampler, reporting, evaluation."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from lmf.config.parser import build_config
+from lmf.extras.errors import ConfigError, NotAvailableError
+from lmf.train.batches import MicroBatchStream, ResumableShardedSampler
+from lmf.train.optim import create_optimizer, create_scheduler
+
+torch.set_num_threads(1)
+
+
+def _args(**kw):
+    return build_config(kw).training
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.frozen = torch.nn.Linear(4, 4)
+        self.frozen.requires_grad_(False)
+
+
+def _lrs(name: str, total: int = 10, **kw) -> list[float]:
+    model = Tiny()
+    args = _args(lr_scheduler_type=name, learning_rate=1.0, **kw)
+    opt = create_optimizer(model, args)
+    sched = create_scheduler(opt, args, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_optimizer_groups_skip_decay_on_bias_and_norm_and_frozen():
+    model = Tiny()
+    opt = create_optimizer(model, _args(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [model.proj.weight.shape]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # proj.bias, norm.weight, norm.bias
+    assert all(p is not model.frozen.weight for g in opt.param_groups for p in g["params"])
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        create_optimizer(model, _args())
+
+
+def test_schedules_with_warmup():
+    linear = _lrs("linear", warmup_steps=2)
+    assert linear[:3] == pytest.approx([0.0, 0.5, 1.0]) and linear[-1] == pytest.approx(1 / 8)
+    cosine = _lrs("cosine", warmup_ratio=0.2)
+    assert cosine[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert cosine[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert _lrs("constant") == pytest.approx([1.0] * 10)
+    assert _lrs("constant_with_warmup", warmup_steps=4)[:6] == pytest.approx([0, 0.25, 0.5, 0.75, 1, 1])
+    assert min(_lrs("cosine_with_min_lr", total=20)) >= 0.1 - 1e-9
+
+
+def test_sampler_shards_are_disjoint_deterministic_and_resumable():
+    full = [ResumableShardedSampler(10, 2, r, shuffle=True, seed=3) for r in (0, 1)]
+    shards = [s.epoch_indices() for s in full]
+    assert len(shards[0]) == len(shards[1]) == 5 and sorted(shards[0] + shards[1]) == list(range(10))
+    assert ResumableShardedSampler(10, 2, 0, seed=3).epoch_indices() == shards[0]
+    s = ResumableShardedSampler(10, 2, 0, seed=3)
+    s.set_epoch(1)
+    assert s.epoch_indices() != shards[0]
+    s.set_epoch(0, skip=2)
+    assert list(s) == shards[0][2:] and len(s) == 3
+    padded = [ResumableShardedSampler(5, 2, r, shuffle=False).epoch_indices() for r in (0, 1)]
+    assert padded == [[0, 2, 4], [1, 3, 0]]
+
+
+def test_micro_batch_stream_resumes_at_the_same_batch():
+    data = [{"x": i} for i in range(7)]
+    collate = lambda rows: [r["x"] for r in rows]  # noqa: E731
+    ref = MicroBatchStream(data, collate, 2, ResumableShardedSampler(7, seed=1))
+    seq = [next(ref) for _ in range(9)]  # crosses an epoch boundary (4 batches per epoch)
+    assert ref.epoch == 2 and ref.batch_in_epoch == 1
+    part = MicroBatchStream(data, collate, 2, ResumableShardedSampler(7, seed=1))
+    [next(part) for _ in range(5)]
+    resumed = MicroBatchStream(data, collate, 2, ResumableShardedSampler(7, seed=1), epoch=part.epoch,
+                               batch_in_epoch=part.batch_in_epoch)
+    assert [next(resumed) for _ in range(4)] == seq[5:]
+    # the global torch RNG is not consumed by creating data iterators
+    state = torch.get_rng_state()
+    next(MicroBatchStream(data, collate, 2, ResumableShardedSampler(7, seed=1)))
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_report_to_missing_tracker_is_a_clear_error(tmp_path):
+    from lmf.train.reporting import Reporter
+
+    cfg = build_config({"report_to": "tensorboard", "output_dir": str(tmp_path)})
+    if importlib.util.find_spec("tensorboard") is not None:
+        reporter = Reporter(cfg, is_main=True)
+        reporter.log({"loss": 1.0}, 1)
+        reporter.close()
+        assert (tmp_path / "runs").is_dir()
+    else:
+        with pytest.raises(NotAvailableError, match="tensorboard"):
+            Reporter(cfg, is_main=True)
+    Reporter(cfg, is_main=False)  # other ranks never touch trackers
+
+
+def test_plot_loss_writes_png(tmp_path):
+    from lmf.train.reporting import plot_loss
+
+    path = plot_loss([{"step": i, "loss": 5.0 / i} for i in range(1, 20)], str(tmp_path))
+    with open(path, "rb") as fh:
+        assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert plot_loss([{"step": 1}], str(tmp_path / "none")) is None
+
+
+def test_evaluation_logs_eval_loss(tiny_model_dir, tmp_path):
+    from _train_helpers import PadCollator, make_config, tokenized_sft_rows
+    from lmf.model.loader import load_model, load_tokenizer
+    from lmf.train.sft import SFTStage
+    from lmf.train.trainer import Trainer, set_seed, setup_runtime
+
+    cfg = make_config(tiny_model_dir, str(tmp_path), max_steps=4, eval_strategy="steps", eval_steps=2)
+    set_seed(0)
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg, tok, is_trainable=True)
+    rows = tokenized_sft_rows(tok, n=16)
+    trainer = Trainer(cfg, model, tok, SFTStage(cfg, model, PadCollator(tok.pad_token_id)), rows[:12], setup_runtime(cfg),
+                      eval_dataset=rows[12:])
+    state = trainer.train()
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 4]
+    assert all(0 < h["eval_loss"] < 20 for h in evals)
+    assert trainer.wrapped.training  # back in train mode after evaluating
