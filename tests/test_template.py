@@ -233,3 +233,23 @@ def test_tool_call_and_observation_rendering_qwen():
     assert '<tools>\n{"type": "function", "function": {"name": "add"' in text[0]
     assert text[1] == '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call><|im_end|>\n'
     assert text[2] == "<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_fix_tokenizer_keeps_an_equivalent_template_and_replaces_a_different_one():
+    from lmf.model.tiny import CHATML_TEMPLATE
+
+    tok = build_char_tokenizer(chat_template=CHATML_TEMPLATE)  # default system "You are a helpful assistant."
+    qwen = get_template("qwen", tok)  # default system differs: the template is replaced
+    assert tok.chat_template != CHATML_TEMPLATE
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        tok.decode(qwen.encode_prompt(tok, messages), skip_special_tokens=False)
+    installed = tok.chat_template
+    get_template("qwen", tok)
+    assert tok.chat_template == installed  # idempotent
+
+    tok2 = build_char_tokenizer(chat_template=CHATML_TEMPLATE)
+    same = get_template("qwen", tok2, default_system="You are a helpful assistant.")
+    assert tok2.chat_template == CHATML_TEMPLATE  # renders alike: the native template is kept
+    assert same.prompt_text(messages, tokenizer=tok2) == tok2.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)

@@ -41,8 +41,9 @@ def padding_waste(lengths: list[int], capacity: int) -> float:
 def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Packed copy of a tokenized (input_ids, attention_mask, labels) dataset and packing statistics."""
     import datasets
+    import pyarrow.compute as pc
 
-    lengths = [len(x) for x in dataset["input_ids"]]
+    lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
     bins = plan_bins(lengths, capacity)
     dataset = dataset.select_columns(["input_ids", "labels"])
 

@@ -70,7 +70,6 @@ class Template:
     replace_eos: bool = False
     efficient_eos: bool = False
     system_in_user: bool = False  # llama2-style: the system text is prepended to the first user message
-    replace_jinja_template: bool = False
     tool_format: str = "default"
     reasoning: bool = False  # qwen3-style thought block handling
     thought_words: tuple = ("<think>\n", "\n</think>\n\n")
@@ -243,9 +242,10 @@ class Template:
         - ``replace_eos`` templates: eos becomes the first stop word when it is a token of the vocabulary
           (no new tokens are ever added here: that would need resized embeddings);
         - a missing eos becomes ``<|endoftext|>`` when that token exists; a missing pad becomes eos;
-        - a jinja ``chat_template`` equivalent to this template is installed when the tokenizer has none
-          (or the template always replaces it, as LLaMA-Factory does), so exported models and vLLM
-          render the same prompt as :meth:`encode_prompt`.
+        - a jinja ``chat_template`` equivalent to this template is installed unless the tokenizer's own
+          template already renders the same prompts (checked on probe conversations; a model's native
+          template, e.g. with tool support, is then kept), so exported models and vLLM render the
+          same prompt as :meth:`encode_prompt`.
         """
         if self.replace_eos and self.stop_words:
             word = self.stop_words[0]
@@ -260,8 +260,34 @@ class Template:
             tokenizer.eos_token = "<|endoftext|>"
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
-        if self.jinja is None and (getattr(tokenizer, "chat_template", None) is None or self.replace_jinja_template):
+        if self.jinja is None and not self._tokenizer_renders_alike(tokenizer):
             tokenizer.chat_template = self.jinja_template(tokenizer)
+
+    def prompt_text(self, messages: list[dict], system: Optional[str] = None, tokenizer=None) -> str:
+        """Text of the generation prompt for ``messages`` (what :meth:`encode_prompt` tokenizes)."""
+        parts = self.render_messages(list(messages) + [{"role": ASSISTANT, "content": ""}], system, tokenizer=tokenizer)
+        text = "".join(parts[:-1])
+        if self.reasoning and not self.enable_thinking:
+            text += self.thought_words[0] + self.thought_words[1]
+        return text
+
+    def _tokenizer_renders_alike(self, tokenizer) -> bool:
+        """Whether the tokenizer's chat_template renders the probe prompts exactly like this template."""
+        if not isinstance(getattr(tokenizer, "chat_template", None), str):
+            return False
+        probes = [
+            [{"role": "user", "content": "Hi"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+        ]
+        try:
+            for messages in probes:
+                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                if rendered != self.prompt_text(messages, tokenizer=tokenizer):
+                    return False
+        except Exception:  # a template that cannot render the probes is not equivalent
+            return False
+        return True
 
     def jinja_template(self, tokenizer) -> str:
         """A jinja chat template that renders like this template (user/assistant/tool roles, system, tools)."""
@@ -467,7 +493,6 @@ register_template(Template(
     user=("Human: {{content}}", EOS, "\nAssistant:"),
     assistant=("{{content}}", EOS, "\n"),
     system=("System: {{content}}", EOS, "\n"),
-    replace_jinja_template=True,
 ))
 register_template(Template(
     name="alpaca",
@@ -475,7 +500,6 @@ register_template(Template(
     assistant=("{{content}}", EOS, "\n\n"),
     system=("{{content}}",),
     default_system="Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
-    replace_jinja_template=True,
 ))
 register_template(Template(
     name="vicuna",
@@ -484,14 +508,13 @@ register_template(Template(
     system=("{{content}}",),
     default_system="A chat between a curious user and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    replace_jinja_template=True,
 ))
 register_template(Template(
     name="chatml",
     user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
     observation=("<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",),
     stop_words=("<|im_end|>", "<|im_start|>"),
-    replace_eos=True, replace_jinja_template=True,
+    replace_eos=True,
 ))
 register_template(Template(
     name="yi", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, stop_words=("<|im_end|>",),
