@@ -21,7 +21,7 @@ GPU (H100; bf16 weights; no plain-path length limit, 8 GiB budget; writes bench/
 
 Other knobs: --paths plain,chunked,liger (liger: needs CUDA and liger-kernel) --layers 2 --hidden 256 --chunk-size 1024 --lora (LoRA on the
 attention projections, frozen head) --grad-ckpt (per-layer activation checkpointing) --offload
-(with --grad-ckpt on CUDA) --no-budget --out FILE.
+(with --grad-ckpt on CUDA) --no-budget --out FILE --append.
 """
 
 from __future__ import annotations
@@ -287,6 +287,7 @@ def parse_args(argv=None):
                         help="do not verify predicted lengths above this (cpu 16384, cuda 524288; 0 = no limit)")
     parser.add_argument("--no-budget", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS-memory.md"))
+    parser.add_argument("--append", action="store_true", help="append the report to --out instead of replacing it")
     # child mode
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
@@ -322,6 +323,9 @@ def main(argv=None) -> None:
             longest[path] = longest_within_budget(args, path, results)
     report = render(args, results, longest)
     print("\n" + report)
+    if args.append and os.path.isfile(args.out):
+        with open(args.out) as fh:
+            report = fh.read() + "\n" + report
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:
         fh.write(report)
