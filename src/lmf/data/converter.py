@@ -162,7 +162,7 @@ def _sharegpt(record: dict, attr: DatasetAttr, stage: str) -> dict:
     if field not in record:
         raise RecordProblem(f"field {field!r} is missing")
     messages, system = _messages(record[field], attr, field)
-    if attr.system and record.get(attr.system):
+    if system is None and attr.system and record.get(attr.system):  # a system message wins, as in LLaMA-Factory
         system = _text(record[attr.system], attr.system)
     if not messages:
         raise RecordProblem(f"field {field!r} has no messages")
