@@ -181,3 +181,16 @@ def test_config_ddp_timeout_bounds_collectives_at_the_trainer_setup_point(tmp_pa
     assert "environment fingerprint identical on all 2 ranks" in err  # the set-up point ran the check first
     assert "lmf: error: rank 0 timed out after 4s (ddp_timeout) waiting for the other ranks" in err, err
     assert elapsed < 45
+
+
+def test_fault_injection_hooks_fire_only_where_asked():
+    from lmf.dist.fault_injection import should_die
+
+    env = {"LMF_TEST_KILL_AT_STEP": "3", "LMF_TEST_KILL_RANK": "1", "RANK": "1"}
+    assert should_die("step", 3, env)
+    assert not should_die("step", 2, env)
+    assert not should_die("save", 3, env)  # a different point
+    assert not should_die("step", 3, dict(env, RANK="0"))  # another rank
+    assert not should_die("step", 3, dict(env, TORCHELASTIC_RESTART_COUNT="1"))  # only the first attempt
+    assert should_die("save", 4, {"LMF_TEST_KILL_DURING_SAVE": "4"})  # rank 0 by default
+    assert not should_die("step", 3, {})  # inert by default
