@@ -100,3 +100,14 @@ def test_atomic_commit_replaces_and_ignores_partial(tmp_path):
     os.makedirs(os.path.join(out, "checkpoint-9"))  # no trainer_state.json: incomplete
     assert ckpt.latest_checkpoint(out) == os.path.join(out, "checkpoint-7")
     assert oct(os.stat(os.path.join(out, "checkpoint-7")).st_mode & 0o777) != "0o700"
+
+
+def test_resume_with_another_micro_batch_skips_the_consumed_samples(tiny_model_dir, tmp_path):
+    ref = str(tmp_path / "ref")
+    train_tiny(make_config(tiny_model_dir, ref, max_steps=4, save_steps=2))  # 20 rows: 5 micro-batches of 4 per epoch
+    ck = os.path.join(ref, "checkpoint-2")
+    assert json.load(open(os.path.join(ck, "trainer_state.json")))["batch_in_epoch"] == 4  # 16 samples consumed
+    _, state = train_tiny(make_config(tiny_model_dir, str(tmp_path / "b2"), max_steps=4, resume_from_checkpoint=ck,
+                                      per_device_train_batch_size=2, gradient_accumulation_steps=4))
+    # 16 samples = 8 micro-batches of 2 skipped; 2 more steps x 4 micro-batches: 2 end epoch 0, 6 into epoch 1
+    assert (state.global_step, state.data_epoch, state.batch_in_epoch) == (4, 1, 6)

@@ -79,6 +79,8 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int) -> ParallelPlan:
         if "offload" in options:
             raise ConfigError("config key 'fsdp': 'offload' is not implemented")
         mode, reshard = "fsdp", "shard_grad_op" not in options
+    if mode == "fsdp" and t.fp16:
+        raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-2/3) has no loss scaling in lmf; use bf16: true")
     if world_size <= 1:
         if mode == "fsdp":
             logger.info("a single process: no sharding needed, training without FSDP")

@@ -221,6 +221,7 @@ class TrainState:
     batch_in_epoch: int = 0
     tokens_seen: int = 0
     world_size: int = 1
+    micro_batch_size: int = 1
     log_history: list = field(default_factory=list)
     resume_fingerprint: str = ""
     finished: bool = False
@@ -236,7 +237,8 @@ class Trainer:
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.runtime, self.resume_from = runtime, resume_from
         self.is_lora = cfg.finetuning.finetuning_type == "lora"
-        self.state = TrainState(world_size=runtime.world_size, resume_fingerprint=resume_fingerprint(cfg))
+        self.state = TrainState(world_size=runtime.world_size, micro_batch_size=cfg.training.per_device_train_batch_size,
+                                resume_fingerprint=resume_fingerprint(cfg))
         if len(train_dataset) == 0:
             raise LmfError("the training dataset is empty")
 
@@ -609,15 +611,21 @@ class Trainer:
             logger.warning("%s has no optimizer state (save_only_model): the optimizer restarts", path)
             for _ in range(saved["global_step"]):
                 self.scheduler.step()
-        if saved.get("world_size", 1) != self.runtime.world_size:
-            logger.warning("resuming a %s-process run with %d processes: the data order differs from an uninterrupted run",
-                           saved.get("world_size"), self.runtime.world_size)
         ckpt.load_rng_state(path, self.runtime.rank)
         st = self.state
         st.global_step, st.epoch = saved["global_step"], saved["epoch"]
         st.tokens_seen, st.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
-        same_world = saved.get("world_size", 1) == self.runtime.world_size
         st.data_epoch = saved.get("data_epoch", 0)
-        st.batch_in_epoch = saved.get("batch_in_epoch", 0) if same_world else 0
+        st.batch_in_epoch = saved.get("batch_in_epoch", 0)
+        old_world, old_micro = saved.get("world_size", 1), saved.get("micro_batch_size", st.micro_batch_size)
+        if (old_world, old_micro) != (self.runtime.world_size, st.micro_batch_size):
+            # Another shape of job: skip as many samples of the epoch as were consumed (a different subset of them).
+            consumed = st.batch_in_epoch * old_micro * old_world
+            st.batch_in_epoch = min(consumed // (st.micro_batch_size * self.runtime.world_size), self.stream.batches_per_epoch)
+            logger.warning(
+                "resuming a run of %d process(es) x micro-batch %d with %d x %d: the data order differs from an "
+                "uninterrupted run (%d samples of epoch %d skipped)", old_world, old_micro, self.runtime.world_size,
+                st.micro_batch_size, consumed, st.data_epoch,
+            )
         self.stream.epoch, self.stream.batch_in_epoch = st.data_epoch, st.batch_in_epoch
         logger.info("resumed from %s at step %d (epoch %.2f)", path, st.global_step, st.epoch)
