@@ -209,13 +209,20 @@ def test_elastic_restart_after_kill_resumes_from_newest_checkpoint(reference_run
 def test_elastic_restart_after_kill_during_save_ignores_the_half_written_checkpoint(
     reference_run, tiny_model_dir, tmp_path, dist_cache
 ):
-    """Rank 0 dies while writing checkpoint-2: the restart resumes from checkpoint-1 and removes the debris."""
+    """Rank 0 dies while writing checkpoint-2: the restart resumes from checkpoint-1 and removes the debris.
+
+    Static rendezvous (no RDZV_ID) with MAX_RESTARTS=1: torchrun's agent store outlives the dead group,
+    so the restarted group must use a fresh key space (``runtime.restart_attempt_store``).
+    """
     out = str(tmp_path / "out")
     cfg = write_config(tmp_path / "cfg.yaml", base_config(tiny_model_dir, out, per_device_train_batch_size=2, save_steps=1,
                                                           save_total_limit=2))
-    rc, log, _ = run_lmf(cfg, _elastic_env(dist_cache, LMF_TEST_KILL_DURING_SAVE=2, LMF_TEST_KILL_RANK=0))
+    env = lmf_env(dist_cache, FORCE_TORCHRUN=1, NPROC_PER_NODE=2, MAX_RESTARTS=1, LMF_TEST_KILL_DURING_SAVE=2,
+                  LMF_TEST_KILL_RANK=0)
+    rc, log, _ = run_lmf(cfg, env)
     assert rc == 0, log[-6000:]
     assert "lmf test hook: rank 0 killing itself at save 2" in log
+    assert "torchrun restart 1: using a fresh rendezvous key space" in log
     assert "removing an incomplete save left by an interrupted run" in log and ".tmp-checkpoint-2-" in log
     assert f"resuming from {os.path.join(out, 'checkpoint-1')}" in log
     assert_finished_cleanly(out, world_size=2)

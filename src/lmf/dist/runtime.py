@@ -82,10 +82,13 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_c
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         configure_error_handling()
         _GROUP_TIMEOUT_S = float(max(int(timeout_s), 1))
+        timeout = datetime.timedelta(seconds=_GROUP_TIMEOUT_S)
+        store = restart_attempt_store(world_size, timeout)
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=max(int(timeout_s), 1)),
+            timeout=timeout,
             device_id=device if device.type == "cuda" else None,
+            **({"store": store, "rank": env_rank(), "world_size": world_size} if store is not None else {}),
         )
         logger.info("initialised process group: backend=%s world_size=%d", backend, world_size)
     backend = dist.get_backend() if dist.is_initialized() else None
@@ -97,6 +100,26 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_c
         device=device,
         backend=backend,
     )
+
+
+def restart_attempt_store(world_size: int, timeout: datetime.timedelta):
+    """A fresh key space in torchrun's agent store for a restarted worker group; None on the first attempt.
+
+    After a torchrun restart the agent's TCPStore still holds the dead group's keys, so the new
+    group would read the old ranks' addresses and fail to connect (pytorch/pytorch#135712).
+    Prefixing the keys with the restart count gives every attempt its own namespace. Only for
+    the agent store (static rendezvous, or c10d with store sharing); the launcher disables sharing
+    for elastic (``RDZV_ID``) jobs, whose restart counts can differ between nodes.
+    """
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as dist
+
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                         is_master=False, timeout=timeout)
+    logger.info("torchrun restart %d: using a fresh rendezvous key space", restart)
+    return dist.PrefixStore(f"lmf/restart_{restart}", base)
 
 
 def group_timeout_s() -> Optional[float]:
