@@ -14,8 +14,6 @@ from typing import Mapping, Optional, Sequence
 from lmf.extras.errors import LmfError, NotAvailableError
 from lmf.extras.logging import get_logger
 
-logger = get_logger(__name__)
-
 RAY_INSTALL_HINT = 'pip install "ray[train]"'
 
 
@@ -51,7 +49,10 @@ def _worker_environment(context) -> dict[str, str]:
 
 
 def _ray_worker(loop_config: dict) -> None:
-    """What every Ray worker runs: set rank variables, go back to the driver's cwd, run the command."""
+    """What every Ray worker runs: set rank variables, go back to the driver's cwd, run the command.
+
+    Nothing here logs before the rank variables are set: lmf's logger reads ``RANK`` once.
+    """
     import ray.train
 
     os.environ.update(_worker_environment(ray.train.get_context()))
@@ -79,7 +80,7 @@ def run_with_ray(command: str, args: Sequence[str], env: Optional[Mapping[str, s
     from ray.train.torch import TorchConfig, TorchTrainer
 
     options = ray_scaling_options(env, torch.cuda.is_available())
-    logger.info("launching %d Ray Train worker(s) (use_gpu=%s)", options["num_workers"], options["use_gpu"])
+    get_logger(__name__).info("launching %d Ray Train worker(s) (use_gpu=%s)", options["num_workers"], options["use_gpu"])
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"command": command, "args": list(args), "cwd": os.getcwd()},
