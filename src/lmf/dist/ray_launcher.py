@@ -44,7 +44,7 @@ def _worker_environment(context) -> dict[str, str]:
         "WORLD_SIZE": str(context.get_world_size()),
         "LOCAL_RANK": str(context.get_local_rank()),
         "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
-        "NODE_RANK": str(context.get_node_rank()),
+        "NODE_RANK": str(context.get_node_rank() if hasattr(context, "get_node_rank") else 0),
     }
 
 
