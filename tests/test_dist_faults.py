@@ -32,12 +32,12 @@ GLOO_TIMEOUT = RuntimeError(
 def test_classify_known_failures():
     assert classify_collective_error(GLOO_RESET) == "peer"
     assert classify_collective_error(RuntimeError("NCCL communicator was aborted on rank 1")) == "peer"
-    assert classify_collective_error(ConnectionResetError("[Errno 104] Connection reset by peer")) == "peer"
     assert classify_collective_error(GLOO_TIMEOUT) == "timeout"
 
 
 def test_classify_ignores_unrelated_errors():
-    assert classify_collective_error(ValueError("connection reset by peer")) is None  # not a runtime/IO error
+    assert classify_collective_error(ValueError("connection reset by peer")) is None  # not a runtime error
+    assert classify_collective_error(ConnectionRefusedError("[Errno 111] Connection refused")) is None  # e.g. a logger
     assert classify_collective_error(RuntimeError("CUDA out of memory")) is None
     assert classify_collective_error(KeyError("input_ids")) is None
     assert classify_collective_error(ConfigError("bad key")) is None

@@ -63,7 +63,9 @@ def _is_dist_error(exc: BaseException) -> bool:
 
 def classify_collective_error(exc: BaseException) -> Optional[str]:
     """``"timeout"``, ``"peer"`` or None (not a process-group failure)."""
-    if isinstance(exc, LmfError) or not isinstance(exc, (RuntimeError, OSError, ConnectionError)):
+    # gloo, NCCL and the c10d store raise RuntimeError (DistBackendError, DistNetworkError, DistStoreError);
+    # plain OSErrors (an HTTP logger that cannot connect, say) are not about the process group.
+    if isinstance(exc, LmfError) or not isinstance(exc, RuntimeError):
         return None
     text = str(exc).lower()
     if any(p in text for p in _PEER_GONE_PATTERNS):
