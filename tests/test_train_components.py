@@ -138,3 +138,25 @@ def test_evaluation_logs_eval_loss(tiny_model_dir, tmp_path):
     assert [h["step"] for h in evals] == [2, 4]
     assert all(0 < h["eval_loss"] < 20 for h in evals)
     assert trainer.wrapped.training  # back in train mode after evaluating
+
+
+def test_cpu_threads_follow_model_width_unless_set(monkeypatch):
+    from types import SimpleNamespace
+
+    from lmf.train.trainer import pick_cpu_threads
+
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        pick_cpu_threads(SimpleNamespace(config=SimpleNamespace(hidden_size=64)), cpu)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        pick_cpu_threads(SimpleNamespace(config=SimpleNamespace(hidden_size=4096)), cpu)
+        assert torch.get_num_threads() == 2  # never more than torch's default
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        pick_cpu_threads(SimpleNamespace(config=SimpleNamespace(hidden_size=64)), cpu)
+        assert torch.get_num_threads() == 2  # the user's choice wins
+    finally:
+        torch.set_num_threads(before)
