@@ -164,7 +164,8 @@ from lmf.data.loader import get_dataset
 info = init_distributed(60, use_cpu=True)
 tok = build_char_tokenizer()
 cfg = build_config(dict(model_name_or_path="u", dataset_dir=sys.argv[1], dataset="alpaca_en_demo", template="chatml",
-                        max_samples=50, cutoff_len=256, preprocessing_cache_dir=sys.argv[2]))
+                        max_samples=50, cutoff_len=256, preprocessing_cache_dir=sys.argv[2],
+                        overwrite_cache=sys.argv[4] == "1"))
 m = get_dataset(cfg, tok, get_template("chatml", tok), "sft")
 digest = hashlib.sha256(json.dumps(list(m.train_dataset["input_ids"])).encode()).hexdigest()
 with open(os.path.join(sys.argv[3], f"rank{info.rank}.json"), "w") as fh:
@@ -183,10 +184,11 @@ def test_two_ranks_build_once_and_agree(tmp_path, demo_data_dir):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--standalone", str(script), demo_data_dir, str(tmp_path / "cache"), str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert sorted(r["cache"] for r in results) == ["built", "hit"]
-    assert results[0]["digest"] == results[1]["digest"] and results[0]["n"] == 50
+    for overwrite in ("0", "1"):  # overwrite_cache: only local rank 0 rebuilds, rank 1 reuses its result
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--standalone", str(script), demo_data_dir, str(tmp_path / "cache"), str(out), overwrite],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        assert [r["cache"] for r in results] == ["built", "hit"]
+        assert results[0]["digest"] == results[1]["digest"] and results[0]["n"] == 50

@@ -228,6 +228,10 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
     return tokenized, stats
 
 
+def _is_local_main() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def _load_or_build(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
     with progress_bars(False):
         return _load_or_build_inner(cfg, tokenizer, template, stage)
@@ -246,7 +250,9 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
         raise ConfigError("config key 'dataset' is required (comma-separated names from dataset_info.json)")
     key = cache_mod.cache_key(stage, template, tokenizer, d, train_attrs, eval_attrs, seed)
     entry = os.path.join(cache_mod.cache_root(d), key)
-    if cache_mod.is_complete(entry) and not d.overwrite_cache:
+    # only local rank 0 rebuilds on overwrite_cache; the other ranks then reuse what it just built
+    overwrite = d.overwrite_cache and _is_local_main()
+    if cache_mod.is_complete(entry) and not overwrite:
         logger.info("reusing preprocessed dataset from cache %s", entry)
         train, eval_, stats = cache_mod.load_entry(entry)
         stats = dict(stats, cache="hit", cache_path=entry)
@@ -263,7 +269,7 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
             cache_mod.save_entry(build_dir, train, eval_, stats)
             del train, eval_
             shutil.rmtree(work_dir, ignore_errors=True)
-            if cache_mod.is_complete(entry) and not d.overwrite_cache:
+            if cache_mod.is_complete(entry) and not overwrite:
                 logger.info("another process published %s first; using it", entry)
             else:
                 cache_mod.publish(build_dir, entry)
@@ -272,7 +278,7 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
                 shutil.rmtree(build_dir, ignore_errors=True)
         train, eval_, stats = cache_mod.load_entry(entry)
         stats = dict(stats, cache="built", cache_path=entry)
-    if d.tokenized_path:
+    if d.tokenized_path and _is_local_main():
         build_dir = cache_mod.new_build_dir(d.tokenized_path)
         try:
             cache_mod.save_entry(build_dir, train, eval_, {k: v for k, v in stats.items() if k != "cache"})
