@@ -111,3 +111,15 @@ def test_resume_with_another_micro_batch_skips_the_consumed_samples(tiny_model_d
                                       per_device_train_batch_size=2, gradient_accumulation_steps=4))
     # 16 samples = 8 micro-batches of 2 skipped; 2 more steps x 4 micro-batches: 2 end epoch 0, 6 into epoch 1
     assert (state.global_step, state.data_epoch, state.batch_in_epoch) == (4, 1, 6)
+
+
+def test_never_writes_over_a_model_directory(tiny_model_dir, tmp_path):
+    # the base model directory itself, even with overwrite_output_dir
+    with pytest.raises(ConfigError, match="input model"):
+        train_tiny(make_config(tiny_model_dir, tiny_model_dir, overwrite_output_dir=True))
+    # another model directory (no trainer_state.json): refused without overwrite_output_dir
+    other = tmp_path / "some_model"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(ConfigError, match="finished run"):
+        train_tiny(make_config(tiny_model_dir, str(other), max_steps=1))
+    assert (other / "model.safetensors").is_file()

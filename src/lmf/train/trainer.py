@@ -139,6 +139,23 @@ def _start_over(output_dir: str) -> None:
         os.remove(path)
 
 
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "adapter_config.json", "adapter_model.safetensors")
+
+
+def _holds_model(output_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(output_dir, name)) for name in MODEL_FILES)
+
+
+def _refuse_input_dirs(cfg: "LmfConfig") -> None:
+    """output_dir must not be the base model or an input adapter (overwrite_output_dir would delete it)."""
+    out = os.path.realpath(cfg.training.output_dir)
+    inputs = [cfg.model.model_name_or_path] + [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    for path in inputs:
+        if path and os.path.isdir(path) and os.path.realpath(path) == out:
+            raise ConfigError(f"output_dir {cfg.training.output_dir!r} is the input model/adapter directory; choose another")
+
+
 def decide_resume(cfg: "LmfConfig") -> Optional[str]:
     """Which checkpoint to resume from (None: start fresh); may clean ``output_dir``. Rank 0 only.
 
@@ -152,6 +169,7 @@ def decide_resume(cfg: "LmfConfig") -> Optional[str]:
     """
     t = cfg.training
     out = t.output_dir
+    _refuse_input_dirs(cfg)
     if os.path.isdir(out):
         ckpt.remove_stale_temp_dirs(out)
     flag = t.resume_from_checkpoint
@@ -166,10 +184,10 @@ def decide_resume(cfg: "LmfConfig") -> Optional[str]:
         if latest is None:
             raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint")
         return latest
-    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME))
+    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (latest is None and _holds_model(out))
     if finished or (flag is False and latest):
         if not t.overwrite_output_dir:
-            what = "a finished run" if finished else "checkpoints"
+            what = "a finished run (or a model)" if finished else "checkpoints"
             raise ConfigError(
                 f"output_dir {out!r} already holds {what}; set overwrite_output_dir: true to start over, "
                 "or choose another output_dir"
