@@ -76,10 +76,12 @@ def test_value_coercion():
     ({"learning_rte": 1e-4}, r"unknown config key 'learning_rte'; did you mean 'learning_rate'\?"),
     ({"lora_rnk": 8}, r"unknown config key 'lora_rnk'; did you mean 'lora_rank'\?"),
     ({"xyzzy_quux": 1}, r"unknown config key 'xyzzy_quux'; see `lmf help config`"),
-    ({"finetuning_type": "qlora"}, r"config key 'finetuning_type': 'qlora' is not allowed; choose one of: lora, freeze, full"),
+    ({"finetuning_type": "qlora"},
+     r"config key 'finetuning_type': 'qlora' is not allowed; choose one of: lora, freeze, full"),
     ({"stage": "grpo"}, r"config key 'stage': 'grpo' is not allowed; choose one of: pt, sft, rm, dpo"),
     ({"lr_scheduler_type": "cosine_restarts"}, r"config key 'lr_scheduler_type'.*choose one of: linear, cosine"),
-    ({"per_device_train_batch_size": "four"}, r"config key 'per_device_train_batch_size': expected an integer, got 'four'"),
+    ({"per_device_train_batch_size": "four"},
+     r"config key 'per_device_train_batch_size': expected an integer, got 'four'"),
     ({"bf16": "maybe"}, r"config key 'bf16': expected true or false, got 'maybe'"),
     ({"learning_rate": [1, 2]}, r"config key 'learning_rate': expected a number"),
     ({"bf16": True, "fp16": True}, r"'bf16' and 'fp16' are both true"),
@@ -157,6 +159,7 @@ def test_config_is_import_light():
     import subprocess
     import sys
 
-    code = "import sys, lmf.config; import lmf.config.parser; print(','.join(m for m in ('torch','transformers','datasets') if m in sys.modules))"
+    code = ("import sys, lmf.config, lmf.config.parser; "
+            "print(','.join(m for m in ('torch', 'transformers', 'datasets', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == ""

@@ -49,7 +49,8 @@ def test_data_check_cli_reports_bad_record(tmp_path, tiny_model_dir):
     cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_dir: {data}\ndataset: d\ntemplate: qwen\n"
                    f"preprocessing_cache_dir: {tmp_path}/cache\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", "from lmf.launcher import launch; launch()", "data", "check", str(cfg)],
+    cli = [sys.executable, "-c", "from lmf.launcher import launch; launch()"]
+    proc = subprocess.run(cli + ["data", "check", str(cfg)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 1
     assert "record 1: field 'output' is missing" in proc.stderr

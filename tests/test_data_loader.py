@@ -49,7 +49,8 @@ def test_sft_mixed_datasets(tmp_path, demo_data_dir, tokenizer):
     # placeholders are kept as-is; the response ends with the end-of-turn token
     assert _label_text(tokenizer, row) == first["output"] + "<|im_end|>\n"
     assert "{{name}}" in _label_text(tokenizer, row)
-    prompt = tokenizer.decode(row["input_ids"][: row["labels"].index(next(l for l in row["labels"] if l != IGNORE_INDEX))])
+    first_label = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+    prompt = tokenizer.decode(row["input_ids"][:first_label])
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -101,8 +102,8 @@ def test_cache_reused_then_rebuilt(tmp_path, demo_data_dir, tokenizer, monkeypat
     # a different cutoff is a different key; overwrite_cache forces a rebuild of the same key
     assert get_dataset(make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=30, cutoff_len=64),
                        tokenizer, template, "sft").stats["cache"] == "built"
-    rebuilt = get_dataset(make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=30, overwrite_cache=True),
-                          tokenizer, template, "sft")
+    cfg_overwrite = make_cfg(tmp_path, demo_data_dir, dataset="alpaca_en_demo", max_samples=30, overwrite_cache=True)
+    rebuilt = get_dataset(cfg_overwrite, tokenizer, template, "sft")
     assert rebuilt.stats["cache"] == "built"
 
 
@@ -118,7 +119,8 @@ def test_sft_collator_pads_right(tokenizer):
     assert batch["attention_mask"][1].tolist() == [1] + [0] * 7
     assert batch["labels"][0].tolist() == [-100, 6, 7] + [-100] * 5
     assert "position_ids" not in batch
-    packed = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3], "position_ids": [0, 1, 0]}])
+    packed = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [1, 2, 3],
+                       "position_ids": [0, 1, 0]}])
     assert packed["position_ids"].tolist() == [[0, 1, 0, 0, 0, 0, 0, 0]]
 
 
@@ -185,8 +187,8 @@ def test_two_ranks_build_once_and_agree(tmp_path, demo_data_dir):
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for overwrite in ("0", "1"):  # overwrite_cache: only local rank 0 rebuilds, rank 1 reuses its result
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                               "--standalone", str(script), demo_data_dir, str(tmp_path / "cache"), str(out), overwrite],
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+        proc = subprocess.run(launcher + [str(script), demo_data_dir, str(tmp_path / "cache"), str(out), overwrite],
                               capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

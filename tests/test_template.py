@@ -31,13 +31,15 @@ EXPECTED = {
     "llama3": ["<s><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>"
                "\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
                "Yo<|eot_id|>",
-               "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+               "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n",
                "A2<|eot_id|>"],
     "mistral": ["<s>[INST] S\n\nHi[/INST]", " Yo</s>", "[INST] Q2[/INST]", " A2</s>"],
     "gemma": ["<s><start_of_turn>user\nS\n\nHi<end_of_turn>\n<start_of_turn>model\n", "Yo<end_of_turn>\n",
               "<start_of_turn>user\nQ2<end_of_turn>\n<start_of_turn>model\n", "A2<end_of_turn>\n"],
     "vicuna": ["SUSER: Hi ASSISTANT:", "Yo</s>", "USER: Q2 ASSISTANT:", "A2</s>"],
-    "zephyr": ["<|system|>\nS</s><|user|>\nHi</s><|assistant|>\n", "Yo</s>", "<|user|>\nQ2</s><|assistant|>\n", "A2</s>"],
+    "zephyr": ["<|system|>\nS</s><|user|>\nHi</s><|assistant|>\n", "Yo</s>", "<|user|>\nQ2</s><|assistant|>\n",
+               "A2</s>"],
     "phi": ["<|system|>\nS<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n", "Yo<|end|>\n",
             "<|user|>\nQ2<|end|>\n<|assistant|>\n", "A2<|end|>\n"],
     "empty": ["SHi", "Yo", "Q2", "A2"],
@@ -82,7 +84,8 @@ def test_chatml_ids_and_mask_written_out():
     tok = build_char_tokenizer()  # eos <|im_end|>, pad <|endoftext|>
     template = get_template("qwen3_nothink", tok)
     proc = SupervisedProcessor(tok, template, cutoff_len=1024)
-    input_ids, labels, truncated = proc.encode([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}], "", "")
+    input_ids, labels, truncated = proc.encode([{"role": "user", "content": "Hi"}],
+                                               [{"role": "assistant", "content": "Yo"}], "", "")
     prompt = [IM_START] + ids("user\nHi") + [IM_END] + ids("\n") + [IM_START] + ids("assistant\n")
     response = ids("Yo") + [IM_END] + ids("\n")
     assert prompt == [129, 117, 115, 101, 114, 10, 72, 105, 130, 10, 129, 97, 115, 115, 105, 115, 116, 97, 110, 116, 10]
@@ -115,7 +118,8 @@ def test_mask_history_keeps_only_last_turn():
 def test_train_on_prompt_labels_everything():
     tok = build_char_tokenizer()
     template = get_template("chatml", tok)
-    input_ids, labels, _ = SupervisedProcessor(tok, template, 1024, train_on_prompt=True).encode(CONV[:3], CONV[3:], "", "")
+    proc = SupervisedProcessor(tok, template, 1024, train_on_prompt=True)
+    input_ids, labels, _ = proc.encode(CONV[:3], CONV[3:], "", "")
     assert labels == input_ids
 
 
@@ -214,7 +218,8 @@ def test_template_errors():
         get_template(None, tok)
     with pytest.raises(DataError, match="alternate"):
         get_template("qwen", tok).encode_multiturn(tok, [CONV[1], CONV[0]])
-    assert {"default", "alpaca", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama3", "mistral", "gemma"} <= set(TEMPLATES)
+    required = {"default", "alpaca", "chatml", "qwen", "qwen3", "qwen3_nothink", "llama3", "mistral", "gemma"}
+    assert required <= set(TEMPLATES)
     assert list_templates()[0] == "auto"
 
 

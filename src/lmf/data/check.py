@@ -66,7 +66,8 @@ def print_report(module, tokenizer, template, stage: str, out: Optional[TextIO] 
     row = module.train_dataset[0]
     if "chosen_input_ids" in row:
         for side in ("chosen", "rejected"):
-            print(f"--- sample 0 ({side}, {len(row[side + '_input_ids'])} tokens; [[...]] = label tokens) ---", file=out)
+            n_tokens = len(row[side + "_input_ids"])
+            print(f"--- sample 0 ({side}, {n_tokens} tokens; [[...]] = label tokens) ---", file=out)
             print(render_with_mask(tokenizer, row[side + "_input_ids"], row[side + "_labels"]), file=out)
     else:
         n_labels = sum(1 for l in row["labels"] if l != -100)

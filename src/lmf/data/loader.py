@@ -211,11 +211,12 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
     with progress_bars(len(normalized) >= 20000):
         tokenized = normalized.map(
             processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
-            remove_columns=normalized.column_names, features=_features("pairwise" if stage in PAIRWISE else "supervised"),
+            remove_columns=normalized.column_names,
+            features=_features("pairwise" if stage in PAIRWISE else "supervised"),
             load_from_cache_file=False, desc="Tokenizing",
         )
-    stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems),
-                             "skipped_examples": [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]}
+    examples = [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]
+    stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems), "skipped_examples": examples}
     stats.update(_token_stats(tokenized, stage))
     tokenized = tokenized.remove_columns(["_truncated"])
     if data_args.packing and stage not in PAIRWISE:

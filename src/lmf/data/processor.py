@@ -36,6 +36,11 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source_len, new_target_len
 
 
+def _records(batch: dict[str, list]):
+    """(prompt, response, system, tools) per record of a normalized batch."""
+    return zip(batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"])
+
+
 def _conversation(prompt: list[dict], response: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in list(prompt) + list(response)]
 
@@ -50,7 +55,8 @@ class SupervisedProcessor:
     train_on_prompt: bool = False
     mask_history: bool = False
 
-    def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str) -> tuple[list[int], list[int], bool]:
+    def encode(self, prompt: list[dict], response: list[dict], system: str,
+               tools: str) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, truncated) of one conversation."""
         tpl, tok = self.template, self.tokenizer
         pairs = tpl.encode_multiturn(tok, _conversation(prompt, response), system or None, tools or None)
@@ -86,7 +92,7 @@ class SupervisedProcessor:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "_truncated": []}
-        for prompt, response, system, tools in zip(batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"]):
+        for prompt, response, system, tools in _records(batch):
             input_ids, labels, truncated = self.encode(prompt, response, system, tools)
             out["input_ids"].append(input_ids)
             out["attention_mask"].append([1] * len(input_ids))
@@ -105,8 +111,9 @@ class PairwiseProcessor:
 
     def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str) -> dict[str, Any]:
         tpl, tok = self.template, self.tokenizer
-        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[:1]), system or None, tools or None)
-        _, rejected_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[1:2]), system or None, tools or None)
+        system, tools = system or None, tools or None
+        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[:1]), system, tools)
+        _, rejected_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[1:2]), system, tools)
         if tpl.efficient_eos:
             chosen_ids = chosen_ids + [tok.eos_token_id]
             rejected_ids = rejected_ids + [tok.eos_token_id]
@@ -129,7 +136,7 @@ class PairwiseProcessor:
         keys = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
                 "rejected_attention_mask", "rejected_labels", "_truncated")
         out: dict[str, list] = {k: [] for k in keys}
-        for prompt, response, system, tools in zip(batch["_prompt"], batch["_response"], batch["_system"], batch["_tools"]):
+        for prompt, response, system, tools in _records(batch):
             row = self.encode(prompt, response, system, tools)
             for k in keys:
                 out[k].append(row[k])

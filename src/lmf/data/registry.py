@@ -274,7 +274,8 @@ def resolve_datasets(names: Optional[str], dataset_dir: str, key: str = "dataset
                 break
         else:
             if not info and not os.path.isdir(dataset_dir):
-                raise DataError(f"config key 'dataset_dir': {dataset_dir!r} does not exist (looking for dataset {name!r})")
+                raise DataError(f"config key 'dataset_dir': {dataset_dir!r} does not exist "
+                                f"(looking for dataset {name!r})")
             hint = difflib.get_close_matches(name, list(info or {}), n=1)
             where = os.path.join(dataset_dir, "dataset_info.json")
             raise DataError(f"config key {key!r}: dataset {name!r} is not registered in {where} and is not a file"

@@ -132,7 +132,8 @@ class Template:
         for piece in pieces:
             if isinstance(piece, _Marker):
                 token = getattr(tokenizer, piece.attr, None) if tokenizer is not None else f"<{piece.attr}>"
-                if token is not None and (tokenizer is None or getattr(tokenizer, piece.attr + "_id", None) is not None):
+                has_id = tokenizer is None or getattr(tokenizer, piece.attr + "_id", None) is not None
+                if token is not None and has_id:
                     out.append(str(token))
             else:
                 out.append(piece)
@@ -185,7 +186,8 @@ class Template:
         if len(messages) % 2 != 0:
             raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
         if self.reasoning and self.enable_thinking is False:
-            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m for i, m in enumerate(messages)]
+            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
+                        for i, m in enumerate(messages)]
         encoded = [self._pieces_to_ids(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
         pairs = []
         for i in range(0, len(encoded), 2):
@@ -223,7 +225,8 @@ class Template:
     def encode_prompt(self, tokenizer, messages: list[dict], system: Optional[str] = None,
                       tools: Optional[str] = None) -> list[int]:
         """Prompt ids for generation: ``messages`` ends with a user (or tool) turn; ends with the assistant prefix."""
-        prompt_ids, _ = self.encode_oneturn(tokenizer, list(messages) + [{"role": ASSISTANT, "content": ""}], system, tools)
+        conversation = list(messages) + [{"role": ASSISTANT, "content": ""}]
+        prompt_ids, _ = self.encode_oneturn(tokenizer, conversation, system, tools)
         return prompt_ids
 
     # ------------------------------------------------------------------ tokenizer
@@ -278,7 +281,8 @@ class Template:
         probes = [
             [{"role": "user", "content": "Hi"}],
             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Bye"}],
         ]
         try:
             for messages in probes:
@@ -332,7 +336,8 @@ class Template:
                    + expr(self.observation if self.observation is not None else self.user, "content") + " }}")
         out.append("{% endif %}{% endfor %}")
         if self.reasoning and self.enable_thinking is False:
-            out.append("{% if add_generation_prompt and loop_messages and loop_messages[-1]['role'] != 'assistant' %}{{ "
+            out.append("{% if add_generation_prompt and loop_messages "
+                       "and loop_messages[-1]['role'] != 'assistant' %}{{ "
                        + _jinja_str(self.thought_words[0] + self.thought_words[1]) + " }}{% endif %}")
         return "".join(out)
 
@@ -485,7 +490,9 @@ def register_template(template: Template) -> Template:
 _CHATML_USER = ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",)
 _CHATML_ASSISTANT = ("{{content}}<|im_end|>\n",)
 _CHATML_SYSTEM = ("<|im_start|>system\n{{content}}<|im_end|>\n",)
-_QWEN_OBSERVATION = ("<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",)
+_QWEN_OBSERVATION = (
+    "<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
+)
 
 register_template(Template(name="empty", user=("{{content}}",), assistant=("{{content}}",), system=("{{content}}",)))
 register_template(Template(
@@ -499,7 +506,8 @@ register_template(Template(
     user=("### Instruction:\n{{content}}\n\n### Response:\n",),
     assistant=("{{content}}", EOS, "\n\n"),
     system=("{{content}}",),
-    default_system="Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+    default_system="Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n",
 ))
 register_template(Template(
     name="vicuna",
@@ -611,8 +619,10 @@ def parse_chat_template(tokenizer) -> Template:
     try:
         system_only = _render(tokenizer, [{"role": "system", "content": marker}], False)
         user_gen = _render(tokenizer, [{"role": "user", "content": marker}], True)
-        user_gen_empty_sys = _render(tokenizer, [{"role": "system", "content": ""}, {"role": "user", "content": marker}], True)
-        user_asst = _render(tokenizer, [{"role": "user", "content": marker}, {"role": "assistant", "content": marker}], False)
+        user_gen_empty_sys = _render(tokenizer, [{"role": "system", "content": ""},
+                                                 {"role": "user", "content": marker}], True)
+        user_asst = _render(tokenizer, [{"role": "user", "content": marker},
+                                        {"role": "assistant", "content": marker}], False)
     except Exception as exc:  # jinja errors come in many types
         raise DataError(f"config key 'template': auto could not render the tokenizer's chat_template: {exc}") from exc
     prefix = ""
