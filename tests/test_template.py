@@ -258,3 +258,25 @@ def test_fix_tokenizer_keeps_an_equivalent_template_and_replaces_a_different_one
     assert tok2.chat_template == CHATML_TEMPLATE  # renders alike: the native template is kept
     assert same.prompt_text(messages, tokenizer=tok2) == tok2.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_mask_labels_exactly_the_assistant_messages(name):
+    """Multi-turn: labels are the rendered assistant messages (with their end-of-turn text), nothing else."""
+    tok = _tok()
+    template = get_template(name, tok, fix_tokenizer=False)
+    input_ids, labels, _ = SupervisedProcessor(tok, template, 4096).encode(CONV[:3], CONV[3:], "S", "")
+    assert len(input_ids) == len(labels)
+    labelled = [t for t, l in zip(input_ids, labels) if l != IGNORE_INDEX]
+    assert tok.decode(labelled, skip_special_tokens=False) == EXPECTED[name][1] + EXPECTED[name][3]
+    masked = [t for t, l in zip(input_ids, labels) if l == IGNORE_INDEX]
+    assert tok.decode(masked, skip_special_tokens=False) == EXPECTED[name][0] + EXPECTED[name][2]
+
+
+def test_mistral_ids_written_out():
+    tok = _tok()  # bos <s>, eos </s>: specials 128-130, then </s>=131, <s>=132
+    assert (tok.eos_token_id, tok.bos_token_id) == (131, 132)
+    template = get_template("mistral", tok)
+    (prompt, response), = template.encode_multiturn(tok, CONV[:2])
+    assert prompt == [132] + ids("[INST] Hi[/INST]")
+    assert response == ids(" Yo") + [131]
