@@ -71,11 +71,11 @@ def run_sft(cfg: "LmfConfig") -> None:
 def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
     """Tokenizer (fixed by the template) and the tokenized datasets of ``stage``."""
     from lmf.data.loader import get_dataset
-    from lmf.data.template import get_template
+    from lmf.data.template import template_from_args
     from lmf.model.loader import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.data.template, tokenizer)
+    template = template_from_args(cfg.data, tokenizer)  # template + default_system/enable_thinking from the config
     template.fix_tokenizer(tokenizer)
     data = get_dataset(cfg, tokenizer, template, stage=stage)
     return tokenizer, template, data
