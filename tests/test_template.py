@@ -280,3 +280,24 @@ def test_mistral_ids_written_out():
     (prompt, response), = template.encode_multiturn(tok, CONV[:2])
     assert prompt == [132] + ids("[INST] Hi[/INST]")
     assert response == ids(" Yo") + [131]
+
+
+QWEN3_LIKE = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'system' -%}{{ '<|im_start|>system\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'user' -%}{{ '<|im_start|>user\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.last -%}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif -%}{{ m.content + '<|im_end|>\\n' }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def test_auto_detects_a_reasoning_chat_template():
+    tok = build_char_tokenizer(chat_template=QWEN3_LIKE)
+    template = get_template("auto", tok)
+    assert template.reasoning and template.default_system == ""
+    (prompt, response), = template.encode_multiturn(tok, CONV[:2])
+    assert tok.decode(prompt + response, skip_special_tokens=False) == tok.apply_chat_template(CONV[:2], tokenize=False)
+    assert tok.decode(response, skip_special_tokens=False) == "<think>\n\n</think>\n\nYo<|im_end|>\n"
+    assert tok.chat_template == QWEN3_LIKE  # auto never replaces the tokenizer's own template
