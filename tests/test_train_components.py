@@ -160,3 +160,25 @@ def test_cpu_threads_follow_model_width_unless_set(monkeypatch):
         assert torch.get_num_threads() == 2  # the user's choice wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_epoch_strategy_saves_and_evaluates_once_per_epoch(tiny_model_dir, tmp_path):
+    """20 rows, micro-batch 4 (5 per epoch), accumulation 2: epochs end inside steps 3 and 5."""
+    import os
+
+    from _train_helpers import PadCollator, make_config, tokenized_sft_rows
+    from lmf.model.loader import load_model, load_tokenizer
+    from lmf.train.sft import SFTStage
+    from lmf.train.trainer import Trainer, set_seed, setup_runtime
+
+    cfg = make_config(tiny_model_dir, str(tmp_path), max_steps=-1, num_train_epochs=3, save_strategy="epoch",
+                      eval_strategy="epoch")
+    set_seed(0)
+    tok = load_tokenizer(cfg.model)
+    model = load_model(cfg, tok, is_trainable=True)
+    rows = tokenized_sft_rows(tok, n=24)
+    state = Trainer(cfg, model, tok, SFTStage(cfg, model, PadCollator(tok.pad_token_id)), rows[:20], setup_runtime(cfg),
+                    eval_dataset=rows[20:]).train()
+    assert state.global_step == 8  # ceil(3 * 5 / 2)
+    assert [h["step"] for h in state.log_history if "eval_loss" in h] == [3, 5, 8]
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-5", "checkpoint-8"]

@@ -20,7 +20,7 @@ def _weights(out_dir: str, ftype: str) -> dict:
     return load_file(os.path.join(out_dir, "adapter_model.safetensors" if ftype == "lora" else "model.safetensors"))
 
 
-@pytest.mark.parametrize("ftype,extra", [("lora", {"lora_dropout": 0.1}), ("full", {"weight_decay": 0.01})])
+@pytest.mark.parametrize("ftype,extra", [("lora", {"lora_dropout": 0.1, "logging_steps": 2}), ("full", {"weight_decay": 0.01})])
 def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, ftype, extra):
     """run(6 steps) == run(3 steps) + resume(3 more): same loss history and bit-identical final weights.
 
@@ -38,6 +38,7 @@ def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, ftype, extra):
     _, resumed = train_tiny(make_config(tiny_model_dir, part_dir, resume_from_checkpoint=True, **kw))
     assert losses(resumed) == losses(ref)
     assert [h["lr"] for h in resumed.log_history] == [h["lr"] for h in ref.log_history]
+    assert [h["step"] for h in ref.log_history] == ([2, 4, 6] if ftype == "lora" else [1, 2, 3, 4, 5, 6])
     a, b = _weights(full_dir, ftype), _weights(part_dir, ftype)
     assert a.keys() == b.keys()
     for k in a:

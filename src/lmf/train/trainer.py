@@ -259,6 +259,7 @@ class TrainState:
     world_size: int = 1
     micro_batch_size: int = 1
     log_history: list = field(default_factory=list)
+    log_window: list = field(default_factory=list)  # step losses since the last log entry
     resume_fingerprint: str = ""
     finished: bool = False
 
@@ -361,13 +362,12 @@ class Trainer:
         bar = ProgressBar(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
         self._log_start()
         save_every = self._save_steps()
-        window_losses: list[float] = []
         window_start, window_tokens = time.perf_counter(), 0
+        epochs_done = self._epochs_done()
         self.wrapped.train()
         try:
             while st.global_step < st.max_steps:
                 step_start = time.perf_counter()
-                epoch_at_start = self.stream.epoch
                 acc = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)  # loss_sum, items, input tokens
                 metric_sums: dict[str, float] = {}
                 for micro in range(ga):
@@ -392,7 +392,7 @@ class Trainer:
                 st.data_epoch, st.batch_in_epoch = self.stream.epoch, self.stream.batch_in_epoch
                 st.epoch = round(self.stream.epoch_float, 4)
                 step_loss = loss_total / max(items, 1.0)
-                window_losses.append(step_loss)
+                st.log_window.append(step_loss)  # in the state: a resumed run logs the same averages
                 window_tokens += int(tokens)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.update(step_loss, lr, tokens / max(time.perf_counter() - step_start, 1e-9))
@@ -401,14 +401,15 @@ class Trainer:
                 is_last = st.global_step >= st.max_steps
                 if st.global_step % args.logging_steps == 0 or is_last or (args.logging_first_step and st.global_step == 1):
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    entry = {"step": st.global_step, "epoch": st.epoch, "loss": round(sum(window_losses) / len(window_losses), 6),
+                    entry = {"step": st.global_step, "epoch": st.epoch, "loss": round(sum(st.log_window) / len(st.log_window), 6),
                              "lr": lr, "grad_norm": round(grad_norm, 6), "tokens_per_second": round(window_tokens / elapsed, 1)}
                     entry.update({k: round(v, 6) for k, v in step_metrics.items()})
                     self._record(entry, reporter)
-                    window_losses, window_tokens, window_start = [], 0, time.perf_counter()
-                if self.eval_dataset is not None and self._eval_due(is_last):
+                    st.log_window, window_tokens, window_start = [], 0, time.perf_counter()
+                epoch_ended = self._epochs_done() > epochs_done
+                epochs_done = self._epochs_done()
+                if self.eval_dataset is not None and self._eval_due(is_last, epoch_ended):
                     self._record({"step": st.global_step, **self.evaluate()}, reporter)
-                epoch_ended = self.stream.epoch > epoch_at_start
                 if not is_last and self._save_due(save_every, epoch_ended):
                     self.save_checkpoint()
         finally:
@@ -420,7 +421,11 @@ class Trainer:
         reporter.close()
         return st
 
-    def _eval_due(self, is_last: bool) -> bool:
+    def _epochs_done(self) -> int:
+        """Completed passes over the data (an epoch counts as done once its last micro-batch is consumed)."""
+        return self.stream.epoch + (1 if self.stream.batch_in_epoch >= self.stream.batches_per_epoch else 0)
+
+    def _eval_due(self, is_last: bool, epoch_ended: bool) -> bool:
         strategy = self.args.eval_strategy
         if strategy == "no":
             return is_last and self.args.do_eval
@@ -428,7 +433,7 @@ class Trainer:
             every = self.args.eval_steps or self.args.logging_steps
             every = max(1, math.ceil(every * self.state.max_steps)) if 0 < every < 1 else max(1, int(every))
             return self.state.global_step % every == 0 or is_last
-        return is_last or self.stream.batch_in_epoch == self.stream.batches_per_epoch
+        return is_last or epoch_ended
 
     def _save_due(self, save_every: int, epoch_ended: bool) -> bool:
         if self.args.save_strategy == "steps":
@@ -652,6 +657,7 @@ class Trainer:
         st = self.state
         st.global_step, st.epoch = saved["global_step"], saved["epoch"]
         st.tokens_seen, st.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
+        st.log_window = saved.get("log_window", [])
         st.data_epoch = saved.get("data_epoch", 0)
         st.batch_in_epoch = saved.get("batch_in_epoch", 0)
         old_world, old_micro = saved.get("world_size", 1), saved.get("micro_batch_size", st.micro_batch_size)
