@@ -189,20 +189,44 @@ def fit_longest(points: list[tuple[int, float]], budget: float, multiple: int = 
     return length if length > 0 else None
 
 
-def longest_within_budget(args, path: str, results: list[dict]) -> dict | None:
+def longest_within_budget(args, path: str, results: list[dict], max_runs: int = 4) -> dict | None:
+    """Longest cutoff_len (multiple of 256) whose measured peak fits the budget.
+
+    Each guess is the secant through the two measurements whose peaks are closest to the budget
+    (memory is nearly linear in the length), bisection once a fitting and a failing length
+    bracket it; every guess is verified by a run.
+    """
     budget = args.budget_gb * 2**30
     points = [(r["length"], r["peak_bytes"]) for r in results if r["path"] == path and "error" not in r]
-    guess = fit_longest(points, budget)
-    if guess is None:
-        return None
-    if args.max_budget_len and guess > args.max_budget_len:
-        return {"path": path, "length": guess, "verified": False, "note": f"predicted; > --max-budget-len {args.max_budget_len}"}
-    for _ in range(4):  # verify; step down 5% while over budget
+    fits = [x for x, y in points if y <= budget]
+    over = [x for x, y in points if y > budget] + [r["length"] for r in results if r["path"] == path and "error" in r]
+    best, limit = (max(fits) if fits else None), (min(over) if over else None)
+    for _ in range(max_runs):
+        closest = sorted(points, key=lambda p: abs(p[1] - budget))[:2]
+        guess = fit_longest(closest, budget * 0.99)
+        if guess is None or (best is not None and guess <= best):
+            break  # the fit says nothing longer than the best verified length fits
+        if limit is not None and guess >= limit:
+            guess = ((best or 0) + limit) // 2 // 256 * 256  # bisect between fitting and failing
+            if guess <= (best or 0):
+                break
+        if args.max_budget_len and guess > args.max_budget_len:
+            return {"path": path, "length": guess, "verified": False,
+                    "note": f"predicted; > --max-budget-len {args.max_budget_len}"}
         result = measure(args, path, guess)
-        if "error" not in result and result["peak_bytes"] <= budget:
-            return {"path": path, "length": guess, "verified": True, "peak_bytes": result["peak_bytes"]}
-        guess = int(guess * 0.95) // 256 * 256
-    return None
+        if "error" in result:
+            limit = guess
+            continue
+        points.append((guess, result["peak_bytes"]))
+        if result["peak_bytes"] <= budget:
+            best = guess
+        else:
+            limit = guess
+    if best is None:
+        return None
+    peak = max(y for x, y in points if x == best)
+    return {"path": path, "length": best, "verified": True, "peak_bytes": peak,
+            "note": f"{limit} tokens measured over budget" if limit else ""}
 
 
 def render(args, results: list[dict], longest: dict) -> str:
@@ -254,13 +278,14 @@ def render(args, results: list[dict], longest: dict) -> str:
             row += f" {peak(other)} | {tps(other)} | {mem_ratio} | {speed_ratio} |"
         lines.append(row)
     if longest:
-        lines += ["", f"Longest cutoff_len within a {args.budget_gb:g} GiB budget (linear fit of the peaks, then verified by a run):", ""]
+        lines += ["", f"Longest cutoff_len within a {args.budget_gb:g} GiB budget (secant/bisection on measured peaks, each guess verified by a run):", ""]
         for path in args.paths:
             item = longest.get(path)
             if item is None:
                 lines.append(f"- {path}: not determined")
             elif item.get("verified"):
-                lines.append(f"- {path}: {item['length']} tokens (measured peak {item['peak_bytes'] / 2**30:.2f} GiB)")
+                extra = f"; {item['note']}" if item.get("note") else ""
+                lines.append(f"- {path}: {item['length']} tokens (measured peak {item['peak_bytes'] / 2**30:.2f} GiB{extra})")
             else:
                 lines.append(f"- {path}: ~{item['length']} tokens ({item['note']})")
     return "\n".join(lines) + "\n"
