@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     import torch
 
     from lmf.config.parser import LmfConfig
-    from lmf.dist.runtime import DistInfo
 
 logger = get_logger(__name__)
 
