@@ -100,7 +100,8 @@ def loss_kwargs(model_args, model) -> dict:
     for key in ("logit_scale", "logits_scaling"):
         if getattr(config, key, None) not in (None, 1, 1.0):
             _log_once(key, f"the model config's {key} is not applied by lmf's loss (logits are unscaled)", warning=True)
-    return {"chunk_size": chunk_size, "softcap": logit_softcap_of(model), "use_liger": bool(model_args.enable_liger_kernel)}
+    use_liger = bool(model_args.enable_liger_kernel)
+    return {"chunk_size": chunk_size, "softcap": logit_softcap_of(model), "use_liger": use_liger}
 
 
 def liger_available() -> bool:
@@ -164,7 +165,9 @@ def causal_lm_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
 
     h, y = _shift(hidden, labels)
     logits = _plain_logits(h, lm_head, softcap)
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss_sum, (y != IGNORE_INDEX).sum()
 
 

@@ -45,7 +45,9 @@ def select_label_rows(hidden: torch.Tensor, labels: torch.Tensor):
     per-sequence label counts ``[B]``.
     """
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
-        raise ValueError(f"expected hidden [B, T, H] and labels [B, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected hidden [B, T, H] and labels [B, T]; got {tuple(hidden.shape)} and {tuple(labels.shape)}"
+        )
     batch, seq_len, width = hidden.shape
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX

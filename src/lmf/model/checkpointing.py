@@ -52,7 +52,9 @@ def _offloading(checkpoint_func):
 
 
 def _is_checkpointed_layer(module) -> bool:
-    if getattr(module, "gradient_checkpointing", False) is not True or not hasattr(module, "_gradient_checkpointing_func"):
+    if getattr(module, "gradient_checkpointing", False) is not True:
+        return False
+    if not hasattr(module, "_gradient_checkpointing_func"):
         return False
     try:  # transformers >= 4.52: decoder layers derive from GradientCheckpointingLayer
         from transformers.modeling_layers import GradientCheckpointingLayer
