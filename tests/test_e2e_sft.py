@@ -58,3 +58,15 @@ def test_command_stage_mismatch_is_a_config_error(tmp_path):
 def test_bad_model_path_names_the_key(tmp_path):
     proc = run_lmf("sft", DEMO, f"model_name_or_path={tmp_path}/missing", f"output_dir={tmp_path}/o")
     assert proc.returncode != 0 and "model_name_or_path" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_llamafactory_example_yaml_runs_unchanged(tmp_path):
+    """LLaMA-Factory's qwen3_lora_sft.yaml (bf16, ddp_timeout, 16 preprocessing / 4 dataloader workers) on CPU."""
+    out = tmp_path / "lf"
+    proc = run_lmf("sft", os.path.join("tests", "fixtures", "lf_examples", "qwen3_lora_sft.yaml"),
+                   "model_name_or_path=examples/tiny-qwen3", "dataset_dir=examples/data", f"output_dir={out}",
+                   "max_steps=2", "cutoff_len=128", "max_samples=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bf16 is set but training runs on CPU: using float32" in proc.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()

@@ -168,9 +168,14 @@ class Trainer:
             len(self.train_dataset), self.runtime.world_size, self.runtime.rank,
             shuffle=not self.cfg.finetuning.disable_shuffling, seed=self.args.data_seed,
         )
+        workers = self.args.dataloader_num_workers
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if workers > cores:
+            logger.info("dataloader_num_workers=%d capped at the %d available CPU cores", workers, cores)
+            workers = cores
         return MicroBatchStream(
             self.train_dataset, self.stage.collator, self.args.per_device_train_batch_size, sampler,
-            num_workers=self.args.dataloader_num_workers, pin_memory=self.runtime.device.type == "cuda",
+            num_workers=workers, pin_memory=self.runtime.device.type == "cuda",
         )
 
     def _total_steps(self, batches_per_epoch: int) -> int:
