@@ -114,7 +114,7 @@ WORKER = textwrap.dedent(
     from lmf.dist.fingerprint import check_consistency
     from lmf.extras.errors import LmfError
 
-    init_distributed(timeout_s=30)
+    init_distributed(timeout_s=int(sys.argv[2]) if len(sys.argv) > 2 else 30)
     try:
         fps = check_consistency(sys.argv[1])
     except LmfError as exc:
@@ -126,7 +126,7 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run_two_ranks(tmp_path, overrides: dict[int, str], hashes=("cfg", "cfg")):
+def _run_two_ranks(tmp_path, overrides: dict[int, str], hashes=("cfg", "cfg"), timeout_s: int = 30):
     script = tmp_path / "fp_worker.py"
     script.write_text(WORKER)
     port = str(find_available_port())
@@ -137,7 +137,7 @@ def _run_two_ranks(tmp_path, overrides: dict[int, str], hashes=("cfg", "cfg")):
         env.pop("LMF_FINGERPRINT_OVERRIDE", None)
         if rank in overrides:
             env["LMF_FINGERPRINT_OVERRIDE"] = overrides[rank]
-        procs.append(subprocess.Popen([sys.executable, str(script), hashes[rank]], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(script), hashes[rank], str(timeout_s)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     try:
@@ -174,6 +174,16 @@ def test_two_ranks_with_different_torch_both_fail_with_table(tmp_path):
         assert [c.strip() for c in table_rows[0].split("|")[1:-1]] == ["rank", "host", "torch"]
         assert [c.strip() for c in table_rows[1].split("|")[1:-1]][::2] == ["0", torch.__version__]
         assert [c.strip() for c in table_rows[2].split("|")[1:-1]][::2] == ["1", "9.9"]
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_fingerprint_fails_every_rank_at_once(tmp_path):
+    start = time.monotonic()
+    results = _run_two_ranks(tmp_path, {1: "{broken json"}, timeout_s=300)
+    assert time.monotonic() - start < 60  # rank 0 did not wait for the 300 s collective timeout
+    for rc, _, err in results:
+        assert rc != 0
+        assert "could not compare the ranks' environments: rank 1: LMF_FINGERPRINT_OVERRIDE must be a JSON object" in err
 
 
 @pytest.mark.slow

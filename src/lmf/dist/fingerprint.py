@@ -33,6 +33,7 @@ DISPLAY_ONLY_KEYS = ("host",)
 FINGERPRINT_PACKAGES = ("transformers", "peft", "datasets", "accelerate", "deepspeed")
 
 NOT_INSTALLED = "not installed"
+_ERROR_KEY = "__error__"
 
 
 class EnvironmentMismatchError(LmfError):
@@ -125,15 +126,23 @@ def check_consistency(config_hash: Optional[str]) -> list[dict]:
     Returns the fingerprints by rank (just this process's one without a process group).
     Collective: every rank of the default group must call it.
     """
-    own = collect_fingerprint(config_hash)
     from lmf.dist.runtime import is_dist
 
     if not is_dist():
-        return [own]
+        return [collect_fingerprint(config_hash)]
     import torch.distributed as dist
 
+    try:
+        own = collect_fingerprint(config_hash)
+    except LmfError as exc:  # still join the exchange, so the other ranks fail now instead of at the timeout
+        own = {_ERROR_KEY: str(exc)}
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, own)
+    failed = [(rank, fp[_ERROR_KEY]) for rank, fp in enumerate(gathered) if _ERROR_KEY in fp]
+    if failed:
+        raise EnvironmentMismatchError(
+            "could not compare the ranks' environments: " + "; ".join(f"rank {r}: {msg}" for r, msg in failed)
+        )
     mismatched = find_mismatches(gathered)
     if mismatched:
         raise EnvironmentMismatchError(mismatch_message(gathered, mismatched))
