@@ -51,7 +51,9 @@ def _merge_adapters(model, paths: list[str]):
     from peft import PeftModel
 
     for path in paths:
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
         logger.info("merged adapter %s", path)
     return model
 

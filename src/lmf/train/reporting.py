@@ -62,10 +62,17 @@ class ProgressBar:
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
+        self._redirect = None
         if enabled:
+            import logging
+
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            # log lines are printed above the bar instead of through it
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("lmf")], tqdm_class=tqdm)
+            self._redirect.__enter__()
 
     def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
         if self.bar is not None:
@@ -73,6 +80,9 @@ class ProgressBar:
             self.bar.update(1)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self.bar is not None:
             self.bar.close()
 

@@ -238,8 +238,8 @@ class Trainer:
         args, st = self.args, self.state
         ga = args.gradient_accumulation_steps
         reporter = Reporter(self.cfg, self.runtime.is_main)
-        bar = ProgressBar(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
         self._log_start()
+        bar = ProgressBar(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
         save_every = self._save_steps()
         window_start, window_tokens = time.perf_counter(), 0
         epochs_done = self._epochs_done()
