@@ -37,6 +37,7 @@ class Reporter:
                 import wandb
             except ImportError as exc:
                 raise NotAvailableError("report_to: wandb needs `pip install wandb` (or lmf[wandb])") from exc
+            os.makedirs(cfg.training.output_dir, exist_ok=True)
             run = wandb.init(name=cfg.training.run_name, config=cfg.to_dict(), dir=cfg.training.output_dir)
             self.writers.append(("wandb", run))
 
