@@ -194,3 +194,11 @@ def test_fault_injection_hooks_fire_only_where_asked():
     assert not should_die("step", 3, dict(env, TORCHELASTIC_RESTART_COUNT="1"))  # only the first attempt
     assert should_die("save", 4, {"LMF_TEST_KILL_DURING_SAVE": "4"})  # rank 0 by default
     assert not should_die("step", 3, {})  # inert by default
+
+
+def test_classify_torch_distributed_error_types():
+    import torch.distributed as dist
+
+    assert classify_collective_error(dist.DistNetworkError("failed to recv, got 0 bytes")) == "peer"
+    assert classify_collective_error(dist.DistStoreError("wait timeout after 30000ms")) == "timeout"
+    assert classify_collective_error(dist.DistBackendError("NCCL error: invalid usage")) is None  # a bug, not a peer

@@ -52,13 +52,13 @@ def configure_error_handling(env: Optional[MutableMapping[str, str]] = None) -> 
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 
 
-def _is_dist_error(exc: BaseException) -> bool:
+def _is_dist_error(exc: BaseException, names: tuple[str, ...] = ("DistError",)) -> bool:
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - torch always present where collectives run
         return False
-    dist_error = getattr(dist, "DistError", None)
-    return dist_error is not None and isinstance(exc, dist_error)
+    classes = tuple(c for c in (getattr(dist, n, None) for n in names) if c is not None)
+    return bool(classes) and isinstance(exc, classes)
 
 
 def classify_collective_error(exc: BaseException) -> Optional[str]:
@@ -72,7 +72,7 @@ def classify_collective_error(exc: BaseException) -> Optional[str]:
         return "peer"
     if any(p in text for p in _TIMEOUT_PATTERNS):
         return "timeout" if _in_process_group() or _is_dist_error(exc) or "gloo" in text or "nccl" in text else None
-    if _is_dist_error(exc):
+    if _is_dist_error(exc, ("DistNetworkError", "DistStoreError")):  # not DistBackendError: that may be a plain bug
         return "peer"
     return None
 
