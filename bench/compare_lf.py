@@ -67,7 +67,7 @@ TARGETS = {"startup": 10.0, "preprocess": 3.0, "train_speed": 1.2, "train_rss": 
 
 # Model shapes. The CPU one is small enough to train in seconds on 2 cores; the GPU one is the
 # Qwen2.5-0.5B shape on the Qwen3 architecture (~0.49B params with tied embeddings), random init.
-TINY_TRAIN_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768)
+TINY_TRAIN_SHAPE = dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384)
 GPU_SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, head_dim=64, tie_word_embeddings=True,
                  max_position_embeddings=32768)
@@ -194,7 +194,7 @@ def ratio(a, b):
 def bench_startup(args) -> dict:
     lmf_bin = shutil.which("lmf", path=os.path.dirname(args.lmf_python)) or os.path.join(os.path.dirname(args.lmf_python), "lmf")
     lf_bin = os.path.join(os.path.dirname(args.lf_python), "llamafactory-cli")
-    runs = 3 if args.quick else 7
+    runs = 3 if args.quick else 5
     out = {"runs": runs, "commands": {}}
     for sub in ("help", "version"):
         times = {}
@@ -234,7 +234,7 @@ def compare_stats(a: dict, b: dict, keys=("rows", "real_tokens", "label_tokens",
 
 
 def bench_preprocess(args, model_dir: str) -> dict:
-    records = args.records or (10000 if args.quick else 50000)
+    records = args.records or (5000 if args.quick else 20000)
     data_dir = replicate_alpaca(args.cache, records)
     work = os.path.join(args.cache, "runs", "preprocess")
     shutil.rmtree(work, ignore_errors=True)
@@ -261,7 +261,7 @@ def train_settings(args, gpu: bool) -> dict:
         records = 1024 if args.quick else 4096
         return dict(records=records, dataset="alpaca_bench", data_dir=replicate_alpaca(args.cache, max(records, 1000)),
                     batch=8, accum=2, cutoff_len=2048, lr=1e-4)
-    records = 80 if args.quick else 320
+    records = 48 if args.quick else 96
     return dict(records=records, dataset="alpaca_en_demo", data_dir=DEMO_DATA, batch=4, accum=2,
                 cutoff_len=args.cutoff_len, lr=1e-4)
 
@@ -288,36 +288,59 @@ def train_config(args, s: dict, model_dir: str, output_dir: str, packing: bool, 
 
 def bench_train(args, model_dir: str, gpu: bool) -> dict:
     s = train_settings(args, gpu)
+    repeats = args.repeats or (1 if args.quick else 2)
     params = safetensors_params(model_dir)
     section = "gpu" if gpu else "train"
     work = os.path.join(args.cache, "runs", section)
     shutil.rmtree(work, ignore_errors=True)
-    out = {"settings": {k: v for k, v in s.items() if k != "data_dir"}, "params": params, "variants": {}}
+    out = {"settings": {k: v for k, v in s.items() if k != "data_dir"}, "params": params, "repeats": repeats,
+           "variants": {}}
     for packing in (False, True):
         variant = "packing" if packing else "no packing"
+        runs: dict = {"lmf": [], "lf": []}
+        for rep in range(repeats):  # interleaved repeats; the fastest train loop of each side is kept
+            for side, python in (("lmf", args.lmf_python), ("lf", args.lf_python)):
+                name = f"{section}-{'pack' if packing else 'nopack'}-{side}-{rep}"
+                cfg = train_config(args, s, model_dir, os.path.join(work, f"{name}-out"), packing, gpu)
+                extra = {"HF_DATASETS_CACHE": os.path.join(work, f"{name}-hf-cache"),
+                         "LMF_CACHE": os.path.join(work, f"{name}-lmf-cache")}
+                if side == "lf":
+                    cfg["include_num_input_tokens_seen"] = "non_padding"  # LF/HF's own counter, cross-check only
+                log(f"{section} {variant} {side} #{rep + 1}: {s['records']} records, batch {s['batch']}x{s['accum']}, "
+                    f"cutoff {s['cutoff_len']}")
+                runs[side].append(run_side(side, python, "train", cfg, work, name, args.threads, extra))
+                log(f"  {side}: {runs[side][-1]['train_seconds']:.1f} s train loop, wall {runs[side][-1]['wall_seconds']:.1f} s")
         res = {}
-        for side, python in (("lmf", args.lmf_python), ("lf", args.lf_python)):
-            name = f"{section}-{'pack' if packing else 'nopack'}-{side}"
-            cfg = train_config(args, s, model_dir, os.path.join(work, f"{name}-out"), packing, gpu)
-            extra = {"HF_DATASETS_CACHE": os.path.join(work, f"{name}-hf-cache"), "LMF_CACHE": os.path.join(work, f"{name}-lmf-cache")}
-            if side == "lf":
-                cfg["include_num_input_tokens_seen"] = "non_padding"  # LF/HF's own counter, cross-check only
-            log(f"{section} {variant} {side}: {s['records']} records, batch {s['batch']}x{s['accum']}, cutoff {s['cutoff_len']}")
-            r = run_side(side, python, "train", cfg, work, name, args.threads, extra)
+        for side in ("lmf", "lf"):
+            r = dict(min(runs[side], key=lambda x: x["train_seconds"]))
+            r["all_train_seconds"] = [x["train_seconds"] for x in runs[side]]
+            r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs[side])
+            r["wall_seconds"] = min(x["wall_seconds"] for x in runs[side])
             epoch = r.get("epoch") or 0.0
-            r["tokens_trained"] = r["data"]["real_tokens"] * epoch
+            if side == "lf" and packing:
+                # LF's packed rows (neat_packing off) carry padding with attention_mask 1, so HF's counter
+                # would include pads: count the packed data's non-pad tokens times the epochs trained.
+                r["tokens_trained"] = r["data"]["real_tokens"] * epoch
+            else:  # the trainer's own attention-mask count over every micro-batch it trained on
+                r["tokens_trained"] = r["trainer_tokens"]
             r["tokens_per_s"] = r["tokens_trained"] / r["train_seconds"]
             if gpu:
                 r["mfu"] = 6.0 * params * r["tokens_per_s"] / args.peak_flops
             res[side] = r
-            log(f"  {side}: {r['train_seconds']:.1f} s train loop, {r['tokens_per_s']:.0f} tok/s, "
+            log(f"  best {side}: {r['train_seconds']:.1f} s train loop, {r['tokens_per_s']:.0f} tok/s, "
                 f"steps {r['global_step']}, epoch {epoch:.3f}, peak RSS {r['peak_rss_mib']:.0f} MiB, data {r['data']}")
         problems = compare_stats(res["lmf"]["data"], res["lf"]["data"], ("real_tokens", "label_tokens"))
         for side in ("lmf", "lf"):
-            if abs((res[side].get("epoch") or 0) - 1.0) > 1e-3:
-                problems.append(f"{side} trained {res[side].get('epoch')} epochs, not exactly 1")
-        if not packing and res["lmf"].get("trainer_tokens") != res["lf"].get("trainer_tokens"):
-            problems.append(f"trainer token counters: lmf {res['lmf'].get('trainer_tokens')} vs LF {res['lf'].get('trainer_tokens')}")
+            r = res[side]
+            if abs((r.get("epoch") or 0) - 1.0) > 1e-3:
+                problems.append(f"{side} trained {r.get('epoch')} epochs ({r['global_step']} steps), not exactly 1: its "
+                                f"tokens/s uses the {r['tokens_trained']:.0f} tokens it really trained "
+                                f"(one epoch = {r['data']['real_tokens']})")
+        if not packing:
+            counts = {res["lmf"]["trainer_tokens"], res["lf"]["trainer_tokens"], res["lmf"]["data"]["real_tokens"]}
+            if len(counts) != 1:
+                problems.append(f"trained token counts differ: lmf counter {res['lmf']['trainer_tokens']}, LF counter "
+                                f"{res['lf']['trainer_tokens']}, one epoch of data {res['lmf']['data']['real_tokens']}")
         out["variants"][variant] = {
             "sides": res, "mismatch": problems,
             "speedup": ratio(res["lmf"]["tokens_per_s"], res["lf"]["tokens_per_s"]),
@@ -368,9 +391,9 @@ def render_report(args, info: dict, results: dict) -> list[str]:
     lines = [
         "# lmf vs LLaMA-Factory 0.9.5",
         "",
-        f"Generated by `python bench/compare_lf.py {' '.join(sys.argv[1:])}` on {info['date']} "
-        f"(git {info['git']}). Both sides ran on this machine in the same run, each in a fresh "
-        f"process with {args.threads} thread(s) (OMP_NUM_THREADS).",
+        f"Generated by `{results.get('command', 'python bench/compare_lf.py')}` on {info['date']} "
+        f"(git {info['git']}) in {results.get('elapsed_s', 0) / 60:.1f} min. Both sides ran on this machine in the same "
+        f"run, each in a fresh process with {results.get('threads', 1)} thread(s) (OMP_NUM_THREADS).",
         "",
         "## Machine and versions",
         "",
@@ -471,10 +494,12 @@ def _details(results: dict) -> list[str]:
                   "each side's default gradient checkpointing and loss. Without packing: max_steps = records / "
                   "(batch x accumulation), exactly one epoch; with packing (neat_packing off on both): num_train_epochs 1. "
                   "tokens/s = non-pad tokens of the trained data / time inside the trainer's `train()` call; "
-                  "wall = whole process (imports, data, model load, training, save).", "",
+                  "wall = whole process (imports, data, model load, training, save). "
+                  f"Each side ran {t.get('repeats', 1)} time(s), interleaved with the other; the run with the fastest train loop "
+                  "is shown (all train-loop times in the last column), peak RSS is the maximum over the runs.", "",
                   "| variant | side | train s | wall s | steps | epoch | non-pad tokens | trainer token counter | "
-                  "tokens/s | loss first/last | peak RSS |" + (" peak CUDA | MFU |" if section == "gpu" else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if section == "gpu" else "")]
+                  "tokens/s | loss first/last | peak RSS |" + (" peak CUDA | MFU |" if section == "gpu" else "") + " all runs, train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if section == "gpu" else "") + "---|"]
         for variant, v in t["variants"].items():
             for side, label in (("lmf", "lmf"), ("lf", "LLaMA-Factory")):
                 r = v["sides"][side]
@@ -484,9 +509,10 @@ def _details(results: dict) -> list[str]:
                        f"{fl} | {r['peak_rss_mib']:.0f} MiB |")
                 if section == "gpu":
                     row += f" {r.get('cuda_peak_mib') or 0:.0f} MiB | {r['mfu']*100:.1f}% |"
+                row += " " + ", ".join(f"{x:.1f}" for x in r.get("all_train_seconds", [])) + " |"
                 lines.append(row)
             lines.append(f"| {variant} | ratio | | {v['wall_ratio']:.2f}x faster | | | | | {v['speedup']:.2f}x | | "
-                         f"{v['rss_ratio']:.2f}x |" + (" | |" if section == "gpu" else ""))
+                         f"{v['rss_ratio']:.2f}x |" + (" | |" if section == "gpu" else "") + " |")
         lines.append("")
     return lines
 
@@ -496,18 +522,21 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", default=None, help=f"comma-separated subset of {','.join(SECTIONS)} "
                    "(default: startup,preprocess,train, plus gpu when CUDA is available)")
-    p.add_argument("--quick", action="store_true", help="smaller sizes (10k records, fewer steps and runs)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (5k records, fewer steps and runs)")
     p.add_argument("--lf-python", default=os.path.join(BENCH, ".lf-venv", "bin", "python"))
     p.add_argument("--lmf-python", default=sys.executable)
-    p.add_argument("--records", type=int, default=None, help="records for the preprocessing section (default 50000; 10000 with --quick)")
+    p.add_argument("--records", type=int, default=None, help="records for the preprocessing section (default 20000; 5000 with --quick)")
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--workers", type=int, default=1, help="preprocessing_num_workers (both sides)")
+    p.add_argument("--repeats", type=int, default=None, help="training runs per side, interleaved; the fastest "
+                   "is reported (default 2; 1 with --quick): the machine may be shared")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every benchmarked process")
     p.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak (bf16 dense) for MFU")
     p.add_argument("--cache", default=os.path.join(BENCH, ".cache", "compare_lf"))
     p.add_argument("--report", default=None, help="markdown report (default: bench/RESULTS.md; with --quick "
                    "<cache>/RESULTS-quick.md, so a quick run never overwrites the real results)")
     p.add_argument("--json", default=None, help="raw results (default: <cache>/results.json)")
+    p.add_argument("--render", metavar="JSON", default=None, help="only re-render the report from a results JSON")
     return p.parse_args(argv)
 
 
@@ -519,6 +548,10 @@ def cuda_available(python: str) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.lf_python = os.path.abspath(args.lf_python)
+    if args.render:
+        with open(args.render, encoding="utf-8") as fh:
+            results = json.load(fh)
+        return write_report(args, results)
     if args.sections:
         sections = [s.strip() for s in args.sections.split(",") if s.strip()]
         unknown = sorted(set(sections) - set(SECTIONS))
@@ -545,9 +578,17 @@ def main(argv=None) -> int:
     info = machine_info(args)
     results["machine"] = info
     results["elapsed_s"] = time.perf_counter() - started
+    results["command"] = " ".join(["python bench/compare_lf.py"] + sys.argv[1:])
+    results["threads"] = args.threads
     json_path = args.json or os.path.join(args.cache, "results.json")
     with open(json_path, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1, default=str)
+    log(f"raw results in {json_path}")
+    return write_report(args, results)
+
+
+def write_report(args, results: dict) -> int:
+    info = results["machine"]
     report = "\n".join(render_report(args, info, results)) + "\n"
     if args.report is None:
         args.report = os.path.join(args.cache, "RESULTS-quick.md") if args.quick else os.path.join(BENCH, "RESULTS.md")
@@ -555,7 +596,7 @@ def main(argv=None) -> int:
     with open(args.report, "w", encoding="utf-8") as fh:
         fh.write(report)
     print(report)
-    log(f"done in {results['elapsed_s']:.0f} s; report {args.report}, raw {json_path}")
+    log(f"done in {results['elapsed_s']:.0f} s; report {args.report}")
     return 0
 
 

@@ -16,18 +16,32 @@ LF_VERSION="${LF_VERSION:-0.9.5}"
 
 if [ -x "$VENV/bin/llamafactory-cli" ] && "$VENV/bin/python" -c "import llamafactory, sys; sys.exit(llamafactory.__version__ != '$LF_VERSION')" 2>/dev/null; then
     echo "lf_venv: $VENV already has llamafactory $LF_VERSION"
-    exit 0
+else
+    "$PY" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # 1. torch first (the CPU build where pip's find-links/indexes hold one, as on the dev machines).
+    "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION"
+    # 2. llamafactory with torch held at the installed version (a constraints file keeps pip from
+    #    replacing it); llamafactory's own pins (transformers, peft, datasets, ...) resolve freely here.
+    CONSTRAINTS="$(mktemp)"
+    trap 'rm -f "$CONSTRAINTS"' EXIT
+    "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONSTRAINTS"
+    "$VENV/bin/python" -m pip install -c "$CONSTRAINTS" "llamafactory==$LF_VERSION"
 fi
-
-"$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-# 1. torch first; the CPU build if pip can see it, else whatever torch==X the indexes offer.
-"$VENV/bin/python" -m pip install "torch==$TORCH_VERSION" \
-    || "$VENV/bin/python" -m pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
-# 2. llamafactory with torch held at the installed version (a constraints file keeps pip from replacing it).
-CONSTRAINTS="$(mktemp)"
-trap 'rm -f "$CONSTRAINTS"' EXIT
-"$VENV/bin/python" -m pip freeze | grep -i '^torch==' > "$CONSTRAINTS" || echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
-"$VENV/bin/python" -m pip install -c "$CONSTRAINTS" "llamafactory==$LF_VERSION"
+# 3. llamafactory requires torchvision and torchaudio; PyPI's Linux wheels of both are CUDA builds whose
+#    compiled extensions cannot load next to a CPU torch (or a torch of another version):
+#    - torchvision: text-only SFT never uses it, and transformers treats an absent torchvision as
+#      "no image support", whereas a broken one makes `from transformers import PreTrainedModel` fail;
+#    - torchaudio: llamafactory.data.mm_plugin imports it unconditionally; without its compiled
+#      extension files it imports in pure-Python mode (audio I/O unavailable, unused here).
+if ! "$VENV/bin/python" -c "import torchvision" >/dev/null 2>&1; then
+    echo "lf_venv: torchvision cannot load against this torch; uninstalling it (unused by text SFT)"
+    "$VENV/bin/python" -m pip uninstall -y -q torchvision
+fi
+if ! "$VENV/bin/python" -c "import torchaudio" >/dev/null 2>&1; then
+    echo "lf_venv: torchaudio's compiled extension cannot load against this torch; removing it (audio unused)"
+    rm -f "$VENV"/lib/python3*/site-packages/torchaudio/lib/*.so
+fi
+"$VENV/bin/python" -c "import llamafactory.train.tuner" # smoke test: the training stack imports
 "$VENV/bin/llamafactory-cli" version
 echo "lf_venv: ready at $VENV"
