@@ -70,3 +70,21 @@ def test_llamafactory_example_yaml_runs_unchanged(tmp_path):
     assert "bf16 is set but training runs on CPU: using float32" in proc.stderr
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_train_command_follows_the_config_stage(tmp_path, monkeypatch):
+    from lmf.train import tuner
+
+    monkeypatch.chdir(REPO_ROOT)
+    called = []
+    original = tuner._runner
+    try:
+        tuner._runner = lambda stage: (lambda cfg: called.append((stage, cfg.training.output_dir)))
+        tuner.run_exp([DEMO, "stage=dpo", f"output_dir={tmp_path}"], command="train")
+        tuner.run_exp([DEMO, f"output_dir={tmp_path}"], command="sft")
+        tuner.run_exp([DEMO, "stage=pt", f"output_dir={tmp_path}"], command="sft")
+    finally:
+        tuner._runner = original
+    assert [c[0] for c in called] == ["dpo", "sft", "pt"]
+    with pytest.raises(Exception, match="do_train"):
+        tuner.run_exp([DEMO, "do_train=false"], command="sft")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmf.config import get_config
-from lmf.extras.errors import ConfigError, NotAvailableError
+from lmf.extras.errors import ConfigError
 
 #: command -> the stage it runs ("train" follows the config).
 COMMAND_STAGES = {"sft": "sft", "dpo": "dpo", "rm": "rm", "train": None}
@@ -15,16 +15,12 @@ def _runner(stage: str):
 
         return run_sft
     if stage == "dpo":
-        try:
-            from lmf.train.dpo import run_dpo
-        except ImportError as exc:
-            raise NotAvailableError("stage 'dpo' is not available in this build") from exc
+        from lmf.train.dpo import run_dpo
+
         return run_dpo
     if stage == "rm":
-        try:
-            from lmf.train.rm import run_rm
-        except ImportError as exc:
-            raise NotAvailableError("stage 'rm' is not available in this build") from exc
+        from lmf.train.rm import run_rm
+
         return run_rm
     raise ConfigError(f"config key 'stage': {stage!r} cannot be trained by lmf")
 
