@@ -2,8 +2,9 @@
 
 A *stage* supplies ``collator(list[dict]) -> batch`` and
 ``compute_loss(model, batch) -> (loss_sum, num_items, metrics)`` where ``loss_sum`` is a *sum* over
-``num_items`` (label tokens for SFT, pairs for DPO/RM). The loop wraps the model in
-:class:`LossModule` (whose ``forward(batch)`` calls the stage) and hands *that* to DDP/FSDP2, then:
+``num_items`` (label tokens for SFT, pairs for DPO/RM). The loop wraps the model in a small
+``nn.Module`` whose ``forward(batch)`` calls the stage (:func:`_make_loss_module`) and hands *that*
+to DDP/FSDP2 (so their hooks fire), then:
 
 - accumulates ``gradient_accumulation_steps`` micro-batches, back-propagating ``loss_sum``;
 - all-reduces the item count of the window and scales the gradients by ``world_size / items``, so the
