@@ -20,27 +20,45 @@ own token counter). Any mismatch is printed in the report, never hidden.
 
 GPU section on an H100 machine WITHOUT internet (its own python 3.12 with a CUDA torch)
 ----------------------------------------------------------------------------------------
-On a machine with internet (python 3.12 is not needed there, pip downloads cp312 wheels):
+1. On a machine with internet (pip downloads cp312 manylinux wheels whatever its own python is);
+   gpu-freeze.txt (optional) is `python -m pip freeze` run on the GPU machine: what it already has
+   at the pinned version is skipped:
 
-    bash bench/fetch_gpu_wheels.sh            # -> ./.whl (LLaMA-Factory + the deps it imports to train;
-                                              #    ~120 MiB without torch, see the script for trimming
-                                              #    with the GPU machine's `pip freeze`)
+       bash bench/fetch_gpu_wheels.sh gpu-freeze.txt   # -> ./.whl: LLaMA-Factory 0.9.5 + what it imports
+                                                        #    for text SFT; 107 MiB when nothing is skipped
+                                                        #    (pyarrow 53, numpy 16, pandas 12, transformers 10)
 
-Carry the repository and ./.whl to the GPU machine, then there, from the repository root:
+2. Carry the repository (with ./.whl) to the GPU machine; there, from the repository root:
 
-    python -m venv --system-site-packages bench/.lf-venv
-    bench/.lf-venv/bin/pip install --no-index --no-deps .whl/*.whl
-    rm -f bench/.lf-venv/lib/python3*/site-packages/torchaudio/lib/*.so   # see bench/lf_venv.sh
-    bench/.lf-venv/bin/python -c "import llamafactory.train.tuner"          # smoke test
-    python -m pip install --no-index --no-deps -e .                        # lmf, if not installed
-    python bench/compare_lf.py --sections gpu --report $OUT/RESULTS-gpu.md --json $OUT/gpu.json
+       python -m venv --system-site-packages bench/.lf-venv
+       bench/.lf-venv/bin/pip install --no-index --no-deps .whl/*.whl
+       rm -f bench/.lf-venv/lib/python3*/site-packages/torchaudio/lib/*.so     # why: bench/lf_venv.sh
+       bench/.lf-venv/bin/python -c "import llamafactory.train.tuner"            # smoke test
 
-(lmf runs on the machine's python with whatever transformers/peft/datasets it has; LLaMA-Factory
-runs in bench/.lf-venv, whose own pinned transformers 5.6 / peft 0.18.1 / datasets 4.0 shadow the
-system ones.) ``--peak-flops`` (default 989e12, H100 SXM dense bf16) sets the MFU denominator;
-MFU = 6 * params * tokens/s / peak_flops, with params = all model parameters (frozen included) and
-tokens = non-pad tokens trained (LoRA needs fewer FLOPs than 6*N per token, so this is the usual
-"model FLOPs" convention, the same for both sides). Paste RESULTS-gpu.md into bench/RESULTS.md.
+   lmf side: no install needed, ``export PYTHONPATH=$PWD/src`` (an editable install would need
+   setuptools from an index). If the machine's python lacks transformers, peft or datasets, give lmf
+   the same wheels in a venv of its own (lmf runs on LLaMA-Factory's pins too: transformers 5.6,
+   peft 0.18.1, datasets 4.0 -- checked on CPU) and pass ``--lmf-python bench/.cache/lmf-venv/bin/python``:
+
+       python -m venv --system-site-packages bench/.cache/lmf-venv
+       bench/.cache/lmf-venv/bin/pip install --no-index --no-deps $(ls .whl/*.whl | grep -v llamafactory)
+       rm -f bench/.cache/lmf-venv/lib/python3*/site-packages/torchaudio/lib/*.so
+
+3. Run (about 5 min on an H100; add --quick for about 2):
+
+       export PYTHONPATH=$PWD/src
+       python bench/compare_lf.py --sections gpu --report $OUT/RESULTS-gpu.md --json $OUT/gpu.json
+
+   It builds bench/.cache/compare_lf/models/qwen3-0.5b-random (hidden 896, 24 layers, 14 heads,
+   2 kv heads, intermediate 4864, vocab 151936, tied embeddings: 494M params, random init, bf16),
+   then trains LoRA SFT with bf16 and sdpa attention on both sides, without and with packing.
+   Paste RESULTS-gpu.md into bench/RESULTS.md.
+
+``--peak-flops`` (default 989e12, H100 SXM dense bf16) sets the MFU denominator:
+MFU = 6 * params * tokens/s / peak_flops, params = all model parameters (frozen included),
+tokens = non-pad tokens trained. LoRA needs fewer FLOPs than 6*N per token (no weight gradients for
+frozen weights) and gradient checkpointing recomputes the forward, so this is the usual "model
+FLOPs" convention, the same for both sides.
 """
 
 from __future__ import annotations
@@ -280,7 +298,7 @@ def train_config(args, s: dict, model_dir: str, output_dir: str, packing: bool, 
     else:
         cfg.update({"max_steps": s["records"] // per_step, "num_train_epochs": 1.0})  # == exactly one epoch
     if gpu:
-        cfg["bf16"] = True
+        cfg.update({"bf16": True, "flash_attn": "sdpa"})  # same attention kernels on both sides
     else:
         cfg["use_cpu"] = True
     return cfg
@@ -288,7 +306,7 @@ def train_config(args, s: dict, model_dir: str, output_dir: str, packing: bool, 
 
 def bench_train(args, model_dir: str, gpu: bool) -> dict:
     s = train_settings(args, gpu)
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats or (1 if args.quick or gpu else 2)  # the GPU machine is not shared
     params = safetensors_params(model_dir)
     section = "gpu" if gpu else "train"
     work = os.path.join(args.cache, "runs", section)
@@ -360,12 +378,11 @@ def machine_info(args) -> dict:
         except (OSError, subprocess.SubprocessError) as exc:
             return f"({' '.join(cmd)} failed: {exc})"
 
-    lmf_bin = os.path.join(os.path.dirname(args.lmf_python), "lmf")
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpus": os.cpu_count(),
-        "lmf_env": capture([lmf_bin, "env"]),
+        "lmf_env": capture([args.lmf_python, "-m", "lmf", "env"]),
         "lf_version": capture([args.lf_python, "-c", "import llamafactory, transformers, peft, datasets, torch; "
                                "print(f'llamafactory {llamafactory.__version__}, transformers {transformers.__version__}, "
                                "peft {peft.__version__}, datasets {datasets.__version__}, torch {torch.__version__}')"]),
@@ -529,7 +546,7 @@ def parse_args(argv=None):
     p.add_argument("--cutoff-len", type=int, default=1024)
     p.add_argument("--workers", type=int, default=1, help="preprocessing_num_workers (both sides)")
     p.add_argument("--repeats", type=int, default=None, help="training runs per side, interleaved; the fastest "
-                   "is reported (default 2; 1 with --quick): the machine may be shared")
+                   "is reported (default 2 on CPU; 1 with --quick and for gpu): the machine may be shared")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for every benchmarked process")
     p.add_argument("--peak-flops", type=float, default=989e12, help="accelerator peak (bf16 dense) for MFU")
     p.add_argument("--cache", default=os.path.join(BENCH, ".cache", "compare_lf"))
