@@ -31,7 +31,7 @@ def _weights(path):
     return load_file(str(path))
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+def test_ddp_and_fsdp_lora_two_processes_match_one_process(tmp_path):
     import torch
 
     single, ddp = tmp_path / "single", tmp_path / "ddp"
@@ -48,6 +48,17 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    # the same LoRA run sharded with FSDP2: same curve, same adapter (gathered from the shards by rank 0)
+    fsdp = tmp_path / "fsdp"
+    p3 = run_lmf("sft", DEMO, f"output_dir={fsdp}", "gradient_accumulation_steps=2", "fsdp=full_shard", *COMMON,
+                 env_extra=TWO_PROCS)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "parallel=fsdp" in p3.stderr
+    assert _losses(fsdp) == pytest.approx(_losses(single), rel=1e-4)
+    c = _weights(fsdp / "adapter_model.safetensors")
+    assert c.keys() == a.keys()
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
 
 
 def test_fsdp2_from_deepspeed_config_full_finetune_and_exact_resume(tmp_path):
