@@ -454,6 +454,8 @@ def render_report(args, info: dict, results: dict) -> list[str]:
                 if a.get("cuda_peak_mib") and b.get("cuda_peak_mib"):
                     lines.append(f"| GPU LoRA SFT {variant}, peak CUDA memory | {a['cuda_peak_mib']:.0f} MiB | "
                                  f"{b['cuda_peak_mib']:.0f} MiB | {v['cuda_peak_ratio']:.2f}x | | |")
+    if "gpu" not in results:
+        lines.append("| GPU section | not run: no CUDA device in this run | | | | |")
     lines += ["", "Ratios: start-up and wall time = LF / lmf (higher is better for lmf); throughput = lmf / LF; "
               "memory = lmf / LF (lower is better for lmf).", ""]
     problems = []
