@@ -57,7 +57,15 @@ def unwrap_causal_lm(model):
 
 
 def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> "torch.Tensor":
-    """Final-norm hidden states of the decoder stack, without computing logits."""
+    """Final-norm hidden states of the decoder stack, without computing logits.
+
+    With ``position_ids`` (packed rows: ids restart at 0 at every sample boundary, right padding
+    gets 0s) the 2-D padding mask is dropped so that transformers derives a block-diagonal causal
+    mask from the position ids (sdpa/eager/flex) or per-sample sequence lengths (flash-attention):
+    packed samples never attend to each other.
+    """
+    if position_ids is not None:
+        attention_mask = None
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
