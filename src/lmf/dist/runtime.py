@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -128,10 +129,13 @@ def group_timeout_s() -> Optional[float]:
 
 
 def is_dist() -> bool:
-    """True when a default process group exists."""
-    import torch.distributed as dist
+    """True when a default process group exists.
 
-    return dist.is_available() and dist.is_initialized()
+    Without ``torch.distributed`` imported no group can exist: answer without importing torch (a
+    data-only process, e.g. ``get_dataset`` under ``main_process_first``, then never pays for it).
+    """
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def is_main_process() -> bool:
