@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -108,10 +109,39 @@ def _check_attr_for_stage(attr: DatasetAttr, stage: str) -> None:
                         f"not {stage!r}")
 
 
+ARROW_WRITE_ROWS = 2000
+
+
+def write_arrow_dataset(rows, features, path: str):
+    """Memory-mapped ``datasets.Dataset`` of the dict ``rows`` (an iterator), written straight to ``path``.
+
+    Rows are converted a chunk at a time with ``pyarrow.RecordBatch.from_pylist`` against the features'
+    schema: the same table ``Dataset.from_generator`` builds, without its per-row Python encoding pass.
+    """
+    import datasets
+    import pyarrow as pa
+
+    schema = features.arrow_schema
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    count = 0
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        chunk: list = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= ARROW_WRITE_ROWS:
+                writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
+                count += len(chunk)
+                chunk = []
+        if chunk:
+            writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
+            count += len(chunk)
+    if not count:
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    return datasets.Dataset.from_file(path)
+
+
 def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, work_dir: str, seed: int):
     """Normalized Arrow dataset of one registered dataset (records converted in this process)."""
-    import datasets
-
     limit = data_args.max_samples if attr.num_samples is None else None
 
     def generate():
@@ -131,19 +161,8 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
                 yield normalized
 
     before = len(bad.problems)
-    try:
-        with progress_bars(False):
-            ds = datasets.Dataset.from_generator(generate, features=_features("normalized"),
-                                                 cache_dir=os.path.join(work_dir, "raw", attr.name))
-    except datasets.exceptions.DatasetGenerationError as exc:
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, DataError):
-            raise cause from None
-        raise
-    except ValueError as exc:  # the generator yielded no record at all
-        if "no data" not in str(exc):
-            raise
-        ds = datasets.Dataset.from_dict({k: [] for k in _features("normalized")}, features=_features("normalized"))
+    ds = write_arrow_dataset(generate(), _features("normalized"),
+                            os.path.join(work_dir, "raw", f"{uuid.uuid4().hex}.arrow"))
     if len(bad.problems) > before and not data_args.skip_bad_records:
         raise DataError(f"dataset {attr.name!r}: {len(bad.problems) - before} malformed record(s): "
                         f"{BadRecords(bad.problems[before:]).describe()}. Fix them or set skip_bad_records: true")
