@@ -11,8 +11,11 @@
 # distributions behind sys.modules after a LoRA SFT run in bench/.lf-venv, then checked by training in a
 # venv holding only torch + this list. Versions are those bench/lf_venv.sh resolved (LLaMA-Factory's own
 # pins), so the GPU run uses the same software as the CPU comparison.
-# With a freeze file, a package is skipped when the GPU machine has exactly the pinned version;
-# the LF venv there is created with --system-site-packages, so it sees those.
+# With a freeze file (`python -m pip freeze` run on the GPU machine), a package the GPU machine already
+# has is skipped -- at any version for the general-purpose libraries (numpy, pandas, pyarrow, requests,
+# ...; LLaMA-Factory's bounds on them are loose, e.g. the preprocessing digest is identical with pandas
+# 3.1.1 instead of 2.3.3), at exactly the pinned version for the CORE packages that define LLaMA-Factory's
+# behaviour. The LF venv there is created with --system-site-packages, so it sees the skipped ones.
 set -euo pipefail
 DEST="${WHEEL_DIR:-.whl}"
 PY_VERSION="${PY_VERSION:-3.12}"
@@ -58,16 +61,26 @@ h11==0.16.0
 anyio==4.16.0
 "
 
-normalize() { tr '[:upper:]_.' '[:lower:]--'; }
+CORE=" llamafactory transformers tokenizers huggingface-hub accelerate peft trl datasets dill multiprocess fsspec omegaconf torchaudio torchdata "
+
+normalize() { awk -F'==' '{ n = tolower($1); gsub(/[_.]/, "-", n); print n "==" $2 }'; }  # PEP 503 names
 have=""
 if [ -n "$FREEZE" ]; then
     have="$(grep -E '^[A-Za-z0-9_.-]+==' "$FREEZE" | normalize || true)"
 fi
+already_there() {  # $1 = name==version (normalized)
+    local name="${1%%==*}"
+    if [[ "$CORE" == *" $name "* ]]; then
+        grep -qx "$1" <<<"$have"
+    else
+        grep -q "^$name==" <<<"$have"
+    fi
+}
 
 mkdir -p "$DEST"
 for pin in $PINS; do
-    if [ -n "$have" ] && grep -qx "$(echo "$pin" | normalize)" <<<"$have"; then
-        echo "skip $pin (already on the GPU machine)"
+    if [ -n "$have" ] && already_there "$(echo "$pin" | normalize)"; then
+        echo "skip $pin (the GPU machine has $(grep "^$(echo "${pin%%==*}" | normalize)==" <<<"$have"))"
         continue
     fi
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
