@@ -79,8 +79,9 @@ already_there() {  # $1 = name==version (normalized)
 
 mkdir -p "$DEST"
 for pin in $PINS; do
-    if [ -n "$have" ] && already_there "$(echo "$pin" | normalize)"; then
-        echo "skip $pin (the GPU machine has $(grep "^$(echo "${pin%%==*}" | normalize)==" <<<"$have"))"
+    norm="$(echo "$pin" | normalize)"
+    if [ -n "$have" ] && already_there "$norm"; then
+        echo "skip $pin (the GPU machine has $(grep "^${norm%%==*}==" <<<"$have"))"
         continue
     fi
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
