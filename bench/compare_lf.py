@@ -21,8 +21,10 @@ own token counter). Any mismatch is printed in the report, never hidden.
 GPU section on an H100 machine WITHOUT internet (its own python 3.12 with a CUDA torch)
 ----------------------------------------------------------------------------------------
 1. On a machine with internet (pip downloads cp312 manylinux wheels whatever its own python is);
-   gpu-freeze.txt (optional) is `python -m pip freeze` run on the GPU machine: what it already has
-   at the pinned version is skipped:
+   gpu-freeze.txt (optional) is `python -m pip freeze` run on the GPU machine: general-purpose
+   libraries it already has (numpy, pyarrow, pandas, ...) are skipped at any version, the core ones
+   (transformers, peft, datasets, ...) only at the pinned version. Note the device tool carries at
+   most 64 MiB: pyarrow alone is 53 MiB, so the GPU machine must already have pyarrow:
 
        bash bench/fetch_gpu_wheels.sh gpu-freeze.txt   # -> ./.whl: LLaMA-Factory 0.9.5 + what it imports
                                                         #    for text SFT; 107 MiB when nothing is skipped
