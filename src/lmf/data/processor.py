@@ -11,7 +11,7 @@ response; input_ids and labels are always cut together, so they stay aligned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lmf.data.template import encode_text
@@ -54,12 +54,14 @@ class SupervisedProcessor:
     cutoff_len: int
     train_on_prompt: bool = False
     mask_history: bool = False
+    _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)  # prefix/system prompt ids
 
     def encode(self, prompt: list[dict], response: list[dict], system: str,
                tools: str) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, truncated) of one conversation."""
         tpl, tok = self.template, self.tokenizer
-        pairs = tpl.encode_multiturn(tok, _conversation(prompt, response), system or None, tools or None)
+        pairs = tpl.encode_multiturn(tok, _conversation(prompt, response), system or None, tools or None,
+                                     cache=self._piece_cache)
         total = sum(len(s) + len(t) for s, t in pairs)
         eos = tok.eos_token_id
         budget_used = 1 if tpl.efficient_eos else 0
@@ -108,12 +110,14 @@ class PairwiseProcessor:
     tokenizer: Any
     template: Any
     cutoff_len: int
+    _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)  # prefix/system prompt ids
 
     def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str) -> dict[str, Any]:
         tpl, tok = self.template, self.tokenizer
         system, tools = system or None, tools or None
-        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[:1]), system, tools)
-        _, rejected_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[1:2]), system, tools)
+        cache = self._piece_cache
+        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[:1]), system, tools, cache)
+        _, rejected_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[1:2]), system, tools, cache)
         if tpl.efficient_eos:
             chosen_ids = chosen_ids + [tok.eos_token_id]
             rejected_ids = rejected_ids + [tok.eos_token_id]

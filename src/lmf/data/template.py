@@ -40,6 +40,13 @@ class _Marker:
 BOS = _Marker("bos_token")
 EOS = _Marker("eos_token")
 
+class _Const(str):
+    """A rendered piece that holds no message text (prefix, system prompt): its ids may be reused."""
+
+
+#: Most distinct constant pieces kept per encode cache (system prompts are few per dataset).
+MAX_CACHED_PIECES = 256
+
 Piece = Union[str, _Marker]
 Slots = tuple  # tuple[Piece, ...]
 
@@ -105,9 +112,9 @@ class Template:
             role, content = message["role"], message["content"]
             pieces: list[Piece] = []
             if i == 0:
-                pieces += list(self.prefix)
+                pieces += [_Const(p) if isinstance(p, str) else p for p in self.prefix]
                 if system_text and not self.system_in_user:
-                    pieces += self._fill(self.system, system_text)
+                    pieces += [_Const(p) if isinstance(p, str) else p for p in self._fill(self.system, system_text)]
                 elif system_text:
                     content = "".join(p for p in self._fill(self.system, system_text) if isinstance(p, str)) + content
             if role == FUNCTION:
@@ -116,14 +123,25 @@ class Template:
             out.append(pieces)
         return out
 
-    def _pieces_to_ids(self, tokenizer, pieces: list[Piece]) -> list[int]:
+    def _pieces_to_ids(self, tokenizer, pieces: list[Piece], cache: Optional[dict] = None) -> list[int]:
+        """Ids of ``pieces``; with ``cache`` (a dict owned by the caller, one tokenizer) the ids of
+        constant pieces (prefix, system prompt) are encoded once and reused."""
         ids: list[int] = []
         for piece in pieces:
             if isinstance(piece, _Marker):
                 token_id = getattr(tokenizer, piece.attr + "_id", None)
                 if token_id is not None:
                     ids.append(token_id)
-            elif piece:
+            elif not piece:
+                continue
+            elif cache is not None and type(piece) is _Const:
+                cached = cache.get(piece)
+                if cached is None:
+                    cached = encode_text(tokenizer, piece)
+                    if len(cache) < MAX_CACHED_PIECES:
+                        cache[str(piece)] = cached
+                ids += cached
+            else:
                 ids += encode_text(tokenizer, piece)
         return ids
 
@@ -180,15 +198,18 @@ class Template:
         return re.sub(pattern, "", text).lstrip("\n")
 
     def encode_multiturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
-                         tools: Optional[str] = None) -> list[tuple[list[int], list[int]]]:
-        """(prompt_ids, response_ids) per assistant turn; concatenated they give the full sequence."""
+                         tools: Optional[str] = None, cache: Optional[dict] = None) -> list[tuple[list[int], list[int]]]:
+        """(prompt_ids, response_ids) per assistant turn; concatenated they give the full sequence.
+
+        ``cache``: optional dict (one per tokenizer, owned by the caller) reusing the ids of the
+        prefix and system prompt across calls."""
         messages, system = self._prepare(messages, system)
         if len(messages) % 2 != 0:
             raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
         if self.reasoning and self.enable_thinking is False:
             messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
                         for i, m in enumerate(messages)]
-        encoded = [self._pieces_to_ids(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
+        encoded = [self._pieces_to_ids(tokenizer, p, cache) for p in self._message_pieces(messages, system, tools)]
         pairs = []
         for i in range(0, len(encoded), 2):
             prompt_ids, response_ids = encoded[i], encoded[i + 1]
@@ -201,7 +222,7 @@ class Template:
         return pairs
 
     def encode_oneturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
-                       tools: Optional[str] = None) -> tuple[list[int], list[int]]:
+                       tools: Optional[str] = None, cache: Optional[dict] = None) -> tuple[list[int], list[int]]:
         """(prompt_ids, response_ids) where the response is the last assistant message; history is prompt."""
         messages, system = self._prepare(messages, system)
         if self.reasoning:
@@ -212,7 +233,7 @@ class Template:
                 messages[-1] = dict(messages[-1], content=self.remove_thought(messages[-1]["content"]))
         if len(messages) % 2 != 0:
             raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
-        encoded = [self._pieces_to_ids(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
+        encoded = [self._pieces_to_ids(tokenizer, p, cache) for p in self._message_pieces(messages, system, tools)]
         prompt_ids = [t for ids in encoded[:-1] for t in ids]
         response_ids = encoded[-1]
         if self.reasoning and not self._has_thought(messages[-1]["content"]):
