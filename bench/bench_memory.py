@@ -19,7 +19,8 @@ GPU (H100; bf16 weights; no plain-path length limit, 8 GiB budget; writes bench/
 
     python bench/bench_memory.py --device cuda --lengths 1024,4096,8192,16384 --paths plain,chunked,liger --hidden 512
 
-Other knobs: --paths plain,chunked,liger (liger: needs CUDA and liger-kernel) --layers 2 --hidden 256 --chunk-size 1024 --lora (LoRA on the
+Other knobs: --paths plain,chunked,liger (liger: needs CUDA and liger-kernel) --layers 2 --hidden 256
+--chunk-size 1024 --lora (LoRA on the
 attention projections, frozen head) --grad-ckpt (per-layer activation checkpointing) --offload
 (with --grad-ckpt on CUDA) --no-budget --out FILE --append.
 """
@@ -170,7 +171,8 @@ def measure(args, path: str, length: int) -> dict:
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
         result = {"path": path, "length": length, "error": "OOM" if oom else proc.stderr.strip().splitlines()[-1:]}
     gib = result.get("peak_bytes", 0) / 2**30
-    print(f"  {path:8s} {length:6d} tokens: " + (f"peak {gib:6.2f} GiB (before step {result['before_bytes'] / 2**30:.2f}), "
+    before = result.get("before_bytes", 0) / 2**30
+    print(f"  {path:8s} {length:6d} tokens: " + (f"peak {gib:6.2f} GiB (before step {before:.2f}), "
                                                  f"{result['tokens_per_s']:8.0f} tok/s, loss {result['loss']:.4f}"
           if "error" not in result else f"failed: {result['error']}"), flush=True)
     return result
@@ -246,9 +248,11 @@ def render(args, results: list[dict], longest: dict) -> str:
         f"{'LoRA r=16 (frozen head)' if args.lora else 'full fine-tuning (head trained)'}"
         f"{', activation checkpointing' if args.grad_ckpt else ''}{' + CPU offload' if args.offload else ''}; "
         f"device {device}; one sequence of cutoff_len tokens, {100 * (1 - args.prompt_frac):.0f}% of them labelled; "
-        f"chunk_size {args.chunk_size}. Peak = {'peak RSS of the step (VmHWM)' if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}, "
+        f"chunk_size {args.chunk_size}. Peak = "
+        f"{'peak RSS of the step (VmHWM)' if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}, "
         "weights and gradients included. tokens/s = "
-        + ("tokens per CPU-second of the process (robust to other load on a shared machine); " if args.device == "cpu" else "")
+        + ("tokens per CPU-second of the process (robust to other load on a shared machine); "
+           if args.device == "cpu" else "")
         + ("the measured step's." if args.steps == 0 else f"median of {args.steps} steps after the measured one."),
         "",
     ]
@@ -278,14 +282,16 @@ def render(args, results: list[dict], longest: dict) -> str:
             row += f" {peak(other)} | {tps(other)} | {mem_ratio} | {speed_ratio} |"
         lines.append(row)
     if longest:
-        lines += ["", f"Longest cutoff_len within a {args.budget_gb:g} GiB budget (secant/bisection on measured peaks, each guess verified by a run):", ""]
+        lines += ["", f"Longest cutoff_len within a {args.budget_gb:g} GiB budget "
+                  "(secant/bisection on measured peaks, each guess verified by a run):", ""]
         for path in args.paths:
             item = longest.get(path)
             if item is None:
                 lines.append(f"- {path}: not determined")
             elif item.get("verified"):
                 extra = f"; {item['note']}" if item.get("note") else ""
-                lines.append(f"- {path}: {item['length']} tokens (measured peak {item['peak_bytes'] / 2**30:.2f} GiB{extra})")
+                peak_gib = item["peak_bytes"] / 2**30
+                lines.append(f"- {path}: {item['length']} tokens (measured peak {peak_gib:.2f} GiB{extra})")
             else:
                 lines.append(f"- {path}: ~{item['length']} tokens ({item['note']})")
     return "\n".join(lines) + "\n"
@@ -299,7 +305,8 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps after the measured one (cpu 0 = time the measured step, cuda 5)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps after the measured one (cpu 0 = time the measured step, cuda 5)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-frac", type=float, default=0.0, help="fraction of each sequence masked as prompt")
     parser.add_argument("--lora", action="store_true")
@@ -307,7 +314,8 @@ def parse_args(argv=None):
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--max-plain-len", type=int, default=None,
                         help="skip the plain path above this length (cpu default 4096, 0 = no limit)")
-    parser.add_argument("--budget-gb", type=float, default=None, help="memory budget for the longest-cutoff search (cpu 3, cuda 8)")
+    parser.add_argument("--budget-gb", type=float, default=None,
+                        help="memory budget for the longest-cutoff search (cpu 3, cuda 8)")
     parser.add_argument("--max-budget-len", type=int, default=None,
                         help="do not verify predicted lengths above this (cpu 16384, cuda 524288; 0 = no limit)")
     parser.add_argument("--no-budget", action="store_true")
