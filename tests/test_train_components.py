@@ -163,7 +163,7 @@ def test_cpu_threads_follow_model_width_unless_set(monkeypatch):
 
 
 def test_epoch_strategy_saves_and_evaluates_once_per_epoch(tiny_model_dir, tmp_path):
-    """20 rows, micro-batch 4 (5 per epoch), accumulation 2: epochs end inside steps 3 and 5."""
+    """20 rows, micro-batch 4 (5 per epoch), accumulation 2: 3 steps an epoch (2 + 2 + 1 micro-batches)."""
     import os
 
     from _train_helpers import PadCollator, make_config, tokenized_sft_rows
@@ -179,6 +179,7 @@ def test_epoch_strategy_saves_and_evaluates_once_per_epoch(tiny_model_dir, tmp_p
     rows = tokenized_sft_rows(tok, n=24)
     state = Trainer(cfg, model, tok, SFTStage(cfg, model, PadCollator(tok.pad_token_id)), rows[:20], setup_runtime(cfg),
                     eval_dataset=rows[20:]).train()
-    assert state.global_step == 8  # ceil(3 * 5 / 2)
-    assert [h["step"] for h in state.log_history if "eval_loss" in h] == [3, 5, 8]
-    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-5", "checkpoint-8"]
+    assert state.global_step == 9  # 3 epochs x ceil(5 / 2): a step never crosses an epoch boundary
+    assert state.epoch == 3.0
+    assert [h["step"] for h in state.log_history if "eval_loss" in h] == [3, 6, 9]
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]

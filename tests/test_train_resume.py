@@ -24,17 +24,18 @@ def _weights(out_dir: str, ftype: str) -> dict:
 def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path, ftype, extra):
     """run(6 steps) == run(3 steps) + resume(3 more): same loss history and bit-identical final weights.
 
-    20 rows, micro-batch 4, accumulation 2 -> the checkpoint at step 3 sits mid-epoch (6 of 5 micro-batches).
+    20 rows, micro-batch 4, accumulation 2 -> 5 micro-batches an epoch in steps of 2, 2, 1: the checkpoint at
+    step 2 sits mid-epoch (4 of 5 micro-batches consumed) and the resumed run crosses the epoch boundary.
     """
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
-    kw = dict(finetuning_type=ftype, max_steps=6, save_steps=3, learning_rate=5e-3, lr_scheduler_type="cosine",
+    kw = dict(finetuning_type=ftype, max_steps=6, save_steps=2, learning_rate=5e-3, lr_scheduler_type="cosine",
               warmup_steps=2, **extra)
     _, ref = train_tiny(make_config(tiny_model_dir, full_dir, **kw))
-    # the "interrupted" run: only checkpoint-3 survived (the crash happened before step 6)
+    # the "interrupted" run: only checkpoint-2 survived (the crash happened before step 4)
     os.makedirs(part_dir)
-    shutil.copytree(os.path.join(full_dir, "checkpoint-3"), os.path.join(part_dir, "checkpoint-3"))
-    saved = json.load(open(os.path.join(part_dir, "checkpoint-3", "trainer_state.json")))
-    assert saved["global_step"] == 3 and saved["data_epoch"] == 1 and saved["batch_in_epoch"] == 1
+    shutil.copytree(os.path.join(full_dir, "checkpoint-2"), os.path.join(part_dir, "checkpoint-2"))
+    saved = json.load(open(os.path.join(part_dir, "checkpoint-2", "trainer_state.json")))
+    assert saved["global_step"] == 2 and saved["data_epoch"] == 0 and saved["batch_in_epoch"] == 4
     _, resumed = train_tiny(make_config(tiny_model_dir, part_dir, resume_from_checkpoint=True, **kw))
     assert losses(resumed) == losses(ref)
     assert [h["lr"] for h in resumed.log_history] == [h["lr"] for h in ref.log_history]
@@ -110,8 +111,9 @@ def test_resume_with_another_micro_batch_skips_the_consumed_samples(tiny_model_d
     assert json.load(open(os.path.join(ck, "trainer_state.json")))["batch_in_epoch"] == 4  # 16 samples consumed
     _, state = train_tiny(make_config(tiny_model_dir, str(tmp_path / "b2"), max_steps=4, resume_from_checkpoint=ck,
                                       per_device_train_batch_size=2, gradient_accumulation_steps=4))
-    # 16 samples = 8 micro-batches of 2 skipped; 2 more steps x 4 micro-batches: 2 end epoch 0, 6 into epoch 1
-    assert (state.global_step, state.data_epoch, state.batch_in_epoch) == (4, 1, 6)
+    # 16 samples = 8 micro-batches of 2 skipped; step 3 takes the 2 left in epoch 0 (a step never crosses an
+    # epoch boundary), step 4 takes 4 micro-batches of epoch 1
+    assert (state.global_step, state.data_epoch, state.batch_in_epoch) == (4, 1, 4)
 
 
 def test_never_writes_over_a_model_directory(tiny_model_dir, tmp_path):

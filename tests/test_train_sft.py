@@ -127,3 +127,16 @@ def test_seed_determinism(tiny_model_dir, tmp_path):
     _, c = train_tiny(make_config(tiny_model_dir, str(tmp_path / "c"), max_steps=3, lora_dropout=0.1, seed=7))
     assert losses(a) == losses(b)
     assert losses(a) != losses(c)
+
+
+def test_one_epoch_trains_each_sample_once(tiny_model_dir, tmp_path):
+    """7 micro-batches per epoch with accumulation 2: 4 steps, the last one shorter; never into epoch 2."""
+    from lmf.model.loader import load_tokenizer
+
+    cfg = make_config(tiny_model_dir, str(tmp_path / "out"), max_steps=-1, num_train_epochs=1.0,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, save_strategy="no")
+    rows = tokenized_sft_rows(load_tokenizer(cfg.model), n=13)  # ceil(13 / 2) = 7 micro-batches
+    _, state = train_tiny(cfg, rows=rows)
+    assert state.global_step == 4
+    assert state.epoch == 1.0
+    assert state.tokens_seen == sum(len(r["input_ids"]) for r in rows)

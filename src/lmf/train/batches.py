@@ -85,5 +85,11 @@ class MicroBatchStream:
         return self
 
     @property
+    def batches_left_in_epoch(self) -> int:
+        """Micro-batches the next ``next()`` calls take before the current epoch ends."""
+        left = self.batches_per_epoch - self.batch_in_epoch
+        return left if left > 0 else self.batches_per_epoch
+
+    @property
     def epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / self.batches_per_epoch

@@ -182,7 +182,10 @@ class Trainer:
     def _total_steps(self, batches_per_epoch: int) -> int:
         if self.args.max_steps > 0:
             return self.args.max_steps
-        total = math.ceil(self.args.num_train_epochs * batches_per_epoch / self.args.gradient_accumulation_steps)
+        # a step never crosses an epoch boundary (the last step of an epoch may take fewer micro-batches),
+        # as in transformers/LLaMA-Factory: num_train_epochs: 1 trains exactly one pass over the data
+        steps_per_epoch = math.ceil(batches_per_epoch / self.args.gradient_accumulation_steps)
+        total = math.ceil(self.args.num_train_epochs * steps_per_epoch)
         if total <= 0:
             raise ConfigError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
         return total
@@ -250,9 +253,10 @@ class Trainer:
                 step_start = time.perf_counter()
                 acc = torch.zeros(3, dtype=torch.float64, device=self.runtime.device)  # loss_sum, items, input tokens
                 metric_sums: dict[str, float] = {}
-                for micro in range(ga):
+                n_micro = min(ga, self.stream.batches_left_in_epoch)
+                for micro in range(n_micro):
                     batch = self._to_device(next(self.stream))
-                    with gradient_sync(self.wrapped, self.plan, enabled=micro == ga - 1), self._autocast():
+                    with gradient_sync(self.wrapped, self.plan, enabled=micro == n_micro - 1), self._autocast():
                         loss_sum, num_items, metrics = self.wrapped(batch)
                     (self.scaler.scale(loss_sum) if self.scaler else loss_sum).backward()
                     acc[0] += loss_sum.detach().double()
@@ -276,7 +280,7 @@ class Trainer:
                 window_tokens += int(tokens)
                 lr = self.scheduler.get_last_lr()[0]
                 bar.update(step_loss, lr, tokens / max(time.perf_counter() - step_start, 1e-9))
-                n_div = ga * self.runtime.world_size
+                n_div = n_micro * self.runtime.world_size
                 step_metrics = {k: stats[3 + i].item() / n_div for i, k in enumerate(sorted(metric_sums))}
                 is_last = st.global_step >= st.max_steps
                 if st.global_step % args.logging_steps == 0 or is_last or (args.logging_first_step and st.global_step == 1):
