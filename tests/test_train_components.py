@@ -183,3 +183,16 @@ def test_epoch_strategy_saves_and_evaluates_once_per_epoch(tiny_model_dir, tmp_p
     assert state.epoch == 3.0
     assert [h["step"] for h in state.log_history if "eval_loss" in h] == [3, 6, 9]
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+
+
+def test_loss_plot_smoothing_scales_with_run_length():
+    from lmf.train.reporting import _smooth
+
+    short = [6.0, 5.0, 4.8, 4.8, 4.7, 4.7, 4.7, 4.8]
+    smoothed = _smooth(short)
+    assert smoothed[0] == short[0]
+    assert abs(smoothed[-1] - short[-1]) < 0.1  # a short run's curve follows the data
+    long = [5.0 if i % 2 else 4.0 for i in range(200)]
+    tail = _smooth(long)[-20:]
+    assert max(tail) - min(tail) < 0.2  # a long noisy run is smoothed
+    assert _smooth([3.0, 1.0], weight=0.5) == [3.0, 2.0]

@@ -88,8 +88,14 @@ class ProgressBar:
             self.bar.close()
 
 
-def _smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average (as TensorBoard's smoothing)."""
+def _smooth(values: list[float], weight: Optional[float] = None) -> list[float]:
+    """Exponential moving average (as TensorBoard's smoothing).
+
+    The default weight grows with the number of points (about 0.18 for 8 points, 0.89 for 100), so a
+    short run's curve is not flattened into a lagging line.
+    """
+    if weight is None:
+        weight = 1.8 * (1.0 / (1.0 + math.exp(-0.05 * len(values))) - 0.5)
     out, last = [], values[0] if values else 0.0
     for v in values:
         last = last * weight + (1 - weight) * v
