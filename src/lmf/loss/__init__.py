@@ -66,10 +66,25 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
     """
     if position_ids is not None:
         attention_mask = None
+    elif attention_mask is not None and _right_padded_cpu(attention_mask):
+        attention_mask = None  # causal attention never looks at the padding after a row's last token
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _right_padded_cpu(attention_mask) -> bool:
+    """Whether a CPU ``[B, T]`` mask is ones then zeros in every row (checked without any device sync).
+
+    Then the mask can be dropped: under causal attention a real token only attends to earlier
+    positions, which are all real, so every non-pad position gets the same hidden state (the
+    kernel then skips the masked upper triangle instead of reading a ``[B, 1, T, T]`` mask). Pad
+    positions differ, but they are never labels. CUDA batches keep their mask.
+    """
+    if attention_mask.device.type != "cpu" or attention_mask.dim() != 2 or attention_mask.size(1) < 2:
+        return False
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def lm_head_of(model) -> "nn.Module":
