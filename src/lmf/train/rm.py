@@ -85,35 +85,31 @@ def freeze_unused_lm_head(model) -> None:
 
 def run_rm(cfg) -> None:
     """``lmf rm``: train a value head (+ LoRA/full/freeze) on pairwise data; saves value_head.safetensors."""
-    from lmf.data.collator import PairwiseCollator
-    from lmf.dist.runtime import destroy_distributed
+    from lmf.train.workflow import run_training
+
+    def build(setup):
+        from lmf.data.collator import PairwiseCollator
+
+        prepare_value_head(cfg, setup.model)
+        return RMStage(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of))
+
+    run_training(cfg, "rm", build)
+
+
+def prepare_value_head(cfg, model) -> None:
+    """Freeze the unused LM head; continue the value head of the adapter/model when it has one, else add a new one."""
     from lmf.extras.logging import get_logger
-    from lmf.model.loader import load_model
     from lmf.model.value_head import add_value_head, has_value_head, load_value_head
-    from lmf.train.sft import load_tokenizer_and_data
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
 
     logger = get_logger(__name__)
-    runtime = setup_runtime(cfg)
-    try:
-        resume = resolve_resume_checkpoint(cfg, runtime)
-        set_seed(cfg.training.seed)
-        tokenizer, _, data = load_tokenizer_and_data(cfg, "rm")
-        model = load_model(cfg, tokenizer, is_trainable=True)
-        freeze_unused_lm_head(model)
-        adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
-        if adapters and has_value_head(adapters[-1]) and not cfg.finetuning.create_new_adapter:
-            load_value_head(model, adapters[-1])
-            logger.info("continuing the value head of %s", adapters[-1])
-        elif has_value_head(cfg.model.model_name_or_path):
-            load_value_head(model, cfg.model.model_name_or_path)
-            logger.info("continuing the value head of %s", cfg.model.model_name_or_path)
-        else:
-            add_value_head(model, seed=cfg.training.seed)
-        model.v_head.requires_grad_(True)
-        stage = RMStage(PairwiseCollator(tokenizer, 8 if runtime.device.type == "cuda" else None))
-        trainer = Trainer(cfg, model, tokenizer, stage, data.train_dataset, runtime,
-                          eval_dataset=data.eval_dataset, resume_from=resume)
-        trainer.train()
-    finally:
-        destroy_distributed()
+    freeze_unused_lm_head(model)
+    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    if adapters and has_value_head(adapters[-1]) and not cfg.finetuning.create_new_adapter:
+        load_value_head(model, adapters[-1])
+        logger.info("continuing the value head of %s", adapters[-1])
+    elif has_value_head(cfg.model.model_name_or_path):
+        load_value_head(model, cfg.model.model_name_or_path)
+        logger.info("continuing the value head of %s", cfg.model.model_name_or_path)
+    else:
+        add_value_head(model, seed=cfg.training.seed)
+    model.v_head.requires_grad_(True)

@@ -49,33 +49,16 @@ def build_sft_collator(tokenizer, pad_to_multiple_of: Optional[int] = 8):
 
 def run_sft(cfg: "LmfConfig") -> None:
     """Load tokenizer, data and model, then train; only rank 0 writes."""
-    from lmf.dist.runtime import destroy_distributed
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+    from lmf.train.workflow import run_training
 
-    runtime = setup_runtime(cfg)
-    try:
-        resume = resolve_resume_checkpoint(cfg, runtime)
-        set_seed(cfg.training.seed)
-        tokenizer, template, data = load_tokenizer_and_data(cfg, cfg.finetuning.stage)
-        from lmf.model.loader import load_model
+    def build(setup):
+        return SFTStage(cfg, setup.model, build_sft_collator(setup.tokenizer, setup.pad_to_multiple_of))
 
-        model = load_model(cfg, tokenizer, is_trainable=True)
-        stage = SFTStage(cfg, model, build_sft_collator(tokenizer, 8 if runtime.device.type == "cuda" else None))
-        trainer = Trainer(cfg, model, tokenizer, stage, data.train_dataset, runtime,
-                          eval_dataset=data.eval_dataset, resume_from=resume)
-        trainer.train()
-    finally:
-        destroy_distributed()
+    run_training(cfg, cfg.finetuning.stage, build)
 
 
 def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
-    """Tokenizer (fixed by the template) and the tokenized datasets of ``stage``."""
-    from lmf.data.loader import get_dataset
-    from lmf.data.template import template_from_args
-    from lmf.model.loader import load_tokenizer
+    """Kept for callers of the old location; see :func:`lmf.train.workflow.load_tokenizer_and_data`."""
+    from lmf.train.workflow import load_tokenizer_and_data as _load
 
-    tokenizer = load_tokenizer(cfg.model)
-    template = template_from_args(cfg.data, tokenizer)  # template + default_system/enable_thinking from the config
-    template.fix_tokenizer(tokenizer)
-    data = get_dataset(cfg, tokenizer, template, stage=stage)
-    return tokenizer, template, data
+    return _load(cfg, stage)

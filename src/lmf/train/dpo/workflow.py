@@ -66,47 +66,37 @@ def _free(device) -> None:
 
 def run_dpo(cfg: "LmfConfig") -> None:
     """Train a DPO-family objective (pref_loss) on pairwise data; only rank 0 writes."""
-    from lmf.data.collator import PairwiseCollator
-    from lmf.dist.runtime import destroy_distributed
-    from lmf.model.loader import load_model
-    from lmf.train.dpo.reference import load_reference_model
-    from lmf.train.sft import load_tokenizer_and_data, resolve_loss_kwargs
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+    from lmf.train.workflow import run_training
 
     check_dpo_config(cfg)
-    runtime = setup_runtime(cfg)
-    try:
-        resume = resolve_resume_checkpoint(cfg, runtime)
-        set_seed(cfg.training.seed)
-        tokenizer, _, data = load_tokenizer_and_data(cfg, "dpo")
-        model = load_model(cfg, tokenizer, is_trainable=True)
-        disable_dropout(model)
-        loss_opts = resolve_loss_kwargs(cfg, model)
-        ref_model = None
-        if needs_separate_reference(cfg, model):
-            ref_model = load_reference_model(cfg, tokenizer, device=runtime.device)
-            disable_dropout(ref_model)
-        elif not uses_reference_model(cfg.finetuning.pref_loss):
-            logger.info("pref_loss %s is reference-free: no reference model", cfg.finetuning.pref_loss)
-        else:
-            logger.info("reference model: the base model with the LoRA adapters disabled")
+    run_training(cfg, "dpo", lambda setup: build_dpo_stage(cfg, setup))
 
-        pad_multiple = 8 if runtime.device.type == "cuda" else None
-        collator = WithReferenceLogps(PairwiseCollator(tokenizer, pad_multiple))
-        train_dataset, eval_dataset = data.train_dataset, data.eval_dataset
-        if cfg.finetuning.precompute_ref_log_probs and uses_reference_model(cfg.finetuning.pref_loss):
-            model.to(runtime.device)
-            kwargs = dict(batch_size=cfg.training.per_device_eval_batch_size, device=runtime.device, loss_opts=loss_opts)
-            train_dataset = precompute_reference_logps(train_dataset, collator, model, ref_model, **kwargs)
-            if eval_dataset is not None:
-                eval_dataset = precompute_reference_logps(eval_dataset, collator, model, ref_model, **kwargs)
-            ref_model = None  # every batch now carries its reference log-probs
-            _free(runtime.device)
 
-        stage = DPOStage(cfg, collator, loss_opts, ref_model)
-        trainer = Trainer(cfg, model, tokenizer, stage, train_dataset, runtime,
-                          eval_dataset=eval_dataset, resume_from=resume)
-        trainer.train()
-    finally:
-        destroy_distributed()
+def build_dpo_stage(cfg: "LmfConfig", setup) -> DPOStage:
+    """Reference model (or precomputed reference log-probs on the datasets) and the DPO stage."""
+    from lmf.data.collator import PairwiseCollator
+    from lmf.train.dpo.reference import load_reference_model
+    from lmf.train.sft import resolve_loss_kwargs
 
+    model, runtime = setup.model, setup.runtime
+    disable_dropout(model)
+    loss_opts = resolve_loss_kwargs(cfg, model)
+    ref_model = None
+    if needs_separate_reference(cfg, model):
+        ref_model = load_reference_model(cfg, setup.tokenizer, device=runtime.device)
+        disable_dropout(ref_model)
+    elif not uses_reference_model(cfg.finetuning.pref_loss):
+        logger.info("pref_loss %s is reference-free: no reference model", cfg.finetuning.pref_loss)
+    else:
+        logger.info("reference model: the base model with the LoRA adapters disabled")
+
+    collator = WithReferenceLogps(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of))
+    if cfg.finetuning.precompute_ref_log_probs and uses_reference_model(cfg.finetuning.pref_loss):
+        model.to(runtime.device)
+        kwargs = dict(batch_size=cfg.training.per_device_eval_batch_size, device=runtime.device, loss_opts=loss_opts)
+        setup.train_dataset = precompute_reference_logps(setup.train_dataset, collator, model, ref_model, **kwargs)
+        if setup.eval_dataset is not None:
+            setup.eval_dataset = precompute_reference_logps(setup.eval_dataset, collator, model, ref_model, **kwargs)
+        ref_model = None  # every batch now carries its reference log-probs
+        _free(runtime.device)
+    return DPOStage(cfg, collator, loss_opts, ref_model)
