@@ -321,6 +321,24 @@ def test_client_disconnect_mid_stream_cancels_generation_and_frees_the_slot(engi
         assert reply.choices[0].message.content == "echo: next"
 
 
+def test_client_disconnect_before_a_non_streamed_reply_cancels_generation_and_frees_the_slot(engine):
+    app = create_app(engine, ApiSettings(max_concurrent=1, max_queue=0))
+    long_text = " ".join(f"w{i}" for i in range(2000))
+    engine.delay = 0.002  # the whole reply would take ~4 s
+    with serve_app(app) as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{url}/chat/completions", timeout=0.5,
+                       json={"model": "tiny-test", "messages": [{"role": "user", "content": long_text}]})
+        deadline = time.time() + 10
+        while app.state.limiter.pending and time.time() < deadline:
+            time.sleep(0.02)
+        assert app.state.limiter.pending == 0
+        assert engine.closed_streams == 1
+        assert 0 < engine.streams[0].completion_tokens < 1000  # generation stopped early
+        reply = _client(url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "next"}])
+        assert reply.choices[0].message.content == "echo: next"
+
+
 def test_a_busy_port_fails_fast_with_a_message():
     from lmf.api.server import check_port_free
     from lmf.extras.errors import LmfError

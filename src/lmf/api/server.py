@@ -175,7 +175,7 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatCompletionRequest):
+    async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
         if body.model != model_name:
             return _error_response(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                                    param="model", code="model_not_found")
@@ -208,7 +208,10 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             try:
                 replies = []
                 for _ in range(body.n):
-                    replies.append(await run_in_threadpool(engine.chat, messages, system, tools, **gen))
+                    reply = await _reply_unless_disconnected(request, engine, run_in_threadpool, messages, system, tools, gen)
+                    if reply is None:  # the client is gone: nobody reads an answer
+                        return JSONResponse({}, status_code=499)
+                    replies.append(reply)
             except LmfError as exc:  # a conversation or setting the engine rejects
                 return _error_response(400, str(exc))
             except Exception as exc:  # noqa: BLE001 - the client gets the message, the log gets the traceback
@@ -240,6 +243,35 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+DISCONNECT_POLL_S = 0.1
+
+
+async def _reply_unless_disconnected(request: Any, engine: "ChatEngine", run_in_threadpool: Callable, messages: list,
+                                     system: Optional[str], tools: Optional[str], gen: dict) -> Optional[Any]:
+    """A complete reply (``Response``), or None when the client disconnected first (generation is then stopped)."""
+    from lmf.chat.engine import Response
+
+    stream = await run_in_threadpool(engine.stream_chat, messages, system, tools, **gen)
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        gone.set()
+        stream.close()  # the generating thread sees the cancel flag at its next token
+
+    watcher = asyncio.create_task(watch())
+    try:
+        text = await run_in_threadpool(lambda: "".join(stream))
+    finally:
+        watcher.cancel()
+        stream.close()
+    if gone.is_set():
+        logger.info("client disconnected: generation stopped after %d tokens", stream.completion_tokens)
+        return None
+    return Response(text, stream.prompt_tokens, stream.completion_tokens, stream.finish_reason or "stop")
 
 
 def _choice(index: int, reply: Any, tool_calls: Optional[list[dict]]) -> dict:
