@@ -227,6 +227,6 @@ def test_cli_multi_node_with_mismatched_node_fails_on_every_rank(tiny_model_dir,
                 proc.kill()
     for node, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode != 0, f"node {node} should have failed:\n{log[-3000:]}"
-        assert f"lmf: error: the 2 ranks of this job do not share the same environment (differing: torch)" in log, log[-3000:]
+        assert "lmf: error: the 2 ranks of this job do not share the same environment (differing: torch)" in log, log[-3000:]
         assert "| 1    |" in log and "9.9" in log
     assert not out.exists() or not any(out.iterdir())  # failed before anything was written
