@@ -31,17 +31,25 @@ def _torchrun(command: str, argv: list[str], cwd) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=480)
 
 
-@pytest.mark.parametrize("stage,ftype,metric", [("dpo", "lora", "rewards/margins"), ("rm", "full", "scores/margins")])
-def test_two_processes_match_one_process(tiny_model_dir, tmp_path, stage, ftype, metric):
+@pytest.mark.parametrize("stage,ftype,fsdp,metric", [
+    ("dpo", "lora", None, "rewards/margins"),
+    ("dpo", "full", "full_shard", "rewards/margins"),  # policy and frozen reference both sharded
+    ("rm", "full", None, "scores/margins"),
+])
+def test_two_processes_match_one_process(tiny_model_dir, tmp_path, stage, ftype, fsdp, metric):
     data = write_toy_preference_data(tmp_path / "data")
     kw = dict(stage=stage, finetuning_type=ftype, max_steps=3, save_steps=2, cutoff_len=128,
               learning_rate=5e-3 if ftype == "lora" else 5e-4)
+    if fsdp:
+        kw["fsdp"] = fsdp
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     # one process, 4 pairs per micro-batch == two processes, 2 pairs each (the sampler deals rank r every 2nd pair)
     run_exp(pref_argv(tiny_model_dir, data, single, per_device_train_batch_size=4, **kw), stage)
     proc = _torchrun(stage, pref_argv(tiny_model_dir, data, multi, per_device_train_batch_size=2, **kw), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "parallel=ddp" in proc.stderr
+    assert f"parallel={'fsdp' if fsdp else 'ddp'}" in proc.stderr
+    if fsdp and stage == "dpo":
+        assert "reference model sharded with FSDP2 across 2 ranks" in proc.stderr
     a, b = train_entries(single), train_entries(multi)
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
@@ -52,3 +60,15 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, stage, ftype,
     assert os.path.isdir(os.path.join(multi, "checkpoint-2"))
     if stage == "rm":
         assert os.path.isfile(os.path.join(multi, "value_head.safetensors"))
+
+
+def test_precomputed_reference_with_a_sharded_reference_and_an_odd_pair_count(tiny_model_dir, tmp_path):
+    """Ranks score different numbers of pairs; a sharded reference must still run in step (no hang)."""
+    data = write_toy_preference_data(tmp_path / "data")
+    kw = dict(finetuning_type="full", fsdp="full_shard", max_steps=2, cutoff_len=128, learning_rate=5e-4,
+              precompute_ref_log_probs=True, per_device_eval_batch_size=2, max_samples=5)
+    out = str(tmp_path / "out")
+    proc = _torchrun("dpo", pref_argv(tiny_model_dir, data, out, per_device_train_batch_size=2, **kw), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "precomputed reference log-probs for 5 pairs" in proc.stderr
+    assert len(train_entries(out)) == 2

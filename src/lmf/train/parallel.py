@@ -54,8 +54,8 @@ def read_deepspeed_stage(path: str) -> int:
     return int(stage)
 
 
-def plan_parallelism(cfg: "LmfConfig", world_size: int) -> ParallelPlan:
-    """Decide the wrapping from ``fsdp`` / ``deepspeed`` and the world size."""
+def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -> ParallelPlan:
+    """Decide the wrapping from ``fsdp`` / ``deepspeed`` and the world size (``announce``: log the decision)."""
     t = cfg.training
     options = _fsdp_options(t.fsdp)
     if t.deepspeed and options:
@@ -65,12 +65,13 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int) -> ParallelPlan:
         stage = read_deepspeed_stage(t.deepspeed)
         if stage >= 2:
             mode, reshard = "fsdp", stage == 3
-            logger.info(
+            (logger.info if announce else logger.debug)(
                 "deepspeed: ZeRO stage %d from %s is mapped onto FSDP2 (fully_shard, reshard_after_forward=%s); "
                 "the DeepSpeed engine is not used", stage, t.deepspeed, reshard,
             )
         else:
-            logger.info("deepspeed: ZeRO stage %d from %s is mapped onto DDP", stage, t.deepspeed)
+            (logger.info if announce else logger.debug)("deepspeed: ZeRO stage %d from %s is mapped onto DDP",
+                                                        stage, t.deepspeed)
     elif options:
         unknown = [o for o in options if o not in ("full_shard", "shard_grad_op", "hybrid_shard", "offload", "auto_wrap")]
         if unknown:
@@ -81,7 +82,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int) -> ParallelPlan:
     if mode == "fsdp" and t.fp16:
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-2/3) has no loss scaling in lmf; use bf16: true")
     if world_size <= 1:
-        if mode == "fsdp":
+        if mode == "fsdp" and announce:
             logger.info("a single process: no sharding needed, training without FSDP")
         return ParallelPlan("single")
     return ParallelPlan(mode, reshard)

@@ -37,6 +37,22 @@ def has_adapters(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+class ReferenceScorer(torch.nn.Module):
+    """A frozen reference as a module whose ``forward(batch)`` scores a pairwise batch.
+
+    FSDP2 shards it with this module as the root, so the root's hooks gather the embeddings,
+    final norm and LM head around the whole scoring pass (see ``lmf.train.dpo.reference.shard_reference``).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, loss_opts: Optional[dict] = None):
+        chosen, rejected, _, _ = concatenated_logps(self.model, batch, **(loss_opts or {}))
+        return chosen, rejected
+
+
 @torch.no_grad()
 def reference_logps(model, batch: dict, ref_model=None, loss_opts: Optional[dict] = None):
     """Reference ``(chosen_logps, rejected_logps)`` sums ``[B]``: ``ref_model``, or ``model`` without adapters."""
@@ -50,7 +66,10 @@ def reference_logps(model, batch: dict, ref_model=None, loss_opts: Optional[dict
     target.eval()  # no dropout in the reference
     try:
         with context:
-            chosen, rejected, _, _ = concatenated_logps(target, batch, **(loss_opts or {}))
+            if isinstance(target, ReferenceScorer):
+                chosen, rejected = target(batch, loss_opts)
+            else:
+                chosen, rejected, _, _ = concatenated_logps(target, batch, **(loss_opts or {}))
     finally:
         target.train(was_training)
     return chosen.detach(), rejected.detach()

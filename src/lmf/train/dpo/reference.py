@@ -10,7 +10,7 @@ import torch
 
 from lmf.extras.logging import get_logger
 from lmf.train.dpo.losses import uses_reference_model
-from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, has_adapters, reference_logps
+from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, ReferenceScorer, has_adapters, reference_logps
 
 logger = get_logger(__name__)
 
@@ -37,6 +37,23 @@ def load_reference_model(cfg, tokenizer, device=None):
     model = load_model(ref_cfg, tokenizer, is_trainable=False, device=device)
     model.requires_grad_(False)
     return model.eval()
+
+
+def shard_reference(ref_model, device) -> ReferenceScorer:
+    """Shard a frozen reference with FSDP2 like the policy (each rank keeps 1/world of its weights).
+
+    Call it on a model still on the CPU: only the local shards are moved to ``device``.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from lmf.train.parallel import decoder_layers
+
+    scorer = ReferenceScorer(ref_model)
+    for layer in decoder_layers(ref_model):
+        fully_shard(layer)
+    fully_shard(scorer)
+    scorer.to(device)
+    return scorer.eval()
 
 
 class WithReferenceLogps:
@@ -73,14 +90,19 @@ def precompute_reference_logps(dataset, collator, model, ref_model=None, *, batc
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = device if device is not None else next(model.parameters()).device
     mine = list(range(rank, len(dataset), world))
+    num_batches = -(-len(range(0, len(dataset), world)) // batch_size)  # rank 0 has the most pairs
+    if not isinstance(ref_model, ReferenceScorer):  # a sharded reference needs every rank in every forward
+        num_batches = -(-len(mine) // batch_size)
     results: dict[int, tuple[float, float]] = {}
-    for start in range(0, len(mine), batch_size):
+    for start in range(0, num_batches * batch_size, batch_size):
         idx = mine[start:start + batch_size]
-        batch = collator([dataset[i] for i in idx])
+        filler = not idx
+        batch = collator([dataset[i] for i in (idx or [0])])  # a filler batch keeps the collectives in step
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         chosen, rejected = reference_logps(model, batch, ref_model, loss_opts)
-        for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
-            results[i] = (c, r)
+        if not filler:
+            for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
+                results[i] = (c, r)
     if distributed:
         gathered: list = [None] * world
         dist.all_gather_object(gathered, results)

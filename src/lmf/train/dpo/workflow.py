@@ -75,7 +75,8 @@ def run_dpo(cfg: "LmfConfig") -> None:
 def build_dpo_stage(cfg: "LmfConfig", setup) -> DPOStage:
     """Reference model (or precomputed reference log-probs on the datasets) and the DPO stage."""
     from lmf.data.collator import PairwiseCollator
-    from lmf.train.dpo.reference import load_reference_model
+    from lmf.train.dpo.reference import load_reference_model, shard_reference
+    from lmf.train.parallel import plan_parallelism
     from lmf.train.sft import resolve_loss_kwargs
 
     model, runtime = setup.model, setup.runtime
@@ -83,8 +84,12 @@ def build_dpo_stage(cfg: "LmfConfig", setup) -> DPOStage:
     loss_opts = resolve_loss_kwargs(cfg, model)
     ref_model = None
     if needs_separate_reference(cfg, model):
-        ref_model = load_reference_model(cfg, setup.tokenizer, device=runtime.device)
+        shard = plan_parallelism(cfg, runtime.world_size, announce=False).mode == "fsdp"
+        ref_model = load_reference_model(cfg, setup.tokenizer, device=None if shard else runtime.device)
         disable_dropout(ref_model)
+        if shard:
+            ref_model = shard_reference(ref_model, runtime.device)
+            logger.info("reference model sharded with FSDP2 across %d ranks", runtime.world_size)
     elif not uses_reference_model(cfg.finetuning.pref_loss):
         logger.info("pref_loss %s is reference-free: no reference model", cfg.finetuning.pref_loss)
     else:
