@@ -61,8 +61,9 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
 
     With ``position_ids`` (packed rows: ids restart at 0 at every sample boundary, right padding
     gets 0s) the 2-D padding mask is dropped so that transformers derives a block-diagonal causal
-    mask from the position ids (sdpa/eager/flex) or per-sample sequence lengths (flash-attention):
-    packed samples never attend to each other.
+    mask from the position ids (eager/flex) or per-sample sequence lengths (flash-attention):
+    packed samples never attend to each other. With sdpa the rows take the per-segment path of
+    ``lmf.model.packed_attention`` instead (same result, no dense mask, ``sum(L_i^2)`` work).
     """
     if position_ids is not None:
         attention_mask = None
@@ -70,7 +71,14 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
         attention_mask = None  # causal attention never looks at the padding after a row's last token
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if position_ids is None:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    else:
+        from lmf.model.packed_attention import packed_sdpa
+
+        with packed_sdpa(getattr(causal_lm, "config", None), position_ids) as attn_kwargs:
+            out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
+                          **attn_kwargs)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
 
 
