@@ -12,7 +12,7 @@ import yaml
 
 from lmf.train.tuner import run_exp
 
-from test_dpo_train import pref_argv, train_entries, write_toy_preference_data  # noqa: E402
+from test_dpo_train import history, pref_argv, train_entries, write_toy_preference_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, stage, ftype,
               learning_rate=5e-3 if ftype == "lora" else 5e-4)
     if fsdp:
         kw["fsdp"] = fsdp
+    if stage == "rm":  # 7 eval pairs: uneven across 2 ranks, each must be counted once
+        kw.update(val_size=7, eval_strategy="steps", eval_steps=3)
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     # one process, 4 pairs per micro-batch == two processes, 2 pairs each (the sampler deals rank r every 2nd pair)
     run_exp(pref_argv(tiny_model_dir, data, single, per_device_train_batch_size=4, **kw), stage)
@@ -55,6 +57,13 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, stage, ftype,
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-3, abs=1e-5)
         assert y[metric] == pytest.approx(x[metric], rel=1e-3, abs=1e-5)
+    if stage == "rm":
+        ea = [h for h in history(single) if "eval_loss" in h]
+        eb = [h for h in history(multi) if "eval_loss" in h]
+        assert len(ea) == len(eb) >= 1
+        for x, y in zip(ea, eb):
+            assert y["eval_loss"] == pytest.approx(x["eval_loss"], rel=1e-3, abs=1e-5)
+            assert y["eval_accuracy"] == pytest.approx(x["eval_accuracy"], abs=1e-6)
     state = json.load(open(os.path.join(multi, "trainer_state.json")))
     assert state["finished"] and state["world_size"] == 2
     assert os.path.isdir(os.path.join(multi, "checkpoint-2"))
