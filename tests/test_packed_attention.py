@@ -157,10 +157,12 @@ def test_packed_sft_through_trainer_loss_decreases(tiny_model_dir, tmp_path, mon
     rows = []
     for i in range(0, len(samples), 4):  # 4 samples per packed row
         group = samples[i:i + 4]
-        rows.append({"input_ids": sum((s["input_ids"] for s in group), []),
-                     "attention_mask": sum((s["attention_mask"] for s in group), []),
-                     "labels": sum((s["labels"] for s in group), []),
-                     "position_ids": sum((list(range(len(s["input_ids"]))) for s in group), [])})
+        row = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": []}
+        for s in group:
+            for key in ("input_ids", "attention_mask", "labels"):
+                row[key] += s[key]
+            row["position_ids"] += range(len(s["input_ids"]))
+        rows.append(row)
     stage = SFTStage(cfg, model, SFTCollator(tokenizer))
     state = Trainer(cfg, model, tokenizer, stage, rows, runtime).train()
     curve = losses(state)

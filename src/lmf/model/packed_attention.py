@@ -36,7 +36,7 @@ import contextlib
 import contextvars
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -64,8 +64,8 @@ class PackedSegments:
     ``buckets``: ``(segments, padded_length)`` per bucket, in slot order.
     """
 
-    gather_index: "torch.Tensor"
-    scatter_index: "torch.Tensor"
+    gather_index: torch.Tensor
+    scatter_index: torch.Tensor
     buckets: tuple
     batch_size: int
     seq_len: int
@@ -73,7 +73,7 @@ class PackedSegments:
     calls: int = field(default=0, compare=False)
 
 
-def packed_segments(position_ids: "torch.Tensor", fill: float = BUCKET_FILL) -> PackedSegments:
+def packed_segments(position_ids: torch.Tensor, fill: float = BUCKET_FILL) -> PackedSegments:
     """Segments of a packed ``[B, T]`` ``position_ids`` batch, bucketed by length."""
     import torch
 
@@ -122,7 +122,7 @@ def packed_segments(position_ids: "torch.Tensor", fill: float = BUCKET_FILL) -> 
 
 
 def varlen_sdpa_forward(module, query, key, value, segments: PackedSegments, dropout: float = 0.0,
-                        scaling: Optional[float] = None) -> "torch.Tensor":
+                        scaling: float | None = None) -> torch.Tensor:
     """Causal sdpa within each segment. ``query`` ``[B, Hq, T, D]``, ``key``/``value`` ``[B, Hkv, T, D*]``
     -> ``[B, T, Hq, Dv]`` (transformers' attention-output layout)."""
     import torch
@@ -139,19 +139,15 @@ def varlen_sdpa_forward(module, query, key, value, segments: PackedSegments, dro
         return x.transpose(1, 2).reshape(batch_size * seq_len, x.shape[1], x.shape[3]).index_select(
             0, segments.gather_index)
 
-    q_slots, k_slots, v_slots = gather(query), gather(key), gather(value)
+    slots_qkv = (gather(query), gather(key), gather(value))
     outputs = []
     offset = 0
     for n, padded in segments.buckets:
         size = n * padded
-
-        def bucket(x):  # [slots, H, D] -> [n, H, padded, D]
-            return x[offset:offset + size].view(n, padded, x.shape[1], x.shape[2]).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(
-            bucket(q_slots), bucket(k_slots), bucket(v_slots), dropout_p=dropout, scale=scaling,
-            is_causal=padded > 1, enable_gqa=gqa,
-        )
+        # [slots, H, D] -> [n, H, padded, D]
+        q, k, v = (x[offset:offset + size].view(n, padded, x.shape[1], x.shape[2]).transpose(1, 2) for x in slots_qkv)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=padded > 1,
+                                             enable_gqa=gqa)
         outputs.append(out.transpose(1, 2).reshape(size, num_heads, out.shape[-1]))
         offset += size
     slots = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
