@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -55,22 +54,31 @@ _SKIP_MASK: contextvars.ContextVar[bool] = contextvars.ContextVar("lmf_packed_sd
 _ORIGINALS: dict = {}
 
 
-@dataclass(eq=False)
 class PackedSegments:
     """Where each token of a packed batch goes in the bucketed layout (one batch, any layer).
 
     ``gather_index[p]``: flat token index (into ``B * T``) of padded slot ``p`` (bucket pads point
     at token 0 and are never read back); ``scatter_index[t]``: slot of flat token ``t``;
-    ``buckets``: ``(segments, padded_length)`` per bucket, in slot order.
+    ``buckets``: ``(segments, padded_length)`` per bucket, in slot order; ``calls``: attention
+    layers that used it. A plain object, not a dataclass: wrappers that copy dataclasses found in
+    a layer's kwargs (FSDP's input casting) pass it through as is.
     """
 
-    gather_index: torch.Tensor
-    scatter_index: torch.Tensor
-    buckets: tuple
-    batch_size: int
-    seq_len: int
-    num_segments: int
-    calls: int = field(default=0, compare=False)
+    __slots__ = ("batch_size", "buckets", "calls", "gather_index", "num_segments", "scatter_index", "seq_len")
+
+    def __init__(self, gather_index, scatter_index, buckets: tuple, batch_size: int, seq_len: int,
+                 num_segments: int) -> None:
+        self.gather_index = gather_index
+        self.scatter_index = scatter_index
+        self.buckets = buckets
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.num_segments = num_segments
+        self.calls = 0
+
+    def __repr__(self) -> str:
+        return (f"PackedSegments({self.batch_size}x{self.seq_len} tokens, {self.num_segments} segments, "
+                f"buckets {self.buckets})")
 
 
 def packed_segments(position_ids: torch.Tensor, fill: float = BUCKET_FILL) -> PackedSegments:
