@@ -12,9 +12,10 @@ response; input_ids and labels are always cut together, so they stay aligned.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import chain
+from typing import Any, Optional
 
-from lmf.data.template import encode_text
+from lmf.data.template import encode_many
 
 IGNORE_INDEX = -100
 
@@ -45,62 +46,130 @@ def _conversation(prompt: list[dict], response: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in list(prompt) + list(response)]
 
 
+# Label kinds of a segment of a tokenized conversation.
+MASKED, LABELLED, EOS_THEN_MASKED = 0, 1, 2
+
+
 @dataclass
 class SupervisedProcessor:
-    """Batched ``datasets.map`` function for sft."""
+    """Batched ``datasets.map`` function for sft.
+
+    A batch is tokenized with one :meth:`Template.encode_multiturn_many` call and returned as a
+    ``pyarrow.Table`` (``input_ids``, ``attention_mask``, ``labels``, ``_truncated``) built with numpy
+    from the flat token ids: no per-token Python work after the tokenizer.
+    """
 
     tokenizer: Any
     template: Any
     cutoff_len: int
     train_on_prompt: bool = False
     mask_history: bool = False
+    parallel_encode: bool = False  # tokenizers' thread pool for the batch (see template.encode_many)
     _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)  # prefix/system prompt ids
+
+    def segments(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int], bool]:
+        """(token segments in sequence order, label kind of each, truncated) of one conversation's
+        (prompt, response) pairs, cut to ``cutoff_len`` (LLaMA-Factory's budget per turn)."""
+        efficient_eos = self.template.efficient_eos
+        total = sum(len(s) + len(t) for s, t in pairs)
+        budget_used = 1 if efficient_eos else 0
+        turns: list[tuple[list[int], int, list[int], int]] = []
+        for turn, (source, target) in enumerate(reversed(pairs) if self.mask_history else pairs):
+            if budget_used >= self.cutoff_len:
+                break
+            src_len, tgt_len = infer_seqlen(len(source), len(target), self.cutoff_len - budget_used)
+            if src_len < len(source):
+                source = source[:src_len]
+            if tgt_len < len(target):
+                target = target[:tgt_len]
+            budget_used += src_len + tgt_len
+            if self.train_on_prompt:
+                source_kind = LABELLED
+            elif efficient_eos and turn != 0 and src_len:
+                source_kind = EOS_THEN_MASKED
+            else:
+                source_kind = MASKED
+            target_kind = MASKED if (self.mask_history and turn != 0) else LABELLED
+            turns.append((source, source_kind, target, target_kind))
+        if self.mask_history:  # turns were visited last-first
+            turns.reverse()
+        segments: list[list[int]] = []
+        kinds: list[int] = []
+        for source, source_kind, target, target_kind in turns:
+            segments += (source, target)
+            kinds += (source_kind, target_kind)
+        if efficient_eos:
+            segments.append([self.tokenizer.eos_token_id])
+            kinds.append(LABELLED)
+        length = sum(len(s) for s in segments)
+        return segments, kinds, length < total + (1 if efficient_eos else 0)
 
     def encode(self, prompt: list[dict], response: list[dict], system: str,
                tools: str) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, truncated) of one conversation."""
-        tpl, tok = self.template, self.tokenizer
-        pairs = tpl.encode_multiturn(tok, _conversation(prompt, response), system or None, tools or None,
-                                     cache=self._piece_cache)
-        total = sum(len(s) + len(t) for s, t in pairs)
-        eos = tok.eos_token_id
-        budget_used = 1 if tpl.efficient_eos else 0
+        pairs = self.template.encode_multiturn(self.tokenizer, _conversation(prompt, response), system or None,
+                                               tools or None, cache=self._piece_cache)
+        segments, kinds, truncated = self.segments(pairs)
         input_ids: list[int] = []
         labels: list[int] = []
-        order = list(reversed(pairs)) if self.mask_history else pairs
-        for turn, (source, target) in enumerate(order):
-            if budget_used >= self.cutoff_len:
-                break
-            src_len, tgt_len = infer_seqlen(len(source), len(target), self.cutoff_len - budget_used)
-            source, target = source[:src_len], target[:tgt_len]
-            budget_used += src_len + tgt_len
-            if self.train_on_prompt:
-                source_labels = list(source)
-            elif tpl.efficient_eos and turn != 0 and src_len:
-                source_labels = [eos] + [IGNORE_INDEX] * (src_len - 1)
+        for ids, kind in zip(segments, kinds):
+            input_ids += ids
+            if kind == LABELLED:
+                labels += ids
+            elif kind == EOS_THEN_MASKED and ids:
+                labels += [self.tokenizer.eos_token_id] + [IGNORE_INDEX] * (len(ids) - 1)
             else:
-                source_labels = [IGNORE_INDEX] * src_len
-            target_labels = [IGNORE_INDEX] * tgt_len if (self.mask_history and turn != 0) else list(target)
-            if self.mask_history:  # turns were visited last-first
-                input_ids = source + target + input_ids
-                labels = source_labels + target_labels + labels
-            else:
-                input_ids += source + target
-                labels += source_labels + target_labels
-        if tpl.efficient_eos:
-            input_ids.append(eos)
-            labels.append(eos)
-        return input_ids, labels, len(input_ids) < total + (1 if tpl.efficient_eos else 0)
+                labels += [IGNORE_INDEX] * len(ids)
+        return input_ids, labels, truncated
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "_truncated": []}
-        for prompt, response, system, tools in _records(batch):
-            input_ids, labels, truncated = self.encode(prompt, response, system, tools)
-            out["input_ids"].append(input_ids)
-            out["attention_mask"].append([1] * len(input_ids))
-            out["labels"].append(labels)
-            out["_truncated"].append(truncated)
-        return out
+    def __call__(self, batch: dict[str, list]):
+        conversations = [(_conversation(prompt, response), system or None, tools or None)
+                         for prompt, response, system, tools in _records(batch)]
+        encoded = self.template.encode_multiturn_many(self.tokenizer, conversations, cache=self._piece_cache,
+                                                      parallel=self.parallel_encode)
+        segments: list[list[int]] = []
+        kinds: list[int] = []
+        row_segments: list[int] = []
+        truncated: list[bool] = []
+        for pairs in encoded:
+            segs, seg_kinds, cut = self.segments(pairs)
+            segments += segs
+            kinds += seg_kinds
+            row_segments.append(len(segs))
+            truncated.append(cut)
+        return token_table(segments, kinds, row_segments, truncated, self.tokenizer.eos_token_id)
+
+
+def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[int], truncated: list[bool],
+                eos_token_id: Optional[int] = None):
+    """``pyarrow.Table`` of sft rows: row i is the concatenation of its ``row_segments[i]`` segments.
+
+    labels copy the ids of LABELLED segments, are IGNORE_INDEX for MASKED ones, and eos then
+    IGNORE_INDEX for EOS_THEN_MASKED ones; attention_mask is all ones. Columns are list<int32>
+    (ids, labels) and list<int8> (mask), as the loader's features declare.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    seg_lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
+    total = int(seg_lengths.sum())
+    ids = np.fromiter(chain.from_iterable(segments), dtype=np.int32, count=total)
+    kind_per_token = np.repeat(np.asarray(kinds, dtype=np.int8), seg_lengths)
+    labels = np.where(kind_per_token == LABELLED, ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
+    if EOS_THEN_MASKED in kinds:
+        seg_starts = np.concatenate([[0], np.cumsum(seg_lengths)[:-1]])
+        firsts = seg_starts[(np.asarray(kinds) == EOS_THEN_MASKED) & (seg_lengths > 0)]
+        labels[firsts] = eos_token_id
+    row_ends = np.cumsum(np.asarray(row_segments, dtype=np.int64))
+    seg_ends = np.concatenate([[0], np.cumsum(seg_lengths)])
+    offsets = pa.array(seg_ends[np.concatenate([[0], row_ends])].astype(np.int32))
+    return pa.Table.from_arrays(
+        [pa.ListArray.from_arrays(offsets, pa.array(ids)),
+         pa.ListArray.from_arrays(offsets, pa.array(np.ones(total, dtype=np.int8))),
+         pa.ListArray.from_arrays(offsets, pa.array(labels)),
+         pa.array(truncated, type=pa.bool_())],
+        names=["input_ids", "attention_mask", "labels", "_truncated"],
+    )
 
 
 @dataclass
@@ -161,8 +230,8 @@ class PretrainProcessor:
         bos = [tok.bos_token_id] if any(getattr(p, "attr", None) == "bos_token" for p in self.template.prefix) \
             and tok.bos_token_id is not None else []
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        for prompt in batch["_prompt"]:
-            ids = bos + encode_text(tok, prompt[0]["content"]) + eos
+        for text_ids in encode_many(tok, [prompt[0]["content"] for prompt in batch["_prompt"]]):
+            ids = bos + text_ids + eos
             for start in range(0, len(ids), self.cutoff_len):
                 chunk = ids[start:start + self.cutoff_len]
                 out["input_ids"].append(chunk)

@@ -145,6 +145,40 @@ class Template:
                 ids += encode_text(tokenizer, piece)
         return ids
 
+    def _pieces_to_ids_many(self, tokenizer, pieces_lists: list[list[Piece]], cache: Optional[dict] = None,
+                            parallel: bool = False) -> list[list[int]]:
+        """:meth:`_pieces_to_ids` of each list, the non-constant texts encoded by one :func:`encode_many` call."""
+        marker_ids: dict = {}
+        texts: list[str] = []
+        plans = []  # per list: items that are an index into ``texts`` or a list of ids
+        for pieces in pieces_lists:
+            plan: list = []
+            for piece in pieces:
+                if isinstance(piece, _Marker):
+                    if piece.attr not in marker_ids:
+                        marker_ids[piece.attr] = getattr(tokenizer, piece.attr + "_id", None)
+                    if marker_ids[piece.attr] is not None:
+                        plan.append([marker_ids[piece.attr]])
+                elif not piece:
+                    continue
+                elif cache is not None and type(piece) is _Const:
+                    plan.append(self._pieces_to_ids(tokenizer, [piece], cache))
+                else:
+                    plan.append(len(texts))
+                    texts.append(piece)
+            plans.append(plan)
+        encoded = encode_many(tokenizer, texts, parallel)
+        out: list[list[int]] = []
+        for plan in plans:
+            if len(plan) == 1 and type(plan[0]) is int:
+                out.append(encoded[plan[0]])
+                continue
+            ids: list[int] = []
+            for item in plan:
+                ids += encoded[item] if type(item) is int else item
+            out.append(ids)
+        return out
+
     def _pieces_to_text(self, tokenizer, pieces: list[Piece]) -> str:
         out = []
         for piece in pieces:
@@ -186,8 +220,8 @@ class Template:
         messages, system = self._prepare(messages, system)
         return [self._pieces_to_text(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
 
-    def _thought_ids(self, tokenizer) -> list[int]:
-        return encode_text(tokenizer, self.thought_words[0] + self.thought_words[1])
+    def _thought_ids(self, tokenizer, cache: Optional[dict] = None) -> list[int]:
+        return self._pieces_to_ids(tokenizer, [_Const(self.thought_words[0] + self.thought_words[1])], cache)
 
     def _has_thought(self, text: str) -> bool:
         return self.thought_words[0].strip() in text or self.thought_words[1].strip() in text
@@ -198,28 +232,45 @@ class Template:
         return re.sub(pattern, "", text).lstrip("\n")
 
     def encode_multiturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
-                         tools: Optional[str] = None, cache: Optional[dict] = None) -> list[tuple[list[int], list[int]]]:
+                         tools: Optional[str] = None,
+                         cache: Optional[dict] = None) -> list[tuple[list[int], list[int]]]:
         """(prompt_ids, response_ids) per assistant turn; concatenated they give the full sequence.
 
         ``cache``: optional dict (one per tokenizer, owned by the caller) reusing the ids of the
         prefix and system prompt across calls."""
-        messages, system = self._prepare(messages, system)
-        if len(messages) % 2 != 0:
-            raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
-        if self.reasoning and self.enable_thinking is False:
-            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
-                        for i, m in enumerate(messages)]
-        encoded = [self._pieces_to_ids(tokenizer, p, cache) for p in self._message_pieces(messages, system, tools)]
-        pairs = []
-        for i in range(0, len(encoded), 2):
-            prompt_ids, response_ids = encoded[i], encoded[i + 1]
-            if self.reasoning and not self._has_thought(messages[i + 1]["content"]):
-                if self.enable_thinking:
-                    response_ids = self._thought_ids(tokenizer) + response_ids  # learned: empty thought
-                else:
-                    prompt_ids = prompt_ids + self._thought_ids(tokenizer)  # given: not learned
-            pairs.append((prompt_ids, response_ids))
-        return pairs
+        return self.encode_multiturn_many(tokenizer, [(messages, system, tools)], cache)[0]
+
+    def encode_multiturn_many(self, tokenizer, conversations: list[tuple[list[dict], Optional[str], Optional[str]]],
+                              cache: Optional[dict] = None,
+                              parallel: bool = False) -> list[list[tuple[list[int], list[int]]]]:
+        """:meth:`encode_multiturn` of each ``(messages, system, tools)``: the message texts of all of them are
+        collected and tokenized together (:func:`encode_many`; each text on its own, so the ids are the same)."""
+        prepared, all_pieces = [], []
+        for messages, system, tools in conversations:
+            messages, system = self._prepare(messages, system)
+            if len(messages) % 2 != 0:
+                raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
+            if self.reasoning and self.enable_thinking is False:
+                messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
+                            for i, m in enumerate(messages)]
+            prepared.append(messages)
+            all_pieces.extend(self._message_pieces(messages, system, tools))
+        encoded = self._pieces_to_ids_many(tokenizer, all_pieces, cache, parallel)
+        out, start = [], 0
+        for messages in prepared:
+            ids = encoded[start:start + len(messages)]
+            start += len(messages)
+            pairs = []
+            for i in range(0, len(ids), 2):
+                prompt_ids, response_ids = ids[i], ids[i + 1]
+                if self.reasoning and not self._has_thought(messages[i + 1]["content"]):
+                    if self.enable_thinking:
+                        response_ids = self._thought_ids(tokenizer, cache) + response_ids  # learned: empty thought
+                    else:
+                        prompt_ids = prompt_ids + self._thought_ids(tokenizer, cache)  # given: not learned
+                pairs.append((prompt_ids, response_ids))
+            out.append(pairs)
+        return out
 
     def encode_oneturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
                        tools: Optional[str] = None, cache: Optional[dict] = None) -> tuple[list[int], list[int]]:
@@ -238,9 +289,9 @@ class Template:
         response_ids = encoded[-1]
         if self.reasoning and not self._has_thought(messages[-1]["content"]):
             if self.enable_thinking:
-                response_ids = self._thought_ids(tokenizer) + response_ids
+                response_ids = self._thought_ids(tokenizer, cache) + response_ids
             else:
-                prompt_ids = prompt_ids + self._thought_ids(tokenizer)
+                prompt_ids = prompt_ids + self._thought_ids(tokenizer, cache)
         return prompt_ids, response_ids
 
     def encode_prompt(self, tokenizer, messages: list[dict], system: Optional[str] = None,
@@ -371,27 +422,51 @@ class Template:
 _PROBE = "Hello <|im_start|>user\n wörld <|im_end|>\n  x\t1+2 <s></s><|endoftext|>"
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    """``tokenizer.encode(text, add_special_tokens=False)``, through the Rust backend when that is equivalent.
-
-    The fast path skips transformers' per-call Python overhead (about a third of preprocessing time);
-    it is used only after checking, once per tokenizer, that both paths give the same ids.
-    """
+def _backend(tokenizer):
+    """The tokenizer's Rust backend when it gives ``tokenizer.encode(text, add_special_tokens=False)``'s ids
+    (checked once per tokenizer on a probe text), else None."""
     ok = getattr(tokenizer, "_lmf_backend_ok", None)
     if ok is None:
         backend = getattr(tokenizer, "_tokenizer", None)
         try:
             ok = backend is not None and backend.encode(_PROBE, add_special_tokens=False).ids == \
-                tokenizer.encode(_PROBE, add_special_tokens=False)
+                tokenizer.encode(_PROBE, add_special_tokens=False) and \
+                [e.ids for e in backend.encode_batch([_PROBE, "x"], add_special_tokens=False)] == \
+                [tokenizer.encode(t, add_special_tokens=False) for t in (_PROBE, "x")]
         except Exception:  # any backend quirk: use the regular path
             ok = False
         try:
             tokenizer._lmf_backend_ok = ok
         except AttributeError:
             pass
-    if ok:
-        return tokenizer._tokenizer.encode(text, add_special_tokens=False).ids
+    return tokenizer._tokenizer if ok else None
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=False)``, through the Rust backend when that is equivalent.
+
+    The fast path skips transformers' per-call Python overhead (about a third of preprocessing time).
+    """
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return backend.encode(text, add_special_tokens=False).ids
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_many(tokenizer, texts: list[str], parallel: bool = False) -> list[list[int]]:
+    """:func:`encode_text` of each text (the same ids).
+
+    ``parallel``: one backend ``encode_batch`` call, which runs on the tokenizers thread pool (all
+    cores, or ``RAYON_NUM_THREADS``; serial when ``TOKENIZERS_PARALLELISM`` is false). Off by default:
+    preprocessing uses ``preprocessing_num_workers`` processes, one core each.
+    """
+    backend = _backend(tokenizer) if texts else None
+    if backend is None:
+        return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    if parallel:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    encode = backend.encode
+    return [encode(text, add_special_tokens=False).ids for text in texts]
 
 
 def _jinja_str(text: str) -> str:
