@@ -1,0 +1,56 @@
+"""The word-memo fast path (lmf.data.fast_bpe) gives exactly the Rust tokenizer's ids, or declines."""
+
+from __future__ import annotations
+
+import random
+
+from lmf.data.fast_bpe import WordMemoEncoder
+from lmf.data.template import encode_many
+from lmf.model.tiny import build_tokenizer
+
+PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", " ", "  ", "\n", "\n\n", "\t", " \n ", "x", "ab",
+          "Hello", " world", "12", "3456", " 7", "!", "?!", " (", ")", "--", "\"q\"", "<|im_start|>", "<|im_end|>",
+          "<|endoftext|>", "<|im_", "end|>", "a.b", "e.g.,", "  ", "\t\t", " \t\n"]
+
+
+def _random_texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randrange(0, 30))) for _ in range(n)]
+
+
+def test_word_memo_encoder_matches_the_backend_on_random_ascii():
+    tok = build_tokenizer()
+    backend = tok._tokenizer
+    fast = WordMemoEncoder.for_backend(backend)
+    assert fast is not None  # the tiny byte-level BPE tokenizer is a recognized shape
+    for text in _random_texts(3000) + ["", " ", "\n", "<|im_end|>"]:
+        assert fast.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
+        assert fast.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)  # memoized
+
+
+def test_word_memo_encoder_declines_other_texts_and_encode_many_stays_exact():
+    tok = build_tokenizer()
+    fast = WordMemoEncoder.for_backend(tok._tokenizer)
+    for text in ("wörld", "tab\rreturn", "emoji 🙂", "\x0bvt", "nbsp\u00a0x"):
+        assert fast.encode(text) is None
+    texts = _random_texts(200, seed=1) + ["wörld 🙂 x", "a\r\nb"]
+    expected = [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert encode_many(tok, texts) == expected
+    assert encode_many(tok, texts, parallel=True) == expected
+
+
+def test_unrecognized_tokenizer_shape_has_no_fast_path():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert WordMemoEncoder.for_backend(tok) is None
+
+
+def test_added_tokens_invalidate_the_fast_encoder():
+    tok = build_tokenizer()
+    text = "hello <|new|> world"
+    assert encode_many(tok, [text]) == [tok.encode(text, add_special_tokens=False)]
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert encode_many(tok, [text]) == [tok.encode(text, add_special_tokens=False)]
+    assert tok.convert_tokens_to_ids("<|new|>") in encode_many(tok, [text])[0]
