@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from lmf.data.fast_bpe import WordMemoEncoder
 from lmf.data.template import encode_many
 from lmf.model.tiny import build_tokenizer
 
-PIECES = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", " ", "  ", "\n", "\n\n", "\t", " \n ", "x", "ab",
+PIECES = ["1234567", " 89", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", " ", "  ", "\n", "\n\n", "\t", " \n ", "x", "ab",
           "Hello", " world", "12", "3456", " 7", "!", "?!", " (", ")", "--", "\"q\"", "<|im_start|>", "<|im_end|>",
           "<|endoftext|>", "<|im_", "end|>", "a.b", "e.g.,", "  ", "\t\t", " \t\n"]
 
@@ -18,18 +20,21 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
     return ["".join(rng.choice(PIECES) for _ in range(rng.randrange(0, 30))) for _ in range(n)]
 
 
-def test_word_memo_encoder_matches_the_backend_on_random_ascii():
-    tok = build_tokenizer()
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3"])
+def test_word_memo_encoder_matches_the_backend_on_random_ascii(style):
+    tok = build_tokenizer(style=style)
     backend = tok._tokenizer
     fast = WordMemoEncoder.for_backend(backend)
-    assert fast is not None  # the tiny byte-level BPE tokenizer is a recognized shape
-    for text in _random_texts(3000) + ["", " ", "\n", "<|im_end|>"]:
+    assert fast is not None  # every byte-level BPE pipeline built here is a recognized shape
+    texts = _random_texts(3000) + ["", " ", "\n", "<|im_end|>", "12345678 x1234567", "a  \n\n  b\n \t\n"]
+    for text in texts:
         assert fast.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
         assert fast.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)  # memoized
 
 
-def test_word_memo_encoder_declines_other_texts_and_encode_many_stays_exact():
-    tok = build_tokenizer()
+@pytest.mark.parametrize("style", ["gpt2", "qwen2"])
+def test_word_memo_encoder_declines_other_texts_and_encode_many_stays_exact(style):
+    tok = build_tokenizer(style=style)
     fast = WordMemoEncoder.for_backend(tok._tokenizer)
     for text in ("wörld", "tab\rreturn", "emoji 🙂", "\x0bvt", "nbsp\u00a0x"):
         assert fast.encode(text) is None
@@ -54,3 +59,12 @@ def test_added_tokens_invalidate_the_fast_encoder():
     tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
     assert encode_many(tok, [text]) == [tok.encode(text, add_special_tokens=False)]
     assert tok.convert_tokens_to_ids("<|new|>") in encode_many(tok, [text])[0]
+
+
+def test_a_normalizer_that_changes_ascii_disables_the_fast_path():
+    from tokenizers import normalizers
+
+    tok = build_tokenizer(style="qwen2")
+    assert WordMemoEncoder.for_backend(tok._tokenizer) is not None  # NFC: identity on ASCII
+    tok._tokenizer.normalizer = normalizers.Lowercase()
+    assert WordMemoEncoder.for_backend(tok._tokenizer) is None

@@ -1,6 +1,6 @@
 """Exact fast path for byte-level BPE tokenizers on plain-ASCII text: pre-tokenize with ``re``, memoize words.
 
-A byte-level BPE tokenizer (GPT-2 / Qwen2 style, no normalizer) encodes a text as: split out the added
+A byte-level BPE tokenizer (GPT-2 / Qwen2 / Llama-3 style; no normalizer, or a Unicode one) encodes a text as: split out the added
 tokens (``<|im_start|>`` ...), split the rest into words with the pre-tokenizer's regex, run BPE on each
 byte-mapped word on its own, concatenate. The ids of a word never depend on its neighbours, so the ids
 of each distinct word are computed once (by the tokenizer's own BPE model) and reused. Most of the Rust
@@ -24,11 +24,17 @@ from typing import Optional
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
 ASCII_PATTERNS = {
     GPT2_PATTERN: r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+",
     QWEN2_PATTERN: (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|"
                     r"\s*[\r\n]+|\s+(?!\S)|\s+"),
+    LLAMA3_PATTERN: (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}| ?[^\sA-Za-z0-9]+[\r\n]*|"
+                     r"\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
+#: Unicode normalizations leave ASCII text unchanged (Qwen2/Qwen3 tokenizers use NFC).
+ASCII_IDENTITY_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
 _NOT_ELIGIBLE = re.compile(r"[^\x20-\x7e\t\n]")  # a text with any other character goes to the backend
 #: Most distinct words remembered (like the Rust BPE word cache, the memo stops growing when full).
 MAX_WORDS = 100_000
@@ -55,7 +61,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _ascii_pattern(spec: dict) -> Optional[str]:
     """The ASCII word pattern of a recognized pre-tokenizer spec, else None."""
     pre, normalizer = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
-    if normalizer is not None:
+    if normalizer is not None and normalizer.get("type") not in ASCII_IDENTITY_NORMALIZERS:
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return ASCII_PATTERNS[GPT2_PATTERN]

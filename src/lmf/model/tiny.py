@@ -50,13 +50,30 @@ def default_corpus() -> list[str]:
     return _FALLBACK_CORPUS * 50
 
 
-def build_tokenizer(vocab_size: int = 2048, corpus: Optional[Iterable[str]] = None):
-    """Train a byte-level BPE tokenizer locally and wrap it as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 2048, corpus: Optional[Iterable[str]] = None, style: str = "gpt2"):
+    """Train a byte-level BPE tokenizer locally and wrap it as a ``PreTrainedTokenizerFast``.
+
+    ``style`` picks the pre-tokenization pipeline: ``gpt2`` (ByteLevel regex), ``qwen2`` (NFC + Qwen2's
+    Split regex + ByteLevel, as Qwen2/Qwen3 ship) or ``llama3`` (Llama-3's Split regex + ByteLevel).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from lmf.data.fast_bpe import LLAMA3_PATTERN, QWEN2_PATTERN
+
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif style in ("qwen2", "llama3"):
+        pattern = QWEN2_PATTERN if style == "qwen2" else LLAMA3_PATTERN
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        raise ValueError(f"unknown tokenizer style {style!r}; expected gpt2, qwen2 or llama3")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
