@@ -301,6 +301,18 @@ def test_parse_api_settings_flags_and_env():
         parse_api_settings([], env={"API_MAX_CONCURRENT": "0"})
 
 
+def _assert_generation_cancelled_and_slot_freed(app, engine, url):
+    """After a client left mid-reply: the slot is released, generation stopped early, the next request is served."""
+    deadline = time.time() + 10
+    while app.state.limiter.pending and time.time() < deadline:
+        time.sleep(0.02)
+    assert app.state.limiter.pending == 0
+    assert engine.closed_streams == 1
+    assert 0 < engine.streams[0].completion_tokens < 1000  # generation stopped early
+    reply = _client(url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "next"}])
+    assert reply.choices[0].message.content == "echo: next"
+
+
 def test_client_disconnect_mid_stream_cancels_generation_and_frees_the_slot(engine):
     app = create_app(engine, ApiSettings(max_concurrent=1, max_queue=0))
     long_text = " ".join(f"w{i}" for i in range(2000))
@@ -311,14 +323,7 @@ def test_client_disconnect_mid_stream_cancels_generation_and_frees_the_slot(engi
             assert response.status_code == 200
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # the role chunk
-        deadline = time.time() + 10
-        while app.state.limiter.pending and time.time() < deadline:
-            time.sleep(0.02)
-        assert app.state.limiter.pending == 0
-        assert engine.closed_streams == 1
-        assert 0 < engine.streams[0].completion_tokens < 1000  # generation stopped early
-        reply = _client(url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "next"}])
-        assert reply.choices[0].message.content == "echo: next"
+        _assert_generation_cancelled_and_slot_freed(app, engine, url)
 
 
 def test_client_disconnect_before_a_non_streamed_reply_cancels_generation_and_frees_the_slot(engine):
@@ -329,14 +334,7 @@ def test_client_disconnect_before_a_non_streamed_reply_cancels_generation_and_fr
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
             httpx.post(f"{url}/chat/completions", timeout=0.5,
                        json={"model": "tiny-test", "messages": [{"role": "user", "content": long_text}]})
-        deadline = time.time() + 10
-        while app.state.limiter.pending and time.time() < deadline:
-            time.sleep(0.02)
-        assert app.state.limiter.pending == 0
-        assert engine.closed_streams == 1
-        assert 0 < engine.streams[0].completion_tokens < 1000  # generation stopped early
-        reply = _client(url).chat.completions.create(model="tiny-test", messages=[{"role": "user", "content": "next"}])
-        assert reply.choices[0].message.content == "echo: next"
+        _assert_generation_cancelled_and_slot_freed(app, engine, url)
 
 
 def test_a_busy_port_fails_fast_with_a_message():
