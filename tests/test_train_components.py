@@ -200,9 +200,9 @@ def test_loss_plot_smoothing_scales_with_run_length():
 
 @pytest.mark.parametrize("num_items,world,bs", [(7, 2, 2), (5, 2, 2), (1, 3, 4), (12, 4, 3), (9, 1, 4)])
 def test_eval_batches_count_each_item_once_and_keep_ranks_in_step(num_items, world, bs):
-    from lmf.train.trainer import eval_index_batches
+    from lmf.train.batches import sharded_index_batches
 
-    per_rank = [eval_index_batches(num_items, world, r, bs) for r in range(world)]
+    per_rank = [sharded_index_batches(num_items, world, r, bs) for r in range(world)]
     assert len({len(batches) for batches, _ in per_rank}) == 1  # same number of forwards on every rank
     real = sorted(i for batches, n in per_rank for batch in batches[:n] for i in batch)
     assert real == list(range(num_items))

@@ -21,6 +21,7 @@ import ctypes
 import os
 import sys
 
+from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
@@ -39,12 +40,8 @@ def mmap_threshold_from_env() -> int:
     try:
         value = int(raw)
     except ValueError:
-        from lmf.extras.errors import ConfigError
-
         raise ConfigError(f"{ENV_VAR} must be a number of bytes (0 = leave malloc alone), got {raw!r}") from None
     if value < 0 or value > _MAX_MMAP_THRESHOLD:
-        from lmf.extras.errors import ConfigError
-
         raise ConfigError(f"{ENV_VAR} must be between 0 and {_MAX_MMAP_THRESHOLD} bytes, got {value}")
     return value
 

@@ -14,6 +14,21 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 
+def sharded_index_batches(num_items: int, world_size: int, rank: int, batch_size: int) -> tuple[list[list[int]], int]:
+    """This rank's batches for one pass over all items (evaluation, reference scoring), and how many are real.
+
+    The rank takes every ``world_size``-th item, no duplicates. Every rank runs the same number of forwards (FSDP gathers weights in each one): a rank with one
+    batch fewer gets a filler batch at the end, whose result the caller drops. So each item is
+    counted exactly once across ranks.
+    """
+    mine = list(range(rank, num_items, world_size))
+    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    most = -(-len(range(0, num_items, world_size)) // batch_size)  # rank 0 has the most items
+    num_real = len(batches)
+    batches += [[0]] * (most - num_real)
+    return batches, num_real
+
+
 class ResumableShardedSampler(Sampler[int]):
     """Indices of this rank for one epoch, optionally starting after ``skip`` of them."""
 

@@ -102,21 +102,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def eval_index_batches(num_items: int, world_size: int, rank: int, batch_size: int) -> tuple[list[list[int]], int]:
-    """This rank's eval batches (every ``world_size``-th item, no duplicates) and how many are real.
-
-    Every rank runs the same number of forwards (FSDP gathers weights in each one): a rank with one
-    batch fewer gets a filler batch at the end, whose result the caller drops. So each item is
-    counted exactly once across ranks.
-    """
-    mine = list(range(rank, num_items, world_size))
-    batches = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-    most = -(-len(range(0, num_items, world_size)) // batch_size)  # rank 0 has the most items
-    num_real = len(batches)
-    batches += [[0]] * (most - num_real)
-    return batches, num_real
-
-
 # ----------------------------------------------------------------------------------------- the loop
 
 def _make_loss_module(model, compute_loss):
@@ -377,8 +362,10 @@ class Trainer:
 
         from lmf.dist.runtime import all_reduce_sum
 
-        batches, num_real = eval_index_batches(len(self.eval_dataset), self.runtime.world_size, self.runtime.rank,
-                                               self.args.per_device_eval_batch_size)
+        from lmf.train.batches import sharded_index_batches
+
+        batches, num_real = sharded_index_batches(len(self.eval_dataset), self.runtime.world_size, self.runtime.rank,
+                                                  self.args.per_device_eval_batch_size)
         loader = torch.utils.data.DataLoader(self.eval_dataset, batch_sampler=batches, collate_fn=self.stage.collator)
         acc = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
         metric_sums: dict[str, float] = {}  # stage metrics weighted by items

@@ -10,6 +10,7 @@ import torch
 
 from lmf.extras.logging import get_logger
 from lmf.train.dpo.losses import uses_reference_model
+from lmf.train.batches import sharded_index_batches
 from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, ReferenceScorer, has_adapters, reference_logps
 
 logger = get_logger(__name__)
@@ -89,18 +90,15 @@ def precompute_reference_logps(dataset, collator, model, ref_model=None, *, batc
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = device if device is not None else next(model.parameters()).device
-    mine = list(range(rank, len(dataset), world))
-    num_batches = -(-len(range(0, len(dataset), world)) // batch_size)  # rank 0 has the most pairs
-    if not isinstance(ref_model, ReferenceScorer):  # a sharded reference needs every rank in every forward
-        num_batches = -(-len(mine) // batch_size)
+    batches, num_real = sharded_index_batches(len(dataset), world, rank, batch_size)
+    if not isinstance(ref_model, ReferenceScorer):  # only a sharded reference needs every rank in every forward
+        batches = batches[:num_real]
     results: dict[int, tuple[float, float]] = {}
-    for start in range(0, num_batches * batch_size, batch_size):
-        idx = mine[start:start + batch_size]
-        filler = not idx
-        batch = collator([dataset[i] for i in (idx or [0])])  # a filler batch keeps the collectives in step
+    for b, idx in enumerate(batches):
+        batch = collator([dataset[i] for i in idx])
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         chosen, rejected = reference_logps(model, batch, ref_model, loss_opts)
-        if not filler:
+        if b < num_real:  # past that: a filler batch that keeps the collectives in step
             for i, c, r in zip(idx, chosen.tolist(), rejected.tolist()):
                 results[i] = (c, r)
     if distributed:
