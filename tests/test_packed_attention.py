@@ -169,3 +169,19 @@ def test_packed_sft_through_trainer_loss_decreases(tiny_model_dir, tmp_path, mon
     assert len(curve) == 8
     assert sum(curve[-2:]) / 2 < sum(curve[:2]) / 2 - 0.05, curve
     assert calls  # the packed batches took the per-segment path
+
+
+def test_segments_that_no_attention_layer_used_are_an_error(tiny_model_dir, monkeypatch):
+    """A model that does not pass the segments on would have run unmasked attention: fail loudly."""
+    monkeypatch.setenv("LMF_PACKED_SDPA", "1")
+    model = _load(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="LMF_PACKED_SDPA=0"):
+        with packed_attention.packed_sdpa(model.config, _position_ids([[3, 5]], 8)) as kwargs:
+            assert packed_attention.KWARG in kwargs  # ... but no decoder forward consumes it
+
+
+def test_segments_of_another_batch_shape_are_refused():
+    segments = packed_segments(_position_ids([[3, 5]], 8))
+    q = torch.zeros(1, 2, 6, 4)
+    with pytest.raises(ValueError, match="computed for 1x8 tokens, attention got 1x6"):
+        packed_attention.varlen_sdpa_forward(None, q, q, q, segments)
