@@ -1,4 +1,4 @@
-"""Right-padded CPU batches drop the padding mask: real positions and the loss are unchanged."""
+"""Right-padded CPU batches drop the padding mask (or the padding, padding-free): real positions and the loss are unchanged."""
 
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ def test_dropped_mask_gives_the_same_hidden_states_and_loss(tiny_model_dir, attn
     with torch.no_grad():
         fast = decoder_hidden_states(model, ids, mask)
         fast_loss = causal_lm_loss(fast, lm_head_of(model), labels)
+        loss_mod.set_padding_free(model, False)  # the padded batch, then with its mask
+        dropped = decoder_hidden_states(model, ids, mask)
         monkeypatch.setattr(loss_mod, "_right_padded_cpu", lambda m: False)  # the masked path
         masked = decoder_hidden_states(model, ids, mask)
         masked_loss = causal_lm_loss(masked, lm_head_of(model), labels)
     real = mask.bool()
     torch.testing.assert_close(fast[real], masked[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dropped[real], masked[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast_loss[0], masked_loss[0], atol=1e-5, rtol=1e-5)
     assert int(fast_loss[1]) == int(masked_loss[1])

@@ -46,6 +46,9 @@ class ModelArguments:
     upcast_lmhead_output: bool = _f(False, "Upcast the lm_head output to fp32.")
     use_chunked_loss: bool = _f(True, "Compute the loss in chunks over the sequence and never materialise full logits.")
     loss_chunk_size: int = _f(1024, "Tokens per chunk for the chunked loss.")
+    padding_free: bool = _f(True, "Train padded batches without their padding: the real tokens of a micro-batch run "
+                            "as one row of per-sample segments (sdpa on Llama/Qwen/Mistral-family models; the same "
+                            "result, no work on padding). Ignored where per-sample attention does not apply.")
     enable_liger_kernel: bool = _f(False, "Use liger-kernel's fused linear cross-entropy on GPU when installed.")
     train_from_scratch: bool = _f(False, "Randomly initialise the model weights from its config.")
     infer_backend: str = _f("huggingface", "Inference backend for chat/api.", ("huggingface", "hf", "vllm"))

@@ -56,30 +56,104 @@ def unwrap_causal_lm(model):
     return inner
 
 
+PADDING_FREE_ATTR = "_lmf_padding_free"
+
+
+def set_padding_free(model, enabled: bool) -> None:
+    """Turn :func:`decoder_hidden_states`'s padding-free path on or off for ``model`` (on by default).
+
+    A plain attribute of the underlying causal LM (never saved with the weights): the config key
+    ``padding_free`` sets it once, for every stage (SFT, DPO, RM) and its reference scoring.
+    """
+    setattr(unwrap_causal_lm(model), PADDING_FREE_ATTR, bool(enabled))
+
+
 def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> "torch.Tensor":
-    """Final-norm hidden states of the decoder stack, without computing logits.
+    """Final-norm hidden states of the decoder stack ``[B, T, H]``, without computing logits.
 
     With ``position_ids`` (packed rows: ids restart at 0 at every sample boundary, right padding
     gets 0s) the 2-D padding mask is dropped so that transformers derives a block-diagonal causal
     mask from the position ids (eager/flex) or per-sample sequence lengths (flash-attention):
     packed samples never attend to each other. With sdpa the rows take the per-segment path of
     ``lmf.model.packed_attention`` instead (same result, no dense mask, ``sum(L_i^2)`` work).
+
+    Padding-free (default, where the per-segment path applies; see :func:`set_padding_free`): a
+    padded batch runs without its padding. The real tokens of every row are laid end to end in one
+    row whose position ids restart at each sample (each row, or each packed sample, is a segment of
+    its own), the decoder runs on those alone, and the hidden states are put back in the ``[B, T, H]``
+    layout with zeros at the padding. Real positions get exactly the hidden states of the padded
+    batch (causal attention within a sample, the same position ids); no work is spent on padding.
     """
+    causal_lm = unwrap_causal_lm(model)
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+    config = getattr(causal_lm, "config", None)
+    flat = _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids)
+    if flat is not None:
+        from lmf.model.packed_attention import packed_sdpa
+
+        keep, flat_positions = flat
+        flat_ids = input_ids.reshape(-1).index_select(0, keep).unsqueeze(0)
+        with packed_sdpa(config, flat_positions) as attn_kwargs:
+            out = decoder(input_ids=flat_ids, attention_mask=None, position_ids=flat_positions, use_cache=False,
+                          **attn_kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        batch, seq_len = input_ids.shape
+        full = hidden.new_zeros(batch * seq_len, hidden.size(-1)).index_copy(0, keep, hidden[0])
+        return full.view(batch, seq_len, hidden.size(-1))
     if position_ids is not None:
         attention_mask = None
     elif attention_mask is not None and _right_padded_cpu(attention_mask):
         attention_mask = None  # causal attention never looks at the padding after a row's last token
-    causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     if position_ids is None:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     else:
         from lmf.model.packed_attention import packed_sdpa
 
-        with packed_sdpa(getattr(causal_lm, "config", None), position_ids) as attn_kwargs:
+        with packed_sdpa(config, position_ids) as attn_kwargs:
             out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
                           **attn_kwargs)
     return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids):
+    """``(keep, flat_position_ids [1, N])`` for a padded batch that can run padding-free, else ``None``.
+
+    ``keep`` holds the flat (``B * T``) indices of the real tokens. Applies when padding-free is on
+    for the model, the batch has padding, the model takes the per-segment sdpa path, and the padding
+    is on the right (without position ids, a left-padded row's real tokens would get other
+    positions). Packed rows (``position_ids``) just lose their padding.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or input_ids.dim() != 2:
+        return None
+    if not getattr(causal_lm, PADDING_FREE_ATTR, True):
+        return None
+    import torch
+
+    from lmf.model.packed_attention import supports
+
+    batch, seq_len = input_ids.shape
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        return None
+    if not supports(config, input_ids.device):
+        return None
+    real = attention_mask.reshape(-1) != 0
+    if position_ids is None:
+        if not _right_padded(attention_mask):
+            return None
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len).reshape(-1)
+    else:
+        positions = position_ids.reshape(-1)
+    keep = real.nonzero().squeeze(1)  # one device sync on CUDA (the per-segment path needs one anyway)
+    if keep.numel() in (0, batch * seq_len):
+        return None  # no padding: the plain path is as fast
+    return keep, positions.index_select(0, keep).unsqueeze(0)
+
+
+def _right_padded(attention_mask) -> bool:
+    """Whether every row of a ``[B, T]`` mask is ones then zeros (a device sync on CUDA)."""
+    if attention_mask.size(1) < 2:
+        return True
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def _right_padded_cpu(attention_mask) -> bool:
@@ -92,7 +166,7 @@ def _right_padded_cpu(attention_mask) -> bool:
     """
     if attention_mask.device.type != "cpu" or attention_mask.dim() != 2 or attention_mask.size(1) < 2:
         return False
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    return _right_padded(attention_mask)
 
 
 def lm_head_of(model) -> "nn.Module":

@@ -85,6 +85,7 @@ def _init_lora(cfg: "LmfConfig", model):
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
         logger.info("resumed training of adapter %s", paths[-1])
+        _fuse(model)
         return model
     model = _merge_adapters(model, paths)
     targets = _split(ft.lora_target)
@@ -110,7 +111,17 @@ def _init_lora(cfg: "LmfConfig", model):
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(model, lora_config)
     logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(targets))
+    _fuse(model)
     return model
+
+
+def _fuse(model) -> None:
+    """One autograd node per LoRA linear (``lmf.model.fused_lora``; ``LMF_FUSED_LORA=0`` turns it off)."""
+    from lmf.model.fused_lora import fuse_lora_layers
+
+    count = fuse_lora_layers(model)
+    if count:
+        logger.debug("fused LoRA forward on %d linear layers", count)
 
 
 def _layer_index(name: str) -> int | None:

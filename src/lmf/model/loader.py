@@ -186,6 +186,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     """
     import torch
 
+    from lmf.loss import set_padding_free
     from lmf.model.adapter import init_adapter, load_adapters_for_inference, log_param_counts
 
     _quiet_transformers()
@@ -212,6 +213,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
         for name, p in model.named_parameters():
             print(f"{name}: {p.dtype} {p.device} trainable={p.requires_grad}")
     log_param_counts(model)
+    set_padding_free(model, cfg.model.padding_free)
     return model.to(device)
 
 

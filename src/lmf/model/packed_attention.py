@@ -199,11 +199,9 @@ def enabled() -> bool:
     return os.environ.get("LMF_PACKED_SDPA", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def applies(config, position_ids) -> bool:
-    """Whether a packed batch of this model can take the per-segment path."""
-    if not enabled() or position_ids is None or position_ids.dim() != 2:
-        return False
-    if position_ids.device.type not in ("cpu", "cuda") or config is None:
+def supports(config, device) -> bool:
+    """Whether this model, on this device, can run attention per segment (the sdpa path is on)."""
+    if not enabled() or config is None or getattr(device, "type", device) not in ("cpu", "cuda"):
         return False
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
@@ -214,6 +212,13 @@ def applies(config, position_ids) -> bool:
     if layer_types is not None:
         return all(kind == "full_attention" for kind in layer_types)
     return getattr(text_config, "sliding_window", None) is None
+
+
+def applies(config, position_ids) -> bool:
+    """Whether a packed batch of this model can take the per-segment path."""
+    if position_ids is None or position_ids.dim() != 2:
+        return False
+    return supports(config, position_ids.device)
 
 
 @contextlib.contextmanager
