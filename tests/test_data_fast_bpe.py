@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lmf.data.fast_bpe import WordMemoEncoder
+from lmf.data.fast_bpe import WordMemoEncoder, eligible_characters
 from lmf.data.template import encode_many
 from lmf.model.tiny import build_tokenizer
 
@@ -36,9 +36,10 @@ def test_word_memo_encoder_matches_the_backend_on_random_ascii(style):
 def test_word_memo_encoder_declines_other_texts_and_encode_many_stays_exact(style):
     tok = build_tokenizer(style=style)
     fast = WordMemoEncoder.for_backend(tok._tokenizer)
-    for text in ("wörld", "tab\rreturn", "emoji 🙂", "\x0bvt", "nbsp\u00a0x"):
-        assert fast.encode(text) is None
-    texts = _random_texts(200, seed=1) + ["wörld 🙂 x", "a\r\nb"]
+    # carriage return, vertical tab, no-break space, a combining accent, a ligature, CJK, OHM SIGN (NFC: omega)
+    for text in ("tab\rreturn", "\x0bvt", "nbsp\u00a0x", "e\u0301", "\ufb01ne", "中文", "\u2126"):
+        assert fast.encode(text) is None, repr(text)
+    texts = _random_texts(200, seed=1) + ["wörld 🙂 x", "a\r\nb", "e\u0301 中文 x"]
     expected = [tok.encode(t, add_special_tokens=False) for t in texts]
     assert encode_many(tok, texts) == expected
     assert encode_many(tok, texts, parallel=True) == expected
@@ -68,3 +69,54 @@ def test_a_normalizer_that_changes_ascii_disables_the_fast_path():
     assert WordMemoEncoder.for_backend(tok._tokenizer) is not None  # NFC: identity on ASCII
     tok._tokenizer.normalizer = normalizers.Lowercase()
     assert WordMemoEncoder.for_backend(tok._tokenizer) is None
+
+
+def _eligible() -> list[str]:
+    letters, numbers, others = eligible_characters()
+    return list(letters + numbers + others)
+
+
+def test_eligible_characters_are_fixed_points_of_nfc():
+    import unicodedata
+
+    chars = _eligible()
+    assert len(chars) > 5000 and {"é", "’", "“", "°", "²", "₂", "Δ", "ж", "—", "🚀"} <= set(chars)
+    assert not {"\u00a0", "\u0301", "\u2126", "\u200b", "\ufe0f"} & set(chars)
+    text = "".join(chars)
+    assert unicodedata.normalize("NFC", text) == text
+    rng = random.Random(0)
+    for _ in range(2000):  # no two eligible characters compose
+        pair = rng.choice(chars) + rng.choice(chars + list("aeAE1 "))
+        assert unicodedata.normalize("NFC", pair) == pair
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3"])
+def test_every_eligible_character_matches_the_backend(style):
+    """Each non-ASCII eligible character, next to letters, digits, spaces, itself and punctuation."""
+    tok = build_tokenizer(style=style, corpus=_corpus_with_unicode())
+    backend = tok._tokenizer
+    fast = WordMemoEncoder.for_backend(backend)
+    assert fast is not None
+    for c in _eligible():
+        text = f"a{c}b {c}{c} 1{c}2 {c}x\n{c}'s ({c}) x{c}"
+        assert fast.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3"])
+def test_random_unicode_texts_match_the_backend(style):
+    tok = build_tokenizer(style=style, corpus=_corpus_with_unicode())
+    backend = tok._tokenizer
+    fast = WordMemoEncoder.for_backend(backend)
+    pool = _eligible()
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice(PIECES) if rng.random() < 0.6 else rng.choice(pool) for _ in range(rng.randrange(30)))
+        assert fast.encode(text) == backend.encode(text, add_special_tokens=False).ids, repr(text)
+
+
+def _corpus_with_unicode() -> list[str]:
+    """The demo corpus plus text whose multi-byte characters get BPE merges of their own."""
+    from lmf.model.tiny import default_corpus
+
+    extra = ["Café ñandú — it’s 25°C, “x² + y₂” → Δt Привет мир αβγ 🚀 €10 ½ ¿qué?"] * 50
+    return default_corpus() + extra

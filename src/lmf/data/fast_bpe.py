@@ -1,4 +1,4 @@
-"""Exact fast path for byte-level BPE tokenizers on plain-ASCII text: pre-tokenize with ``re``, memoize words.
+"""Exact fast path for byte-level BPE tokenizers: pre-tokenize with ``re``, memoize words.
 
 A byte-level BPE tokenizer (GPT-2 / Qwen2 / Llama-3 style; no normalizer, or a Unicode one) encodes a text as: split out the added
 tokens (``<|im_start|>`` ...), split the rest into words with the pre-tokenizer's regex, run BPE on each
@@ -9,14 +9,29 @@ preprocessing never reads; skipping it is ~5x faster.
 
 Exactness: the fast path is used only for a tokenizer whose pipeline is exactly one of the recognized
 shapes (checked on its serialized JSON, then on probe texts against the backend), and only for texts
-made of printable ASCII, tab and newline, where the regex classes ``\\p{L}``, ``\\p{N}``, ``\\s`` have one
-unambiguous meaning. Any other text returns None and the caller uses the backend.
+made of *eligible* characters, on which the regex classes ``\\p{L}``, ``\\p{N}``, ``\\s`` and the Unicode
+normalizations have one unambiguous meaning whatever the Unicode version of either regex engine:
+
+- printable ASCII, tab and newline;
+- letters and numbers of the long-stable alphabetic blocks (Latin-1, Latin Extended-A/B, Greek,
+  Cyrillic, super/subscript digits): ``é``, ``ñ``, ``Δ``, ``²``, ``₂`` ...;
+- punctuation and symbols (``’ “ ” – — ° × √ → €`` and emoji): whatever their Unicode version, they are
+  neither letters, numbers nor spaces, so every regex engine puts them in ``[^\\s\\p{L}\\p{N}]``;
+- in every case: no spaces but `` ``, no controls or format characters, no combining marks, and only
+  characters that NFC/NFD/NFKC/NFKD... leave alone: each is its own NFC form and never the second half
+  of a canonical composition (so a normalizer that is NFC is the identity on the text).
+
+Any other text returns None and the caller uses the backend.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import sys
+import unicodedata
+from itertools import chain
 from typing import Optional
 
 #: The GPT-2 pattern of ``ByteLevel(use_regex=True)`` and the Qwen2 ``Split`` pattern, each with its
@@ -33,9 +48,17 @@ ASCII_PATTERNS = {
     LLAMA3_PATTERN: (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}| ?[^\sA-Za-z0-9]+[\r\n]*|"
                      r"\s*[\r\n]+|\s+(?!\S)|\s+"),
 }
-#: Unicode normalizations leave ASCII text unchanged (Qwen2/Qwen3 tokenizers use NFC).
+#: Unicode normalizations that leave eligible text unchanged (Qwen2/Qwen3 tokenizers use NFC).
+IDENTITY_NORMALIZERS = {"NFC"}
+#: ... and those that leave plain ASCII unchanged (a text with non-ASCII characters then goes to the backend).
 ASCII_IDENTITY_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
-_NOT_ELIGIBLE = re.compile(r"[^\x20-\x7e\t\n]")  # a text with any other character goes to the backend
+#: Blocks whose letters and numbers have had the same general category since Unicode 1.1-4.1.
+STABLE_ALPHABETIC_RANGES = ((0x00AA, 0x00FF), (0x0100, 0x024F), (0x0370, 0x03FF), (0x0400, 0x04FF),
+                            (0x2070, 0x209F))
+#: Where eligible punctuation and symbols are taken from (assigned ones only).
+SYMBOL_RANGES = ((0x00A1, 0x00BF), (0x00D7, 0x00D7), (0x00F7, 0x00F7), (0x2010, 0x2027), (0x2030, 0x205E),
+                 (0x20A0, 0x20CF), (0x2100, 0x214F), (0x2190, 0x23FF), (0x2460, 0x24FF), (0x2500, 0x27BF),
+                 (0x2900, 0x2BFF), (0x3000, 0x303F), (0xFF01, 0xFF60), (0x1F000, 0x1FAFF))
 #: Most distinct words remembered (like the Rust BPE word cache, the memo stops growing when full).
 MAX_WORDS = 100_000
 
@@ -43,6 +66,10 @@ PROBES = (
     "Hello <|im_start|>user\n world <|im_end|>\n  x\t1+2 <s></s><|endoftext|>",
     "It's 12,345.67 -- they'll  say: \"don't\"\n\n\n  (a)[b]{c} x\t\ty   \n end ",
     "<|im_start|><|im_end|>ab<|im_start|>  \n<|endoftext|>'S 'LL I'M WE'RE 9999 x2y3\n \n",
+)
+UNICODE_PROBES = (
+    "Café ñandú — it’s 25°C, “x² + y₂” ≈ √2 → ok… Δt=3μs, Ωmega Привет мир, 5×7 €10 🚀🎮 ½ ¿qué? ",
+    "é’s ’S “ ” ′ x–y ²³₁₂ αβγ ΑΒΓ Ж\n’ \n° 🚀x 1½ ǅ ǈ ª º µ",
 )
 
 
@@ -56,6 +83,63 @@ def _bytes_to_unicode() -> dict[int, str]:
             table[b] = chr(256 + extra)
             extra += 1
     return table
+
+
+def _composition_seconds() -> set[str]:
+    """Characters that can be the second half of a canonical composition (NFC would merge them)."""
+    seconds = set()
+    # the scan over every code point runs in C; only the ~2000 canonical decompositions reach Python
+    for decomposition in filter(None, map(unicodedata.decomposition, map(chr, range(sys.maxunicode + 1)))):
+        if not decomposition.startswith("<"):
+            seconds.update(chr(int(p, 16)) for p in decomposition.split()[1:])
+    return seconds
+
+
+@functools.lru_cache(maxsize=None)
+def eligible_characters() -> tuple[str, str, str]:
+    """``(letters, numbers, others)``: the non-ASCII characters the fast path accepts (module docstring)."""
+    seconds = _composition_seconds()
+
+    def stable(c: str) -> bool:
+        return unicodedata.normalize("NFC", c) == c and unicodedata.combining(c) == 0 and c not in seconds
+
+    letters, numbers, others = [], [], []
+    for lo, hi in STABLE_ALPHABETIC_RANGES:
+        for cp in range(lo, hi + 1):
+            c, cat = chr(cp), unicodedata.category(chr(cp))
+            if cat[0] in "LN" and stable(c):
+                (letters if cat[0] == "L" else numbers).append(c)
+    for lo, hi in SYMBOL_RANGES:
+        for cp in range(lo, hi + 1):
+            c = chr(cp)
+            if unicodedata.category(c)[0] in "PS" and stable(c):
+                others.append(c)
+    return "".join(letters), "".join(numbers), "".join(others)
+
+
+def _char_class(chars: str) -> str:
+    """``chars`` as the body of a regex character class, with runs of code points as ranges."""
+    out, cps, i = [], sorted(map(ord, set(chars))), 0
+    while i < len(cps):
+        j = i
+        while j + 1 < len(cps) and cps[j + 1] == cps[j] + 1:
+            j += 1
+        out.append(re.escape(chr(cps[i])) + (("-" + re.escape(chr(cps[j]))) if j > i else ""))
+        i = j + 1
+    return "".join(out)
+
+
+def _unicode_pattern(ascii_pattern: str) -> str:
+    """An ASCII word pattern widened to the eligible letters and numbers."""
+    letters, numbers, _ = eligible_characters()
+    return ascii_pattern.replace("A-Za-z", "A-Za-z" + _char_class(letters)).replace("0-9", "0-9" + _char_class(numbers))
+
+
+def _not_eligible(unicode: bool) -> re.Pattern:
+    """Matches the first character that sends a text to the backend."""
+    if not unicode:
+        return re.compile(r"[^\x20-\x7e\t\n]")
+    return re.compile(r"[^\x20-\x7e\t\n" + _char_class("".join(eligible_characters())) + "]")
 
 
 def _ascii_pattern(spec: dict) -> Optional[str]:
@@ -77,13 +161,17 @@ def _ascii_pattern(spec: dict) -> Optional[str]:
 class WordMemoEncoder:
     """``encode(text)``: the backend's ids for an eligible text (else None), from memoized word ids."""
 
-    def __init__(self, backend, word_pattern: str, added_tokens: dict[str, int]) -> None:
+    def __init__(self, backend, word_pattern: str, added_tokens: dict[str, int], unicode: bool = True) -> None:
+        """``word_pattern``: the ASCII translation of the pre-tokenizer regex; ``unicode``: also accept the
+        eligible non-ASCII characters (the pattern is widened to them)."""
         self._model = backend.model
-        self._words = re.compile(word_pattern)
+        self._words = re.compile(_unicode_pattern(word_pattern) if unicode else word_pattern)
+        self._not_eligible = _not_eligible(unicode)
         self._added = added_tokens
         longest_first = sorted(added_tokens, key=len, reverse=True)  # leftmost-longest match, as the backend
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if added_tokens else None
-        self._byte_chars = {b: c for b, c in _bytes_to_unicode().items() if b < 128}
+        self._byte_table = _bytes_to_unicode()
+        self._byte_chars = {b: c for b, c in self._byte_table.items() if b < 128}
         self._memo: dict[str, list[int]] = {}
 
     @classmethod
@@ -100,8 +188,10 @@ class WordMemoEncoder:
                 if token.get("lstrip") or token.get("rstrip") or token.get("single_word"):
                     return None
                 added[token["content"]] = token["id"]
-            encoder = cls(backend, pattern, added)
-            for probe in PROBES:
+            normalizer = spec.get("normalizer")
+            unicode = normalizer is None or normalizer.get("type") in IDENTITY_NORMALIZERS
+            encoder = cls(backend, pattern, added, unicode=unicode)
+            for probe in PROBES + (UNICODE_PROBES if unicode else ()):
                 if encoder.encode(probe) != backend.encode(probe, add_special_tokens=False).ids:
                     return None
             encoder._memo.clear()
@@ -110,23 +200,29 @@ class WordMemoEncoder:
             return None
 
     def _word_ids(self, word: str) -> list[int]:
-        ids = [token.id for token in self._model.tokenize(word.translate(self._byte_chars))]
+        if word.isascii():
+            mapped = word.translate(self._byte_chars)
+        else:
+            mapped = "".join(self._byte_table[b] for b in word.encode("utf-8"))
+        ids = [token.id for token in self._model.tokenize(mapped)]
         if len(self._memo) < MAX_WORDS:
             self._memo[word] = ids
         return ids
 
     def encode(self, text: str) -> Optional[list[int]]:
         """Ids of ``text`` (exactly the backend's, no special tokens added); None when not eligible."""
-        if _NOT_ELIGIBLE.search(text):
+        if self._not_eligible.search(text):
             return None
-        memo, findall = self._memo, self._words.findall
+        lookup, findall = self._memo.get, self._words.findall
         out: list[int] = []
         segments = self._split.split(text) if self._split is not None else [text]
         for k, segment in enumerate(segments):
             if k % 2:  # an added token
                 out.append(self._added[segment])
                 continue
-            for word in findall(segment):
-                ids = memo.get(word)
-                out += ids if ids is not None else self._word_ids(word)
+            words = findall(segment)
+            word_ids = list(map(lookup, words))
+            if None in word_ids:  # words seen for the first time
+                word_ids = [ids if ids is not None else self._word_ids(w) for w, ids in zip(words, word_ids)]
+            out.extend(chain.from_iterable(word_ids))
         return out

@@ -463,7 +463,8 @@ def encode_text(tokenizer, text: str) -> list[int]:
     """``tokenizer.encode(text, add_special_tokens=False)``, through the fast paths when they are equivalent.
 
     The backend path skips transformers' per-call Python overhead; the word-memo path
-    (:mod:`lmf.data.fast_bpe`, plain-ASCII text of a byte-level BPE tokenizer) also skips the Rust
+    (:mod:`lmf.data.fast_bpe`, text of eligible characters -- ASCII, common
+    Latin/Greek/Cyrillic letters, punctuation, symbols, emoji -- for a byte-level BPE tokenizer) also skips the Rust
     tokenizer's per-text bookkeeping.
     """
     return encode_many(tokenizer, [text])[0]
