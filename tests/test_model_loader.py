@@ -157,3 +157,19 @@ def test_llama_architecture_trains(tiny_llama_dir, tmp_path):
 
     _, state = train_tiny(make_config(tiny_llama_dir, str(tmp_path), max_steps=2))
     assert len(losses(state)) == 2 and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_reentrant_checkpointing_by_default_except_under_fsdp(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    from lmf.model.loader import _reentrant_checkpointing
+
+    cfg = make_config(tiny_model_dir, str(tmp_path / "out"))
+    assert cfg.model.use_reentrant_gc is True  # LLaMA-Factory's default
+    assert _reentrant_checkpointing(cfg)
+    assert not _reentrant_checkpointing(make_config(tiny_model_dir, str(tmp_path / "o2"), use_reentrant_gc=False))
+    fsdp = make_config(tiny_model_dir, str(tmp_path / "o3"), fsdp="full_shard auto_wrap")
+    assert _reentrant_checkpointing(fsdp)  # one process: no sharding
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not _reentrant_checkpointing(fsdp)
+    with caplog.at_level(logging.INFO, logger="lmf.model.checkpointing"):
+        _load(tiny_model_dir, tmp_path)  # WORLD_SIZE=2 without fsdp: DDP keeps reentrant checkpointing
+    assert "use_reentrant=True" in caplog.text

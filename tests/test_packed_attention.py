@@ -51,9 +51,11 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["buckets", "spans"])
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 @pytest.mark.parametrize("rows,width", LAYOUTS)
-def test_varlen_equals_block_mask_path(arch, rows, width, tiny_model_dir, tiny_llama_dir, monkeypatch):
+def test_varlen_equals_block_mask_path(arch, rows, width, layout, tiny_model_dir, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(packed_attention, "MIN_MEAN_SPAN", 0 if layout == "spans" else 10**9)
     model = _load(tiny_model_dir if arch == "qwen3" else tiny_llama_dir).train()
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     gen = torch.Generator().manual_seed(len(rows) * width)
@@ -90,6 +92,17 @@ def test_varlen_with_gradient_checkpointing_and_lora(tiny_model_dir, monkeypatch
     assert any("lora_A" in n for n in g)
     for name in g:
         torch.testing.assert_close(g[name], ref_g[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_layout_choice_and_spans():
+    long_segments = _position_ids([[40, 33], [50, 23]], 73)
+    spans = packed_segments(long_segments)  # CPU, segments of 36 tokens on average: one call each
+    assert spans.spans == ((0, 40), (40, 33), (73, 50), (123, 23)) and spans.gather_index is None
+    assert packed_segments(long_segments, layout="buckets").spans is None
+    short = _position_ids([[7, 5, 13, 1, 9], [30, 2], [1, 1, 1, 20]], 40)  # padding: 1-token segments
+    assert packed_segments(short).spans is None and packed_segments(short, layout="spans").spans is not None
+    with pytest.raises(ValueError, match="layout"):
+        packed_segments(short, layout="diagonal")
 
 
 def test_segments_buckets_cover_every_token_once():

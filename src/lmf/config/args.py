@@ -40,7 +40,9 @@ class ModelArguments:
     low_cpu_mem_usage: bool = _f(True, "Load weights lazily to save CPU memory.")
     flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
-    use_reentrant_gc: bool = _f(False, "Use reentrant gradient checkpointing.")
+    use_reentrant_gc: bool = _f(True, "Use reentrant gradient checkpointing (LLaMA-Factory's default; it keeps less "
+                                "memory between a layer's recompute and its backward). FSDP sharding always uses the "
+                                "non-reentrant implementation.")
     offload_activations: bool = _f(False, "Offload checkpointed activations to CPU memory (GPU only).")
     upcast_layernorm: bool = _f(False, "Upcast layernorm weights to fp32.")
     upcast_lmhead_output: bool = _f(False, "Upcast the lm_head output to fp32.")

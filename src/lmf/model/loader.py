@@ -202,7 +202,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     if is_trainable:
         model.config.use_cache = False
         if cfg.training.gradient_checkpointing:
-            enable_gradient_checkpointing(model, cfg.model.use_reentrant_gc, cfg.model.offload_activations)
+            enable_gradient_checkpointing(model, _reentrant_checkpointing(cfg), cfg.model.offload_activations)
         model = init_adapter(cfg, model)
         model.train()
     else:
@@ -228,6 +228,19 @@ def _maybe_resize_embeddings(cfg: "LmfConfig", model, tokenizer) -> None:
             )
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         logger.info("resized the embeddings from %d to %d tokens", current, model.get_input_embeddings().weight.shape[0])
+
+
+def _reentrant_checkpointing(cfg: "LmfConfig") -> bool:
+    """``use_reentrant_gc``, except under FSDP sharding, which needs non-reentrant checkpointing (as in LLaMA-Factory)."""
+    if not cfg.model.use_reentrant_gc:
+        return False
+    from lmf.train.parallel import plan_parallelism
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if plan_parallelism(cfg, world_size, announce=False).mode == "fsdp":
+        logger.info("FSDP sharding: non-reentrant gradient checkpointing (use_reentrant_gc does not apply)")
+        return False
+    return True
 
 
 def enable_gradient_checkpointing(model, use_reentrant: bool, offload: bool = False) -> None:

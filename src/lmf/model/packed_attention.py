@@ -55,34 +55,47 @@ _ORIGINALS: dict = {}
 
 
 class PackedSegments:
-    """Where each token of a packed batch goes in the bucketed layout (one batch, any layer).
+    """Where each token of a packed batch goes, for one batch (any layer), in one of two layouts.
 
-    ``gather_index[p]``: flat token index (into ``B * T``) of padded slot ``p`` (bucket pads point
-    at token 0 and are never read back); ``scatter_index[t]``: slot of flat token ``t``;
-    ``buckets``: ``(segments, padded_length)`` per bucket, in slot order; ``calls``: attention
-    layers that used it. A plain object, not a dataclass: wrappers that copy dataclasses found in
-    a layer's kwargs (FSDP's input casting) pass it through as is.
+    Buckets (``spans`` is None): ``gather_index[p]``: flat token index (into ``B * T``) of padded
+    slot ``p`` (bucket pads point at token 0 and are never read back); ``scatter_index[t]``: slot of
+    flat token ``t``; ``buckets``: ``(segments, padded_length)`` per bucket, in slot order.
+    Spans: ``spans`` holds ``(flat start, length)`` of every segment in token order; each segment
+    is attended to as a slice of the layer's tensors (no gather, no scatter, no bucket padding).
+    ``calls``: attention layers that used it. A plain object, not a dataclass: wrappers that copy
+    dataclasses found in a layer's kwargs (FSDP's input casting) pass it through as is.
     """
 
-    __slots__ = ("batch_size", "buckets", "calls", "gather_index", "num_segments", "scatter_index", "seq_len")
+    __slots__ = ("batch_size", "buckets", "calls", "gather_index", "num_segments", "scatter_index", "seq_len",
+                 "spans")
 
     def __init__(self, gather_index, scatter_index, buckets: tuple, batch_size: int, seq_len: int,
-                 num_segments: int) -> None:
+                 num_segments: int, spans: tuple | None = None) -> None:
         self.gather_index = gather_index
         self.scatter_index = scatter_index
         self.buckets = buckets
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.num_segments = num_segments
+        self.spans = spans
         self.calls = 0
 
     def __repr__(self) -> str:
-        return (f"PackedSegments({self.batch_size}x{self.seq_len} tokens, {self.num_segments} segments, "
-                f"buckets {self.buckets})")
+        layout = f"buckets {self.buckets}" if self.spans is None else "one call per segment"
+        return f"PackedSegments({self.batch_size}x{self.seq_len} tokens, {self.num_segments} segments, {layout})"
 
 
-def packed_segments(position_ids: torch.Tensor, fill: float = BUCKET_FILL) -> PackedSegments:
-    """Segments of a packed ``[B, T]`` ``position_ids`` batch, bucketed by length."""
+#: On CPU, segments averaging at least this many tokens are attended to one by one (slices, no copies);
+#: shorter ones (1-token padding segments, many tiny samples) and CUDA batches use length buckets.
+MIN_MEAN_SPAN = 32
+
+
+def packed_segments(position_ids: torch.Tensor, fill: float = BUCKET_FILL, layout: str = "auto") -> PackedSegments:
+    """Segments of a packed ``[B, T]`` ``position_ids`` batch, bucketed by length or as spans.
+
+    ``layout``: ``"buckets"``, ``"spans"``, or ``"auto"`` (spans on CPU when segments average at least
+    :data:`MIN_MEAN_SPAN` tokens: one sdpa call per segment costs less there than the copies into and
+    out of buckets; buckets otherwise, where fewer, larger kernel launches win)."""
     import torch
 
     batch_size, seq_len = position_ids.shape
@@ -91,6 +104,14 @@ def packed_segments(position_ids: torch.Tensor, fill: float = BUCKET_FILL) -> Pa
     starts_mask[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1  # every row starts a segment: none spans rows
     starts = starts_mask.flatten().nonzero().squeeze(1)
     lengths = torch.diff(starts, append=torch.tensor([batch_size * seq_len]))
+    if layout == "auto":
+        mean_length = batch_size * seq_len / max(len(starts), 1)
+        layout = "spans" if position_ids.device.type == "cpu" and mean_length >= MIN_MEAN_SPAN else "buckets"
+    if layout == "spans":
+        return PackedSegments(None, None, (), batch_size, seq_len, len(starts),
+                              spans=tuple(zip(starts.tolist(), lengths.tolist())))
+    if layout != "buckets":
+        raise ValueError(f"layout must be auto, buckets or spans, got {layout!r}")
 
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     lengths_list = lengths.tolist()
@@ -142,6 +163,8 @@ def varlen_sdpa_forward(module, query, key, value, segments: PackedSegments, dro
                          f"attention got {batch_size}x{seq_len}")
     num_kv_heads = key.shape[1]
     gqa = num_kv_heads != num_heads
+    if segments.spans is not None:
+        return _spans_sdpa(query, key, value, segments.spans, dropout, scaling, gqa)
 
     def gather(x):  # [B, H, T, D] -> [slots, H, D]
         return x.transpose(1, 2).reshape(batch_size * seq_len, x.shape[1], x.shape[3]).index_select(
@@ -160,6 +183,23 @@ def varlen_sdpa_forward(module, query, key, value, segments: PackedSegments, dro
         offset += size
     slots = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     return slots.index_select(0, segments.scatter_index).view(batch_size, seq_len, num_heads, slots.shape[-1])
+
+
+def _spans_sdpa(query, key, value, spans, dropout: float, scaling, gqa: bool):
+    """Causal sdpa on each segment's slice of ``[B, H, T, D]``; outputs concatenated in token order."""
+    import torch
+    import torch.nn.functional as F
+
+    batch_size, num_heads, seq_len, _ = query.shape
+    outputs = []
+    for start, length in spans:
+        row, first = divmod(start, seq_len)
+        window = (slice(row, row + 1), slice(None), slice(first, first + length))
+        out = F.scaled_dot_product_attention(query[window], key[window], value[window], dropout_p=dropout,
+                                             scale=scaling, is_causal=length > 1, enable_gqa=gqa)
+        outputs.append(out.transpose(1, 2))  # [1, L, H, Dv]
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return out.reshape(batch_size, seq_len, num_heads, out.shape[-1])
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
