@@ -206,6 +206,15 @@ def replicate_alpaca(cache: str, records: int) -> str:
     return out_dir
 
 
+def best_run(runs: list[dict], time_key: str) -> dict:
+    """The run with the smallest ``time_key``, with ``all_<time_key>`` (every run's time) and the peak RSS
+    of all the runs."""
+    best = dict(min(runs, key=lambda r: r[time_key]))
+    best[f"all_{time_key}"] = [r[time_key] for r in runs]
+    best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
+    return best
+
+
 def ratio(a, b):
     return a / b if a and b else float("nan")
 
@@ -274,12 +283,7 @@ def bench_preprocess(args, model_dir: str) -> dict:
             res["samples_per_s"] = records / res["seconds"]
             runs[side].append(res)
             log(f"preprocess {side}: {res['seconds']:.1f} s = {res['samples_per_s']:.0f} samples/s, {res['stats']}")
-    results = {}
-    for side in ("lmf", "lf"):
-        best = dict(min(runs[side], key=lambda r: r["seconds"]))
-        best["all_seconds"] = [r["seconds"] for r in runs[side]]
-        best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs[side])
-        results[side] = best
+    results = {side: best_run(runs[side], "seconds") for side in ("lmf", "lf")}
     mismatch = compare_stats(results["lmf"]["stats"], results["lf"]["stats"])
     for side in ("lmf", "lf"):  # every run of a side must produce the same tokens
         digests = {r["stats"].get("digest") for r in runs[side]}
@@ -346,9 +350,7 @@ def bench_train(args, model_dir: str, gpu: bool) -> dict:
                 log(f"  {side}: {runs[side][-1]['train_seconds']:.1f} s train loop, wall {runs[side][-1]['wall_seconds']:.1f} s")
         res = {}
         for side in ("lmf", "lf"):
-            r = dict(min(runs[side], key=lambda x: x["train_seconds"]))
-            r["all_train_seconds"] = [x["train_seconds"] for x in runs[side]]
-            r["peak_rss_mib"] = max(x["peak_rss_mib"] for x in runs[side])
+            r = best_run(runs[side], "train_seconds")
             r["wall_seconds"] = min(x["wall_seconds"] for x in runs[side])
             epoch = r.get("epoch") or 0.0
             if side == "lf" and packing:

@@ -88,18 +88,10 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
     config = getattr(causal_lm, "config", None)
     flat = _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids)
-    if flat is not None:
-        from lmf.model.packed_attention import packed_sdpa
-
-        keep, flat_positions = flat
-        flat_ids = input_ids.reshape(-1).index_select(0, keep).unsqueeze(0)
-        with packed_sdpa(config, flat_positions) as attn_kwargs:
-            out = decoder(input_ids=flat_ids, attention_mask=None, position_ids=flat_positions, use_cache=False,
-                          **attn_kwargs)
-        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-        batch, seq_len = input_ids.shape
-        full = hidden.new_zeros(batch * seq_len, hidden.size(-1)).index_copy(0, keep, hidden[0])
-        return full.view(batch, seq_len, hidden.size(-1))
+    batch_ids = input_ids
+    if flat is not None:  # one row of the real tokens; position ids restart at each sample
+        keep, position_ids = flat
+        input_ids = input_ids.reshape(-1).index_select(0, keep).unsqueeze(0)
     if position_ids is not None:
         attention_mask = None
     elif attention_mask is not None and _right_padded_cpu(attention_mask):
@@ -112,7 +104,12 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
         with packed_sdpa(config, position_ids) as attn_kwargs:
             out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
                           **attn_kwargs)
-    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    if flat is None:
+        return hidden
+    batch, seq_len = batch_ids.shape  # back to [B, T, H], zeros at the padding
+    full = hidden.new_zeros(batch * seq_len, hidden.size(-1)).index_copy(0, flat[0], hidden[0])
+    return full.view(batch, seq_len, hidden.size(-1))
 
 
 def _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids):

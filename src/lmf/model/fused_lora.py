@@ -24,19 +24,20 @@ same adapter files. ``LMF_FUSED_LORA=0`` in the environment turns it off.
 
 from __future__ import annotations
 
-import os
 import types
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lmf.extras.env import env_flag
+
 ENV_VAR = "LMF_FUSED_LORA"
 _PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(ENV_VAR)
 
 
 class LoraLinearFunction(torch.autograd.Function):

@@ -234,10 +234,10 @@ def _reentrant_checkpointing(cfg: "LmfConfig") -> bool:
     """``use_reentrant_gc``, except under FSDP sharding, which needs non-reentrant checkpointing (as in LLaMA-Factory)."""
     if not cfg.model.use_reentrant_gc:
         return False
+    from lmf.dist.runtime import env_world_size
     from lmf.train.parallel import plan_parallelism
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if plan_parallelism(cfg, world_size, announce=False).mode == "fsdp":
+    if plan_parallelism(cfg, env_world_size(), announce=False).mode == "fsdp":
         logger.info("FSDP sharding: non-reentrant gradient checkpointing (use_reentrant_gc does not apply)")
         return False
     return True

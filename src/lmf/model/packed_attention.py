@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -236,7 +235,9 @@ def install() -> None:
 
 
 def enabled() -> bool:
-    return os.environ.get("LMF_PACKED_SDPA", "1").strip().lower() not in ("0", "false", "no", "off")
+    from lmf.extras.env import env_flag
+
+    return env_flag("LMF_PACKED_SDPA")
 
 
 def supports(config, device) -> bool:
