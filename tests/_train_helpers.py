@@ -68,7 +68,7 @@ def train_tiny(cfg, rows=None, n_rows: int = 20):
     model = load_model(cfg, tokenizer, is_trainable=True)
     rows = rows if rows is not None else tokenized_sft_rows(tokenizer, n=n_rows)
     stage = SFTStage(cfg, model, PadCollator(tokenizer.pad_token_id))
-    trainer = Trainer(cfg, model, tokenizer, stage, rows, runtime, resume_from=resume)
+    trainer = Trainer(cfg, model, tokenizer, stage, rows, runtime, resume=resume)
     state = trainer.train()
     return trainer, state
 

@@ -97,8 +97,10 @@ def test_packed_dataset_positions_labels_and_waste(tmp_path, tok):
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
         for a, b in zip(starts, starts[1:]):
             assert row["position_ids"][a:b] == list(range(b - a))
-            samples.append((tuple(row["input_ids"][a:b]), tuple(row["labels"][a:b])))
-    assert sorted(samples) == sorted(zip(map(tuple, plain["input_ids"]), map(tuple, plain["labels"])))
+            assert row["labels"][a] == IGNORE_INDEX  # a sample's first token is never a target
+            samples.append((tuple(row["input_ids"][a:b]), tuple(row["labels"][a + 1:b])))
+    assert sorted(samples) == sorted((tuple(ids), tuple(labels[1:])) for ids, labels in zip(plain["input_ids"],
+                                                                                           plain["labels"]))
     pack = module.stats["train"]["packing"]
     assert pack["packed_sequences"] == len(packed)
     assert pack["padding_waste_packed"] < pack["padding_waste_unpacked"]

@@ -71,14 +71,18 @@ def test_output_dir_rules(tiny_model_dir, tmp_path):
     # a finished run is never silently overwritten
     with pytest.raises(ConfigError, match="overwrite_output_dir"):
         train_tiny(make_config(tiny_model_dir, out, max_steps=2))
-    # overwrite_output_dir starts over: old checkpoints removed, a fresh history
+    # overwrite_output_dir starts over: the old run is moved under .previous/, a fresh history
     _, state = train_tiny(make_config(tiny_model_dir, out, max_steps=3, save_steps=100, overwrite_output_dir=True))
     assert state.log_history[0]["step"] == 1 and len(state.log_history) == 3
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-3"]
-    # checkpoints of an unfinished run with a different training config: error without overwrite
+    (previous,) = os.listdir(os.path.join(out, ".previous"))
+    assert sorted(p for p in os.listdir(os.path.join(out, ".previous", previous)) if p.startswith("checkpoint-")) == \
+        ["checkpoint-1", "checkpoint-2"]
+    # checkpoints of an unfinished run with another trajectory: an error, even with overwrite_output_dir
     os.remove(os.path.join(out, "trainer_state.json"))
-    with pytest.raises(ConfigError, match="different config"):
-        train_tiny(make_config(tiny_model_dir, out, max_steps=3, learning_rate=1e-4))
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="another training run"):
+            train_tiny(make_config(tiny_model_dir, out, max_steps=3, learning_rate=1e-4, overwrite_output_dir=overwrite))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train_tiny(make_config(tiny_model_dir, str(tmp_path / "empty"), resume_from_checkpoint=True))
     with pytest.raises(ConfigError, match="not a complete checkpoint"):

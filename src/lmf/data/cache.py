@@ -19,7 +19,7 @@ import shutil
 import uuid
 from typing import Any, Optional
 
-CACHE_VERSION = "lmf-data-1"
+CACHE_VERSION = "lmf-data-2"  # 2: packed rows mask the first label of every sample
 _CONTENT_HASH_LIMIT = 256 << 20
 
 

@@ -3,13 +3,19 @@
 Samples are assigned to bins largest-first, each time taking the largest remaining sample that
 still fits (first-fit decreasing). Every packed row gets ``position_ids`` that restart at 0 at each
 sample boundary, so a backend with variable-length attention (flash-attn varlen, or a block-diagonal
-mask built from the position ids) can keep attention per sample; labels keep each sample's mask.
+mask built from the position ids) can keep attention per sample. Labels keep each sample's mask, and
+the first label of every sample is masked (as transformers' ``DataCollatorWithFlattening`` does): the
+loss shifts labels by one within the row, so the last position of sample k would otherwise be trained
+to predict the first token of sample k+1. Packed and unpacked data thus train on exactly the same
+(position, target) pairs.
 """
 
 from __future__ import annotations
 
 import bisect
 from typing import Any
+
+from lmf.extras.constants import IGNORE_INDEX
 
 
 def plan_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -55,7 +61,8 @@ def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[
             for i in members:
                 row = dataset[i]
                 input_ids += row["input_ids"]
-                labels += row["labels"]
+                labels.append(IGNORE_INDEX)  # never a target: it would be predicted from the previous sample
+                labels += row["labels"][1:]
                 position_ids += list(range(len(row["input_ids"])))
             yield {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
                    "position_ids": position_ids}

@@ -16,8 +16,8 @@ from itertools import chain
 from typing import Any, Optional
 
 from lmf.data.template import encode_many
+from lmf.extras.constants import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:

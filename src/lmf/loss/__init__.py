@@ -28,11 +28,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from lmf.extras.constants import IGNORE_INDEX  # noqa: F401  (re-exported)
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-IGNORE_INDEX = -100
 
 _LOGGED: set = set()
 

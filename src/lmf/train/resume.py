@@ -1,24 +1,31 @@
-"""Where a run starts: a fresh output_dir, a given checkpoint, or the newest complete one (automatic resume).
+"""Where a run starts, decided before anything is loaded and applied only once training is about to begin.
 
-Rules (:func:`decide_resume`, run on rank 0 and broadcast by :func:`resolve_resume_checkpoint`):
+:func:`plan_resume` (rank 0, read-only, broadcast by :func:`resolve_resume_checkpoint`) returns a
+:class:`ResumePlan`; :func:`apply_resume_plan` carries it out right before the first write of the run,
+after the config, data, template, model and distributed set-up have all been checked. A run that fails
+before that point leaves ``output_dir`` exactly as it was.
+
+Rules:
 
 - ``resume_from_checkpoint: PATH``: that checkpoint (must be complete).
 - ``resume_from_checkpoint: true``: the newest complete checkpoint in ``output_dir`` (error when none).
-- unset: a finished run (or any model) in ``output_dir`` is an error, or is started over with
-  ``overwrite_output_dir: true``. Checkpoints of an unfinished run with the same training config
-  (:func:`resume_fingerprint`) are resumed automatically, also with ``overwrite_output_dir: true``
-  (LLaMA-Factory's YAMLs set it; a crash must not lose work); with a different config they are an
-  error, or removed with ``overwrite_output_dir: true``.
-- ``resume_from_checkpoint: false``: never resume; a non-empty run needs ``overwrite_output_dir``.
+- unset: checkpoints of an unfinished run with the same *training trajectory* (:data:`TRAJECTORY_KEYS`)
+  are resumed automatically, also with ``overwrite_output_dir: true`` (LLaMA-Factory's YAMLs set it; a
+  crash must not lose work). Checkpoints of another trajectory stop the run with exit code 2 and a table
+  of the changed keys; nothing is removed. A finished run (or any model) in ``output_dir`` is an error
+  unless ``overwrite_output_dir: true``.
+- ``resume_from_checkpoint: false``: never resume.
+- Starting over never deletes: the previous run is moved to ``output_dir/.previous/<UTC time>/``.
 - ``output_dir`` may never be the input model or adapter directory.
 """
 
 from __future__ import annotations
 
-import glob
+import datetime as _dt
+import hashlib
 import json
 import os
-import shutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from lmf.extras.errors import ConfigError, LmfError
@@ -31,39 +38,57 @@ if TYPE_CHECKING:
 
 logger = get_logger("lmf.train.trainer")  # one logger name for the whole training log
 
-#: Keys that do not change the training trajectory: a run may be resumed with different values.
-RESUME_NEUTRAL_KEYS = frozenset({
-    "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "logging_steps", "logging_dir", "logging_first_step",
-    "save_steps", "save_strategy", "save_total_limit", "save_only_model", "report_to", "run_name", "disable_tqdm",
-    "ddp_timeout", "dataloader_num_workers", "dataloader_pin_memory", "plot_loss", "print_param_status",
-    "preprocessing_num_workers", "preprocessing_batch_size", "overwrite_cache", "preprocessing_cache_dir",
-    "tokenized_path", "eval_steps", "per_device_eval_batch_size", "do_eval", "eval_strategy", "evaluation_strategy",
-    "cache_dir", "low_cpu_mem_usage", "max_checkpoint_wait",
+#: The keys that shape the training trajectory: the model and method, the data and its preprocessing,
+#: the batch, the optimizer and its schedule, the seeds. Only these are compared on an automatic
+#: resume; every other key (max_steps / num_train_epochs, save/log/eval cadence, trackers, workers,
+#: timeouts, kernels and memory knobs, generation/export/inference keys) may change on a relaunch.
+TRAJECTORY_KEYS = frozenset({
+    # model
+    "model_name_or_path", "adapter_name_or_path", "model_revision", "use_fast_tokenizer", "split_special_tokens",
+    "add_tokens", "add_special_tokens", "resize_vocab", "upcast_layernorm", "upcast_lmhead_output",
+    "train_from_scratch", "quantization_bit", "quantization_method",
+    # data
+    "template", "dataset", "dataset_dir", "media_dir", "cutoff_len", "train_on_prompt", "mask_history",
+    "mix_strategy", "interleave_probs", "max_samples", "val_size", "packing", "neat_packing", "tool_format",
+    "default_system", "enable_thinking",
+    # method
+    "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora", "use_dora",
+    "pissa_init", "loraplus_lr_ratio", "create_new_adapter", "pref_beta", "pref_ftx", "pref_loss",
+    "dpo_label_smoothing", "simpo_gamma", "ref_model", "ref_model_adapters", "disable_shuffling", "pure_bf16",
+    "use_llama_pro", "use_galore", "use_badam", "use_apollo", "use_adam_mini", "use_muon",
+    "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",
+    # optimisation
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay", "adam_beta1",
+    "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio",
+    "warmup_steps", "optim", "bf16", "fp16", "seed", "data_seed",
 })
+
+PREVIOUS_DIR = ".previous"
+
+
+def trajectory_config(cfg: "LmfConfig") -> dict[str, Any]:
+    """The values of :data:`TRAJECTORY_KEYS` (JSON-safe), as recorded in every checkpoint."""
+    flat = cfg.to_dict()
+    return json.loads(json.dumps({k: flat[k] for k in sorted(TRAJECTORY_KEYS) if k in flat}, default=str))
 
 
 def resume_fingerprint(cfg: "LmfConfig") -> str:
-    """Hash of the config keys that shape the training trajectory (for automatic resume)."""
-    import hashlib
-
-    relevant = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_NEUTRAL_KEYS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Hash of :func:`trajectory_config` (what an automatic resume compares)."""
+    payload = json.dumps(trajectory_config(cfg), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def _start_over(output_dir: str) -> None:
-    """Remove a previous run's checkpoints and final artefacts (overwrite_output_dir: true)."""
-    state = os.path.join(output_dir, ckpt.STATE_NAME)
-    if os.path.isfile(state):
-        os.remove(state)  # first: a crash below must not leave something that looks finished
-    for path in glob.glob(os.path.join(output_dir, f"{ckpt.CHECKPOINT_PREFIX}*")):
-        if ckpt.checkpoint_step(path) is not None:
-            shutil.rmtree(path, ignore_errors=True)
-    for name in ckpt.FINAL_ARTEFACTS:
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(path):
-            os.remove(path)
-    for path in glob.glob(os.path.join(output_dir, "model-*.safetensors")):
-        os.remove(path)
+@dataclass(frozen=True)
+class ResumePlan:
+    """What :func:`apply_resume_plan` does before training: resume ``checkpoint`` (or start fresh) after
+    moving the previous run aside: all of it (``move_all``) or the entries in ``move_names`` (the final
+    outputs of a finished run, checkpoints newer than the one resumed)."""
+
+    checkpoint: Optional[str] = None
+    move_all: bool = False
+    move_names: tuple = ()
+    note: str = ""
 
 
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -74,72 +99,196 @@ def _holds_model(output_dir: str) -> bool:
     return any(os.path.isfile(os.path.join(output_dir, name)) for name in MODEL_FILES)
 
 
+def _run_entries(output_dir: str) -> list[str]:
+    """Entries of ``output_dir`` that belong to a previous run (all but ``.previous`` and half-written ``.tmp-*``)."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if n != PREVIOUS_DIR and not n.startswith(ckpt.TMP_PREFIX))
+
+
 def _refuse_input_dirs(cfg: "LmfConfig") -> None:
-    """output_dir must not be the base model or an input adapter (overwrite_output_dir would delete it)."""
+    """output_dir must not be the base model or an input adapter."""
     out = os.path.realpath(cfg.training.output_dir)
-    inputs = [cfg.model.model_name_or_path] + [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    inputs = [cfg.model.model_name_or_path] + [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",")
+                                               if p.strip()]
     for path in inputs:
         if path and os.path.isdir(path) and os.path.realpath(path) == out:
             raise ConfigError(f"output_dir {cfg.training.output_dir!r} is the input model/adapter directory; choose another")
 
 
-def decide_resume(cfg: "LmfConfig") -> Optional[str]:
-    """Which checkpoint to resume from (None: start fresh), per the module's rules; may clean ``output_dir``. Rank 0 only."""
-    t = cfg.training
-    out = t.output_dir
-    _refuse_input_dirs(cfg)
-    if os.path.isdir(out):
-        ckpt.remove_stale_temp_dirs(out)
-    flag = t.resume_from_checkpoint
-    if isinstance(flag, str) and flag.lower() not in ("true", "false"):
-        if not ckpt.is_complete_checkpoint(flag):
-            raise ConfigError(f"config key 'resume_from_checkpoint': {flag!r} is not a complete checkpoint-N directory")
-        return flag
-    if isinstance(flag, str):
-        flag = flag.lower() == "true"
-    latest = ckpt.latest_checkpoint(out)
-    if flag is True:
-        if latest is None:
-            raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint")
-        return latest
-    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (latest is None and _holds_model(out))
-    if finished or (flag is False and latest):
-        if not t.overwrite_output_dir:
-            what = "a finished run (or a model)" if finished else "checkpoints"
-            raise ConfigError(
-                f"output_dir {out!r} already holds {what}; set overwrite_output_dir: true to start over, "
-                "or choose another output_dir"
-            )
-        logger.warning("overwrite_output_dir: starting over in %s (previous outputs removed)", out)
-        _start_over(out)
-        return None
-    if latest is None:
-        return None
-    saved = ckpt.read_json(os.path.join(latest, ckpt.STATE_NAME)).get("resume_fingerprint")
-    if saved == resume_fingerprint(cfg):
-        logger.info("found an unfinished run in %s: resuming from %s", out, latest)
-        return latest
-    if t.overwrite_output_dir:
-        logger.warning("%s holds checkpoints of a run with a different config; starting over (overwrite_output_dir)", out)
-        _start_over(out)
-        return None
-    raise ConfigError(
-        f"output_dir {out!r} holds checkpoints ({os.path.basename(latest)}) of a run with a different config; "
-        "set resume_from_checkpoint: PATH to resume it anyway, or overwrite_output_dir: true to start over"
+def _format_value(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def changed_keys_table(saved: dict, now: dict) -> str:
+    """``key  checkpoint -> now`` lines for every trajectory key whose value differs."""
+    rows = [(k, _format_value(saved.get(k, "(unset)")), _format_value(now.get(k, "(unset)")))
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if not rows:
+        return ""
+    width = max(len("key"), *(len(r[0]) for r in rows))
+    left = max(len("checkpoint"), *(len(r[1]) for r in rows))
+    lines = [f"  {'key':<{width}}  {'checkpoint':<{left}}    now"]
+    lines += [f"  {k:<{width}}  {old:<{left}} -> {new}" for k, old, new in rows]
+    return "\n".join(lines)
+
+
+def _different_trajectory_error(cfg: "LmfConfig", latest: str, saved_state: dict) -> ConfigError:
+    out = cfg.training.output_dir
+    saved = saved_state.get("trajectory")
+    if isinstance(saved, dict):
+        table = changed_keys_table(saved, trajectory_config(cfg))
+        what = "these training keys differ:\n" + table if table else "its recorded training keys differ"
+    else:
+        what = "it was written by an older lmf that did not record its keys, so they cannot be compared"
+    return ConfigError(
+        f"output_dir {out!r} holds checkpoints ({os.path.basename(latest)}) of another training run; {what}\n"
+        "Nothing was changed. Ways out:\n"
+        f"  resume_from_checkpoint: {latest}   resume it anyway with the new values\n"
+        "  output_dir: <another folder>        keep it and train elsewhere\n"
+        f"  resume_from_checkpoint: false       start over (the old run is moved to {os.path.join(out, PREVIOUS_DIR)}/)"
     )
 
 
-def resolve_resume_checkpoint(cfg: "LmfConfig", runtime: "DistInfo") -> Optional[str]:
-    """:func:`decide_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs)."""
+def plan_resume(cfg: "LmfConfig") -> ResumePlan:
+    """The :class:`ResumePlan` for ``cfg`` per the module's rules. Read-only; raises ConfigError. Rank 0 only."""
+    t = cfg.training
+    out = t.output_dir
+    _refuse_input_dirs(cfg)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"config key 'output_dir': {out!r} is a file, not a directory")
+    flag = t.resume_from_checkpoint
+    if isinstance(flag, str) and flag.lower() in ("true", "false"):
+        flag = flag.lower() == "true"
+    latest = ckpt.latest_checkpoint(out)
+    # trainer_state.json at the top is written last by a finished run; a model without it and without
+    # checkpoints is someone's model. (A model beside checkpoints is a crash inside the final save.)
+    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (latest is None and _holds_model(out))
+    if isinstance(flag, str):
+        if not ckpt.is_complete_checkpoint(flag):
+            raise ConfigError(f"config key 'resume_from_checkpoint': {flag!r} is not a complete checkpoint-N directory")
+        inside = os.path.realpath(os.path.dirname(os.path.normpath(flag))) == os.path.realpath(out)
+        if inside:
+            return ResumePlan(checkpoint=flag, move_names=_superseded(out, flag), note=f"resuming from {flag}")
+        if _run_entries(out):
+            if not t.overwrite_output_dir:
+                raise ConfigError(
+                    f"output_dir {out!r} already holds another run; resume {flag!r} into an empty output_dir, or set "
+                    "overwrite_output_dir: true (the other run is kept under .previous/)"
+                )
+            return ResumePlan(checkpoint=flag, move_all=True, note=f"resuming from {flag}")
+        return ResumePlan(checkpoint=flag, note=f"resuming from {flag}")
+    if flag is True:
+        if latest is None:
+            raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint")
+        return ResumePlan(checkpoint=latest, move_names=_superseded(out, latest), note=f"resuming from {latest}")
+    if flag is False:
+        if _run_entries(out):
+            return ResumePlan(move_all=True, note="resume_from_checkpoint: false: starting over")
+        return ResumePlan()
+    if finished:
+        if not t.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {out!r} already holds a finished run (or a model); set overwrite_output_dir: true to "
+                "start over (the old run is kept under .previous/), resume_from_checkpoint: true to continue it, "
+                "or choose another output_dir"
+            )
+        return ResumePlan(move_all=True, note="overwrite_output_dir: starting over")
+    if latest is None:
+        if _run_entries(out):
+            if not t.overwrite_output_dir:
+                raise ConfigError(f"output_dir {out!r} is not empty; set overwrite_output_dir: true to start over "
+                                  "(its files are kept under .previous/), or choose another output_dir")
+            return ResumePlan(move_all=True, note="overwrite_output_dir: starting over")
+        return ResumePlan()
+    saved = ckpt.read_json(os.path.join(latest, ckpt.STATE_NAME))
+    if saved.get("resume_fingerprint") == resume_fingerprint(cfg):
+        return ResumePlan(checkpoint=latest, move_names=_superseded(out, latest),
+                          note=f"found an unfinished run in {out}: resuming from {latest}")
+    raise _different_trajectory_error(cfg, latest, saved)
+
+
+def _utc_stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def move_aside(output_dir: str, names: Optional[list[str]] = None) -> Optional[str]:
+    """Move ``names`` (default: every entry but ``.previous``) of ``output_dir`` into
+    ``output_dir/.previous/<UTC time>/`` (renames on one file system: nothing is copied or deleted)."""
+    names = _run_entries(output_dir) if names is None else [n for n in names if os.path.lexists(os.path.join(output_dir, n))]
+    if not names:
+        return None
+    target = os.path.join(output_dir, PREVIOUS_DIR, _utc_stamp())
+    os.makedirs(target)
+    # trainer_state.json first: a crash in between never leaves something that looks finished at the top
+    for name in sorted(names, key=lambda n: n != ckpt.STATE_NAME):
+        os.replace(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
+
+
+def final_artefact_names(output_dir: str) -> list[str]:
+    """Top-level files of a finished run (model/adapter, tokenizer, state, plot), not its checkpoints."""
+    import glob
+
+    names = [n for n in ckpt.FINAL_ARTEFACTS if os.path.isfile(os.path.join(output_dir, n))]
+    names += [os.path.basename(p) for p in glob.glob(os.path.join(output_dir, "model-*.safetensors"))]
+    return names
+
+
+def _superseded(output_dir: str, checkpoint: str) -> tuple:
+    """What resuming ``checkpoint`` inside ``output_dir`` would overwrite: a finished run's final outputs
+    and the checkpoints newer than ``checkpoint``."""
+    step = ckpt.checkpoint_step(checkpoint) or 0
+    newer = [os.path.basename(p) for p in ckpt.list_checkpoints(output_dir) if (ckpt.checkpoint_step(p) or 0) > step]
+    return tuple(final_artefact_names(output_dir) + newer)
+
+
+def apply_resume_plan(cfg: "LmfConfig", plan: ResumePlan) -> None:
+    """Carry out ``plan`` in ``output_dir`` (rank 0): drop half-written ``.tmp-*`` saves, move the previous
+    run (or its final outputs) aside, and log what happened."""
+    out = cfg.training.output_dir
+    if os.path.isdir(out):
+        ckpt.remove_stale_temp_dirs(out)
+    moved = None
+    if plan.move_all:
+        moved = move_aside(out)
+    elif plan.move_names:
+        moved = move_aside(out, list(plan.move_names))
+    if moved:
+        names = ", ".join(plan.move_names[:4]) + (", ..." if len(plan.move_names) > 4 else "")
+        what = "run was" if plan.move_all else f"run's {names} were"
+        logger.warning("%s; the previous %s moved to %s", plan.note or "starting over", what, moved)
+    elif plan.note:
+        logger.info("%s", plan.note)
+
+
+def resolve_resume_checkpoint(cfg: "LmfConfig", runtime: "DistInfo") -> ResumePlan:
+    """:func:`plan_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs)."""
     from lmf.dist.runtime import broadcast_object
 
     result: tuple[str, Any] = ("ok", None)
     if runtime.is_main:
         try:
-            result = ("ok", decide_resume(cfg))
+            result = ("ok", plan_resume(cfg))
         except LmfError as exc:
             result = ("error", str(exc))
     result = broadcast_object(result)
     if result[0] == "error":
         raise ConfigError(result[1])
     return result[1]
+
+
+def prepare_output_dir(cfg: "LmfConfig", plan: ResumePlan, runtime: "DistInfo") -> None:
+    """:func:`apply_resume_plan` on rank 0 (errors broadcast), then every rank continues together."""
+    from lmf.dist.runtime import broadcast_object
+
+    error = None
+    if runtime.is_main:
+        try:
+            apply_resume_plan(cfg, plan)
+        except OSError as exc:
+            error = f"cannot prepare output_dir {cfg.training.output_dir!r}: {exc}"
+    error = broadcast_object(error)
+    if error:
+        raise LmfError(error)

@@ -30,7 +30,13 @@ from lmf.dist.fault_injection import fault_point
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 from lmf.train import checkpoint as ckpt
-from lmf.train.resume import resolve_resume_checkpoint, resume_fingerprint  # noqa: F401  (re-exported for the stages)
+from lmf.train.resume import (  # noqa: F401  (resolve_resume_checkpoint re-exported for the stages)
+    ResumePlan,
+    prepare_output_dir,
+    resolve_resume_checkpoint,
+    resume_fingerprint,
+    trajectory_config,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +142,7 @@ class TrainState:
     log_history: list = field(default_factory=list)
     log_window: list = field(default_factory=list)  # step losses since the last log entry
     resume_fingerprint: str = ""
+    trajectory: dict = field(default_factory=dict)  # the training keys (lmf.train.resume.TRAJECTORY_KEYS)
     finished: bool = False
 
 
@@ -143,14 +150,15 @@ class Trainer:
     """Runs one stage to ``max_steps`` (or ``num_train_epochs``) with checkpoints and exact resume."""
 
     def __init__(self, cfg: "LmfConfig", model, tokenizer, stage: Stage, train_dataset, runtime: "DistInfo",
-                 eval_dataset=None, resume_from: Optional[str] = None):
+                 eval_dataset=None, resume: Optional[ResumePlan] = None):
         self.cfg, self.args = cfg, cfg.training
         self.model, self.tokenizer, self.stage = model, tokenizer, stage
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self.runtime, self.resume_from = runtime, resume_from
+        self.runtime, self.resume = runtime, resume or ResumePlan()
+        self.resume_from = self.resume.checkpoint
         self.is_lora = cfg.finetuning.finetuning_type == "lora"
         self.state = TrainState(world_size=runtime.world_size, micro_batch_size=cfg.training.per_device_train_batch_size,
-                                resume_fingerprint=resume_fingerprint(cfg))
+                                resume_fingerprint=resume_fingerprint(cfg), trajectory=trajectory_config(cfg))
         if len(train_dataset) == 0:
             raise LmfError("the training dataset is empty")
 
@@ -239,6 +247,8 @@ class Trainer:
         from lmf.train.reporting import ProgressBar, Reporter
 
         self._setup()
+        # every check has passed (config, data, template, model, runtime, resume state): only now is output_dir touched
+        prepare_output_dir(self.cfg, self.resume, self.runtime)
         args, st = self.args, self.state
         ga = args.gradient_accumulation_steps
         reporter = Reporter(self.cfg, self.runtime.is_main)
@@ -366,7 +376,9 @@ class Trainer:
 
         batches, num_real = sharded_index_batches(len(self.eval_dataset), self.runtime.world_size, self.runtime.rank,
                                                   self.args.per_device_eval_batch_size)
-        loader = torch.utils.data.DataLoader(self.eval_dataset, batch_sampler=batches, collate_fn=self.stage.collator)
+        # its own generator: evaluating never draws from the global RNG, so eval keys cannot change training
+        loader = torch.utils.data.DataLoader(self.eval_dataset, batch_sampler=batches, collate_fn=self.stage.collator,
+                                             generator=torch.Generator())
         acc = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
         metric_sums: dict[str, float] = {}  # stage metrics weighted by items
         with self._eval_mode(), torch.no_grad():
@@ -460,11 +472,12 @@ class Trainer:
         if self.runtime.is_main:
             if optim_sd is not None:
                 torch.save(optim_sd, os.path.join(tmp, ckpt.OPTIMIZER_NAME))
-                torch.save(self.scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
                 if self.scaler is not None:
                     torch.save(self.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-                for rank, state in enumerate(rngs):
-                    torch.save(state, os.path.join(tmp, ckpt.rng_state_name(rank)))
+            # the schedule and RNG states are tiny: saved even with save_only_model
+            torch.save(self.scheduler.state_dict(), os.path.join(tmp, ckpt.SCHEDULER_NAME))
+            for rank, state in enumerate(rngs):
+                torch.save(state, os.path.join(tmp, ckpt.rng_state_name(rank)))
             ckpt.write_json(os.path.join(tmp, ckpt.STATE_NAME), asdict(self.state))
             ckpt.commit_dir(tmp, final_dir)
             ckpt.rotate_checkpoints(out, self.args.save_total_limit, keep=final_dir)
@@ -529,15 +542,19 @@ class Trainer:
             logger.warning("resuming a run planned for %s steps with %d steps: the schedule differs",
                            saved.get("max_steps"), self.state.max_steps)
         optim_file = os.path.join(path, ckpt.OPTIMIZER_NAME)
+        scheduler_file = os.path.join(path, ckpt.SCHEDULER_NAME)
         if os.path.isfile(optim_file):
             osd = torch.load(optim_file, map_location="cpu", weights_only=False)
             set_optimizer_state_dict(self.loss_module, self.optimizer, osd, options=StateDictOptions(full_state_dict=True))
-            self.scheduler.load_state_dict(torch.load(os.path.join(path, ckpt.SCHEDULER_NAME), weights_only=False))
             scaler_file = os.path.join(path, "scaler.pt")
             if self.scaler is not None and os.path.isfile(scaler_file):
                 self.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
         else:
-            logger.warning("%s has no optimizer state (save_only_model): the optimizer restarts", path)
+            logger.warning("%s has no optimizer state (it was saved with save_only_model): the resume is "
+                           "APPROXIMATE, the optimizer's moments restart from zero", path)
+        if os.path.isfile(scheduler_file):
+            self.scheduler.load_state_dict(torch.load(scheduler_file, weights_only=False))
+        else:
             for _ in range(saved["global_step"]):
                 self.scheduler.step()
         ckpt.load_rng_state(path, self.runtime.rank)

@@ -65,7 +65,7 @@ def run_training(cfg: "LmfConfig", data_stage: str, build_stage: Callable[[Stage
         setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset)
         stage = build_stage(setup)
         trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
-                          eval_dataset=setup.eval_dataset, resume_from=resume)
+                          eval_dataset=setup.eval_dataset, resume=resume)
         trainer.train()
     finally:
         destroy_distributed()

@@ -1,0 +1,4 @@
+"""Constants shared by several layers (import-light: stdlib only)."""
+
+#: Label value of positions that are never a training target (PyTorch cross-entropy's ``ignore_index``).
+IGNORE_INDEX = -100
