@@ -35,6 +35,9 @@ def test_demo_config_trains_and_adapter_loads(tmp_path):
     proc = run_lmf("sft", DEMO, f"output_dir={out}", "max_steps=6", "max_samples=24", "logging_steps=1", "save_steps=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable params: 16,384 || all params: 352,640" in proc.stderr
+    # stderr is a pipe, not a terminal: plain log lines with progress and ETA, no carriage-return redraws
+    assert "\r" not in proc.stderr
+    assert sum("progress=" in line and " eta=" in line and "loss=" in line for line in proc.stderr.splitlines()) == 6
     curve = [h["loss"] for h in history(out)]
     assert len(curve) == 6 and min(curve[-2:]) < curve[0] - 0.3, curve
     assert (out / "training_loss.png").is_file()

@@ -152,8 +152,48 @@ def _validate_dist_env(env: Mapping[str, str]) -> None:
         raise LmfError("set both MIN_NNODES and MAX_NNODES for an elastic range, or neither")
 
 
+#: Environment variable naming the folder where each torchrun worker writes its exit code (``rank-N``).
+EXIT_DIR_ENV = "LMF_WORKER_EXIT_DIR"
+#: Seconds torchrun gives workers to finish after a SIGTERM/SIGINT before SIGKILL (a checkpoint is being written).
+DEFAULT_SHUTDOWN_TIMEOUT_S = "300"
+FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+
+def read_worker_exit_code(exit_dir: str) -> Optional[int]:
+    """The exit code the workers reported (the first non-zero one by rank), or None when none did."""
+    codes = {}
+    for name in os.listdir(exit_dir) if os.path.isdir(exit_dir) else ():
+        if name.startswith("rank-"):
+            try:
+                with open(os.path.join(exit_dir, name), encoding="utf-8") as fh:
+                    codes[int(name[5:])] = int(fh.read().strip())
+            except (OSError, ValueError):
+                continue
+    failing = [codes[rank] for rank in sorted(codes) if codes[rank] != 0]
+    return failing[0] if failing else (0 if codes else None)
+
+
+def _die_with_parent() -> None:
+    """In the torchrun child (Linux): get SIGTERM when the lmf launcher dies, instead of running on orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+    except (OSError, AttributeError):
+        pass
+
+
 def relaunch_with_torchrun(command: str, args: Sequence[str]) -> int:
-    """Run the training command through torchrun; return torchrun's exit code."""
+    """Run the training command through torchrun; return the workers' exit code (torchrun's when they gave none).
+
+    torchrun runs in its own session and receives exactly one copy of a SIGTERM/SIGINT/SIGHUP sent to
+    the launcher (or typed as Ctrl-C); it passes it to the workers, which finish their step, save a
+    checkpoint and exit 143/130 (:mod:`lmf.train.preemption`), within ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``
+    seconds (default here: 300).
+    """
+    import signal
+    import tempfile
+
     env = os.environ
     _validate_dist_env(env)
     argv = build_torchrun_argv(command, args, env, get_device_count())
@@ -162,16 +202,33 @@ def relaunch_with_torchrun(command: str, args: Sequence[str]) -> int:
     print(f"lmf: launching {nproc} process(es) per node through torchrun ({endpoint})", file=sys.stderr, flush=True)
     if int(env.get("NNODES", "1")) > 1:
         print(f"lmf: multi-node training: {env.get('NNODES')} nodes, this is node {env.get('NODE_RANK', '0')}", file=sys.stderr)
-    proc = subprocess.Popen(argv, env=build_child_env(env))  # list argv, never shell=True
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        # torchrun forwards the signal to its workers; wait for them to exit cleanly.
+    with tempfile.TemporaryDirectory(prefix="lmf-exit-") as exit_dir:
+        child_env = build_child_env(env)
+        child_env[EXIT_DIR_ENV] = exit_dir
+        child_env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_S)
+        proc = subprocess.Popen(argv, env=child_env, start_new_session=True,  # list argv, never shell=True
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        received: list[int] = []
+
+        def forward(signum, frame) -> None:
+            if not received:  # one copy: a second signal would cut torchrun's own graceful shutdown short
+                print(f"lmf: {signal.Signals(signum).name} received: asking the workers to save a checkpoint "
+                      "and stop", file=sys.stderr, flush=True)
+                proc.send_signal(signum)
+            received.append(signum)
+
+        previous = {getattr(signal, n): signal.signal(getattr(signal, n), forward) for n in FORWARDED_SIGNALS}
         try:
-            return proc.wait(timeout=60)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
-            proc.kill()
-            return 130
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        workers = read_worker_exit_code(exit_dir)
+    if workers is not None and (code != 0 or workers != 0):
+        return workers
+    if code != 0 and received:
+        return 128 + received[0]
+    return code
 
 
 def print_version() -> None:
@@ -238,7 +295,8 @@ def _guarded(fn, *args) -> int:
     try:
         return fn(*args)
     except LmfError as exc:
-        print(f"lmf: error: {exc}", file=sys.stderr, flush=True)
+        kind = "" if exc.exit_code >= 128 else "error: "  # 128 + N: stopped by signal N, not a failure
+        print(f"lmf: {kind}{exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lmf: interrupted", file=sys.stderr)
@@ -268,8 +326,23 @@ def main(argv: Optional[list[str]] = None) -> None:
         command = argv.pop(0)
     elif argv and not argv[0].lower().endswith((".yaml", ".yml", ".json")) and "=" not in argv[0]:
         print(f"lmf worker: unknown training command {argv[0]!r}", file=sys.stderr)
+        _report_exit_code(2)
         sys.exit(2)
-    sys.exit(_guarded(run_worker_command, command, argv))
+    code = _guarded(run_worker_command, command, argv)
+    _report_exit_code(code)
+    sys.exit(code)
+
+
+def _report_exit_code(code: int) -> None:
+    """Tell the launcher this worker's exit code (torchrun itself only says that a worker failed)."""
+    exit_dir = os.environ.get(EXIT_DIR_ENV)
+    if not exit_dir or not os.path.isdir(exit_dir):
+        return
+    try:
+        with open(os.path.join(exit_dir, f"rank-{os.environ.get('RANK', '0')}"), "w", encoding="utf-8") as fh:
+            fh.write(str(code))
+    except OSError:
+        pass
 
 
 def run_worker_command(command: str, args: list[str]) -> int:

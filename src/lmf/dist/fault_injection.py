@@ -1,10 +1,13 @@
-"""Test-only fault injection: a worker SIGKILLs itself at a chosen point of training.
+"""Test-only fault injection: a worker SIGKILLs or signals itself at a chosen point of training.
 
-Used by the elastic-restart tests; inert unless one of these is set:
+Used by the elastic-restart and preemption tests; inert unless one of these is set:
 
 - ``LMF_TEST_KILL_AT_STEP=N``: die right after optimizer step N (before it is logged or checkpointed);
 - ``LMF_TEST_KILL_DURING_SAVE=N``: die while checkpoint-N is half-written (model written, state not yet);
-- ``LMF_TEST_KILL_RANK=R``: the global rank that dies (default 0).
+- ``LMF_TEST_SIGNAL_AT_STEP=N`` (+ ``LMF_TEST_SIGNAL=TERM|INT``, default TERM): send itself that signal
+  right after step N (a preemption that reaches one rank only);
+- ``LMF_TEST_KILL_RANK=R``: the global rank that dies or is signalled (default 0);
+- ``LMF_TEST_STEP_SLEEP_S=S``: sleep S seconds after every step (gives an outside signal time to land).
 
 Only the first attempt dies: torchrun sets ``TORCHELASTIC_RESTART_COUNT`` > 0 on restarts, so the
 restarted group trains through. Never set these in real runs.
@@ -15,8 +18,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
-_ENV_BY_POINT = {"step": "LMF_TEST_KILL_AT_STEP", "save": "LMF_TEST_KILL_DURING_SAVE"}
+_ENV_BY_POINT = {"step": "LMF_TEST_KILL_AT_STEP", "save": "LMF_TEST_KILL_DURING_SAVE", "signal": "LMF_TEST_SIGNAL_AT_STEP"}
 
 
 def should_die(point: str, step: int, env=None) -> bool:
@@ -31,8 +35,17 @@ def should_die(point: str, step: int, env=None) -> bool:
 
 
 def fault_point(point: str, step: int) -> None:
-    """Kill this process with SIGKILL (no cleanup, like an OOM kill) if the test hooks say so."""
+    """Kill this process with SIGKILL (no cleanup, like an OOM kill), or signal it, if the test hooks say so."""
     if should_die(point, step):
         print(f"lmf test hook: rank {os.environ.get('RANK', '0')} killing itself at {point} {step}",
               file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step":
+        if should_die("signal", step):
+            name = "SIG" + os.environ.get("LMF_TEST_SIGNAL", "TERM").upper().removeprefix("SIG")
+            print(f"lmf test hook: rank {os.environ.get('RANK', '0')} sending itself {name} at step {step}",
+                  file=sys.stderr, flush=True)
+            os.kill(os.getpid(), getattr(signal, name))
+        delay = float(os.environ.get("LMF_TEST_STEP_SLEEP_S") or 0)
+        if delay > 0:
+            time.sleep(delay)

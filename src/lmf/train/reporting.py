@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import TYPE_CHECKING, Optional
 
 from lmf.extras.errors import NotAvailableError
@@ -58,27 +59,61 @@ class Reporter:
                 writer.finish()
 
 
-class ProgressBar:
-    """tqdm over optimizer steps with loss, lr and tokens/s in the postfix (ETA from tqdm)."""
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+
+class Progress:
+    """Rank-0 progress over optimizer steps.
+
+    On a terminal: a tqdm bar with loss, lr and tokens/s (ETA from tqdm), log lines printed above it.
+    Elsewhere (CI, ``nohup``, cluster logs: stderr is not a TTY) no bar and no carriage-return
+    redraws: each log line of the trainer (every ``logging_steps``) carries :meth:`suffix`, the
+    step count and the ETA, next to its loss, lr and tokens/s.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool, stream=None):
+        import sys
+
+        self.total, self.done, self.start_done = total, initial, initial
+        self.enabled = enabled
+        self.started = time.perf_counter()
         self.bar = None
         self._redirect = None
-        if enabled:
+        stream = stream if stream is not None else sys.stderr
+        self.interactive = enabled and bool(getattr(stream, "isatty", lambda: False)())
+        if self.interactive:
             import logging
 
             from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=stream)
             # log lines are printed above the bar instead of through it
             self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger("lmf")], tqdm_class=tqdm)
             self._redirect.__enter__()
 
     def update(self, loss: float, lr: float, tokens_per_s: float) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             self.bar.update(1)
+
+    def eta_seconds(self) -> float:
+        steps = self.done - self.start_done
+        if steps <= 0:
+            return float("nan")
+        return (time.perf_counter() - self.started) / steps * max(self.total - self.done, 0)
+
+    def suffix(self) -> str:
+        """``progress=N/M eta=H:MM:SS`` for the log line (empty when the bar shows it, or when disabled)."""
+        if self.interactive or not self.enabled:
+            return ""
+        eta = self.eta_seconds()
+        return f"progress={self.done}/{self.total}" + (f" eta={_format_duration(eta)}" if math.isfinite(eta) else "")
 
     def close(self) -> None:
         if self._redirect is not None:
@@ -86,6 +121,7 @@ class ProgressBar:
             self._redirect = None
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _smooth(values: list[float], weight: Optional[float] = None) -> list[float]:

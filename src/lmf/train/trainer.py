@@ -22,6 +22,7 @@ import glob
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional, Protocol
@@ -239,12 +240,17 @@ class Trainer:
         return {k: (v.to(dev, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
     def train(self) -> TrainState:
-        """Train to the last step, then save the final model and state (rank 0)."""
+        """Train to the last step, then save the final model and state (rank 0).
+
+        A SIGTERM/SIGINT (:mod:`lmf.train.preemption`) ends the run after the current step with a
+        checkpoint and :class:`~lmf.train.preemption.TrainingInterrupted`.
+        """
         import torch
 
         from lmf.dist.runtime import all_reduce_sum
         from lmf.train.parallel import gradient_sync
-        from lmf.train.reporting import ProgressBar, Reporter
+        from lmf.train.preemption import StopRequest, TrainingInterrupted, agreed_signal
+        from lmf.train.reporting import Progress, Reporter
 
         self._setup()
         # every check has passed (config, data, template, model, runtime, resume state): only now is output_dir touched
@@ -253,10 +259,11 @@ class Trainer:
         ga = args.gradient_accumulation_steps
         reporter = Reporter(self.cfg, self.runtime.is_main)
         self._log_start()
-        bar = ProgressBar(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
+        progress = Progress(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
         save_every = self._save_steps()
         window_start, window_tokens = time.perf_counter(), 0
         epochs_done = self._epochs_done()
+        stop = StopRequest().install()
         self.wrapped.train()
         try:
             while st.global_step < st.max_steps:
@@ -275,13 +282,16 @@ class Trainer:
                     acc[2] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
                     for k, v in metrics.items():
                         metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-                stats = torch.cat([acc, torch.tensor([metric_sums[k] for k in sorted(metric_sums)], dtype=torch.float64,
-                                                     device=acc.device)])
+                # one all-reduce: the window's sums, the stop requests of every rank, the stage metrics
+                stats = torch.cat([acc, torch.tensor(stop.flags(), dtype=torch.float64, device=acc.device),
+                                   torch.tensor([metric_sums[k] for k in sorted(metric_sums)], dtype=torch.float64,
+                                                device=acc.device)])
                 all_reduce_sum(stats)
                 loss_total, items, tokens = stats[0].item(), stats[1].item(), stats[2].item()
+                stop_signal = agreed_signal(stats[3].item(), stats[4].item())
                 grad_norm = self._optimizer_step(items)
                 st.global_step += 1
-                fault_point("step", st.global_step)  # test-only kill hook (inert unless LMF_TEST_KILL_* is set)
+                fault_point("step", st.global_step)  # test-only hooks (inert unless LMF_TEST_* is set)
                 st.tokens_seen += int(tokens)
                 st.data_epoch, st.batch_in_epoch = self.stream.epoch, self.stream.batch_in_epoch
                 st.epoch = round(self.stream.epoch_float, 4)
@@ -289,25 +299,35 @@ class Trainer:
                 st.log_window.append(step_loss)  # in the state: a resumed run logs the same averages
                 window_tokens += int(tokens)
                 lr = self.scheduler.get_last_lr()[0]
-                bar.update(step_loss, lr, tokens / max(time.perf_counter() - step_start, 1e-9))
+                progress.update(step_loss, lr, tokens / max(time.perf_counter() - step_start, 1e-9))
                 n_div = n_micro * self.runtime.world_size
-                step_metrics = {k: stats[3 + i].item() / n_div for i, k in enumerate(sorted(metric_sums))}
+                step_metrics = {k: stats[5 + i].item() / n_div for i, k in enumerate(sorted(metric_sums))}
                 is_last = st.global_step >= st.max_steps
                 if st.global_step % args.logging_steps == 0 or is_last or (args.logging_first_step and st.global_step == 1):
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
                     entry = {"step": st.global_step, "epoch": st.epoch, "loss": round(sum(st.log_window) / len(st.log_window), 6),
                              "lr": lr, "grad_norm": round(grad_norm, 6), "tokens_per_second": round(window_tokens / elapsed, 1)}
                     entry.update({k: round(v, 6) for k, v in step_metrics.items()})
-                    self._record(entry, reporter)
+                    self._record(entry, reporter, progress.suffix())
                     st.log_window, window_tokens, window_start = [], 0, time.perf_counter()
                 epoch_ended = self._epochs_done() > epochs_done
                 epochs_done = self._epochs_done()
+                if is_last:
+                    break
+                if stop_signal is not None:
+                    path = self.save_checkpoint()
+                    raise TrainingInterrupted(stop_signal, st.global_step, path)
                 if self.eval_dataset is not None and self._eval_due(is_last, epoch_ended):
                     self._record({"step": st.global_step, **self.evaluate()}, reporter)
-                if not is_last and self._save_due(save_every, epoch_ended):
+                if self._save_due(save_every, epoch_ended):
                     self.save_checkpoint()
         finally:
-            bar.close()
+            stop.restore()
+            progress.close()
+            if sys.exc_info()[0] is not None:
+                reporter.close()
+        if self.eval_dataset is not None and self._eval_due(True, False):
+            self._record({"step": st.global_step, **self.evaluate()}, reporter)
         st.finished = True
         if self.args.save_strategy != "no":
             self.save_checkpoint()
@@ -397,11 +417,12 @@ class Trainer:
         n = max(acc[1].item(), 1.0)
         return {"eval_loss": round(acc[0].item() / n, 6), **{f"eval_{k}": round(acc[2 + i].item() / n, 6) for i, k in enumerate(keys)}}
 
-    def _record(self, entry: dict, reporter) -> None:
+    def _record(self, entry: dict, reporter, suffix: str = "") -> None:
         self.state.log_history.append(entry)
         if self.runtime.is_main:
             reporter.log(entry, self.state.global_step)
-            logger.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+            logger.info("%s%s", line, f" {suffix}" if suffix else "")
 
     def _log_start(self) -> None:
         from lmf.model.adapter import count_parameters
