@@ -101,8 +101,7 @@ class Template:
 
     def _system_text(self, system: Optional[str], tools: Optional[str]) -> str:
         system = self.default_system if system is None else system
-        tool_text = format_tools(tools, self.tool_format) if tools else ""
-        return (system or "") + tool_text
+        return (system or "") + format_tools(tools, self.tool_format)
 
     def _message_pieces(self, messages: list[dict], system: Optional[str], tools: Optional[str]) -> list[list[Piece]]:
         """Pieces per message: turn 0 carries prefix + system."""
@@ -551,11 +550,16 @@ def _load_json(text: str, what: str) -> Any:
         raise DataError(f"{what} is not valid JSON: {exc}") from exc
 
 
-def format_tools(tools: str, tool_format: str) -> str:
-    """System-prompt text describing ``tools`` (a JSON list of function schemas)."""
+def format_tools(tools, tool_format: str) -> str:
+    """System-prompt text describing ``tools`` (a JSON list of function schemas); "" for no tools
+    (None, "", or an empty list: no tool preamble at all, as in LLaMA-Factory and Qwen's own template)."""
+    if not tools:
+        return ""
     specs = _load_json(tools, "tools") if isinstance(tools, str) else tools
     if isinstance(specs, dict):
         specs = [specs]
+    if not specs:
+        return ""
     if tool_format == "qwen":
         text = "".join("\n" + json.dumps(s if s.get("type") == "function" else {"type": "function", "function": s},
                                          ensure_ascii=False) for s in specs)
@@ -591,8 +595,8 @@ def format_function_call(content: str, tool_format: str) -> str:
             "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c.get("arguments", {})}, ensure_ascii=False)
             + "\n</tool_call>" for c in calls
         )
-    return "".join(
-        f"Action: {c['name']}\nAction Input: {json.dumps(c.get('arguments', {}), ensure_ascii=False)}\n" for c in calls
+    return "\n".join(
+        f"Action: {c['name']}\nAction Input: {json.dumps(c.get('arguments', {}), ensure_ascii=False)}" for c in calls
     )
 
 

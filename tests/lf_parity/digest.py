@@ -1,0 +1,30 @@
+"""Row digests of a tokenized dataset, computed the same way on both sides (stdlib only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+#: Columns compared per stage (LLaMA-Factory's names, which lmf shares).
+COLUMNS = {
+    "sft": ("input_ids", "labels"),
+    "pt": ("input_ids", "labels"),
+    "rm": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
+    "dpo": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
+    "kto": ("input_ids", "labels", "kl_input_ids", "kl_labels"),
+}
+
+
+def row_digest(row: dict, columns) -> str:
+    payload = json.dumps([list(map(int, row[c])) for c in columns]).encode()
+    return hashlib.sha256(payload).hexdigest()[:20]
+
+
+def digest_rows(dataset, stage: str) -> dict:
+    """``{"rows", "lengths", "digests"}`` of ``dataset`` (any sequence of dict rows)."""
+    columns = COLUMNS[stage]
+    lengths, digests = [], []
+    for row in dataset:
+        lengths.append(len(row[columns[0]]))
+        digests.append(row_digest(row, columns))
+    return {"rows": len(digests), "columns": list(columns), "lengths": lengths, "digests": digests}

@@ -1,0 +1,48 @@
+"""Tokenize a dataset with LLaMA-Factory's own pipeline; runs in bench/.lf-venv (never imports lmf).
+
+``python lf_tokenize.py SPEC.json OUT.json``: SPEC is ``{"stage": ..., "config": {LLaMA-Factory keys}}``;
+OUT gets, per row of LLaMA-Factory's ``get_dataset`` result, the lengths and a sha256 of its token
+ids and labels (``digest_rows`` in tests/lf_parity/digest.py computes the same on lmf's side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digest import digest_rows  # noqa: E402
+
+
+def main() -> None:
+    spec_path, out_path = sys.argv[1:3]
+    with open(spec_path, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    model_args, data_args, training_args, _, _ = get_train_args(dict(spec["config"]))
+    tokenizer_module = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
+    module = get_dataset(template, model_args, data_args, training_args, stage=spec["stage"], **tokenizer_module)
+    rows = [dict(row) for row in module["train_dataset"]]
+    deviation = spec.get("lf_deviation")
+    changed = 0
+    if deviation:  # a documented deviation of lmf (tests/lf_parity/cases.py): LF's rows with a prefix removed
+        prefix = tokenizer_module["tokenizer"].encode(deviation["strip_prefix"], add_special_tokens=False)
+        for row in rows:
+            if row["input_ids"][:len(prefix)] == prefix:
+                row["input_ids"], row["labels"] = row["input_ids"][len(prefix):], row["labels"][len(prefix):]
+                changed += 1
+    import llamafactory
+
+    result = {"lf_version": llamafactory.__version__, "stage": spec["stage"], "config": spec["config"],
+              "deviating_rows": changed, **digest_rows(rows, spec["stage"])}
+    with open(out_path, "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
