@@ -253,11 +253,17 @@ def test_fix_tokenizer_keeps_an_equivalent_template_and_replaces_a_different_one
     get_template("qwen", tok)
     assert tok.chat_template == installed  # idempotent
 
-    tok2 = build_char_tokenizer(chat_template=CHATML_TEMPLATE)
-    same = get_template("qwen", tok2, default_system="You are a helpful assistant.")
-    assert tok2.chat_template == CHATML_TEMPLATE  # renders alike: the native template is kept
+    # a native template that renders every probe alike (system, history, tools, tool calls) is kept
+    native = "{# the model's own template #}" + installed
+    tok2 = build_char_tokenizer(chat_template=native)
+    same = get_template("qwen", tok2)
+    assert tok2.chat_template == native
     assert same.prompt_text(messages, tokenizer=tok2) == tok2.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=True)
+    # one that renders the plain probes alike but knows no tools is replaced
+    tok3 = build_char_tokenizer(chat_template=CHATML_TEMPLATE)
+    get_template("qwen", tok3, default_system="You are a helpful assistant.")
+    assert tok3.chat_template != CHATML_TEMPLATE
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

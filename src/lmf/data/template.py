@@ -337,35 +337,48 @@ class Template:
         if self.jinja is None and not self._tokenizer_renders_alike(tokenizer):
             tokenizer.chat_template = self.jinja_template(tokenizer)
 
-    def prompt_text(self, messages: list[dict], system: Optional[str] = None, tokenizer=None) -> str:
+    def prompt_text(self, messages: list[dict], system: Optional[str] = None, tokenizer=None,
+                    tools: Optional[str] = None) -> str:
         """Text of the generation prompt for ``messages`` (what :meth:`encode_prompt` tokenizes)."""
-        parts = self.render_messages(list(messages) + [{"role": ASSISTANT, "content": ""}], system, tokenizer=tokenizer)
+        conversation, system = self._prepare(list(messages) + [{"role": ASSISTANT, "content": ""}], system)
+        if self.reasoning:
+            conversation = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
+                            for i, m in enumerate(conversation)]
+        parts = [self._pieces_to_text(tokenizer, p) for p in self._message_pieces(conversation, system, tools)]
         text = "".join(parts[:-1])
-        if self.reasoning and not self.enable_thinking:
+        if self.adds_empty_thought():
             text += self.thought_words[0] + self.thought_words[1]
         return text
 
     def _tokenizer_renders_alike(self, tokenizer) -> bool:
-        """Whether the tokenizer's chat_template renders the probe prompts exactly like this template."""
+        """Whether the tokenizer's chat_template renders the probe prompts (system, history, tools, a tool
+        call and its result) exactly like this template."""
         if not isinstance(getattr(tokenizer, "chat_template", None), str):
             return False
-        probes = [
-            [{"role": "user", "content": "Hi"}],
-            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-             {"role": "user", "content": "Bye"}],
-        ]
         try:
-            for messages in probes:
-                rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                if rendered != self.prompt_text(messages, tokenizer=tokenizer):
+            for messages, tools in PROBE_CONVERSATIONS:
+                rendered = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                         add_generation_prompt=True)
+                ours = self.prompt_text(_probe_as_lmf(messages), tokenizer=tokenizer,
+                                        tools=json.dumps(tools, ensure_ascii=False) if tools else None)
+                if rendered != ours:
                     return False
         except Exception:  # a template that cannot render the probes is not equivalent
             return False
         return True
 
+    def adds_empty_thought(self) -> bool:
+        """Whether a generation prompt ends with an empty thought block: a reasoning template whose
+        ``enable_thinking`` is false *or unset* (LLaMA-Factory's rule; the one rule lmf's prompts, the
+        training data and the exported chat template all follow)."""
+        return self.reasoning and not self.enable_thinking
+
     def jinja_template(self, tokenizer) -> str:
-        """A jinja chat template that renders like this template (user/assistant/tool roles, system, tools)."""
+        """A jinja chat template that renders exactly like :meth:`encode_prompt` (what vLLM and
+        ``apply_chat_template`` use): system and default system, ``tools`` in this template's tool
+        format, assistant ``tool_calls`` and ``tool`` results, thoughts dropped from the history of
+        reasoning templates, and the empty thought block of :meth:`adds_empty_thought` (a caller's
+        ``enable_thinking`` overrides the trained default)."""
         if self.jinja is not None:
             return self.jinja
 
@@ -384,32 +397,44 @@ class Template:
                         parts.append(_jinja_str(chunk))
             return " + ".join(parts) if parts else "''"
 
-        system_expr = expr(self.system, "system_message")
+        thought = _jinja_str(self.thought_words[0] + self.thought_words[1])
+        thinking_default = {True: "true", False: "false", None: "none"}[self.enable_thinking]
         out = []
-        if self.prefix:
-            out.append("{{ " + expr(self.prefix, "''") + " }}")
-        out.append("{% set system_message = " + _jinja_str(self.default_system) + " %}")
+        if self.reasoning:
+            out.append("{%- set thinking = enable_thinking if enable_thinking is defined else "
+                       + thinking_default + " -%}")
+        out.append("{%- set system_message = " + _jinja_str(self.default_system) + " -%}")
         out.append(
-            "{% if messages and messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
-            "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system_message = messages[0]['content'] -%}"
+            "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
         )
+        out.append(_jinja_tool_block(self.tool_format))
+        out.append("{%- set system_text = (system_message or '') + tool_text -%}")
+        if self.prefix:
+            out.append("{{- " + expr(self.prefix, "''") + " -}}")
         if not self.system_in_user:
-            out.append("{% if system_message %}{{ " + system_expr + " }}{% endif %}")
-        out.append("{% for message in loop_messages %}")
+            out.append("{%- if system_text -%}{{- " + expr(self.system, "system_text") + " -}}{%- endif -%}")
+        out.append("{%- for message in loop_messages -%}")
+        out.append("{%- set content = message['content'] or '' -%}")
         if self.system_in_user:
-            out.append("{% if loop.first and system_message %}{% set content = " + system_expr
-                       + " + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}")
-        else:
-            out.append("{% set content = message['content'] %}")
-        out.append("{% if message['role'] == 'user' %}{{ " + expr(self.user, "content") + " }}")
-        out.append("{% elif message['role'] == 'assistant' %}{{ " + expr(self.assistant, "content") + " }}")
-        out.append("{% elif message['role'] in ('tool', 'observation') %}{{ "
-                   + expr(self.observation if self.observation is not None else self.user, "content") + " }}")
-        out.append("{% endif %}{% endfor %}")
-        if self.reasoning and self.enable_thinking is False:
-            out.append("{% if add_generation_prompt and loop_messages "
-                       "and loop_messages[-1]['role'] != 'assistant' %}{{ "
-                       + _jinja_str(self.thought_words[0] + self.thought_words[1]) + " }}{% endif %}")
+            out.append("{%- if loop.first and system_text -%}{%- set content = " + expr(self.system, "system_text")
+                       + " + content -%}{%- endif -%}")
+        out.append("{%- if message['role'] == 'user' -%}{{- " + expr(self.user, "content") + " -}}")
+        out.append("{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
+                   + _jinja_tool_calls(self.tool_format) + "{{- "
+                   + expr(self.function if self.function is not None else self.assistant, "calls") + " -}}")
+        out.append("{%- elif message['role'] == 'assistant' -%}")
+        if self.reasoning:  # history keeps no thoughts (as in training prompts)
+            close = _jinja_str(self.thought_words[1].strip())
+            out.append("{%- if " + close + " in content -%}{%- set content = content.split(" + close
+                       + ")[-1].lstrip('\n') -%}{%- endif -%}")
+        out.append("{{- " + expr(self.assistant, "content") + " -}}")
+        out.append("{%- elif message['role'] in ('tool', 'observation', 'ipython') -%}{{- "
+                   + expr(self.observation if self.observation is not None else self.user, "content") + " -}}")
+        out.append("{%- endif -%}{%- endfor -%}")
+        if self.reasoning:
+            out.append("{%- if add_generation_prompt and not thinking and loop_messages "
+                       "and loop_messages[-1]['role'] != 'assistant' -%}{{- " + thought + " -}}{%- endif -%}")
         return "".join(out)
 
     def describe(self) -> str:
@@ -495,6 +520,82 @@ def encode_many(tokenizer, texts: list[str], parallel: bool = False) -> list[lis
 
 def _jinja_str(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def _split_prompt(prompt: str, *fields: str) -> list[str]:
+    """The literal parts of a ``str.format`` prompt around its ``fields`` (braces unescaped)."""
+    marked = prompt.format(**{f: f"\x00{i}\x00" for i, f in enumerate(fields)})
+    return re.split("\x00\\d\x00", marked)
+
+
+def _jinja_tool_block(tool_format: str) -> str:
+    """Jinja statements that set ``tool_text`` to :func:`format_tools`'s text for ``tools`` ('' when none)."""
+    if tool_format == "qwen":
+        before, after = _split_prompt(QWEN_TOOL_PROMPT, "tool_text")
+        body = ("{%- for tool in tools -%}{{- '\\n' -}}{%- if tool.get('type') == 'function' -%}{{- tool | tojson -}}"
+                "{%- else -%}{{- {'type': 'function', 'function': tool} | tojson -}}{%- endif -%}{%- endfor -%}")
+        return ("{%- set tool_text -%}{%- if tools -%}{{- " + _jinja_str(before) + " -}}" + body + "{{- "
+                + _jinja_str(after) + " -}}{%- endif -%}{%- endset -%}")
+    before, middle, after = _split_prompt(DEFAULT_TOOL_PROMPT, "tool_text", "tool_names")
+    param = ("{{- '  - ' ~ name ~ ' (' ~ param.get('type', '') ~ (', required' if name in required else '') ~ '): ' "
+             "~ param.get('description', '') ~ ((', should be one of [' ~ param['enum'] | join(', ') ~ ']') "
+             "if param.get('enum') else '') ~ ((', where each item should be ' ~ param['items'].get('type', '')) "
+             "if param.get('items') else '') ~ '\\n' -}}")
+    return (
+        "{%- set tool_text -%}{%- if tools -%}{{- " + _jinja_str(before) + " -}}{%- set names = namespace(v=[]) -%}"
+        "{%- for tool in tools -%}"
+        "{%- set spec = tool.get('function', tool) if tool.get('type') == 'function' else tool -%}"
+        "{%- set params = spec.get('parameters') or {} -%}{%- set required = params.get('required', []) -%}"
+        "{{- '> Tool Name: ' ~ spec['name'] ~ '\\nTool Description: ' ~ spec.get('description', '') "
+        "~ '\\nTool Args:\\n' -}}"
+        "{%- for name, param in (params.get('properties', {}) or {}).items() -%}" + param + "{%- endfor -%}"
+        "{{- '\\n' -}}{%- set names.v = names.v + [spec['name']] -%}{%- endfor -%}"
+        "{{- " + _jinja_str(middle) + " ~ names.v | join(', ') ~ " + _jinja_str(after) + " -}}"
+        "{%- endif -%}{%- endset -%}"
+    )
+
+
+def _jinja_tool_calls(tool_format: str) -> str:
+    """Jinja statements that set ``calls`` to :func:`format_function_call`'s text for ``message['tool_calls']``."""
+    if tool_format == "qwen":
+        one = ("{{- '<tool_call>\\n' -}}{%- if args is mapping -%}{{- {'name': call['name'], 'arguments': args} | tojson -}}"
+               "{%- else -%}{{- '{\"name\": ' ~ call['name'] | tojson ~ ', \"arguments\": ' ~ args ~ '}' -}}{%- endif -%}"
+               "{{- '\\n</tool_call>' -}}")
+    else:
+        one = ("{{- 'Action: ' ~ call['name'] ~ '\\nAction Input: ' -}}{%- if args is mapping -%}{{- args | tojson -}}"
+               "{%- else -%}{{- args -}}{%- endif -%}")
+    return ("{%- set calls -%}{%- for item in message['tool_calls'] -%}"
+            "{%- set call = item.get('function', item) -%}{%- set args = call.get('arguments', {}) -%}"
+            "{%- if not loop.first -%}{{- '\\n' -}}{%- endif -%}" + one + "{%- endfor -%}{%- endset -%}")
+
+
+_PROBE_TOOLS = [{"name": "get_weather", "description": "Weather of a city",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City"}},
+                                "required": ["city"]}}]
+#: (messages in OpenAI/transformers form, tools) rendered by both sides in :meth:`Template._tokenizer_renders_alike`.
+PROBE_CONVERSATIONS = [
+    ([{"role": "user", "content": "Hi"}], None),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], None),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+     None),
+    ([{"role": "user", "content": "Weather in Paris?"}], _PROBE_TOOLS),
+    ([{"role": "user", "content": "Weather in Paris?"},
+      {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+          "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+      {"role": "tool", "content": "{\"temperature\": 21}"}], _PROBE_TOOLS),
+]
+
+
+def _probe_as_lmf(messages: list[dict]) -> list[dict]:
+    """OpenAI/transformers-form messages as lmf's templates take them (tool calls as a ``function`` turn)."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [c.get("function", c) for c in m["tool_calls"]]
+            out.append({"role": FUNCTION, "content": json.dumps(calls, ensure_ascii=False)})
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+    return out
 
 
 def _as_text(content: Any) -> str:
