@@ -26,14 +26,17 @@ class ToolCall(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
 
     def engine_role(self) -> str:
-        """The role the engine sees: an assistant message with ``tool_calls`` is a ``function`` turn."""
+        """The role the engine sees: an assistant message with ``tool_calls`` is a ``function`` turn;
+        OpenAI's ``developer`` role (the newer name of ``system``) is a system message."""
+        if self.role == "developer":
+            return "system"
         return "function" if self.role == "assistant" and self.tool_calls else self.role
 
     def text(self) -> str:
@@ -77,7 +80,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: Optional[int] = Field(default=None, ge=1)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

@@ -9,7 +9,12 @@ Errors use OpenAI's ``{"error": {"message", "type", "param", "code"}}`` body.
 Settings (flag, then environment variable, then default):
 ``--host`` / ``API_HOST`` (127.0.0.1), ``--port`` / ``API_PORT`` (8000), ``API_KEY`` (none; environment
 only, so it never shows in ``ps``), ``--model-name`` / ``API_MODEL_NAME`` (the model or adapter folder
-name), ``--max-concurrent`` / ``API_MAX_CONCURRENT`` (1), ``--max-queue`` / ``API_MAX_QUEUE`` (16).
+name), ``--max-concurrent`` / ``API_MAX_CONCURRENT`` (1), ``--max-queue`` / ``API_MAX_QUEUE`` (16),
+``--max-body-mb`` / ``API_MAX_BODY_MB`` (1: larger request bodies get a 413), ``--max-tokens`` /
+``API_MAX_TOKENS`` (the config's ``max_new_tokens``: a request asking for more gets a 400),
+``--max-n`` / ``API_MAX_N`` (4: choices per request).
+
+An unexpected failure is logged with its traceback and an id; the client gets a 500 with that id only.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the real request class.)
 """
@@ -45,6 +50,20 @@ class ApiSettings:
     model_name: Optional[str] = None
     max_concurrent: int = 1
     max_queue: int = 16
+    max_body_mb: float = 1.0
+    max_tokens: Optional[int] = None  # None: the engine's configured max_new_tokens
+    max_n: int = 4
+
+    def validate(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"API setting port: {self.port} is not a valid TCP port")
+        RequestLimiter(self.max_concurrent, self.max_queue)  # validates the limits
+        if self.max_body_mb <= 0:
+            raise ConfigError(f"API setting max_body_mb (API_MAX_BODY_MB): must be > 0, got {self.max_body_mb}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"API setting max_tokens (API_MAX_TOKENS): must be >= 1, got {self.max_tokens}")
+        if self.max_n < 1:
+            raise ConfigError(f"API setting max_n (API_MAX_N): must be >= 1, got {self.max_n}")
 
 
 class Overloaded(Exception):
@@ -112,6 +131,78 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: a request body over ``max_bytes`` gets a 413 (checked on ``Content-Length``
+    before anything is read, and counted while a chunked body streams in)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.responses import JSONResponse
+
+        from lmf.api.protocol import error_body
+
+        mib = self.max_bytes / (1 << 20)
+        body = error_body(f"request body too large: the limit is {mib:g} MB (API_MAX_BODY_MB)",
+                          "invalid_request_error", code="request_too_large")
+        await JSONResponse(body, status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                too_large = int(length) > self.max_bytes
+            except ValueError:
+                too_large = True
+            if too_large:
+                await self._reject(scope, receive, send)
+                return
+        # read the body here (at most max_bytes + one chunk), then replay it to the app
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                if message["type"] == "http.disconnect":
+                    return
+                continue
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later reads: disconnect notifications
+
+        await self.app(scope, replay, send)
+
+
+
+
+def _internal_error(where: str):
+    """Log the current exception with an id; a 500 whose body names only that id (no exception text)."""
+    import uuid
+
+    error_id = f"err-{uuid.uuid4().hex[:12]}"
+    logger.exception("%s failed (error id %s)", where, error_id)
+    return _error_response(500, f"internal server error (id {error_id}); the server log has the details",
+                           "server_error", code="internal_error"), error_id
+
+
 def _error_response(status: int, message: str, type_: str = "invalid_request_error",
                     param: Optional[str] = None, code: Optional[str] = None, headers: Optional[dict] = None):
     from fastapi.responses import JSONResponse
@@ -151,13 +242,20 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
     from lmf.chat.engine import MessageError, split_system
 
     settings = settings or ApiSettings()
+    settings.validate()
     model_name = settings.model_name or engine.model_name
     limiter = RequestLimiter(settings.max_concurrent, settings.max_queue)
     app = FastAPI(title="lmf", docs_url=None, redoc_url=None)
     app.state.limiter = limiter
     app.state.model_name = model_name
-    if settings.api_key:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    if settings.api_key:  # added last: runs first, so an unauthenticated client learns nothing else
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    max_tokens_limit = settings.max_tokens or engine.settings.max_new_tokens
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected_error(request: Request, exc: Exception):
+        return _internal_error(f"{request.method} {request.url.path}")[0]
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation_error(request: Request, exc: RequestValidationError):
@@ -179,8 +277,16 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
         if body.model != model_name:
             return _error_response(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                                    param="model", code="model_not_found")
+        if body.n > settings.max_n:
+            return _error_response(400, f"n={body.n} exceeds this server's limit of {settings.max_n} (API_MAX_N)",
+                                   param="n")
         if body.stream and body.n > 1:
             return _error_response(400, "n > 1 is not supported with stream=true", param="n")
+        requested = body.max_completion_tokens or body.max_tokens
+        if requested is not None and requested > max_tokens_limit:
+            param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            return _error_response(400, f"{param}={requested} exceeds this server's limit of {max_tokens_limit} "
+                                   "tokens (API_MAX_TOKENS)", param=param)
         if body.stream and body.tools:
             return _error_response(400, "tool calls cannot be streamed: send tools with stream=false", param="stream")
         try:
@@ -214,9 +320,8 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                     replies.append(reply)
             except LmfError as exc:  # a conversation or setting the engine rejects
                 return _error_response(400, str(exc))
-            except Exception as exc:  # noqa: BLE001 - the client gets the message, the log gets the traceback
-                logger.exception("generation failed")
-                return _error_response(500, f"generation failed: {exc}", "server_error")
+            except Exception:  # noqa: BLE001 - the log gets the traceback, the client an opaque id
+                return _internal_error("generation")[0]
             finally:
                 release()
             choices = [_choice(i, r, engine.parse_tool_calls(r.text) if tools else None) for i, r in enumerate(replies)]
@@ -228,10 +333,9 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
         except LmfError as exc:
             release()
             return _error_response(400, str(exc))
-        except Exception as exc:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             release()
-            logger.exception("generation failed")
-            return _error_response(500, f"generation failed: {exc}", "server_error")
+            return _internal_error("generation")[0]
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def cleanup() -> None:
@@ -305,15 +409,20 @@ async def _sse_events(stream: "ChatStream", request_id: str, model_name: str, in
             usage = protocol.usage_body(stream.prompt_tokens, stream.completion_tokens)
             yield _sse(protocol.chunk_body(request_id, model_name, {}, usage=usage, with_choice=False))
         yield "data: [DONE]\n\n"
-    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
-        logger.exception("generation failed while streaming")
-        yield _sse(protocol.error_body(f"generation failed: {exc}", "server_error"))
+    except Exception:  # noqa: BLE001 - headers are sent: report in-band, with an opaque id
+        import uuid
+
+        error_id = f"err-{uuid.uuid4().hex[:12]}"
+        logger.exception("generation failed while streaming (error id %s)", error_id)
+        yield _sse(protocol.error_body(f"internal server error (id {error_id}); the server log has the details",
+                                       "server_error", code="internal_error"))
     finally:
         cleanup()
 
 
 API_FLAGS = {"--host": "host", "--port": "port", "--model-name": "model_name",
-             "--max-concurrent": "max_concurrent", "--max-queue": "max_queue"}
+             "--max-concurrent": "max_concurrent", "--max-queue": "max_queue", "--max-body-mb": "max_body_mb",
+             "--max-tokens": "max_tokens", "--max-n": "max_n"}
 
 
 def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[ApiSettings, list[str]]:
@@ -347,6 +456,14 @@ def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[Api
         except (TypeError, ValueError):
             raise ConfigError(f"API setting {name} ({env_name}): expected an integer, got {raw!r}") from None
 
+    def as_float(name: str, env_name: str, default: float) -> float:
+        raw = pick(name, env_name, default)
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"API setting {name} ({env_name}): expected a number, got {raw!r}") from None
+
+    max_tokens = pick("max_tokens", "API_MAX_TOKENS", None)
     settings = ApiSettings(
         host=pick("host", "API_HOST", "127.0.0.1"),
         port=as_int("port", "API_PORT", 8000),
@@ -354,10 +471,11 @@ def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[Api
         model_name=pick("model_name", "API_MODEL_NAME", None),
         max_concurrent=as_int("max_concurrent", "API_MAX_CONCURRENT", 1),
         max_queue=as_int("max_queue", "API_MAX_QUEUE", 16),
+        max_body_mb=as_float("max_body_mb", "API_MAX_BODY_MB", 1.0),
+        max_tokens=None if max_tokens is None else as_int("max_tokens", "API_MAX_TOKENS", 0),
+        max_n=as_int("max_n", "API_MAX_N", 4),
     )
-    if not 0 < settings.port < 65536:
-        raise ConfigError(f"API setting port: {settings.port} is not a valid TCP port")
-    RequestLimiter(settings.max_concurrent, settings.max_queue)  # validates the limits
+    settings.validate()
     return settings, rest
 
 
