@@ -139,11 +139,21 @@ def _same_losses(state: dict, ref_state: dict) -> None:
     assert got == pytest.approx(want, abs=1e-4)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_single_process(parallel, reference_run, tiny_model_dir, tmp_path, dist_cache):
+PARALLEL_CONFIGS = {
+    "ddp": {},
+    "fsdp": {"fsdp": "full_shard"},
+    # HSDP on a 2-D mesh: one shard group of 2 (as full_shard), or 2 replicas of 1 (parameters replicated)
+    "hsdp": {"fsdp": "hybrid_shard auto_wrap"},
+    "hsdp-replicate": {"fsdp": "hybrid_shard", "fsdp_config": {"hybrid_shard_size": 1}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(PARALLEL_CONFIGS))
+def test_two_processes_match_single_process(variant, reference_run, tiny_model_dir, tmp_path, dist_cache):
     """FORCE_TORCHRUN=1 NPROC_PER_NODE=2: 2 ranks x micro-batch 2 == 1 process x micro-batch 4; rank 0 alone writes."""
     out = str(tmp_path / "out")
-    extra = {"fsdp": "full_shard"} if parallel == "fsdp" else {}
+    extra = PARALLEL_CONFIGS[variant]
+    parallel = "ddp" if variant == "ddp" else "fsdp"
     cfg = write_config(tmp_path / "cfg.yaml", base_config(tiny_model_dir, out, per_device_train_batch_size=2, **extra))
     env = lmf_env(dist_cache, FORCE_TORCHRUN=1, NPROC_PER_NODE=2, LMF_LOG_ALL_RANKS=1)
     rc, log, elapsed = run_lmf(cfg, env)
@@ -158,7 +168,9 @@ def test_two_processes_match_single_process(parallel, reference_run, tiny_model_
     assert state["world_size"] == 2
     _same_losses(state, reference_run["state"])
     assert_same_adapter(load_adapter(out), reference_run["adapter"])
-    print(f"{parallel} 2-process run: {elapsed:.1f}s")
+    if variant.startswith("hsdp"):
+        assert "device mesh" in log and ("replicated 2 time(s)" in log) == (variant == "hsdp-replicate")
+    print(f"{variant} 2-process run: {elapsed:.1f}s")
 
 
 def test_two_launchers_form_one_multi_node_job(reference_run, tiny_model_dir, tmp_path, dist_cache):

@@ -37,5 +37,9 @@ CASES: dict[str, dict] = {
     "qwen3_nothink_alpaca": _sft("alpaca_en_demo", "qwen3_nothink", max_samples=50),
     "chatml_glaive_toolcall": dict(_sft("glaive_toolcall_en_demo", "chatml", max_samples=60, cutoff_len=8192),
                                    lf_deviation=EMPTY_SYSTEM_TURN),
+    "qwen_interleave_under": _sft("alpaca_en_demo,identity", "qwen", mix_strategy="interleave_under",
+                                  interleave_probs="0.3,0.7", max_samples=100),
+    "qwen_interleave_over": _sft("alpaca_en_demo,identity", "qwen", mix_strategy="interleave_over",
+                                 interleave_probs="0.5,0.5", max_samples=60),
     "qwen_dpo": {"stage": "rm", "config": dict(_sft("dpo_en_demo", "qwen")["config"], stage="rm")},
 }

@@ -251,7 +251,8 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_body_mb * (1 << 20)))
     if settings.api_key:  # added last: runs first, so an unauthenticated client learns nothing else
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
-    max_tokens_limit = settings.max_tokens or engine.settings.max_new_tokens
+    max_tokens_limit = settings.max_tokens or (engine.settings.max_new_tokens if engine.settings.max_new_tokens > 0
+                                               else engine.settings.max_length)
 
     @app.exception_handler(Exception)
     async def _on_unexpected_error(request: Request, exc: Exception):

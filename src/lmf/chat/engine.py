@@ -40,7 +40,8 @@ class GenerationSettings:
     temperature: float = 0.95
     top_p: float = 0.7
     top_k: int = 50
-    max_new_tokens: int = 1024
+    max_new_tokens: int = 1024  # <= 0: the reply is limited by max_length (prompt + reply) instead
+    max_length: int = 1024
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     stop: tuple[str, ...] = ()
@@ -72,12 +73,24 @@ class GenerationSettings:
             raise ConfigError(f"config key 'top_p': must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"config key 'top_k': must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"config key 'max_new_tokens': must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 1 and self.max_length < 1:
+            raise ConfigError(f"config keys 'max_new_tokens' ({self.max_new_tokens}) and 'max_length' "
+                              f"({self.max_length}): one of them must be >= 1")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"config key 'repetition_penalty': must be > 0, got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ConfigError("generation setting 'stop': stop strings must be non-empty")
+
+    def reply_budget(self, prompt_tokens: int) -> int:
+        """New tokens a reply may have: ``max_new_tokens`` when > 0 (as in LLaMA-Factory), else what
+        ``max_length`` leaves after the prompt. Raises MessageError when nothing is left."""
+        if self.max_new_tokens > 0:
+            return self.max_new_tokens
+        room = self.max_length - prompt_tokens
+        if room < 1:
+            raise MessageError(f"the prompt is {prompt_tokens} tokens, which leaves no room under max_length "
+                               f"{self.max_length}")
+        return room
 
     @property
     def greedy(self) -> bool:

@@ -53,9 +53,6 @@ class HuggingFaceEngine(ChatEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.settings = GenerationSettings.from_args(cfg.generating)
-        if cfg.generating.num_beams != 1:
-            logger.warning("num_beams=%d is ignored: chat and api stream one sequence (num_beams=1)",
-                           cfg.generating.num_beams)
         self.use_cache = cfg.model.use_cache
         self.model_name = served_model_name(cfg)
         logger.info("chat engine ready: %s on %s, template %s, stop tokens %s",
@@ -77,7 +74,7 @@ class HuggingFaceEngine(ChatEngine):
 
         settings = self.settings.updated(**gen)
         prompt_ids = self.encode(messages, system, tools)
-        max_new_tokens = settings.max_new_tokens
+        max_new_tokens = settings.reply_budget(len(prompt_ids))
         if self.max_positions:
             room = self.max_positions - len(prompt_ids)
             if room < 1:

@@ -104,7 +104,7 @@ class VllmEngine(ChatEngine):
             top_p=1.0 if settings.greedy else settings.top_p,
             top_k=-1 if settings.greedy or not settings.top_k else settings.top_k,
             repetition_penalty=settings.repetition_penalty,
-            max_tokens=min(settings.max_new_tokens, room),
+            max_tokens=min(settings.reply_budget(len(prompt_ids)), room),
             stop_token_ids=self.stop_ids,
             skip_special_tokens=settings.skip_special_tokens,
         )

@@ -89,8 +89,10 @@ class DataArguments:
     mask_history: bool = _f(False, "Train on the last assistant turn only.")
     streaming: bool = _f(False, "Stream the dataset instead of loading it.")
     buffer_size: int = _f(16384, "Shuffle buffer size when streaming.")
-    mix_strategy: str = _f("concat", "How to mix several datasets.", ("concat", "interleave_under", "interleave_over"))
-    interleave_probs: Optional[str] = _f(None, "Comma-separated sampling probabilities for interleaving.")
+    mix_strategy: str = _f("concat", "How to mix several datasets: concatenate, or interleave until the first "
+                           "(under) / every (over) dataset is exhausted, or each record once (once).",
+                           ("concat", "interleave_under", "interleave_over", "interleave_once"))
+    interleave_probs: Optional[str] = _f(None, "Comma-separated sampling probabilities of the datasets when interleaving.")
     overwrite_cache: bool = _f(False, "Re-run preprocessing even if a cached result exists.")
     preprocessing_batch_size: int = _f(1000, "Records per preprocessing batch.")
     preprocessing_num_workers: Optional[int] = _f(None, "Processes used for preprocessing.")
@@ -98,7 +100,7 @@ class DataArguments:
     eval_num_beams: Optional[int] = _f(None, "Beams for evaluation generation.")
     ignore_pad_token_for_loss: bool = _f(True, "Ignore pad tokens in the loss.")
     val_size: float = _f(0.0, "Validation split: a fraction in [0,1) or an absolute count.")
-    eval_on_each_dataset: bool = _f(False, "Evaluate on each eval dataset separately.")
+    eval_on_each_dataset: bool = _f(False, "Evaluate on each eval_dataset separately (logged as eval_<name>_loss).")
     packing: Optional[bool] = _f(None, "Pack several samples into one sequence (default: on for pt, off otherwise).")
     neat_packing: bool = _f(False, "Packing without cross-sample attention (per-sample position ids).")
     tool_format: Optional[str] = _f(None, "Tool format for function-calling data.")
@@ -115,7 +117,7 @@ class FinetuningArguments:
     """What to train: stage, method and method-specific knobs."""
 
     stage: str = _f("sft", "Training stage.", ("pt", "sft", "rm", "dpo", "kto", "ppo"))
-    finetuning_type: str = _f("lora", "Which parameters to train.", ("lora", "freeze", "full"))
+    finetuning_type: str = _f("lora", "Which parameters to train.", ("lora", "freeze", "full", "oft"))
     # freeze
     freeze_trainable_layers: int = _f(2, "Freeze: train the last N layers (negative: the first -N).")
     freeze_trainable_modules: str = _f("all", "Freeze: comma-separated module names within trainable layers.")
@@ -232,8 +234,8 @@ class GeneratingArguments:
     top_p: float = _f(0.7, "Nucleus sampling probability.")
     top_k: int = _f(50, "Top-k sampling.")
     num_beams: int = _f(1, "Beam search width.")
-    max_length: int = _f(1024, "Maximum total length (prompt + new) when max_new_tokens is unset.")
-    max_new_tokens: int = _f(1024, "Maximum new tokens.")
+    max_length: int = _f(1024, "Maximum total length (prompt + reply); applies when max_new_tokens <= 0.")
+    max_new_tokens: int = _f(1024, "Maximum new tokens of a reply (<= 0: limited by max_length instead).")
     repetition_penalty: float = _f(1.0, "Repetition penalty.")
     length_penalty: float = _f(1.0, "Length penalty for beam search.")
     skip_special_tokens: bool = _f(True, "Skip special tokens when decoding.")

@@ -5,7 +5,8 @@ Rules:
 - an unknown key is an error naming the key and the closest valid one;
 - a bad value names the key, the value and the allowed values/type;
 - keys accepted for LLaMA-Factory compatibility but not implemented are an error when set
-  to a non-default value (``UNSUPPORTED``) or a warning when harmless (``NO_EFFECT``).
+  to a non-default value (``UNSUPPORTED``) or a warning when harmless (``NO_EFFECT``); keys that only
+  LLaMA-Factory has follow :mod:`lmf.config.compat` (its default accepted, anything else refused).
 """
 
 from __future__ import annotations
@@ -28,52 +29,19 @@ from lmf.config.args import (
     ModelArguments,
     TrainingArguments,
 )
+from lmf.config.compat import (
+    ALIASES,
+    NO_EFFECT,
+    UNSUPPORTED,
+    UNSUPPORTED_FINETUNING_TYPES,
+    UNSUPPORTED_STAGES,
+    check_lf_only_key,
+    is_lf_only_key,
+)
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
-
-#: key -> reason. Setting these to anything but their default is an error.
-UNSUPPORTED: dict[str, str] = {
-    "quantization_bit": "on-the-fly quantization (QLoRA) is not implemented yet",
-    "use_llama_pro": "LLaMA Pro block expansion is not implemented",
-    "use_galore": "the GaLore optimizer is not implemented",
-    "use_badam": "the BAdam optimizer is not implemented",
-    "use_apollo": "the APOLLO optimizer is not implemented",
-    "use_adam_mini": "the Adam-mini optimizer is not implemented",
-    "use_muon": "the Muon optimizer is not implemented",
-    "pissa_init": "PiSSA initialisation is not implemented",
-    "use_dora": "DoRA is not implemented",
-    "streaming": "streaming datasets are not implemented; datasets are memory-mapped Arrow instead",
-    "mix_strategy": "only mix_strategy 'concat' is implemented",
-    "do_predict": "prediction (do_predict) is not implemented",
-    "predict_with_generate": "generation during evaluation is not implemented",
-    "push_to_hub": "pushing to the hub is not possible offline",
-    "export_hub_model_id": "pushing to the hub is not possible offline",
-    "loraplus_lr_ratio": "LoRA+ is not implemented",
-    "torch_compile": "torch.compile is not implemented",
-}
-#: stages that exist in LLaMA-Factory but not (yet) in lmf.
-UNSUPPORTED_STAGES = {"kto": "KTO is not implemented", "ppo": "PPO is not implemented"}
-#: key -> why it is ignored. A warning is printed when set to a non-default value.
-NO_EFFECT: dict[str, str] = {
-    "remove_unused_columns": "lmf never drops columns it needs",
-    "label_names": "lmf knows its label columns",
-    "max_checkpoint_wait": "not used",
-    "hf_hub_token": "lmf runs offline",
-    "data_shared_file_system": "the preprocessing cache is built on local rank 0 of every node",
-    "include_effective_tokens_per_second": "lmf always reports tokens/s",
-    "freeze_vision_tower": "multimodal models are not supported",
-    "freeze_multi_modal_projector": "multimodal models are not supported",
-    "freeze_language_model": "multimodal models are not supported",
-    "media_dir": "multimodal data is not supported",
-    "eval_num_beams": "generation during evaluation is not implemented",
-    "tool_format": "tool calls are rendered by the template's own format",
-    "dataloader_pin_memory": "pinning is decided by the device",
-}
-#: LLaMA-Factory aliases and renamed keys -> lmf key.
-ALIASES: dict[str, str] = {"evaluation_strategy": "eval_strategy"}
-
 
 @dataclass
 class LmfConfig:
@@ -268,9 +236,8 @@ def split_cli_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
 def build_config(raw: dict[str, Any], *, source: str = "config") -> LmfConfig:
     """Validate a flat dict of keys into an :class:`LmfConfig`."""
     values: dict[str, dict[str, Any]] = {g: {} for g in ARG_GROUPS}
+    raw = _expand_lf_only_keys(raw, source)
     for key, value in raw.items():
-        if not isinstance(key, str):
-            raise ConfigError(f"{source}: config keys must be strings, got {key!r}")
         key = ALIASES.get(key, key)
         if key not in KEY_INDEX:
             hint = suggest_key(key)
@@ -295,6 +262,33 @@ def build_config(raw: dict[str, Any], *, source: str = "config") -> LmfConfig:
     return cfg
 
 
+def _expand_lf_only_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """``raw`` without the keys only LLaMA-Factory has (checked by :func:`lmf.config.compat.check_lf_only_key`),
+    plus the lmf keys some of them map to (an explicit lmf key wins over a mapped one)."""
+    out: dict[str, Any] = {}
+    mapped: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: config keys must be strings, got {key!r}")
+        if ALIASES.get(key, key) in KEY_INDEX or not is_lf_only_key(key):
+            out[key] = value
+            continue
+        warning, extra = check_lf_only_key(key, value, source)
+        if warning:
+            logger.warning("%s", warning)
+        for name, mapped_value in extra.items():
+            if isinstance(mapped_value, dict) and isinstance(mapped.get(name), dict):
+                mapped[name] = {**mapped[name], **mapped_value}
+            else:
+                mapped[name] = mapped_value
+    for name, value in mapped.items():
+        if name in out and isinstance(out[name], dict) and isinstance(value, dict):
+            out[name] = {**value, **out[name]}
+        else:
+            out.setdefault(name, value)
+    return out
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -311,6 +305,9 @@ def _check_unsupported(cfg: LmfConfig) -> None:
         f = KEY_INDEX[key][1]
         if flat[key] != _default_of(f):
             logger.warning("config key %r has no effect in lmf: %s", key, reason)
+    if cfg.finetuning.finetuning_type in UNSUPPORTED_FINETUNING_TYPES:
+        raise ConfigError(f"config key 'finetuning_type': {cfg.finetuning.finetuning_type!r} — "
+                          f"{UNSUPPORTED_FINETUNING_TYPES[cfg.finetuning.finetuning_type]} in lmf")
     if cfg.finetuning.stage in UNSUPPORTED_STAGES:
         raise ConfigError(f"config key 'stage': {cfg.finetuning.stage!r} — {UNSUPPORTED_STAGES[cfg.finetuning.stage]} in lmf")
 
@@ -331,6 +328,36 @@ def _post_process(cfg: LmfConfig) -> None:
     for r in t.report_to:
         if r not in ("tensorboard", "wandb", "all"):
             raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard or wandb")
+    if d.interleave_probs is not None:
+        if d.mix_strategy == "concat":
+            raise ConfigError("config key 'interleave_probs' needs an interleaving mix_strategy "
+                              "(interleave_under, interleave_over or interleave_once), not concat")
+        count = len([p for p in str(d.interleave_probs).split(",") if p.strip()])
+        for key in ("dataset", "eval_dataset"):
+            names = [n for n in (getattr(d, key) or "").split(",") if n.strip()]
+            if names and len(names) != count:
+                raise ConfigError(f"config key 'interleave_probs': {count} probabilities for {len(names)} "
+                                  f"datasets in '{key}'")
+    if d.eval_on_each_dataset and not d.eval_dataset:
+        raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    has_eval = bool(d.val_size or d.eval_dataset)
+    if ft.early_stopping_steps is not None:
+        if ft.early_stopping_steps < 1:
+            raise ConfigError(f"config key 'early_stopping_steps': must be >= 1, got {ft.early_stopping_steps}")
+        if not has_eval or (t.eval_strategy == "no" and t.evaluation_strategy in (None, "no")):
+            raise ConfigError("config key 'early_stopping_steps' needs evaluations: set eval_strategy (steps or "
+                              "epoch) and an eval set (val_size or eval_dataset)")
+    if m.upcast_layernorm and ft.pure_bf16:
+        raise ConfigError("config keys 'upcast_layernorm' and 'pure_bf16': fp32 norm weights need mixed-precision "
+                          "autocast, which pure_bf16 turns off; use bf16: true with upcast_layernorm")
+    if ft.compute_accuracy and not has_eval:
+        logger.warning("config key 'compute_accuracy' has no effect without an eval set (val_size or eval_dataset)")
+    if ft.compute_accuracy and ft.stage == "dpo":
+        logger.warning("config key 'compute_accuracy' has no effect for DPO, which always logs rewards/accuracies")
+    g = cfg.generating
+    if g.max_new_tokens > 0 and g.max_length != _default_of(KEY_INDEX["max_length"][1]):
+        logger.warning("config key 'max_length' has no effect while max_new_tokens > 0 (as in LLaMA-Factory); set "
+                       "max_new_tokens: 0 to limit prompt + reply to max_length instead")
     if d.packing is None:
         d.packing = ft.stage == "pt"
     if d.neat_packing:

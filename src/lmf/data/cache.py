@@ -59,7 +59,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 _DATA_KEYS = ("cutoff_len", "train_on_prompt", "mask_history", "max_samples", "packing", "neat_packing",
-              "skip_bad_records")
+              "skip_bad_records", "mix_strategy", "interleave_probs", "eval_on_each_dataset")
 
 
 def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eval_attrs: list, seed: int) -> str:
@@ -109,7 +109,13 @@ def publish(build_dir: str, target: str) -> None:
 def save_entry(build_dir: str, train, eval_, stats: dict) -> None:
     """Write datasets and stats into ``build_dir`` (stats last: it marks the entry complete)."""
     train.save_to_disk(os.path.join(build_dir, "train"))
-    if eval_ is not None:
+    if isinstance(eval_, dict):  # eval_on_each_dataset: eval/<index>/ per dataset, names in eval_names.json
+        names = list(eval_)
+        for i, name in enumerate(names):
+            eval_[name].save_to_disk(os.path.join(build_dir, "eval", str(i)))
+        with open(os.path.join(build_dir, "eval", "eval_names.json"), "w", encoding="utf-8") as fh:
+            json.dump(names, fh)
+    elif eval_ is not None:
         eval_.save_to_disk(os.path.join(build_dir, "eval"))
     with open(os.path.join(build_dir, "stats.json"), "w", encoding="utf-8") as fh:
         json.dump(stats, fh, indent=2)
@@ -121,7 +127,13 @@ def load_entry(path: str) -> tuple[Any, Any, dict]:
 
     train = datasets.load_from_disk(os.path.join(path, "train"))
     eval_path = os.path.join(path, "eval")
-    eval_ = datasets.load_from_disk(eval_path) if os.path.isdir(eval_path) else None
+    eval_ = None
+    if os.path.isfile(os.path.join(eval_path, "eval_names.json")):
+        with open(os.path.join(eval_path, "eval_names.json"), encoding="utf-8") as fh:
+            names = json.load(fh)
+        eval_ = {name: datasets.load_from_disk(os.path.join(eval_path, str(i))) for i, name in enumerate(names)}
+    elif os.path.isdir(eval_path):
+        eval_ = datasets.load_from_disk(eval_path)
     with open(os.path.join(path, "stats.json"), encoding="utf-8") as fh:
         stats = json.load(fh)
     return train, eval_, stats

@@ -59,7 +59,12 @@ def print_report(module, tokenizer, template, stage: str, out: Optional[TextIO] 
     print(f"stage: {stage}  template: {template.name}  cutoff_len: {stats.get('cutoff_len')}", file=out)
     print(f"cache: {stats.get('cache')} {stats.get('cache_path', '')}".rstrip(), file=out)
     _print_split("train", stats.get("train"), out)
-    _print_split("eval", stats.get("eval"), out)
+    eval_stats = stats.get("eval")
+    if eval_stats and "samples" not in eval_stats:  # eval_on_each_dataset: stats per eval dataset
+        for name, split in eval_stats.items():
+            _print_split(f"eval ({name})", split, out)
+    else:
+        _print_split("eval", eval_stats, out)
     print(f"train samples: {stats.get('train_samples')}  eval samples: {stats.get('eval_samples')}", file=out)
     if len(module.train_dataset) == 0:
         return

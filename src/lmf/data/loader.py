@@ -179,6 +179,44 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
     return ds
 
 
+#: mix_strategy -> the ``stopping_strategy`` of ``datasets.interleave_datasets`` (as LLaMA-Factory maps them).
+INTERLEAVE_STRATEGIES = {
+    "interleave_under": "first_exhausted",
+    "interleave_over": "all_exhausted",
+    "interleave_once": "all_exhausted_without_replacement",
+}
+
+
+def merge_datasets(parts: list, data_args, seed: int):
+    """One dataset from several: concatenated (``mix_strategy: concat``) or interleaved with
+    ``interleave_probs`` (LLaMA-Factory's ``merge_dataset``: the same records in the same order)."""
+    import datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    if data_args.mix_strategy == "concat":
+        return datasets.concatenate_datasets(parts)
+    probs = parse_interleave_probs(data_args.interleave_probs)
+    try:
+        return datasets.interleave_datasets(parts, probabilities=probs, seed=seed,
+                                            stopping_strategy=INTERLEAVE_STRATEGIES[data_args.mix_strategy])
+    except ValueError as exc:
+        raise ConfigError(f"config keys 'mix_strategy' / 'interleave_probs': {exc}") from exc
+
+
+def parse_interleave_probs(value) -> Optional[list[float]]:
+    """``"0.3,0.7"`` -> [0.3, 0.7]; None stays None (uniform)."""
+    if value is None:
+        return None
+    try:
+        probs = [float(p) for p in str(value).split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"config key 'interleave_probs': {value!r} is not a comma-separated list of numbers") from None
+    if any(p < 0 for p in probs) or not probs:
+        raise ConfigError(f"config key 'interleave_probs': {value!r} must hold non-negative numbers")
+    return probs
+
+
 def _token_stats(ds, stage: str) -> dict[str, Any]:
     """Counts and length statistics of a tokenized dataset (computed with Arrow, not Python loops)."""
     import pyarrow.compute as pc
@@ -219,7 +257,7 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         parts.append(ds)
     if bad.problems:
         logger.warning("skipped %d malformed record(s) (skip_bad_records: true): %s", len(bad.problems), bad.describe())
-    normalized = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    normalized = merge_datasets(parts, data_args, seed)
     if len(normalized) == 0:
         names = ", ".join(a.name for a in attrs)
         raise DataError(f"dataset(s) {names}: no usable records" + (f" ({len(bad.problems)} skipped as malformed)"
@@ -282,7 +320,11 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
         try:
             train, train_stats = build_split(train_attrs, stage, tokenizer, template, d, work_dir, seed)
             eval_, eval_stats = (None, None)
-            if eval_attrs:
+            if eval_attrs and d.eval_on_each_dataset:  # one eval set per dataset, evaluated and logged apart
+                built = {a.name: build_split([a], stage, tokenizer, template, d, work_dir, seed) for a in eval_attrs}
+                eval_ = {name: ds for name, (ds, _) in built.items()}
+                eval_stats = {name: st for name, (_, st) in built.items()}
+            elif eval_attrs:
                 eval_, eval_stats = build_split(eval_attrs, stage, tokenizer, template, d, work_dir, seed)
             stats = {"stage": stage, "template": template.name, "cutoff_len": d.cutoff_len,
                      "train": train_stats, "eval": eval_stats}
@@ -352,7 +394,9 @@ def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
     if d.val_size and eval_ is None:
         train, eval_ = split_validation(train, d.val_size, seed)
         stats = dict(stats, val_size=d.val_size)
-    stats = dict(stats, train_samples=len(train), eval_samples=len(eval_) if eval_ is not None else 0)
+    eval_samples = (sum(len(v) for v in eval_.values()) if isinstance(eval_, dict) else len(eval_)) \
+        if eval_ is not None else 0
+    stats = dict(stats, train_samples=len(train), eval_samples=eval_samples)
     tr = stats.get("train") or {}
     logger.info("dataset ready (%s): %d train / %d eval samples, %d tokens (%d labelled), %d skipped, %d truncated%s",
                 stats.get("cache"), stats["train_samples"], stats["eval_samples"], tr.get("tokens", 0),

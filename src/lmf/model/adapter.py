@@ -83,7 +83,8 @@ def _init_lora(cfg: "LmfConfig", model):
         model = _merge_adapters(model, paths[:-1])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            model = PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
+            model = PeftModel.from_pretrained(model, paths[-1], is_trainable=True,
+                                              autocast_adapter_dtype=not ft.pure_bf16)
         logger.info("resumed training of adapter %s", paths[-1])
         _fuse(model)
         return model
@@ -109,7 +110,8 @@ def _init_lora(cfg: "LmfConfig", model):
     )
     with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
-        model = get_peft_model(model, lora_config)
+        # pure_bf16: the adapter stays in the base model's bf16 (peft would otherwise make it fp32)
+        model = get_peft_model(model, lora_config, autocast_adapter_dtype=not ft.pure_bf16)
     logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(targets))
     _fuse(model)
     return model

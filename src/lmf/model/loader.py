@@ -115,6 +115,12 @@ def resolve_dtype(cfg: "LmfConfig", device: "torch.device", is_trainable: bool) 
     import torch
 
     t, m = cfg.training, cfg.model
+    if is_trainable and cfg.finetuning.pure_bf16:  # every weight, trainable ones too, in bf16 (no fp32 master)
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise NotAvailableError("pure_bf16: true but this GPU does not support bfloat16")
+        if device.type == "cpu":
+            _warn_once("cpu-pure-bf16", "pure_bf16 on CPU: the weights are bfloat16 (slower than float32 on most CPUs)")
+        return torch.bfloat16
     if device.type == "cpu":
         if is_trainable and (t.bf16 or t.fp16):
             _warn_once("cpu-half", "%s is set but training runs on CPU: using float32", "bf16" if t.bf16 else "fp16")
@@ -201,6 +207,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
 
     if is_trainable:
         model.config.use_cache = False
+        _apply_upcasts(cfg, model)
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(model, _reentrant_checkpointing(cfg), cfg.model.offload_activations)
         model = init_adapter(cfg, model)
@@ -215,6 +222,27 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     log_param_counts(model)
     set_padding_free(model, cfg.model.padding_free)
     return model.to(device)
+
+
+#: Substrings of the names of normalisation weights (LLaMA-Factory's LAYERNORM_NAMES).
+LAYERNORM_NAMES = ("norm", "ln")
+
+
+def _apply_upcasts(cfg: "LmfConfig", model) -> None:
+    """``upcast_layernorm``: 1-D norm weights in fp32 (as LLaMA-Factory). ``upcast_lmhead_output``: lmf's
+    losses always compute the logits in fp32, whatever the head's dtype (said once in the log)."""
+    import torch
+
+    if cfg.model.upcast_layernorm:
+        upcast = [name for name, p in model.named_parameters()
+                  if p.ndim == 1 and any(n in name for n in LAYERNORM_NAMES) and p.dtype != torch.float32]
+        for name, p in model.named_parameters():
+            if name in upcast:
+                p.data = p.data.to(torch.float32)
+        logger.info("upcast_layernorm: %d norm weight(s) upcast to float32%s", len(upcast),
+                    "" if upcast else " (the weights already are)")
+    if cfg.model.upcast_lmhead_output:
+        logger.info("upcast_lmhead_output: lmf's losses always compute the LM head's logits in float32")
 
 
 def _maybe_resize_embeddings(cfg: "LmfConfig", model, tokenizer) -> None:

@@ -1,7 +1,13 @@
 """Data parallelism for the training loop: none, DDP, or FSDP2 (``fully_shard``).
 
-``fsdp: full_shard`` (or ``shard_grad_op``) selects FSDP2; ``deepspeed: ds_zN_config.json`` maps
-ZeRO stage 2/3 onto FSDP2 sharding (stage 0/1 onto DDP) and says so in the log.
+``fsdp: full_shard`` (or ``shard_grad_op``) selects FSDP2; ``hybrid_shard`` (``hybrid_shard_zero2``)
+shards within a node and replicates across nodes on a 2-D device mesh (HSDP); ``auto_wrap`` is what
+lmf always does (every decoder layer is its own FSDP unit). ``fsdp_config`` takes
+``transformer_layer_cls_to_wrap`` (checked against the model), ``reshard_after_forward``,
+``activation_checkpointing``, ``fsdp_version`` (2) and lmf's ``hybrid_shard_size`` (processes per
+shard group; default: the processes of one node); any other key is refused.
+``deepspeed: ds_zN_config.json`` maps ZeRO stage 2/3 onto FSDP2 sharding (stage 0/1 onto DDP) and
+says so in the log.
 """
 
 from __future__ import annotations
@@ -25,10 +31,44 @@ logger = get_logger(__name__)
 
 @dataclass(frozen=True)
 class ParallelPlan:
-    """How the loss module is wrapped: mode is 'single', 'ddp' or 'fsdp'."""
+    """How the loss module is wrapped: mode is 'single', 'ddp' or 'fsdp'; ``shard_size`` (HSDP) is the size
+    of the shard groups (the ranks replicate across groups); ``layer_classes`` the classes to wrap."""
 
     mode: str
     reshard_after_forward: bool = True
+    shard_size: Optional[int] = None
+    layer_classes: tuple = ()
+
+
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
+FSDP_CONFIG_KEYS = ("transformer_layer_cls_to_wrap", "reshard_after_forward", "activation_checkpointing",
+                    "fsdp_version", "hybrid_shard_size")
+
+
+def read_fsdp_config(value) -> dict:
+    """``fsdp_config`` as a dict (a mapping, a JSON string or a JSON file path); ``fsdp_`` prefixes dropped
+    (as transformers does); unknown keys refused."""
+    if value in (None, "", {}):
+        return {}
+    if isinstance(value, str):
+        text = value
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as fh:
+                text = fh.read()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config key 'fsdp_config': {value!r} is neither a JSON file nor JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key 'fsdp_config': expected a mapping, got {value!r}")
+    out = {(k[len("fsdp_"):] if k.startswith("fsdp_") and k != "fsdp_version" else k): v for k, v in value.items()}
+    unknown = sorted(k for k in out if k not in FSDP_CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"config key 'fsdp_config': {', '.join(unknown)} not implemented in lmf "
+                          f"(implemented: {', '.join(FSDP_CONFIG_KEYS)})")
+    if out.get("fsdp_version") not in (None, 2, "2"):
+        raise ConfigError(f"config key 'fsdp_config': fsdp_version {out['fsdp_version']!r}: lmf runs FSDP2 only")
+    return out
 
 
 def _fsdp_options(value) -> list[str]:
@@ -73,19 +113,47 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
             (logger.info if announce else logger.debug)("deepspeed: ZeRO stage %d from %s is mapped onto DDP",
                                                         stage, t.deepspeed)
     elif options:
-        unknown = [o for o in options if o not in ("full_shard", "shard_grad_op", "hybrid_shard", "offload", "auto_wrap")]
+        unknown = [o for o in options if o not in FSDP_OPTIONS]
         if unknown:
-            raise ConfigError(f"config key 'fsdp': unknown option(s) {', '.join(unknown)}")
+            raise ConfigError(f"config key 'fsdp': unknown option(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(FSDP_OPTIONS)}")
         if "offload" in options:
             raise ConfigError("config key 'fsdp': 'offload' is not implemented")
-        mode, reshard = "fsdp", "shard_grad_op" not in options
+        sharding = [o for o in options if o not in ("auto_wrap", "offload")]
+        if len(sharding) > 1:
+            raise ConfigError(f"config key 'fsdp': choose one sharding strategy, got {', '.join(sharding)}")
+        if "auto_wrap" in options and announce:
+            logger.info("fsdp: auto_wrap: every decoder layer is its own FSDP unit (lmf always wraps so)")
+        mode, reshard = "fsdp", not ({"shard_grad_op", "hybrid_shard_zero2"} & set(options))
+    extra = read_fsdp_config(t.fsdp_config)
+    if extra and mode != "fsdp":
+        raise ConfigError("config key 'fsdp_config' needs FSDP sharding (fsdp: full_shard, ...)")
+    if "reshard_after_forward" in extra:
+        reshard = bool(extra["reshard_after_forward"])
+    if "activation_checkpointing" in extra and bool(extra["activation_checkpointing"]) != bool(t.gradient_checkpointing):
+        raise ConfigError("config keys 'fsdp_config.activation_checkpointing' and 'gradient_checkpointing' disagree")
+    hybrid = any(o.startswith("hybrid_shard") for o in options)
+    shard_size = extra.get("hybrid_shard_size")
+    if shard_size is not None and not hybrid:
+        raise ConfigError("config key 'fsdp_config.hybrid_shard_size' needs fsdp: hybrid_shard")
+    layer_classes = extra.get("transformer_layer_cls_to_wrap") or ()
+    layer_classes = tuple(c.strip() for c in layer_classes.split(",")) if isinstance(layer_classes, str) \
+        else tuple(layer_classes)
     if mode == "fsdp" and t.fp16:
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-2/3) has no loss scaling in lmf; use bf16: true")
     if world_size <= 1:
         if mode == "fsdp" and announce:
             logger.info("a single process: no sharding needed, training without FSDP")
         return ParallelPlan("single")
-    return ParallelPlan(mode, reshard)
+    if hybrid:
+        shard_size = int(shard_size or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
+        if shard_size < 1 or world_size % shard_size:
+            raise ConfigError(f"fsdp: hybrid_shard: {world_size} processes cannot form shard groups of {shard_size}")
+        if announce:
+            logger.info("fsdp: hybrid sharding (HSDP) on a %d x %d device mesh: parameters sharded over %d process(es), "
+                        "replicated %d time(s)", world_size // shard_size, shard_size, shard_size,
+                        world_size // shard_size)
+    return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes)
 
 
 def decoder_layers(model) -> list["torch.nn.Module"]:
@@ -108,9 +176,14 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=mixed_dtype, reduce_dtype=torch.float32) if mixed_dtype else MixedPrecisionPolicy()
-        for layer in decoder_layers(loss_module.model):
-            fully_shard(layer, mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
-        fully_shard(loss_module, mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
+        options = dict(mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
+        if plan.shard_size is not None:
+            options["mesh"] = hsdp_mesh(device, plan.shard_size)
+        layers = decoder_layers(loss_module.model)
+        _check_layer_classes(layers, plan.layer_classes)
+        for layer in layers:
+            fully_shard(layer, **options)
+        fully_shard(loss_module, **options)
         loss_module.to(device)
         return loss_module
     loss_module.to(device)
@@ -120,6 +193,25 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=bool(find_unused))
     return loss_module
+
+
+def hsdp_mesh(device: "torch.device", shard_size: int):
+    """The 2-D ``(replicate, shard)`` device mesh of hybrid sharding: consecutive ranks form a shard group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    return init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def _check_layer_classes(layers: list, wanted: tuple) -> None:
+    """``transformer_layer_cls_to_wrap`` must name the decoder layers lmf wraps."""
+    if not wanted:
+        return
+    have = {type(layer).__name__ for layer in layers}
+    if not have & set(wanted):
+        raise ConfigError(f"config key 'fsdp_config.transformer_layer_cls_to_wrap': {', '.join(wanted)} is not the "
+                          f"model's decoder layer ({', '.join(sorted(have))}), which lmf wraps")
 
 
 @contextlib.contextmanager

@@ -32,13 +32,21 @@ class SFTStage:
     def __init__(self, cfg: "LmfConfig", model, collator: Callable):
         self.collator = collator
         self.loss_opts = resolve_loss_kwargs(cfg, model)
+        self.compute_accuracy = cfg.finetuning.compute_accuracy  # token accuracy of evaluations (eval_accuracy)
 
     def compute_loss(self, model, batch: dict):
         from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of
 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         loss_sum, num_tokens = causal_lm_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
-        return loss_sum, num_tokens, {}
+        metrics = {}
+        if self.compute_accuracy and not model.training:
+            from lmf.loss.metrics import token_accuracy_counts
+
+            correct, total = token_accuracy_counts(hidden, lm_head_of(model), batch["labels"],
+                                                   self.loss_opts.get("chunk_size") or 1024)
+            metrics["accuracy"] = float(correct) / max(float(total), 1.0)  # the trainer weights it by num_tokens
+        return loss_sum, num_tokens, metrics
 
 
 def build_sft_collator(tokenizer, pad_to_multiple_of: Optional[int] = 8):

@@ -73,12 +73,27 @@ def setup_runtime(cfg: "LmfConfig") -> "DistInfo":
 
     t = cfg.training
     info = init_distributed(timeout_s=t.ddp_timeout, backend=t.ddp_backend, use_cpu=t.use_cpu)
+    apply_tf32(t.tf32, info.device)
     if info.is_distributed:
         logger.info("distributed: world_size=%d backend=%s device=%s", info.world_size, info.backend, info.device)
         from lmf.dist.fingerprint import check_consistency
 
         check_consistency(cfg.config_hash())  # every rank fails fast if nodes differ in versions or config
     return info
+
+
+def apply_tf32(tf32: Optional[bool], device) -> None:
+    """``tf32``: allow (or forbid) TF32 matmuls and convolutions on CUDA; on CPU it has nothing to change."""
+    if tf32 is None:
+        return
+    if device.type != "cuda":
+        logger.info("tf32: %s has no effect on %s (TF32 is a CUDA matmul mode)", tf32, device.type)
+        return
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    logger.info("tf32: TF32 matmuls %s", "allowed" if tf32 else "disabled")
 
 
 def pick_cpu_threads(model, device) -> None:
@@ -144,6 +159,9 @@ class TrainState:
     log_window: list = field(default_factory=list)  # step losses since the last log entry
     resume_fingerprint: str = ""
     trajectory: dict = field(default_factory=dict)  # the training keys (lmf.train.resume.TRAJECTORY_KEYS)
+    best_eval_loss: Optional[float] = None  # early_stopping_steps: the best eval_loss so far
+    evals_without_improvement: int = 0
+    early_stopped: bool = False
     finished: bool = False
 
 
@@ -165,9 +183,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _compute_dtype(self) -> Optional["torch.dtype"]:
+        """The autocast dtype: bf16/fp16 on CUDA; none on CPU and with pure_bf16 (the weights already are bf16)."""
         import torch
 
-        if self.runtime.device.type != "cuda":
+        if self.runtime.device.type != "cuda" or self.cfg.finetuning.pure_bf16:
             return None
         return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
 
@@ -318,7 +337,10 @@ class Trainer:
                     path = self.save_checkpoint()
                     raise TrainingInterrupted(stop_signal, st.global_step, path)
                 if self.eval_dataset is not None and self._eval_due(is_last, epoch_ended):
-                    self._record({"step": st.global_step, **self.evaluate()}, reporter)
+                    results = self.evaluate()
+                    self._record({"step": st.global_step, **results}, reporter)
+                    if self._should_stop_early(results["eval_loss"]):
+                        break
                 if self._save_due(save_every, epoch_ended):
                     self.save_checkpoint()
         finally:
@@ -326,7 +348,7 @@ class Trainer:
             progress.close()
             if sys.exc_info()[0] is not None:
                 reporter.close()
-        if self.eval_dataset is not None and self._eval_due(True, False):
+        if self.eval_dataset is not None and not st.early_stopped and self._eval_due(True, False):
             self._record({"step": st.global_step, **self.evaluate()}, reporter)
         st.finished = True
         if self.args.save_strategy != "no":
@@ -334,6 +356,24 @@ class Trainer:
         self.save_final()
         reporter.close()
         return st
+
+    def _should_stop_early(self, eval_loss: float) -> bool:
+        """``early_stopping_steps: N``: stop once eval_loss has not improved on its best for N evaluations in a
+        row (transformers' EarlyStoppingCallback, which LLaMA-Factory uses). The state survives a resume."""
+        patience = self.cfg.finetuning.early_stopping_steps
+        if not patience:
+            return False
+        st = self.state
+        if st.best_eval_loss is None or eval_loss < st.best_eval_loss:
+            st.best_eval_loss, st.evals_without_improvement = eval_loss, 0
+            return False
+        st.evals_without_improvement += 1
+        if st.evals_without_improvement < patience:
+            return False
+        st.early_stopped = True
+        logger.info("early stopping at step %d: eval_loss has not improved on %.6g for %d evaluation(s) "
+                    "(early_stopping_steps)", st.global_step, st.best_eval_loss, patience)
+        return True
 
     def _epochs_done(self) -> int:
         """Completed passes over the data (an epoch counts as done once its last micro-batch is consumed)."""
@@ -387,17 +427,28 @@ class Trainer:
             self.wrapped.train()
 
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the eval set (sum of losses / sum of items across ranks)."""
+        """Mean loss (and stage metrics) over the eval set: ``eval_loss``, ``eval_<metric>``; with several eval
+        sets (``eval_on_each_dataset``) ``eval_<name>_loss`` per set and their mean as ``eval_loss``."""
+        if not isinstance(self.eval_dataset, dict):
+            return self._evaluate_one(self.eval_dataset, "eval")
+        out: dict[str, float] = {}
+        for name, dataset in self.eval_dataset.items():
+            out.update(self._evaluate_one(dataset, f"eval_{name}"))
+        losses = [out[f"eval_{name}_loss"] for name in self.eval_dataset]
+        out["eval_loss"] = round(sum(losses) / len(losses), 6)
+        return out
+
+    def _evaluate_one(self, dataset, prefix: str) -> dict[str, float]:
+        """``{prefix}_loss`` (sum of losses / sum of items across ranks) and the stage's item-weighted metrics."""
         import torch
 
         from lmf.dist.runtime import all_reduce_sum
-
         from lmf.train.batches import sharded_index_batches
 
-        batches, num_real = sharded_index_batches(len(self.eval_dataset), self.runtime.world_size, self.runtime.rank,
+        batches, num_real = sharded_index_batches(len(dataset), self.runtime.world_size, self.runtime.rank,
                                                   self.args.per_device_eval_batch_size)
         # its own generator: evaluating never draws from the global RNG, so eval keys cannot change training
-        loader = torch.utils.data.DataLoader(self.eval_dataset, batch_sampler=batches, collate_fn=self.stage.collator,
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.stage.collator,
                                              generator=torch.Generator())
         acc = torch.zeros(2, dtype=torch.float64, device=self.runtime.device)
         metric_sums: dict[str, float] = {}  # stage metrics weighted by items
@@ -415,7 +466,8 @@ class Trainer:
         acc = torch.cat([acc, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64, device=acc.device)])
         all_reduce_sum(acc)
         n = max(acc[1].item(), 1.0)
-        return {"eval_loss": round(acc[0].item() / n, 6), **{f"eval_{k}": round(acc[2 + i].item() / n, 6) for i, k in enumerate(keys)}}
+        return {f"{prefix}_loss": round(acc[0].item() / n, 6),
+                **{f"{prefix}_{k}": round(acc[2 + i].item() / n, 6) for i, k in enumerate(keys)}}
 
     def _record(self, entry: dict, reporter, suffix: str = "") -> None:
         self.state.log_history.append(entry)
@@ -584,6 +636,8 @@ class Trainer:
         st.tokens_seen, st.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
         st.log_window = saved.get("log_window", [])
         st.data_epoch = saved.get("data_epoch", 0)
+        st.best_eval_loss = saved.get("best_eval_loss")
+        st.evals_without_improvement = saved.get("evals_without_improvement", 0)
         st.batch_in_epoch = saved.get("batch_in_epoch", 0)
         old_world, old_micro = saved.get("world_size", 1), saved.get("micro_batch_size", st.micro_batch_size)
         if (old_world, old_micro) != (self.runtime.world_size, st.micro_batch_size):

@@ -100,7 +100,10 @@ def build_dpo_stage(cfg: "LmfConfig", setup) -> DPOStage:
         model.to(runtime.device)
         kwargs = dict(batch_size=cfg.training.per_device_eval_batch_size, device=runtime.device, loss_opts=loss_opts)
         setup.train_dataset = precompute_reference_logps(setup.train_dataset, collator, model, ref_model, **kwargs)
-        if setup.eval_dataset is not None:
+        if isinstance(setup.eval_dataset, dict):
+            setup.eval_dataset = {name: precompute_reference_logps(ds, collator, model, ref_model, **kwargs)
+                                  for name, ds in setup.eval_dataset.items()}
+        elif setup.eval_dataset is not None:
             setup.eval_dataset = precompute_reference_logps(setup.eval_dataset, collator, model, ref_model, **kwargs)
         ref_model = None  # every batch now carries its reference log-probs
         _free(runtime.device)

@@ -1,0 +1,172 @@
+"""LLaMA-Factory compatibility of the config keys: what lmf refuses, warns about, renames or maps.
+
+Every key of LLaMA-Factory 0.9.5 (:data:`lmf.config.lf_keys.LF_KEYS`) is known to lmf: it is one of
+lmf's own keys (``lmf.config.args``), or an LLaMA-Factory-only key. Rules for the latter
+(:func:`check_lf_only_key`): LLaMA-Factory's default value is accepted (the feature is off); any other
+value is an error saying the feature is not implemented (never "unknown key"), unless a mapping
+(:data:`VALUE_MAPPINGS`) turns it into lmf keys.
+
+This module must stay import-light (stdlib only): ``lmf help`` imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from lmf.config.lf_keys import LF_KEYS
+from lmf.extras.errors import ConfigError
+
+#: key -> reason. Setting one of lmf's own keys to anything but its default is an error.
+UNSUPPORTED: dict[str, str] = {
+    "quantization_bit": "on-the-fly quantization (QLoRA) is not implemented yet",
+    "quantization_method": "it qualifies quantization_bit (QLoRA), which is not implemented yet",
+    "use_llama_pro": "LLaMA Pro block expansion is not implemented",
+    "use_galore": "the GaLore optimizer is not implemented",
+    "use_badam": "the BAdam optimizer is not implemented",
+    "use_apollo": "the APOLLO optimizer is not implemented",
+    "use_adam_mini": "the Adam-mini optimizer is not implemented",
+    "use_muon": "the Muon optimizer is not implemented",
+    "pissa_init": "PiSSA initialisation is not implemented",
+    "use_dora": "DoRA is not implemented",
+    "streaming": "streaming datasets are not implemented; datasets are memory-mapped Arrow instead",
+    "buffer_size": "it is the shuffle buffer of streaming datasets, which are not implemented",
+    "ignore_pad_token_for_loss": "training on padding tokens (ignore_pad_token_for_loss: false) is not implemented",
+    "do_predict": "prediction (do_predict) is not implemented",
+    "predict_with_generate": "generation during evaluation is not implemented",
+    "push_to_hub": "pushing to the hub is not possible offline",
+    "export_hub_model_id": "pushing to the hub is not possible offline",
+    "loraplus_lr_ratio": "LoRA+ is not implemented",
+    "torch_compile": "torch.compile is not implemented",
+    "num_beams": "beam search is not implemented for chat/api (replies are streamed)",
+    "length_penalty": "it only applies to beam search, which is not implemented for chat/api",
+    "eval_num_beams": "generation during evaluation is not implemented",
+}
+#: finetuning types that exist in LLaMA-Factory but not (yet) in lmf.
+UNSUPPORTED_FINETUNING_TYPES = {"oft": "OFT (orthogonal fine-tuning) is not implemented"}
+#: stages that exist in LLaMA-Factory but not (yet) in lmf.
+UNSUPPORTED_STAGES = {"kto": "KTO is not implemented", "ppo": "PPO is not implemented"}
+#: key -> why it is ignored. A warning is printed when set to a non-default value.
+NO_EFFECT: dict[str, str] = {
+    "remove_unused_columns": "lmf never drops columns it needs",
+    "label_names": "lmf knows its label columns",
+    "max_checkpoint_wait": "not used",
+    "hf_hub_token": "lmf runs offline",
+    "data_shared_file_system": "the preprocessing cache is built on local rank 0 of every node",
+    "include_effective_tokens_per_second": "lmf always reports tokens/s",
+    "freeze_vision_tower": "multimodal models are not supported",
+    "freeze_multi_modal_projector": "multimodal models are not supported",
+    "freeze_language_model": "multimodal models are not supported",
+    "media_dir": "multimodal data is not supported",
+    "tool_format": "tool calls are rendered by the template's own format",
+    "dataloader_pin_memory": "pinning is decided by the device",
+}
+#: LLaMA-Factory-only keys whose value is harmless to accept with a warning (why, in the message).
+LF_NO_EFFECT: dict[str, str] = {
+    "ms_hub_token": "lmf runs offline",
+    "om_hub_token": "lmf runs offline",
+    "hub_token": "lmf runs offline",
+    "include_num_input_tokens_seen": "lmf always counts the input tokens (tokens_seen in trainer_state.json)",
+    "average_tokens_across_devices": "lmf always averages the loss over every label token of every rank",
+    "skip_memory_metrics": "lmf does not collect transformers' memory metrics",
+    "log_level": "lmf logs at INFO on rank 0",
+    "log_level_replica": "lmf logs on rank 0 only",
+    "logging_nan_inf_filter": "lmf logs the loss as computed",
+}
+#: LLaMA-Factory aliases and renamed keys -> lmf key.
+ALIASES: dict[str, str] = {
+    "evaluation_strategy": "eval_strategy",
+    "use_kv_cache": "use_cache",
+    "use_liger_kernel": "enable_liger_kernel",
+}
+
+
+def _map_gc_kwargs(value: Any) -> dict[str, Any]:
+    """``gradient_checkpointing_kwargs: {use_reentrant: false}`` -> ``use_reentrant_gc: false``."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key 'gradient_checkpointing_kwargs': expected a mapping, got {value!r}")
+    unknown = sorted(set(value) - {"use_reentrant"})
+    if unknown:
+        raise ConfigError(f"config key 'gradient_checkpointing_kwargs': {', '.join(unknown)} not implemented "
+                          "(only use_reentrant)")
+    return {"use_reentrant_gc": bool(value["use_reentrant"])} if "use_reentrant" in value else {}
+
+
+def _map_layer_cls(value: Any) -> dict[str, Any]:
+    """``fsdp_transformer_layer_cls_to_wrap`` (transformers) -> ``fsdp_config.transformer_layer_cls_to_wrap``."""
+    return {"fsdp_config": {"transformer_layer_cls_to_wrap": value}} if value else {}
+
+
+#: LLaMA-Factory-only key -> function(value) -> lmf keys it stands for.
+VALUE_MAPPINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "gradient_checkpointing_kwargs": _map_gc_kwargs,
+    "fsdp_transformer_layer_cls_to_wrap": _map_layer_cls,
+}
+
+#: LLaMA-Factory argument class (or key prefix) -> the feature its keys configure.
+_GROUP_FEATURES = {
+    "QuantizationArguments": "on-the-fly quantization (QLoRA)",
+    "ProcessorArguments": "multimodal (image, video, audio) input",
+    "ExportArguments": "quantized export (GPTQ)",
+    "VllmArguments": "passing extra vLLM engine arguments",
+    "SGLangArguments": "the SGLang inference backend",
+    "KTransformersArguments": "KTransformers",
+    "OFTArguments": "OFT",
+    "GaloreArguments": "the GaLore optimizer",
+    "ApolloArguments": "the APOLLO optimizer",
+    "BAdamArgument": "the BAdam optimizer",
+    "SwanLabArguments": "SwanLab tracking",
+    "RayArguments": "Ray settings in the config (lmf's USE_RAY=1 runs NPROC_PER_NODE x NNODES workers)",
+    "ProfilerArguments": "the torch profiler",
+    "Fp8Arguments": "FP8 training",
+    "transformers": "this transformers TrainingArguments option",
+}
+_KEY_FEATURES = {
+    "kto_": "KTO", "ppo_": "PPO", "reward_model": "PPO", "pref_bco_weight": "BCO", "ld_alpha": "LD-DPO",
+    "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+", "pissa_": "PiSSA",
+    "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
+    "asft": "the ASFT loss", "eaft": "the EAFT loss", "rope_scaling": "RoPE scaling", "shift_attn": "shift short attention",
+    "mixture_of_depths": "mixture-of-depths", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",
+    "offload_folder": "disk offload of model weights", "use_v1_kernels": "LLaMA-Factory's v1 kernels",
+    "adapter_folder": "adapter folders", "new_special_tokens_config": "special-token initialisation files",
+    "init_special_tokens": "special-token initialisation", "preserve_thinking": "preserve_thinking",
+}
+
+
+def feature_of(key: str) -> str:
+    """What an LLaMA-Factory-only key configures (for the "not implemented" message)."""
+    for prefix, feature in _KEY_FEATURES.items():
+        if key.startswith(prefix) or prefix in key:
+            return feature
+    group = LF_KEYS[key][1] if key in LF_KEYS else "transformers"
+    return _GROUP_FEATURES.get(group, f"the LLaMA-Factory option {key!r}")
+
+
+def _same(value: Any, default: Any) -> bool:
+    if value == default:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return False
+    try:
+        return float(value) == float(default)
+    except (TypeError, ValueError):
+        return str(value) == str(default)
+
+
+def check_lf_only_key(key: str, value: Any, source: str) -> tuple[Optional[str], dict[str, Any]]:
+    """For an LLaMA-Factory-only ``key``: (warning or None, lmf keys it maps to). Raises ConfigError when the
+    value asks for a feature lmf does not implement."""
+    if key in VALUE_MAPPINGS:
+        return None, VALUE_MAPPINGS[key](value)
+    default = LF_KEYS[key][0]
+    if _same(value, default):
+        return None, {}
+    if key in LF_NO_EFFECT:
+        return f"config key {key!r} has no effect in lmf: {LF_NO_EFFECT[key]}", {}
+    raise ConfigError(f"{source}: config key {key!r} is accepted for LLaMA-Factory compatibility but not "
+                      f"implemented in lmf ({feature_of(key)}; only its default {default!r} is accepted)")
+
+
+def is_lf_only_key(key: str) -> bool:
+    return key in LF_KEYS or key in VALUE_MAPPINGS

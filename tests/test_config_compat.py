@@ -1,0 +1,138 @@
+"""Every config key is read by the code or flagged; every LLaMA-Factory key is known (never "unknown key")."""
+
+from __future__ import annotations
+
+import ast
+import glob
+import logging
+import os
+
+import pytest
+import yaml
+
+from lmf.config.compat import ALIASES, LF_NO_EFFECT, NO_EFFECT, UNSUPPORTED, VALUE_MAPPINGS
+from lmf.config.lf_keys import LF_KEYS
+from lmf.config.parser import KEY_INDEX, build_config
+from lmf.extras.errors import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LF_EXAMPLES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "lf-examples")
+
+
+@pytest.fixture()
+def lmf_logs(caplog):
+    logger = logging.getLogger("lmf")
+    old = logger.propagate
+    logger.propagate = True
+    with caplog.at_level(logging.INFO, logger="lmf"):
+        yield caplog
+    logger.propagate = old
+
+
+def _names_read_by_the_code() -> set[str]:
+    """Attribute names and getattr() names used anywhere in src/lmf but the argument definitions."""
+    used: set[str] = set()
+    for path in glob.glob(os.path.join(REPO_ROOT, "src", "lmf", "**", "*.py"), recursive=True):
+        if path.endswith((os.path.join("config", "args.py"), os.path.join("config", "lf_keys.py"))):
+            continue
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute):
+                used.add(node.attr)
+            elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) >= 2
+                  and isinstance(node.args[1], ast.Constant)):
+                used.add(node.args[1].value)
+    return used
+
+
+def test_every_field_of_every_group_is_read_or_flagged():
+    used = _names_read_by_the_code()
+    silent = [k for k in KEY_INDEX if k not in used and k not in UNSUPPORTED and k not in NO_EFFECT]
+    assert not silent, f"config keys that nothing reads and nothing flags: {silent}"
+
+
+def test_every_llamafactory_key_is_known():
+    for key, (default, _) in LF_KEYS.items():
+        raw = {"model_name_or_path": "m", key: default}
+        if key in KEY_INDEX or key in ALIASES:
+            continue
+        build_config(raw)  # LLaMA-Factory's default: accepted
+        if key in VALUE_MAPPINGS or key in LF_NO_EFFECT:
+            continue
+        other = (not default) if isinstance(default, bool) else (7 if isinstance(default, (int, float)) else "x")
+        with pytest.raises(ConfigError, match="accepted for LLaMA-Factory compatibility but not implemented") as info:
+            build_config({"model_name_or_path": "m", key: other})
+        assert key in str(info.value) and "unknown" not in str(info.value)
+
+
+@pytest.mark.parametrize("key,value,feature", [
+    ("galore_rank", 8, "GaLore"), ("badam_mode", "ratio", "BAdam"), ("apollo_rank", 4, "APOLLO"),
+    ("pissa_iter", 4, "PiSSA"), ("loraplus_lr_embedding", 1e-5, "LoRA+"), ("ray_num_workers", 4, "Ray"),
+    ("kto_chosen_weight", 2.0, "KTO"), ("image_max_pixels", 1024, "multimodal"),
+])
+def test_known_features_that_are_not_implemented_say_so(key, value, feature):
+    with pytest.raises(ConfigError, match=feature) as info:
+        build_config({"model_name_or_path": "m", key: value})
+    assert "not implemented" in str(info.value) and key in str(info.value)
+
+
+def test_refused_values_of_own_keys():
+    for raw in ({"buffer_size": 128}, {"ignore_pad_token_for_loss": False}, {"num_beams": 4},
+                {"length_penalty": 0.5}, {"finetuning_type": "oft"}):
+        with pytest.raises(ConfigError, match="not implemented"):
+            build_config({"model_name_or_path": "m", **raw})
+
+
+def test_mappings_and_aliases():
+    cfg = build_config({"model_name_or_path": "m", "gradient_checkpointing_kwargs": {"use_reentrant": False},
+                        "use_kv_cache": False, "use_liger_kernel": True})
+    assert cfg.model.use_reentrant_gc is False and cfg.model.use_cache is False and cfg.model.enable_liger_kernel
+    with pytest.raises(ConfigError, match="not implemented"):
+        build_config({"model_name_or_path": "m", "gradient_checkpointing_kwargs": {"preserve_rng_state": False}})
+    mapped = build_config({"model_name_or_path": "m", "fsdp": "full_shard",
+                           "fsdp_transformer_layer_cls_to_wrap": "Qwen3DecoderLayer"})
+    assert mapped.training.fsdp_config == {"transformer_layer_cls_to_wrap": "Qwen3DecoderLayer"}
+
+
+def test_no_effect_keys_warn(lmf_logs):
+    build_config({"model_name_or_path": "m", "ms_hub_token": "abc"})
+    assert "'ms_hub_token' has no effect" in lmf_logs.text
+
+
+def test_cross_key_checks(lmf_logs):
+    with pytest.raises(ConfigError, match="interleaving mix_strategy"):
+        build_config({"model_name_or_path": "m", "dataset": "a,b", "interleave_probs": "0.5,0.5"})
+    with pytest.raises(ConfigError, match="2 probabilities for 3"):
+        build_config({"model_name_or_path": "m", "dataset": "a,b,c", "interleave_probs": "0.5,0.5",
+                      "mix_strategy": "interleave_under"})
+    with pytest.raises(ConfigError, match="eval_dataset"):
+        build_config({"model_name_or_path": "m", "eval_on_each_dataset": True})
+    with pytest.raises(ConfigError, match="needs evaluations"):
+        build_config({"model_name_or_path": "m", "early_stopping_steps": 2})
+    with pytest.raises(ConfigError, match="pure_bf16"):
+        build_config({"model_name_or_path": "m", "upcast_layernorm": True, "pure_bf16": True})
+    build_config({"model_name_or_path": "m", "max_length": 4096})
+    assert "'max_length' has no effect while max_new_tokens > 0" in lmf_logs.text
+    build_config({"model_name_or_path": "m", "compute_accuracy": True})
+    assert "'compute_accuracy' has no effect without an eval set" in lmf_logs.text
+
+
+@pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason="../shared/lf-examples is not here")
+def test_llamafactory_example_yamls_never_meet_an_unknown_key():
+    """Each training/inference/merge YAML of LLaMA-Factory parses, or names a feature that is not implemented."""
+    skipped = ("v1", "accelerate", "megatron", "megatron_bridge", "ktransformers", "deepspeed")
+    checked = 0
+    for path in sorted(glob.glob(os.path.join(LF_EXAMPLES, "**", "*.yaml"), recursive=True)):
+        if os.path.relpath(path, LF_EXAMPLES).split(os.sep)[0] in skipped:
+            continue
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+        if not isinstance(raw, dict) or "model_name_or_path" not in raw:
+            continue
+        checked += 1
+        try:
+            build_config(raw, source=path)
+        except ConfigError as exc:
+            assert "not implemented" in str(exc), (path, str(exc))
+    assert checked > 40
