@@ -95,7 +95,8 @@ def build_model(args, device, dtype):
 def run_child(args) -> dict:
     import torch
 
-    from lmf.loss import IGNORE_INDEX, causal_lm_loss, decoder_hidden_states, lm_head_of
+    from lmf.loss import IGNORE_INDEX, causal_lm_loss
+    from lmf.model.forward import decoder_hidden_states, lm_head_of
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

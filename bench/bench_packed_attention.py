@@ -67,7 +67,8 @@ def load(args):
 def run_epoch(model, batches, device) -> tuple[float, int]:
     import torch
 
-    from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of
+    from lmf.loss import causal_lm_loss
+    from lmf.model.forward import decoder_hidden_states, lm_head_of
 
     total, tokens = 0.0, 0
     for batch in batches:

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from lmf.loss import decoder_hidden_states, lm_head_of, sequence_logps
+from lmf.loss import sequence_logps
+from lmf.model.forward import decoder_hidden_states, lm_head_of
 from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, DPOObjective, concatenated_logps, reference_logps
 
 torch.set_num_threads(1)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from lmf.loss import IGNORE_INDEX, causal_lm_loss, decoder_hidden_states, lm_head_of
+from lmf.loss import IGNORE_INDEX, causal_lm_loss
+from lmf.model.forward import decoder_hidden_states, lm_head_of
 
 torch.set_num_threads(1)
 
@@ -146,7 +147,7 @@ class _FakeCudaTensor:
 
 
 def test_liger_selection(monkeypatch):
-    import lmf.loss as loss
+    import lmf.loss.liger as loss
 
     monkeypatch.setattr(loss, "liger_available", lambda: True)
     assert loss.use_liger_for(_FakeCudaTensor(), use_liger=True)
@@ -175,7 +176,9 @@ def test_liger_path_calls_fused_kernel_with_label_rows(monkeypatch):
     fake.LigerFusedLinearCrossEntropyLoss = FakeLigerLoss
     monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
-    monkeypatch.setattr(loss, "use_liger_for", lambda hidden, use_liger: use_liger)
+    import lmf.loss.ce
+
+    monkeypatch.setattr(lmf.loss.ce, "use_liger_for", lambda hidden, use_liger: use_liger)
 
     head = nn.Linear(6, 11, bias=False)
     hidden = torch.randn(1, 5, 6)

@@ -234,7 +234,7 @@ def test_tiny_model_end_to_end(tiny_model_dir):
     """Through decoder_hidden_states on the real tiny Qwen3: loss equals the model's own loss."""
     from transformers import AutoModelForCausalLM
 
-    from lmf.loss import decoder_hidden_states, lm_head_of
+    from lmf.model.forward import decoder_hidden_states, lm_head_of
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     gen = torch.Generator().manual_seed(11)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lmf.loss as loss_mod
-from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of
+import lmf.model.forward as loss_mod
+from lmf.loss import causal_lm_loss
+from lmf.model.forward import decoder_hidden_states, lm_head_of
 
 
 def test_right_padding_detection():

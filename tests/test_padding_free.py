@@ -1,4 +1,4 @@
-"""Padding-free batches (lmf.loss.decoder_hidden_states): a padded batch runs without its padding and
+"""Padding-free batches (lmf.model.forward.decoder_hidden_states): a padded batch runs without its padding and
 gives the padded batch's hidden states, loss and gradients at every real position."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of, set_padding_free
+from lmf.loss import causal_lm_loss
+from lmf.model.forward import decoder_hidden_states, lm_head_of, set_padding_free
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of, set_padding_free
+from lmf.loss import causal_lm_loss
+from lmf.model.forward import decoder_hidden_states, lm_head_of, set_padding_free
 
 pytestmark = [
     pytest.mark.gpu,

@@ -55,7 +55,7 @@ def test_eval_on_each_dataset_and_token_accuracy(tiny_model_dir, demo_data_dir, 
 def test_token_accuracy_counts_equal_the_full_logits_argmax(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from lmf.loss import decoder_hidden_states, lm_head_of
+    from lmf.model.forward import decoder_hidden_states, lm_head_of
     from lmf.loss.metrics import token_accuracy_counts
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

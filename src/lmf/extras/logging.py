@@ -31,6 +31,18 @@ def get_logger(name: str = "lmf") -> logging.Logger:
     return logging.getLogger(name if name.startswith("lmf") else f"lmf.{name}")
 
 
+_ONCE: set = set()
+
+
+def log_once(name: str, key: str, message: str, warning: bool = False) -> None:
+    """Log ``message`` on logger ``name`` the first time this process sees ``key`` (INFO, or WARNING)."""
+    if (name, key) in _ONCE:
+        return
+    _ONCE.add((name, key))
+    logger = get_logger(name)
+    (logger.warning if warning else logger.info)(message)
+
+
 def is_truthy(value: str | None) -> bool:
     """Environment-variable truthiness: 1/true/yes/on (case-insensitive)."""
     return value is not None and value.strip().lower() in ("1", "true", "yes", "y", "on")

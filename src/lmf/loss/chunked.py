@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from lmf.loss import IGNORE_INDEX
+from lmf.extras.constants import IGNORE_INDEX
 
 
 # --------------------------------------------------------------------------------------------

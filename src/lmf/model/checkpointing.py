@@ -72,7 +72,7 @@ def apply_activation_checkpointing(model, offload_to_cpu: bool = False, use_reen
     import torch
 
     from lmf.extras.errors import NotAvailableError
-    from lmf.loss import unwrap_causal_lm
+    from lmf.model.forward import unwrap_causal_lm
 
     causal_lm = unwrap_causal_lm(model)
     if not getattr(causal_lm, "supports_gradient_checkpointing", False):

@@ -192,7 +192,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     """
     import torch
 
-    from lmf.loss import set_padding_free
+    from lmf.model.forward import set_padding_free
     from lmf.model.adapter import init_adapter, load_adapters_for_inference, log_param_counts
 
     _quiet_transformers()

@@ -13,7 +13,7 @@ This module computes exactly the same attention segment by segment:
   buckets of similar length. Each bucket is a ``[n, heads, L_bucket, head_dim]`` batch of
   right-padded segments, so one causal sdpa call (no mask: the fused kernel) covers the whole
   bucket; a real query only sees earlier positions of its own segment, never a bucket pad.
-- :func:`packed_sdpa` (the context manager used by ``lmf.loss.decoder_hidden_states``) passes
+- :func:`packed_sdpa` (the context manager used by ``lmf.model.forward.decoder_hidden_states``) passes
   the :class:`PackedSegments` to every attention layer through the model's ``**kwargs`` (like the
   flash-attention path's ``cu_seq_lens_q``) under the key ``lmf_packed_segments``, and stops the
   block mask from being built while the decoder runs.

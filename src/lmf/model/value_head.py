@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmf.extras.errors import LmfError
-from lmf.loss import decoder_hidden_states, unwrap_causal_lm
+from lmf.model.forward import decoder_hidden_states, unwrap_causal_lm
 
 
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"

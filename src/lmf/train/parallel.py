@@ -158,7 +158,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
 
 def decoder_layers(model) -> list["torch.nn.Module"]:
     """The repeated decoder blocks of a (possibly PEFT-wrapped) causal LM."""
-    from lmf.loss import unwrap_causal_lm
+    from lmf.model.forward import unwrap_causal_lm
 
     causal_lm = unwrap_causal_lm(model)
     decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model

@@ -75,7 +75,7 @@ class RMStage:
 
 def freeze_unused_lm_head(model) -> None:
     """The reward never uses the LM head: stop training it (DDP would wait for its gradients)."""
-    from lmf.loss import unwrap_causal_lm
+    from lmf.model.forward import unwrap_causal_lm
 
     causal_lm = unwrap_causal_lm(model)
     head, embed = causal_lm.get_output_embeddings(), causal_lm.get_input_embeddings()

@@ -35,7 +35,8 @@ class SFTStage:
         self.compute_accuracy = cfg.finetuning.compute_accuracy  # token accuracy of evaluations (eval_accuracy)
 
     def compute_loss(self, model, batch: dict):
-        from lmf.loss import causal_lm_loss, decoder_hidden_states, lm_head_of
+        from lmf.loss import causal_lm_loss
+        from lmf.model.forward import decoder_hidden_states, lm_head_of
 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         loss_sum, num_tokens = causal_lm_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)

@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from lmf.loss import decoder_hidden_states, lm_head_of, sequence_logps
+from lmf.loss import sequence_logps
+from lmf.model.forward import decoder_hidden_states, lm_head_of
 from lmf.train.dpo.losses import preference_loss, reward_metrics, uses_reference_model
 
 REF_CHOSEN = "ref_chosen_logps"

@@ -1,0 +1,102 @@
+"""Cross-entropy and sequence log-probs from decoder hidden states and the LM head weight.
+
+Contract used by every stage (SFT, DPO, RM, ...):
+
+- ``causal_lm_loss(hidden, lm_head, labels, chunk_size=None)`` -> ``(loss_sum, num_tokens)``:
+  the *sum* of next-token cross-entropy over label positions (``labels != -100`` after shifting
+  by one) and their count, so that callers can normalise across accumulated micro-batches.
+- ``sequence_logps(hidden, lm_head, labels, chunk_size=None)`` -> ``(logps_sum [B], num_tokens [B])``:
+  per-sequence sum of log-probs of the label tokens (DPO/ORPO/SimPO).
+
+``chunk_size=None`` or ``0`` is the plain path (full logits). The chunked path never holds
+``[tokens, vocab]`` logits for the whole batch (see ``lmf.loss.chunked``).
+
+Both also take keyword-only ``softcap`` (gemma2's ``final_logit_softcapping``) and ``use_liger``
+(liger-kernel's fused linear cross-entropy for ``causal_lm_loss`` on CUDA when it is installed;
+ignored elsewhere and by ``sequence_logps``). Stages get all three from the config:
+
+    opts = loss_kwargs(cfg.model, model)          # {"chunk_size", "softcap", "use_liger"}
+    loss_sum, n = causal_lm_loss(hidden, lm_head_of(model), labels, **opts)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lmf.extras.constants import IGNORE_INDEX
+from lmf.extras.logging import log_once
+from lmf.loss.liger import liger_causal_lm_loss, use_liger_for
+from lmf.model.forward import logit_softcap_of, unwrap_causal_lm
+
+
+def _shift(hidden, labels):
+    return hidden[:, :-1, :], labels[:, 1:]
+
+
+def _plain_logits(h, lm_head, softcap):
+    logits = lm_head(h).float()
+    if softcap:
+        logits = softcap * (logits / softcap).tanh()
+    return logits
+
+
+def loss_kwargs(model_args, model) -> dict:
+    """Keyword arguments for :func:`causal_lm_loss` / :func:`sequence_logps` from the model config
+    keys ``use_chunked_loss``, ``loss_chunk_size`` and ``enable_liger_kernel``."""
+    chunk_size = int(model_args.loss_chunk_size) if model_args.use_chunked_loss else None
+    if chunk_size is not None and chunk_size <= 0:
+        from lmf.extras.errors import ConfigError
+
+        raise ConfigError(f"loss_chunk_size must be a positive number of tokens, got {model_args.loss_chunk_size}")
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    for key in ("logit_scale", "logits_scaling"):
+        if getattr(config, key, None) not in (None, 1, 1.0):
+            log_once("lmf.loss", key, f"the model config's {key} is not applied by lmf's loss (logits are unscaled)",
+                     warning=True)
+    use_liger = bool(model_args.enable_liger_kernel)
+    return {"chunk_size": chunk_size, "softcap": logit_softcap_of(model), "use_liger": use_liger}
+
+
+def causal_lm_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
+                   softcap: Optional[float] = None, use_liger: bool = False):
+    """Sum of next-token cross-entropy over label tokens, and the number of label tokens."""
+    if use_liger_for(hidden, use_liger):
+        from lmf.loss.chunked import linear_params
+
+        if linear_params(lm_head) is not None:
+            return liger_causal_lm_loss(hidden, lm_head, labels, softcap)
+        log_once("lmf.loss", "liger-head", "enable_liger_kernel: the LM head is not a plain nn.Linear; using the chunked loss")
+        chunk_size = chunk_size or 1024
+    if chunk_size:
+        from lmf.loss.chunked import chunked_causal_lm_loss
+
+        return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size, softcap=softcap)
+    import torch.nn.functional as F
+
+    h, y = _shift(hidden, labels)
+    logits = _plain_logits(h, lm_head, softcap)
+    loss_sum = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss_sum, (y != IGNORE_INDEX).sum()
+
+
+def sequence_logps(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
+                   softcap: Optional[float] = None, use_liger: bool = False):
+    """Per-sequence sum of label-token log-probs ``[B]`` and label-token counts ``[B]``.
+
+    ``use_liger`` is accepted for symmetry with :func:`causal_lm_loss` and ignored: the chunked
+    path (or the plain one) computes per-token log-probs.
+    """
+    if chunk_size:
+        from lmf.loss.chunked import chunked_sequence_logps
+
+        return chunked_sequence_logps(hidden, lm_head, labels, chunk_size, softcap=softcap)
+    import torch
+
+    h, y = _shift(hidden, labels)
+    logits = _plain_logits(h, lm_head, softcap)
+    mask = y != IGNORE_INDEX
+    safe = torch.where(mask, y, torch.zeros_like(y))
+    logps = torch.gather(logits.log_softmax(-1), 2, safe.unsqueeze(-1)).squeeze(-1)
+    return (logps * mask).sum(-1), mask.sum(-1)

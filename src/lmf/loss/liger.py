@@ -1,0 +1,47 @@
+"""liger-kernel's fused linear cross-entropy (CUDA, optional): ``enable_liger_kernel``."""
+
+from __future__ import annotations
+
+from lmf.extras.constants import IGNORE_INDEX
+from lmf.extras.logging import log_once
+
+
+def liger_available() -> bool:
+    """Whether liger-kernel can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def use_liger_for(hidden, use_liger: bool) -> bool:
+    """Liger's fused kernel runs only when asked for, on CUDA tensors, with liger-kernel installed."""
+    if not use_liger:
+        return False
+    if hidden.device.type != "cuda":
+        log_once("lmf.loss", "liger-cpu", "enable_liger_kernel: liger-kernel runs on CUDA only; using the chunked loss")
+        return False
+    if not liger_available():
+        log_once("lmf.loss", "liger-missing",
+                 "enable_liger_kernel: liger-kernel is not installed (pip install 'lmf[liger]'); using the chunked loss",
+                 warning=True)
+        return False
+    return True
+
+
+def liger_causal_lm_loss(hidden, lm_head, labels, softcap):
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    from lmf.loss.chunked import linear_params, select_label_rows
+
+    rows, targets, _, counts = select_label_rows(hidden, labels)
+    if targets.numel() == 0:  # nothing to predict: the chunked path returns a connected zero
+        from lmf.loss.chunked import chunked_causal_lm_loss
+
+        return chunked_causal_lm_loss(hidden, lm_head, labels, 1024, softcap=softcap)
+    weight, bias = linear_params(lm_head)
+    kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
+    if softcap:
+        kwargs["softcap"] = softcap
+    out = LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, rows, targets, bias)
+    loss_sum = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+    return loss_sum.float(), counts.sum()

@@ -1,0 +1,150 @@
+"""The forward pass every stage trains through: final hidden states of a (PEFT-wrapped) causal LM.
+
+- :func:`decoder_hidden_states` -> ``[B, T, H]`` after the final norm, without logits (the losses in
+  :mod:`lmf.loss` project them chunk by chunk); packed rows and padding-free batches run per sample.
+- :func:`lm_head_of`, :func:`unwrap_causal_lm`, :func:`logit_softcap_of`: what the losses need of the model.
+- :func:`set_padding_free`: the ``padding_free`` switch, set once per model.
+
+Call these on the *unwrapped* model (not on the DDP/FSDP wrapper); the trainer wraps a module whose
+``forward`` calls them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def unwrap_causal_lm(model):
+    """The underlying ``*ForCausalLM`` module of a PEFT-wrapped (or plain) model."""
+    inner = model
+    # PeftModel -> LoraModel -> *ForCausalLM
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+PADDING_FREE_ATTR = "_lmf_padding_free"
+
+
+def set_padding_free(model, enabled: bool) -> None:
+    """Turn :func:`decoder_hidden_states`'s padding-free path on or off for ``model`` (on by default).
+
+    A plain attribute of the underlying causal LM (never saved with the weights): the config key
+    ``padding_free`` sets it once, for every stage (SFT, DPO, RM) and its reference scoring.
+    """
+    setattr(unwrap_causal_lm(model), PADDING_FREE_ATTR, bool(enabled))
+
+
+def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> "torch.Tensor":
+    """Final-norm hidden states of the decoder stack ``[B, T, H]``, without computing logits.
+
+    With ``position_ids`` (packed rows: ids restart at 0 at every sample boundary, right padding
+    gets 0s) the 2-D padding mask is dropped so that transformers derives a block-diagonal causal
+    mask from the position ids (eager/flex) or per-sample sequence lengths (flash-attention):
+    packed samples never attend to each other. With sdpa the rows take the per-segment path of
+    ``lmf.model.packed_attention`` instead (same result, no dense mask, ``sum(L_i^2)`` work).
+
+    Padding-free (default, where the per-segment path applies; see :func:`set_padding_free`): a
+    padded batch runs without its padding. The real tokens of every row are laid end to end in one
+    row whose position ids restart at each sample (each row, or each packed sample, is a segment of
+    its own), the decoder runs on those alone, and the hidden states are put back in the ``[B, T, H]``
+    layout with zeros at the padding. Real positions get exactly the hidden states of the padded
+    batch (causal attention within a sample, the same position ids); no work is spent on padding.
+    """
+    causal_lm = unwrap_causal_lm(model)
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+    config = getattr(causal_lm, "config", None)
+    flat = _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids)
+    batch_ids = input_ids
+    if flat is not None:  # one row of the real tokens; position ids restart at each sample
+        keep, position_ids = flat
+        input_ids = input_ids.reshape(-1).index_select(0, keep).unsqueeze(0)
+    if position_ids is not None:
+        attention_mask = None
+    elif attention_mask is not None and _right_padded_cpu(attention_mask):
+        attention_mask = None  # causal attention never looks at the padding after a row's last token
+    if position_ids is None:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    else:
+        from lmf.model.packed_attention import packed_sdpa
+
+        with packed_sdpa(config, position_ids) as attn_kwargs:
+            out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
+                          **attn_kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    if flat is None:
+        return hidden
+    batch, seq_len = batch_ids.shape  # back to [B, T, H], zeros at the padding
+    full = hidden.new_zeros(batch * seq_len, hidden.size(-1)).index_copy(0, flat[0], hidden[0])
+    return full.view(batch, seq_len, hidden.size(-1))
+
+
+def _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids):
+    """``(keep, flat_position_ids [1, N])`` for a padded batch that can run padding-free, else ``None``.
+
+    ``keep`` holds the flat (``B * T``) indices of the real tokens. Applies when padding-free is on
+    for the model, the batch has padding, the model takes the per-segment sdpa path, and the padding
+    is on the right (without position ids, a left-padded row's real tokens would get other
+    positions). Packed rows (``position_ids``) just lose their padding.
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or input_ids.dim() != 2:
+        return None
+    if not getattr(causal_lm, PADDING_FREE_ATTR, True):
+        return None
+    import torch
+
+    from lmf.model.packed_attention import supports
+
+    batch, seq_len = input_ids.shape
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        return None
+    if not supports(config, input_ids.device):
+        return None
+    real = attention_mask.reshape(-1) != 0
+    if position_ids is None:
+        if not _right_padded(attention_mask):
+            return None
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len).reshape(-1)
+    else:
+        positions = position_ids.reshape(-1)
+    keep = real.nonzero().squeeze(1)  # one device sync on CUDA (the per-segment path needs one anyway)
+    if keep.numel() in (0, batch * seq_len):
+        return None  # no padding: the plain path is as fast
+    return keep, positions.index_select(0, keep).unsqueeze(0)
+
+
+def _right_padded(attention_mask) -> bool:
+    """Whether every row of a ``[B, T]`` mask is ones then zeros (a device sync on CUDA)."""
+    if attention_mask.size(1) < 2:
+        return True
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def _right_padded_cpu(attention_mask) -> bool:
+    """Whether a CPU ``[B, T]`` mask is ones then zeros in every row (checked without any device sync).
+
+    Then the mask can be dropped: under causal attention a real token only attends to earlier
+    positions, which are all real, so every non-pad position gets the same hidden state (the
+    kernel then skips the masked upper triangle instead of reading a ``[B, 1, T, T]`` mask). Pad
+    positions differ, but they are never labels. CUDA batches keep their mask.
+    """
+    if attention_mask.device.type != "cpu" or attention_mask.dim() != 2 or attention_mask.size(1) < 2:
+        return False
+    return _right_padded(attention_mask)
+
+
+def lm_head_of(model) -> "nn.Module":
+    """The output projection of a (possibly PEFT-wrapped) causal LM."""
+    return unwrap_causal_lm(model).get_output_embeddings()
+
+
+def logit_softcap_of(model) -> Optional[float]:
+    """The final-logit softcapping of a model's config (gemma2), else ``None``."""
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    getter = getattr(config, "get_text_config", None)
+    text_config = getter() if callable(getter) else config
+    return getattr(text_config, "final_logit_softcapping", None) or None
