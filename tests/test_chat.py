@@ -68,7 +68,7 @@ class RecordingWriter(io.StringIO):
 def engine(tiny_model_dir):
     import torch
 
-    from lmf.chat.engine import create_engine
+    from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config
 
     torch.set_num_threads(1)

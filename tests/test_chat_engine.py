@@ -9,7 +9,8 @@ import os
 import openai
 import pytest
 
-from lmf.chat.engine import ChatStream, GenerationSettings, MessageError, create_engine, split_system
+from lmf.chat import create_engine
+from lmf.chat.engine import ChatStream, GenerationSettings, MessageError, split_system
 from lmf.chat.options import load_serving_config, translate_flags
 from lmf.extras.errors import ConfigError
 

@@ -70,7 +70,7 @@ def fake_vllm(monkeypatch):
 
 
 def test_vllm_engine_streams_deltas_and_passes_settings(fake_vllm, tiny_model_dir, tmp_path):
-    from lmf.chat.engine import create_engine
+    from lmf.chat import create_engine
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -104,7 +104,8 @@ def test_vllm_engine_streams_deltas_and_passes_settings(fake_vllm, tiny_model_di
 
 
 def test_vllm_rejects_a_prompt_longer_than_vllm_maxlen(fake_vllm, tiny_model_dir):
-    from lmf.chat.engine import MessageError, create_engine
+    from lmf.chat import create_engine
+    from lmf.chat.engine import MessageError
 
     engine = create_engine(load_serving_config(["--model", tiny_model_dir, "--template", "qwen", "--backend", "vllm",
                                                 "vllm_maxlen=10"]))
@@ -118,7 +119,7 @@ def test_vllm_rejects_a_prompt_longer_than_vllm_maxlen(fake_vllm, tiny_model_dir
 def test_vllm_without_cuda_is_a_clear_error(fake_vllm, monkeypatch, tiny_model_dir):
     import torch
 
-    from lmf.chat.engine import create_engine
+    from lmf.chat import create_engine
     from lmf.extras.errors import NotAvailableError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -13,10 +13,10 @@ import pytest
 from lmf.dist.faults import (
     PeerLostError,
     classify_collective_error,
-    configure_error_handling,
     peer_failure_guard,
     peer_lost_message,
 )
+from lmf.dist.runtime import configure_error_handling
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.launcher import find_available_port
 

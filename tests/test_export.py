@@ -84,7 +84,7 @@ def test_export_reloads_with_base_plus_adapter_logits(tiny_model_dir, lora_adapt
 
 
 def test_exported_model_chats_like_base_plus_adapter(tiny_model_dir, lora_adapter, tmp_path):
-    from lmf.chat.engine import create_engine
+    from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config
 
     out = tmp_path / "merged"

@@ -119,7 +119,8 @@ def test_tf32_on_cpu_says_it_changes_nothing(lmf_logs):
 
 
 def test_fsdp_options_and_config():
-    from lmf.train.parallel import _check_layer_classes, plan_parallelism, read_fsdp_config
+    from lmf.dist.plan import plan_parallelism, read_fsdp_config
+    from lmf.train.parallel import _check_layer_classes
 
     def plan(world=4, **kw):
         return plan_parallelism(build_config({"model_name_or_path": "m", **kw}), world, announce=False)

@@ -507,7 +507,7 @@ def run_api(argv: list[str]) -> int:
         from lmf.extras.errors import NotAvailableError
 
         raise NotAvailableError("lmf api needs fastapi and uvicorn: pip install 'lmf[api]'") from None
-    from lmf.chat.engine import create_engine
+    from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config
 
     settings, rest = parse_api_settings(argv)

@@ -98,7 +98,7 @@ def chat_loop(engine: "ChatEngine", inp: TextIO, out: TextIO, err: TextIO, syste
 
 def run_chat(argv: list[str]) -> int:
     """Entry point of ``lmf chat``."""
-    from lmf.chat.engine import create_engine
+    from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config
 
     cfg = load_serving_config(argv)

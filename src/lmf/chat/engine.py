@@ -3,19 +3,21 @@
 An engine turns a conversation (OpenAI-style ``[{"role", "content"}]`` messages) into an
 assistant reply, either all at once (:meth:`ChatEngine.chat`) or as a stream of text pieces
 (:meth:`ChatEngine.stream_chat`). Backends: :mod:`lmf.chat.hf_engine` (transformers ``generate``)
-and :mod:`lmf.chat.vllm_engine`. :func:`create_engine` picks one from ``infer_backend``.
+and :mod:`lmf.chat.vllm_engine`. :func:`lmf.chat.create_engine` picks one from ``infer_backend``.
 
-This module imports no heavy library; backends import torch/transformers/vllm lazily.
+This module imports no heavy library; backends import torch/transformers/vllm lazily. :func:`lmf.chat.create_engine` picks the backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError, LmfError
 
 if TYPE_CHECKING:
@@ -231,6 +233,14 @@ class ChatEngine(ABC):
         """Release the model (optional)."""
 
 
+def served_model_name(cfg: "LmfConfig") -> str:
+    """Folder name of the last adapter, else of the base model (the model id the API serves)."""
+    
+    adapters = split_paths(cfg.model.adapter_name_or_path)
+    path = (adapters[-1] if adapters else cfg.model.model_name_or_path or "lmf").strip()
+    return os.path.basename(os.path.normpath(path)) or "lmf"
+
+
 def split_system(messages: list[dict[str, str]]) -> tuple[Optional[str], list[dict[str, str]]]:
     """Check a conversation and split off a leading system message.
 
@@ -266,17 +276,3 @@ def split_system(messages: list[dict[str, str]]) -> tuple[Optional[str], list[di
     if rest[-1]["role"] not in USER_SIDE_ROLES:
         raise MessageError("the last message must be a user (or tool) message")
     return system, [{"role": m["role"], "content": m["content"]} for m in rest]
-
-
-def create_engine(cfg: "LmfConfig") -> ChatEngine:
-    """The engine of ``infer_backend``: ``huggingface``/``hf`` (default) or ``vllm``."""
-    backend = cfg.model.infer_backend
-    if backend in ("huggingface", "hf"):
-        from lmf.chat.hf_engine import HuggingFaceEngine
-
-        return HuggingFaceEngine(cfg)
-    if backend == "vllm":
-        from lmf.chat.vllm_engine import VllmEngine
-
-        return VllmEngine(cfg)
-    raise ConfigError(f"config key 'infer_backend': {backend!r} is not supported; choose huggingface or vllm")

@@ -10,20 +10,13 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError
+from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, served_model_name
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
 logger = get_logger(__name__)
-
-
-def served_model_name(cfg: "LmfConfig") -> str:
-    """Folder name of the last adapter, else of the base model."""
-    adapters = [p for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
-    path = (adapters[-1] if adapters else cfg.model.model_name_or_path or "lmf").strip()
-    return os.path.basename(os.path.normpath(path)) or "lmf"
 
 
 def inference_device():

@@ -15,7 +15,8 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any, Iterator
 
-from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError
+from lmf.config.parser import split_paths
+from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, served_model_name
 from lmf.extras.errors import NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -45,7 +46,6 @@ class VllmEngine(ChatEngine):
         check_vllm_available()
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
-        from lmf.chat.hf_engine import served_model_name
         from lmf.data.template import get_template
         from lmf.model.loader import load_tokenizer
 
@@ -58,7 +58,7 @@ class VllmEngine(ChatEngine):
         self.settings = GenerationSettings.from_args(cfg.generating)
         self.model_name = served_model_name(cfg)
         self.max_len = m.vllm_maxlen
-        adapters = [p.strip() for p in (m.adapter_name_or_path or "").split(",") if p.strip()]
+        adapters = split_paths(m.adapter_name_or_path)
         if len(adapters) > 1:
             raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; "
                                     "merge the others first with `lmf export`")

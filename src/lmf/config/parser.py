@@ -66,6 +66,15 @@ class LmfConfig:
         return hashlib.sha256(payload).hexdigest()[:16]
 
 
+def split_paths(value: Any) -> list[str]:
+    """A comma-separated config value (adapter paths, dataset names, tokens) as a list, blanks dropped."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
 def _key_index() -> dict[str, tuple[str, dataclasses.Field]]:
     index: dict[str, tuple[str, dataclasses.Field]] = {}
     for group_name, cls in ARG_GROUPS.items():
@@ -332,9 +341,9 @@ def _post_process(cfg: LmfConfig) -> None:
         if d.mix_strategy == "concat":
             raise ConfigError("config key 'interleave_probs' needs an interleaving mix_strategy "
                               "(interleave_under, interleave_over or interleave_once), not concat")
-        count = len([p for p in str(d.interleave_probs).split(",") if p.strip()])
+        count = len(split_paths(d.interleave_probs))
         for key in ("dataset", "eval_dataset"):
-            names = [n for n in (getattr(d, key) or "").split(",") if n.strip()]
+            names = split_paths(getattr(d, key))
             if names and len(names) != count:
                 raise ConfigError(f"config key 'interleave_probs': {count} probabilities for {len(names)} "
                                   f"datasets in '{key}'")

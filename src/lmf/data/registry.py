@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lmf.config.parser import split_paths
 from lmf.extras.errors import DataError
 
 DATA_EXTENSIONS = {
@@ -254,7 +255,7 @@ def resolve_datasets(names: Optional[str], dataset_dir: str, key: str = "dataset
         return []
     info: Optional[dict] = None
     attrs: list[DatasetAttr] = []
-    for name in [n.strip() for n in str(names).split(",") if n.strip()]:
+    for name in split_paths(names):
         if name.lower().endswith((".yaml", ".yml")):
             path = name if os.path.isfile(name) else os.path.join(dataset_dir, name)
             if not os.path.isfile(path):

@@ -3,7 +3,7 @@
 Every collective is bounded by the process group's timeout (``ddp_timeout``, set by
 ``runtime.init_distributed``). When a peer dies, gloo fails the next collective at once
 ("Connection reset by peer"); when a peer hangs, it fails after the timeout; NCCL's watchdog
-aborts the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, enabled by :func:`configure_error_handling`).
+aborts the process (``TORCH_NCCL_ASYNC_ERROR_HANDLING``, enabled by :func:`lmf.dist.runtime.configure_error_handling`).
 :func:`peer_failure_guard` turns those low-level errors into :class:`PeerLostError`, which the
 CLI prints as one line and a non-zero exit code. torchrun then tears the rest of the group down.
 """
@@ -40,16 +40,6 @@ _TIMEOUT_PATTERNS = (
 
 class PeerLostError(LmfError):
     """A collective failed because another rank died, hung or became unreachable."""
-
-
-def configure_error_handling(env: Optional[MutableMapping[str, str]] = None) -> None:
-    """Let NCCL abort a rank whose collective failed or timed out (instead of hanging); gloo relies on the timeout.
-
-    Sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` unless the user chose a value. Call before
-    ``init_process_group``.
-    """
-    env = os.environ if env is None else env
-    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
 
 
 def _is_dist_error(exc: BaseException, names: tuple[str, ...] = ("DistError",)) -> bool:

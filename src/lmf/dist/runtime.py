@@ -65,6 +65,16 @@ def select_device(use_cpu: bool = False):
     return torch.device("cpu")
 
 
+def configure_error_handling(env=None) -> None:
+    """Let NCCL abort a rank whose collective failed or timed out (instead of hanging); gloo relies on the timeout.
+
+    Sets ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` unless the user chose a value. Call before
+    ``init_process_group``.
+    """
+    env = os.environ if env is None else env
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+
+
 def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_cpu: bool = False) -> DistInfo:
     """Initialise the default process group when launched by torchrun; return this process's :class:`DistInfo`.
 
@@ -73,8 +83,6 @@ def init_distributed(timeout_s: int = 1800, backend: Optional[str] = None, use_c
     """
     import torch
     import torch.distributed as dist
-
-    from lmf.dist.faults import configure_error_handling
 
     global _GROUP_TIMEOUT_S
     device = select_device(use_cpu)

@@ -11,6 +11,7 @@ import re
 import warnings
 from typing import TYPE_CHECKING
 
+from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -20,10 +21,6 @@ if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
 logger = get_logger(__name__)
-
-
-def _split(value: str | None) -> list[str]:
-    return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
 def find_all_linear_modules(model: "nn.Module") -> list[str]:
@@ -40,7 +37,7 @@ def find_all_linear_modules(model: "nn.Module") -> list[str]:
 
 
 def _adapter_paths(cfg: "LmfConfig") -> list[str]:
-    paths = _split(cfg.model.adapter_name_or_path)
+    paths = split_paths(cfg.model.adapter_name_or_path)
     for path in paths:
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ConfigError(f"config key 'adapter_name_or_path': {path!r} holds no adapter_config.json")
@@ -89,7 +86,7 @@ def _init_lora(cfg: "LmfConfig", model):
         _fuse(model)
         return model
     model = _merge_adapters(model, paths)
-    targets = _split(ft.lora_target)
+    targets = split_paths(ft.lora_target)
     if targets == ["all"]:
         targets = find_all_linear_modules(model)
     elif "all" in targets:
@@ -105,7 +102,7 @@ def _init_lora(cfg: "LmfConfig", model):
         lora_alpha=ft.lora_alpha,
         lora_dropout=ft.lora_dropout,
         target_modules=targets,
-        modules_to_save=_split(ft.additional_target) or None,
+        modules_to_save=split_paths(ft.additional_target) or None,
         use_rslora=ft.use_rslora,
     )
     with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing
@@ -140,8 +137,8 @@ def _init_freeze(cfg: "LmfConfig", model) -> None:
     if n == 0 or abs(n) > num_layers:
         raise ConfigError(f"config key 'freeze_trainable_layers': {n} is invalid for a model with {num_layers} layers")
     layer_ids = set(range(num_layers - n, num_layers)) if n > 0 else set(range(-n))
-    modules = _split(ft.freeze_trainable_modules)
-    extra = _split(ft.freeze_extra_modules)
+    modules = split_paths(ft.freeze_trainable_modules)
+    extra = split_paths(ft.freeze_extra_modules)
     matched_extra: set[str] = set()
     for name, p in model.named_parameters():
         idx = _layer_index(name)

@@ -10,6 +10,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError, LmfError, NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -93,10 +94,10 @@ def load_tokenizer(model_args: "ModelArguments"):
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_args.add_tokens:
-        added = tokenizer.add_tokens([t.strip() for t in model_args.add_tokens.split(",") if t.strip()])
+        added = tokenizer.add_tokens(split_paths(model_args.add_tokens))
         logger.info("added %d tokens to the tokenizer", added)
     if model_args.add_special_tokens:
-        toks = [t.strip() for t in model_args.add_special_tokens.split(",") if t.strip()]
+        toks = split_paths(model_args.add_special_tokens)
         added = tokenizer.add_special_tokens({"additional_special_tokens": toks}, replace_extra_special_tokens=False)
         logger.info("added %d special tokens to the tokenizer", added)
     return tokenizer
@@ -263,7 +264,7 @@ def _reentrant_checkpointing(cfg: "LmfConfig") -> bool:
     if not cfg.model.use_reentrant_gc:
         return False
     from lmf.dist.runtime import env_world_size
-    from lmf.train.parallel import plan_parallelism
+    from lmf.dist.plan import plan_parallelism
 
     if plan_parallelism(cfg, env_world_size(), announce=False).mode == "fsdp":
         logger.info("FSDP sharding: non-reentrant gradient checkpointing (use_reentrant_gc does not apply)")

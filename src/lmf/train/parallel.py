@@ -1,159 +1,19 @@
-"""Data parallelism for the training loop: none, DDP, or FSDP2 (``fully_shard``).
-
-``fsdp: full_shard`` (or ``shard_grad_op``) selects FSDP2; ``hybrid_shard`` (``hybrid_shard_zero2``)
-shards within a node and replicates across nodes on a 2-D device mesh (HSDP); ``auto_wrap`` is what
-lmf always does (every decoder layer is its own FSDP unit). ``fsdp_config`` takes
-``transformer_layer_cls_to_wrap`` (checked against the model), ``reshard_after_forward``,
-``activation_checkpointing``, ``fsdp_version`` (2) and lmf's ``hybrid_shard_size`` (processes per
-shard group; default: the processes of one node); any other key is refused.
-``deepspeed: ds_zN_config.json`` maps ZeRO stage 2/3 onto FSDP2 sharding (stage 0/1 onto DDP) and
-says so in the log.
-"""
+"""Wrapping the loss module for the parallelism plan (:mod:`lmf.dist.plan`): none, DDP, or FSDP2
+(``fully_shard`` per decoder layer, on a 1-D or, for hybrid sharding, a 2-D device mesh)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Optional
 
+from lmf.dist.plan import ParallelPlan
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
     import torch
 
-    from lmf.config.parser import LmfConfig
-
 logger = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class ParallelPlan:
-    """How the loss module is wrapped: mode is 'single', 'ddp' or 'fsdp'; ``shard_size`` (HSDP) is the size
-    of the shard groups (the ranks replicate across groups); ``layer_classes`` the classes to wrap."""
-
-    mode: str
-    reshard_after_forward: bool = True
-    shard_size: Optional[int] = None
-    layer_classes: tuple = ()
-
-
-FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
-FSDP_CONFIG_KEYS = ("transformer_layer_cls_to_wrap", "reshard_after_forward", "activation_checkpointing",
-                    "fsdp_version", "hybrid_shard_size")
-
-
-def read_fsdp_config(value) -> dict:
-    """``fsdp_config`` as a dict (a mapping, a JSON string or a JSON file path); ``fsdp_`` prefixes dropped
-    (as transformers does); unknown keys refused."""
-    if value in (None, "", {}):
-        return {}
-    if isinstance(value, str):
-        text = value
-        if os.path.isfile(value):
-            with open(value, encoding="utf-8") as fh:
-                text = fh.read()
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config key 'fsdp_config': {value!r} is neither a JSON file nor JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ConfigError(f"config key 'fsdp_config': expected a mapping, got {value!r}")
-    out = {(k[len("fsdp_"):] if k.startswith("fsdp_") and k != "fsdp_version" else k): v for k, v in value.items()}
-    unknown = sorted(k for k in out if k not in FSDP_CONFIG_KEYS)
-    if unknown:
-        raise ConfigError(f"config key 'fsdp_config': {', '.join(unknown)} not implemented in lmf "
-                          f"(implemented: {', '.join(FSDP_CONFIG_KEYS)})")
-    if out.get("fsdp_version") not in (None, 2, "2"):
-        raise ConfigError(f"config key 'fsdp_config': fsdp_version {out['fsdp_version']!r}: lmf runs FSDP2 only")
-    return out
-
-
-def _fsdp_options(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v for v in value.replace(",", " ").split() if v]
-    return [str(v) for v in value]
-
-
-def read_deepspeed_stage(path: str) -> int:
-    """ZeRO stage of a DeepSpeed JSON config (errors name the 'deepspeed' key and the file)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config key 'deepspeed': file {path!r} not found")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            ds = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config key 'deepspeed': {path!r} is not valid JSON: {exc}") from exc
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'deepspeed': {path!r} has zero_optimization.stage={stage!r}; expected 0-3")
-    return int(stage)
-
-
-def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -> ParallelPlan:
-    """Decide the wrapping from ``fsdp`` / ``deepspeed`` and the world size (``announce``: log the decision)."""
-    t = cfg.training
-    options = _fsdp_options(t.fsdp)
-    if t.deepspeed and options:
-        raise ConfigError("config keys 'deepspeed' and 'fsdp' are both set; choose one")
-    mode, reshard = "ddp", True
-    if t.deepspeed:
-        stage = read_deepspeed_stage(t.deepspeed)
-        if stage >= 2:
-            mode, reshard = "fsdp", stage == 3
-            (logger.info if announce else logger.debug)(
-                "deepspeed: ZeRO stage %d from %s is mapped onto FSDP2 (fully_shard, reshard_after_forward=%s); "
-                "the DeepSpeed engine is not used", stage, t.deepspeed, reshard,
-            )
-        else:
-            (logger.info if announce else logger.debug)("deepspeed: ZeRO stage %d from %s is mapped onto DDP",
-                                                        stage, t.deepspeed)
-    elif options:
-        unknown = [o for o in options if o not in FSDP_OPTIONS]
-        if unknown:
-            raise ConfigError(f"config key 'fsdp': unknown option(s) {', '.join(unknown)}; choose from "
-                              f"{', '.join(FSDP_OPTIONS)}")
-        if "offload" in options:
-            raise ConfigError("config key 'fsdp': 'offload' is not implemented")
-        sharding = [o for o in options if o not in ("auto_wrap", "offload")]
-        if len(sharding) > 1:
-            raise ConfigError(f"config key 'fsdp': choose one sharding strategy, got {', '.join(sharding)}")
-        if "auto_wrap" in options and announce:
-            logger.info("fsdp: auto_wrap: every decoder layer is its own FSDP unit (lmf always wraps so)")
-        mode, reshard = "fsdp", not ({"shard_grad_op", "hybrid_shard_zero2"} & set(options))
-    extra = read_fsdp_config(t.fsdp_config)
-    if extra and mode != "fsdp":
-        raise ConfigError("config key 'fsdp_config' needs FSDP sharding (fsdp: full_shard, ...)")
-    if "reshard_after_forward" in extra:
-        reshard = bool(extra["reshard_after_forward"])
-    if "activation_checkpointing" in extra and bool(extra["activation_checkpointing"]) != bool(t.gradient_checkpointing):
-        raise ConfigError("config keys 'fsdp_config.activation_checkpointing' and 'gradient_checkpointing' disagree")
-    hybrid = any(o.startswith("hybrid_shard") for o in options)
-    shard_size = extra.get("hybrid_shard_size")
-    if shard_size is not None and not hybrid:
-        raise ConfigError("config key 'fsdp_config.hybrid_shard_size' needs fsdp: hybrid_shard")
-    layer_classes = extra.get("transformer_layer_cls_to_wrap") or ()
-    layer_classes = tuple(c.strip() for c in layer_classes.split(",")) if isinstance(layer_classes, str) \
-        else tuple(layer_classes)
-    if mode == "fsdp" and t.fp16:
-        raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-2/3) has no loss scaling in lmf; use bf16: true")
-    if world_size <= 1:
-        if mode == "fsdp" and announce:
-            logger.info("a single process: no sharding needed, training without FSDP")
-        return ParallelPlan("single")
-    if hybrid:
-        shard_size = int(shard_size or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
-        if shard_size < 1 or world_size % shard_size:
-            raise ConfigError(f"fsdp: hybrid_shard: {world_size} processes cannot form shard groups of {shard_size}")
-        if announce:
-            logger.info("fsdp: hybrid sharding (HSDP) on a %d x %d device mesh: parameters sharded over %d process(es), "
-                        "replicated %d time(s)", world_size // shard_size, shard_size, shard_size,
-                        world_size // shard_size)
-    return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes)
 
 
 def decoder_layers(model) -> list["torch.nn.Module"]:

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 from lmf.train import checkpoint as ckpt
@@ -109,8 +110,8 @@ def _run_entries(output_dir: str) -> list[str]:
 def _refuse_input_dirs(cfg: "LmfConfig") -> None:
     """output_dir must not be the base model or an input adapter."""
     out = os.path.realpath(cfg.training.output_dir)
-    inputs = [cfg.model.model_name_or_path] + [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",")
-                                               if p.strip()]
+    
+    inputs = [cfg.model.model_name_or_path] + split_paths(cfg.model.adapter_name_or_path)
     for path in inputs:
         if path and os.path.isdir(path) and os.path.realpath(path) == out:
             raise ConfigError(f"output_dir {cfg.training.output_dir!r} is the input model/adapter directory; choose another")

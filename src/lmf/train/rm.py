@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lmf.config.parser import split_paths
 from lmf.model.value_head import last_token_index, token_values
 
 
@@ -103,7 +104,7 @@ def prepare_value_head(cfg, model) -> None:
 
     logger = get_logger(__name__)
     freeze_unused_lm_head(model)
-    adapters = [p.strip() for p in (cfg.model.adapter_name_or_path or "").split(",") if p.strip()]
+    adapters = split_paths(cfg.model.adapter_name_or_path)
     if adapters and has_value_head(adapters[-1]) and not cfg.finetuning.create_new_adapter:
         load_value_head(model, adapters[-1])
         logger.info("continuing the value head of %s", adapters[-1])

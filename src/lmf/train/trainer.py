@@ -226,7 +226,8 @@ class Trainer:
         import torch
 
         from lmf.train.optim import create_optimizer, create_scheduler
-        from lmf.train.parallel import plan_parallelism, wrap
+        from lmf.dist.plan import plan_parallelism
+        from lmf.train.parallel import wrap
 
         pick_cpu_threads(self.model, self.runtime.device)
         self.stream = self._build_stream()

@@ -76,7 +76,7 @@ def build_dpo_stage(cfg: "LmfConfig", setup) -> DPOStage:
     """Reference model (or precomputed reference log-probs on the datasets) and the DPO stage."""
     from lmf.data.collator import PairwiseCollator
     from lmf.train.dpo.reference import load_reference_model, shard_reference
-    from lmf.train.parallel import plan_parallelism
+    from lmf.dist.plan import plan_parallelism
     from lmf.train.sft import resolve_loss_kwargs
 
     model, runtime = setup.model, setup.runtime
