@@ -4,7 +4,7 @@ Same setting as ``compare_lf.py``'s CPU train section with packing: LoRA (rank 8
 tiny Qwen3 (hidden 128, 2 layers, 4 heads, 2 kv heads; bench/.cache/compare_lf/models/tiny-qwen3-train,
 built when missing), alpaca_en_demo (96 records) packed to cutoff_len 1024, micro-batch 4, gradient
 checkpointing on, fp32. One process loads data and model once, then runs interleaved rounds of
-forward + backward over every packed batch, alternately with ``LMF_PACKED_SDPA=0`` (the mask path)
+forward + backward over every packed batch, alternately with ``packed_sdpa`` off (the mask path)
 and ``=1`` (per-segment), and reports non-pad tokens per second of wall time and per CPU-second of
 the process (``time.process_time``: robust to other load on a shared machine). It also checks that
 both paths give the same loss.
@@ -31,7 +31,7 @@ TINY_TRAIN_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv
 def model_dir() -> str:
     path = os.path.join(HERE, ".cache", "compare_lf", "models", "tiny-qwen3-train")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        from lmf.model.tiny import build_tiny_model
+        from lmf.testing.tiny import build_tiny_model
 
         tmp = path + ".tmp"
         build_tiny_model(tmp, arch="qwen3", seed=0, **TINY_TRAIN_SHAPE)
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model, batches = load(args)
+    from lmf.model.forward import set_packed_sdpa
     from lmf.model.packed_attention import packed_segments
 
     segs = [packed_segments(b["position_ids"]) for b in batches]
@@ -107,11 +108,11 @@ def main(argv=None) -> int:
     results: dict = {"mask": [], "varlen": []}
     losses: dict = {}
     for mode in ("mask", "varlen"):  # warm-up, one of each
-        os.environ["LMF_PACKED_SDPA"] = "1" if mode == "varlen" else "0"
+        set_packed_sdpa(model, mode == "varlen")
         losses[mode], _ = run_epoch(model, batches, args.device)
     for r in range(args.rounds):
         for mode in (("mask", "varlen") if r % 2 == 0 else ("varlen", "mask")):
-            os.environ["LMF_PACKED_SDPA"] = "1" if mode == "varlen" else "0"
+            set_packed_sdpa(model, mode == "varlen")
             wall, cpu = time.perf_counter(), time.process_time()
             _, tokens = run_epoch(model, batches, args.device)
             results[mode].append((time.perf_counter() - wall, time.process_time() - cpu, tokens))

@@ -2,7 +2,7 @@
 
 The records are LLaMA-Factory's ``examples/data/alpaca_en_demo.json`` (1,000 records) replicated to
 ``--records`` (default 50,000) with a counter appended to each instruction so no two are equal. The
-tokenizer is the locally trained tiny BPE tokenizer (``lmf.model.tiny.build_tokenizer``); template
+tokenizer is the locally trained tiny BPE tokenizer (``lmf.testing.tiny.build_tokenizer``); template
 ``qwen``, ``cutoff_len`` 1024. For each worker count it runs ``get_dataset`` with an empty cache
 (full build: conversion, parallel tokenization, Arrow save) and then again (cache hit), and prints
 samples/s for both, plus samples per CPU-second (this process + its workers), which does not depend on
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from lmf.data.template import get_template
-    from lmf.model.tiny import build_tokenizer
+    from lmf.testing.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     template = get_template("qwen", tokenizer)

@@ -39,7 +39,7 @@ def _small_model_dir() -> str:
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         from transformers import AutoTokenizer
 
-        from lmf.model.tiny import build_tiny_model
+        from lmf.testing.tiny import build_tiny_model
 
         tok = AutoTokenizer.from_pretrained(os.path.join(REPO, "examples", "tiny-qwen3"))
         build_tiny_model(path, arch="qwen3", seed=0, tokenizer=tok, hidden_size=256, num_layers=4, num_heads=4,

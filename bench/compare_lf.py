@@ -167,13 +167,13 @@ def build_models(lmf_python: str, cache: str, which: str) -> str:
         return out
     log(f"building {which} model in {os.path.relpath(out, REPO)}")
     if which == "tiny":
-        code = ("import sys; from lmf.model.tiny import build_tiny_model; "
+        code = ("import sys; from lmf.testing.tiny import build_tiny_model; "
                 f"build_tiny_model(sys.argv[1], arch='qwen3', seed=0, **{TINY_TRAIN_SHAPE!r})")
     else:
         code = (
             "import sys, torch\n"
             "from transformers import AutoModelForCausalLM, Qwen3Config, GenerationConfig\n"
-            "from lmf.model.tiny import build_tokenizer\n"
+            "from lmf.testing.tiny import build_tokenizer\n"
             "tok = build_tokenizer()\n"
             f"cfg = Qwen3Config(**{GPU_SHAPE!r})\n"
             "cfg.bos_token_id = None; cfg.eos_token_id = tok.eos_token_id; cfg.pad_token_id = tok.pad_token_id\n"

@@ -28,7 +28,7 @@ def demo_data_dir() -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
     """A tiny Qwen3-architecture model + locally trained tokenizer, saved once per session."""
-    from lmf.model.tiny import build_tiny_model
+    from lmf.testing.tiny import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_qwen3")
     return build_tiny_model(str(out), arch="qwen3")
@@ -43,7 +43,7 @@ def tiny_model_dir(tiny_tokenizer_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> str:
     """A tiny Llama-architecture model + tokenizer."""
-    from lmf.model.tiny import build_tiny_model
+    from lmf.testing.tiny import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny_llama")
     return build_tiny_model(str(out), arch="llama")

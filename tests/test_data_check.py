@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lmf.data.check import render_with_mask, run_data_command
-from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.testing.char_tokenizer import build_char_tokenizer
 
 
 def test_render_with_mask():

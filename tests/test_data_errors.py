@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from lmf.config.parser import build_config
-from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.testing.char_tokenizer import build_char_tokenizer
 from lmf.data.loader import get_dataset
 from lmf.data.template import get_template
 from lmf.extras.errors import ConfigError, DataError

@@ -8,7 +8,7 @@ import pytest
 
 from lmf.data.fast_bpe import WordMemoEncoder, eligible_characters
 from lmf.data.template import encode_many
-from lmf.model.tiny import build_tokenizer
+from lmf.testing.tiny import build_tokenizer
 
 PIECES = ["1234567", " 89", "'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL", " ", "  ", "\n", "\n\n", "\t", " \n ", "x", "ab",
           "Hello", " world", "12", "3456", " 7", "!", "?!", " (", ")", "--", "\"q\"", "<|im_start|>", "<|im_end|>",
@@ -116,7 +116,7 @@ def test_random_unicode_texts_match_the_backend(style):
 
 def _corpus_with_unicode() -> list[str]:
     """The demo corpus plus text whose multi-byte characters get BPE merges of their own."""
-    from lmf.model.tiny import default_corpus
+    from lmf.testing.tiny import default_corpus
 
     extra = ["Café ñandú — it’s 25°C, “x² + y₂” → Δt Привет мир αβγ 🚀 €10 ½ ¿qué?"] * 50
     return default_corpus() + extra

@@ -6,7 +6,7 @@ import datasets
 
 from lmf.data.loader import _features, write_arrow_dataset
 from lmf.data.template import get_template
-from lmf.model.tiny import build_tokenizer
+from lmf.testing.tiny import build_tokenizer
 
 CONV = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
@@ -115,7 +115,7 @@ def test_batched_sft_processor_matches_the_per_record_loop():
 
 
 def test_encode_many_equals_encode_text_on_both_paths():
-    from lmf.data.char_tokenizer import build_char_tokenizer
+    from lmf.testing.char_tokenizer import build_char_tokenizer
     from lmf.data.template import encode_many, encode_text
 
     texts = ["Hello <|im_start|>user\n wörld", "", " x\t1+2 <|im_end|>", "plain"]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from lmf.config.parser import build_config
-from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.testing.char_tokenizer import build_char_tokenizer
 from lmf.data.loader import get_dataset
 from lmf.data.processor import IGNORE_INDEX
 from lmf.data.template import get_template

@@ -16,7 +16,7 @@ from lmf.data.template import get_template
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from lmf.model.tiny import build_tokenizer
+    from lmf.testing.tiny import build_tokenizer
 
     return build_tokenizer()
 
@@ -160,7 +160,7 @@ DIST_SCRIPT = """
 import json, os, sys, hashlib
 from lmf.dist.runtime import init_distributed, destroy_distributed
 from lmf.config.parser import build_config
-from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.testing.char_tokenizer import build_char_tokenizer
 from lmf.data.template import get_template
 from lmf.data.loader import get_dataset
 info = init_distributed(60, use_cpu=True)

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from lmf.config.parser import build_config
-from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.testing.char_tokenizer import build_char_tokenizer
 from lmf.data.collator import SFTCollator
 from lmf.data.loader import get_dataset
 from lmf.data.packing import padding_waste, plan_bins

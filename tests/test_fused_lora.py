@@ -84,9 +84,9 @@ def test_peft_switches_keep_peft_forward(tiny_model_dir, monkeypatch):
         with model.disable_adapter():  # DPO's reference pass: the base model
             base = model(input_ids=ids).logits
         assert not calls
-        monkeypatch.setenv("LMF_FUSED_LORA", "0")  # read per call
+        fused_lora.unfuse_lora_layers(model)  # peft's forward again
         unfused = model(input_ids=ids).logits
-        monkeypatch.delenv("LMF_FUSED_LORA")
+        fused_lora.fuse_lora_layers(model)
         assert not calls
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=ids)
@@ -131,16 +131,14 @@ def test_saved_adapter_is_unchanged(tiny_model_dir, tmp_path):
         assert torch.equal(plain[key], fused[key])
 
 
-@pytest.mark.parametrize("env", [None, "0"])
-def test_training_models_get_it_unless_turned_off(tiny_model_dir, tmp_path, monkeypatch, env):
+@pytest.mark.parametrize("on", [True, False])
+def test_training_models_get_it_unless_turned_off(tiny_model_dir, tmp_path, on):
     from lmf.config.parser import get_config
     from lmf.model.loader import load_model, load_tokenizer
 
-    if env is not None:
-        monkeypatch.setenv("LMF_FUSED_LORA", env)
     cfg = get_config([f"model_name_or_path={tiny_model_dir}", "stage=sft", "finetuning_type=lora",
-                      f"output_dir={tmp_path}", "use_cpu=true"])
+                      f"output_dir={tmp_path}", "use_cpu=true", f"fused_lora={str(on).lower()}"])
     model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
     fused = [m for m in model.modules() if "forward" in vars(m)]
-    assert len(fused) == (0 if env == "0" else 2 * len(TARGETS))
+    assert len(fused) == (2 * len(TARGETS) if on else 0)
     assert all(m.forward.__func__ is fused_lora.fused_forward for m in fused)

@@ -74,7 +74,7 @@ def test_chunked_peak_memory_is_bounded():
 def test_offload_on_cuda_same_grads_and_less_memory(tmp_path):
     from lmf.model.forward import decoder_hidden_states, lm_head_of
     from lmf.model.checkpointing import apply_activation_checkpointing
-    from lmf.model.tiny import build_config
+    from lmf.testing.tiny import build_config
 
     from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmf.loss import causal_lm_loss
-from lmf.model.forward import decoder_hidden_states, lm_head_of
+from lmf.model.forward import decoder_hidden_states, lm_head_of, set_packed_sdpa
 from lmf.model import packed_attention
 from lmf.model.packed_attention import packed_segments
 
@@ -29,7 +29,7 @@ def _load(model_dir, attn="sdpa"):
 
 
 def _hidden_and_grads(model, input_ids, position_ids, labels, varlen: bool, monkeypatch):
-    monkeypatch.setenv("LMF_PACKED_SDPA", "1" if varlen else "0")
+    set_packed_sdpa(model, varlen)
     model.zero_grad(set_to_none=True)
     calls = []
     original = packed_attention.varlen_sdpa_forward
@@ -125,9 +125,7 @@ def test_only_where_it_applies(tiny_model_dir, monkeypatch):
     assert packed_attention.applies(sdpa.config, pos)
     assert not packed_attention.applies(eager.config, pos)
     assert not packed_attention.applies(sdpa.config, pos[0])  # not [B, T]
-    monkeypatch.setenv("LMF_PACKED_SDPA", "0")
-    assert not packed_attention.applies(sdpa.config, pos)
-    monkeypatch.delenv("LMF_PACKED_SDPA")
+    assert not packed_attention.applies(sdpa.config, pos, enabled=False)  # packed_sdpa: false
     sliding = _load(tiny_model_dir).config
     sliding.layer_types = ["sliding_attention", "full_attention"]
     assert not packed_attention.applies(sliding, pos)
@@ -187,9 +185,8 @@ def test_packed_sft_through_trainer_loss_decreases(tiny_model_dir, tmp_path, mon
 
 def test_segments_that_no_attention_layer_used_are_an_error(tiny_model_dir, monkeypatch):
     """A model that does not pass the segments on would have run unmasked attention: fail loudly."""
-    monkeypatch.setenv("LMF_PACKED_SDPA", "1")
     model = _load(tiny_model_dir)
-    with pytest.raises(RuntimeError, match="LMF_PACKED_SDPA=0"):
+    with pytest.raises(RuntimeError, match="packed_sdpa: false"):
         with packed_attention.packed_sdpa(model.config, _position_ids([[3, 5]], 8)) as kwargs:
             assert packed_attention.KWARG in kwargs  # ... but no decoder forward consumes it
 

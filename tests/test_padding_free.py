@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmf.loss import causal_lm_loss
-from lmf.model.forward import decoder_hidden_states, lm_head_of, set_padding_free
+from lmf.model.forward import decoder_hidden_states, lm_head_of, set_packed_sdpa, set_padding_free
 
 torch.set_num_threads(1)
 
@@ -115,9 +115,9 @@ def test_only_where_it_applies(tiny_model_dir, monkeypatch):
         decoder_hidden_states(sdpa, ids, torch.ones_like(mask))  # no padding: nothing to drop
         left = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])  # left padding: positions would move
         decoder_hidden_states(sdpa, ids, left)
-        monkeypatch.setenv("LMF_PACKED_SDPA", "0")  # the per-segment path is off
+        set_packed_sdpa(sdpa, False)  # the per-segment path is off (packed_sdpa: false)
         decoder_hidden_states(sdpa, ids, mask)
-        monkeypatch.delenv("LMF_PACKED_SDPA")
+        set_packed_sdpa(sdpa, True)
         decoder_hidden_states(sdpa, ids, mask)
     assert seen_eager == [(2, 6)]
     assert seen_sdpa == [(2, 6), (2, 6), (2, 6), (1, 9)]

@@ -59,6 +59,8 @@ def test_fused_lora_bf16_cuda_matches_peft(tiny_model_dir, monkeypatch):
     model = _lora_model(tiny_model_dir).to(torch.bfloat16)
     ids = torch.randint(5, 1000, (2, 33), device="cuda")
     out = model(input_ids=ids).logits.float()
-    monkeypatch.setenv("LMF_FUSED_LORA", "0")
+    from lmf.model import fused_lora
+
+    fused_lora.unfuse_lora_layers(model)
     ref = model(input_ids=ids).logits.float()
     torch.testing.assert_close(out, ref, atol=3e-2, rtol=3e-2)

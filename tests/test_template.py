@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmf.data.char_tokenizer import build_char_tokenizer
+from lmf.testing.char_tokenizer import build_char_tokenizer
 from lmf.data.processor import IGNORE_INDEX, SupervisedProcessor
 from lmf.data.template import TEMPLATES, get_template, list_templates
 from lmf.extras.errors import ConfigError, DataError
@@ -193,7 +193,7 @@ def test_jinja_template_renders_like_encode_prompt(name):
 
 
 def test_auto_uses_tokenizer_chat_template():
-    from lmf.model.tiny import CHATML_TEMPLATE
+    from lmf.testing.tiny import CHATML_TEMPLATE
 
     tok = build_char_tokenizer(chat_template=CHATML_TEMPLATE)
     template = get_template("auto", tok)
@@ -241,7 +241,7 @@ def test_tool_call_and_observation_rendering_qwen():
 
 
 def test_fix_tokenizer_keeps_an_equivalent_template_and_replaces_a_different_one():
-    from lmf.model.tiny import CHATML_TEMPLATE
+    from lmf.testing.tiny import CHATML_TEMPLATE
 
     tok = build_char_tokenizer(chat_template=CHATML_TEMPLATE)  # default system "You are a helpful assistant."
     qwen = get_template("qwen", tok)  # default system differs: the template is replaced

@@ -44,8 +44,8 @@ def as_lmf(messages: list[dict]) -> list[dict]:
 
 
 def _tokenizers():
-    from lmf.data.char_tokenizer import build_char_tokenizer
-    from lmf.model.tiny import build_tokenizer
+    from lmf.testing.char_tokenizer import build_char_tokenizer
+    from lmf.testing.tiny import build_tokenizer
 
     return {"bpe": build_tokenizer(),
             "char": build_char_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
@@ -98,7 +98,7 @@ def test_enable_thinking_unset_gives_the_empty_thought_in_every_path():
 def test_an_equivalent_native_template_is_kept_but_one_that_differs_on_tools_is_replaced():
     import copy
 
-    from lmf.model.tiny import CHATML_TEMPLATE
+    from lmf.testing.tiny import CHATML_TEMPLATE
 
     tok = copy.deepcopy(TOKENIZERS["bpe"])
     tok.chat_template = CHATML_TEMPLATE  # renders system/history like chatml, but knows no tools

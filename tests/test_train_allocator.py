@@ -11,21 +11,20 @@ from lmf.extras.errors import ConfigError
 from lmf.train import allocator
 
 
-def test_threshold_from_env(monkeypatch):
-    monkeypatch.delenv(allocator.ENV_VAR, raising=False)
-    assert allocator.mmap_threshold_from_env() == allocator.DEFAULT_MMAP_THRESHOLD
-    monkeypatch.setenv(allocator.ENV_VAR, "0")
-    assert allocator.mmap_threshold_from_env() == 0
-    assert allocator.limit_heap_fragmentation() is False  # 0 = leave malloc alone
-    monkeypatch.setenv(allocator.ENV_VAR, " 1048576 ")
-    assert allocator.mmap_threshold_from_env() == 1 << 20
+def test_threshold_from_the_config_key():
+    from lmf.config.parser import build_config
+
+    assert build_config({"model_name_or_path": "m"}).model.malloc_mmap_threshold_mb is None  # opt-in
+    assert allocator.threshold_bytes(None) == 0
+    assert allocator.limit_heap_fragmentation(0) is False  # 0 = leave malloc alone
+    assert allocator.threshold_bytes(4) == 4 << 20
+    assert allocator.threshold_bytes(0.5) == 1 << 19
 
 
-@pytest.mark.parametrize("value", ["2MiB", "-1", str(64 << 20)])
-def test_bad_threshold_names_the_variable(monkeypatch, value):
-    monkeypatch.setenv(allocator.ENV_VAR, value)
-    with pytest.raises(ConfigError, match=allocator.ENV_VAR):
-        allocator.mmap_threshold_from_env()
+@pytest.mark.parametrize("value", [-1, 64])
+def test_bad_threshold_names_the_key(value):
+    with pytest.raises(ConfigError, match="malloc_mmap_threshold_mb"):
+        allocator.threshold_bytes(value)
 
 
 _PROBE = textwrap.dedent("""
@@ -42,7 +41,7 @@ _PROBE = textwrap.dedent("""
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
-    applied = limit_heap_fragmentation() if sys.argv[1] == "limit" else False
+    applied = limit_heap_fragmentation(4 << 20) if sys.argv[1] == "limit" else False
     libc.free(libc.malloc(24 << 20))  # by default this raises glibc's mmap threshold to 24 MiB
     before = libc.mallinfo2().hblkhd
     block = libc.malloc(4 << 20)
@@ -54,7 +53,6 @@ _PROBE = textwrap.dedent("""
 
 def _probe(mode: str) -> str:
     env = dict(os.environ)
-    env.pop(allocator.ENV_VAR, None)
     return subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True,
                           env=env).stdout.strip()
 

@@ -51,6 +51,13 @@ class ModelArguments:
     padding_free: bool = _f(True, "Train padded batches without their padding: the real tokens of a micro-batch run "
                             "as one row of per-sample segments (sdpa on Llama/Qwen/Mistral-family models; the same "
                             "result, no work on padding). Ignored where per-sample attention does not apply.")
+    packed_sdpa: bool = _f(True, "Attend per sample (per-segment sdpa, no [T, T] mask) in packed rows and padding-free "
+                           "batches where the model allows it; false: the masked path.")
+    fused_lora: bool = _f(True, "Train each plain LoRA linear through one fused autograd node (same outputs, gradients "
+                          "and adapter files as peft's forward, less memory); false: peft's forward.")
+    malloc_mmap_threshold_mb: Optional[float] = _f(
+        None, "Opt-in (glibc): fix malloc's mmap threshold at this many MiB in training processes, so freed "
+        "activations go back to the OS (lower peak RSS on CPU; 4 is a good value). Unset: malloc's own behaviour.")
     enable_liger_kernel: bool = _f(False, "Use liger-kernel's fused linear cross-entropy on GPU when installed.")
     train_from_scratch: bool = _f(False, "Randomly initialise the model weights from its config.")
     infer_backend: str = _f("huggingface", "Inference backend for chat/api.", ("huggingface", "hf", "vllm"))

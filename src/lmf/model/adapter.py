@@ -83,7 +83,7 @@ def _init_lora(cfg: "LmfConfig", model):
             model = PeftModel.from_pretrained(model, paths[-1], is_trainable=True,
                                               autocast_adapter_dtype=not ft.pure_bf16)
         logger.info("resumed training of adapter %s", paths[-1])
-        _fuse(model)
+        _fuse(cfg, model)
         return model
     model = _merge_adapters(model, paths)
     targets = split_paths(ft.lora_target)
@@ -110,12 +110,14 @@ def _init_lora(cfg: "LmfConfig", model):
         # pure_bf16: the adapter stays in the base model's bf16 (peft would otherwise make it fp32)
         model = get_peft_model(model, lora_config, autocast_adapter_dtype=not ft.pure_bf16)
     logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(targets))
-    _fuse(model)
+    _fuse(cfg, model)
     return model
 
 
-def _fuse(model) -> None:
-    """One autograd node per LoRA linear (``lmf.model.fused_lora``; ``LMF_FUSED_LORA=0`` turns it off)."""
+def _fuse(cfg: "LmfConfig", model) -> None:
+    """One autograd node per LoRA linear (``lmf.model.fused_lora``; config key ``fused_lora: false`` turns it off)."""
+    if not cfg.model.fused_lora:
+        return
     from lmf.model.fused_lora import fuse_lora_layers
 
     count = fuse_lora_layers(model)

@@ -28,6 +28,7 @@ def unwrap_causal_lm(model):
 
 
 PADDING_FREE_ATTR = "_lmf_padding_free"
+PACKED_SDPA_ATTR = "_lmf_packed_sdpa"
 
 
 def set_padding_free(model, enabled: bool) -> None:
@@ -37,6 +38,11 @@ def set_padding_free(model, enabled: bool) -> None:
     ``padding_free`` sets it once, for every stage (SFT, DPO, RM) and its reference scoring.
     """
     setattr(unwrap_causal_lm(model), PADDING_FREE_ATTR, bool(enabled))
+
+
+def set_packed_sdpa(model, enabled: bool) -> None:
+    """Turn the per-segment sdpa of packed rows and padding-free batches on or off (config key ``packed_sdpa``)."""
+    setattr(unwrap_causal_lm(model), PACKED_SDPA_ATTR, bool(enabled))
 
 
 def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> "torch.Tensor":
@@ -72,7 +78,7 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
     else:
         from lmf.model.packed_attention import packed_sdpa
 
-        with packed_sdpa(config, position_ids) as attn_kwargs:
+        with packed_sdpa(config, position_ids, enabled=getattr(causal_lm, PACKED_SDPA_ATTR, True)) as attn_kwargs:
             out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
                           **attn_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
@@ -102,7 +108,7 @@ def _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_
     batch, seq_len = input_ids.shape
     if position_ids is not None and position_ids.shape != input_ids.shape:
         return None
-    if not supports(config, input_ids.device):
+    if not supports(config, input_ids.device, enabled=getattr(causal_lm, PACKED_SDPA_ATTR, True)):
         return None
     real = attention_mask.reshape(-1) != 0
     if position_ids is None:

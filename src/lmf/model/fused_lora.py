@@ -19,7 +19,7 @@ disabled (DPO's reference pass), merged, several active adapters, per-call ``ada
 variants (DoRA, ...), ``lora_dropout`` > 0 in training, a LoRA bias, a trainable or non-plain base
 weight (quantised, DTensor), mixed dtypes and autocast all keep peft's forward. So nothing about
 the model changes but the number of kernels and temporaries: same parameters, same state dict,
-same adapter files. ``LMF_FUSED_LORA=0`` in the environment turns it off.
+same adapter files. The config key ``fused_lora: false`` turns it off.
 """
 
 from __future__ import annotations
@@ -30,14 +30,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from lmf.extras.env import env_flag
-
-ENV_VAR = "LMF_FUSED_LORA"
 _PLAIN = (torch.Tensor, nn.Parameter)
-
-
-def enabled() -> bool:
-    return env_flag(ENV_VAR)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -73,7 +66,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def _plain_case(layer, x, args, kwargs):
     """``(weight, bias, A, B, scaling)`` when this call is the plain LoRA case, else ``None``."""
-    if args or kwargs or layer.disable_adapters or layer.merged or not enabled():
+    if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     active = layer.active_adapters
     if len(active) != 1:
@@ -111,16 +104,24 @@ def fused_forward(self, x, *args, **kwargs):
 def fuse_lora_layers(model) -> int:
     """Give every peft ``lora.Linear`` of ``model`` :func:`fused_forward`; returns how many.
 
-    Does nothing when ``LMF_FUSED_LORA=0``. Layers of other classes (bitsandbytes, embeddings,
-    convolutions) keep peft's forward.
+    Layers of other classes (bitsandbytes, embeddings, convolutions) keep peft's forward. The config
+    key ``fused_lora: false`` skips the call.
     """
-    if not enabled():
-        return 0
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     count = 0
     for module in model.modules():
         if type(module) is LoraLinear:
             module.forward = types.MethodType(fused_forward, module)
+            count += 1
+    return count
+
+
+def unfuse_lora_layers(model) -> int:
+    """Give the layers :func:`fuse_lora_layers` changed peft's own forward back; returns how many."""
+    count = 0
+    for module in model.modules():
+        if vars(module).get("forward") is not None and getattr(module.forward, "__func__", None) is fused_forward:
+            del module.forward
             count += 1
     return count

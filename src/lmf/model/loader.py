@@ -193,7 +193,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     """
     import torch
 
-    from lmf.model.forward import set_padding_free
+    from lmf.model.forward import set_packed_sdpa, set_padding_free
     from lmf.model.adapter import init_adapter, load_adapters_for_inference, log_param_counts
 
     _quiet_transformers()
@@ -222,6 +222,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
             print(f"{name}: {p.dtype} {p.device} trainable={p.requires_grad}")
     log_param_counts(model)
     set_padding_free(model, cfg.model.padding_free)
+    set_packed_sdpa(model, cfg.model.packed_sdpa)
     return model.to(device)
 
 

@@ -27,7 +27,7 @@ This module computes exactly the same attention segment by segment:
 Used only where it applies: ``position_ids`` of shape ``[B, T]`` on CPU or CUDA, the model's
 ``attn_implementation`` is ``sdpa``, a decoder whose layers are all full attention (no sliding
 window) from :data:`SUPPORTED_MODEL_TYPES`. flash_attention_2 keeps transformers' own varlen path,
-eager/flex keep the mask. ``LMF_PACKED_SDPA=0`` in the environment turns it off (the mask path).
+eager/flex keep the mask. The config key ``packed_sdpa: false`` turns it off (the mask path).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
                                        **kwargs)
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None or attention_mask is not None:
         raise RuntimeError("lmf packed sdpa: this attention layer needs a mask (sliding window / softcap); "
-                           "set LMF_PACKED_SDPA=0")
+                           "set packed_sdpa: false")
     segments.calls += 1
     return varlen_sdpa_forward(module, query, key, value, segments, dropout=dropout, scaling=scaling), None
 
@@ -234,15 +234,9 @@ def install() -> None:
     AttentionMaskInterface.register("sdpa", _mask)
 
 
-def enabled() -> bool:
-    from lmf.extras.env import env_flag
-
-    return env_flag("LMF_PACKED_SDPA")
-
-
-def supports(config, device) -> bool:
-    """Whether this model, on this device, can run attention per segment (the sdpa path is on)."""
-    if not enabled() or config is None or getattr(device, "type", device) not in ("cpu", "cuda"):
+def supports(config, device, enabled: bool = True) -> bool:
+    """Whether this model, on this device, can run attention per segment (``enabled``: config key ``packed_sdpa``)."""
+    if not enabled or config is None or getattr(device, "type", device) not in ("cpu", "cuda"):
         return False
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
@@ -255,21 +249,21 @@ def supports(config, device) -> bool:
     return getattr(text_config, "sliding_window", None) is None
 
 
-def applies(config, position_ids) -> bool:
+def applies(config, position_ids, enabled: bool = True) -> bool:
     """Whether a packed batch of this model can take the per-segment path."""
     if position_ids is None or position_ids.dim() != 2:
         return False
-    return supports(config, position_ids.device)
+    return supports(config, position_ids.device, enabled)
 
 
 @contextlib.contextmanager
-def packed_sdpa(config, position_ids):
+def packed_sdpa(config, position_ids, enabled: bool = True):
     """Around one decoder forward of a packed batch: yields the extra decoder kwargs (``{}`` when
     the per-segment path does not apply, then nothing changes).
 
     Raises ``RuntimeError`` when no attention layer received the segments (the model did not
     forward them: its attention would have been unmasked)."""
-    if not applies(config, position_ids):
+    if not applies(config, position_ids, enabled):
         yield {}
         return
     install()
@@ -281,4 +275,4 @@ def packed_sdpa(config, position_ids):
         _SKIP_MASK.reset(token)
     if segments.calls == 0:
         raise RuntimeError(f"lmf packed sdpa: {getattr(config, 'model_type', '?')} did not pass the packed segments "
-                           "to its attention layers; set LMF_PACKED_SDPA=0")
+                           "to its attention layers; set packed_sdpa: false")

@@ -139,11 +139,22 @@ def _smooth(values: list[float], weight: Optional[float] = None) -> list[float]:
     return out
 
 
+def matplotlib_available() -> bool:
+    """Whether ``plot_loss`` can draw (matplotlib is the optional extra ``lmf[plot]``)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_loss(log_history: list[dict], output_dir: str, key: str = "loss") -> Optional[str]:
     """Write ``training_loss.png`` (raw and smoothed) from the log history; None when nothing to plot."""
     points = [(h["step"], h[key]) for h in log_history if key in h and isinstance(h[key], (int, float)) and math.isfinite(h[key])]
     if not points:
         logger.warning("plot_loss: no %r values logged; nothing to plot", key)
+        return None
+    if not matplotlib_available():
+        logger.warning("plot_loss: matplotlib is not installed (pip install 'lmf[plot]'); %s not written",
+                       "training_loss.png" if key == "loss" else f"training_{key}.png")
         return None
     import matplotlib
 

@@ -279,6 +279,12 @@ class Trainer:
         ga = args.gradient_accumulation_steps
         reporter = Reporter(self.cfg, self.runtime.is_main)
         self._log_start()
+        if self.cfg.finetuning.plot_loss and self.runtime.is_main:
+            from lmf.train.reporting import matplotlib_available
+
+            if not matplotlib_available():  # said now, not after hours of training
+                logger.warning("plot_loss: matplotlib is not installed (pip install 'lmf[plot]'): "
+                               "training_loss.png will not be written")
         progress = Progress(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
         save_every = self._save_steps()
         window_start, window_tokens = time.perf_counter(), 0

@@ -52,10 +52,10 @@ def run_training(cfg: "LmfConfig", data_stage: str, build_stage: Callable[[Stage
     """Train one stage end to end; only rank 0 writes. ``data_stage`` picks the data layout (sft/pt/dpo/rm)."""
     from lmf.dist.runtime import destroy_distributed
     from lmf.model.loader import load_model
-    from lmf.train.allocator import limit_heap_fragmentation
+    from lmf.train.allocator import limit_heap_fragmentation, threshold_bytes
     from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
 
-    limit_heap_fragmentation()  # freed activations go back to the OS instead of fragmenting the heap
+    limit_heap_fragmentation(threshold_bytes(cfg.model.malloc_mmap_threshold_mb))  # opt-in
     runtime = setup_runtime(cfg)
     try:
         resume = resolve_resume_checkpoint(cfg, runtime)

@@ -1,7 +1,7 @@
 """Build tiny, randomly initialised causal LMs with a locally trained tokenizer.
 
 Used by the tests, the benchmarks and the README demo: no network, real ``save_pretrained`` /
-``from_pretrained`` round trip. ``python -m lmf.model.tiny OUT_DIR [--arch qwen3|llama]``.
+``from_pretrained`` round trip. ``python -m lmf.testing.tiny OUT_DIR [--arch qwen3|llama]``.
 """
 
 from __future__ import annotations
