@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from lmf.config.parser import split_paths
+from lmf.config.args import GeneratingArguments
 from lmf.extras.errors import ConfigError, LmfError
 
 if TYPE_CHECKING:
@@ -34,18 +35,21 @@ class MessageError(LmfError):
     """A conversation the engine cannot render (bad role order, empty content, too long for the model)."""
 
 
+_DEFAULTS = GeneratingArguments()  # the one place generation defaults are written: lmf.config.args
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
-    """Sampling settings of one request: defaults come from the ``generating`` config group."""
+    """Sampling settings of one request: the ``generating`` config group's values, per-request overrides."""
 
-    do_sample: bool = True
-    temperature: float = 0.95
-    top_p: float = 0.7
-    top_k: int = 50
-    max_new_tokens: int = 1024  # <= 0: the reply is limited by max_length (prompt + reply) instead
-    max_length: int = 1024
-    repetition_penalty: float = 1.0
-    skip_special_tokens: bool = True
+    do_sample: bool = _DEFAULTS.do_sample
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    top_k: int = _DEFAULTS.top_k
+    max_new_tokens: int = _DEFAULTS.max_new_tokens  # <= 0: the reply is limited by max_length instead
+    max_length: int = _DEFAULTS.max_length
+    repetition_penalty: float = _DEFAULTS.repetition_penalty
+    skip_special_tokens: bool = _DEFAULTS.skip_special_tokens
     stop: tuple[str, ...] = ()
 
     @classmethod

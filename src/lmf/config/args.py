@@ -1,7 +1,8 @@
 """Typed argument groups. Key names and meanings follow LLaMA-Factory's hparams.
 
 Every field carries ``metadata['help']``; fields with a closed set of values carry
-``metadata['choices']``. The parser (``lmf.config.parser``) validates types and choices,
+``metadata['choices']``; a key accepted for LLaMA-Factory compatibility but not implemented carries
+``metadata['unsupported']`` (why), one that is harmless to ignore ``metadata['no_effect']`` (why). The parser (``lmf.config.parser``) validates types and choices,
 and rejects unknown keys with a suggestion.
 
 This module must stay import-light (stdlib only): ``lmf help`` imports it.
@@ -14,6 +15,8 @@ from typing import Any, Optional, Union
 
 
 def _f(default: Any, help: str, choices: Optional[tuple] = None, **extra: Any) -> Any:
+    """A config field: ``help``, optional ``choices``, and its status for keys lmf does not (fully) implement:
+    ``unsupported="why"`` (a non-default value is an error) or ``no_effect="why"`` (a warning)."""
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
@@ -63,10 +66,13 @@ class ModelArguments:
     infer_backend: str = _f("huggingface", "Inference backend for chat/api.", ("huggingface", "hf", "vllm"))
     infer_dtype: str = _f("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))
     use_cache: bool = _f(True, "Use the KV cache during generation.")
-    hf_hub_token: Optional[str] = _f(None, "Hugging Face Hub token.")
+    hf_hub_token: Optional[str] = _f(None, "Hugging Face Hub token.",
+        no_effect="lmf runs offline")
     print_param_status: bool = _f(False, "Print every parameter's dtype, device and trainable flag.")
-    quantization_bit: Optional[int] = _f(None, "Quantize the base model on the fly (bitsandbytes, GPU only).", (None, 4, 8))
-    quantization_method: str = _f("bnb", "On-the-fly quantization method.", ("bnb",))
+    quantization_bit: Optional[int] = _f(None, "Quantize the base model on the fly (bitsandbytes, GPU only).", (None, 4, 8),
+        unsupported="on-the-fly quantization (QLoRA) is not implemented yet")
+    quantization_method: str = _f("bnb", "On-the-fly quantization method.", ("bnb",),
+        unsupported="it qualifies quantization_bit (QLoRA), which is not implemented yet")
     model_max_length: Optional[int] = _f(None, "Override the tokenizer's model_max_length.")
     # export
     export_dir: Optional[str] = _f(None, "Directory to write the merged model to (lmf export).")
@@ -74,7 +80,8 @@ class ModelArguments:
     export_device: str = _f("cpu", "Device used to merge the adapter.", ("cpu", "auto"))
     export_legacy_format: bool = _f(False, "Save .bin instead of .safetensors when exporting.")
     export_overwrite: bool = _f(False, "Allow lmf export to overwrite a non-empty export_dir.")
-    export_hub_model_id: Optional[str] = _f(None, "Hub repo id to push the export to.")
+    export_hub_model_id: Optional[str] = _f(None, "Hub repo id to push the export to.",
+        unsupported="pushing to the hub is not possible offline")
     # vllm
     vllm_maxlen: int = _f(4096, "Max sequence length for the vLLM engine.")
     vllm_gpu_util: float = _f(0.7, "GPU memory fraction for vLLM.")
@@ -90,12 +97,15 @@ class DataArguments:
     dataset: Optional[str] = _f(None, "Comma-separated dataset names from dataset_info.json (or file paths).")
     eval_dataset: Optional[str] = _f(None, "Comma-separated evaluation dataset names.")
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and the data files.")
-    media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).")
+    media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).",
+        no_effect="multimodal data is not supported")
     cutoff_len: int = _f(2048, "Maximum tokens per sample after tokenization.")
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = _f(False, "Train on the last assistant turn only.")
-    streaming: bool = _f(False, "Stream the dataset instead of loading it.")
-    buffer_size: int = _f(16384, "Shuffle buffer size when streaming.")
+    streaming: bool = _f(False, "Stream the dataset instead of loading it.",
+        unsupported="streaming datasets are not implemented; datasets are memory-mapped Arrow instead")
+    buffer_size: int = _f(16384, "Shuffle buffer size when streaming.",
+        unsupported="it is the shuffle buffer of streaming datasets, which are not implemented")
     mix_strategy: str = _f("concat", "How to mix several datasets: concatenate, or interleave until the first "
                            "(under) / every (over) dataset is exhausted, or each record once (once).",
                            ("concat", "interleave_under", "interleave_over", "interleave_once"))
@@ -104,17 +114,21 @@ class DataArguments:
     preprocessing_batch_size: int = _f(1000, "Records per preprocessing batch.")
     preprocessing_num_workers: Optional[int] = _f(None, "Processes used for preprocessing.")
     max_samples: Optional[int] = _f(None, "Keep at most this many records per dataset.")
-    eval_num_beams: Optional[int] = _f(None, "Beams for evaluation generation.")
-    ignore_pad_token_for_loss: bool = _f(True, "Ignore pad tokens in the loss.")
+    eval_num_beams: Optional[int] = _f(None, "Beams for evaluation generation.",
+        unsupported="generation during evaluation is not implemented")
+    ignore_pad_token_for_loss: bool = _f(True, "Ignore pad tokens in the loss.",
+        unsupported="training on padding tokens (ignore_pad_token_for_loss: false) is not implemented")
     val_size: float = _f(0.0, "Validation split: a fraction in [0,1) or an absolute count.")
     eval_on_each_dataset: bool = _f(False, "Evaluate on each eval_dataset separately (logged as eval_<name>_loss).")
     packing: Optional[bool] = _f(None, "Pack several samples into one sequence (default: on for pt, off otherwise).")
     neat_packing: bool = _f(False, "Packing without cross-sample attention (per-sample position ids).")
-    tool_format: Optional[str] = _f(None, "Tool format for function-calling data.")
+    tool_format: Optional[str] = _f(None, "Tool format for function-calling data.",
+        no_effect="tool calls are rendered by the template's own format")
     default_system: Optional[str] = _f(None, "Override the template's default system prompt.")
     enable_thinking: Optional[bool] = _f(True, "Whether reasoning (thinking) templates keep the thought.")
     tokenized_path: Optional[str] = _f(None, "Save/load the tokenized dataset to/from this path.")
-    data_shared_file_system: bool = _f(False, "Whether nodes share a file system for the data cache.")
+    data_shared_file_system: bool = _f(False, "Whether nodes share a file system for the data cache.",
+        no_effect="the preprocessing cache is built on local rank 0 of every node")
     skip_bad_records: bool = _f(False, "Skip malformed records (counted and reported) instead of failing.")
     preprocessing_cache_dir: Optional[str] = _f(None, "Where preprocessed datasets are cached (default: $LMF_CACHE or ~/.cache/lmf/datasets).")
 
@@ -136,9 +150,12 @@ class FinetuningArguments:
     lora_target: str = _f("all", "Comma-separated module names to adapt, or 'all' for every linear layer but the head.")
     additional_target: Optional[str] = _f(None, "Comma-separated extra modules trained in full and saved with the adapter.")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
-    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
-    pissa_init: bool = _f(False, "PiSSA initialisation.")
-    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+ learning-rate ratio for B matrices.")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).",
+        unsupported="DoRA is not implemented")
+    pissa_init: bool = _f(False, "PiSSA initialisation.",
+        unsupported="PiSSA initialisation is not implemented")
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+ learning-rate ratio for B matrices.",
+        unsupported="LoRA+ is not implemented")
     create_new_adapter: bool = _f(False, "Create a new adapter on top of loaded ones instead of resuming them.")
     # preference
     pref_beta: float = _f(0.1, "Beta of the preference loss.")
@@ -153,17 +170,27 @@ class FinetuningArguments:
     plot_loss: bool = _f(False, "Write training_loss.png at the end.")
     compute_accuracy: bool = _f(False, "Compute token accuracy during evaluation.")
     disable_shuffling: bool = _f(False, "Do not shuffle the training data.")
-    include_effective_tokens_per_second: bool = _f(False, "Report effective tokens/s.")
+    include_effective_tokens_per_second: bool = _f(False, "Report effective tokens/s.",
+        no_effect="lmf always reports tokens/s")
     pure_bf16: bool = _f(False, "Train in pure bf16 (no AMP).")
-    use_llama_pro: bool = _f(False, "LLaMA Pro block expansion.")
-    use_galore: bool = _f(False, "GaLore optimizer.")
-    use_badam: bool = _f(False, "BAdam optimizer.")
-    use_apollo: bool = _f(False, "APOLLO optimizer.")
-    use_adam_mini: bool = _f(False, "Adam-mini optimizer.")
-    use_muon: bool = _f(False, "Muon optimizer.")
-    freeze_vision_tower: bool = _f(True, "Freeze the vision tower (multimodal).")
-    freeze_multi_modal_projector: bool = _f(True, "Freeze the multimodal projector.")
-    freeze_language_model: bool = _f(False, "Freeze the language model (multimodal).")
+    use_llama_pro: bool = _f(False, "LLaMA Pro block expansion.",
+        unsupported="LLaMA Pro block expansion is not implemented")
+    use_galore: bool = _f(False, "GaLore optimizer.",
+        unsupported="the GaLore optimizer is not implemented")
+    use_badam: bool = _f(False, "BAdam optimizer.",
+        unsupported="the BAdam optimizer is not implemented")
+    use_apollo: bool = _f(False, "APOLLO optimizer.",
+        unsupported="the APOLLO optimizer is not implemented")
+    use_adam_mini: bool = _f(False, "Adam-mini optimizer.",
+        unsupported="the Adam-mini optimizer is not implemented")
+    use_muon: bool = _f(False, "Muon optimizer.",
+        unsupported="the Muon optimizer is not implemented")
+    freeze_vision_tower: bool = _f(True, "Freeze the vision tower (multimodal).",
+        no_effect="multimodal models are not supported")
+    freeze_multi_modal_projector: bool = _f(True, "Freeze the multimodal projector.",
+        no_effect="multimodal models are not supported")
+    freeze_language_model: bool = _f(False, "Freeze the language model (multimodal).",
+        no_effect="multimodal models are not supported")
     early_stopping_steps: Optional[int] = _f(None, "Stop when the eval loss has not improved for N evaluations.")
 
 
@@ -175,7 +202,8 @@ class TrainingArguments:
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
     do_train: bool = _f(True, "Run training.")
     do_eval: bool = _f(False, "Run evaluation.")
-    do_predict: bool = _f(False, "Run prediction.")
+    do_predict: bool = _f(False, "Run prediction.",
+        unsupported="prediction (do_predict) is not implemented")
     per_device_train_batch_size: int = _f(1, "Micro-batch size per device.")
     per_device_eval_batch_size: int = _f(1, "Evaluation batch size per device.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
@@ -221,15 +249,22 @@ class TrainingArguments:
     ddp_backend: Optional[str] = _f(None, "Process group backend (default: nccl on GPU, gloo on CPU).", (None, "nccl", "gloo"))
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
-    dataloader_pin_memory: bool = _f(True, "Pin DataLoader memory (GPU).")
-    remove_unused_columns: bool = _f(False, "Accepted for compatibility; lmf never drops columns it needs.")
+    dataloader_pin_memory: bool = _f(True, "Pin DataLoader memory (GPU).",
+        no_effect="pinning is decided by the device")
+    remove_unused_columns: bool = _f(False, "Accepted for compatibility; lmf never drops columns it needs.",
+        no_effect="lmf never drops columns it needs")
     use_cpu: bool = _f(False, "Train on CPU even when a GPU is present.")
-    torch_compile: bool = _f(False, "torch.compile the model.")
-    predict_with_generate: bool = _f(False, "Generate during prediction.")
+    torch_compile: bool = _f(False, "torch.compile the model.",
+        unsupported="torch.compile is not implemented")
+    predict_with_generate: bool = _f(False, "Generate during prediction.",
+        unsupported="generation during evaluation is not implemented")
     disable_tqdm: bool = _f(False, "No progress bar.")
-    push_to_hub: bool = _f(False, "Push the result to the hub.")
-    label_names: Optional[list] = _f(None, "Accepted for compatibility.")
-    max_checkpoint_wait: int = _f(0, "Accepted for compatibility.")
+    push_to_hub: bool = _f(False, "Push the result to the hub.",
+        unsupported="pushing to the hub is not possible offline")
+    label_names: Optional[list] = _f(None, "Accepted for compatibility.",
+        no_effect="lmf knows its label columns")
+    max_checkpoint_wait: int = _f(0, "Accepted for compatibility.",
+        no_effect="not used")
 
 
 @dataclass
@@ -240,11 +275,13 @@ class GeneratingArguments:
     temperature: float = _f(0.95, "Sampling temperature.")
     top_p: float = _f(0.7, "Nucleus sampling probability.")
     top_k: int = _f(50, "Top-k sampling.")
-    num_beams: int = _f(1, "Beam search width.")
+    num_beams: int = _f(1, "Beam search width.",
+        unsupported="beam search is not implemented for chat/api (replies are streamed)")
     max_length: int = _f(1024, "Maximum total length (prompt + reply); applies when max_new_tokens <= 0.")
     max_new_tokens: int = _f(1024, "Maximum new tokens of a reply (<= 0: limited by max_length instead).")
     repetition_penalty: float = _f(1.0, "Repetition penalty.")
-    length_penalty: float = _f(1.0, "Length penalty for beam search.")
+    length_penalty: float = _f(1.0, "Length penalty for beam search.",
+        unsupported="it only applies to beam search, which is not implemented for chat/api")
     skip_special_tokens: bool = _f(True, "Skip special tokens when decoding.")
 
 

@@ -16,50 +16,24 @@ from typing import Any, Callable, Optional
 from lmf.config.lf_keys import LF_KEYS
 from lmf.extras.errors import ConfigError
 
-#: key -> reason. Setting one of lmf's own keys to anything but its default is an error.
-UNSUPPORTED: dict[str, str] = {
-    "quantization_bit": "on-the-fly quantization (QLoRA) is not implemented yet",
-    "quantization_method": "it qualifies quantization_bit (QLoRA), which is not implemented yet",
-    "use_llama_pro": "LLaMA Pro block expansion is not implemented",
-    "use_galore": "the GaLore optimizer is not implemented",
-    "use_badam": "the BAdam optimizer is not implemented",
-    "use_apollo": "the APOLLO optimizer is not implemented",
-    "use_adam_mini": "the Adam-mini optimizer is not implemented",
-    "use_muon": "the Muon optimizer is not implemented",
-    "pissa_init": "PiSSA initialisation is not implemented",
-    "use_dora": "DoRA is not implemented",
-    "streaming": "streaming datasets are not implemented; datasets are memory-mapped Arrow instead",
-    "buffer_size": "it is the shuffle buffer of streaming datasets, which are not implemented",
-    "ignore_pad_token_for_loss": "training on padding tokens (ignore_pad_token_for_loss: false) is not implemented",
-    "do_predict": "prediction (do_predict) is not implemented",
-    "predict_with_generate": "generation during evaluation is not implemented",
-    "push_to_hub": "pushing to the hub is not possible offline",
-    "export_hub_model_id": "pushing to the hub is not possible offline",
-    "loraplus_lr_ratio": "LoRA+ is not implemented",
-    "torch_compile": "torch.compile is not implemented",
-    "num_beams": "beam search is not implemented for chat/api (replies are streamed)",
-    "length_penalty": "it only applies to beam search, which is not implemented for chat/api",
-    "eval_num_beams": "generation during evaluation is not implemented",
-}
+def _status(kind: str) -> dict[str, str]:
+    """key -> reason for every field of lmf's argument groups whose metadata has ``kind``."""
+    from dataclasses import fields
+
+    from lmf.config.args import ARG_GROUPS
+
+    return {f.name: f.metadata[kind] for cls in ARG_GROUPS.values() for f in fields(cls) if kind in f.metadata}
+
+
+#: key -> reason (field metadata ``unsupported``). Setting one of lmf's own keys to anything but its default
+#: is an error.
+UNSUPPORTED: dict[str, str] = _status("unsupported")
 #: finetuning types that exist in LLaMA-Factory but not (yet) in lmf.
 UNSUPPORTED_FINETUNING_TYPES = {"oft": "OFT (orthogonal fine-tuning) is not implemented"}
 #: stages that exist in LLaMA-Factory but not (yet) in lmf.
 UNSUPPORTED_STAGES = {"kto": "KTO is not implemented", "ppo": "PPO is not implemented"}
-#: key -> why it is ignored. A warning is printed when set to a non-default value.
-NO_EFFECT: dict[str, str] = {
-    "remove_unused_columns": "lmf never drops columns it needs",
-    "label_names": "lmf knows its label columns",
-    "max_checkpoint_wait": "not used",
-    "hf_hub_token": "lmf runs offline",
-    "data_shared_file_system": "the preprocessing cache is built on local rank 0 of every node",
-    "include_effective_tokens_per_second": "lmf always reports tokens/s",
-    "freeze_vision_tower": "multimodal models are not supported",
-    "freeze_multi_modal_projector": "multimodal models are not supported",
-    "freeze_language_model": "multimodal models are not supported",
-    "media_dir": "multimodal data is not supported",
-    "tool_format": "tool calls are rendered by the template's own format",
-    "dataloader_pin_memory": "pinning is decided by the device",
-}
+#: key -> why it is ignored (field metadata ``no_effect``). A warning is printed when set to a non-default value.
+NO_EFFECT: dict[str, str] = _status("no_effect")
 #: LLaMA-Factory-only keys whose value is harmless to accept with a warning (why, in the message).
 LF_NO_EFFECT: dict[str, str] = {
     "ms_hub_token": "lmf runs offline",
