@@ -168,7 +168,7 @@ def test_split_system_and_stop_strings():
 
 
 def test_parse_tool_calls_formats():
-    from lmf.chat.tools import parse_tool_calls
+    from lmf.data.tools import parse_tool_calls
 
     assert parse_tool_calls('Action: get_weather\nAction Input: {"city": "Paris"}', "default") == [
         {"name": "get_weather", "arguments": '{"city": "Paris"}'}]

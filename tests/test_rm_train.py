@@ -30,7 +30,7 @@ def eval_pairs(argv: list[str]):
     """The run's tokenized eval pairs as one PairwiseCollator batch (rebuilt from the same config)."""
     from lmf.config import get_config
     from lmf.data.collator import PairwiseCollator
-    from lmf.train.sft import load_tokenizer_and_data
+    from lmf.train.workflow import load_tokenizer_and_data
 
     cfg = get_config(argv)
     tokenizer, _, data = load_tokenizer_and_data(cfg, "rm")

@@ -42,7 +42,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         """The message as plain text (text parts joined; tool calls as the templates' JSON list)."""
         if self.role == "assistant" and self.tool_calls:
-            from lmf.chat.tools import tool_call_message_content
+            from lmf.data.tools import tool_call_message_content
 
             return tool_call_message_content([{"name": c.function.name, "arguments": c.function.arguments}
                                               for c in self.tool_calls])

@@ -199,7 +199,7 @@ class ChatEngine(ABC):
     model_name: str = "lmf"
     #: Default sampling settings (from the config's ``generating`` group).
     settings: GenerationSettings = GenerationSettings()
-    #: How the template writes tool calls (see :mod:`lmf.chat.tools`).
+    #: How the template writes tool calls (see :mod:`lmf.data.tools`).
     tool_format: str = "default"
 
     @abstractmethod
@@ -229,7 +229,7 @@ class ChatEngine(ABC):
 
     def parse_tool_calls(self, text: str) -> Optional[list[dict[str, str]]]:
         """``[{"name", "arguments"}]`` when a reply is a tool call in the template's format, else None."""
-        from lmf.chat.tools import parse_tool_calls
+        from lmf.data.tools import parse_tool_calls
 
         return parse_tool_calls(text, self.tool_format)
 

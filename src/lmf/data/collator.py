@@ -78,10 +78,3 @@ class PairwiseCollator:
             "attention_mask": _pad_rows(rows["attention_mask"], length, 0),
             "labels": _pad_rows(rows["labels"], length, IGNORE_INDEX),
         }
-
-
-def get_collator(stage: str, tokenizer, pad_to_multiple_of: Optional[int] = None):
-    """SFTCollator for sft/pt, PairwiseCollator for dpo/rm."""
-    if stage in ("dpo", "rm"):
-        return PairwiseCollator(tokenizer, pad_to_multiple_of)
-    return SFTCollator(tokenizer, pad_to_multiple_of)

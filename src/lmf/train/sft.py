@@ -64,10 +64,3 @@ def run_sft(cfg: "LmfConfig") -> None:
         return SFTStage(cfg, setup.model, build_sft_collator(setup.tokenizer, setup.pad_to_multiple_of))
 
     run_training(cfg, cfg.finetuning.stage, build)
-
-
-def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
-    """Kept for callers of the old location; see :func:`lmf.train.workflow.load_tokenizer_and_data`."""
-    from lmf.train.workflow import load_tokenizer_and_data as _load
-
-    return _load(cfg, stage)
