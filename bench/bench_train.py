@@ -56,8 +56,10 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from lmf.config.parser import build_config
     from lmf.model.loader import load_model
-    from lmf.train.sft import SFTStage, build_sft_collator, load_tokenizer_and_data
+    from lmf.data.collator import SFTCollator
+    from lmf.train.sft import SFTStage
     from lmf.train.trainer import Trainer, set_seed, setup_runtime
+    from lmf.train.workflow import load_tokenizer_and_data
 
     model_dir = os.path.join(REPO, "examples", "tiny-qwen3") if args.model == "bundled" else _small_model_dir()
     out = tempfile.mkdtemp(prefix="lmf-bench-train-")
@@ -73,7 +75,7 @@ def child(args) -> dict:
     set_seed(0)
     tokenizer, _, data = load_tokenizer_and_data(cfg, "sft")
     model = load_model(cfg, tokenizer, is_trainable=True)
-    trainer = Trainer(cfg, model, tokenizer, SFTStage(cfg, model, build_sft_collator(tokenizer, None)),
+    trainer = Trainer(cfg, model, tokenizer, SFTStage(cfg, model, SFTCollator(tokenizer)),
                       data.train_dataset, runtime)
 
     marks: dict = {}
@@ -85,7 +87,7 @@ def child(args) -> dict:
         original_record(entry, reporter)
 
     trainer._record = record
-    trainer.save_final = lambda: None  # time the loop only
+    trainer.checkpoints.save_final = lambda run, state: None  # time the loop only
     state = trainer.train()
     wall, cpu = time.perf_counter() - marks["wall"], time.process_time() - marks["cpu"]
     tokens = state.tokens_seen - marks["tokens"]

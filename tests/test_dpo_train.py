@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmf.extras.errors import ConfigError
-from lmf.train.tuner import run_exp
+from lmf.train.workflow import run_exp
 
 torch.set_num_threads(1)
 

@@ -76,18 +76,15 @@ def test_llamafactory_example_yaml_runs_unchanged(tmp_path):
 
 
 def test_train_command_follows_the_config_stage(tmp_path, monkeypatch):
-    from lmf.train import tuner
+    from lmf.train import workflow
 
     monkeypatch.chdir(REPO_ROOT)
     called = []
-    original = tuner._runner
-    try:
-        tuner._runner = lambda stage: (lambda cfg: called.append((stage, cfg.training.output_dir)))
-        tuner.run_exp([DEMO, "stage=dpo", f"output_dir={tmp_path}"], command="train")
-        tuner.run_exp([DEMO, f"output_dir={tmp_path}"], command="sft")
-        tuner.run_exp([DEMO, "stage=pt", f"output_dir={tmp_path}"], command="sft")
-    finally:
-        tuner._runner = original
+    monkeypatch.setattr(workflow, "run_training", lambda cfg: called.append((cfg.finetuning.stage, cfg.training.output_dir)))
+    workflow.run_exp([DEMO, "stage=dpo", f"output_dir={tmp_path}"], command="train")
+    workflow.run_exp([DEMO, f"output_dir={tmp_path}"], command="sft")
+    workflow.run_exp([DEMO, "stage=pt", f"output_dir={tmp_path}"], command="sft")
     assert [c[0] for c in called] == ["dpo", "sft", "pt"]
+    assert workflow.recipe_of("pt").__name__ == "lmf.train.sft" and workflow.recipe_of("dpo").build_stage
     with pytest.raises(Exception, match="do_train"):
-        tuner.run_exp([DEMO, "do_train=false"], command="sft")
+        workflow.run_exp([DEMO, "do_train=false"], command="sft")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmf.model.value_head import VALUE_HEAD_WEIGHTS, load_reward_model, score
-from lmf.train.tuner import run_exp
+from lmf.train.workflow import run_exp
 
 from test_dpo_train import history, pref_argv, train_entries, write_toy_preference_data  # noqa: E402
 

@@ -27,14 +27,14 @@ def lmf_logs(caplog):
 
 
 def _run_sft(tiny_model_dir, demo_data_dir, tmp_path, **overrides) -> dict:
-    from lmf.train.sft import run_sft
+    from lmf.train.workflow import run_training
 
     raw = dict(model_name_or_path=tiny_model_dir, dataset_dir=demo_data_dir, dataset="alpaca_en_demo", template="qwen",
                cutoff_len=128, max_samples=24, output_dir=str(tmp_path / "out"), max_steps=4, logging_steps=1,
                per_device_train_batch_size=4, learning_rate=5e-3, save_steps=100, disable_tqdm=True,
                preprocessing_cache_dir=str(tmp_path / "cache"), per_device_eval_batch_size=4)
     raw.update(overrides)
-    run_sft(build_config(raw))
+    run_training(build_config(raw))
     with open(tmp_path / "out" / "trainer_state.json", encoding="utf-8") as fh:
         return json.load(fh)
 

@@ -5,7 +5,7 @@
 
 - preprocess: ``lmf.data.loader.get_dataset`` (read + convert + tokenize/template/mask), timed;
   token statistics of the result.
-- train: ``lmf.train.tuner.run_exp`` (what ``lmf sft CONFIG`` runs on one device), with
+- train: ``lmf.train.workflow.run_exp`` (what ``lmf sft CONFIG`` runs on one device), with
   ``lmf.train.trainer.Trainer.train`` timed and the tokenized train set counted.
 """
 
@@ -51,7 +51,7 @@ def preprocess(config: dict) -> dict:
 def train(config: dict) -> dict:
     import lmf.data.loader as loader
     import lmf.train.trainer as trainer_mod
-    from lmf.train.tuner import run_exp
+    from lmf.train.workflow import run_exp
 
     out: dict = {}
     original_get_dataset = loader.get_dataset

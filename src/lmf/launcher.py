@@ -248,7 +248,7 @@ def print_version() -> None:
 def run_command(command: str, args: list[str]) -> int:
     """Run one command in this process (training commands run on the current process group)."""
     if command in DIST_TRAIN_COMMANDS:
-        from lmf.train.tuner import run_exp
+        from lmf.train.workflow import run_exp
 
         run_exp(args, command=command)
         return 0

@@ -49,3 +49,13 @@ def fault_point(point: str, step: int) -> None:
         delay = float(os.environ.get("LMF_TEST_STEP_SLEEP_S") or 0)
         if delay > 0:
             time.sleep(delay)
+
+
+def hooks_from_env(env=None) -> dict:
+    """Training-loop callbacks (``after_step``, ``during_save``) for the hooks set in ``env``; ``{}`` when none is
+    set, so real runs get the loop's no-op defaults."""
+    env = os.environ if env is None else env
+    names = ("LMF_TEST_KILL_AT_STEP", "LMF_TEST_KILL_DURING_SAVE", "LMF_TEST_SIGNAL_AT_STEP", "LMF_TEST_STEP_SLEEP_S")
+    if not any(env.get(name) for name in names):
+        return {}
+    return {"after_step": lambda step: fault_point("step", step), "during_save": lambda step: fault_point("save", step)}

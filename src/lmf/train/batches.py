@@ -8,6 +8,7 @@ in checkpoints; resuming skips the consumed indices without loading them.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -108,3 +109,20 @@ class MicroBatchStream:
     @property
     def epoch_float(self) -> float:
         return self.epoch + self.batch_in_epoch / self.batches_per_epoch
+
+
+def build_stream(dataset, collator, training_args, finetuning_args, runtime) -> MicroBatchStream:
+    """The run's :class:`MicroBatchStream`: sharded by rank, shuffled with ``data_seed`` unless
+    ``disable_shuffling``, ``dataloader_num_workers`` capped at the available cores."""
+    from lmf.extras.logging import get_logger
+
+    sampler = ResumableShardedSampler(len(dataset), runtime.world_size, runtime.rank,
+                                      shuffle=not finetuning_args.disable_shuffling, seed=training_args.data_seed)
+    workers = training_args.dataloader_num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers > cores:
+        get_logger("lmf.train.trainer").info("dataloader_num_workers=%d capped at the %d available CPU cores",
+                                             workers, cores)
+        workers = cores
+    return MicroBatchStream(dataset, collator, training_args.per_device_train_batch_size, sampler,
+                            num_workers=workers, pin_memory=runtime.device.type == "cuda")

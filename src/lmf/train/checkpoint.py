@@ -1,4 +1,5 @@
-"""Checkpoints: atomic directories, discovery of the newest complete one, rotation, RNG state.
+"""Checkpoints: saving and loading a run (:class:`CheckpointIO`), atomic directories, discovery of the
+newest complete one, rotation, RNG state.
 
 Layout of ``output_dir/checkpoint-N/`` (written by global rank 0 into ``.tmp-checkpoint-N-*`` and
 renamed when complete)::
@@ -19,11 +20,19 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Any, Optional
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
 
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+    from lmf.dist.runtime import DistInfo
+    from lmf.train.state import Run, Stage, TrainHooks, TrainState
+
 logger = get_logger(__name__)
+run_logger = get_logger("lmf.train.trainer")  # the training log's name
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -179,3 +188,176 @@ def load_rng_state(checkpoint_dir: str, rank: int) -> None:
         logger.warning("%s has no RNG state for rank %d (different world size?); using rank 0's", checkpoint_dir, rank)
         path = fallback
     restore_rng_state(torch.load(path, weights_only=False))
+
+
+class CheckpointIO:
+    """Writes a run's checkpoints and final output, and loads them back on resume.
+
+    Saving is a collective under FSDP (every rank takes part; global rank 0 writes, into a ``.tmp-*``
+    directory renamed when complete). Loading happens in two halves: :meth:`load_weights` into the
+    unwrapped model before DDP/FSDP wrapping, :meth:`load_training_state` after it.
+    """
+
+    def __init__(self, cfg: "LmfConfig", runtime: "DistInfo", model, tokenizer, stage: "Stage",
+                 hooks: "TrainHooks"):
+        self.cfg, self.args, self.runtime = cfg, cfg.training, runtime
+        self.model, self.tokenizer, self.stage, self.hooks = model, tokenizer, stage, hooks
+        self.is_lora = cfg.finetuning.finetuning_type == "lora"
+
+    # ------------------------------------------------------------------ saving
+    def _full_state_dict(self, loss_module, trainable_only: bool) -> dict:
+        """Full (unsharded, CPU) state dict of the HF model; a collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        sd = get_model_state_dict(loss_module, options=options)
+        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+
+    def _write_model(self, loss_module, out_dir: Optional[str], final: bool) -> None:
+        """Adapter (LoRA) or full model + tokenizer into ``out_dir`` (collective; rank 0 writes)."""
+        sd = self._full_state_dict(loss_module, trainable_only=self.is_lora)
+        if not self.runtime.is_main:
+            return
+        save_extra = getattr(self.stage, "save_extra", None)
+        if save_extra is not None:
+            sd = save_extra(out_dir, sd)
+        if not self.is_lora and final:
+            dtype = getattr(self.model.config, "dtype", None)
+            if dtype is not None and not isinstance(dtype, str):
+                sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out_dir)
+
+    def save(self, run: "Run", state: "TrainState") -> str:
+        """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state."""
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from lmf.dist.runtime import barrier, is_dist
+
+        out, step = self.args.output_dir, state.global_step
+        final_dir = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
+        tmp = make_temp_dir(out, f"checkpoint-{step}") if self.runtime.is_main else None
+        self._write_model(run.loss_module, tmp, final=False)
+        self.hooks.during_save(step)
+        rng = capture_rng_state()
+        rngs = [None] * self.runtime.world_size if self.runtime.is_main else None
+        if is_dist():
+            dist.gather_object(rng, rngs, dst=0)
+        else:
+            rngs = [rng]
+        optim_sd = None
+        if not self.args.save_only_model:
+            optim_sd = get_optimizer_state_dict(run.loss_module, run.optimizer,
+                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.runtime.is_main:
+            if optim_sd is not None:
+                torch.save(optim_sd, os.path.join(tmp, OPTIMIZER_NAME))
+                if run.scaler is not None:
+                    torch.save(run.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+            # the schedule and RNG states are tiny: saved even with save_only_model
+            torch.save(run.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
+            for rank, rank_state in enumerate(rngs):
+                torch.save(rank_state, os.path.join(tmp, rng_state_name(rank)))
+            write_json(os.path.join(tmp, STATE_NAME), asdict(state))
+            commit_dir(tmp, final_dir)
+            rotate_checkpoints(out, self.args.save_total_limit, keep=final_dir)
+            run_logger.info("saved %s", final_dir)
+        barrier()
+        return final_dir
+
+    def save_final(self, run: "Run", state: "TrainState") -> None:
+        """Final model/adapter, tokenizer, trainer_state.json (last) and the loss plot in output_dir."""
+        from lmf.dist.runtime import barrier
+
+        out = self.args.output_dir
+        tmp = make_temp_dir(out, "final") if self.runtime.is_main else None
+        self._write_model(run.loss_module, tmp, final=True)
+        if self.runtime.is_main:
+            if self.cfg.finetuning.plot_loss:
+                from lmf.train.reporting import plot_loss
+
+                plot_loss(state.log_history, tmp)
+            write_json(os.path.join(tmp, STATE_NAME), asdict(state))
+            commit_files(tmp, out)
+            run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
+        barrier()
+
+    # ------------------------------------------------------------------ loading
+    def load_weights(self, path: str) -> None:
+        """Trainable weights from a checkpoint into the unwrapped model (before DDP/FSDP wrapping)."""
+        from safetensors.torch import load_file
+
+        load_extra = getattr(self.stage, "load_extra", None)
+        restored = set(load_extra(self.model, path) or ()) if load_extra is not None else set()
+        if self.is_lora:
+            from peft import set_peft_model_state_dict
+
+            file = os.path.join(path, "adapter_model.safetensors")
+            if not os.path.isfile(file):
+                raise LmfError(f"cannot resume: {path} holds no adapter_model.safetensors (was it a LoRA run?)")
+            result = set_peft_model_state_dict(self.model, load_file(file))
+            if getattr(result, "unexpected_keys", None):
+                raise LmfError(f"cannot resume from {path}: unexpected adapter weights {result.unexpected_keys[:3]}")
+            return
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not files:
+            raise LmfError(f"cannot resume: {path} holds no model safetensors")
+        sd: dict = {}
+        for f in files:
+            sd.update(load_file(f))
+        own = self.model.state_dict()
+        sd = {k: v.to(own[k].dtype) for k, v in sd.items() if k in own}
+        self.model.load_state_dict(sd, strict=False)
+        missing = [n for n, p in self.model.named_parameters() if p.requires_grad and n not in sd and n not in restored]
+        if missing:
+            raise LmfError(f"cannot resume from {path}: it lacks trainable weights such as {missing[0]}")
+
+    def load_training_state(self, path: str, run: "Run", state: "TrainState") -> None:
+        """Optimizer, scheduler, RNG and data position from a checkpoint (after wrapping)."""
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        saved = read_json(os.path.join(path, STATE_NAME))
+        if saved.get("max_steps") not in (None, state.max_steps):
+            run_logger.warning("resuming a run planned for %s steps with %d steps: the schedule differs",
+                               saved.get("max_steps"), state.max_steps)
+        optim_file = os.path.join(path, OPTIMIZER_NAME)
+        scheduler_file = os.path.join(path, SCHEDULER_NAME)
+        if os.path.isfile(optim_file):
+            osd = torch.load(optim_file, map_location="cpu", weights_only=False)
+            set_optimizer_state_dict(run.loss_module, run.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+            scaler_file = os.path.join(path, "scaler.pt")
+            if run.scaler is not None and os.path.isfile(scaler_file):
+                run.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
+        else:
+            run_logger.warning("%s has no optimizer state (it was saved with save_only_model): the resume is "
+                               "APPROXIMATE, the optimizer's moments restart from zero", path)
+        if os.path.isfile(scheduler_file):
+            run.scheduler.load_state_dict(torch.load(scheduler_file, weights_only=False))
+        else:
+            for _ in range(saved["global_step"]):
+                run.scheduler.step()
+        load_rng_state(path, self.runtime.rank)
+        state.global_step, state.epoch = saved["global_step"], saved["epoch"]
+        state.tokens_seen, state.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
+        state.log_window = saved.get("log_window", [])
+        state.data_epoch = saved.get("data_epoch", 0)
+        state.best_eval_loss = saved.get("best_eval_loss")
+        state.evals_without_improvement = saved.get("evals_without_improvement", 0)
+        state.batch_in_epoch = saved.get("batch_in_epoch", 0)
+        old_world, old_micro = saved.get("world_size", 1), saved.get("micro_batch_size", state.micro_batch_size)
+        world = self.runtime.world_size
+        if (old_world, old_micro) != (world, state.micro_batch_size):
+            # another shape of job: skip as many samples of the epoch as were consumed (a different subset of them)
+            consumed = state.batch_in_epoch * old_micro * old_world
+            state.batch_in_epoch = min(consumed // (state.micro_batch_size * world), run.stream.batches_per_epoch)
+            run_logger.warning(
+                "resuming a run of %d process(es) x micro-batch %d with %d x %d: the data order differs from an "
+                "uninterrupted run (%d samples of epoch %d skipped)", old_world, old_micro, world,
+                state.micro_batch_size, consumed, state.data_epoch,
+            )
+        run.stream.epoch, run.stream.batch_in_epoch = state.data_epoch, state.batch_in_epoch
+        run_logger.info("resumed from %s at step %d (epoch %.2f)", path, state.global_step, state.epoch)

@@ -146,6 +146,13 @@ def matplotlib_available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def warn_if_no_plot(cfg: "LmfConfig", is_main: bool) -> None:
+    """Say at the start, not after hours of training, that ``plot_loss`` cannot draw."""
+    if cfg.finetuning.plot_loss and is_main and not matplotlib_available():
+        logger.warning("plot_loss: matplotlib is not installed (pip install 'lmf[plot]'): "
+                       "training_loss.png will not be written")
+
+
 def plot_loss(log_history: list[dict], output_dir: str, key: str = "loss") -> Optional[str]:
     """Write ``training_loss.png`` (raw and smoothed) from the log history; None when nothing to plot."""
     points = [(h["step"], h[key]) for h in log_history if key in h and isinstance(h[key], (int, float)) and math.isfinite(h[key])]

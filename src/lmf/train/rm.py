@@ -84,17 +84,16 @@ def freeze_unused_lm_head(model) -> None:
         head.requires_grad_(False)
 
 
-def run_rm(cfg) -> None:
-    """``lmf rm``: train a value head (+ LoRA/full/freeze) on pairwise data; saves value_head.safetensors."""
-    from lmf.train.workflow import run_training
+DATA_STAGE = "rm"
 
-    def build(setup):
-        from lmf.data.collator import PairwiseCollator
 
-        prepare_value_head(cfg, setup.model)
-        return RMStage(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of))
+def build_stage(cfg, setup) -> RMStage:
+    """The ``lmf rm`` recipe: a value head (+ LoRA/full/freeze) trained on pairwise data; saved as
+    value_head.safetensors next to the adapter or model."""
+    from lmf.data.collator import PairwiseCollator
 
-    run_training(cfg, "rm", build)
+    prepare_value_head(cfg, setup.model)
+    return RMStage(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of))
 
 
 def prepare_value_head(cfg, model) -> None:

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: next-token cross-entropy on the label tokens (``lmf sft``)."""
+"""The SFT recipe (``lmf sft``, and ``stage: pt``): next-token cross-entropy on the label tokens."""
 
 from __future__ import annotations
 
@@ -50,17 +50,11 @@ class SFTStage:
         return loss_sum, num_tokens, metrics
 
 
-def build_sft_collator(tokenizer, pad_to_multiple_of: Optional[int] = 8):
+DATA_STAGE = None  # the config's stage: sft, or pt (text, packed by default)
+
+
+def build_stage(cfg: "LmfConfig", setup) -> SFTStage:
+    """The ``lmf sft`` recipe (also ``stage: pt``): next-token cross-entropy on the label tokens."""
     from lmf.data.collator import SFTCollator
 
-    return SFTCollator(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
-
-
-def run_sft(cfg: "LmfConfig") -> None:
-    """Load tokenizer, data and model, then train; only rank 0 writes."""
-    from lmf.train.workflow import run_training
-
-    def build(setup):
-        return SFTStage(cfg, setup.model, build_sft_collator(setup.tokenizer, setup.pad_to_multiple_of))
-
-    run_training(cfg, cfg.finetuning.stage, build)
+    return SFTStage(cfg, setup.model, SFTCollator(setup.tokenizer, pad_to_multiple_of=setup.pad_to_multiple_of))

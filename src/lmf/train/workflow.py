@@ -1,25 +1,36 @@
-"""The set-up every training stage shares, in one place.
+"""What ``lmf sft|dpo|rm|train CONFIG`` runs: the config, the stage's recipe, the shared set-up, the loop.
 
-``run_training`` does: process group and device -> resume point -> seed -> tokenizer, template and
-tokenized data -> trainable model -> the stage's own pieces (``build_stage``) -> the shared
-:class:`~lmf.train.trainer.Trainer` -> tear-down. A stage (SFT, DPO, RM) only supplies
-``build_stage(setup) -> stage``, which may also replace ``setup.train_dataset`` /
-``setup.eval_dataset`` (DPO does, to attach precomputed reference log-probs).
+:func:`run_exp` parses the config and checks the command against its ``stage``; :func:`run_training`
+does: process group and device -> resume plan -> seed -> tokenizer, template and tokenized data ->
+trainable model -> the recipe's stage -> the shared :class:`~lmf.train.trainer.Trainer` -> tear-down.
+
+A recipe (:data:`RECIPES`: ``lmf.train.sft``, ``lmf.train.dpo.recipe``, ``lmf.train.rm``) is a module with
+``build_stage(cfg, setup) -> Stage``, ``DATA_STAGE`` (the data layout; None: the config's stage) and an
+optional ``check_config(cfg)``. ``build_stage`` may replace ``setup.train_dataset`` / ``setup.eval_dataset``
+(DPO does, to attach precomputed reference log-probs).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+from lmf.extras.errors import ConfigError
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
     from lmf.dist.runtime import DistInfo
 
+#: stage -> its recipe module.
+RECIPES = {"sft": "lmf.train.sft", "pt": "lmf.train.sft", "dpo": "lmf.train.dpo.recipe", "rm": "lmf.train.rm"}
+#: command -> the stage it runs ("train" follows the config).
+COMMAND_STAGES = {"sft": "sft", "dpo": "dpo", "rm": "rm", "train": None}
+
 
 @dataclass
 class StageSetup:
-    """What a stage builder gets: the config, runtime, tokenizer, template, model and datasets."""
+    """What a recipe's ``build_stage`` gets: the config, runtime, tokenizer, template, model and datasets."""
 
     cfg: "LmfConfig"
     runtime: "DistInfo"
@@ -35,6 +46,31 @@ class StageSetup:
         return 8 if self.runtime.device.type == "cuda" else None
 
 
+def run_exp(argv: list[str], command: str = "sft") -> None:
+    """Parse ``argv`` (config + overrides) and train the stage the command names (``train``: the config's)."""
+    from lmf.config import get_config
+
+    if command not in COMMAND_STAGES:
+        raise ConfigError(f"unknown training command {command!r}; choose one of {', '.join(COMMAND_STAGES)}")
+    cfg = get_config(argv)
+    wanted, stage = COMMAND_STAGES[command], cfg.finetuning.stage
+    if wanted is not None and stage != wanted and not (wanted == "sft" and stage == "pt"):
+        raise ConfigError(
+            f"`lmf {command}` runs stage {wanted!r} but the config says stage: {stage}; "
+            f"use `lmf {stage if stage in COMMAND_STAGES else 'train'}` or `lmf train`"
+        )
+    if not cfg.training.do_train:
+        raise ConfigError("config key 'do_train' is false: nothing to do (evaluation-only runs are not implemented)")
+    run_training(cfg)
+
+
+def recipe_of(stage: str):
+    """The recipe module of ``stage``."""
+    if stage not in RECIPES:
+        raise ConfigError(f"config key 'stage': {stage!r} cannot be trained by lmf")
+    return importlib.import_module(RECIPES[stage])
+
+
 def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
     """Tokenizer (fixed by the template), the template and the tokenized datasets of ``stage``."""
     from lmf.data.loader import get_dataset
@@ -48,24 +84,30 @@ def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
     return tokenizer, template, data
 
 
-def run_training(cfg: "LmfConfig", data_stage: str, build_stage: Callable[[StageSetup], Any]) -> None:
-    """Train one stage end to end; only rank 0 writes. ``data_stage`` picks the data layout (sft/pt/dpo/rm)."""
+def run_training(cfg: "LmfConfig") -> None:
+    """Train ``cfg``'s stage end to end with its recipe; only rank 0 writes."""
+    from lmf.dist.fault_injection import hooks_from_env
     from lmf.dist.runtime import destroy_distributed
     from lmf.model.loader import load_model
     from lmf.train.allocator import limit_heap_fragmentation, threshold_bytes
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+    from lmf.train.runtime import set_seed, setup_runtime
+    from lmf.train.state import TrainHooks
+    from lmf.train.trainer import Trainer, resolve_resume_checkpoint
 
+    recipe = recipe_of(cfg.finetuning.stage)
+    if hasattr(recipe, "check_config"):
+        recipe.check_config(cfg)
     limit_heap_fragmentation(threshold_bytes(cfg.model.malloc_mmap_threshold_mb))  # opt-in
     runtime = setup_runtime(cfg)
     try:
         resume = resolve_resume_checkpoint(cfg, runtime)
         set_seed(cfg.training.seed)
-        tokenizer, template, data = load_tokenizer_and_data(cfg, data_stage)
+        tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
         model = load_model(cfg, tokenizer, is_trainable=True)
         setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset)
-        stage = build_stage(setup)
+        stage = recipe.build_stage(cfg, setup)
         trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
-                          eval_dataset=setup.eval_dataset, resume=resume)
+                          eval_dataset=setup.eval_dataset, resume=resume, hooks=TrainHooks(**hooks_from_env()))
         trainer.train()
     finally:
         destroy_distributed()

@@ -1,4 +1,5 @@
-"""``lmf dpo``: load data, policy and reference, then run the shared training loop with the DPO objective."""
+"""The DPO recipe (``lmf dpo``): the reference (model, disabled adapter, or precomputed log-probs) and the DPO
+objective as a stage of the shared workflow (:mod:`lmf.train.workflow`)."""
 
 from __future__ import annotations
 
@@ -64,15 +65,15 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_dpo(cfg: "LmfConfig") -> None:
-    """Train a DPO-family objective (pref_loss) on pairwise data; only rank 0 writes."""
-    from lmf.train.workflow import run_training
+DATA_STAGE = "dpo"
 
+
+def check_config(cfg: "LmfConfig") -> None:
+    """Checks of the recipe, before anything is loaded."""
     check_dpo_config(cfg)
-    run_training(cfg, "dpo", lambda setup: build_dpo_stage(cfg, setup))
 
 
-def build_dpo_stage(cfg: "LmfConfig", setup) -> DPOStage:
+def build_stage(cfg: "LmfConfig", setup) -> DPOStage:
     """Reference model (or precomputed reference log-probs on the datasets) and the DPO stage."""
     from lmf.data.collator import PairwiseCollator
     from lmf.train.dpo.reference import load_reference_model, shard_reference

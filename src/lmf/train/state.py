@@ -1,0 +1,81 @@
+"""What a run is made of: the stage protocol, the resumable progress, the test hooks, the live objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Stage(Protocol):
+    """What a training stage (SFT, DPO, RM, ...) plugs into the loop.
+
+    ``collator(list[dict]) -> batch`` and ``compute_loss(model, batch) -> (loss_sum, num_items, metrics)``
+    where ``loss_sum`` is a *sum* over ``num_items`` (label tokens for SFT, pairs for DPO/RM).
+    Optional hooks (looked up with ``getattr``):
+
+    - ``save_extra(out_dir, state_dict) -> state_dict``: called on rank 0 before the model is saved
+      (checkpoints and final output) with the full CPU state dict of the HF model (trainable
+      params only for LoRA); writes stage files (e.g. a value head) and returns what to save as model.
+    - ``load_extra(model, checkpoint_dir) -> set[str]``: on resume, loads those files into the
+      unwrapped model and returns the parameter names it restored.
+    """
+
+    name: str
+    collator: Callable[[list[dict]], dict]
+
+    def compute_loss(self, model, batch: dict) -> tuple["torch.Tensor", "torch.Tensor", dict[str, float]]:
+        ...
+
+
+@dataclass
+class TrainState:
+    """Progress saved in trainer_state.json (and restored on resume)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+    data_epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens_seen: int = 0
+    world_size: int = 1
+    micro_batch_size: int = 1
+    log_history: list = field(default_factory=list)
+    log_window: list = field(default_factory=list)  # step losses since the last log entry
+    resume_fingerprint: str = ""
+    trajectory: dict = field(default_factory=dict)  # the training keys (lmf.train.resume.TRAJECTORY_KEYS)
+    best_eval_loss: Optional[float] = None  # early_stopping_steps: the best eval_loss so far
+    evals_without_improvement: int = 0
+    early_stopped: bool = False
+    finished: bool = False
+
+
+def _nothing(step: int) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class TrainHooks:
+    """Callbacks the loop calls at fixed points (tests inject faults here; the defaults do nothing):
+    ``after_step(step)`` right after optimizer step ``step``, ``during_save(step)`` while checkpoint-``step``
+    is half-written (model written, state not yet)."""
+
+    after_step: Callable[[int], None] = _nothing
+    during_save: Callable[[int], None] = _nothing
+
+
+@dataclass
+class Run:
+    """The live objects of a run, built by :meth:`lmf.train.trainer.Trainer.setup`: the loss module (the model
+    plus the stage's loss), its DDP/FSDP wrapper, optimizer, schedule, loss scaler, micro-batch stream, plan."""
+
+    loss_module: Any
+    wrapped: Any
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    stream: Any
+    plan: Any
+    trainable: list
