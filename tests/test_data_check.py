@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lmf.data.check import render_with_mask, run_data_command
+from lmf.data_check import render_with_mask, run_data_command
 from lmf.testing.char_tokenizer import build_char_tokenizer
 
 

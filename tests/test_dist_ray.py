@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lmf.dist.ray_launcher import RAY_INSTALL_HINT, ray_scaling_options, require_ray
+from lmf.ray_launcher import RAY_INSTALL_HINT, ray_scaling_options, require_ray
 from lmf.extras.errors import LmfError, NotAvailableError
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -103,7 +103,7 @@ def test_ray_glue_runs_the_real_training_with_ddp_timeout_and_worker_env(tiny_mo
     """run_with_ray against a fake Ray: scaling from NPROC_PER_NODE, ddp_timeout -> TorchConfig, rank env, cwd."""
     import yaml
 
-    from lmf.dist.ray_launcher import run_with_ray
+    from lmf.ray_launcher import run_with_ray
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK"):
         monkeypatch.setenv(key, "")  # restored after the test (the worker sets them)

@@ -266,7 +266,7 @@ def run_command(command: str, args: list[str]) -> int:
 
         return run_api(args) or 0
     if command == "data":
-        from lmf.data.check import run_data_command
+        from lmf.data_check import run_data_command
 
         return run_data_command(args) or 0
     if command == "env":
@@ -309,7 +309,7 @@ def launch(argv: Optional[list[str]] = None) -> None:
     command = argv.pop(0) if argv else "help"
     if command in DIST_TRAIN_COMMANDS and os.environ.get("LOCAL_RANK") is None:
         if is_truthy(os.environ.get("USE_RAY")):
-            from lmf.dist.ray_launcher import run_with_ray
+            from lmf.ray_launcher import run_with_ray
 
             sys.exit(_guarded(run_with_ray, command, argv))
         forced = is_truthy(os.environ.get("FORCE_TORCHRUN"))

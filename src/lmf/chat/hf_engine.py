@@ -6,7 +6,6 @@ adapter sees exactly the format it was trained on; generation stops at the templ
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 

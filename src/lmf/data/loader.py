@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from lmf.data import cache as cache_mod
 from lmf.data.converter import convert_record
+from lmf.data.mixing import merge_datasets
 from lmf.data.processor import IGNORE_INDEX, make_processor
 from lmf.data.readers import iter_records
 from lmf.data.registry import DatasetAttr, resolve_datasets
@@ -179,44 +180,6 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
     return ds
 
 
-#: mix_strategy -> the ``stopping_strategy`` of ``datasets.interleave_datasets`` (as LLaMA-Factory maps them).
-INTERLEAVE_STRATEGIES = {
-    "interleave_under": "first_exhausted",
-    "interleave_over": "all_exhausted",
-    "interleave_once": "all_exhausted_without_replacement",
-}
-
-
-def merge_datasets(parts: list, data_args, seed: int):
-    """One dataset from several: concatenated (``mix_strategy: concat``) or interleaved with
-    ``interleave_probs`` (LLaMA-Factory's ``merge_dataset``: the same records in the same order)."""
-    import datasets
-
-    if len(parts) == 1:
-        return parts[0]
-    if data_args.mix_strategy == "concat":
-        return datasets.concatenate_datasets(parts)
-    probs = parse_interleave_probs(data_args.interleave_probs)
-    try:
-        return datasets.interleave_datasets(parts, probabilities=probs, seed=seed,
-                                            stopping_strategy=INTERLEAVE_STRATEGIES[data_args.mix_strategy])
-    except ValueError as exc:
-        raise ConfigError(f"config keys 'mix_strategy' / 'interleave_probs': {exc}") from exc
-
-
-def parse_interleave_probs(value) -> Optional[list[float]]:
-    """``"0.3,0.7"`` -> [0.3, 0.7]; None stays None (uniform)."""
-    if value is None:
-        return None
-    try:
-        probs = [float(p) for p in str(value).split(",") if p.strip()]
-    except ValueError:
-        raise ConfigError(f"config key 'interleave_probs': {value!r} is not a comma-separated list of numbers") from None
-    if any(p < 0 for p in probs) or not probs:
-        raise ConfigError(f"config key 'interleave_probs': {value!r} must hold non-negative numbers")
-    return probs
-
-
 def _token_stats(ds, stage: str) -> dict[str, Any]:
     """Counts and length statistics of a tokenized dataset (computed with Arrow, not Python loops)."""
     import pyarrow.compute as pc
@@ -246,7 +209,6 @@ def _token_stats(ds, stage: str) -> dict[str, Any]:
 def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_args, work_dir: str,
                 seed: int) -> tuple[Any, dict[str, Any]]:
     """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset."""
-    import datasets
 
     bad = BadRecords()
     parts, per_dataset = [], {}

@@ -1,0 +1,87 @@
+"""Rules between config keys (defaults that depend on other keys, combinations that cannot work); run by
+:func:`lmf.config.parser.build_config` once every key is valid on its own. Errors name the keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmf.config.args import GeneratingArguments
+from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger("lmf.config.parser")
+
+
+def apply_cross_key_rules(cfg: "LmfConfig") -> None:
+    """Cross-key defaults and checks, after every key was validated on its own."""
+    from lmf.config.parser import split_paths
+    t, d, ft, m = cfg.training, cfg.data, cfg.finetuning, cfg.model
+    if t.evaluation_strategy is not None:
+        t.eval_strategy = t.evaluation_strategy
+    if t.bf16 and t.fp16:
+        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
+    if ft.lora_alpha is None:
+        ft.lora_alpha = ft.lora_rank * 2
+    if isinstance(t.report_to, str):
+        t.report_to = [r.strip() for r in t.report_to.split(",") if r.strip() and r.strip() != "none"]
+    else:
+        t.report_to = [r for r in t.report_to if r != "none"]
+    for r in t.report_to:
+        if r not in ("tensorboard", "wandb", "all"):
+            raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard or wandb")
+    if d.interleave_probs is not None:
+        if d.mix_strategy == "concat":
+            raise ConfigError("config key 'interleave_probs' needs an interleaving mix_strategy "
+                              "(interleave_under, interleave_over or interleave_once), not concat")
+        count = len(split_paths(d.interleave_probs))
+        for key in ("dataset", "eval_dataset"):
+            names = split_paths(getattr(d, key))
+            if names and len(names) != count:
+                raise ConfigError(f"config key 'interleave_probs': {count} probabilities for {len(names)} "
+                                  f"datasets in '{key}'")
+    if d.eval_on_each_dataset and not d.eval_dataset:
+        raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    has_eval = bool(d.val_size or d.eval_dataset)
+    if ft.early_stopping_steps is not None:
+        if ft.early_stopping_steps < 1:
+            raise ConfigError(f"config key 'early_stopping_steps': must be >= 1, got {ft.early_stopping_steps}")
+        if not has_eval or (t.eval_strategy == "no" and t.evaluation_strategy in (None, "no")):
+            raise ConfigError("config key 'early_stopping_steps' needs evaluations: set eval_strategy (steps or "
+                              "epoch) and an eval set (val_size or eval_dataset)")
+    if m.upcast_layernorm and ft.pure_bf16:
+        raise ConfigError("config keys 'upcast_layernorm' and 'pure_bf16': fp32 norm weights need mixed-precision "
+                          "autocast, which pure_bf16 turns off; use bf16: true with upcast_layernorm")
+    if ft.compute_accuracy and not has_eval:
+        logger.warning("config key 'compute_accuracy' has no effect without an eval set (val_size or eval_dataset)")
+    if ft.compute_accuracy and ft.stage == "dpo":
+        logger.warning("config key 'compute_accuracy' has no effect for DPO, which always logs rewards/accuracies")
+    g = cfg.generating
+    if g.max_new_tokens > 0 and g.max_length != GeneratingArguments().max_length:
+        logger.warning("config key 'max_length' has no effect while max_new_tokens > 0 (as in LLaMA-Factory); set "
+                       "max_new_tokens: 0 to limit prompt + reply to max_length instead")
+    if d.packing is None:
+        d.packing = ft.stage == "pt"
+    if d.neat_packing:
+        d.packing = True
+    if d.val_size < 0:
+        raise ConfigError(f"config key 'val_size': must be >= 0, got {d.val_size}")
+    if d.cutoff_len <= 0:
+        raise ConfigError(f"config key 'cutoff_len': must be positive, got {d.cutoff_len}")
+    if t.per_device_train_batch_size <= 0:
+        raise ConfigError("config key 'per_device_train_batch_size': must be positive")
+    if t.gradient_accumulation_steps <= 0:
+        raise ConfigError("config key 'gradient_accumulation_steps': must be positive")
+    if t.data_seed is None:
+        t.data_seed = t.seed
+    if t.eval_steps is None:
+        t.eval_steps = t.logging_steps
+    if t.gradient_checkpointing is None:
+        # LLaMA-Factory turns gradient checkpointing on unless disable_gradient_checkpointing is set.
+        t.gradient_checkpointing = not m.disable_gradient_checkpointing
+    elif m.disable_gradient_checkpointing and t.gradient_checkpointing:
+        raise ConfigError("config keys 'gradient_checkpointing' and 'disable_gradient_checkpointing' are both true")
+    if ft.pref_loss in ("orpo", "simpo") and ft.stage == "dpo":
+        ft.ref_model = None  # reference-free losses
