@@ -81,10 +81,10 @@ def child(args) -> dict:
     marks: dict = {}
     original_record = trainer._record
 
-    def record(entry, reporter):  # timestamps the end of the warm-up steps
+    def record(entry, reporter, *rest):  # timestamps the end of the warm-up steps
         if entry.get("step") == args.warmup:
             marks.update(wall=time.perf_counter(), cpu=time.process_time(), tokens=trainer.state.tokens_seen)
-        original_record(entry, reporter)
+        original_record(entry, reporter, *rest)
 
     trainer._record = record
     trainer.checkpoints.save_final = lambda run, state: None  # time the loop only
