@@ -88,7 +88,7 @@ class Template:
     default_system: str = ""
     stop_words: tuple = ()
     replace_eos: bool = False
-    efficient_eos: bool = False
+    efficient_eos: bool = False  # eos once at the end (LLaMA-Factory's GLM / ChatGLM-family templates)
     system_in_user: bool = False  # llama2-style: the system text is prepended to the first user message
     tool_format: str = "default"
     reasoning: bool = False  # qwen3-style thought block handling
