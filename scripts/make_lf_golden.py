@@ -16,7 +16,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "lf_parity"))
-from cases import CASES  # noqa: E402
+from cases import CASES, REAL, real_tokenizer_dir, resolved  # noqa: E402
 
 LF_PYTHON = os.environ.get("LF_PYTHON", os.path.join(ROOT, "bench", ".lf-venv", "bin", "python"))
 GOLDEN_DIR = os.path.join(ROOT, "tests", "fixtures", "lf_golden")
@@ -27,11 +27,14 @@ def main(names: list[str]) -> int:
         print(f"no LLaMA-Factory venv at {LF_PYTHON}: run `bash bench/lf_venv.sh` first", file=sys.stderr)
         return 1
     os.makedirs(GOLDEN_DIR, exist_ok=True)
+    real_dir = tempfile.mkdtemp(prefix="lmf-real-tokenizer-")
+    if any(CASES[n]["config"].get("model_name_or_path") == REAL for n in (names or CASES)):
+        real_tokenizer_dir(real_dir)
     for name in names or sorted(CASES):
         with tempfile.TemporaryDirectory() as tmp:
             spec = os.path.join(tmp, "spec.json")
             with open(spec, "w", encoding="utf-8") as fh:
-                json.dump(CASES[name], fh)
+                json.dump(dict(CASES[name], resolved_config=resolved(CASES[name]["config"], real_dir)), fh)
             out = os.path.join(GOLDEN_DIR, f"{name}.json")
             env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=os.path.join(tmp, "hf"),
                        DISABLE_VERSION_CHECK="1", OMP_NUM_THREADS="1")

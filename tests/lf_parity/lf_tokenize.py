@@ -19,18 +19,26 @@ def main() -> None:
     spec_path, out_path = sys.argv[1:3]
     with open(spec_path, encoding="utf-8") as fh:
         spec = json.load(fh)
+    deviation = spec.get("lf_deviation") or {}
+    if deviation.get("empty_tools"):  # lmf's documented deviation: an empty tools list is no tools
+        from llamafactory.data import template as lf_template
+
+        for cls in (lf_template.Template, lf_template.Llama2Template):
+            def _encode(self, tokenizer, messages, system, tools, _original=cls._encode):
+                return _original(self, tokenizer, messages, system, "" if tools and tools.strip() == "[]" else tools)
+
+            cls._encode = _encode
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer
 
-    model_args, data_args, training_args, _, _ = get_train_args(dict(spec["config"]))
+    model_args, data_args, training_args, _, _ = get_train_args(dict(spec.get("resolved_config") or spec["config"]))
     tokenizer_module = load_tokenizer(model_args)
     template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
     module = get_dataset(template, model_args, data_args, training_args, stage=spec["stage"], **tokenizer_module)
     rows = [dict(row) for row in module["train_dataset"]]
-    deviation = spec.get("lf_deviation")
     changed = 0
-    if deviation:  # a documented deviation of lmf (tests/lf_parity/cases.py): LF's rows with a prefix removed
+    if deviation.get("strip_prefix"):  # a documented deviation of lmf (tests/lf_parity/cases.py): LF's rows with a prefix removed
         prefix = tokenizer_module["tokenizer"].encode(deviation["strip_prefix"], add_special_tokens=False)
         for row in rows:
             if row["input_ids"][:len(prefix)] == prefix:
