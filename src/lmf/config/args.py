@@ -62,6 +62,8 @@ class ModelArguments:
         None, "Opt-in (glibc): fix malloc's mmap threshold at this many MiB in training processes, so freed "
         "activations go back to the OS (lower peak RSS on CPU; 4 is a good value). Unset: malloc's own behaviour.")
     enable_liger_kernel: bool = _f(False, "Use liger-kernel's fused linear cross-entropy on GPU when installed.")
+    moe_aux_loss_coef: Optional[float] = _f(None, "Mixture-of-experts models: add this times the router "
+                                            "load-balancing loss (logged as aux_loss); unset: no auxiliary loss.")
     train_from_scratch: bool = _f(False, "Randomly initialise the model weights from its config.")
     infer_backend: str = _f("huggingface", "Inference backend for chat/api.", ("huggingface", "hf", "vllm"))
     infer_dtype: str = _f("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))

@@ -23,17 +23,31 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
+#: nn.Linear subclasses that LoRA may adapt: plain linears and the quantized ones of bitsandbytes.
+LORA_LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
 def find_all_linear_modules(model: "nn.Module") -> list[str]:
-    """Leaf names of every ``nn.Linear`` except the output head (lora_target: all)."""
+    """Leaf names of every linear layer LoRA can adapt (lora_target: all): not the output head, and not the
+    ``nn.Linear`` subclasses with a forward of their own (MoE routers and gates return tuples), which
+    LLaMA-Factory leaves out too."""
     from torch import nn
 
     head = model.get_output_embeddings()
     names: set[str] = set()
+    skipped: set[str] = set()
     for full_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
-            names.add(full_name.split(".")[-1])
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        leaf = full_name.split(".")[-1]
+        if type(module).__name__ in LORA_LINEAR_CLASSES:
+            names.add(leaf)
+        else:
+            skipped.add(f"{leaf} ({type(module).__name__})")
+    if skipped:
+        logger.info("lora_target all: not adapting %s (not plain linear layers)", ", ".join(sorted(skipped)))
     head_names = {n.split(".")[-1] for n, m in model.named_modules() if m is head}
-    return sorted(names - head_names)
+    return sorted(names - head_names - {s.split(" ")[0] for s in skipped})
 
 
 def _adapter_paths(cfg: "LmfConfig") -> list[str]:

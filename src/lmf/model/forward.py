@@ -27,7 +27,40 @@ def unwrap_causal_lm(model):
     return inner
 
 
+def decoder_of(causal_lm):
+    """The decoder stack (``*Model``) under a ``*ForCausalLM``: ``get_decoder()``, unless it returns the causal LM
+    itself (Llama-4 text does), then its ``model``."""
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if decoder is None or decoder is causal_lm:
+        decoder = getattr(causal_lm, "model", causal_lm)
+    return decoder
+
+
 PADDING_FREE_ATTR = "_lmf_padding_free"
+#: ``moe_aux_loss_coef``: the causal LM's flag that makes the decoder return its router logits, and where the last
+#: trained forward leaves them for :func:`pop_router_logits`.
+ROUTER_LOGITS_FLAG = "_lmf_router_aux_loss"
+ROUTER_LOGITS_ATTR = "_lmf_router_logits"
+
+
+def set_router_logits(model, enabled: bool) -> None:
+    """Make :func:`decoder_hidden_states` ask the decoder for its router logits (MoE auxiliary loss)."""
+    setattr(unwrap_causal_lm(model), ROUTER_LOGITS_FLAG, bool(enabled))
+
+
+def _grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
+
+
+def pop_router_logits(model):
+    """The router logits of ``model``'s last trained forward (one tensor per MoE layer), or None; cleared."""
+    causal_lm = unwrap_causal_lm(model)
+    logits = getattr(causal_lm, ROUTER_LOGITS_ATTR, None)
+    if logits is not None:
+        setattr(causal_lm, ROUTER_LOGITS_ATTR, None)
+    return logits
 PACKED_SDPA_ATTR = "_lmf_packed_sdpa"
 
 
@@ -62,7 +95,7 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
     batch (causal attention within a sample, the same position ids); no work is spent on padding.
     """
     causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+    decoder = decoder_of(causal_lm)
     config = getattr(causal_lm, "config", None)
     flat = _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids)
     batch_ids = input_ids
@@ -73,15 +106,19 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
         attention_mask = None
     elif attention_mask is not None and _right_padded_cpu(attention_mask):
         attention_mask = None  # causal attention never looks at the padding after a row's last token
+    extra = {"output_router_logits": True} if getattr(causal_lm, ROUTER_LOGITS_FLAG, False) else {}
     if position_ids is None:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
     else:
         from lmf.model.packed_attention import packed_sdpa
 
         with packed_sdpa(config, position_ids, enabled=getattr(causal_lm, PACKED_SDPA_ATTR, True)) as attn_kwargs:
-            out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
+            out = decoder(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False, **extra,
                           **attn_kwargs)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    router_logits = getattr(out, "router_logits", None)
+    if router_logits is not None and _grad_enabled():  # the trained forward, not a reference's
+        setattr(causal_lm, ROUTER_LOGITS_ATTR, router_logits)
     if flat is None:
         return hidden
     batch, seq_len = batch_ids.shape  # back to [B, T, H], zeros at the padding

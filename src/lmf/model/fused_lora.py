@@ -40,12 +40,19 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
         x2 = x.reshape(-1, x.shape[-1])
         xa = x2 @ lora_a.t()
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        out.addmm_(xa, lora_b.t(), alpha=scaling)
+        # the output is allocated in its final shape and returned as is (not as a view of a 2-D result), so
+        # a model may modify it in place (Llama-4 does)
+        out = x.new_empty(*x.shape[:-1], weight.shape[0])
+        flat = out.view(-1, weight.shape[0])
+        if bias is not None:
+            torch.addmm(bias, x2, weight.t(), out=flat)
+        else:
+            torch.mm(x2, weight.t(), out=flat)
+        flat.addmm_(xa, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(x2, xa, weight, lora_a, lora_b)
         ctx.scaling = scaling
         ctx.x_shape = x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return out
 
     @staticmethod
     @once_differentiable

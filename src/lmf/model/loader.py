@@ -142,29 +142,53 @@ def resolve_dtype(cfg: "LmfConfig", device: "torch.device", is_trainable: bool) 
     return dtype
 
 
-def resolve_attn_implementation(flash_attn: str, device: "torch.device", dtype: "torch.dtype") -> str:
-    """flash_attn key -> transformers attn_implementation (sdpa by default; flash_attention_2 when installed)."""
+def resolve_attn_implementation(flash_attn: str, device: "torch.device", dtype: "torch.dtype",
+                                model_class=None) -> str:
+    """flash_attn key -> transformers attn_implementation: sdpa by default, flash_attention_2 when installed on a
+    GPU, eager where the model (``model_class``) has no sdpa path (Gemma-2, GPT-OSS); ``sdpa`` asked for a model
+    without it is an error naming the key."""
     import importlib.util
 
     import torch
 
+    supports_sdpa = model_class is None or getattr(model_class, "_supports_sdpa", True)
+    supports_fa2 = model_class is None or getattr(model_class, "_supports_flash_attn", True)
     fa2_usable = (
         importlib.util.find_spec("flash_attn") is not None
         and device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
+        and supports_fa2
     )
     if flash_attn == "fa2":
         if not fa2_usable:
             raise NotAvailableError(
-                "flash_attn: fa2 needs the flash-attn package, a CUDA GPU and bf16/fp16 weights; "
-                "use flash_attn: sdpa (or auto)"
+                "flash_attn: fa2 needs the flash-attn package, a CUDA GPU, bf16/fp16 weights and a model that "
+                "supports it; use flash_attn: sdpa (or auto)"
             )
         return "flash_attention_2"
-    if flash_attn == "auto":
-        return "flash_attention_2" if fa2_usable else "sdpa"
     if flash_attn in ("disabled", "eager"):
         return "eager"
+    if flash_attn == "sdpa" and not supports_sdpa:
+        raise ConfigError(f"config key 'flash_attn': {model_class.__name__} has no sdpa attention; use flash_attn: "
+                          "auto (eager here) or eager")
+    if flash_attn == "auto":
+        if fa2_usable:
+            return "flash_attention_2"
+        if not supports_sdpa:
+            logger.info("flash_attn: auto: %s has no sdpa attention; using eager", model_class.__name__)
+            return "eager"
     return "sdpa"
+
+
+def model_class_of(path: str, trust_remote_code: bool = False):
+    """The ``*ForCausalLM`` class ``AutoModelForCausalLM`` builds for the model at ``path`` (None if unknown)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, OSError, ValueError):
+        return None
 
 
 def _from_pretrained(cfg: "LmfConfig", dtype, attn: str):
@@ -199,13 +223,16 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     _quiet_transformers()
     device = device if device is not None else torch.device("cpu")
     dtype = resolve_dtype(cfg, device, is_trainable)
-    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype)
+    path = _check_model_path(cfg.model)
+    model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if os.path.isdir(path) else None
+    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class)
     model = _from_pretrained(cfg, dtype, attn)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     _maybe_resize_embeddings(cfg, model, tokenizer)
     if tokenizer is not None and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
+    log_linear_attention_path(model, device)
     if is_trainable:
         model.config.use_cache = False
         _apply_upcasts(cfg, model)
@@ -223,7 +250,40 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     log_param_counts(model)
     set_padding_free(model, cfg.model.padding_free)
     set_packed_sdpa(model, cfg.model.packed_sdpa)
+    if is_trainable and cfg.model.moe_aux_loss_coef:
+        _enable_router_aux_loss(cfg, model)
     return model.to(device)
+
+
+def _enable_router_aux_loss(cfg: "LmfConfig", model) -> None:
+    """``moe_aux_loss_coef``: the decoder returns its router logits; the trainer adds the weighted loss."""
+    from lmf.loss.moe import experts_of
+    from lmf.model.forward import set_router_logits
+
+    num_experts, top_k = experts_of(model.config)
+    if not num_experts:
+        raise ConfigError(f"config key 'moe_aux_loss_coef': {model.config.model_type} is not a mixture-of-experts "
+                          "model (no routed experts in its config)")
+    set_router_logits(model, True)
+    logger.info("moe_aux_loss_coef: router load-balancing loss x %g (%d experts, top-%d), logged as aux_loss",
+                cfg.model.moe_aux_loss_coef, num_experts, top_k)
+
+
+def log_linear_attention_path(model, device) -> None:
+    """Qwen3-Next / Qwen3.5 (gated delta rule linear attention): say whether the flash-linear-attention kernels
+    run (CUDA, ``pip install 'lmf[fla]'``) or transformers' torch fallback (correct, far slower)."""
+    import importlib.util
+
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None) or ()
+    if "linear_attention" not in layer_types:
+        return
+    kernels = importlib.util.find_spec("fla") is not None and device.type == "cuda"
+    if kernels:
+        logger.info("linear attention: flash-linear-attention kernels (fla) on CUDA")
+    else:
+        logger.warning("linear attention: transformers' torch fallback of the gated delta rule (slow)%s",
+                       "; pip install 'lmf[fla]' on a CUDA machine for the flash-linear-attention kernels"
+                       if device.type == "cuda" else " on CPU")
 
 
 #: Substrings of the names of normalisation weights (LLaMA-Factory's LAYERNORM_NAMES).

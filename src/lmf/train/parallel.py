@@ -18,10 +18,10 @@ logger = get_logger(__name__)
 
 def decoder_layers(model) -> list["torch.nn.Module"]:
     """The repeated decoder blocks of a (possibly PEFT-wrapped) causal LM."""
-    from lmf.model.forward import unwrap_causal_lm
+    from lmf.model.forward import decoder_of, unwrap_causal_lm
 
     causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else causal_lm.model
+    decoder = decoder_of(causal_lm)
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ConfigError(f"FSDP: cannot find the decoder layers of {type(causal_lm).__name__}")

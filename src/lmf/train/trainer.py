@@ -49,21 +49,38 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
-def _make_loss_module(model, compute_loss):
+def _make_loss_module(model, compute_loss, moe_aux_loss_coef: Optional[float] = None):
     from torch import nn
 
     class _LossModule(nn.Module):
-        """Wraps the HF model; ``forward(batch)`` returns the stage's loss pieces (so DDP/FSDP hooks fire)."""
+        """Wraps the HF model; ``forward(batch)`` returns the stage's loss pieces (so DDP/FSDP hooks fire).
+        With ``moe_aux_loss_coef`` it adds the router load-balancing loss of the trained forward, weighted by
+        the batch's items (so the step's mean carries ``coef x aux``), and reports it as ``aux_loss``."""
 
-        def __init__(self, model, compute_loss):
+        def __init__(self, model, compute_loss, coef):
             super().__init__()
             self.model = model
             self._compute_loss = compute_loss
+            self._coef = coef
+            if coef:
+                from lmf.loss.moe import experts_of
+
+                self._experts = experts_of(model.config)
 
         def forward(self, batch):
-            return self._compute_loss(self.model, batch)
+            loss_sum, items, metrics = self._compute_loss(self.model, batch)
+            if self._coef:
+                from lmf.loss.moe import load_balancing_loss
+                from lmf.model.forward import pop_router_logits
 
-    return _LossModule(model, compute_loss)
+                logits = pop_router_logits(self.model)
+                if logits is not None:
+                    aux = load_balancing_loss(logits, *self._experts)
+                    loss_sum = loss_sum + self._coef * aux * items
+                    metrics = dict(metrics, aux_loss=float(aux.detach()))
+            return loss_sum, items, metrics
+
+    return _LossModule(model, compute_loss, moe_aux_loss_coef)
 
 
 class Trainer:
@@ -104,7 +121,7 @@ class Trainer:
         if self.resume.checkpoint:
             self.checkpoints.load_weights(self.resume.checkpoint)
         plan = plan_parallelism(self.cfg, self.runtime.world_size)
-        loss_module = _make_loss_module(self.model, self.stage.compute_loss)
+        loss_module = _make_loss_module(self.model, self.stage.compute_loss, self.cfg.model.moe_aux_loss_coef)
         wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters)
         optimizer = create_optimizer(loss_module, self.args)
         scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and plan.mode != "fsdp" else None
