@@ -14,7 +14,7 @@ from lmf.extras.errors import ConfigError
 
 USAGE = """Usage:
   lmf data check CONFIG.yaml [key=value ...]   load, convert and tokenize the datasets; print statistics
-  lmf data templates                           list chat template names
+  lmf data templates                           list the chat templates: family, tool format, notes
 """
 
 
@@ -88,9 +88,15 @@ def run_data_command(argv: list[str]) -> int:
         return 0 if argv else 2
     sub, rest = argv[0], argv[1:]
     if sub == "templates":
-        from lmf.data.template import list_templates
+        from lmf.data.template import TEMPLATES
 
-        print("\n".join(list_templates()))
+        print(f"{'template':<26} {'family':<10} {'tools':<9} notes")
+        print(f"{'auto':<26} {'-':<10} {'-':<9} the tokenizer's own chat template")
+        for name in sorted(TEMPLATES):
+            t = TEMPLATES[name]
+            notes = [n for n, on in (("reasoning", t.reasoning), ("efficient eos", t.efficient_eos),
+                                     (f"multimodal ({t.mm_plugin})", t.mm_plugin)) if on]
+            print(f"{name:<26} {t.family:<10} {t.tool_format:<9} {', '.join(notes)}")
         return 0
     if sub != "check":
         raise ConfigError(f"unknown data command {sub!r}; use `lmf data check CONFIG.yaml` or `lmf data templates`")

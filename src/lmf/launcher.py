@@ -301,6 +301,10 @@ def _guarded(fn, *args) -> int:
     except KeyboardInterrupt:
         print("lmf: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lmf data templates | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def launch(argv: Optional[list[str]] = None) -> None:

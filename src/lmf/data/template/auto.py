@@ -50,6 +50,14 @@ def parse_chat_template(tokenizer) -> Template:
             if rendered_system.startswith(before) and rendered_system.endswith(after):
                 default_system = rendered_system[len(before): len(rendered_system) - len(after)]
                 user_slot = user_no_default
+    before, _, after = system_slot.partition(marker)
+    if not default_system and before and user_slot.startswith(before):
+        # a template that renders its default system for an empty one too: the default is the system block
+        # that leads the user turn
+        end = user_slot.find(after, len(before)) if after else -1
+        if end > 0 and marker in user_slot[end + len(after):]:
+            default_system = user_slot[len(before):end]
+            user_slot = user_slot[end + len(after):]
     prefix_slots: Slots = (BOS,) if prefix else ()
     return Template(
         name="auto",
