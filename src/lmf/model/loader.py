@@ -257,7 +257,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
 
 def _enable_router_aux_loss(cfg: "LmfConfig", model) -> None:
     """``moe_aux_loss_coef``: the decoder returns its router logits; the trainer adds the weighted loss."""
-    from lmf.loss.moe import experts_of
+    from lmf.model.moe import experts_of
     from lmf.model.forward import set_router_logits
 
     num_experts, top_k = experts_of(model.config)
