@@ -95,6 +95,9 @@ def export_model(cfg: "LmfConfig") -> str:
     from lmf.model.loader import load_model, load_tokenizer
 
     m = cfg.model
+    if m.quantization_bit is not None:
+        raise ConfigError("config key 'quantization_bit': lmf export merges a (Q)LoRA adapter into the base model in "
+                          "full precision, never into quantized weights; remove quantization_bit")
     target = check_export_target(m.export_dir, m.export_overwrite)
     if m.export_size <= 0:
         raise ConfigError(f"config key 'export_size': must be positive (GB), got {m.export_size}")
@@ -113,6 +116,9 @@ def export_model(cfg: "LmfConfig") -> str:
                             enable_thinking=cfg.data.enable_thinking)
     tokenizer.chat_template = template.jinja_template(tokenizer)
     device = torch.device("cuda", 0) if m.export_device == "auto" and torch.cuda.is_available() else torch.device("cpu")
+    if adapters:
+        logger.info("merging %d adapter(s) into the base model loaded in full precision (a QLoRA adapter too: its "
+                    "base is never merged in quantized form)", len(adapters))
     model = load_model(cfg, tokenizer, is_trainable=False, device=device)  # adapters merged, in order
     if hasattr(model, "merge_and_unload"):  # a loader that keeps the PeftModel wrapper
         model = model.merge_and_unload()

@@ -71,10 +71,13 @@ class ModelArguments:
     hf_hub_token: Optional[str] = _f(None, "Hugging Face Hub token.",
         no_effect="lmf runs offline")
     print_param_status: bool = _f(False, "Print every parameter's dtype, device and trainable flag.")
-    quantization_bit: Optional[int] = _f(None, "Quantize the base model on the fly (bitsandbytes, GPU only).", (None, 4, 8),
-        unsupported="on-the-fly quantization (QLoRA) is not implemented yet")
-    quantization_method: str = _f("bnb", "On-the-fly quantization method.", ("bnb",),
-        unsupported="it qualifies quantization_bit (QLoRA), which is not implemented yet")
+    quantization_bit: Optional[int] = _f(None, "QLoRA: quantize the base model on load to 4 or 8 bits (bitsandbytes; "
+                                         "pip install 'lmf[qlora]'); LoRA trains on top.", (None, 4, 8))
+    quantization_method: str = _f("bnb", "On-the-fly quantization method (bitsandbytes).", ("bnb",))
+    quantization_type: str = _f("nf4", "4-bit data type: NormalFloat4 or FP4.", ("nf4", "fp4"))
+    double_quantization: bool = _f(True, "4-bit: quantize the quantization constants too (saves ~0.4 bit/param).")
+    quantization_device_map: Optional[str] = _f(None, "Inference with a quantized model: 'auto' lets transformers "
+                                                "place it (chat/api).", (None, "auto"))
     model_max_length: Optional[int] = _f(None, "Override the tokenizer's model_max_length.")
     # export
     export_dir: Optional[str] = _f(None, "Directory to write the merged model to (lmf export).")
@@ -154,8 +157,7 @@ class FinetuningArguments:
     lora_target: str = _f("all", "Comma-separated module names to adapt, or 'all' for every linear layer but the head.")
     additional_target: Optional[str] = _f(None, "Comma-separated extra modules trained in full and saved with the adapter.")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
-    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).",
-        unsupported="DoRA is not implemented")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA; also on quantized bases).")
     pissa_init: bool = _f(False, "PiSSA initialisation.",
         unsupported="PiSSA initialisation is not implemented")
     loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+ learning-rate ratio for B matrices.",

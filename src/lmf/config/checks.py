@@ -44,6 +44,15 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                                   f"datasets in '{key}'")
     if d.eval_on_each_dataset and not d.eval_dataset:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    if m.quantization_bit is not None:
+        if ft.finetuning_type != "lora":
+            raise ConfigError(f"config key 'quantization_bit' needs finetuning_type: lora (QLoRA), got "
+                              f"{ft.finetuning_type}")
+        if m.train_from_scratch:
+            raise ConfigError("config keys 'quantization_bit' and 'train_from_scratch': a quantized base must be "
+                              "loaded from trained weights")
+        if ft.pure_bf16:
+            raise ConfigError("config keys 'quantization_bit' and 'pure_bf16' do not combine; use bf16: true")
     has_eval = bool(d.val_size or d.eval_dataset)
     if ft.early_stopping_steps is not None:
         if ft.early_stopping_steps < 1:

@@ -136,6 +136,9 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     layer_classes = extra.get("transformer_layer_cls_to_wrap") or ()
     layer_classes = tuple(c.strip() for c in layer_classes.split(",")) if isinstance(layer_classes, str) \
         else tuple(layer_classes)
+    if mode == "fsdp" and cfg.model.quantization_bit is not None:
+        raise ConfigError("config key 'quantization_bit' with FSDP sharding (fsdp / deepspeed ZeRO-2/3) is not "
+                          "implemented in lmf: QLoRA trains with one process or DDP")
     if mode == "fsdp" and t.fp16:
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-2/3) has no loss scaling in lmf; use bf16: true")
     if world_size <= 1:

@@ -74,6 +74,17 @@ def load_adapters_for_inference(cfg: "LmfConfig", model):
     paths = _adapter_paths(cfg)
     if paths and cfg.finetuning.finetuning_type != "lora":
         raise ConfigError("config key 'adapter_name_or_path' needs finetuning_type: lora")
+    if paths and cfg.model.quantization_bit is not None:  # never merge into quantized weights: keep it beside
+        if len(paths) > 1:
+            raise ConfigError("config key 'adapter_name_or_path': a quantized base takes one adapter (merging "
+                              "several would write them into quantized weights); export and merge them first")
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, paths[0])
+        logger.info("adapter %s on the quantized base model (not merged)", paths[0])
+        return model
     return _merge_adapters(model, paths) if paths else model
 
 
@@ -118,6 +129,7 @@ def _init_lora(cfg: "LmfConfig", model):
         target_modules=targets,
         modules_to_save=split_paths(ft.additional_target) or None,
         use_rslora=ft.use_rslora,
+        use_dora=ft.use_dora,
     )
     with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)

@@ -209,6 +209,12 @@ class CheckpointIO:
         """Full (unsharded, CPU) state dict of the HF model; a collective under FSDP."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        if trainable_only and self.cfg.model.quantization_bit is not None:
+            # QLoRA (never sharded): the trainable weights only; quantized modules have no plain state dict
+            # to walk (bitsandbytes 8-bit layers on CPU lack their scales until used)
+            return {k[len("model."):]: v.detach().cpu().clone() for k, v in loss_module.named_parameters()
+                    if v.requires_grad and k.startswith("model.")}
+
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         sd = get_model_state_dict(loss_module, options=options)
         return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}

@@ -47,7 +47,8 @@ TRAJECTORY_KEYS = frozenset({
     # model
     "model_name_or_path", "adapter_name_or_path", "model_revision", "use_fast_tokenizer", "split_special_tokens",
     "add_tokens", "add_special_tokens", "resize_vocab", "upcast_layernorm", "upcast_lmhead_output",
-    "train_from_scratch", "quantization_bit", "quantization_method", "moe_aux_loss_coef",
+    "train_from_scratch", "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
+    "moe_aux_loss_coef",
     # data
     "template", "dataset", "dataset_dir", "media_dir", "cutoff_len", "train_on_prompt", "mask_history",
     "mix_strategy", "interleave_probs", "max_samples", "val_size", "packing", "neat_packing", "tool_format",

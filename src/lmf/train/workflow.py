@@ -103,7 +103,9 @@ def run_training(cfg: "LmfConfig") -> None:
         resume = resolve_resume_checkpoint(cfg, runtime)
         set_seed(cfg.training.seed)
         tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
-        model = load_model(cfg, tokenizer, is_trainable=True)
+        # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
+        model = load_model(cfg, tokenizer, is_trainable=True,
+                           device=runtime.device if cfg.model.quantization_bit is not None else None)
         setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset)
         stage = recipe.build_stage(cfg, setup)
         trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,

@@ -1,0 +1,153 @@
+"""QLoRA: LoRA on a 4-bit (NF4/FP4) or 8-bit bitsandbytes base, on CPU: SFT and DPO train, the adapter reloads
+onto a freshly quantized base and generates, resume is exact, export merges in full precision."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("bitsandbytes")
+
+from lmf.config.parser import build_config  # noqa: E402
+from lmf.extras.errors import ConfigError, NotAvailableError  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MODEL = os.path.join(REPO_ROOT, "examples", "tiny-qwen3")  # pre-trained on the demo data: LoRA losses fall
+
+
+def _raw(out: str, **overrides) -> dict:
+    raw = dict(model_name_or_path=DEMO_MODEL, dataset_dir=os.path.join(REPO_ROOT, "examples", "data"),
+               dataset="identity", template="qwen", cutoff_len=128, max_samples=32, output_dir=out, max_steps=8,
+               logging_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=5e-3,
+               finetuning_type="lora", quantization_bit=4, save_steps=100, disable_tqdm=True,
+               preprocessing_cache_dir=os.path.join(os.path.dirname(out), "cache"))
+    raw.update(overrides)
+    return raw
+
+
+def _train(out: str, **overrides) -> list[float]:
+    from lmf.train.workflow import run_training
+
+    run_training(build_config(_raw(out, **overrides)))
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as fh:
+        return [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]
+
+
+@pytest.mark.parametrize("extra", [{}, {"quantization_type": "fp4", "double_quantization": False},
+                                   {"quantization_bit": 8}, {"use_dora": True}],
+                         ids=["nf4", "fp4", "int8", "dora"])
+def test_qlora_sft_trains_and_saves_a_peft_adapter(tmp_path, extra):
+    out = str(tmp_path / "out")
+    losses = _train(out, **extra)
+    assert losses[-1] < losses[0] - 0.3, losses
+    with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as fh:
+        adapter = json.load(fh)
+    assert adapter["peft_type"] == "LORA" and adapter["use_dora"] == bool(extra.get("use_dora"))
+    assert set(adapter["target_modules"]) >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_quantized_layers_get_peft_forward_not_the_fused_one(tmp_path):
+    import bitsandbytes as bnb
+
+    from lmf.model.fused_lora import fused_forward
+    from lmf.model.loader import load_model, load_tokenizer
+
+    cfg = build_config(_raw(str(tmp_path / "o")))
+    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 14  # 7 linears x 2 layers, all adapted
+    assert not any(getattr(vars(m).get("forward"), "__func__", None) is fused_forward for m in model.modules())
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 and not p.requires_grad for p in norms)
+
+
+def test_adapter_reloads_onto_a_freshly_quantized_base_and_generates(tmp_path):
+    from lmf.chat import create_engine
+    from lmf.chat.options import load_serving_config
+
+    out = str(tmp_path / "out")
+    _train(out)
+    engine = create_engine(load_serving_config(["--model", DEMO_MODEL, "--adapter", out, "--template", "qwen",
+                                                "quantization_bit=4", "max_new_tokens=8", "do_sample=false"]))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in engine.model.modules())
+    reply = engine.chat([{"role": "user", "content": "hi"}])
+    assert reply.completion_tokens > 0
+
+
+def test_qlora_resume_is_exact(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    reference = _train(full, save_steps=4, lora_dropout=0.1)
+    os.makedirs(part)
+    shutil.copytree(os.path.join(full, "checkpoint-4"), os.path.join(part, "checkpoint-4"))
+    resumed = _train(part, save_steps=4, lora_dropout=0.1)
+    assert resumed == reference
+
+
+def test_qlora_dpo_trains(tmp_path):
+    from lmf.train.workflow import run_training
+
+    out = str(tmp_path / "dpo")
+    run_training(build_config(_raw(out, stage="dpo", dataset="dpo_en_demo", max_samples=16, cutoff_len=256,
+                                   per_device_train_batch_size=2, max_steps=6, learning_rate=5e-3)))
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as fh:
+        history = json.load(fh)["log_history"]
+    margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
+    assert len(margins) == 6 and margins[-1] > margins[0]
+    assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_export_merges_in_full_precision_and_refuses_quantization_bit(tmp_path):
+    from lmf.export import run_export
+
+    out = str(tmp_path / "out")
+    _train(out, max_steps=2)
+    with pytest.raises(ConfigError, match="full precision"):
+        run_export(["--model", DEMO_MODEL, "--adapter", out, "--template", "qwen", f"export_dir={tmp_path / 'm'}",
+                    "quantization_bit=4"])
+    assert run_export(["--model", DEMO_MODEL, "--adapter", out, "--template", "qwen",
+                       f"export_dir={tmp_path / 'merged'}"]) == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(tmp_path / "merged", "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())  # the base's own dtype, not quantized
+
+
+def test_configs_that_cannot_work_are_refused():
+    from lmf.dist.plan import plan_parallelism
+
+    with pytest.raises(ConfigError, match="finetuning_type: lora"):
+        build_config({"model_name_or_path": "m", "quantization_bit": 4, "finetuning_type": "full"})
+    with pytest.raises(ConfigError, match="FSDP"):
+        plan_parallelism(build_config({"model_name_or_path": "m", "quantization_bit": 4, "fsdp": "full_shard"}), 2)
+    with pytest.raises(ConfigError, match="quantization_bit"):
+        build_config({"model_name_or_path": "m", "quantization_bit": 3})
+
+
+def test_without_bitsandbytes_the_error_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from lmf.model.loader import quantization_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(NotAvailableError, match=r"pip install 'lmf\[qlora\]'"):
+        quantization_config(build_config({"model_name_or_path": "m", "quantization_bit": 4}), torch.float32)
+
+
+@pytest.mark.slow
+def test_qlora_under_ddp_two_processes(tmp_path):
+    from test_e2e_sft import run_lmf
+
+    out = tmp_path / "ddp"
+    proc = run_lmf("sft", "examples/demo_lora_sft.yaml", f"output_dir={out}", "quantization_bit=4", "max_steps=4",
+                   "max_samples=16", "logging_steps=1", env_extra={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "parallel=ddp" in proc.stderr and "QLoRA" in proc.stderr
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["world_size"] == 2
