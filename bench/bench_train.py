@@ -9,12 +9,16 @@ then reports:
 - peak RSS of the process (``ru_maxrss``: model, data, optimizer and activations).
 
 Models: ``bundled`` is examples/tiny-qwen3 (hidden 64, 2 layers, vocab 2048); ``small`` is a
-tiny Qwen3 built with seed 0 (hidden 256, 4 layers, vocab 2048). Data: identity + alpaca_en_demo,
-cutoff_len 256, micro-batch 4, accumulation 2.
+tiny Qwen3 built with seed 0 (hidden 256, 4 layers, vocab 2048); ``medium`` one with hidden 1024,
+8 layers, intermediate 2816 (~97M parameters, 96% of them in the linears QLoRA quantizes), where the
+base weights dominate memory. Data: identity + alpaca_en_demo, cutoff_len 256, micro-batch 4,
+accumulation 2. Finetuning types: ``lora``, ``full``, ``qlora4`` (LoRA on an NF4 base, double
+quantization) and ``qlora8`` (LoRA on an int8 base), all through bitsandbytes on CPU for the QLoRA ones.
 
     python bench/bench_train.py                      # bundled+small x lora+full, 1 thread, ~3 minutes
     python bench/bench_train.py --models small --ftypes lora --threads 2 --steps 30
     python bench/bench_train.py --out bench/RESULTS-train.md
+    python bench/bench_train.py --models medium --ftypes lora,qlora4,qlora8 --steps 8 --out bench/RESULTS-qlora.md
 
 Other knobs: --no-grad-ckpt, --cutoff-len, --batch-size, --grad-accum.
 """
@@ -34,16 +38,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def _small_model_dir() -> str:
-    path = os.path.join(tempfile.gettempdir(), "lmf-bench-small-qwen3")
+MODEL_SIZES = {
+    "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=768),
+    "medium": dict(hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=8, intermediate_size=2816),
+}
+FTYPES = {"lora": ("lora", None), "full": ("full", None), "qlora4": ("lora", 4), "qlora8": ("lora", 8)}
+
+
+def _model_dir(name: str) -> str:
+    """The bundled model, or a randomly initialised (seed 0) Qwen3 of a named size, built once per machine."""
+    if name == "bundled":
+        return os.path.join(REPO, "examples", "tiny-qwen3")
+    path = os.path.join(tempfile.gettempdir(), f"lmf-bench-{name}-qwen3")
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         from transformers import AutoTokenizer
 
         from lmf.testing.tiny import build_tiny_model
 
         tok = AutoTokenizer.from_pretrained(os.path.join(REPO, "examples", "tiny-qwen3"))
-        build_tiny_model(path, arch="qwen3", seed=0, tokenizer=tok, hidden_size=256, num_layers=4, num_heads=4,
-                         num_kv_heads=2, intermediate_size=768)
+        build_tiny_model(path, arch="qwen3", seed=0, tokenizer=tok, **MODEL_SIZES[name])
     return path
 
 
@@ -61,10 +74,12 @@ def child(args) -> dict:
     from lmf.train.trainer import Trainer, set_seed, setup_runtime
     from lmf.train.workflow import load_tokenizer_and_data
 
-    model_dir = os.path.join(REPO, "examples", "tiny-qwen3") if args.model == "bundled" else _small_model_dir()
+    model_dir = _model_dir(args.model)
     out = tempfile.mkdtemp(prefix="lmf-bench-train-")
+    finetuning_type, bits = FTYPES[args.ftype]
     cfg = build_config(dict(
-        model_name_or_path=model_dir, stage="sft", finetuning_type=args.ftype, template="qwen",
+        model_name_or_path=model_dir, stage="sft", finetuning_type=finetuning_type, quantization_bit=bits,
+        template="qwen",
         dataset_dir=os.path.join(REPO, "examples", "data"), dataset="identity,alpaca_en_demo", cutoff_len=args.cutoff_len,
         output_dir=out, overwrite_output_dir=True, per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=1e-4 if args.ftype == "full" else 1e-3,
@@ -97,9 +112,34 @@ def child(args) -> dict:
         "grad_ckpt": not args.no_grad_ckpt, "tokens": tokens,
         "tok_per_s": tokens / wall, "tok_per_cpu_s": tokens / cpu,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": _logical_params(model), "weights_mib": model.get_memory_footprint() / 2**20,
         "loss_first": losses[0], "loss_last": losses[-1],
     }
+
+
+def _ratios(rows: list[dict]) -> list[str]:
+    """QLoRA against LoRA on the same model: peak RSS, weights and tokens/s ratios."""
+    out = []
+    for r in rows:
+        base = next((b for b in rows if b["model"] == r["model"] and b["ftype"] == "lora"), None)
+        if base is None or not r["ftype"].startswith("qlora"):
+            continue
+        if not out:
+            out = ["", "| model | vs lora | peak RSS ratio | weights ratio | tok/s ratio | tok/CPU-s ratio |",
+                   "|---|---|---:|---:|---:|---:|"]
+        out.append(f"| {r['model']} | {r['ftype']} | {r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x | "
+                   f"{r['weights_mib'] / base['weights_mib']:.2f}x | {r['tok_per_s'] / base['tok_per_s']:.2f}x | "
+                   f"{r['tok_per_cpu_s'] / base['tok_per_cpu_s']:.2f}x |")
+    return out
+
+
+def _logical_params(model) -> int:
+    """Parameter count as the unquantized model has it (bitsandbytes packs two 4-bit weights per byte)."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += shape.numel() if shape is not None else p.numel()
+    return total
 
 
 def main() -> None:
@@ -136,7 +176,8 @@ def main() -> None:
                 sys.exit(f"{model}/{ftype} failed:\n{proc.stderr[-3000:]}")
             row = json.loads(line[len("RESULT "):])
             rows.append(row)
-            print(f"{model:8s} {ftype:5s} {row['params']:>10,d} params  {row['tok_per_s']:8.0f} tok/s  "
+            print(f"{model:8s} {ftype:6s} {row['params']:>11,d} params  {row['weights_mib']:7.0f} MiB weights  "
+                  f"{row['tok_per_s']:8.0f} tok/s  "
                   f"{row['tok_per_cpu_s']:8.0f} tok/CPU-s  peak RSS {row['peak_rss_mib']:7.0f} MiB  "
                   f"loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}", flush=True)
 
@@ -149,12 +190,15 @@ def main() -> None:
             f"{args.grad_accum}, gradient checkpointing {'off' if args.no_grad_ckpt else 'on'}; {args.steps} timed steps "
             f"after {args.warmup} warm-up steps. tokens = non-pad input tokens. tok/CPU-s divides by the process CPU "
             "time, which stays meaningful on a loaded machine; peak RSS is ru_maxrss of the whole process.", "",
-            "| model | finetuning | params | tok/s (wall) | tok/CPU-s | peak RSS | loss first -> last |",
-            "|---|---|---:|---:|---:|---:|---|",
+            "| model | finetuning | params | weights in memory | tok/s (wall) | tok/CPU-s | peak RSS | "
+            "loss first -> last |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
         ]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['ftype']} | {r['params']:,} | {r['tok_per_s']:.0f} | {r['tok_per_cpu_s']:.0f} | "
-                         f"{r['peak_rss_mib']:.0f} MiB | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+            lines.append(f"| {r['model']} | {r['ftype']} | {r['params']:,} | {r['weights_mib']:.0f} MiB | "
+                         f"{r['tok_per_s']:.0f} | {r['tok_per_cpu_s']:.0f} | {r['peak_rss_mib']:.0f} MiB | "
+                         f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+        lines += _ratios(rows)
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
         print(f"wrote {args.out}")

@@ -127,12 +127,14 @@ def test_configs_that_cannot_work_are_refused():
         plan_parallelism(build_config({"model_name_or_path": "m", "quantization_bit": 4, "fsdp": "full_shard"}), 2)
     with pytest.raises(ConfigError, match="quantization_bit"):
         build_config({"model_name_or_path": "m", "quantization_bit": 3})
+    with pytest.raises(ConfigError, match="'quantization_method': hqq is not implemented"):
+        build_config({"model_name_or_path": "m", "quantization_bit": 4, "quantization_method": "hqq"})
 
 
 def test_without_bitsandbytes_the_error_says_what_to_install(monkeypatch):
     import importlib.util
 
-    from lmf.model.loader import quantization_config
+    from lmf.model.quantization import quantization_config
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
@@ -151,3 +153,41 @@ def test_qlora_under_ddp_two_processes(tmp_path):
     assert "parallel=ddp" in proc.stderr and "QLoRA" in proc.stderr
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["world_size"] == 2
+
+
+def test_a_checkpoint_saved_in_4bit_trains_when_quantization_bit_names_its_bits(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    saved = str(tmp_path / "nf4")
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32), device_map={"": "cpu"})
+    model.save_pretrained(saved)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(DEMO_MODEL, name), saved)
+    with pytest.raises(ConfigError, match=r"saved quantized by bitsandbytes in 4-bit; set quantization_bit: 4"):
+        _train(str(tmp_path / "no-bit"), model_name_or_path=saved, quantization_bit=None)
+    losses = _train(str(tmp_path / "out"), model_name_or_path=saved)
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_checkpoints_quantized_by_other_methods_are_refused_by_name(tmp_path):
+    saved = tmp_path / "gptq"
+    shutil.copytree(DEMO_MODEL, saved)
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotAvailableError, match=r"pre-quantized gptq checkpoint.*not implemented.*quantization_bit: 4"):
+        _train(str(tmp_path / "out"), model_name_or_path=str(saved), quantization_bit=None)
+
+
+def test_qlora_reward_model_trains(tmp_path):
+    from lmf.train.workflow import run_training
+
+    out = str(tmp_path / "rm")
+    run_training(build_config(_raw(out, stage="rm", dataset="dpo_en_demo", max_samples=16, cutoff_len=256,
+                                   per_device_train_batch_size=2, max_steps=6, learning_rate=5e-3)))
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as fh:
+        history = json.load(fh)["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
+    assert all(os.path.isfile(os.path.join(out, f)) for f in ("adapter_model.safetensors", "value_head.safetensors"))

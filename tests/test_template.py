@@ -158,6 +158,17 @@ def test_replace_eos_uses_the_end_of_turn_token():
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == IM_END
 
 
+def test_phi_small_starts_with_endoftext_even_though_eos_is_replaced():
+    """Deliberate deviation: LLaMA-Factory 0.9.5 declares the ``{"<|endoftext|>"}`` prefix and drops it;
+    Phi-3-small's own template starts with ``{{ bos_token }}`` = ``<|endoftext|>``."""
+    tok = build_char_tokenizer(eos_token="<|endoftext|>", special_tokens=("<|endoftext|>", "<|end|>"))
+    template = get_template("phi_small", tok)
+    assert tok.eos_token == "<|end|>"  # replace_eos
+    (prompt, response), = template.encode_multiturn(tok, CONV[:2])
+    assert prompt[0] == tok.convert_tokens_to_ids("<|endoftext|>") != tok.eos_token_id
+    assert tok.decode(prompt, skip_special_tokens=False) == "<|endoftext|><|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
 def test_missing_special_tokens_render_as_text():
     tok = build_char_tokenizer()  # no <|eot_id|> in the vocabulary
     template = get_template("llama3", tok)

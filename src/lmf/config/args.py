@@ -73,7 +73,8 @@ class ModelArguments:
     print_param_status: bool = _f(False, "Print every parameter's dtype, device and trainable flag.")
     quantization_bit: Optional[int] = _f(None, "QLoRA: quantize the base model on load to 4 or 8 bits (bitsandbytes; "
                                          "pip install 'lmf[qlora]'); LoRA trains on top.", (None, 4, 8))
-    quantization_method: str = _f("bnb", "On-the-fly quantization method (bitsandbytes).", ("bnb",))
+    quantization_method: str = _f("bnb", "On-the-fly quantization method: bitsandbytes (hqq and eetq "
+                                   "are not implemented).", ("bnb", "hqq", "eetq"))
     quantization_type: str = _f("nf4", "4-bit data type: NormalFloat4 or FP4.", ("nf4", "fp4"))
     double_quantization: bool = _f(True, "4-bit: quantize the quantization constants too (saves ~0.4 bit/param).")
     quantization_device_map: Optional[str] = _f(None, "Inference with a quantized model: 'auto' lets transformers "

@@ -44,6 +44,9 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                                   f"datasets in '{key}'")
     if d.eval_on_each_dataset and not d.eval_dataset:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    if m.quantization_method != "bnb":
+        raise ConfigError(f"config key 'quantization_method': {m.quantization_method} is not implemented; use bnb "
+                          "(bitsandbytes)")
     if m.quantization_bit is not None:
         if ft.finetuning_type != "lora":
             raise ConfigError(f"config key 'quantization_bit' needs finetuning_type: lora (QLoRA), got "

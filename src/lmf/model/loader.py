@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError, LmfError, NotAvailableError
 from lmf.extras.logging import get_logger
+from lmf.model.quantization import check_pre_quantized, prepare_quantized_for_training, quantization_config
 
 if TYPE_CHECKING:
     import torch
@@ -191,38 +192,6 @@ def model_class_of(path: str, trust_remote_code: bool = False):
         return None
 
 
-QLORA_INSTALL = "pip install 'lmf[qlora]'"
-
-
-def quantization_config(cfg: "LmfConfig", compute_dtype):
-    """``quantization_bit`` (4 or 8) as transformers' ``BitsAndBytesConfig``, or None. The 4-bit compute and
-    storage dtypes are the weights' dtype (bf16/fp16 on GPU, fp32 on CPU)."""
-    m = cfg.model
-    if m.quantization_bit is None:
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise NotAvailableError(f"quantization_bit: {m.quantization_bit} needs bitsandbytes: {QLORA_INSTALL}")
-    from transformers import BitsAndBytesConfig
-
-    if m.quantization_bit == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=m.quantization_type,
-                              bnb_4bit_use_double_quant=m.double_quantization, bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage=compute_dtype)
-
-
-def _prepare_quantized_for_training(model) -> None:
-    """The k-bit preparation of QLoRA, once: peft's ``prepare_model_for_kbit_training`` (every weight frozen, the
-    non-quantized ones, norms, embeddings and head, in fp32; inputs that require grads for checkpointing);
-    lmf's own gradient checkpointing is applied after it."""
-    from peft import prepare_model_for_kbit_training
-
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    logger.info("QLoRA: base model quantized; non-quantized weights in float32, LoRA trains on top")
-
-
 def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -236,7 +205,8 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None):
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
         quantized = quantization_config(cfg, dtype)
         if quantized is not None:
-            common["quantization_config"] = quantized
+            if not (os.path.isdir(path) and read_model_config(path).get("quantization_config")):
+                common["quantization_config"] = quantized  # a checkpoint saved quantized brings its own
             common["device_map"] = m.quantization_device_map or {"": str(device)}
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=m.low_cpu_mem_usage, **common
@@ -260,6 +230,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     device = device if device is not None else torch.device("cpu")
     dtype = resolve_dtype(cfg, device, is_trainable)
     path = _check_model_path(cfg.model)
+    check_pre_quantized(cfg.model, read_model_config(path) if os.path.isdir(path) else {})
     model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if os.path.isdir(path) else None
     attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class)
     model = _from_pretrained(cfg, dtype, attn, device)
@@ -272,7 +243,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     if is_trainable:
         model.config.use_cache = False
         if cfg.model.quantization_bit is not None:
-            _prepare_quantized_for_training(model)
+            prepare_quantized_for_training(model)
         _apply_upcasts(cfg, model)
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(model, _reentrant_checkpointing(cfg), cfg.model.offload_activations)

@@ -52,8 +52,10 @@ def _pieces(slots: list) -> tuple:
     for slot in slots:
         if isinstance(slot, str):
             out.append(slot)
-        elif "special" in slot:
+        elif slot.get("special") in ("bos_token", "eos_token"):
             out.append(BOS if slot["special"] == "bos_token" else EOS)
+        elif "special" in slot:  # a named token ({"<|endoftext|>"}): that token, where LLaMA-Factory drops it
+            out.append(Token(slot["special"]))
         else:
             out.append(Token(slot["token"]))
     return tuple(out)
