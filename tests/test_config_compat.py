@@ -131,6 +131,8 @@ def test_llamafactory_example_yamls_never_meet_an_unknown_key():
         if not isinstance(raw, dict) or "model_name_or_path" not in raw:
             continue
         checked += 1
+        if str(raw.get("deepspeed", "")).startswith("examples/"):  # relative to LLaMA-Factory's checkout
+            raw["deepspeed"] = os.path.join(LF_EXAMPLES, raw["deepspeed"][len("examples/"):])
         try:
             build_config(raw, source=path)
         except ConfigError as exc:

@@ -249,7 +249,9 @@ class TrainingArguments:
     report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb (comma-separated or list).")
     run_name: Optional[str] = _f(None, "Run name for trackers.")
     resume_from_checkpoint: Union[bool, str, None] = _f(None, "true: newest checkpoint in output_dir; a path: that checkpoint.")
-    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config (runs DeepSpeed when installed on GPU, else maps ZeRO onto FSDP2).")
+    deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config: ZeRO stages and CPU offload mapped onto "
+                                         "FSDP2, batch/precision/clipping checked against the YAML; the DeepSpeed "
+                                         "engine is never run (README: DeepSpeed configs).")
     fsdp: Union[str, list, None] = _f(None, "FSDP options, e.g. 'full_shard' (FSDP2).")
     fsdp_config: Union[dict, str, None] = _f(None, "FSDP extra config.")
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")

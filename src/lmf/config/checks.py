@@ -97,3 +97,7 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
         raise ConfigError("config keys 'gradient_checkpointing' and 'disable_gradient_checkpointing' are both true")
     if ft.pref_loss in ("orpo", "simpo") and ft.stage == "dpo":
         ft.ref_model = None  # reference-free losses
+    if t.deepspeed and t.do_train:
+        from lmf.config.deepspeed import read_deepspeed_config
+
+        read_deepspeed_config(cfg)  # every section mapped, checked against these keys, or refused

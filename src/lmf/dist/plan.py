@@ -6,8 +6,9 @@ lmf always does (every decoder layer is its own FSDP unit). ``fsdp_config`` take
 ``transformer_layer_cls_to_wrap`` (checked against the model), ``reshard_after_forward``,
 ``activation_checkpointing``, ``fsdp_version`` (2) and lmf's ``hybrid_shard_size`` (processes per
 shard group; default: the processes of one node); any other key is refused.
-``deepspeed: ds_zN_config.json`` maps ZeRO stage 2/3 onto FSDP2 sharding (stage 0/1 onto DDP) and
-says so in the log. Wrapping the model per plan is :mod:`lmf.train.parallel`.
+``deepspeed: ds_zN_config.json`` maps ZeRO stage 1/2/3 onto FSDP2 sharding (stage 0 onto DDP) and CPU
+offload onto FSDP2's ``CPUOffloadPolicy``; every section is read (:mod:`lmf.config.deepspeed`) and the log
+says what became of each. Wrapping the model per plan is :mod:`lmf.train.parallel`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from lmf.config.deepspeed import DeepSpeedSettings, read_deepspeed_config
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -43,6 +45,8 @@ class ParallelPlan:
     reshard_after_forward: bool = True
     shard_size: Optional[int] = None
     layer_classes: tuple = ()
+    offload: bool = False       # FSDP2 CPUOffloadPolicy (DeepSpeed offload_optimizer / offload_param: cpu)
+    pin_memory: bool = False
 
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
@@ -76,19 +80,40 @@ def read_fsdp_config(value) -> dict:
     return out
 
 
-def read_deepspeed_stage(path: str) -> int:
-    """ZeRO stage of a DeepSpeed JSON config (errors name the 'deepspeed' key and the file)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config key 'deepspeed': file {path!r} not found")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            ds = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config key 'deepspeed': {path!r} is not valid JSON: {exc}") from exc
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'deepspeed': {path!r} has zero_optimization.stage={stage!r}; expected 0-3")
-    return int(stage)
+def _deepspeed_plan(cfg: "LmfConfig", world_size: int, announce: bool) -> tuple[str, bool, Optional[DeepSpeedSettings]]:
+    """Mode and resharding for a DeepSpeed config (:mod:`lmf.config.deepspeed`); logs every section's fate."""
+    ds = read_deepspeed_config(cfg)
+    t = cfg.training
+    if ds.train_batch_size is not None:
+        total = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
+        if ds.train_batch_size != total:
+            raise ConfigError(
+                f"config key 'deepspeed' ({ds.path}): train_batch_size {ds.train_batch_size} contradicts the YAML's "
+                f"per_device_train_batch_size x gradient_accumulation_steps x processes = "
+                f"{t.per_device_train_batch_size} x {t.gradient_accumulation_steps} x {world_size} = {total}")
+    if ds.stage == 0:
+        mode, reshard, how = "ddp", True, "ZeRO-0 -> DDP (nothing sharded)"
+    else:
+        mode, reshard = "fsdp", ds.stage == 3
+        how = {1: "ZeRO-1 -> FSDP2 fully_shard without resharding after forward (ZeRO-2: optimizer state and "
+                  "gradients sharded, at least what ZeRO-1 saves)",
+               2: "ZeRO-2 -> FSDP2 fully_shard, reshard_after_forward=False (optimizer state and gradients sharded)",
+               3: "ZeRO-3 -> FSDP2 fully_shard, reshard_after_forward=True (parameters, gradients and optimizer "
+                  "state sharded)"}[ds.stage]
+    lines = [how]
+    if ds.offload:
+        asked = " + ".join(k for k in ("offload_optimizer", "offload_param") if getattr(ds, k))
+        lines.append(f"{asked} (cpu{', pinned' if ds.pin_memory else ''}) -> FSDP2 CPUOffloadPolicy"
+                     f"(pin_memory={ds.pin_memory}): parameters, gradients and optimizer state live on CPU "
+                     "between uses, the optimizer steps on CPU"
+                     + ("" if ds.offload_param else " (FSDP2 offloads parameters together with the optimizer)"))
+    lines += ds.mapped
+    log = logger.info if announce else logger.debug
+    log("deepspeed: %s is mapped onto lmf's engine (the DeepSpeed engine is not used):\n  %s", ds.path,
+        "\n  ".join(lines))
+    if ds.no_effect and announce and os.environ.get("RANK", "0") == "0":
+        logger.warning("deepspeed: %s: no effect in lmf: %s", ds.path, "; ".join(ds.no_effect))
+    return mode, reshard, ds
 
 
 def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -> ParallelPlan:
@@ -97,18 +122,9 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     options = _fsdp_options(t.fsdp)
     if t.deepspeed and options:
         raise ConfigError("config keys 'deepspeed' and 'fsdp' are both set; choose one")
-    mode, reshard = "ddp", True
+    mode, reshard, ds = "ddp", True, None
     if t.deepspeed:
-        stage = read_deepspeed_stage(t.deepspeed)
-        if stage >= 2:
-            mode, reshard = "fsdp", stage == 3
-            (logger.info if announce else logger.debug)(
-                "deepspeed: ZeRO stage %d from %s is mapped onto FSDP2 (fully_shard, reshard_after_forward=%s); "
-                "the DeepSpeed engine is not used", stage, t.deepspeed, reshard,
-            )
-        else:
-            (logger.info if announce else logger.debug)("deepspeed: ZeRO stage %d from %s is mapped onto DDP",
-                                                        stage, t.deepspeed)
+        mode, reshard, ds = _deepspeed_plan(cfg, world_size, announce)
     elif options:
         unknown = [o for o in options if o not in FSDP_OPTIONS]
         if unknown:
@@ -140,8 +156,12 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
         raise ConfigError("config key 'quantization_bit' with FSDP sharding (fsdp / deepspeed ZeRO-2/3) is not "
                           "implemented in lmf: QLoRA trains with one process or DDP")
     if mode == "fsdp" and t.fp16:
-        raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-2/3) has no loss scaling in lmf; use bf16: true")
-    if world_size <= 1:
+        raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-1/2/3) has no loss scaling in lmf; use "
+                          "bf16: true")
+    offload = bool(ds and ds.offload)
+    if offload and cfg.model.quantization_bit is not None:
+        raise ConfigError("config keys 'quantization_bit' and 'deepspeed' offload do not combine")
+    if world_size <= 1 and not offload:
         if mode == "fsdp" and announce:
             logger.info("a single process: no sharding needed, training without FSDP")
         return ParallelPlan("single")
@@ -153,4 +173,5 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
             logger.info("fsdp: hybrid sharding (HSDP) on a %d x %d device mesh: parameters sharded over %d process(es), "
                         "replicated %d time(s)", world_size // shard_size, shard_size, shard_size,
                         world_size // shard_size)
-    return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes)
+    return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes, offload,
+                        bool(ds and ds.pin_memory))

@@ -7,6 +7,7 @@ entry points every command uses (train, chat, export, api).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -38,6 +39,8 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # bitsandbytes (imported by peft when installed) offers an optional CPU kernel from the Hub at import time
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def _check_model_path(model_args: "ModelArguments") -> str:

@@ -33,10 +33,14 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
     import torch
 
     if plan.mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+        _single_process_group(device)
         mp = MixedPrecisionPolicy(param_dtype=mixed_dtype, reduce_dtype=torch.float32) if mixed_dtype else MixedPrecisionPolicy()
         options = dict(mp_policy=mp, reshard_after_forward=plan.reshard_after_forward)
+        if plan.offload:
+            pin = plan.pin_memory and torch.cuda.is_available()  # pinning needs an accelerator
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=pin)
         if plan.shard_size is not None:
             options["mesh"] = hsdp_mesh(device, plan.shard_size)
         layers = decoder_layers(loss_module.model)
@@ -44,7 +48,10 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(loss_module, **options)
-        loss_module.to(device)
+        if plan.offload:
+            _buffers_to(loss_module, device)  # sharded parameters stay on CPU; FSDP2 moves them per use
+        else:
+            loss_module.to(device)
         return loss_module
     loss_module.to(device)
     if plan.mode == "ddp":
@@ -53,6 +60,49 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=bool(find_unused))
     return loss_module
+
+
+def _single_process_group(device: "torch.device") -> None:
+    """FSDP2 needs a process group; one process (offload on one GPU) gets a group of one."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
+def _buffers_to(module, device: "torch.device") -> None:
+    for sub in module.modules():
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None:
+                sub._buffers[name] = buf.to(device)
+
+
+def placement_bytes(module, optimizer) -> dict[str, dict[str, int]]:
+    """Bytes of this rank's parameter shards and optimizer state per device type, between steps."""
+    out: dict[str, dict[str, int]] = {"parameters": {}, "optimizer state": {}}
+
+    def add(kind: str, tensor) -> None:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        out[kind][local.device.type] = out[kind].get(local.device.type, 0) + local.numel() * local.element_size()
+
+    for p in module.parameters():
+        add("parameters", p)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if hasattr(value, "numel") and value.dim() > 0:
+                add("optimizer state", value)
+    return out
+
+
+def log_offload(module, optimizer, is_main: bool) -> bool:
+    """After the first step under CPU offload: say where parameters and optimizer state really live."""
+    placement = placement_bytes(module, optimizer)
+    if is_main:
+        logger.info("offload: between steps, rank 0 holds %s", "; ".join(
+            f"{kind} " + ", ".join(f"{b / 2**20:.1f} MiB on {dev}" for dev, b in sorted(where.items()))
+            for kind, where in placement.items()))
+    return True
 
 
 def hsdp_mesh(device: "torch.device", shard_size: int):

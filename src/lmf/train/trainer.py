@@ -110,8 +110,10 @@ class Trainer:
         """Data stream, plan, wrapped loss module, optimizer and schedule; the checkpoint's state on resume."""
         import torch
 
+        from lmf.config.deepspeed import read_deepspeed_config
         from lmf.dist.plan import plan_parallelism
         from lmf.train.batches import build_stream
+        from lmf.train.loss_scale import create_grad_scaler
         from lmf.train.optim import create_optimizer, create_scheduler
         from lmf.train.parallel import wrap
 
@@ -120,11 +122,14 @@ class Trainer:
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)
         if self.resume.checkpoint:
             self.checkpoints.load_weights(self.resume.checkpoint)
-        plan = plan_parallelism(self.cfg, self.runtime.world_size)
+        plan = plan_parallelism(self.cfg, self.runtime.world_size, announce=False)  # announced by the workflow
         loss_module = _make_loss_module(self.model, self.stage.compute_loss, self.cfg.model.moe_aux_loss_coef)
         wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters)
         optimizer = create_optimizer(loss_module, self.args)
-        scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and plan.mode != "fsdp" else None
+        scaler = None
+        if self.dtype == torch.float16 and plan.mode != "fsdp":
+            ds = read_deepspeed_config(self.cfg)
+            scaler = create_grad_scaler(self.runtime.device.type, ds.loss_scale if ds else None)
         self.run = Run(loss_module=loss_module, wrapped=wrapped, optimizer=optimizer,
                        scheduler=create_scheduler(optimizer, self.args, self.state.max_steps), scaler=scaler,
                        stream=stream, plan=plan, trainable=[p for p in loss_module.parameters() if p.requires_grad])
@@ -153,7 +158,7 @@ class Trainer:
         import torch
 
         from lmf.dist.runtime import all_reduce_sum
-        from lmf.train.parallel import gradient_sync
+        from lmf.train.parallel import gradient_sync, log_offload
         from lmf.train.preemption import StopRequest, TrainingInterrupted, agreed_signal
         from lmf.train.reporting import Progress, Reporter, warn_if_no_plot
 
@@ -168,6 +173,7 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         epochs_done = self._epochs_done()
         stop = StopRequest().install()
+        offload_reported = False
         run.wrapped.train()
         try:
             while st.global_step < st.max_steps:
@@ -195,6 +201,8 @@ class Trainer:
                 loss_total, items, tokens = stats[0].item(), stats[1].item(), stats[2].item()
                 stop_signal = agreed_signal(stats[3].item(), stats[4].item())
                 grad_norm = self._optimizer_step(items)
+                if run.plan.offload and not offload_reported:
+                    offload_reported = log_offload(run.loss_module, run.optimizer, self.runtime.is_main)
                 st.global_step += 1
                 self.hooks.after_step(st.global_step)
                 st.tokens_seen += int(tokens)

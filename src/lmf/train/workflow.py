@@ -87,6 +87,7 @@ def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
 def run_training(cfg: "LmfConfig") -> None:
     """Train ``cfg``'s stage end to end with its recipe; only rank 0 writes."""
     from lmf.dist.fault_injection import hooks_from_env
+    from lmf.dist.plan import plan_parallelism
     from lmf.dist.runtime import destroy_distributed
     from lmf.model.loader import load_model
     from lmf.train.allocator import limit_heap_fragmentation, threshold_bytes
@@ -100,6 +101,7 @@ def run_training(cfg: "LmfConfig") -> None:
     limit_heap_fragmentation(threshold_bytes(cfg.model.malloc_mmap_threshold_mb))  # opt-in
     runtime = setup_runtime(cfg)
     try:
+        plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
         resume = resolve_resume_checkpoint(cfg, runtime)
         set_seed(cfg.training.seed)
         tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
