@@ -241,3 +241,17 @@ def test_llamafactory_configs_train_on_two_processes(tmp_path, baselines, name, 
         assert "parameters" in line and "optimizer state" in line and "on cuda" not in line
     for path in (out, out / "checkpoint-2"):
         _reloads(path, ftype)
+
+
+def test_offload_on_one_process_trains_like_the_plain_run(tmp_path):
+    from test_e2e_sft import DEMO, history, run_lmf
+
+    ds = _write(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                 "offload_param": {"device": "cpu"}}})
+    plain, offloaded = tmp_path / "plain", tmp_path / "offloaded"
+    for out, extra in ((plain, ()), (offloaded, (f"deepspeed={ds}",))):
+        proc = run_lmf("sft", DEMO, f"output_dir={out}", *_train_args("lora"), *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parallel=fsdp" in proc.stderr and "offload: between steps" in proc.stderr
+    assert [h["loss"] for h in history(offloaded)] == pytest.approx([h["loss"] for h in history(plain)], rel=1e-4)
+    _reloads(offloaded, "lora")
