@@ -255,3 +255,22 @@ def test_offload_on_one_process_trains_like_the_plain_run(tmp_path):
     assert "parallel=fsdp" in proc.stderr and "offload: between steps" in proc.stderr
     assert [h["loss"] for h in history(offloaded)] == pytest.approx([h["loss"] for h in history(plain)], rel=1e-4)
     _reloads(offloaded, "lora")
+
+
+@needs_lf_configs
+@pytest.mark.slow
+def test_offloaded_zero3_resumes_exactly(tmp_path):
+    import shutil
+
+    from test_e2e_sft import DEMO, history, run_lmf
+
+    args = (f"deepspeed={os.path.join(LF_DS, 'ds_z3_offload_config.json')}", *_train_args("full"), "max_steps=4")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = run_lmf("sft", DEMO, f"output_dir={full}", *args, env_extra=TWO_PROCS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-2", resumed / "checkpoint-2")
+    proc = run_lmf("sft", DEMO, f"output_dir={resumed}", *args, env_extra=TWO_PROCS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr
+    assert history(resumed) and [h["loss"] for h in history(resumed)] == [h["loss"] for h in history(full)]
