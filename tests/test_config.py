@@ -98,8 +98,8 @@ def test_accepted_but_not_implemented_says_so(caplog):
     with pytest.raises(ConfigError, match=r"'use_galore' is accepted for LLaMA-Factory compatibility but the GaLore "
                                           r"optimizer is not implemented"):
         build_config({"model_name_or_path": "m", "use_galore": True})
-    with pytest.raises(ConfigError, match=r"'stage': 'kto' — KTO is not implemented"):
-        build_config({"model_name_or_path": "m", "stage": "kto"})
+    with pytest.raises(ConfigError, match=r"'stage': 'ppo' — PPO is not implemented"):
+        build_config({"model_name_or_path": "m", "stage": "ppo"})
     # setting such a key to its default is fine (LLaMA-Factory YAMLs often spell defaults out)
     build_config({"model_name_or_path": "m", "use_galore": False, "quantization_bit": None})
     logging.getLogger("lmf").propagate = True

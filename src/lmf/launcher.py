@@ -1,7 +1,7 @@
 """The ``lmf`` command: routes commands and relaunches training through torchrun.
 
 ``launch()`` is the console entry point. For a training command (``train``, ``sft``, ``dpo``,
-``rm``) it re-executes itself through ``python -m torch.distributed.run`` when ``FORCE_TORCHRUN``
+``rm``, ``kto``) it re-executes itself through ``python -m torch.distributed.run`` when ``FORCE_TORCHRUN``
 is truthy or more than one accelerator is visible; each worker then enters ``main()``, which
 routes the command to its trainer. Everything else runs in-process.
 
@@ -28,6 +28,7 @@ Training (relaunched through torchrun with >1 GPU or FORCE_TORCHRUN=1):
   sft | train   supervised fine-tuning (`train` follows the config's `stage`)
   dpo           direct preference optimisation (sigmoid, ipo, hinge, orpo, simpo)
   rm            reward model (pairwise Bradley-Terry)
+  kto           Kahneman-Tversky optimisation (answers labelled desirable / undesirable)
 
 Models and data:
   chat          interactive chat with a model or adapter (streams tokens)
@@ -51,7 +52,7 @@ Distributed environment variables:
   MAX_RESTARTS  RDZV_ID  MIN_NNODES  MAX_NNODES  OPTIM_TORCH (default 1)
 """
 
-DIST_TRAIN_COMMANDS = ("train", "sft", "dpo", "rm")
+DIST_TRAIN_COMMANDS = ("train", "sft", "dpo", "rm", "kto")
 HELP_COMMANDS = ("help", "-h", "--help")
 
 

@@ -44,6 +44,7 @@ CASES: dict[str, dict] = {
     "qwen_interleave_over": _sft("alpaca_en_demo,identity", "qwen", mix_strategy="interleave_over",
                                  interleave_probs="0.5,0.5", max_samples=60),
     "qwen_dpo": {"stage": "rm", "config": dict(_sft("dpo_en_demo", "qwen")["config"], stage="rm")},
+    "qwen_kto": {"stage": "kto", "config": dict(_sft("kto_en_demo", "qwen", cutoff_len=512)["config"], stage="kto")},
 }
 
 #: The families' templates on the realistic tokenizer (Qwen's real BPE + each family's special tokens), on

@@ -11,12 +11,13 @@ COLUMNS = {
     "pt": ("input_ids", "labels"),
     "rm": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
     "dpo": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
-    "kto": ("input_ids", "labels", "kl_input_ids", "kl_labels"),
+    "kto": ("input_ids", "labels", "kl_input_ids", "kl_labels", "kto_tags"),
 }
 
 
 def row_digest(row: dict, columns) -> str:
-    payload = json.dumps([list(map(int, row[c])) for c in columns]).encode()
+    payload = json.dumps([list(map(int, row[c])) if isinstance(row[c], (list, tuple)) else [int(row[c])]
+                          for c in columns]).encode()
     return hashlib.sha256(payload).hexdigest()[:20]
 
 

@@ -173,6 +173,8 @@ class FinetuningArguments:
     ref_model: Optional[str] = _f(None, "Reference model path for DPO (default: the base model).")
     ref_model_adapters: Optional[str] = _f(None, "Adapters of the reference model.")
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (full fine-tuning).")
+    kto_chosen_weight: float = _f(1.0, "KTO: weight of the loss of desirable answers.")
+    kto_rejected_weight: float = _f(1.0, "KTO: weight of the loss of undesirable answers.")
     # misc
     plot_loss: bool = _f(False, "Write training_loss.png at the end.")
     compute_accuracy: bool = _f(False, "Compute token accuracy during evaluation.")

@@ -78,6 +78,9 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
         d.packing = ft.stage == "pt"
     if d.neat_packing:
         d.packing = True
+    if d.packing and ft.stage in ("dpo", "rm", "kto"):
+        raise ConfigError(f"config key '{'neat_packing' if d.neat_packing else 'packing'}' is not implemented for "
+                          f"stage {ft.stage} (pairs and KTO examples are scored per sequence); use it with pt or sft")
     if d.val_size < 0:
         raise ConfigError(f"config key 'val_size': must be >= 0, got {d.val_size}")
     if d.cutoff_len <= 0:

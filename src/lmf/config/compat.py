@@ -31,7 +31,7 @@ UNSUPPORTED: dict[str, str] = _status("unsupported")
 #: finetuning types that exist in LLaMA-Factory but not (yet) in lmf.
 UNSUPPORTED_FINETUNING_TYPES = {"oft": "OFT (orthogonal fine-tuning) is not implemented"}
 #: stages that exist in LLaMA-Factory but not (yet) in lmf.
-UNSUPPORTED_STAGES = {"kto": "KTO is not implemented", "ppo": "PPO is not implemented"}
+UNSUPPORTED_STAGES = {"ppo": "PPO is not implemented"}
 #: key -> why it is ignored (field metadata ``no_effect``). A warning is printed when set to a non-default value.
 NO_EFFECT: dict[str, str] = _status("no_effect")
 #: LLaMA-Factory-only keys whose value is harmless to accept with a warning (why, in the message).
@@ -97,7 +97,7 @@ _GROUP_FEATURES = {
     "transformers": "this transformers TrainingArguments option",
 }
 _KEY_FEATURES = {
-    "kto_": "KTO", "ppo_": "PPO", "reward_model": "PPO", "pref_bco_weight": "BCO", "ld_alpha": "LD-DPO",
+    "ppo_": "PPO", "reward_model": "PPO", "pref_bco_weight": "BCO", "ld_alpha": "LD-DPO",
     "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+", "pissa_": "PiSSA",
     "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
     "asft": "the ASFT loss", "eaft": "the EAFT loss", "rope_scaling": "RoPE scaling", "shift_attn": "shift short attention",

@@ -78,3 +78,30 @@ class PairwiseCollator:
             "attention_mask": _pad_rows(rows["attention_mask"], length, 0),
             "labels": _pad_rows(rows["labels"], length, IGNORE_INDEX),
         }
+
+
+class FeedbackCollator:
+    """list of KTO rows -> dict of [2B, T] LongTensors (rows [0:B] the labelled answers, [B:2B] the KL answers)
+    and ``kto_tags`` [B] (bool: desirable)."""
+
+    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None) -> None:
+        self.pad_id = _pad_id(tokenizer)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prefix in ("", "kl_"):
+            for f in features:
+                ids = list(f[f"{prefix}input_ids"])
+                rows["input_ids"].append(ids)
+                rows["attention_mask"].append(list(f.get(f"{prefix}attention_mask") or [1] * len(ids)))
+                rows["labels"].append(list(f[f"{prefix}labels"]))
+        length = _target_len([len(x) for x in rows["input_ids"]], self.pad_to_multiple_of)
+        return {
+            "input_ids": _pad_rows(rows["input_ids"], length, self.pad_id),
+            "attention_mask": _pad_rows(rows["attention_mask"], length, 0),
+            "labels": _pad_rows(rows["labels"], length, IGNORE_INDEX),
+            "kto_tags": torch.tensor([bool(f["kto_tags"]) for f in features], dtype=torch.bool),
+        }

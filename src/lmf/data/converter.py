@@ -6,6 +6,9 @@ Normalized record::
      "_response": [{"role": "assistant"|"function", "content": str}, ...],  # 1 (sft) or 2: chosen, rejected
      "_system": str, "_tools": str}
 
+For stage ``kto`` (LLaMA-Factory's layout) ``_response`` is ``[answer, empty]`` when the record's ``kto_tag``
+is true (a desirable answer) and ``[empty, answer]`` when it is false.
+
 :func:`convert_record` returns ``(normalized, None)`` or ``(None, problem)`` where the problem names
 the field; the caller adds the file and record index. Nothing is dropped here silently.
 """
@@ -19,6 +22,18 @@ from lmf.data.registry import DatasetAttr
 
 USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
 PAIRWISE_STAGES = ("dpo", "rm")
+EMPTY_ANSWER = {"role": ASSISTANT, "content": ""}
+
+
+def _kto_response(record: dict, attr: DatasetAttr, answer: dict) -> list[dict]:
+    """``[answer, empty]`` (desirable) or ``[empty, answer]`` (undesirable) from the record's ``kto_tag``."""
+    key = attr.kto_tag
+    if not key or key not in record:
+        raise RecordProblem(f"field {key or 'kto_tag'!r} is missing (KTO data needs a true/false label per answer)")
+    tag = record[key]
+    if not isinstance(tag, bool):
+        raise RecordProblem(f"field {key!r} must be true or false, got {tag!r}")
+    return [answer, dict(EMPTY_ANSWER)] if tag else [dict(EMPTY_ANSWER), answer]
 
 
 class RecordProblem(Exception):
@@ -89,6 +104,8 @@ def _alpaca(record: dict, attr: DatasetAttr, stage: str) -> dict:
             raise RecordProblem(f"field {attr.response!r} is missing")
         response = [{"role": ASSISTANT, "content": _text(record[attr.response], attr.response)}]
         _require_response(response, attr.response)
+        if stage == "kto":
+            response = _kto_response(record, attr, response[0])
     _require_response(prompt, attr.history or "history")
     system = _text(record.get(attr.system), attr.system, required=False) if attr.system else ""
     tools = _tools_text(record.get(attr.tools)) if attr.tools else ""
@@ -193,6 +210,8 @@ def _sharegpt(record: dict, attr: DatasetAttr, stage: str) -> dict:
             raise RecordProblem(f"field {field!r}: the conversation must end with an assistant turn")
         prompt, response = messages[:-1], messages[-1:]
         _require_response(messages, field)
+        if stage == "kto":
+            response = _kto_response(record, attr, response[0])
     tools = _tools_text(record.get(attr.tools)) if attr.tools else ""
     return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": tools}
 

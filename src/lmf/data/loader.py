@@ -35,7 +35,7 @@ from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
 
-STAGES = ("pt", "sft", "dpo", "rm")
+STAGES = ("pt", "sft", "dpo", "rm", "kto")
 PAIRWISE = ("dpo", "rm")
 MAX_REPORTED_PROBLEMS = 5
 
@@ -58,6 +58,11 @@ def _features(kind: str):
         msg = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
         return datasets.Features({"_prompt": msg, "_response": msg, "_system": datasets.Value("string"),
                                   "_tools": datasets.Value("string")})
+    if kind == "feedback":
+        cols = {"input_ids": ids, "attention_mask": mask, "labels": ids, "kl_input_ids": ids,
+                "kl_attention_mask": mask, "kl_labels": ids, "kto_tags": datasets.Value("bool"),
+                "_truncated": datasets.Value("bool")}
+        return datasets.Features(cols)
     if kind == "pairwise":
         cols = {}
         for side in ("chosen", "rejected"):
@@ -105,6 +110,10 @@ def _check_attr_for_stage(attr: DatasetAttr, stage: str) -> None:
     if stage in PAIRWISE and not attr.ranking:
         raise DataError(f"dataset {attr.name!r} is not preference data (needs 'ranking: true' with chosen/rejected "
                         f"columns in dataset_info.json) and cannot be used for stage {stage!r}")
+    if stage == "kto" and not attr.kto_tag:
+        raise DataError(f"dataset {attr.name!r} has no kto_tag column (columns: {{\"kto_tag\": ...}} in "
+                        "dataset_info.json: true for a desirable answer, false for an undesirable one) and cannot be "
+                        "used for stage 'kto'")
     if stage not in PAIRWISE and attr.ranking:
         raise DataError(f"dataset {attr.name!r} is preference data (ranking: true); use it with stage dpo or rm, "
                         f"not {stage!r}")
@@ -201,6 +210,9 @@ def _token_stats(ds, stage: str) -> dict[str, Any]:
         rej = pc.list_value_length(table["rejected_input_ids"])
         stats["rejected_tokens"] = int(pc.sum(rej).as_py() or 0)
         stats["rejected_mean_length"] = round(float(pc.mean(rej).as_py() or 0), 1) if n else 0.0
+    if stage == "kto":
+        stats["desirable"] = int(pc.sum(table["kto_tags"]).as_py() or 0)
+        stats["undesirable"] = n - stats["desirable"]
     if "_truncated" in table.column_names:
         stats["truncated"] = int(pc.sum(table["_truncated"]).as_py() or 0)
     return stats
@@ -231,14 +243,18 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         tokenized = normalized.map(
             processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
             remove_columns=normalized.column_names,
-            features=_features("pairwise" if stage in PAIRWISE else "supervised"),
+            features=_features("pairwise" if stage in PAIRWISE else "feedback" if stage == "kto" else "supervised"),
             load_from_cache_file=False, desc="Tokenizing",
         )
     examples = [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]
     stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems), "skipped_examples": examples}
     stats.update(_token_stats(tokenized, stage))
     tokenized = tokenized.remove_columns(["_truncated"])
-    if data_args.packing and stage not in PAIRWISE:
+    if stage == "kto" and (stats["desirable"] == 0 or stats["undesirable"] == 0):
+        logger.warning("KTO data has only %s answers: the loss then has no %s term",
+                       "desirable" if stats["undesirable"] == 0 else "undesirable",
+                       "undesirable" if stats["undesirable"] == 0 else "desirable")
+    if data_args.packing and stage not in (*PAIRWISE, "kto"):
         from lmf.data.packing import pack_dataset
 
         with progress_bars(False):
@@ -363,5 +379,6 @@ def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
     logger.info("dataset ready (%s): %d train / %d eval samples, %d tokens (%d labelled), %d skipped, %d truncated%s",
                 stats.get("cache"), stats["train_samples"], stats["eval_samples"], tr.get("tokens", 0),
                 tr.get("label_tokens", 0), tr.get("skipped_records", 0), tr.get("truncated", 0),
-                f", packing waste {tr['packing']['padding_waste_packed']:.1%}" if tr.get("packing") else "")
+                f", packing waste {tr['packing']['padding_waste_packed']:.1%}" if tr.get("packing") else
+                f", {tr['desirable']} desirable / {tr['undesirable']} undesirable" if "desirable" in tr else "")
     return DatasetModule(train_dataset=train, eval_dataset=eval_, stats=stats)

@@ -3,6 +3,8 @@
 - supervised: every assistant turn is a label (``mask_history`` keeps only the last one); prompt tokens
   are IGNORE_INDEX unless ``train_on_prompt``; the end-of-turn/eos token after each response is a label.
 - pairwise: prompt + chosen and prompt + rejected, prompt masked.
+- feedback (KTO): prompt + answer with its ``kto_tags`` (desirable or not), and a mismatched pair for the KL
+  term: the prompt with the answer of the previous record of the map batch (LLaMA-Factory's pairing).
 - pretrain: text + eos, long documents split into ``cutoff_len`` chunks, every token a label.
 
 Truncation to ``cutoff_len`` follows LLaMA-Factory's ``infer_seqlen`` budget split between prompt and
@@ -216,6 +218,48 @@ class PairwiseProcessor:
         return out
 
 
+FEEDBACK_COLUMNS = ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels",
+                    "kto_tags", "_truncated")
+
+
+@dataclass
+class FeedbackProcessor:
+    """Batched ``datasets.map`` function for kto: the labelled answer and the KL (mismatched) answer."""
+
+    tokenizer: Any
+    template: Any
+    cutoff_len: int
+    _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _encode(self, prompt: list[dict], answer: dict, system, tools) -> tuple[list[int], list[int], bool]:
+        tpl, tok = self.template, self.tokenizer
+        prompt_ids, answer_ids = tpl.encode_oneturn(tok, _conversation(prompt, [answer]), system, tools,
+                                                    self._piece_cache)
+        if tpl.efficient_eos:
+            answer_ids = answer_ids + [tok.eos_token_id]
+        src_len, tgt_len = infer_seqlen(len(prompt_ids), len(answer_ids), self.cutoff_len)
+        truncated = src_len < len(prompt_ids) or tgt_len < len(answer_ids)
+        return prompt_ids[:src_len] + answer_ids[:tgt_len], [IGNORE_INDEX] * src_len + answer_ids[:tgt_len], truncated
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in FEEDBACK_COLUMNS}
+        responses = batch["_response"]
+        kl_responses = [responses[-1]] + responses[:-1]
+        for (prompt, response, system, tools), kl_response in zip(_records(batch), kl_responses):
+            desirable = bool(response[0]["content"])
+            answer = response[0] if desirable else response[1]
+            kl_answer = kl_response[0] if kl_response[0]["content"] else kl_response[1]
+            system, tools = system or None, tools or None
+            ids, labels, truncated = self._encode(prompt, answer, system, tools)
+            kl_ids, kl_labels, _ = self._encode(prompt, kl_answer, system, tools)
+            row = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "kl_input_ids": kl_ids,
+                   "kl_attention_mask": [1] * len(kl_ids), "kl_labels": kl_labels, "kto_tags": desirable,
+                   "_truncated": truncated}
+            for k in FEEDBACK_COLUMNS:
+                out[k].append(row[k])
+        return out
+
+
 @dataclass
 class PretrainProcessor:
     """Batched ``datasets.map`` function for pt: text + eos, split into chunks of at most ``cutoff_len``."""
@@ -242,7 +286,7 @@ class PretrainProcessor:
 
 
 def make_processor(stage: str, tokenizer, template, data_args):
-    """The map function for ``stage`` (sft, pt, dpo, rm)."""
+    """The map function for ``stage`` (sft, pt, dpo, rm, kto)."""
     if stage == "sft":
         return SupervisedProcessor(tokenizer, template, data_args.cutoff_len, data_args.train_on_prompt,
                                    data_args.mask_history)
@@ -250,4 +294,6 @@ def make_processor(stage: str, tokenizer, template, data_args):
         return PairwiseProcessor(tokenizer, template, data_args.cutoff_len)
     if stage == "pt":
         return PretrainProcessor(tokenizer, template, data_args.cutoff_len)
+    if stage == "kto":
+        return FeedbackProcessor(tokenizer, template, data_args.cutoff_len)
     raise ValueError(f"no data processor for stage {stage!r}")

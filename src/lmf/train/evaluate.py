@@ -49,6 +49,7 @@ def _evaluate_one(run: "Run", dataset, collator, runtime: "DistInfo", batch_size
 
     from lmf.dist.runtime import all_reduce_sum
     from lmf.train.batches import sharded_index_batches
+    from lmf.train.metrics import accumulate, finalize
 
     batches, num_real = sharded_index_batches(len(dataset), runtime.world_size, runtime.rank, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collator,
@@ -63,11 +64,10 @@ def _evaluate_one(run: "Run", dataset, collator, runtime: "DistInfo", batch_size
                 continue
             acc[0] += loss_sum.double()
             acc[1] += items.double() if hasattr(items, "double") else float(items)
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(items)
+            accumulate(metric_sums, metrics, weight=float(items))
     keys = sorted(metric_sums)
     acc = torch.cat([acc, torch.tensor([metric_sums[k] for k in keys], dtype=torch.float64, device=acc.device)])
     all_reduce_sum(acc)
     n = max(acc[1].item(), 1.0)
     return {f"{prefix}_loss": round(acc[0].item() / n, 6),
-            **{f"{prefix}_{k}": round(acc[2 + i].item() / n, 6) for i, k in enumerate(keys)}}
+            **{f"{prefix}_{k}": v for k, v in finalize(keys, acc[2:].tolist(), n).items()}}

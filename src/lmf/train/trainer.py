@@ -158,6 +158,7 @@ class Trainer:
         import torch
 
         from lmf.dist.runtime import all_reduce_sum
+        from lmf.train.metrics import accumulate, finalize
         from lmf.train.parallel import gradient_sync, log_offload
         from lmf.train.preemption import StopRequest, TrainingInterrupted, agreed_signal
         from lmf.train.reporting import Progress, Reporter, warn_if_no_plot
@@ -191,8 +192,7 @@ class Trainer:
                     acc[1] += num_items.detach().double() if hasattr(num_items, "detach") else float(num_items)
                     mask = batch.get("attention_mask")
                     acc[2] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
-                    for k, v in metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+                    accumulate(metric_sums, metrics)
                 # one all-reduce: the window's sums, the stop requests of every rank, the stage metrics
                 names = sorted(metric_sums)
                 stats = torch.cat([acc, torch.tensor(stop.flags(), dtype=torch.float64, device=device),
@@ -220,7 +220,7 @@ class Trainer:
                              "loss": round(sum(st.log_window) / len(st.log_window), 6), "lr": lr,
                              "grad_norm": round(grad_norm, 6),
                              "tokens_per_second": round(window_tokens / max(time.perf_counter() - window_start, 1e-9), 1),
-                             **{k: round(stats[5 + i].item() / n_div, 6) for i, k in enumerate(names)}}
+                             **finalize(names, stats[5:].tolist(), n_div)}
                     self._record(entry, reporter, progress.suffix())
                     st.log_window, window_tokens, window_start = [], 0, time.perf_counter()
                 epoch_ended = self._epochs_done() > epochs_done

@@ -1,10 +1,10 @@
-"""What ``lmf sft|dpo|rm|train CONFIG`` runs: the config, the stage's recipe, the shared set-up, the loop.
+"""What ``lmf sft|dpo|rm|kto|train CONFIG`` runs: the config, the stage's recipe, the shared set-up, the loop.
 
 :func:`run_exp` parses the config and checks the command against its ``stage``; :func:`run_training`
 does: process group and device -> resume plan -> seed -> tokenizer, template and tokenized data ->
 trainable model -> the recipe's stage -> the shared :class:`~lmf.train.trainer.Trainer` -> tear-down.
 
-A recipe (:data:`RECIPES`: ``lmf.train.sft``, ``lmf.train.dpo.recipe``, ``lmf.train.rm``) is a module with
+A recipe (:data:`RECIPES`: ``lmf.train.sft``, ``lmf.train.dpo.recipe``, ``lmf.train.rm``, ``lmf.train.kto``) is a module with
 ``build_stage(cfg, setup) -> Stage``, ``DATA_STAGE`` (the data layout; None: the config's stage) and an
 optional ``check_config(cfg)``. ``build_stage`` may replace ``setup.train_dataset`` / ``setup.eval_dataset``
 (DPO does, to attach precomputed reference log-probs).
@@ -23,9 +23,10 @@ if TYPE_CHECKING:
     from lmf.dist.runtime import DistInfo
 
 #: stage -> its recipe module.
-RECIPES = {"sft": "lmf.train.sft", "pt": "lmf.train.sft", "dpo": "lmf.train.dpo.recipe", "rm": "lmf.train.rm"}
+RECIPES = {"sft": "lmf.train.sft", "pt": "lmf.train.sft", "dpo": "lmf.train.dpo.recipe", "rm": "lmf.train.rm",
+           "kto": "lmf.train.kto"}
 #: command -> the stage it runs ("train" follows the config).
-COMMAND_STAGES = {"sft": "sft", "dpo": "dpo", "rm": "rm", "train": None}
+COMMAND_STAGES = {"sft": "sft", "dpo": "dpo", "rm": "rm", "kto": "kto", "train": None}
 
 
 @dataclass
