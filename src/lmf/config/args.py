@@ -161,8 +161,8 @@ class FinetuningArguments:
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA; also on quantized bases).")
     pissa_init: bool = _f(False, "PiSSA initialisation.",
         unsupported="PiSSA initialisation is not implemented")
-    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+ learning-rate ratio for B matrices.",
-        unsupported="LoRA+ is not implemented")
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: the LoRA B matrices train at learning_rate x this ratio.")
+    loraplus_lr_embedding: float = _f(1e-6, "LoRA+: learning rate of the B matrices of LoRA on embeddings.")
     create_new_adapter: bool = _f(False, "Create a new adapter on top of loaded ones instead of resuming them.")
     # preference
     pref_beta: float = _f(0.1, "Beta of the preference loss.")

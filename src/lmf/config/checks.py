@@ -44,6 +44,11 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                                   f"datasets in '{key}'")
     if d.eval_on_each_dataset and not d.eval_dataset:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    if ft.loraplus_lr_ratio is not None:
+        if ft.finetuning_type != "lora":
+            raise ConfigError(f"config key 'loraplus_lr_ratio' needs finetuning_type: lora, got {ft.finetuning_type}")
+        if ft.loraplus_lr_ratio <= 0:
+            raise ConfigError(f"config key 'loraplus_lr_ratio' must be > 0, got {ft.loraplus_lr_ratio}")
     if m.quantization_method != "bnb":
         raise ConfigError(f"config key 'quantization_method': {m.quantization_method} is not implemented; use bnb "
                           "(bitsandbytes)")

@@ -18,18 +18,34 @@ def _no_decay(name: str, param) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments") -> "torch.optim.Optimizer":
-    """AdamW over trainable parameters (two groups: with / without weight decay)."""
+def param_groups(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -> list[dict]:
+    """Trainable parameters in groups: with / without weight decay, and for LoRA+ (``loraplus_lr_ratio``) the
+    B matrices at ``learning_rate x ratio`` and embedding B matrices at ``loraplus_lr_embedding``."""
+    ratio = getattr(ft, "loraplus_lr_ratio", None)
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = _no_decay(name, p)
+        lr = args.learning_rate
+        if ratio is not None:
+            if "lora_embedding_B" in name:
+                lr = ft.loraplus_lr_embedding
+            elif "lora_B" in name:
+                lr = args.learning_rate * ratio
+        groups.setdefault((lr, no_decay), []).append(p)
+    if not groups:
+        raise ConfigError("nothing to train: no parameter requires grad (check finetuning_type and its keys)")
+    # the base learning rate's decay / no-decay groups first (what a checkpoint's optimizer state expects)
+    order = sorted(groups, key=lambda k: (k[0] != args.learning_rate, k[0], k[1]))
+    return [{"params": groups[k], "lr": k[0], "weight_decay": 0.0 if k[1] else args.weight_decay} for k in order]
+
+
+def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -> "torch.optim.Optimizer":
+    """AdamW (or SGD) over :func:`param_groups`."""
     import torch
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if _no_decay(name, p) else decay).append(p)
-    if not decay and not no_decay:
-        raise ConfigError("nothing to train: no parameter requires grad (check finetuning_type and its keys)")
-    groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-              if g["params"]]
+    groups = param_groups(model, args, ft)
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])

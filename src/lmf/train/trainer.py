@@ -125,7 +125,7 @@ class Trainer:
         plan = plan_parallelism(self.cfg, self.runtime.world_size, announce=False)  # announced by the workflow
         loss_module = _make_loss_module(self.model, self.stage.compute_loss, self.cfg.model.moe_aux_loss_coef)
         wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters)
-        optimizer = create_optimizer(loss_module, self.args)
+        optimizer = create_optimizer(loss_module, self.args, self.cfg.finetuning)
         scaler = None
         if self.dtype == torch.float16 and plan.mode != "fsdp":
             ds = read_deepspeed_config(self.cfg)
