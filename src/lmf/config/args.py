@@ -164,6 +164,10 @@ class FinetuningArguments:
     loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: the LoRA B matrices train at learning_rate x this ratio.")
     loraplus_lr_embedding: float = _f(1e-6, "LoRA+: learning rate of the B matrices of LoRA on embeddings.")
     create_new_adapter: bool = _f(False, "Create a new adapter on top of loaded ones instead of resuming them.")
+    use_dft_loss: bool = _f(False, "SFT with the DFT loss: token cross-entropy weighted by the token's detached "
+                                   "probability (Dynamic Fine-Tuning).")
+    neftune_noise_alpha: Optional[float] = _f(None, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) "
+                                                    "added to the input embeddings while training.")
     # preference
     pref_beta: float = _f(0.1, "Beta of the preference loss.")
     pref_ftx: float = _f(0.0, "Weight of the SFT loss added to the preference loss.")

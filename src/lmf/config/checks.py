@@ -44,6 +44,10 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                                   f"datasets in '{key}'")
     if d.eval_on_each_dataset and not d.eval_dataset:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
+        raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
+    if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:
+        raise ConfigError(f"config key 'neftune_noise_alpha' must be > 0, got {ft.neftune_noise_alpha}")
     if ft.loraplus_lr_ratio is not None:
         if ft.finetuning_type != "lora":
             raise ConfigError(f"config key 'loraplus_lr_ratio' needs finetuning_type: lora, got {ft.finetuning_type}")

@@ -347,23 +347,28 @@ def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size: int, softcap: Op
     return loss_sum, num_tokens
 
 
-def chunked_sequence_logps(hidden, lm_head, labels, chunk_size: int, softcap: Optional[float] = None):
-    """Per-sequence sum of label-token log-probs ``[B]`` (fp32) and label counts ``[B]``; same
-    contract as :func:`lmf.loss.sequence_logps`, computed ``chunk_size`` tokens at a time."""
+def chunked_token_logps(hidden, lm_head, labels, chunk_size: int, softcap: Optional[float] = None):
+    """Log-probs ``[N]`` (fp32) of the ``N`` label tokens and their sequence index ``[N]``, ``chunk_size``
+    tokens at a time (the building block of :func:`chunked_sequence_logps` and of the DFT loss)."""
     chunk_size = _validate_chunk_size(chunk_size)
-    rows, targets, row_seq, counts = select_label_rows(hidden, labels)
+    rows, targets, row_seq, _ = select_label_rows(hidden, labels)
     params = linear_params(lm_head)
     if params is None:
         if _vocab_size(lm_head) is not None:
             _check_targets(targets, _vocab_size(lm_head))
         outs = _per_chunk_checkpointed(_module_target_logps, rows, targets, lm_head, chunk_size, softcap)
-        row_logps = torch.cat(outs) if outs else rows.sum(-1).float() * 0.0 + _zero_connected(rows, lm_head)
-    else:
-        weight, bias = params
-        _check_targets(targets, weight.shape[0])
-        needs = _needs(rows, weight, bias)
-        row_logps = LinearTargetLogProbs.apply(
-            rows, weight, bias, targets, chunk_size, softcap, _compute_dtype(weight), needs
-        )
+        return (torch.cat(outs) if outs else rows.sum(-1).float() * 0.0 + _zero_connected(rows, lm_head)), row_seq
+    weight, bias = params
+    _check_targets(targets, weight.shape[0])
+    needs = _needs(rows, weight, bias)
+    return LinearTargetLogProbs.apply(rows, weight, bias, targets, chunk_size, softcap, _compute_dtype(weight),
+                                      needs), row_seq
+
+
+def chunked_sequence_logps(hidden, lm_head, labels, chunk_size: int, softcap: Optional[float] = None):
+    """Per-sequence sum of label-token log-probs ``[B]`` (fp32) and label counts ``[B]``; same
+    contract as :func:`lmf.loss.sequence_logps`, computed ``chunk_size`` tokens at a time."""
+    row_logps, row_seq = chunked_token_logps(hidden, lm_head, labels, chunk_size, softcap)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1)
     logps_sum = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, row_seq, row_logps)
     return logps_sum, counts

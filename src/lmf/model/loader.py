@@ -251,6 +251,10 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(model, _reentrant_checkpointing(cfg), cfg.model.offload_activations)
         model = init_adapter(cfg, model)
+        if cfg.finetuning.neftune_noise_alpha:
+            from lmf.model.neftune import enable_neftune
+
+            enable_neftune(model, cfg.finetuning.neftune_noise_alpha)
         model.train()
     else:
         model = load_adapters_for_inference(cfg, model)

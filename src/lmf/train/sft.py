@@ -1,4 +1,5 @@
-"""The SFT recipe (``lmf sft``, and ``stage: pt``): next-token cross-entropy on the label tokens."""
+"""The SFT recipe (``lmf sft``, and ``stage: pt``): next-token cross-entropy on the label tokens (or, with
+``use_dft_loss``, DFT's probability-weighted cross-entropy, :mod:`lmf.loss.dft`)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,18 @@ class SFTStage:
         self.collator = collator
         self.loss_opts = resolve_loss_kwargs(cfg, model)
         self.compute_accuracy = cfg.finetuning.compute_accuracy  # token accuracy of evaluations (eval_accuracy)
+        self.use_dft_loss = cfg.finetuning.use_dft_loss
+        if self.use_dft_loss:
+            logger.info("use_dft_loss: each label token's cross-entropy is weighted by its detached probability")
 
     def compute_loss(self, model, batch: dict):
         from lmf.loss import causal_lm_loss
+        from lmf.loss.dft import dft_loss
         from lmf.model.forward import decoder_hidden_states, lm_head_of
 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
-        loss_sum, num_tokens = causal_lm_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
+        loss_fn = dft_loss if self.use_dft_loss else causal_lm_loss
+        loss_sum, num_tokens = loss_fn(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
         metrics = {}
         if self.compute_accuracy and not model.training:
             from lmf.loss.metrics import token_accuracy_counts
