@@ -89,6 +89,31 @@ def test_qlora_resume_is_exact(tmp_path):
     assert resumed == reference
 
 
+def test_an_eval_pass_does_not_change_the_training_gradients(tmp_path):
+    """A reference or evaluation forward (eval mode, no grad) must leave the 4-bit weights trainable: on CPUs with
+    AVX512-BF16, bitsandbytes would repack them for an inference kernel that has no backward."""
+    from lmf.model.loader import load_model, load_tokenizer
+
+    cfg = build_config(_raw(str(tmp_path / "o")))
+    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    ids = torch.randint(0, 1000, (2, 12))
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids[:1, :1])
+    after = grads()
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)
+
+
 def test_qlora_dpo_trains(tmp_path):
     from lmf.train.workflow import run_training
 

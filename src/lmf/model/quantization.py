@@ -73,4 +73,17 @@ def prepare_quantized_for_training(model) -> None:
     from peft import prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    _keep_trainable_weight_layout(model)
     logger.info("QLoRA: base model quantized; non-quantized weights in float32, LoRA trains on top")
+
+
+def _keep_trainable_weight_layout(model) -> None:
+    """bitsandbytes repacks a ``Linear4bit`` weight for its AVX512-BF16 CPU inference kernel on the first forward
+    in eval mode without grads (a DPO/KTO reference pass, an evaluation); that kernel has no backward, so every
+    training step after it would drop the gradient through the base weights without an error. Training keeps the
+    trainable layout: the repacking is switched off on every 4-bit layer."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
