@@ -249,9 +249,9 @@ def print_version() -> None:
 def run_command(command: str, args: list[str]) -> int:
     """Run one command in this process (training commands run on the current process group)."""
     if command in DIST_TRAIN_COMMANDS:
-        from lmf.train.workflow import run_exp
+        from lmf.predict.runner import run_experiment
 
-        run_exp(args, command=command)
+        run_experiment(args, command=command)
         return 0
     if command == "chat":
         from lmf.chat.cli import run_chat

@@ -215,8 +215,8 @@ class TrainingArguments:
     overwrite_output_dir: bool = _f(False, "Allow writing into a non-empty output_dir without resuming.")
     do_train: bool = _f(True, "Run training.")
     do_eval: bool = _f(False, "Run evaluation.")
-    do_predict: bool = _f(False, "Run prediction.",
-        unsupported="prediction (do_predict) is not implemented")
+    do_predict: bool = _f(False, "Generate answers for eval_dataset (with predict_with_generate): "
+                                 "generated_predictions.jsonl and BLEU-4/ROUGE in predict_results.json.")
     per_device_train_batch_size: int = _f(1, "Micro-batch size per device.")
     per_device_eval_batch_size: int = _f(1, "Evaluation batch size per device.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
@@ -271,8 +271,7 @@ class TrainingArguments:
     use_cpu: bool = _f(False, "Train on CPU even when a GPU is present.")
     torch_compile: bool = _f(False, "torch.compile the model.",
         unsupported="torch.compile is not implemented")
-    predict_with_generate: bool = _f(False, "Generate during prediction.",
-        unsupported="generation during evaluation is not implemented")
+    predict_with_generate: bool = _f(False, "Generate during prediction (do_predict needs it).")
     disable_tqdm: bool = _f(False, "No progress bar.")
     push_to_hub: bool = _f(False, "Push the result to the hub.",
         unsupported="pushing to the hub is not possible offline")

@@ -44,6 +44,7 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                                   f"datasets in '{key}'")
     if d.eval_on_each_dataset and not d.eval_dataset:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+    _check_prediction(cfg)
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:
@@ -113,3 +114,23 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
         from lmf.config.deepspeed import read_deepspeed_config
 
         read_deepspeed_config(cfg)  # every section mapped, checked against these keys, or refused
+
+
+def _check_prediction(cfg: "LmfConfig") -> None:
+    """``do_predict`` generates answers for ``eval_dataset``; what it needs and what it cannot do."""
+    t, d, ft = cfg.training, cfg.data, cfg.finetuning
+    if t.predict_with_generate and not t.do_predict:
+        raise ConfigError("config key 'predict_with_generate' during evaluation (do_eval) is not implemented; "
+                          "it applies to do_predict: true")
+    if not t.do_predict:
+        return
+    if not t.predict_with_generate:
+        raise ConfigError("config key 'do_predict' without 'predict_with_generate' (teacher-forced logits) is not "
+                          "implemented; set predict_with_generate: true")
+    if ft.stage != "sft":
+        raise ConfigError(f"config key 'do_predict' generates answers for stage sft, not {ft.stage}")
+    if not d.eval_dataset:
+        raise ConfigError("config key 'do_predict' needs 'eval_dataset' (the datasets to generate answers for)")
+    if d.tokenized_path and not t.do_train:
+        raise ConfigError("config key 'tokenized_path' with do_predict is not implemented (the prediction set is "
+                          "tokenized from eval_dataset and cached in the preprocessing cache)")

@@ -260,6 +260,8 @@ def build_config(raw: dict[str, Any], *, source: str = "config") -> LmfConfig:
         coerced = _coerce(key, value, f.type)
         _check_choices(key, coerced, f)
         values[group][key] = coerced
+    if values["training"].get("do_predict") and "do_train" not in values["training"]:
+        values["training"]["do_train"] = False  # LF's prediction YAMLs leave do_train unset (its default: false)
     cfg = LmfConfig(
         model=ModelArguments(**values["model"]),
         data=DataArguments(**values["data"]),

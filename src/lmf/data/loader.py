@@ -30,12 +30,15 @@ from lmf.data.mixing import merge_datasets
 from lmf.data.processor import IGNORE_INDEX, make_processor
 from lmf.data.readers import iter_records
 from lmf.data.registry import DatasetAttr, resolve_datasets
+from lmf.data.stats import token_stats
 from lmf.extras.errors import ConfigError, DataError
 from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
 
 STAGES = ("pt", "sft", "dpo", "rm", "kto")
+#: The data layout of prediction (``do_predict`` + ``predict_with_generate``): sft records, prompt-only inputs.
+GENERATE = "generate"
 PAIRWISE = ("dpo", "rm")
 MAX_REPORTED_PROBLEMS = 5
 
@@ -189,44 +192,16 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
     return ds
 
 
-def _token_stats(ds, stage: str) -> dict[str, Any]:
-    """Counts and length statistics of a tokenized dataset (computed with Arrow, not Python loops)."""
-    import pyarrow.compute as pc
-
-    table = ds.with_format("arrow")[:]
-    prefix = "chosen_" if stage in PAIRWISE else ""
-    lengths = pc.list_value_length(table[f"{prefix}input_ids"])
-    labels = pc.list_flatten(table[f"{prefix}labels"])
-    n = len(ds)
-    stats = {
-        "samples": n,
-        "tokens": int(pc.sum(lengths).as_py() or 0),
-        "label_tokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
-        "min_length": int(pc.min(lengths).as_py() or 0) if n else 0,
-        "max_length": int(pc.max(lengths).as_py() or 0) if n else 0,
-        "mean_length": round(float(pc.mean(lengths).as_py() or 0), 1) if n else 0.0,
-    }
-    if stage in PAIRWISE:
-        rej = pc.list_value_length(table["rejected_input_ids"])
-        stats["rejected_tokens"] = int(pc.sum(rej).as_py() or 0)
-        stats["rejected_mean_length"] = round(float(pc.mean(rej).as_py() or 0), 1) if n else 0.0
-    if stage == "kto":
-        stats["desirable"] = int(pc.sum(table["kto_tags"]).as_py() or 0)
-        stats["undesirable"] = n - stats["desirable"]
-    if "_truncated" in table.column_names:
-        stats["truncated"] = int(pc.sum(table["_truncated"]).as_py() or 0)
-    return stats
-
-
 def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_args, work_dir: str,
                 seed: int) -> tuple[Any, dict[str, Any]]:
     """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset."""
 
     bad = BadRecords()
     parts, per_dataset = [], {}
+    record_stage = "sft" if stage == GENERATE else stage
     for attr in attrs:
-        _check_attr_for_stage(attr, stage)
-        ds = convert_dataset(attr, stage, data_args, bad, work_dir, seed)
+        _check_attr_for_stage(attr, record_stage)
+        ds = convert_dataset(attr, record_stage, data_args, bad, work_dir, seed)
         per_dataset[attr.name] = len(ds)
         parts.append(ds)
     if bad.problems:
@@ -248,13 +223,13 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         )
     examples = [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]
     stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems), "skipped_examples": examples}
-    stats.update(_token_stats(tokenized, stage))
+    stats.update(token_stats(tokenized, stage))
     tokenized = tokenized.remove_columns(["_truncated"])
     if stage == "kto" and (stats["desirable"] == 0 or stats["undesirable"] == 0):
         logger.warning("KTO data has only %s answers: the loss then has no %s term",
                        "desirable" if stats["undesirable"] == 0 else "undesirable",
                        "undesirable" if stats["undesirable"] == 0 else "desirable")
-    if data_args.packing and stage not in (*PAIRWISE, "kto"):
+    if data_args.packing and stage not in (*PAIRWISE, "kto", GENERATE):
         from lmf.data.packing import pack_dataset
 
         with progress_bars(False):
@@ -274,16 +249,22 @@ def _load_or_build(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict
 
 
 def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
+    """(train, eval, stats); for :data:`GENERATE` the "train" slot holds the prediction set (``eval_dataset``)."""
     d = cfg.data
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
-    if d.tokenized_path and cache_mod.is_complete(d.tokenized_path):
-        logger.info("loading tokenized dataset from tokenized_path %s", d.tokenized_path)
-        train, eval_, stats = cache_mod.load_entry(d.tokenized_path)
-        return train, eval_, dict(stats, cache="tokenized_path")
-    train_attrs = resolve_datasets(d.dataset, d.dataset_dir, key="dataset")
-    eval_attrs = resolve_datasets(d.eval_dataset, d.dataset_dir, key="eval_dataset")
-    if not train_attrs:
-        raise ConfigError("config key 'dataset' is required (comma-separated names from dataset_info.json)")
+    if stage == GENERATE:
+        train_attrs, eval_attrs = resolve_datasets(d.eval_dataset, d.dataset_dir, key="eval_dataset"), []
+        if not train_attrs:
+            raise ConfigError("do_predict needs config key 'eval_dataset' (the datasets to generate answers for)")
+    else:
+        if d.tokenized_path and cache_mod.is_complete(d.tokenized_path):
+            logger.info("loading tokenized dataset from tokenized_path %s", d.tokenized_path)
+            train, eval_, stats = cache_mod.load_entry(d.tokenized_path)
+            return train, eval_, dict(stats, cache="tokenized_path")
+        train_attrs = resolve_datasets(d.dataset, d.dataset_dir, key="dataset")
+        eval_attrs = resolve_datasets(d.eval_dataset, d.dataset_dir, key="eval_dataset")
+        if not train_attrs:
+            raise ConfigError("config key 'dataset' is required (comma-separated names from dataset_info.json)")
     key = cache_mod.cache_key(stage, template, tokenizer, d, train_attrs, eval_attrs, seed)
     entry = os.path.join(cache_mod.cache_root(d), key)
     # only local rank 0 rebuilds on overwrite_cache; the other ranks then reuse what it just built
@@ -318,7 +299,7 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
                 shutil.rmtree(build_dir, ignore_errors=True)
         train, eval_, stats = cache_mod.load_entry(entry)
         stats = dict(stats, cache="built", cache_path=entry)
-    if d.tokenized_path and _is_local_main():
+    if d.tokenized_path and _is_local_main() and stage != GENERATE:
         build_dir = cache_mod.new_build_dir(d.tokenized_path)
         try:
             cache_mod.save_entry(build_dir, train, eval_, {k: v for k, v in stats.items() if k != "cache"})
@@ -382,3 +363,17 @@ def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
                 f", packing waste {tr['packing']['padding_waste_packed']:.1%}" if tr.get("packing") else
                 f", {tr['desirable']} desirable / {tr['undesirable']} undesirable" if "desirable" in tr else "")
     return DatasetModule(train_dataset=train, eval_dataset=eval_, stats=stats)
+
+
+def get_prediction_dataset(cfg, tokenizer, template):
+    """The tokenized prediction set of ``eval_dataset`` (:class:`~lmf.data.processor.GenerationProcessor` rows:
+    prompt ``input_ids``, reference answer ``labels``), cached like the training data; returns (dataset, stats)."""
+    from lmf.dist.runtime import main_process_first
+
+    template = _apply_data_args(template, cfg.data)
+    with main_process_first(local=True):
+        dataset, _, stats = _load_or_build(cfg, tokenizer, template, GENERATE)
+    tr = stats.get("train") or {}
+    logger.info("prediction set ready (%s): %d samples, %d prompt tokens, %d truncated", stats.get("cache"),
+                len(dataset), tr.get("tokens", 0), tr.get("truncated", 0))
+    return dataset, stats

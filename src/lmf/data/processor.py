@@ -6,6 +6,8 @@
 - feedback (KTO): prompt + answer with its ``kto_tags`` (desirable or not), and a mismatched pair for the KL
   term: the prompt with the answer of the previous record of the map batch (LLaMA-Factory's pairing).
 - pretrain: text + eos, long documents split into ``cutoff_len`` chunks, every token a label.
+- generate (prediction with ``predict_with_generate``): the prompt up to the assistant prefix as input,
+  the reference answer as ``labels`` (LLaMA-Factory's unsupervised processor, same truncation).
 
 Truncation to ``cutoff_len`` follows LLaMA-Factory's ``infer_seqlen`` budget split between prompt and
 response; input_ids and labels are always cut together, so they stay aligned.
@@ -285,8 +287,39 @@ class PretrainProcessor:
         return out
 
 
+@dataclass
+class GenerationProcessor:
+    """Batched ``datasets.map`` function for prediction: ``input_ids`` is the prompt (ending with the assistant
+    prefix), ``labels`` the reference answer's ids (not aligned with the input), both cut by ``infer_seqlen``."""
+
+    tokenizer: Any
+    template: Any
+    cutoff_len: int
+    _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str) -> tuple[list, list, bool]:
+        answer = list(response) if len(response) == 1 else [{"role": "assistant", "content": ""}]
+        input_ids, labels = self.template.encode_oneturn(self.tokenizer, _conversation(prompt, answer),
+                                                         system or None, tools or None, cache=self._piece_cache)
+        if self.template.efficient_eos:
+            labels = labels + [self.tokenizer.eos_token_id]
+        source_len, target_len = infer_seqlen(len(input_ids), len(labels), self.cutoff_len)
+        truncated = source_len < len(input_ids) or target_len < len(labels)
+        return input_ids[:source_len], labels[:target_len], truncated
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "_truncated": []}
+        for prompt, response, system, tools in _records(batch):
+            ids, labels, truncated = self.encode(prompt, response, system, tools)
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+            out["_truncated"].append(truncated)
+        return out
+
+
 def make_processor(stage: str, tokenizer, template, data_args):
-    """The map function for ``stage`` (sft, pt, dpo, rm, kto)."""
+    """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate)."""
     if stage == "sft":
         return SupervisedProcessor(tokenizer, template, data_args.cutoff_len, data_args.train_on_prompt,
                                    data_args.mask_history)
@@ -296,4 +329,6 @@ def make_processor(stage: str, tokenizer, template, data_args):
         return PretrainProcessor(tokenizer, template, data_args.cutoff_len)
     if stage == "kto":
         return FeedbackProcessor(tokenizer, template, data_args.cutoff_len)
+    if stage == "generate":
+        return GenerationProcessor(tokenizer, template, data_args.cutoff_len)
     raise ValueError(f"no data processor for stage {stage!r}")

@@ -47,8 +47,8 @@ class StageSetup:
         return 8 if self.runtime.device.type == "cuda" else None
 
 
-def run_exp(argv: list[str], command: str = "sft") -> None:
-    """Parse ``argv`` (config + overrides) and train the stage the command names (``train``: the config's)."""
+def config_for_command(argv: list[str], command: str = "sft") -> "LmfConfig":
+    """Parse ``argv`` (config + overrides) and check that ``command`` runs the config's stage."""
     from lmf.config import get_config
 
     if command not in COMMAND_STAGES:
@@ -60,6 +60,12 @@ def run_exp(argv: list[str], command: str = "sft") -> None:
             f"`lmf {command}` runs stage {wanted!r} but the config says stage: {stage}; "
             f"use `lmf {stage if stage in COMMAND_STAGES else 'train'}` or `lmf train`"
         )
+    return cfg
+
+
+def run_exp(argv: list[str], command: str = "sft") -> None:
+    """Parse ``argv`` (config + overrides) and train the stage the command names (``train``: the config's)."""
+    cfg = config_for_command(argv, command)
     if not cfg.training.do_train:
         raise ConfigError("config key 'do_train' is false: nothing to do (evaluation-only runs are not implemented)")
     run_training(cfg)

@@ -1,0 +1,182 @@
+"""``do_predict``: generate an answer for every ``eval_dataset`` sample, write and score them.
+
+Order of work: checks (output files, metric packages) -> process group -> tokenizer, template, prediction
+set (prompt ids + reference ids, :data:`lmf.data.loader.GENERATE`) -> this rank's shard -> answers
+(transformers ``generate`` on left-padded batches, or vLLM) -> gathered on rank 0 in dataset order ->
+``generated_predictions.jsonl`` (prompt, predict, label, as LLaMA-Factory writes it) and
+``predict_results.json`` (BLEU-4, ROUGE-1/2/L, runtime, samples/s), both written atomically.
+
+After ``do_train`` in the same run, the model that was just saved in ``output_dir`` answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+RESULTS_FILE = "predict_results.json"
+ALL_RESULTS_FILE = "all_results.json"
+
+
+def run_experiment(argv: list[str], command: str = "sft") -> None:
+    """What a training command runs: training (``do_train``), then prediction (``do_predict``)."""
+    from lmf.train.workflow import config_for_command, run_training
+
+    cfg = config_for_command(argv, command)
+    t = cfg.training
+    if not t.do_train and not t.do_predict:
+        raise ConfigError("config keys 'do_train' and 'do_predict' are false: nothing to do "
+                          "(evaluation-only runs are not implemented)")
+    if t.do_predict:
+        check_outputs_writable(cfg)  # before hours of training, not after
+    if t.do_train:
+        run_training(cfg)
+    if t.do_predict:
+        run_prediction(config_after_training(cfg) if t.do_train else cfg)
+
+
+def config_after_training(cfg: "LmfConfig") -> "LmfConfig":
+    """The config that predicts with what training just saved in ``output_dir``: the adapter (LoRA/OFT) on
+    the base model, or the full/freeze-tuned model itself."""
+    out = cfg.training.output_dir
+    if cfg.finetuning.finetuning_type in ("lora", "oft"):
+        model = dataclasses.replace(cfg.model, adapter_name_or_path=out)
+    else:
+        model = dataclasses.replace(cfg.model, model_name_or_path=out, adapter_name_or_path=None)
+    return dataclasses.replace(cfg, model=model)
+
+
+def check_outputs_writable(cfg: "LmfConfig") -> None:
+    """Earlier predictions in ``output_dir`` are only replaced with ``overwrite_output_dir: true``."""
+    out = cfg.training.output_dir
+    existing = [name for name in (PREDICTIONS_FILE, RESULTS_FILE) if os.path.exists(os.path.join(out, name))]
+    if existing and not cfg.training.overwrite_output_dir:
+        raise ConfigError(f"output_dir {out} already holds {', '.join(existing)} of an earlier prediction; set "
+                          "overwrite_output_dir: true to replace them, or choose another output_dir")
+
+
+def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
+    """Predict ``cfg.data.eval_dataset``; returns the metrics (on every rank)."""
+    from lmf.data.loader import get_prediction_dataset
+    from lmf.data.template import template_from_args
+    from lmf.dist.runtime import destroy_distributed
+    from lmf.model.loader import load_tokenizer
+    from lmf.predict.metrics import check_metrics_available
+    from lmf.train.runtime import set_seed, setup_runtime
+
+    check_outputs_writable(cfg)
+    check_metrics_available()
+    runtime = setup_runtime(cfg)
+    try:
+        set_seed(cfg.training.seed)
+        tokenizer = load_tokenizer(cfg.model)
+        template = template_from_args(cfg.data, tokenizer)
+        template.fix_tokenizer(tokenizer)
+        dataset, _ = get_prediction_dataset(cfg, tokenizer, template)
+        prompts = [list(ids) for ids in dataset["input_ids"]]
+        labels = [list(ids) for ids in dataset["labels"]]
+        stop_ids = template.stop_token_ids(tokenizer)
+        mine = list(range(runtime.rank, len(prompts), runtime.world_size))  # every sample once, over the ranks
+        start = time.perf_counter()
+        answers = _generate(cfg, tokenizer, runtime, [prompts[i] for i in mine], stop_ids)
+        runtime_s = time.perf_counter() - start
+        gathered = _gather(dict(zip(mine, answers)), runtime)
+        metrics: dict[str, float] = {}
+        if runtime.is_main:
+            ordered = [gathered[i] for i in range(len(prompts))]
+            metrics = _write_outputs(cfg, tokenizer, prompts, ordered, labels, runtime_s, runtime.world_size)
+        return metrics
+    finally:
+        destroy_distributed()
+
+
+def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
+    from lmf.chat.engine import GenerationSettings
+
+    settings = GenerationSettings.from_args(cfg.generating)
+    if cfg.model.infer_backend == "vllm":
+        if runtime.world_size > 1:
+            raise ConfigError("infer_backend: vllm predicts in one process (vLLM parallelises itself); "
+                              "run it without torchrun")
+        from lmf.predict.vllm_generate import generate_with_vllm
+
+        return generate_with_vllm(cfg, tokenizer, prompts, stop_ids, settings)
+    from lmf.model.loader import load_model
+    from lmf.predict.hf_generate import generate_in_batches
+
+    model = load_model(cfg, tokenizer, is_trainable=False, device=runtime.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    logger.info("predicting %d samples on %s with transformers generate (batch %d, %s)", len(prompts),
+                runtime.device, cfg.training.per_device_eval_batch_size,
+                "greedy" if settings.greedy else "sampling")
+    return generate_in_batches(model, prompts, stop_ids, pad_id, settings, cfg.training.per_device_eval_batch_size,
+                               use_cache=cfg.model.use_cache)
+
+
+def _gather(answers: dict[int, list[int]], runtime) -> dict[int, list[int]]:
+    if runtime.world_size == 1:
+        return answers
+    import torch.distributed as dist
+
+    parts: list[Optional[dict]] = [None] * runtime.world_size
+    dist.all_gather_object(parts, answers)
+    merged: dict[int, list[int]] = {}
+    for part in parts:
+        merged.update(part or {})
+    return merged
+
+
+def _write_outputs(cfg, tokenizer, prompts, answers, labels, runtime_s: float, world_size: int) -> dict[str, float]:
+    from lmf.predict.metrics import similarity_scores
+
+    skip = cfg.generating.skip_special_tokens
+    decoded_prompts = tokenizer.batch_decode(prompts, skip_special_tokens=False)
+    predicted = tokenizer.batch_decode(answers, skip_special_tokens=skip)
+    expected = tokenizer.batch_decode(labels, skip_special_tokens=skip)
+    lines = [json.dumps({"prompt": p, "predict": a, "label": lab}, ensure_ascii=False) + "\n"
+             for p, a, lab in zip(decoded_prompts, predicted, expected)]
+    scores = similarity_scores(tokenizer.batch_decode(answers, skip_special_tokens=True),
+                               tokenizer.batch_decode(labels, skip_special_tokens=True))
+    batch = cfg.training.per_device_eval_batch_size
+    steps = -(-len(prompts) // (batch * world_size))
+    metrics = {f"predict_{k}": v for k, v in scores.items()}
+    metrics.update(predict_runtime=round(runtime_s, 4),
+                   predict_samples_per_second=round(len(prompts) / runtime_s, 3) if runtime_s else 0.0,
+                   predict_steps_per_second=round(steps / runtime_s, 3) if runtime_s else 0.0)
+    out = cfg.training.output_dir
+    os.makedirs(out, exist_ok=True)
+    _atomic_write(os.path.join(out, PREDICTIONS_FILE), "".join(lines))
+    _atomic_write(os.path.join(out, RESULTS_FILE), json.dumps(metrics, indent=4, sort_keys=True) + "\n")
+    all_results = _read_json(os.path.join(out, ALL_RESULTS_FILE))
+    all_results.update(metrics)
+    _atomic_write(os.path.join(out, ALL_RESULTS_FILE), json.dumps(all_results, indent=4, sort_keys=True) + "\n")
+    logger.info("wrote %d predictions to %s", len(lines), os.path.join(out, PREDICTIONS_FILE))
+    logger.info("predict metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    return data if isinstance(data, dict) else {}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,52 @@
+"""Prediction through vLLM (``infer_backend: vllm``): the whole prediction set in one ``LLM.generate`` call,
+prompts given as the training template's token ids, a LoRA adapter served unmerged (``LoRARequest``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmf.config.parser import split_paths
+from lmf.extras.errors import NotAvailableError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[int], settings: Any) -> list[list[int]]:
+    """Answer ids of every prompt (up to and including the stop token), in order."""
+    from lmf.chat.vllm_engine import check_vllm_available
+
+    check_vllm_available()
+    from vllm import LLM, SamplingParams
+
+    m = cfg.model
+    adapters = split_paths(m.adapter_name_or_path)
+    if len(adapters) > 1:
+        raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; merge the others first with `lmf export`")
+    llm = LLM(model=m.model_name_or_path, tokenizer=m.model_name_or_path, trust_remote_code=m.trust_remote_code,
+              dtype=m.infer_dtype, max_model_len=m.vllm_maxlen, gpu_memory_utilization=m.vllm_gpu_util,
+              enforce_eager=m.vllm_enforce_eager, enable_lora=bool(adapters), max_lora_rank=m.vllm_max_lora_rank,
+              seed=cfg.training.seed)
+    lora_request = None
+    if adapters:
+        from vllm.lora.request import LoRARequest
+
+        lora_request = LoRARequest("default", 1, adapters[0])
+    params = []
+    for ids in prompts:
+        room = m.vllm_maxlen - len(ids)
+        if room < 1:
+            raise NotAvailableError(f"a prompt of {len(ids)} tokens does not fit vllm_maxlen {m.vllm_maxlen}; "
+                                    "raise vllm_maxlen or lower cutoff_len")
+        params.append(SamplingParams(
+            temperature=0.0 if settings.greedy else settings.temperature,
+            top_p=1.0 if settings.greedy else settings.top_p,
+            top_k=-1 if settings.greedy or not settings.top_k else settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+            max_tokens=min(settings.reply_budget(len(ids)), room),
+            stop_token_ids=stop_ids, skip_special_tokens=False, detokenize=False,
+        ))
+    logger.info("predicting %d samples with vLLM%s", len(prompts), f" (adapter {adapters[0]})" if adapters else "")
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, lora_request=lora_request,
+                           use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
