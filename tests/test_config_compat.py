@@ -68,7 +68,7 @@ def test_every_llamafactory_key_is_known():
 
 @pytest.mark.parametrize("key,value,feature", [
     ("galore_rank", 8, "GaLore"), ("badam_mode", "ratio", "BAdam"), ("apollo_rank", 4, "APOLLO"),
-    ("pissa_iter", 4, "PiSSA"), ("ray_num_workers", 4, "Ray"),
+    ("ray_num_workers", 4, "Ray"),
     ("ppo_epochs", 2, "PPO"), ("image_max_pixels", 1024, "multimodal"),
 ])
 def test_known_features_that_are_not_implemented_say_so(key, value, feature):
@@ -77,9 +77,16 @@ def test_known_features_that_are_not_implemented_say_so(key, value, feature):
     assert "not implemented" in str(info.value) and key in str(info.value)
 
 
+def test_mixture_of_depths_is_refused_saying_why():
+    for value in ("convert", "load"):
+        with pytest.raises(ConfigError, match="mixture_of_depths.*unmaintained") as info:
+            build_config({"model_name_or_path": "m", "mixture_of_depths": value})
+        assert "not implemented" in str(info.value)
+
+
 def test_refused_values_of_own_keys():
     for raw in ({"buffer_size": 128}, {"ignore_pad_token_for_loss": False}, {"num_beams": 4},
-                {"length_penalty": 0.5}, {"finetuning_type": "oft"}):
+                {"length_penalty": 0.5}):
         with pytest.raises(ConfigError, match="not implemented"):
             build_config({"model_name_or_path": "m", **raw})
 

@@ -159,11 +159,19 @@ class FinetuningArguments:
     additional_target: Optional[str] = _f(None, "Comma-separated extra modules trained in full and saved with the adapter.")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling.")
     use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA; also on quantized bases).")
-    pissa_init: bool = _f(False, "PiSSA initialisation.",
-        unsupported="PiSSA initialisation is not implemented")
+    pissa_init: bool = _f(False, "PiSSA: LoRA A/B initialised from the principal singular vectors of each weight "
+                                 "(the base keeps the residual).")
+    pissa_iter: int = _f(16, "PiSSA: iterations of the randomised SVD (-1: the exact SVD).")
+    pissa_convert: bool = _f(False, "PiSSA: also save the adapter converted to a plain LoRA on the original base "
+                                    "(output_dir/pissa_converted; the initial one in output_dir/pissa_init).")
     loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: the LoRA B matrices train at learning_rate x this ratio.")
     loraplus_lr_embedding: float = _f(1e-6, "LoRA+: learning rate of the B matrices of LoRA on embeddings.")
     create_new_adapter: bool = _f(False, "Create a new adapter on top of loaded ones instead of resuming them.")
+    # oft
+    oft_rank: int = _f(0, "OFT: number of orthogonal blocks per layer (0: set by oft_block_size).")
+    oft_block_size: int = _f(32, "OFT: size of each orthogonal block (0: set by oft_rank).")
+    oft_target: str = _f("all", "OFT: comma-separated module names, or 'all' for every linear layer but the head.")
+    module_dropout: float = _f(0.0, "OFT: probability of dropping a module's rotation while training.")
     use_dft_loss: bool = _f(False, "SFT with the DFT loss: token cross-entropy weighted by the token's detached "
                                    "probability (Dynamic Fine-Tuning).")
     neftune_noise_alpha: Optional[float] = _f(None, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) "

@@ -45,6 +45,7 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
     if d.eval_on_each_dataset and not d.eval_dataset:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
     _check_prediction(cfg)
+    _check_adapter_methods(cfg)
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:
@@ -134,3 +135,44 @@ def _check_prediction(cfg: "LmfConfig") -> None:
     if d.tokenized_path and not t.do_train:
         raise ConfigError("config key 'tokenized_path' with do_predict is not implemented (the prediction set is "
                           "tokenized from eval_dataset and cached in the preprocessing cache)")
+
+
+#: Keys that only mean something for LoRA, with the value that leaves them off.
+_LORA_ONLY = {"use_dora": False, "use_rslora": False, "pissa_init": False, "pissa_convert": False}
+
+
+def _check_adapter_methods(cfg: "LmfConfig") -> None:
+    """LoRA-only keys on other methods, PiSSA's and OFT's own rules."""
+    ft, m = cfg.finetuning, cfg.model
+    if ft.finetuning_type != "lora":
+        for key, off in _LORA_ONLY.items():
+            if getattr(ft, key) != off:
+                raise ConfigError(f"config key {key!r} needs finetuning_type: lora, got {ft.finetuning_type}")
+    if ft.pissa_convert and not ft.pissa_init:
+        raise ConfigError("config key 'pissa_convert' needs pissa_init: true (it converts a PiSSA adapter)")
+    if ft.pissa_init:
+        if ft.pissa_iter < -1 or ft.pissa_iter == 0:
+            raise ConfigError(f"config key 'pissa_iter': -1 (exact SVD) or >= 1, got {ft.pissa_iter}")
+        if m.quantization_bit is not None:
+            raise ConfigError("config keys 'pissa_init' and 'quantization_bit': PiSSA on a quantized base is not "
+                              "implemented (the SVD needs the full-precision weights)")
+        if ft.use_dora:
+            raise ConfigError("config keys 'pissa_init' and 'use_dora' do not combine (peft initialises one or the "
+                              "other)")
+        if ft.stage in ("dpo", "kto") and ft.finetuning_type == "lora":
+            raise ConfigError(f"config key 'pissa_init' with stage {ft.stage}: the reference model is the base "
+                              "without the adapter, which PiSSA replaces by its residual; not implemented")
+        if m.adapter_name_or_path and not ft.create_new_adapter:
+            raise ConfigError("config keys 'pissa_init' and 'adapter_name_or_path': PiSSA initialises a new adapter;"
+                              " set create_new_adapter: true to add one on top of the loaded adapters")
+    if ft.finetuning_type == "oft":
+        if (ft.oft_rank == 0) == (ft.oft_block_size == 0):
+            raise ConfigError(f"config keys 'oft_rank' ({ft.oft_rank}) and 'oft_block_size' ({ft.oft_block_size}): "
+                              "set exactly one of them (the other 0)")
+        if ft.oft_rank < 0 or ft.oft_block_size < 0:
+            raise ConfigError("config keys 'oft_rank' and 'oft_block_size' must be >= 0")
+        if not 0.0 <= ft.module_dropout < 1.0:
+            raise ConfigError(f"config key 'module_dropout' must be in [0, 1), got {ft.module_dropout}")
+        if m.quantization_bit is not None:
+            raise ConfigError("config keys 'finetuning_type: oft' and 'quantization_bit': OFT on a quantized base "
+                              "(QOFT) is not implemented")

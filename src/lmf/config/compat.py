@@ -29,7 +29,7 @@ def _status(kind: str) -> dict[str, str]:
 #: is an error.
 UNSUPPORTED: dict[str, str] = _status("unsupported")
 #: finetuning types that exist in LLaMA-Factory but not (yet) in lmf.
-UNSUPPORTED_FINETUNING_TYPES = {"oft": "OFT (orthogonal fine-tuning) is not implemented"}
+UNSUPPORTED_FINETUNING_TYPES: dict[str, str] = {}
 #: stages that exist in LLaMA-Factory but not (yet) in lmf.
 UNSUPPORTED_STAGES = {"ppo": "PPO is not implemented"}
 #: key -> why it is ignored (field metadata ``no_effect``). A warning is printed when set to a non-default value.
@@ -98,10 +98,12 @@ _GROUP_FEATURES = {
 }
 _KEY_FEATURES = {
     "ppo_": "PPO", "reward_model": "PPO", "pref_bco_weight": "BCO", "ld_alpha": "LD-DPO",
-    "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+", "pissa_": "PiSSA",
+    "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+",
     "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
     "asft": "the ASFT loss", "eaft": "the EAFT loss", "rope_scaling": "RoPE scaling", "shift_attn": "shift short attention",
-    "mixture_of_depths": "mixture-of-depths", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",
+    "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
+                         "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
+                         "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",
     "offload_folder": "disk offload of model weights", "use_v1_kernels": "LLaMA-Factory's v1 kernels",
     "adapter_folder": "adapter folders", "new_special_tokens_config": "special-token initialisation files",
     "init_special_tokens": "special-token initialisation", "preserve_thinking": "preserve_thinking",

@@ -12,6 +12,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from lmf.config.parser import split_paths
+from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -50,6 +51,19 @@ def find_all_linear_modules(model: "nn.Module") -> list[str]:
     return sorted(names - head_names - {s.split(" ")[0] for s in skipped})
 
 
+def check_not_raw_pissa(path: str) -> None:
+    """Refuse a PiSSA-form adapter trained with the randomised SVD: peft would rebuild the residual base with a
+    new random SVD when loading it, silently giving another model; its converted adapter is exact."""
+    import json
+
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as fh:
+        init = json.load(fh).get("init_lora_weights")
+    if isinstance(init, str) and init.startswith("pissa_niter"):
+        raise ConfigError(f"adapter {path!r} is a PiSSA adapter (init_lora_weights: {init}): loading it re-runs a "
+                          "randomised SVD of the base and would not reproduce the trained model; use the plain "
+                          "LoRA written by pissa_convert: true (its pissa_converted folder)")
+
+
 def _adapter_paths(cfg: "LmfConfig") -> list[str]:
     paths = split_paths(cfg.model.adapter_name_or_path)
     for path in paths:
@@ -72,8 +86,10 @@ def _merge_adapters(model, paths: list[str]):
 def load_adapters_for_inference(cfg: "LmfConfig", model):
     """Merge every adapter of ``adapter_name_or_path`` (in order) into the base model."""
     paths = _adapter_paths(cfg)
-    if paths and cfg.finetuning.finetuning_type != "lora":
-        raise ConfigError("config key 'adapter_name_or_path' needs finetuning_type: lora")
+    if paths and cfg.finetuning.finetuning_type not in ADAPTER_TYPES:
+        raise ConfigError("config key 'adapter_name_or_path' needs finetuning_type: lora or oft")
+    for path in paths:
+        check_not_raw_pissa(path)
     if paths and cfg.model.quantization_bit is not None:  # never merge into quantized weights: keep it beside
         if len(paths) > 1:
             raise ConfigError("config key 'adapter_name_or_path': a quantized base takes one adapter (merging "
@@ -111,16 +127,7 @@ def _init_lora(cfg: "LmfConfig", model):
         _fuse(cfg, model)
         return model
     model = _merge_adapters(model, paths)
-    targets = split_paths(ft.lora_target)
-    if targets == ["all"]:
-        targets = find_all_linear_modules(model)
-    elif "all" in targets:
-        raise ConfigError("config key 'lora_target': 'all' cannot be combined with module names")
-    else:
-        present = {n.split(".")[-1] for n, _ in model.named_modules()}
-        missing = [t for t in targets if t not in present]
-        if missing:
-            raise ConfigError(f"config key 'lora_target': no module named {', '.join(missing)} in the model")
+    targets = resolve_targets(model, ft.lora_target, "lora_target")
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=ft.lora_rank,
@@ -130,13 +137,67 @@ def _init_lora(cfg: "LmfConfig", model):
         modules_to_save=split_paths(ft.additional_target) or None,
         use_rslora=ft.use_rslora,
         use_dora=ft.use_dora,
+        init_lora_weights=pissa_init_value(ft.pissa_iter) if ft.pissa_init else True,
     )
     with warnings.catch_warnings():  # peft probes transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
         # pure_bf16: the adapter stays in the base model's bf16 (peft would otherwise make it fp32)
         model = get_peft_model(model, lora_config, autocast_adapter_dtype=not ft.pure_bf16)
     logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(targets))
-    _fuse(cfg, model)
+    if ft.pissa_init:
+        # the adapter as initialised (principal components): what pissa_init/ holds and the conversion subtracts
+        model.pissa_initial_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        logger.info("PiSSA: LoRA initialised from the principal singular vectors (%s); the base holds the "
+                    "residual", "exact SVD" if ft.pissa_iter == -1 else f"randomised SVD, {ft.pissa_iter} iterations")
+    else:
+        _fuse(cfg, model)
+    return model
+
+
+def pissa_init_value(pissa_iter: int) -> str:
+    """peft's ``init_lora_weights`` for PiSSA: the exact SVD (-1) or the randomised one with N iterations."""
+    return "pissa" if pissa_iter == -1 else f"pissa_niter_{pissa_iter}"
+
+
+def resolve_targets(model, value: str, key: str) -> list[str]:
+    """Module names of ``value`` (comma-separated, or ``all``: every linear but the head), checked present."""
+    targets = split_paths(value)
+    if targets == ["all"]:
+        return find_all_linear_modules(model)
+    if "all" in targets:
+        raise ConfigError(f"config key {key!r}: 'all' cannot be combined with module names")
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ConfigError(f"config key {key!r}: no module named {', '.join(missing)} in the model")
+    return targets
+
+
+def _init_oft(cfg: "LmfConfig", model):
+    """OFT (orthogonal fine-tuning, peft's ``OFTConfig``) on ``oft_target``; loaded adapters are resumed as for
+    LoRA. LLaMA-Factory reads the targets from lora_target (a bug: oft_target is ignored there); lmf uses
+    oft_target, so LF's examples (both 'all') train the same modules."""
+    from peft import OFTConfig, PeftModel, get_peft_model
+
+    ft = cfg.finetuning
+    paths = _adapter_paths(cfg)
+    if paths and not ft.create_new_adapter:
+        model = _merge_adapters(model, paths[:-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, paths[-1], is_trainable=True)
+        logger.info("resumed training of adapter %s", paths[-1])
+        return model
+    model = _merge_adapters(model, paths)
+    targets = resolve_targets(model, ft.oft_target, "oft_target")
+    config = OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
+                       module_dropout=ft.module_dropout, target_modules=targets,
+                       modules_to_save=split_paths(ft.additional_target) or None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = get_peft_model(model, config)
+    logger.info("OFT %s on %s", f"rank {ft.oft_rank}" if ft.oft_rank else f"block size {ft.oft_block_size}",
+                ",".join(targets))
     return model
 
 
@@ -183,12 +244,14 @@ def _init_freeze(cfg: "LmfConfig", model) -> None:
 
 
 def init_adapter(cfg: "LmfConfig", model):
-    """Apply ``finetuning_type`` (lora | full | freeze): set requires_grad, wrap with peft for LoRA."""
+    """Apply ``finetuning_type`` (lora | oft | full | freeze): set requires_grad, wrap with peft for adapters."""
     ftype = cfg.finetuning.finetuning_type
-    if ftype != "lora" and cfg.model.adapter_name_or_path:
-        raise ConfigError(f"config key 'adapter_name_or_path' needs finetuning_type: lora (got {ftype})")
+    if ftype not in ADAPTER_TYPES and cfg.model.adapter_name_or_path:
+        raise ConfigError(f"config key 'adapter_name_or_path' needs finetuning_type: lora or oft (got {ftype})")
     if ftype == "lora":
         model = _init_lora(cfg, model)
+    elif ftype == "oft":
+        model = _init_oft(cfg, model)
     elif ftype == "full":
         model.requires_grad_(True)
     elif ftype == "freeze":

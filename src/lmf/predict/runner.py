@@ -51,7 +51,9 @@ def config_after_training(cfg: "LmfConfig") -> "LmfConfig":
     """The config that predicts with what training just saved in ``output_dir``: the adapter (LoRA/OFT) on
     the base model, or the full/freeze-tuned model itself."""
     out = cfg.training.output_dir
-    if cfg.finetuning.finetuning_type in ("lora", "oft"):
+    from lmf.extras.constants import ADAPTER_TYPES
+
+    if cfg.finetuning.finetuning_type in ADAPTER_TYPES:
         model = dataclasses.replace(cfg.model, adapter_name_or_path=out)
     else:
         model = dataclasses.replace(cfg.model, model_name_or_path=out, adapter_name_or_path=None)

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
 
@@ -202,7 +203,7 @@ class CheckpointIO:
                  hooks: "TrainHooks"):
         self.cfg, self.args, self.runtime = cfg, cfg.training, runtime
         self.model, self.tokenizer, self.stage, self.hooks = model, tokenizer, stage, hooks
-        self.is_lora = cfg.finetuning.finetuning_type == "lora"
+        self.is_lora = cfg.finetuning.finetuning_type in ADAPTER_TYPES  # the result is a peft adapter
 
     # ------------------------------------------------------------------ saving
     def _full_state_dict(self, loss_module, trainable_only: bool) -> dict:
@@ -289,6 +290,10 @@ class CheckpointIO:
             write_json(os.path.join(tmp, STATE_NAME), asdict(state))
             commit_files(tmp, out)
             run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
+            if self.cfg.finetuning.pissa_convert:
+                from lmf.train.pissa import write_converted_adapter
+
+                write_converted_adapter(out, out)
         barrier()
 
     # ------------------------------------------------------------------ loading

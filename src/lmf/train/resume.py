@@ -56,7 +56,8 @@ TRAJECTORY_KEYS = frozenset({
     # method
     "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora", "use_dora",
-    "pissa_init", "loraplus_lr_ratio", "create_new_adapter", "pref_beta", "pref_ftx", "pref_loss",
+    "pissa_init", "pissa_iter", "loraplus_lr_ratio", "loraplus_lr_embedding", "create_new_adapter", "oft_rank",
+    "oft_block_size", "oft_target", "module_dropout", "use_dft_loss", "neftune_noise_alpha", "pref_beta", "pref_ftx", "pref_loss",
     "dpo_label_smoothing", "simpo_gamma", "ref_model", "ref_model_adapters", "disable_shuffling", "pure_bf16",
     "use_llama_pro", "use_galore", "use_badam", "use_apollo", "use_adam_mini", "use_muon",
     "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",

@@ -166,6 +166,10 @@ class Trainer:
         run = self.setup()
         # every check has passed (config, data, template, model, runtime, resume state): only now is output_dir touched
         prepare_output_dir(self.cfg, self.resume, self.runtime)
+        if self.cfg.finetuning.pissa_convert and self.runtime.is_main:
+            from lmf.train.pissa import save_initial_adapter
+
+            save_initial_adapter(self.model, self.args.output_dir)
         args, st, device = self.args, self.state, self.runtime.device
         reporter = Reporter(self.cfg, self.runtime.is_main)
         self._log_start()
