@@ -95,9 +95,9 @@ def test_bad_keys_and_values(raw, pattern):
 
 
 def test_accepted_but_not_implemented_says_so(caplog):
-    with pytest.raises(ConfigError, match=r"'use_galore' is accepted for LLaMA-Factory compatibility but the GaLore "
-                                          r"optimizer is not implemented"):
-        build_config({"model_name_or_path": "m", "use_galore": True})
+    with pytest.raises(ConfigError, match=r"'torch_compile' is accepted for LLaMA-Factory compatibility but "
+                                          r"torch.compile is not implemented"):
+        build_config({"model_name_or_path": "m", "torch_compile": True})
     with pytest.raises(ConfigError, match=r"'stage': 'ppo' — PPO is not implemented"):
         build_config({"model_name_or_path": "m", "stage": "ppo"})
     # setting such a key to its default is fine (LLaMA-Factory YAMLs often spell defaults out)
@@ -112,7 +112,7 @@ def test_accepted_but_not_implemented_says_so(caplog):
     text = describe_keys()
     for key in UNSUPPORTED:
         assert f"  {key} = " in text
-    assert "use_galore = False [not implemented]" in text
+    assert "torch_compile = False [not implemented]" in text
     assert all(f"{key} = " in text for key in NO_EFFECT)
 
 

@@ -67,7 +67,6 @@ def test_every_llamafactory_key_is_known():
 
 
 @pytest.mark.parametrize("key,value,feature", [
-    ("galore_rank", 8, "GaLore"), ("badam_mode", "ratio", "BAdam"), ("apollo_rank", 4, "APOLLO"),
     ("ray_num_workers", 4, "Ray"),
     ("ppo_epochs", 2, "PPO"), ("image_max_pixels", 1024, "multimodal"),
 ])

@@ -196,16 +196,40 @@ class FinetuningArguments:
     pure_bf16: bool = _f(False, "Train in pure bf16 (no AMP).")
     use_llama_pro: bool = _f(False, "LLaMA Pro block expansion.",
         unsupported="LLaMA Pro block expansion is not implemented")
-    use_galore: bool = _f(False, "GaLore optimizer.",
-        unsupported="the GaLore optimizer is not implemented")
-    use_badam: bool = _f(False, "BAdam optimizer.",
-        unsupported="the BAdam optimizer is not implemented")
-    use_apollo: bool = _f(False, "APOLLO optimizer.",
-        unsupported="the APOLLO optimizer is not implemented")
-    use_adam_mini: bool = _f(False, "Adam-mini optimizer.",
-        unsupported="the Adam-mini optimizer is not implemented")
-    use_muon: bool = _f(False, "Muon optimizer.",
-        unsupported="the Muon optimizer is not implemented")
+    # optimizers (LLaMA-Factory's keys; each needs its PyPI package: pip install 'lmf[galore]' etc.)
+    use_galore: bool = _f(False, "GaLore: Adam on low-rank projections of the gradients of linear weights.")
+    galore_target: str = _f("all", "GaLore: comma-separated linear module names, or 'all'.")
+    galore_rank: int = _f(16, "GaLore: rank of the gradient projection.")
+    galore_update_interval: int = _f(200, "GaLore: steps between projection updates (SVD).")
+    galore_scale: float = _f(2.0, "GaLore: scale of the projected-back update.")
+    galore_proj_type: str = _f("std", "GaLore: projection side.", ("std", "reverse_std", "right", "left", "full"))
+    galore_layerwise: bool = _f(False, "GaLore: step each weight during backward (no full gradient kept; one "
+                                       "process, gradient_accumulation_steps 1).")
+    use_apollo: bool = _f(False, "APOLLO: AdamW with channel- or tensor-wise scaling from a low-rank auxiliary state.")
+    apollo_target: str = _f("all", "APOLLO: comma-separated linear module names, or 'all'.")
+    apollo_rank: int = _f(16, "APOLLO: rank of the auxiliary projection.")
+    apollo_update_interval: int = _f(200, "APOLLO: steps between projection updates.")
+    apollo_scale: float = _f(32.0, "APOLLO: update scale.")
+    apollo_proj: str = _f("random", "APOLLO: projection.", ("random", "svd"))
+    apollo_proj_type: str = _f("std", "APOLLO: projection side.", ("std", "right", "left"))
+    apollo_scale_type: str = _f("channel", "APOLLO: scaling granularity.", ("channel", "tensor"))
+    apollo_layerwise: bool = _f(False, "APOLLO: step each weight during backward (one process, "
+                                       "gradient_accumulation_steps 1).")
+    apollo_scale_front: bool = _f(False, "APOLLO: apply the norm-growth limiter before scaling.")
+    use_badam: bool = _f(False, "BAdam: block coordinate Adam, one decoder layer trained at a time.")
+    badam_mode: str = _f("layer", "BAdam: blocks are decoder layers (layer) or a ratio of every weight (ratio).",
+                         ("layer", "ratio"))
+    badam_start_block: Optional[int] = _f(None, "BAdam: index of the first block (default: by badam_switch_mode).")
+    badam_switch_mode: str = _f("ascending", "BAdam: block order.", ("ascending", "descending", "random", "fixed"))
+    badam_switch_interval: int = _f(50, "BAdam: optimizer steps per block.")
+    badam_update_ratio: float = _f(0.05, "BAdam ratio mode: fraction of each weight updated.",
+        no_effect="it applies to badam_mode: ratio, which is not implemented")
+    badam_mask_mode: str = _f("adjacent", "BAdam ratio mode: which entries.", ("adjacent", "scatter"),
+        no_effect="it applies to badam_mode: ratio, which is not implemented")
+    badam_verbose: int = _f(0, "BAdam: 0 quiet, 1 the active block at each switch, 2 also its parameter names.")
+    use_adam_mini: bool = _f(False, "Adam-mini: one second-moment value per block (head, row) instead of per weight.")
+    use_muon: bool = _f(False, "Muon: orthogonalised momentum for 2-D hidden weights (torch.optim.Muon), AdamW "
+                               "for embeddings, head, norms and biases.")
     freeze_vision_tower: bool = _f(True, "Freeze the vision tower (multimodal).",
         no_effect="multimodal models are not supported")
     freeze_multi_modal_projector: bool = _f(True, "Freeze the multimodal projector.",

@@ -46,6 +46,7 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
         raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
     _check_prediction(cfg)
     _check_adapter_methods(cfg)
+    _check_optimizers(cfg)
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:
@@ -176,3 +177,54 @@ def _check_adapter_methods(cfg: "LmfConfig") -> None:
         if m.quantization_bit is not None:
             raise ConfigError("config keys 'finetuning_type: oft' and 'quantization_bit': OFT on a quantized base "
                               "(QOFT) is not implemented")
+
+
+_OPTIMIZER_SWITCHES = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
+
+
+def _check_optimizers(cfg: "LmfConfig") -> None:
+    """One special optimizer at a time, on the methods it works with, with the settings it can run."""
+    t, ft = cfg.training, cfg.finetuning
+    on = [k for k in _OPTIMIZER_SWITCHES if getattr(ft, k)] + (["loraplus_lr_ratio"] if ft.loraplus_lr_ratio else [])
+    if len(on) > 1:
+        raise ConfigError(f"config keys {' and '.join(repr(k) for k in on)}: choose one optimizer")
+    _warn_family_keys_without_switch(ft)
+    if not on or on == ["loraplus_lr_ratio"]:
+        return
+    switch = on[0]
+    if switch in ("use_galore", "use_apollo", "use_badam", "use_adam_mini") and ft.finetuning_type in ("lora", "oft"):
+        raise ConfigError(f"config key {switch!r} needs finetuning_type full or freeze (it replaces Adam on whole "
+                          f"weights), got {ft.finetuning_type}")
+    if t.optim == "sgd":
+        raise ConfigError(f"config keys {switch!r} and 'optim: sgd' do not combine: {switch} is an Adam variant")
+    layerwise = ft.galore_layerwise if switch == "use_galore" else ft.apollo_layerwise if switch == "use_apollo" \
+        else False
+    if layerwise:
+        key = "galore_layerwise" if switch == "use_galore" else "apollo_layerwise"
+        if t.gradient_accumulation_steps != 1:
+            raise ConfigError(f"config key {key!r} steps every weight during backward: it needs "
+                              f"gradient_accumulation_steps: 1, got {t.gradient_accumulation_steps}")
+        if t.fp16:
+            raise ConfigError(f"config keys {key!r} and 'fp16': loss scaling cannot unscale gradients that were "
+                              "already applied; use bf16")
+        if t.max_grad_norm and t.max_grad_norm > 0:
+            logger.warning("config key %r: gradients are applied weight by weight during backward, so the global "
+                           "gradient norm is never known: max_grad_norm (%s) is not applied and grad_norm logs 0 "
+                           "(as in LLaMA-Factory)", key, t.max_grad_norm)
+    if switch == "use_badam" and ft.badam_switch_interval < 1:
+        raise ConfigError(f"config key 'badam_switch_interval' must be >= 1, got {ft.badam_switch_interval}")
+    if switch == "use_badam" and ft.badam_mode == "ratio":
+        raise ConfigError("config key 'badam_mode': ratio is not implemented (its sparse gradients bypass the loop's "
+                          "normalisation and clipping); use badam_mode: layer")
+
+
+def _warn_family_keys_without_switch(ft) -> None:
+    """galore_*/apollo_*/badam_* keys set while their optimizer is off do nothing: say so."""
+    import dataclasses
+
+    for family in ("galore", "apollo", "badam"):
+        if getattr(ft, f"use_{family}"):
+            continue
+        for f in dataclasses.fields(ft):
+            if f.name.startswith(f"{family}_") and getattr(ft, f.name) != f.default:
+                logger.warning("config key %r has no effect without use_%s: true", f.name, family)

@@ -158,6 +158,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     if mode == "fsdp" and t.fp16:
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-1/2/3) has no loss scaling in lmf; use "
                           "bf16: true")
+    _check_optimizer_parallelism(cfg.finetuning, mode, world_size, bool(ds and ds.offload))
     offload = bool(ds and ds.offload)
     if offload and cfg.model.quantization_bit is not None:
         raise ConfigError("config keys 'quantization_bit' and 'deepspeed' offload do not combine")
@@ -175,3 +176,19 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
                         world_size // shard_size)
     return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes, offload,
                         bool(ds and ds.pin_memory))
+
+
+def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) -> None:
+    """GaLore/APOLLO/BAdam/Adam-mini/Muon work on whole weight matrices: one process or DDP, never FSDP shards;
+    the layerwise variants and BAdam (it switches requires_grad, which DDP's reducer cannot follow) need one."""
+    on = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(ft, k, False)]
+    if not on:
+        return
+    if mode == "fsdp" or offload:
+        raise ConfigError(f"config key {on[0]!r} with FSDP sharding or offload (fsdp / deepspeed ZeRO-2/3) is not "
+                          "implemented: the optimizer needs whole weight matrices; use DDP (no fsdp, ZeRO-0/1)")
+    layerwise = [k for k in ("galore_layerwise", "apollo_layerwise") if getattr(ft, k, False)]
+    if world_size > 1 and (layerwise or ft.use_badam):
+        key = layerwise[0] if layerwise else "use_badam"
+        raise ConfigError(f"config key {key!r} with {world_size} processes is not implemented (as in LLaMA-Factory "
+                          "without DeepSpeed): train with one process")

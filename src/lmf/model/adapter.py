@@ -258,7 +258,7 @@ def init_adapter(cfg: "LmfConfig", model):
         _init_freeze(cfg, model)
     else:  # the parser checks choices; keep a clear error for programmatic configs
         raise ConfigError(f"config key 'finetuning_type': unknown value {ftype!r}")
-    if not cfg.finetuning.pure_bf16:
+    if not cfg.finetuning.pure_bf16 and not cfg.finetuning.use_badam:  # BAdam keeps fp32 copies of its block
         _cast_trainable_to_fp32(model)
     return model
 

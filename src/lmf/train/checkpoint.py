@@ -256,7 +256,9 @@ class CheckpointIO:
         else:
             rngs = [rng]
         optim_sd = None
-        if not self.args.save_only_model:
+        if not self.args.save_only_model and hasattr(run.optimizer, "lmf_state_dict"):
+            optim_sd = run.optimizer.lmf_state_dict()  # lmf.train.optimizers: one process or DDP, own layout
+        elif not self.args.save_only_model:
             optim_sd = get_optimizer_state_dict(run.loss_module, run.optimizer,
                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.runtime.is_main:
@@ -339,7 +341,11 @@ class CheckpointIO:
         scheduler_file = os.path.join(path, SCHEDULER_NAME)
         if os.path.isfile(optim_file):
             osd = torch.load(optim_file, map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(run.loss_module, run.optimizer, osd, options=StateDictOptions(full_state_dict=True))
+            if hasattr(run.optimizer, "lmf_load_state_dict"):
+                run.optimizer.lmf_load_state_dict(osd)
+            else:
+                set_optimizer_state_dict(run.loss_module, run.optimizer, osd,
+                                         options=StateDictOptions(full_state_dict=True))
             scaler_file = os.path.join(path, "scaler.pt")
             if run.scaler is not None and os.path.isfile(scaler_file):
                 run.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))

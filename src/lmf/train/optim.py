@@ -18,13 +18,15 @@ def _no_decay(name: str, param) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
-def param_groups(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -> list[dict]:
+def param_groups(model: "torch.nn.Module", args: "TrainingArguments", ft=None, exclude: frozenset = frozenset(),
+                 allow_empty: bool = False) -> list[dict]:
     """Trainable parameters in groups: with / without weight decay, and for LoRA+ (``loraplus_lr_ratio``) the
-    B matrices at ``learning_rate x ratio`` and embedding B matrices at ``loraplus_lr_embedding``."""
+    B matrices at ``learning_rate x ratio`` and embedding B matrices at ``loraplus_lr_embedding``. Parameters
+    whose ``id`` is in ``exclude`` are left out (another optimizer takes them)."""
     ratio = getattr(ft, "loraplus_lr_ratio", None)
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in exclude:
             continue
         no_decay = _no_decay(name, p)
         lr = args.learning_rate
@@ -34,6 +36,8 @@ def param_groups(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -
             elif "lora_B" in name:
                 lr = args.learning_rate * ratio
         groups.setdefault((lr, no_decay), []).append(p)
+    if not groups and allow_empty:
+        return []
     if not groups:
         raise ConfigError("nothing to train: no parameter requires grad (check finetuning_type and its keys)")
     # the base learning rate's decay / no-decay groups first (what a checkpoint's optimizer state expects)
@@ -42,9 +46,14 @@ def param_groups(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -
 
 
 def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -> "torch.optim.Optimizer":
-    """AdamW (or SGD) over :func:`param_groups`."""
+    """AdamW (or SGD) over :func:`param_groups`; GaLore, APOLLO, BAdam, Adam-mini or Muon when one is on
+    (:mod:`lmf.train.optimizers`)."""
     import torch
 
+    from lmf.train.optimizers import create_special_optimizer, special_optimizer_of
+
+    if ft is not None and special_optimizer_of(ft):
+        return create_special_optimizer(model, args, ft)
     groups = param_groups(model, args, ft)
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate)

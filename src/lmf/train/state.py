@@ -79,3 +79,8 @@ class Run:
     stream: Any
     plan: Any
     trainable: list
+
+    @property
+    def steps_in_backward(self) -> bool:
+        """The optimizer steps each weight in a backward hook (layerwise GaLore/APOLLO)."""
+        return bool(getattr(self.optimizer, "steps_in_backward", False))

@@ -132,7 +132,10 @@ class Trainer:
             scaler = create_grad_scaler(self.runtime.device.type, ds.loss_scale if ds else None)
         self.run = Run(loss_module=loss_module, wrapped=wrapped, optimizer=optimizer,
                        scheduler=create_scheduler(optimizer, self.args, self.state.max_steps), scaler=scaler,
-                       stream=stream, plan=plan, trainable=[p for p in loss_module.parameters() if p.requires_grad])
+                       stream=stream, plan=plan,
+                       # BAdam switches requires_grad between blocks: every parameter may carry a gradient
+                       trainable=[p for p in loss_module.parameters()
+                                  if p.requires_grad or getattr(optimizer, "switches_blocks", False)])
         if self.resume.checkpoint:
             self.checkpoints.load_training_state(self.resume.checkpoint, self.run, self.state)
         return self.run
@@ -191,7 +194,10 @@ class Trainer:
                     with gradient_sync(run.wrapped, run.plan, enabled=micro == n_micro - 1), \
                             autocast(self.dtype, device):
                         loss_sum, num_items, metrics = run.wrapped(batch)
-                    (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
+                    if run.steps_in_backward:  # layerwise optimizers step in the backward hooks: mean loss
+                        (loss_sum / max(float(num_items), 1.0)).backward()
+                    else:
+                        (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
                     acc[0] += loss_sum.detach().double()
                     acc[1] += num_items.detach().double() if hasattr(num_items, "detach") else float(num_items)
                     mask = batch.get("attention_mask")
