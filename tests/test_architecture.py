@@ -22,7 +22,7 @@ LAYERS = [
     ("lmf.loss",),
     ("lmf.train",),
     ("lmf.chat",),
-    ("lmf.api", "lmf.export", "lmf.data_check", "lmf.predict"),
+    ("lmf.api", "lmf.export", "lmf.data_check", "lmf.predict", "lmf.expand"),
     ("lmf.ray_launcher", "lmf.env_info", "lmf.testing"),
     ("lmf.launcher",),
     ("lmf.__main__",),

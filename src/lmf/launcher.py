@@ -33,6 +33,7 @@ Training (relaunched through torchrun with >1 GPU or FORCE_TORCHRUN=1):
 Models and data:
   chat          interactive chat with a model or adapter (streams tokens)
   export        merge a LoRA adapter into its base model and save it
+  expand        LLaMA-Pro: insert identity blocks into a model (--model_name_or_path --output_dir --num_expand)
   api           OpenAI-compatible HTTP server (/v1/chat/completions)
   data check    load, convert and tokenize the config's datasets; print statistics
 
@@ -262,6 +263,10 @@ def run_command(command: str, args: list[str]) -> int:
 
         run_export(args)
         return 0
+    if command == "expand":
+        from lmf.expand import run_expand
+
+        return run_expand(args)
     if command == "api":
         from lmf.api.server import run_api
 

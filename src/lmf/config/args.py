@@ -194,8 +194,8 @@ class FinetuningArguments:
     include_effective_tokens_per_second: bool = _f(False, "Report effective tokens/s.",
         no_effect="lmf always reports tokens/s")
     pure_bf16: bool = _f(False, "Train in pure bf16 (no AMP).")
-    use_llama_pro: bool = _f(False, "LLaMA Pro block expansion.",
-        unsupported="LLaMA Pro block expansion is not implemented")
+    use_llama_pro: bool = _f(False, "LLaMA-Pro: train only the blocks `lmf expand` inserted (freeze: the "
+                                    "freeze_trainable_layers copies; lora/oft: their modules).")
     # optimizers (LLaMA-Factory's keys; each needs its PyPI package: pip install 'lmf[galore]' etc.)
     use_galore: bool = _f(False, "GaLore: Adam on low-rank projections of the gradients of linear weights.")
     galore_target: str = _f("all", "GaLore: comma-separated linear module names, or 'all'.")

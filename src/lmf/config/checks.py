@@ -166,6 +166,12 @@ def _check_adapter_methods(cfg: "LmfConfig") -> None:
         if m.adapter_name_or_path and not ft.create_new_adapter:
             raise ConfigError("config keys 'pissa_init' and 'adapter_name_or_path': PiSSA initialises a new adapter;"
                               " set create_new_adapter: true to add one on top of the loaded adapters")
+    if ft.use_llama_pro and ft.finetuning_type == "full":
+        raise ConfigError("config key 'use_llama_pro' needs finetuning_type freeze, lora or oft (it trains only the "
+                          "expanded blocks), got full")
+    if ft.use_llama_pro and ft.freeze_trainable_layers < 1:
+        raise ConfigError("config key 'use_llama_pro': freeze_trainable_layers must be the number of expanded "
+                          f"blocks (>= 1), got {ft.freeze_trainable_layers}")
     if ft.finetuning_type == "oft":
         if (ft.oft_rank == 0) == (ft.oft_block_size == 0):
             raise ConfigError(f"config keys 'oft_rank' ({ft.oft_rank}) and 'oft_block_size' ({ft.oft_block_size}): "

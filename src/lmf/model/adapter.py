@@ -127,7 +127,7 @@ def _init_lora(cfg: "LmfConfig", model):
         _fuse(cfg, model)
         return model
     model = _merge_adapters(model, paths)
-    targets = resolve_targets(model, ft.lora_target, "lora_target")
+    targets = _only_expanded_blocks(cfg, model, resolve_targets(model, ft.lora_target, "lora_target"))
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=ft.lora_rank,
@@ -189,7 +189,7 @@ def _init_oft(cfg: "LmfConfig", model):
         logger.info("resumed training of adapter %s", paths[-1])
         return model
     model = _merge_adapters(model, paths)
-    targets = resolve_targets(model, ft.oft_target, "oft_target")
+    targets = _only_expanded_blocks(cfg, model, resolve_targets(model, ft.oft_target, "oft_target"))
     config = OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
                        module_dropout=ft.module_dropout, target_modules=targets,
                        modules_to_save=split_paths(ft.additional_target) or None)
@@ -217,6 +217,26 @@ def _layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def llama_pro_layer_ids(num_layers: int, num_expanded: int) -> list[int]:
+    """The blocks ``lmf expand`` inserted into a model of ``num_layers`` (LLaMA-Factory's stride rule)."""
+    if num_layers % num_expanded:
+        raise ConfigError(f"config key 'use_llama_pro': freeze_trainable_layers ({num_expanded}, the number of "
+                          f"expanded blocks) must divide the model's {num_layers} layers")
+    stride = num_layers // num_expanded
+    return list(range(stride - 1, num_layers + stride - 1, stride))
+
+
+def _only_expanded_blocks(cfg: "LmfConfig", model, targets: list[str]) -> list[str]:
+    """With ``use_llama_pro``, the full names of the ``targets`` modules inside the expanded blocks."""
+    if not cfg.finetuning.use_llama_pro:
+        return targets
+    ids = set(llama_pro_layer_ids(model.config.num_hidden_layers, cfg.finetuning.freeze_trainable_layers))
+    names = [n for n, _ in model.named_modules()
+             if _layer_index(n + ".") in ids and n.split(".")[-1] in targets]
+    logger.info("LLaMA-Pro: adapting %d modules of the expanded blocks %s", len(names), sorted(ids))
+    return names
+
+
 def _init_freeze(cfg: "LmfConfig", model) -> None:
     ft = cfg.finetuning
     num_layers = getattr(model.config, "num_hidden_layers", None)
@@ -225,7 +245,10 @@ def _init_freeze(cfg: "LmfConfig", model) -> None:
     n = ft.freeze_trainable_layers
     if n == 0 or abs(n) > num_layers:
         raise ConfigError(f"config key 'freeze_trainable_layers': {n} is invalid for a model with {num_layers} layers")
-    layer_ids = set(range(num_layers - n, num_layers)) if n > 0 else set(range(-n))
+    if ft.use_llama_pro:
+        layer_ids = set(llama_pro_layer_ids(num_layers, n))
+    else:
+        layer_ids = set(range(num_layers - n, num_layers)) if n > 0 else set(range(-n))
     modules = split_paths(ft.freeze_trainable_modules)
     extra = split_paths(ft.freeze_extra_modules)
     matched_extra: set[str] = set()
