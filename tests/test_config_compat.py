@@ -67,7 +67,6 @@ def test_every_llamafactory_key_is_known():
 
 
 @pytest.mark.parametrize("key,value,feature", [
-    ("ray_num_workers", 4, "Ray"),
     ("ppo_epochs", 2, "PPO"), ("image_max_pixels", 1024, "multimodal"),
 ])
 def test_known_features_that_are_not_implemented_say_so(key, value, feature):

@@ -30,21 +30,25 @@ def test_scaling_rejects_bad_worker_counts(value):
         ray_scaling_options({"NPROC_PER_NODE": value}, False)
 
 
-@pytest.mark.skipif(HAS_RAY, reason="Ray is installed")
-def test_missing_ray_is_a_clear_error():
+def test_missing_ray_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does when Ray is not installed
     with pytest.raises(NotAvailableError, match=r'pip install "ray\[train\]"'):
         require_ray()
 
 
-@pytest.mark.skipif(HAS_RAY, reason="Ray is installed")
 def test_cli_with_use_ray_fails_cleanly_without_ray(tmp_path):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model_name_or_path: /nonexistent\nstage: sft\n")
-    env = dict(os.environ, USE_RAY="1", FORCE_TORCHRUN="1")  # Ray wins over torchrun
+    hide = tmp_path / "no_ray" / "ray"  # shadows an installed Ray: importing it fails as if it were absent
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    env = dict(os.environ, USE_RAY="1", FORCE_TORCHRUN="1",  # Ray wins over torchrun
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "no_ray"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "lmf", "sft", str(cfg)], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0
-    assert f"lmf: error: USE_RAY=1 needs Ray Train, which is not installed: {RAY_INSTALL_HINT}" in proc.stderr
+    assert ("lmf: error: USE_RAY=1 (or a ray_* config key) needs Ray Train, which is not installed: "
+            f"{RAY_INSTALL_HINT}") in proc.stderr
     assert "torchrun" not in proc.stderr  # not relaunched through torchrun
     assert "Traceback" not in proc.stderr
 
@@ -93,6 +97,8 @@ def _install_fake_ray(monkeypatch, calls: dict, worker_cwd: str) -> None:
     train.ScalingConfig, train.RunConfig = record("ScalingConfig"), record("RunConfig")
     train.get_context = lambda: _FakeContext()
     torch_mod.TorchConfig, torch_mod.TorchTrainer = record("TorchConfig"), TorchTrainer
+    ray.is_initialized = lambda: False
+    ray.init = record("init")
     ray.train, train.torch = train, torch_mod
     for name, mod in (("ray", ray), ("ray.train", train), ("ray.train.torch", torch_mod)):
         monkeypatch.setitem(sys.modules, name, mod)
@@ -123,7 +129,8 @@ def test_ray_glue_runs_the_real_training_with_ddp_timeout_and_worker_env(tiny_mo
     calls: dict = {}
     _install_fake_ray(monkeypatch, calls, str(tmp_path / "elsewhere"))
     assert run_with_ray("sft", ["cfg.yaml"], env={"NPROC_PER_NODE": "2"}) == 0
-    assert calls["ScalingConfig"] == {"num_workers": 2, "use_gpu": False}
+    assert calls["ScalingConfig"] == {"num_workers": 2, "use_gpu": False, "placement_strategy": "PACK"}
+    assert calls["RunConfig"] == {"name": "lmf-sft"} and "init" not in calls
     assert calls["TorchConfig"] == {"timeout_s": 77}
     loop_config = calls["TorchTrainer"]["train_loop_config"]
     assert loop_config == {"command": "sft", "args": ["cfg.yaml"], "cwd": str(tmp_path / "driver")}
@@ -135,24 +142,80 @@ def test_ray_glue_runs_the_real_training_with_ddp_timeout_and_worker_env(tiny_mo
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_RAY, reason='Ray is optional and not installed (pip install "ray[train]")')
-def test_real_ray_train_run(tiny_model_dir, tmp_path):
-    """With Ray installed: USE_RAY=1 NPROC_PER_NODE=2 `lmf sft` trains through Ray Train's TorchTrainer."""
-    import json
+def test_llamafactory_ray_keys_map_onto_ray_train(tmp_path):
+    from lmf.config.parser import build_config
+    from lmf.ray_launcher import config_requests_ray, ray_run_options
 
-    import yaml
+    t = build_config({"model_name_or_path": "m", "ray_num_workers": 3, "resources_per_worker": '{"CPU": 2}',
+                      "placement_strategy": "SPREAD", "ray_run_name": "exp1",
+                      "ray_storage_path": str(tmp_path / "ray")}).training
+    assert ray_scaling_options({"NPROC_PER_NODE": "8"}, False, t) == {
+        "num_workers": 3, "use_gpu": False, "resources_per_worker": {"CPU": 2}, "placement_strategy": "SPREAD"}
+    assert ray_run_options(t, "sft") == {"name": "exp1", "storage_path": str(tmp_path / "ray")}
+    gpu = build_config({"model_name_or_path": "m", "resources_per_worker": {"GPU": 1}}).training
+    assert ray_scaling_options({}, False, gpu)["use_gpu"] is True
+    assert config_requests_ray({"ray_num_workers": 4}) and not config_requests_ray({"ray_num_workers": None})
+    assert not config_requests_ray({"model_name_or_path": "m"})
+    from lmf.extras.errors import ConfigError
 
+    with pytest.raises(ConfigError, match="resources_per_worker"):
+        ray_scaling_options({}, False, build_config({"model_name_or_path": "m", "resources_per_worker": "x"}).training)
+    with pytest.raises(ConfigError, match="master_addr"):
+        build_config({"model_name_or_path": "m", "master_addr": "10.0.0.1"})
+
+
+def _ray_config(tiny_model_dir, tmp_path, **extra) -> dict:
     cfg = {
         "model_name_or_path": tiny_model_dir, "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "dataset_dir": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data"),
         "dataset": "alpaca_en_demo", "template": "qwen", "max_samples": 8, "cutoff_len": 32,
         "output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 2, "report_to": "none",
+        "preprocessing_cache_dir": str(tmp_path / "cache"), "ray_storage_path": str(tmp_path / "ray"),
     }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, USE_RAY="1", NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "lmf", "sft", str(tmp_path / "cfg.yaml")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    cfg.update(extra)
+    return cfg
+
+
+def _run_cli(cfg_path, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("USE_RAY", "NPROC_PER_NODE", "FORCE_TORCHRUN")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **env_extra)
+    return subprocess.run([sys.executable, "-m", "lmf", "sft", str(cfg_path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_real_ray_train_run_with_use_ray(tiny_model_dir, tmp_path):
+    """USE_RAY=1 NPROC_PER_NODE=2 `lmf sft` trains through Ray Train's TorchTrainer on a local Ray cluster."""
+    import json
+
+    import yaml
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(_ray_config(tiny_model_dir, tmp_path)))
+    proc = _run_cli(tmp_path / "cfg.yaml", USE_RAY="1", NPROC_PER_NODE="2")
     assert proc.returncode == 0, proc.stderr[-4000:]
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_llamafactory_ray_example_runs_on_ray_without_use_ray(tiny_model_dir, tmp_path):
+    """LF's train_lora/qwen3_lora_sft_ray.yaml: its ray_num_workers alone launches Ray Train (no USE_RAY)."""
+    import json
+
+    import yaml
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                           "lf-examples", "train_lora", "qwen3_lora_sft_ray.yaml")
+    with open(example, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    assert raw["ray_num_workers"] == 4
+    raw.update(_ray_config(tiny_model_dir, tmp_path, dataset="identity,alpaca_en_demo", template="qwen3_nothink",
+                           per_device_train_batch_size=1, gradient_accumulation_steps=2, bf16=False,
+                           preprocessing_num_workers=1, dataloader_num_workers=0, ray_run_name="lf-example",
+                           ray_init_kwargs={"num_cpus": 4}))  # 4 workers on a 2-core machine: tell Ray it has 4
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    proc = _run_cli(tmp_path / "cfg.yaml")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["world_size"] == 4
+    assert (tmp_path / "ray" / "lf-example").is_dir()  # ray_storage_path / ray_run_name

@@ -313,12 +313,25 @@ def _guarded(fn, *args) -> int:
         return 0
 
 
+def _wants_ray(argv: list[str]) -> bool:
+    """Ray Train runs the command with ``USE_RAY=1`` or when the config sets a Ray key (``ray_num_workers``...)."""
+    if is_truthy(os.environ.get("USE_RAY")):
+        return True
+    from lmf.config.parser import raw_config
+    from lmf.ray_launcher import config_requests_ray
+
+    try:
+        return config_requests_ray(raw_config(argv)[0])
+    except LmfError:  # a bad config or argument: the command itself reports it
+        return False
+
+
 def launch(argv: Optional[list[str]] = None) -> None:
     """Console entry point of ``lmf``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else "help"
     if command in DIST_TRAIN_COMMANDS and os.environ.get("LOCAL_RANK") is None:
-        if is_truthy(os.environ.get("USE_RAY")):
+        if _wants_ray(argv):
             from lmf.ray_launcher import run_with_ray
 
             sys.exit(_guarded(run_with_ray, command, argv))

@@ -304,6 +304,21 @@ class TrainingArguments:
     torch_compile: bool = _f(False, "torch.compile the model.",
         unsupported="torch.compile is not implemented")
     predict_with_generate: bool = _f(False, "Generate during prediction (do_predict needs it).")
+    # Ray (LLaMA-Factory's RayArguments): Ray Train runs with USE_RAY=1 or when the config sets a ray key
+    ray_num_workers: Optional[int] = _f(None, "Ray Train workers (default: NPROC_PER_NODE x NNODES).")
+    ray_init_kwargs: Union[dict, str, None] = _f(None, "Arguments of ray.init (a mapping or JSON), e.g. address, "
+                                                       "runtime_env.")
+    ray_run_name: Optional[str] = _f(None, "Ray Train run name (default: lmf-<command>).")
+    ray_storage_path: Optional[str] = _f(None, "Where Ray Train keeps its run folder (default: Ray's own).")
+    ray_storage_filesystem: Optional[str] = _f(None, "Filesystem of ray_storage_path.", (None, "s3", "gs", "gcs"))
+    resources_per_worker: Union[dict, str, None] = _f(None, "Ray resources of each worker (a mapping or JSON), "
+                                                            "e.g. {GPU: 1, CPU: 8}.")
+    placement_strategy: str = _f("PACK", "Ray placement of the workers.",
+                                 ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    master_addr: Optional[str] = _f(None, "Ray: node of rank 0.",
+        unsupported="choosing Ray's rendezvous node is not implemented (Ray Train picks it)")
+    master_port: Optional[str] = _f(None, "Ray: rendezvous port.",
+        unsupported="choosing Ray's rendezvous port is not implemented (Ray Train picks it)")
     disable_tqdm: bool = _f(False, "No progress bar.")
     push_to_hub: bool = _f(False, "Push the result to the hub.",
         unsupported="pushing to the hub is not possible offline")

@@ -324,13 +324,19 @@ def _check_unsupported(cfg: LmfConfig) -> None:
         raise ConfigError(f"config key 'stage': {cfg.finetuning.stage!r} — {UNSUPPORTED_STAGES[cfg.finetuning.stage]} in lmf")
 
 
-def get_config(argv: list[str], *, require_model: bool = True) -> LmfConfig:
-    """Parse ``[config.yaml] [key=value ...]`` into a validated config."""
+def raw_config(argv: list[str]) -> tuple[dict[str, Any], Optional[str]]:
+    """``[config.yaml] [key=value ...]`` as a raw dict (not validated) and the config path."""
     config_path, overrides = split_cli_args(argv)
     raw: dict[str, Any] = load_yaml(config_path) if config_path else {}
     for text in overrides:
         key, value = parse_override(text)
         raw[key] = value
+    return raw, config_path
+
+
+def get_config(argv: list[str], *, require_model: bool = True) -> LmfConfig:
+    """Parse ``[config.yaml] [key=value ...]`` into a validated config."""
+    raw, config_path = raw_config(argv)
     cfg = build_config(raw, source=config_path or "command line")
     if require_model and not cfg.model.model_name_or_path:
         raise ConfigError("config key 'model_name_or_path' is required")
