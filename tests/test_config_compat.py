@@ -143,3 +143,26 @@ def test_llamafactory_example_yamls_never_meet_an_unknown_key():
         except ConfigError as exc:
             assert "not implemented" in str(exc), (path, str(exc))
     assert checked > 40
+
+
+@pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason="../shared/lf-examples is not here")
+@pytest.mark.parametrize("example", [
+    "train_lora/qwen3_lora_kto.yaml", "extras/nlg_eval/llama3_lora_predict.yaml", "extras/loraplus/llama3_lora_sft.yaml",
+    "extras/pissa/llama3_lora_sft.yaml", "extras/galore/llama3_full_sft.yaml", "extras/apollo/llama3_full_sft.yaml",
+    "extras/badam/llama3_full_sft.yaml", "extras/adam_mini/qwen2_full_sft.yaml", "extras/muon/qwen2_full_sft.yaml",
+    "extras/dft/qwen2_full_sft.yaml", "extras/oft/llama3_oft_sft.yaml", "extras/llama_pro/llama3_freeze_sft.yaml",
+    "train_lora/qwen3_lora_sft_ray.yaml",
+])
+def test_the_other_methods_examples_are_accepted_as_they_are(example):
+    """Issue 17's LLaMA-Factory examples parse unchanged (each one also trains in its own test file)."""
+    with open(os.path.join(LF_EXAMPLES, example), encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    build_config(raw, source=example)
+
+
+@pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason="../shared/lf-examples is not here")
+def test_the_mixture_of_depths_example_is_refused_saying_why():
+    with open(os.path.join(LF_EXAMPLES, "extras", "mod", "llama3_full_sft.yaml"), encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    with pytest.raises(ConfigError, match="unmaintained"):
+        build_config(raw)

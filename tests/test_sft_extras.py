@@ -104,3 +104,20 @@ def test_neftune_training_is_seeded_and_differs_from_plain(tmp_path):
         runs[name] = _losses(tmp_path / name)
     assert runs["a"] == runs["b"]  # the noise comes from the seeded RNG
     assert runs["a"] != runs["plain"]
+
+
+@pytest.mark.parametrize("example", ["dft/qwen2_full_sft.yaml", "loraplus/llama3_lora_sft.yaml"])
+def test_llamafactory_extras_examples_train_unchanged_but_for_the_model(tmp_path, example):
+    import yaml
+
+    from lmf.train.workflow import run_training
+
+    path = os.path.join(REPO_ROOT, "..", "shared", "lf-examples", "extras", example)
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    out = tmp_path / "out"
+    raw.update(model_name_or_path=DEMO_MODEL, output_dir=str(out), dataset_dir=DATA, max_samples=8, max_steps=2,
+               cutoff_len=64, preprocessing_num_workers=1, dataloader_num_workers=0, disable_tqdm=True,
+               save_steps=100, logging_steps=1, plot_loss=False, preprocessing_cache_dir=str(tmp_path / "c"))
+    run_training(build_config(raw))
+    assert len(_losses(out)) == 2
