@@ -32,7 +32,7 @@ Training (relaunched through torchrun with >1 GPU or FORCE_TORCHRUN=1):
 
 Models and data:
   chat          interactive chat with a model or adapter (streams tokens)
-  export        merge a LoRA adapter into its base model and save it
+  export|merge  merge a LoRA adapter into its base model and save it
   expand        LLaMA-Pro: insert identity blocks into a model (--model_name_or_path --output_dir --num_expand)
   api           OpenAI-compatible HTTP server (/v1/chat/completions)
   data check    load, convert and tokenize the config's datasets; print statistics
@@ -40,7 +40,7 @@ Models and data:
 Information:
   env           a table of the software and hardware environment
   version       versions of lmf and its main dependencies
-  help [config] this text, or `lmf help config` for every config key
+  help [config] this text, or `lmf help config` for every config key (`--v1`: LLaMA-Factory v1's keys)
 
 Examples:
   lmf sft examples/demo_lora_sft.yaml
@@ -258,7 +258,7 @@ def run_command(command: str, args: list[str]) -> int:
         from lmf.chat.cli import run_chat
 
         return run_chat(args) or 0
-    if command == "export":
+    if command in ("export", "merge"):  # merge: LLaMA-Factory v1's name
         from lmf.export import run_export
 
         run_export(args)
@@ -284,7 +284,11 @@ def run_command(command: str, args: list[str]) -> int:
         print_version()
         return 0
     if command in HELP_COMMANDS:
-        if args and args[0] == "config":
+        if args and args[0] == "config" and "--v1" in args:
+            from lmf.config.v1 import describe_v1_keys
+
+            print(describe_v1_keys())
+        elif args and args[0] == "config":
             from lmf.config.parser import describe_keys
 
             print(describe_keys())

@@ -304,6 +304,11 @@ class TrainingArguments:
     torch_compile: bool = _f(False, "torch.compile the model.",
         unsupported="torch.compile is not implemented")
     predict_with_generate: bool = _f(False, "Generate during prediction (do_predict needs it).")
+    batching_strategy: Optional[str] = _f(
+        None, "Micro-batches: normal (per_device_train_batch_size samples, padded), padding_free (the same samples, "
+              "padding removed), dynamic_batching / dynamic_padding_free (as many samples as fit cutoff_len x "
+              "per_device_train_batch_size padded / real tokens; need max_steps). Default: normal, with padding_free "
+              "per its key.", (None, "normal", "padding_free", "dynamic_batching", "dynamic_padding_free"))
     # Ray (LLaMA-Factory's RayArguments): Ray Train runs with USE_RAY=1 or when the config sets a ray key
     ray_num_workers: Optional[int] = _f(None, "Ray Train workers (default: NPROC_PER_NODE x NNODES).")
     ray_init_kwargs: Union[dict, str, None] = _f(None, "Arguments of ray.init (a mapping or JSON), e.g. address, "

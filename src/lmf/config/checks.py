@@ -47,6 +47,7 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
     _check_prediction(cfg)
     _check_adapter_methods(cfg)
     _check_optimizers(cfg)
+    _apply_batching_strategy(cfg)
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:
@@ -234,3 +235,21 @@ def _warn_family_keys_without_switch(ft) -> None:
         for f in dataclasses.fields(ft):
             if f.name.startswith(f"{family}_") and getattr(ft, f.name) != f.default:
                 logger.warning("config key %r has no effect without use_%s: true", f.name, family)
+
+
+def _apply_batching_strategy(cfg: "LmfConfig") -> None:
+    """``batching_strategy`` sets ``padding_free``; the dynamic ones need what a token budget needs."""
+    t, d, ft = cfg.training, cfg.data, cfg.finetuning
+    strategy = t.batching_strategy
+    if strategy is None:
+        return
+    cfg.model.padding_free = strategy in ("padding_free", "dynamic_padding_free")
+    if strategy.startswith("dynamic"):
+        if ft.stage not in ("sft", "pt"):
+            raise ConfigError(f"config key 'batching_strategy': {strategy} batches SFT/pt samples, not stage {ft.stage}")
+        if d.packing:
+            raise ConfigError(f"config keys 'batching_strategy: {strategy}' and 'packing' do not combine (a packed "
+                              "row is already a full budget)")
+        if t.do_train and not t.max_steps > 0:
+            raise ConfigError(f"config key 'batching_strategy': {strategy} needs max_steps (the number of "
+                              "micro-batches per epoch depends on the order, as in LLaMA-Factory v1)")

@@ -243,8 +243,13 @@ def split_cli_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return config_path, overrides
 
 
-def build_config(raw: dict[str, Any], *, source: str = "config") -> LmfConfig:
-    """Validate a flat dict of keys into an :class:`LmfConfig`."""
+def build_config(raw: dict[str, Any], *, source: str = "config", command_stage: Optional[str] = None) -> LmfConfig:
+    """Validate a flat dict of keys into an :class:`LmfConfig`; a LLaMA-Factory v1 config is translated first
+    (:mod:`lmf.config.v1`; ``command_stage``: the stage the command runs, which v1 configs do not name)."""
+    from lmf.config.v1 import is_v1_config, translate_v1
+
+    if is_v1_config(raw):
+        raw = translate_v1(raw, source, stage=command_stage)
     values: dict[str, dict[str, Any]] = {g: {} for g in ARG_GROUPS}
     raw = _expand_lf_only_keys(raw, source)
     for key, value in raw.items():
@@ -334,10 +339,10 @@ def raw_config(argv: list[str]) -> tuple[dict[str, Any], Optional[str]]:
     return raw, config_path
 
 
-def get_config(argv: list[str], *, require_model: bool = True) -> LmfConfig:
+def get_config(argv: list[str], *, require_model: bool = True, command_stage: Optional[str] = None) -> LmfConfig:
     """Parse ``[config.yaml] [key=value ...]`` into a validated config."""
     raw, config_path = raw_config(argv)
-    cfg = build_config(raw, source=config_path or "command line")
+    cfg = build_config(raw, source=config_path or "command line", command_stage=command_stage)
     if require_model and not cfg.model.model_name_or_path:
         raise ConfigError("config key 'model_name_or_path' is required")
     return cfg

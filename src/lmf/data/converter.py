@@ -130,9 +130,28 @@ def _openai_message(msg: dict, attr: DatasetAttr, field: str) -> tuple[str, str]
             calls.append({"name": fn["name"], "arguments": args})
         return attr.function_tag, json.dumps(calls if len(calls) > 1 else calls[0], ensure_ascii=False)
     content = msg.get(attr.content_tag)
-    if isinstance(content, list):  # content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if isinstance(content, list):  # content parts: OpenAI's {type, text} or LLaMA-Factory v1's {type, value}
+        content = _text_parts(content, field)
+    weight = msg.get("loss_weight")
+    if weight is not None:  # v1: 1 on the answers, 0 on the prompt (what lmf's masking does)
+        expected = 1.0 if role == attr.assistant_tag else 0.0
+        if float(weight) != expected:
+            raise RecordProblem(f"field {field!r}: loss_weight {weight} on a {role!r} message is not implemented "
+                                f"(answers train with 1, prompt messages with 0)")
     return role, content
+
+
+def _text_parts(parts: list, field: str) -> str:
+    texts = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise RecordProblem(f"field {field!r}: content parts must be objects")
+        kind = part.get("type", "text")
+        if kind != "text":
+            raise RecordProblem(f"field {field!r}: content of type {kind!r} is not implemented (text parts only; "
+                                "images, videos and audio come with vision-language support)")
+        texts.append(str(part.get("text", part.get("value", ""))))
+    return "".join(texts)
 
 
 def _messages(raw: Any, attr: DatasetAttr, field: str) -> tuple[list[dict], Optional[str]]:
@@ -141,7 +160,7 @@ def _messages(raw: Any, attr: DatasetAttr, field: str) -> tuple[list[dict], Opti
         raise RecordProblem(f"field {field!r} must be a list of messages, got {type(raw).__name__}")
     tag_to_role = {attr.user_tag: USER, attr.assistant_tag: ASSISTANT,
                    attr.observation_tag: OBSERVATION, attr.function_tag: FUNCTION}
-    if attr.formatting == "openai":
+    if attr.formatting in ("openai", "pair"):
         tag_to_role.setdefault("function", FUNCTION)
     system = None
     out = []
@@ -149,7 +168,7 @@ def _messages(raw: Any, attr: DatasetAttr, field: str) -> tuple[list[dict], Opti
         where = f"{field}[{i}]"
         if not isinstance(msg, dict):
             raise RecordProblem(f"field {where!r} must be a message object")
-        if attr.formatting == "openai":
+        if attr.formatting in ("openai", "pair"):
             tag, content = _openai_message(msg, attr, where)
         else:
             tag, content = msg.get(attr.role_tag), msg.get(attr.content_tag)

@@ -189,6 +189,11 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
         ds = ds.select(indexes.tolist())
         if data_args.max_samples:
             ds = ds.select(range(min(data_args.max_samples, len(ds))))
+    if attr.sample_weight is not None and len(ds):
+        import numpy as np
+
+        count = max(1, int(len(ds) * attr.sample_weight))
+        ds = ds.select(np.random.default_rng(seed + 1).choice(len(ds), count, replace=True).tolist())
     return ds
 
 

@@ -43,6 +43,8 @@ class DatasetAttr:
     ranking: bool = False
     split: str = "train"
     num_samples: Optional[int] = None
+    #: v1 ``weight``: after ``num_samples``, resample to ``int(count x weight)`` records (seeded)
+    sample_weight: Optional[float] = None
     # alpaca columns
     prompt: str = "instruction"
     query: str = "input"
@@ -165,6 +167,10 @@ def detect_attr(name: str, files: list[str], first_record: Optional[dict]) -> Da
             and "conversations" not in rec:
         _apply_openai_defaults(attr)
         attr.formatting, attr.ranking, attr.chosen, attr.rejected = "pair", True, "chosen", "rejected"
+    elif isinstance(rec.get("chosen_messages"), list) and isinstance(rec.get("rejected_messages"), list):
+        _apply_openai_defaults(attr)  # LLaMA-Factory v1's native preference rows
+        attr.formatting, attr.ranking = "pair", True
+        attr.chosen, attr.rejected = "chosen_messages", "rejected_messages"
     elif "messages" in rec or "conversations" in rec:
         key = "messages" if "messages" in rec else "conversations"
         msgs = rec.get(key) or []
@@ -238,6 +244,17 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
             raise DataError(f"{path}: dataset {name!r}: converter {converter!r} is not one of alpaca, sharegpt, pair")
         if entry.get("size") is not None:
             attr.num_samples = int(entry["size"])
+        if entry.get("weight") is not None:
+            if float(entry["weight"]) <= 0:
+                raise DataError(f"{path}: dataset {name!r}: weight must be > 0, got {entry['weight']}")
+            attr.sample_weight = float(entry["weight"])
+        if entry.get("streaming"):
+            raise DataError(f"{path}: dataset {name!r}: streaming is not implemented (LLaMA-Factory v1 cannot "
+                            "batch a streamed dataset either); set streaming: false")
+        unknown = sorted(set(entry) - {"path", "source", "converter", "size", "weight", "split", "streaming"})
+        if unknown:
+            raise DataError(f"{path}: dataset {name!r}: unknown field(s) {', '.join(unknown)} (v1 dataset fields: "
+                            "path, source, converter, size, weight, split, streaming)")
         attr.split = entry.get("split", "train")
         attrs.append(attr)
     return attrs

@@ -152,7 +152,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     layer_classes = extra.get("transformer_layer_cls_to_wrap") or ()
     layer_classes = tuple(c.strip() for c in layer_classes.split(",")) if isinstance(layer_classes, str) \
         else tuple(layer_classes)
-    if mode == "fsdp" and cfg.model.quantization_bit is not None:
+    if mode == "fsdp" and world_size > 1 and cfg.model.quantization_bit is not None:
         raise ConfigError("config key 'quantization_bit' with FSDP sharding (fsdp / deepspeed ZeRO-2/3) is not "
                           "implemented in lmf: QLoRA trains with one process or DDP")
     if mode == "fsdp" and t.fp16:
@@ -184,7 +184,7 @@ def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) 
     on = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(ft, k, False)]
     if not on:
         return
-    if mode == "fsdp" or offload:
+    if (mode == "fsdp" and world_size > 1) or offload:  # one process trains unsharded anyway
         raise ConfigError(f"config key {on[0]!r} with FSDP sharding or offload (fsdp / deepspeed ZeRO-2/3) is not "
                           "implemented: the optimizer needs whole weight matrices; use DDP (no fsdp, ZeRO-0/1)")
     layerwise = [k for k in ("galore_layerwise", "apollo_layerwise") if getattr(ft, k, False)]

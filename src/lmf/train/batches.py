@@ -63,26 +63,83 @@ class ResumableShardedSampler(Sampler[int]):
         return self.num_samples - self.skip
 
 
+def token_budget_batches(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
+    """``order`` cut greedily into micro-batches of at most ``budget`` tokens: padded tokens (the longest sample
+    x the count; ``dynamic_batching``) or real ones (their sum; ``dynamic_padding_free``). A sample never
+    crosses into the next micro-batch, and one longer than the budget goes alone."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = total = 0
+    for i in order:
+        n = int(lengths[i])
+        if current:
+            size = max(longest, n) * (len(current) + 1) if padded else total + n
+            if size > budget:
+                batches.append(current)
+                current, longest, total = [], 0, 0
+        current.append(i)
+        longest, total = max(longest, n), total + n
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBudget:
+    """Dynamic batching: every rank cuts its share of the epoch by :func:`token_budget_batches`; all ranks
+    compute every rank's cut (no communication) and the ones with fewer micro-batches repeat their first ones,
+    so every rank runs the same number of steps (as the sampler repeats indices)."""
+
+    def __init__(self, lengths: Sequence[int], budget: int, padded: bool):
+        self.lengths, self.budget, self.padded = list(lengths), budget, padded
+
+    def epoch_batches(self, sampler: ResumableShardedSampler) -> list[list[int]]:
+        cuts = []
+        for rank in range(sampler.num_replicas):
+            shard = ResumableShardedSampler(sampler.num_items, sampler.num_replicas, rank, sampler.shuffle, sampler.seed)
+            shard.set_epoch(sampler.epoch)
+            cuts.append(token_budget_batches(shard.epoch_indices(), self.lengths, self.budget, self.padded))
+        mine, most = cuts[sampler.rank], max(len(c) for c in cuts)
+        return mine + [mine[i % len(mine)] for i in range(most - len(mine))]
+
+
 class MicroBatchStream:
-    """Endless micro-batches across epochs; ``epoch`` and ``batch_in_epoch`` are the resumable position."""
+    """Endless micro-batches across epochs; ``epoch`` and ``batch_in_epoch`` are the resumable position.
+    With a :class:`TokenBudget` the micro-batches hold as many samples as fit the budget."""
 
     def __init__(self, dataset: Sequence[Any], collate_fn: Callable, batch_size: int, sampler: ResumableShardedSampler,
-                 num_workers: int = 0, pin_memory: bool = False, epoch: int = 0, batch_in_epoch: int = 0):
+                 num_workers: int = 0, pin_memory: bool = False, epoch: int = 0, batch_in_epoch: int = 0,
+                 token_budget: "TokenBudget | None" = None):
         self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
         self.sampler, self.num_workers, self.pin_memory = sampler, num_workers, pin_memory
-        self.batches_per_epoch = math.ceil(sampler.num_samples / batch_size)
+        self.token_budget = token_budget
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self._epoch_of_batches, self._batches = None, None
         self._it = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches of the current epoch (with a token budget, they depend on the epoch's order)."""
+        if self.token_budget is None:
+            return math.ceil(self.sampler.num_samples / self.batch_size)
+        return len(self._budget_batches())
+
+    def _budget_batches(self) -> list[list[int]]:
+        if self._epoch_of_batches != self.epoch:
+            self.sampler.set_epoch(self.epoch)
+            self._batches, self._epoch_of_batches = self.token_budget.epoch_batches(self.sampler), self.epoch
+        return self._batches
 
     def _start_epoch(self) -> None:
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
-        loader = DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, collate_fn=self.collate_fn,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=False,
-            generator=torch.Generator(),  # never draw from the global RNG: resumed runs stay bit-exact
-        )
+        common = dict(collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      generator=torch.Generator())  # never draw from the global RNG: resumed runs stay bit-exact
+        if self.token_budget is not None:
+            loader = DataLoader(self.dataset, batch_sampler=self._budget_batches()[self.batch_in_epoch:], **common)
+        else:
+            self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
+                                **common)
         self._it = iter(loader)
 
     def __next__(self):
@@ -111,9 +168,10 @@ class MicroBatchStream:
         return self.epoch + self.batch_in_epoch / self.batches_per_epoch
 
 
-def build_stream(dataset, collator, training_args, finetuning_args, runtime) -> MicroBatchStream:
+def build_stream(dataset, collator, training_args, finetuning_args, runtime, cutoff_len: int = 0) -> MicroBatchStream:
     """The run's :class:`MicroBatchStream`: sharded by rank, shuffled with ``data_seed`` unless
-    ``disable_shuffling``, ``dataloader_num_workers`` capped at the available cores."""
+    ``disable_shuffling``, ``dataloader_num_workers`` capped at the available cores; a token budget of
+    ``cutoff_len x per_device_train_batch_size`` with the dynamic ``batching_strategy``."""
     from lmf.extras.logging import get_logger
 
     sampler = ResumableShardedSampler(len(dataset), runtime.world_size, runtime.rank,
@@ -124,5 +182,15 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime) -> 
         get_logger("lmf.train.trainer").info("dataloader_num_workers=%d capped at the %d available CPU cores",
                                              workers, cores)
         workers = cores
+    budget = None
+    strategy = training_args.batching_strategy
+    if strategy in ("dynamic_batching", "dynamic_padding_free"):
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
+        tokens = training_args.per_device_train_batch_size * cutoff_len
+        budget = TokenBudget(lengths, tokens, padded=strategy == "dynamic_batching")
+        get_logger("lmf.train.trainer").info("%s: micro-batches of up to %d %s tokens (cutoff_len x micro-batch size)",
+                                             strategy, tokens, "padded" if budget.padded else "real")
     return MicroBatchStream(dataset, collator, training_args.per_device_train_batch_size, sampler,
-                            num_workers=workers, pin_memory=runtime.device.type == "cuda")
+                            num_workers=workers, pin_memory=runtime.device.type == "cuda", token_budget=budget)

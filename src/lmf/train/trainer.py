@@ -118,7 +118,8 @@ class Trainer:
         from lmf.train.parallel import wrap
 
         pick_cpu_threads(self.model, self.runtime.device)
-        stream = build_stream(self.train_dataset, self.stage.collator, self.args, self.cfg.finetuning, self.runtime)
+        stream = build_stream(self.train_dataset, self.stage.collator, self.args, self.cfg.finetuning, self.runtime,
+                              cutoff_len=self.cfg.data.cutoff_len)
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)
         if self.resume.checkpoint:
             self.checkpoints.load_weights(self.resume.checkpoint)

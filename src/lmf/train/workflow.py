@@ -53,7 +53,7 @@ def config_for_command(argv: list[str], command: str = "sft") -> "LmfConfig":
 
     if command not in COMMAND_STAGES:
         raise ConfigError(f"unknown training command {command!r}; choose one of {', '.join(COMMAND_STAGES)}")
-    cfg = get_config(argv)
+    cfg = get_config(argv, command_stage=COMMAND_STAGES[command])  # v1 configs take their stage from the command
     wanted, stage = COMMAND_STAGES[command], cfg.finetuning.stage
     if wanted is not None and stage != wanted and not (wanted == "sft" and stage == "pt"):
         raise ConfigError(

@@ -1,0 +1,189 @@
+"""LLaMA-Factory v1 configs: every YAML under ../shared/lf-examples/v1/ runs unchanged but for the model path
+(from a folder laid out like LF's checkout: data/, examples/deepspeed/), or stops with a clear error naming what
+lmf does not do; the v1 keys map onto lmf's own; the batching strategies."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmf.config.parser import build_config
+from lmf.extras.errors import ConfigError, LmfError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
+V1 = os.path.join(SHARED, "lf-examples", "v1")
+DEMO_MODEL = os.path.join(REPO_ROOT, "examples", "tiny-qwen3")
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(V1), reason="../shared/lf-examples/v1 is not here")
+
+
+@pytest.fixture
+def lf_checkout(tmp_path, monkeypatch):
+    """A working directory laid out like LLaMA-Factory's checkout (v1 paths are relative to it)."""
+    os.symlink(os.path.join(SHARED, "data", "lf-demo"), tmp_path / "data")
+    (tmp_path / "examples").mkdir()
+    os.symlink(os.path.join(SHARED, "lf-examples", "deepspeed"), tmp_path / "examples" / "deepspeed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMF_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _run(example: str, command: str = "sft", *overrides: str) -> None:
+    from lmf.predict.runner import run_experiment
+
+    run_experiment([os.path.join(V1, example), f"model={DEMO_MODEL}", *overrides], command=command)
+
+
+def _state(output_dir) -> dict:
+    with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+RUNS = [
+    ("train_batching_strategy/train_full_fsdp2_batching_normal.yaml", "outputs/test_fsdp2", "model.safetensors"),
+    ("train_batching_strategy/train_full_fsdp2_dynamic_batching.yaml", "outputs/test_fsdp2", "model.safetensors"),
+    ("train_batching_strategy/train_full_fsdp2_padding_free.yaml", "outputs/test_fsdp2", "model.safetensors"),
+    ("train_batching_strategy/train_full_fsdp2_dynamic_padding_free.yaml", "outputs/test_fsdp2", "model.safetensors"),
+    ("train_freeze/train_freeze_sft.yaml", "outputs/test_freeze", "model.safetensors"),
+    ("train_full/train_full_fsdp2.yaml", None, "model.safetensors"),
+    ("train_full/train_full_liger_kernel.yaml", "outputs/test_fsdp2", "model.safetensors"),
+    ("train_full/train_full_muon.yaml", "outputs/test_muon", "model.safetensors"),
+    ("train_full/train_full_deepspeed.yaml", "outputs/Qwen3-0.6B-deepspeed", "model.safetensors"),
+    ("train_lora/train_lora_sft.yaml", "outputs/test_lora", "adapter_model.safetensors"),
+    ("train_qlora/quantization.yaml", "outputs/test_quantization", "adapter_model.safetensors"),
+]
+
+
+@pytest.mark.parametrize("example,output_dir,weights", RUNS, ids=[r[0].split("/")[-1][:-5] for r in RUNS])
+def test_v1_example_trains_unchanged_but_for_the_model(lf_checkout, example, output_dir, weights):
+    if "qlora" in example:
+        pytest.importorskip("bitsandbytes")
+    if output_dir is None:
+        import yaml
+
+        with open(os.path.join(V1, example), encoding="utf-8") as fh:
+            output_dir = yaml.safe_load(fh)["output_dir"]
+    _run(example)
+    out = lf_checkout / output_dir
+    state = _state(out)
+    assert state["global_step"] == 10 and (out / weights).is_file()
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert all(loss == loss for loss in losses)  # finite
+
+
+def test_v1_lora_then_merge(lf_checkout):
+    from lmf.export import run_export
+
+    _run("train_lora/train_lora_sft.yaml", "sft", "max_steps=2")
+    assert run_export([os.path.join(V1, "train_lora", "export_lora.yaml"), f"model={DEMO_MODEL}"]) == 0
+    assert (lf_checkout / "merge_lora_model" / "model.safetensors").is_file()
+
+
+def test_v1_dpo_needs_the_hub_dataset_and_runs_on_its_local_copy(lf_checkout):
+    with pytest.raises(LmfError, match="hf_hub.*needs the network"):
+        _run("train_lora/train_lora_dpo.yaml", "dpo")
+    _run("train_lora/train_lora_dpo.yaml", "dpo", "train_dataset=data/v1_dpo_demo.jsonl", "max_steps=3")
+    history = _state(lf_checkout / "outputs" / "test_lora")["log_history"]
+    assert any("rewards/margins" in h for h in history)
+
+
+@pytest.mark.parametrize("example,message", [
+    ("train_full/train_full_ulysses_cp.yaml", "context parallelism"),
+    ("train_full/train_full_qwen3_moe_fsdpturbo_ep_fsdp.yaml", "init_on_meta is not implemented"),
+    ("train_lora/train_lora_sft_rank0.yaml", "init_on_rank0 is not implemented"),
+    ("train_full/train_multimodal.yaml", "image_url' is not implemented"),
+])
+def test_v1_examples_lmf_cannot_run_say_why(lf_checkout, example, message):
+    with pytest.raises(LmfError, match=message):
+        _run(example)
+
+
+def test_v1_keys_map_onto_lmfs(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = build_config({"model": "m", "train_dataset": "d.yaml", "micro_batch_size": 2, "global_batch_size": 8,
+                        "peft_config": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                        "dist_config": {"name": "fsdp2"}, "quant_config": None, "sample_backend": "hf",
+                        "optim_config": {"name": "muon", "wd": 0.05, "adamw_betas": [0.9, 0.98]}})
+    assert cfg.model.model_name_or_path == "m" and cfg.data.dataset == "d.yaml" and cfg.data.template == "auto"
+    t, ft = cfg.training, cfg.finetuning
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (2, 2)  # 8 / (2 processes x 2)
+    assert t.lr_scheduler_type == "constant" and t.bf16 and t.fsdp == "full_shard" and t.weight_decay == 0.05
+    assert ft.finetuning_type == "lora" and ft.lora_rank == 4 and ft.lora_target == "q_proj,v_proj" and ft.use_muon
+    assert t.adam_beta2 == 0.98
+    assert build_config({"model": "m"}).finetuning.finetuning_type == "full"  # no peft_config: full, as in v1
+    assert build_config({"model": "m"}, command_stage="dpo").finetuning.stage == "dpo"
+
+
+def test_v1_config_errors_name_the_keys():
+    with pytest.raises(ConfigError, match=r"mixes LLaMA-Factory v1 keys \('model'\) with v0 keys \('dataset'\)"):
+        build_config({"model": "m", "dataset": "identity"})
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) rank for 'lora'"):
+        build_config({"model": "m", "peft_config": {"name": "lora", "rank": 8}})
+    with pytest.raises(ConfigError, match="needs a 'name'"):
+        build_config({"model": "m", "peft_config": {"r": 8}})
+    with pytest.raises(ConfigError, match="global_batch_size"):
+        build_config({"model": "m", "micro_batch_size": 3, "global_batch_size": 8})
+    with pytest.raises(ConfigError, match="dynamic_batching needs max_steps"):
+        build_config({"model": "m", "batching_strategy": "dynamic_batching"})
+
+
+def test_help_lists_the_v1_keys():
+    proc = subprocess.run([sys.executable, "-m", "lmf", "help", "config", "--v1"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0
+    for key in ("micro_batch_size", "peft_config", "dist_config", "batching_strategy", "init_config"):
+        assert key in proc.stdout
+
+
+def test_token_budget_batches():
+    from lmf.train.batches import token_budget_batches
+
+    lengths = [5, 3, 8, 2, 2, 7]
+    assert token_budget_batches(range(6), lengths, budget=16, padded=True) == [[0, 1], [2, 3], [4, 5]]
+    assert token_budget_batches(range(6), lengths, budget=16, padded=False) == [[0, 1, 2], [3, 4, 5]]
+    assert token_budget_batches([2], lengths, budget=4, padded=True) == [[2]]  # too long alone: its own batch
+
+
+def test_dynamic_batching_fills_the_token_budget_and_resumes_exactly(lf_checkout):
+    from lmf.train.workflow import run_training
+
+    example = os.path.join(V1, "train_batching_strategy", "train_full_fsdp2_dynamic_batching.yaml")
+    import yaml
+
+    with open(example, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    raw.update(model=DEMO_MODEL, cutoff_len=128, max_steps=6, save_steps=3, output_dir="straight")
+    run_training(build_config(raw))
+    normal = dict(raw, batching_strategy="normal", output_dir="normal")
+    run_training(build_config(normal))
+    dyn, fixed = _state("straight"), _state("normal")
+    # more samples per step with the same budget: the epoch advances faster than with 2 samples per micro-batch
+    assert dyn["epoch"] > fixed["epoch"]
+    os.makedirs("resumed")
+    import shutil
+
+    shutil.copytree("straight/checkpoint-3", "resumed/checkpoint-3")
+    run_training(build_config(dict(raw, output_dir="resumed")))
+    a = [h["loss"] for h in dyn["log_history"] if "loss" in h]
+    b = [h["loss"] for h in _state("resumed")["log_history"] if "loss" in h]
+    assert a == b
+
+
+@pytest.mark.slow
+def test_v1_fsdp2_and_dynamic_batching_on_two_processes(lf_checkout):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    for example, out in (("train_full/train_full_fsdp2.yaml", "a"),
+                         ("train_batching_strategy/train_full_fsdp2_dynamic_batching.yaml", "b")):
+        proc = subprocess.run([sys.executable, "-m", "lmf", "sft", os.path.join(V1, example), f"model={DEMO_MODEL}",
+                               "max_steps=3", "cutoff_len=128", f"output_dir={out}"], env=env, capture_output=True,
+                              text=True, timeout=480)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "parallel=fsdp" in proc.stderr
+        state = _state(out)
+        assert state["global_step"] == 3 and state["world_size"] == 2
