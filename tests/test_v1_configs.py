@@ -187,3 +187,27 @@ def test_v1_fsdp2_and_dynamic_batching_on_two_processes(lf_checkout):
         assert "parallel=fsdp" in proc.stderr
         state = _state(out)
         assert state["global_step"] == 3 and state["world_size"] == 2
+
+
+@pytest.mark.parametrize("spec,stage", [("data/v1_sft_demo.jsonl", "sft"), ("v1_sft_full.yaml", "sft"),
+                                        ("data/v1_dpo_demo.jsonl", "dpo")])
+def test_v1_tokens_equal_llamafactory_v1(lf_checkout, spec, stage):
+    """v1 renders with the tokenizer's chat template: lmf's rows (template: auto) are LF v1's, id for id."""
+    import hashlib
+    import shutil
+
+    from lmf.train.workflow import load_tokenizer_and_data
+
+    golden_dir = os.path.join(REPO_ROOT, "tests", "fixtures", "lf_v1")
+    shutil.copy(os.path.join(golden_dir, "v1_sft_full.yaml"), lf_checkout)
+    with open(os.path.join(golden_dir, "golden_digests.json"), encoding="utf-8") as fh:
+        golden = json.load(fh)[spec]
+    cfg = build_config({"model": DEMO_MODEL, "train_dataset": spec, "cutoff_len": 100000, "output_dir": "o"},
+                       command_stage=stage)
+    _, _, data = load_tokenizer_and_data(cfg, stage)
+    keys = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"] if stage == "dpo" \
+        else ["input_ids", "labels"]
+    ours = [hashlib.sha1(json.dumps([list(row[k]) for k in keys]).encode()).hexdigest()[:16]
+            for row in data.train_dataset]
+    assert len(ours) == len(golden)
+    assert ours == golden, f"{sum(a != b for a, b in zip(ours, golden))} of {len(golden)} rows differ"

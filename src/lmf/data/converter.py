@@ -85,7 +85,7 @@ def _alpaca(record: dict, attr: DatasetAttr, stage: str) -> dict:
     query = [_text(record.get(attr.prompt), attr.prompt)]
     if attr.query and record.get(attr.query):
         query.append(_text(record[attr.query], attr.query))
-    query_text = "\n".join(q for q in query if q)
+    query_text = attr.query_join.join(q for q in query if q)
     if not query_text.strip() and stage != "pt":
         raise RecordProblem(f"field {attr.prompt!r} is empty")
     prompt.append({"role": USER, "content": query_text})

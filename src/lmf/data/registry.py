@@ -45,6 +45,8 @@ class DatasetAttr:
     num_samples: Optional[int] = None
     #: v1 ``weight``: after ``num_samples``, resample to ``int(count x weight)`` records (seeded)
     sample_weight: Optional[float] = None
+    #: alpaca: what joins instruction and input ("\n" as in LLaMA-Factory v0; "" in v1's alpaca converter)
+    query_join: str = "\n"
     # alpaca columns
     prompt: str = "instruction"
     query: str = "input"
@@ -232,7 +234,7 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
         converter = entry.get("converter")
         attr = DatasetAttr(name=name, files=files)
         if converter == "alpaca":
-            attr.system = "system"
+            attr.system, attr.query_join = "system", ""  # v1 concatenates instruction and input as they are
         elif converter == "sharegpt":
             attr.formatting, attr.tools, attr.system = "sharegpt", "tools", "system"
         elif converter == "pair":
