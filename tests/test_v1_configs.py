@@ -211,3 +211,15 @@ def test_v1_tokens_equal_llamafactory_v1(lf_checkout, spec, stage):
             for row in data.train_dataset]
     assert len(ours) == len(golden)
     assert ours == golden, f"{sum(a != b for a, b in zip(ours, golden))} of {len(golden)} rows differ"
+
+
+def test_chat_reads_v1_sampler_keys(lf_checkout):
+    from lmf.chat import create_engine
+    from lmf.chat.options import load_serving_config
+
+    cfg = load_serving_config([os.path.join(V1, "train_lora", "train_lora_sft.yaml"), f"model={DEMO_MODEL}",
+                               "max_new_tokens=7", "peft_config={\"name\": \"lora\"}"])
+    assert cfg.model.infer_backend == "huggingface" and cfg.generating.max_new_tokens == 7
+    engine = create_engine(cfg)
+    reply = engine.chat([{"role": "user", "content": "hi"}], do_sample=False)
+    assert 0 < reply.completion_tokens <= 7
