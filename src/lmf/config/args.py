@@ -41,6 +41,9 @@ class ModelArguments:
     add_special_tokens: Optional[str] = _f(None, "Comma-separated special tokens to add to the tokenizer.")
     resize_vocab: bool = _f(False, "Resize the embeddings to the tokenizer's vocabulary.")
     low_cpu_mem_usage: bool = _f(True, "Load weights lazily to save CPU memory.")
+    init_on_rank0: bool = _f(False, "Under FSDP on several processes, only rank 0 reads the checkpoint; the other "
+                                    "ranks build the model on the meta device and receive their shards from it "
+                                    "(LLaMA-Factory v1's init_on_rank0).")
     flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
     use_reentrant_gc: bool = _f(True, "Use reentrant gradient checkpointing (LLaMA-Factory's default; it keeps less "

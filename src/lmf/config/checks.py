@@ -48,6 +48,13 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
     _check_adapter_methods(cfg)
     _check_optimizers(cfg)
     _apply_batching_strategy(cfg)
+    if m.init_on_rank0:
+        if ft.stage not in ("sft", "pt"):
+            raise ConfigError(f"config key 'init_on_rank0' with stage {ft.stage} is not implemented (its reference "
+                              "model or value head loads on every rank); use it for sft/pt")
+        if m.quantization_bit is not None:
+            raise ConfigError("config keys 'init_on_rank0' and 'quantization_bit' do not combine (a quantized base "
+                              "is not sharded)")
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:

@@ -30,7 +30,8 @@ V1_KEYS: dict[str, str] = {
     "trust_remote_code": "trust_remote_code",
     "flash_attn": "flash_attn (flash_attention_2: FA2 where usable, else sdpa, said in the log)",
     "template": "template (v1 0.9.5; default: the tokenizer's own chat template)",
-    "init_config": "init_on_default (init_on_rank0 / init_on_meta: refused, not implemented)",
+    "init_config": "init_on_default; init_on_rank0: init_on_rank0 (only rank 0 reads the checkpoint); init_on_meta: "
+                   "refused",
     "peft_config": "lora: finetuning_type lora + r, lora_alpha, lora_dropout, target_modules, use_rslora, use_dora, "
                    "modules_to_save, adapter_name_or_path (+ export_dir, export_size, infer_dtype for merge); "
                    "freeze: finetuning_type freeze + freeze_*; absent: full",
@@ -197,9 +198,11 @@ def _model(raw: dict, out: dict) -> None:
     if raw.get("enable_activation_checkpointing") is not None:
         out["gradient_checkpointing"] = bool(raw["enable_activation_checkpointing"])
     init = _plugin(raw, "init_config")
-    if init is not None and init["name"] != "init_on_default":
-        raise ConfigError(f"config key 'init_config': {init['name']} is not implemented; every rank loads the model "
-                          "(init_on_default) and FSDP2 shards it")
+    if init is not None and init["name"] == "init_on_rank0":
+        out["init_on_rank0"] = True
+    elif init is not None and init["name"] != "init_on_default":
+        raise ConfigError(f"config key 'init_config': {init['name']} is not implemented; use init_on_rank0 (only "
+                          "rank 0 reads the checkpoint) or init_on_default")
 
 
 def _data_and_batching(raw: dict, out: dict) -> None:

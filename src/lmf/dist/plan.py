@@ -47,6 +47,7 @@ class ParallelPlan:
     layer_classes: tuple = ()
     offload: bool = False       # FSDP2 CPUOffloadPolicy (DeepSpeed offload_optimizer / offload_param: cpu)
     pin_memory: bool = False
+    from_rank0: bool = False    # init_on_rank0: only rank 0 read the checkpoint; the others get their shards from it
 
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
@@ -162,6 +163,9 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     offload = bool(ds and ds.offload)
     if offload and cfg.model.quantization_bit is not None:
         raise ConfigError("config keys 'quantization_bit' and 'deepspeed' offload do not combine")
+    from_rank0 = bool(cfg.model.init_on_rank0) and mode == "fsdp" and world_size > 1 and shard_size is None
+    if cfg.model.init_on_rank0 and not from_rank0 and announce:
+        logger.info("init_on_rank0: applies to FSDP sharding on several processes; here every rank loads the model")
     if world_size <= 1 and not offload:
         if mode == "fsdp" and announce:
             logger.info("a single process: no sharding needed, training without FSDP")
@@ -175,7 +179,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
                         "replicated %d time(s)", world_size // shard_size, shard_size, shard_size,
                         world_size // shard_size)
     return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes, offload,
-                        bool(ds and ds.pin_memory))
+                        bool(ds and ds.pin_memory), from_rank0)
 
 
 def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) -> None:

@@ -195,7 +195,7 @@ def model_class_of(path: str, trust_remote_code: bool = False):
         return None
 
 
-def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None):
+def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
@@ -203,7 +203,7 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None):
     trust = _trust_remote_code(m, path)
     common = dict(trust_remote_code=trust, cache_dir=m.cache_dir, revision=m.model_revision)
     try:
-        if m.train_from_scratch:
+        if m.train_from_scratch or on_meta:  # on_meta: the shapes only; rank 0 sends the weights (init_on_rank0)
             config = AutoConfig.from_pretrained(path, **common)
             return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
         quantized = quantization_config(cfg, dtype)
@@ -218,12 +218,25 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None):
         raise LmfError(f"cannot load a causal LM from model_name_or_path={path!r}: {exc}") from exc
 
 
-def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None):
+def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None,
+               on_meta: bool = False):
     """Load the causal LM, apply the finetuning method (training) or merge adapters (inference).
 
     The returned model stays on CPU unless ``device`` is given; trainable parameters are fp32
-    (mixed precision keeps fp32 master weights), frozen ones use the resolved dtype.
+    (mixed precision keeps fp32 master weights), frozen ones use the resolved dtype. ``on_meta``: the model
+    and its adapters are built on the meta device without reading the checkpoint (``init_on_rank0``: the
+    trainer fills them from rank 0 once sharded).
     """
+    import torch
+
+    if on_meta:
+        with torch.device("meta"):
+            return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True)  # dtype as rank 0's
+    return _load_model(cfg, tokenizer, is_trainable, device)
+
+
+def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None,
+                on_meta: bool = False):
     import torch
 
     from lmf.model.forward import set_packed_sdpa, set_padding_free
@@ -236,7 +249,7 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     check_pre_quantized(cfg.model, read_model_config(path) if os.path.isdir(path) else {})
     model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if os.path.isdir(path) else None
     attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class)
-    model = _from_pretrained(cfg, dtype, attn, device)
+    model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     _maybe_resize_embeddings(cfg, model, tokenizer)
     if tokenizer is not None and getattr(model.generation_config, "pad_token_id", None) is None:
@@ -268,8 +281,8 @@ def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional
     set_packed_sdpa(model, cfg.model.packed_sdpa)
     if is_trainable and cfg.model.moe_aux_loss_coef:
         _enable_router_aux_loss(cfg, model)
-    if cfg.model.quantization_bit is not None:
-        return model  # placed by from_pretrained (device_map): quantized weights are not moved
+    if cfg.model.quantization_bit is not None or on_meta:
+        return model  # placed by from_pretrained (device_map), or on meta until the trainer fills it
     return model.to(device)
 
 

@@ -45,9 +45,12 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
             options["mesh"] = hsdp_mesh(device, plan.shard_size)
         layers = decoder_layers(loss_module.model)
         _check_layer_classes(layers, plan.layer_classes)
+        full = _rank0_state(loss_module) if plan.from_rank0 else None
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(loss_module, **options)
+        if plan.from_rank0:
+            _fill_from_rank0(loss_module, full, device)
         if plan.offload:
             _buffers_to(loss_module, device)  # sharded parameters stay on CPU; FSDP2 moves them per use
         else:
@@ -60,6 +63,37 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         ids = [device.index] if device.type == "cuda" else None
         return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=bool(find_unused))
     return loss_module
+
+
+def _rank0_state(module) -> Optional[tuple[dict, dict]]:
+    """On rank 0, references to the full parameters and buffers (no copy); None on the meta ranks."""
+    import torch.distributed as dist
+
+    if dist.get_rank() != 0:
+        return None
+    return dict(module.state_dict()), {n: b for n, b in module.named_buffers()}
+
+
+def _fill_from_rank0(module, full: Optional[tuple[dict, dict]], device: "torch.device") -> None:
+    """``init_on_rank0``: allocate every rank's shards and buffers, then receive them from rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    module.to_empty(device=device)
+    config = getattr(module.model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(module.model, "tie_weights"):
+        module.model.tie_weights()
+    state, buffers = full if full is not None else ({}, {})
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in module.named_buffers():  # non-persistent buffers (rotary frequencies) are not in the state
+        if full is not None:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
+    if dist.get_rank() == 0:
+        from lmf.extras.logging import get_logger
+
+        get_logger("lmf.train.trainer").info("init_on_rank0: rank 0 read the checkpoint and sent %d process(es) "
+                                             "their shards", dist.get_world_size() - 1)
 
 
 def _single_process_group(device: "torch.device") -> None:

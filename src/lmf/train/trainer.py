@@ -121,9 +121,9 @@ class Trainer:
         stream = build_stream(self.train_dataset, self.stage.collator, self.args, self.cfg.finetuning, self.runtime,
                               cutoff_len=self.cfg.data.cutoff_len)
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)
-        if self.resume.checkpoint:
-            self.checkpoints.load_weights(self.resume.checkpoint)
         plan = plan_parallelism(self.cfg, self.runtime.world_size, announce=False)  # announced by the workflow
+        if self.resume.checkpoint and not (plan.from_rank0 and self.runtime.rank != 0):
+            self.checkpoints.load_weights(self.resume.checkpoint)  # init_on_rank0: rank 0 sends them on
         loss_module = _make_loss_module(self.model, self.stage.compute_loss, self.cfg.model.moe_aux_loss_coef)
         wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters)
         optimizer = create_optimizer(loss_module, self.args, self.cfg.finetuning)

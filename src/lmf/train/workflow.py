@@ -108,13 +108,14 @@ def run_training(cfg: "LmfConfig") -> None:
     limit_heap_fragmentation(threshold_bytes(cfg.model.malloc_mmap_threshold_mb))  # opt-in
     runtime = setup_runtime(cfg)
     try:
-        plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
+        plan = plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
         resume = resolve_resume_checkpoint(cfg, runtime)
         set_seed(cfg.training.seed)
         tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
         # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
         model = load_model(cfg, tokenizer, is_trainable=True,
-                           device=runtime.device if cfg.model.quantization_bit is not None else None)
+                           device=runtime.device if cfg.model.quantization_bit is not None else None,
+                           on_meta=plan.from_rank0 and runtime.rank != 0)  # init_on_rank0: rank 0 reads the weights
         setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset)
         stage = recipe.build_stage(cfg, setup)
         trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
