@@ -87,7 +87,7 @@ def test_value_coercion():
     ({"bf16": True, "fp16": True}, r"'bf16' and 'fp16' are both true"),
     ({"cutoff_len": 0}, r"config key 'cutoff_len': must be positive"),
     ({"val_size": -0.1}, r"config key 'val_size': must be >= 0"),
-    ({"report_to": "mlflow"}, r"config key 'report_to': 'mlflow' is not supported"),
+    ({"report_to": "comet_ml"}, r"config key 'report_to': 'comet_ml' is not supported"),
 ])
 def test_bad_keys_and_values(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):

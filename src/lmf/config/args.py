@@ -287,7 +287,8 @@ class TrainingArguments:
     eval_strategy: str = _f("no", "When to evaluate.", ("no", "steps", "epoch"))
     evaluation_strategy: Optional[str] = _f(None, "Deprecated alias of eval_strategy.", (None, "no", "steps", "epoch"))
     eval_steps: Optional[float] = _f(None, "Evaluate every N steps (default: logging_steps).")
-    report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb (comma-separated or list).")
+    report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb, mlflow, all (the "
+                                             "installed ones); comma-separated or a list.")
     run_name: Optional[str] = _f(None, "Run name for trackers.")
     resume_from_checkpoint: Union[bool, str, None] = _f(None, "true: newest checkpoint in output_dir; a path: that checkpoint.")
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config: ZeRO stages and CPU offload mapped onto "

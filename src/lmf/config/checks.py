@@ -30,8 +30,9 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
     else:
         t.report_to = [r for r in t.report_to if r != "none"]
     for r in t.report_to:
-        if r not in ("tensorboard", "wandb", "all"):
-            raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard or wandb")
+        if r not in ("tensorboard", "wandb", "mlflow", "all"):
+            raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard, wandb, "
+                              "mlflow or all")
     if d.interleave_probs is not None:
         if d.mix_strategy == "concat":
             raise ConfigError("config key 'interleave_probs' needs an interleaving mix_strategy "

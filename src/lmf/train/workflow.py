@@ -109,6 +109,10 @@ def run_training(cfg: "LmfConfig") -> None:
     runtime = setup_runtime(cfg)
     try:
         plan = plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
+        if runtime.is_main:
+            from lmf.train.reporting import resolve_trackers
+
+            resolve_trackers(cfg.training.report_to)  # a missing tracker package: stop now, with the pip line
         resume = resolve_resume_checkpoint(cfg, runtime)
         set_seed(cfg.training.seed)
         tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
