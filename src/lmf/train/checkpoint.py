@@ -292,6 +292,8 @@ class CheckpointIO:
             write_json(os.path.join(tmp, STATE_NAME), asdict(state))
             commit_files(tmp, out)
             run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
+            if self.is_lora:
+                _warn_for_vllm(out)
             if self.cfg.finetuning.pissa_convert:
                 from lmf.train.pissa import write_converted_adapter
 
@@ -378,3 +380,13 @@ class CheckpointIO:
             )
         run.stream.epoch, run.stream.batch_in_epoch = state.data_epoch, state.batch_in_epoch
         run_logger.info("resumed from %s at step %d (epoch %.2f)", path, state.global_step, state.epoch)
+
+
+def _warn_for_vllm(adapter_dir: str) -> None:
+    """Say what vLLM's ``--enable-lora`` would refuse in the adapter just saved (lmf.model.vllm_compat)."""
+    from lmf.model.vllm_compat import vllm_lora_warnings
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if os.path.isfile(path):
+        for problem in vllm_lora_warnings(read_json(path)):
+            run_logger.warning("serving this adapter with vLLM: %s", problem)
