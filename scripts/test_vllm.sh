@@ -25,4 +25,4 @@ fi
     echo "SKIPPED tests/test_vllm_serving.py: could not install lmf into $VENV"; exit 0; }
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_serving.py "$@"
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" timeout 1800 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_vllm_serving.py "$@"

@@ -71,13 +71,19 @@ def test_vllm_applies_lmf_adapters_as_peft_does(trained):
     from vllm import LLM
     from vllm.lora.request import LoRARequest
 
+    from lmf.predict.vllm_generate import shutdown_llm
+
     llm = LLM(model=trained["base"], enable_lora=True, max_lora_rank=8, max_loras=2, **VLLM_ARGS)
-    base = _vllm_prompt_logprobs(llm, PROMPT_IDS)
+    try:
+        base = _vllm_prompt_logprobs(llm, PROMPT_IDS)
+        served = {name: _vllm_prompt_logprobs(llm, PROMPT_IDS, LoRARequest(f"lora{slot}", slot, trained[name]))
+                  for slot, name in enumerate(("sft", "dpo"), start=1)}
+    finally:
+        shutdown_llm(llm)
     assert base == pytest.approx(_peft_prompt_logprobs(trained["base"], None, PROMPT_IDS), abs=1e-4)
-    for slot, name in enumerate(("sft", "dpo"), start=1):
-        served = _vllm_prompt_logprobs(llm, PROMPT_IDS, LoRARequest(f"lora{slot}", slot, trained[name]))
-        assert served == pytest.approx(_peft_prompt_logprobs(trained["base"], trained[name], PROMPT_IDS), abs=1e-4)
-        assert max(abs(a - b) for a, b in zip(served, base)) > 1e-3, name  # the adapter is really applied
+    for name, logps in served.items():
+        assert logps == pytest.approx(_peft_prompt_logprobs(trained["base"], trained[name], PROMPT_IDS), abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(logps, base)) > 1e-3, name  # the adapter is really applied
 
 
 def _engine(trained, backend: str, adapter: str):
@@ -110,8 +116,13 @@ def test_the_exported_model_serves_with_its_chat_template(trained):
                        f"export_dir={merged}"]) == 0
     messages = [{"role": "user", "content": "hi"}]
     expected = _engine(trained, "huggingface", trained["sft"]).chat(messages).text
+    from lmf.predict.vllm_generate import shutdown_llm
+
     llm = LLM(model=merged, **VLLM_ARGS)
-    out = llm.chat(messages, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)  # the exported template
+    try:
+        out = llm.chat(messages, SamplingParams(max_tokens=12, temperature=0), use_tqdm=False)  # exported template
+    finally:
+        shutdown_llm(llm)
     assert out[0].outputs[0].text == expected
 
 
@@ -132,3 +143,20 @@ def test_prediction_through_vllm_writes_the_huggingface_predictions(trained):
         with open(out / "generated_predictions.jsonl", encoding="utf-8") as fh:
             files[backend] = [json.loads(line) for line in fh]
     assert files["vllm"] == files["huggingface"]
+
+
+def test_the_api_through_vllm_answers_what_huggingface_answers(trained):
+    """`lmf api --backend vllm`: the OpenAI-compatible server on the real vLLM engine, over HTTP."""
+    import openai
+    from test_api import serve
+
+    engine = _engine(trained, "vllm", trained["dpo"])
+    expected = _engine(trained, "huggingface", trained["dpo"]).chat([{"role": "user", "content": "hello"}]).text
+    try:
+        with serve(engine) as url:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+            reply = client.chat.completions.create(model="dpo", messages=[{"role": "user", "content": "hello"}],
+                                                   temperature=0, max_tokens=12)
+    finally:
+        engine.close()
+    assert reply.choices[0].message.content == expected

@@ -155,4 +155,12 @@ class VllmEngine(ChatEngine):
         return stream.attach(pieces(), on_close=abort)
 
     def close(self) -> None:
+        """Shut vLLM's engine down (its engine-core process and IPC), then stop the event-loop thread."""
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            async def stop() -> None:
+                shutdown()
+
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)

@@ -47,6 +47,16 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
             stop_token_ids=stop_ids, skip_special_tokens=False, detokenize=False,
         ))
     logger.info("predicting %d samples with vLLM%s", len(prompts), f" (adapter {adapters[0]})" if adapters else "")
-    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, lora_request=lora_request,
-                           use_tqdm=False)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, lora_request=lora_request,
+                               use_tqdm=False)
+    finally:
+        shutdown_llm(llm)
     return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an offline ``vllm.LLM``'s engine-core process now (else it outlives its work until interpreter exit)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
