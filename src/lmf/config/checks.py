@@ -194,13 +194,14 @@ def _check_adapter_methods(cfg: "LmfConfig") -> None:
                               "(QOFT) is not implemented")
 
 
-_OPTIMIZER_SWITCHES = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
+#: The memory-saving optimizers' switches (one at a time; lmf.train.optimizers builds them).
+OPTIMIZER_SWITCHES = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
 
 
 def _check_optimizers(cfg: "LmfConfig") -> None:
     """One special optimizer at a time, on the methods it works with, with the settings it can run."""
     t, ft = cfg.training, cfg.finetuning
-    on = [k for k in _OPTIMIZER_SWITCHES if getattr(ft, k)] + (["loraplus_lr_ratio"] if ft.loraplus_lr_ratio else [])
+    on = [k for k in OPTIMIZER_SWITCHES if getattr(ft, k)] + (["loraplus_lr_ratio"] if ft.loraplus_lr_ratio else [])
     if len(on) > 1:
         raise ConfigError(f"config keys {' and '.join(repr(k) for k in on)}: choose one optimizer")
     _warn_family_keys_without_switch(ft)

@@ -185,7 +185,9 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
 def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) -> None:
     """GaLore/APOLLO/BAdam/Adam-mini/Muon work on whole weight matrices: one process or DDP, never FSDP shards;
     the layerwise variants and BAdam (it switches requires_grad, which DDP's reducer cannot follow) need one."""
-    on = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(ft, k, False)]
+    from lmf.config.checks import OPTIMIZER_SWITCHES
+
+    on = [k for k in OPTIMIZER_SWITCHES if getattr(ft, k, False)]
     if not on:
         return
     if (mode == "fsdp" and world_size > 1) or offload:  # one process trains unsharded anyway

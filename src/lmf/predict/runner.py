@@ -149,8 +149,9 @@ def _write_outputs(cfg, tokenizer, prompts, answers, labels, runtime_s: float, w
     expected = tokenizer.batch_decode(labels, skip_special_tokens=skip)
     lines = [json.dumps({"prompt": p, "predict": a, "label": lab}, ensure_ascii=False) + "\n"
              for p, a, lab in zip(decoded_prompts, predicted, expected)]
-    scores = similarity_scores(tokenizer.batch_decode(answers, skip_special_tokens=True),
-                               tokenizer.batch_decode(labels, skip_special_tokens=True))
+    # LLaMA-Factory scores the texts without special tokens, whatever skip_special_tokens says for the file
+    scores = similarity_scores(predicted if skip else tokenizer.batch_decode(answers, skip_special_tokens=True),
+                               expected if skip else tokenizer.batch_decode(labels, skip_special_tokens=True))
     batch = cfg.training.per_device_eval_batch_size
     steps = -(-len(prompts) // (batch * world_size))
     metrics = {f"predict_{k}": v for k, v in scores.items()}

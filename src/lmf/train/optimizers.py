@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.config.checks import OPTIMIZER_SWITCHES
 from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -29,14 +30,13 @@ PACKAGES = {
     "use_badam": ("badam", "badam", "BAdam"),
     "use_adam_mini": ("adam_mini", "adam-mini", "Adam-mini"),
 }
-SWITCHES = ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
 
 
 def special_optimizer_of(ft) -> Optional[str]:
     """The switch (``use_galore``, ...) that is on, or None."""
     flags = {"use_galore": ft.use_galore, "use_apollo": ft.use_apollo, "use_badam": ft.use_badam,
              "use_adam_mini": ft.use_adam_mini, "use_muon": ft.use_muon}
-    on = [s for s in SWITCHES if flags[s]]
+    on = [s for s in OPTIMIZER_SWITCHES if flags[s]]
     return on[0] if on else None
 
 
