@@ -80,15 +80,33 @@ def test_family_trains_saves_reloads_and_generates(name, ftype, family_dir, tmp_
 
 
 def test_attention_follows_what_the_model_supports(family_dir):
-    from lmf.model.loader import model_class_of, resolve_attn_implementation
+    from lmf.model.loader import model_class_of, read_model_config, resolve_attn_implementation
     from lmf.extras.errors import ConfigError
 
     cpu = torch.device("cpu")
     for name, expected in (("gemma2", "eager"), ("gpt_oss", "eager"), ("qwen3", "sdpa")):
-        cls = model_class_of(family_dir(name))
-        assert resolve_attn_implementation("auto", cpu, torch.float32, cls) == expected, name
+        path = family_dir(name)
+        got = resolve_attn_implementation("auto", cpu, torch.float32, model_class_of(path), read_model_config(path))
+        assert got == expected, name
+    gemma2 = family_dir("gemma2")
     with pytest.raises(ConfigError, match="flash_attn"):
-        resolve_attn_implementation("sdpa", cpu, torch.float32, model_class_of(family_dir("gemma2")))
+        resolve_attn_implementation("sdpa", cpu, torch.float32, model_class_of(gemma2), read_model_config(gemma2))
+
+
+def test_softcapped_attention_is_never_sdpa_even_where_the_class_offers_it():
+    """transformers 5.6-5.23 mark Gemma-2 sdpa-capable and drop its logit soft-cap there: the config decides."""
+    from lmf.extras.errors import ConfigError
+    from lmf.model.loader import resolve_attn_implementation
+
+    class OffersSdpa:
+        _supports_sdpa = True
+
+    cpu = torch.device("cpu")
+    capped = {"model_type": "gemma2", "attn_logit_softcapping": 50.0}
+    assert resolve_attn_implementation("auto", cpu, torch.float32, OffersSdpa, capped) == "eager"
+    assert resolve_attn_implementation("auto", cpu, torch.float32, OffersSdpa, {"attn_logit_softcapping": None}) == "sdpa"
+    with pytest.raises(ConfigError, match="flash_attn"):
+        resolve_attn_implementation("sdpa", cpu, torch.float32, OffersSdpa, capped)
 
 
 def test_lora_all_leaves_routers_alone(family_dir):

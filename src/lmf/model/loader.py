@@ -147,15 +147,18 @@ def resolve_dtype(cfg: "LmfConfig", device: "torch.device", is_trainable: bool) 
 
 
 def resolve_attn_implementation(flash_attn: str, device: "torch.device", dtype: "torch.dtype",
-                                model_class=None) -> str:
+                                model_class=None, model_config: Optional[dict] = None) -> str:
     """flash_attn key -> transformers attn_implementation: sdpa by default, flash_attention_2 when installed on a
-    GPU, eager where the model (``model_class``) has no sdpa path (Gemma-2, GPT-OSS); ``sdpa`` asked for a model
-    without it is an error naming the key."""
+    GPU, eager where the model (``model_class``) has no sdpa path (GPT-OSS) or its attention soft-caps the logits
+    (Gemma-2's ``attn_logit_softcapping`` in ``model_config``, which sdpa cannot apply: transformers < 5.24 offers
+    sdpa for Gemma-2 and silently drops the cap, so the class flag alone is not enough; LLaMA-Factory also
+    switches Gemma-2 to eager); ``sdpa`` asked for such a model is an error naming the key."""
     import importlib.util
 
     import torch
 
-    supports_sdpa = model_class is None or getattr(model_class, "_supports_sdpa", True)
+    softcapped = bool((model_config or {}).get("attn_logit_softcapping"))
+    supports_sdpa = (model_class is None or getattr(model_class, "_supports_sdpa", True)) and not softcapped
     supports_fa2 = model_class is None or getattr(model_class, "_supports_flash_attn", True)
     fa2_usable = (
         importlib.util.find_spec("flash_attn") is not None
@@ -173,15 +176,20 @@ def resolve_attn_implementation(flash_attn: str, device: "torch.device", dtype: 
     if flash_attn in ("disabled", "eager"):
         return "eager"
     if flash_attn == "sdpa" and not supports_sdpa:
-        raise ConfigError(f"config key 'flash_attn': {model_class.__name__} has no sdpa attention; use flash_attn: "
-                          "auto (eager here) or eager")
+        raise ConfigError(f"config key 'flash_attn': {_model_name(model_class, model_config)} has no exact sdpa "
+                          "attention; use flash_attn: auto (eager here) or eager")
     if flash_attn == "auto":
         if fa2_usable:
             return "flash_attention_2"
         if not supports_sdpa:
-            logger.info("flash_attn: auto: %s has no sdpa attention; using eager", model_class.__name__)
+            logger.info("flash_attn: auto: %s has no exact sdpa attention; using eager",
+                        _model_name(model_class, model_config))
             return "eager"
     return "sdpa"
+
+
+def _model_name(model_class, model_config: Optional[dict]) -> str:
+    return model_class.__name__ if model_class is not None else str((model_config or {}).get("model_type", "the model"))
 
 
 def model_class_of(path: str, trust_remote_code: bool = False):
@@ -247,8 +255,10 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     dtype = resolve_dtype(cfg, device, is_trainable)
     path = _check_model_path(cfg.model)
     check_pre_quantized(cfg.model, read_model_config(path) if os.path.isdir(path) else {})
-    model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if os.path.isdir(path) else None
-    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class)
+    local = os.path.isdir(path)
+    model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if local else None
+    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class,
+                                       read_model_config(path) if local else None)
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     _maybe_resize_embeddings(cfg, model, tokenizer)
