@@ -106,8 +106,17 @@ class DataArguments:
     dataset: Optional[str] = _f(None, "Comma-separated dataset names from dataset_info.json (or file paths).")
     eval_dataset: Optional[str] = _f(None, "Comma-separated evaluation dataset names.")
     dataset_dir: str = _f("data", "Folder holding dataset_info.json and the data files.")
-    media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).",
-        no_effect="multimodal data is not supported")
+    media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).")
+    image_max_pixels: int = _f(768 * 768, "Images larger than this many pixels are scaled down (LLaMA-Factory's rule).")
+    image_min_pixels: int = _f(32 * 32, "Images smaller than this many pixels are scaled up.")
+    video_max_pixels: int = _f(256 * 256, "Video frames larger than this are scaled down.",
+        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
+    video_min_pixels: int = _f(16 * 16, "Video frames smaller than this are scaled up.",
+        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
+    video_fps: float = _f(2.0, "Frames sampled per second of video.",
+        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
+    video_maxlen: int = _f(128, "At most this many frames per video.",
+        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
     cutoff_len: int = _f(2048, "Maximum tokens per sample after tokenization.")
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = _f(False, "Train on the last assistant turn only.")
@@ -233,12 +242,9 @@ class FinetuningArguments:
     use_adam_mini: bool = _f(False, "Adam-mini: one second-moment value per block (head, row) instead of per weight.")
     use_muon: bool = _f(False, "Muon: orthogonalised momentum for 2-D hidden weights (torch.optim.Muon), AdamW "
                                "for embeddings, head, norms and biases.")
-    freeze_vision_tower: bool = _f(True, "Freeze the vision tower (multimodal).",
-        no_effect="multimodal models are not supported")
-    freeze_multi_modal_projector: bool = _f(True, "Freeze the multimodal projector.",
-        no_effect="multimodal models are not supported")
-    freeze_language_model: bool = _f(False, "Freeze the language model (multimodal).",
-        no_effect="multimodal models are not supported")
+    freeze_vision_tower: bool = _f(True, "Vision-language models: keep the vision tower frozen (no LoRA on it).")
+    freeze_multi_modal_projector: bool = _f(True, "Vision-language models: keep the projector (merger) frozen.")
+    freeze_language_model: bool = _f(False, "Vision-language models: keep the language model frozen.")
     early_stopping_steps: Optional[int] = _f(None, "Stop when the eval loss has not improved for N evaluations.")
 
 

@@ -62,8 +62,10 @@ _DATA_KEYS = ("cutoff_len", "train_on_prompt", "mask_history", "max_samples", "p
               "skip_bad_records", "mix_strategy", "interleave_probs", "eval_on_each_dataset")
 
 
-def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eval_attrs: list, seed: int) -> str:
-    """Stable key for one preprocessing result."""
+def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eval_attrs: list, seed: int,
+              media=None) -> str:
+    """Stable key for one preprocessing result (``media``: the vision plugin, whose image processor and image keys
+    decide the vision token counts; image files are keyed by path, not content)."""
     payload: dict[str, Any] = {
         "version": CACHE_VERSION,
         "stage": stage,
@@ -72,6 +74,9 @@ def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eva
         "args": {k: getattr(data_args, k) for k in _DATA_KEYS},
         "seed": seed,
     }
+    if media is not None:
+        payload["media"] = media.cache_identity()
+        payload["media_dir"] = data_args.media_dir
     for split, attrs in (("train", train_attrs), ("eval", eval_attrs)):
         payload[split] = [
             {"attr": {k: v for k, v in dataclasses.asdict(a).items() if k != "files"},

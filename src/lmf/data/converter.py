@@ -4,7 +4,11 @@ Normalized record::
 
     {"_prompt": [{"role": "user"|"assistant"|"observation"|"function", "content": str}, ...],
      "_response": [{"role": "assistant"|"function", "content": str}, ...],  # 1 (sft) or 2: chosen, rejected
-     "_system": str, "_tools": str}
+     "_system": str, "_tools": str, "_images": [path, ...], "_videos": [path, ...]}
+
+Images come from the dataset's ``images`` column (or OpenAI / v1 content parts of type ``image_url`` / ``image``,
+which become ``<image>`` placeholders in the text); paths are resolved against ``media_dir``; each file must open
+and the number of ``<image>`` placeholders must equal the number of images, else the record is malformed.
 
 For stage ``kto`` (LLaMA-Factory's layout) ``_response`` is ``[answer, empty]`` when the record's ``kto_tag``
 is true (a desirable answer) and ``[empty, answer]`` when it is false.
@@ -18,6 +22,8 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from lmf.data.media import IMAGE_PLACEHOLDER
+from lmf.data.media.images import image_problem, resolve_media_path
 from lmf.data.registry import DatasetAttr
 
 USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
@@ -112,7 +118,7 @@ def _alpaca(record: dict, attr: DatasetAttr, stage: str) -> dict:
     return {"_prompt": prompt, "_response": response, "_system": system, "_tools": tools}
 
 
-def _openai_message(msg: dict, attr: DatasetAttr, field: str) -> tuple[str, str]:
+def _openai_message(msg: dict, attr: DatasetAttr, field: str, media: Optional[list] = None) -> tuple[str, str]:
     """(tag, content) of an OpenAI-style message; assistant tool_calls become a function message."""
     role = msg.get(attr.role_tag)
     if role == attr.assistant_tag and msg.get("tool_calls"):
@@ -131,7 +137,7 @@ def _openai_message(msg: dict, attr: DatasetAttr, field: str) -> tuple[str, str]
         return attr.function_tag, json.dumps(calls if len(calls) > 1 else calls[0], ensure_ascii=False)
     content = msg.get(attr.content_tag)
     if isinstance(content, list):  # content parts: OpenAI's {type, text} or LLaMA-Factory v1's {type, value}
-        content = _text_parts(content, field)
+        content = _text_parts(content, field, media)
     weight = msg.get("loss_weight")
     if weight is not None:  # v1: 1 on the answers, 0 on the prompt (what lmf's masking does)
         expected = 1.0 if role == attr.assistant_tag else 0.0
@@ -141,20 +147,36 @@ def _openai_message(msg: dict, attr: DatasetAttr, field: str) -> tuple[str, str]
     return role, content
 
 
-def _text_parts(parts: list, field: str) -> str:
+def _part_image(part: dict, field: str) -> str:
+    """The path of an image content part: OpenAI's ``{"type": "image_url", "image_url": {"url": ...}}``, or
+    ``{"type": "image", "image" | "value" | "url": ...}`` (LLaMA-Factory v1)."""
+    value = part.get("image_url", part.get("image", part.get("value", part.get("url"))))
+    if isinstance(value, dict):
+        value = value.get("url", value.get("path"))
+    if not isinstance(value, str) or not value:
+        raise RecordProblem(f"field {field!r}: an image part needs a file path (image_url.url)")
+    if value.startswith(("http://", "https://")):
+        raise RecordProblem(f"field {field!r}: image {value!r} is a remote URL; lmf reads local files only")
+    return value[len("file://"):] if value.startswith("file://") else value
+
+
+def _text_parts(parts: list, field: str, media: Optional[list] = None) -> str:
     texts = []
     for part in parts:
         if not isinstance(part, dict):
             raise RecordProblem(f"field {field!r}: content parts must be objects")
         kind = part.get("type", "text")
+        if kind in ("image_url", "image") and media is not None:
+            media.append(_part_image(part, field))
+            texts.append(IMAGE_PLACEHOLDER)
+            continue
         if kind != "text":
-            raise RecordProblem(f"field {field!r}: content of type {kind!r} is not implemented (text parts only; "
-                                "images, videos and audio come with vision-language support)")
+            raise RecordProblem(f"field {field!r}: content of type {kind!r} is not implemented (text and image parts)")
         texts.append(str(part.get("text", part.get("value", ""))))
     return "".join(texts)
 
 
-def _messages(raw: Any, attr: DatasetAttr, field: str) -> tuple[list[dict], Optional[str]]:
+def _messages(raw: Any, attr: DatasetAttr, field: str, media: Optional[list] = None) -> tuple[list[dict], Optional[str]]:
     """Sharegpt/openai message list -> (messages with canonical roles, system text or None)."""
     if not isinstance(raw, list):
         raise RecordProblem(f"field {field!r} must be a list of messages, got {type(raw).__name__}")
@@ -169,7 +191,7 @@ def _messages(raw: Any, attr: DatasetAttr, field: str) -> tuple[list[dict], Opti
         if not isinstance(msg, dict):
             raise RecordProblem(f"field {where!r} must be a message object")
         if attr.formatting in ("openai", "pair"):
-            tag, content = _openai_message(msg, attr, where)
+            tag, content = _openai_message(msg, attr, where, media)
         else:
             tag, content = msg.get(attr.role_tag), msg.get(attr.content_tag)
         if tag is None:
@@ -193,11 +215,11 @@ def _check_order(messages: list[dict], field: str, offset: int = 0) -> None:
             )
 
 
-def _sharegpt(record: dict, attr: DatasetAttr, stage: str) -> dict:
+def _sharegpt(record: dict, attr: DatasetAttr, stage: str, media: Optional[list] = None) -> dict:
     field = attr.messages
     if field not in record:
         raise RecordProblem(f"field {field!r} is missing")
-    messages, system = _messages(record[field], attr, field)
+    messages, system = _messages(record[field], attr, field, media)
     if system is None and attr.system and record.get(attr.system):  # a system message wins, as in LLaMA-Factory
         system = _text(record[attr.system], attr.system)
     if not messages:
@@ -235,7 +257,7 @@ def _sharegpt(record: dict, attr: DatasetAttr, stage: str) -> dict:
     return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": tools}
 
 
-def _pair(record: dict, attr: DatasetAttr, stage: str) -> dict:
+def _pair(record: dict, attr: DatasetAttr, stage: str, media: Optional[list] = None) -> dict:
     """v1 ``pair`` layout: chosen and rejected are full message lists sharing the same prompt."""
     chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
     convs = []
@@ -243,7 +265,7 @@ def _pair(record: dict, attr: DatasetAttr, stage: str) -> dict:
     for key in (chosen_key, rejected_key):
         if key not in record:
             raise RecordProblem(f"field {key!r} is missing (pair data needs chosen and rejected message lists)")
-        messages, sys_text = _messages(record[key], attr, key)
+        messages, sys_text = _messages(record[key], attr, key, media if key == chosen_key else None)
         system = system if system is not None else sys_text
         if not messages:
             raise RecordProblem(f"field {key!r} has no messages")
@@ -261,15 +283,64 @@ def _pair(record: dict, attr: DatasetAttr, stage: str) -> dict:
     return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": ""}
 
 
-def convert_record(record: Any, attr: DatasetAttr, stage: str) -> tuple[Optional[dict], Optional[str]]:
-    """(normalized record, None) or (None, problem naming the field)."""
+def _column_media(record: dict, column: Optional[str]) -> list[str]:
+    if not column or record.get(column) is None:
+        return []
+    value = record[column]
+    values = value if isinstance(value, list) else [value]
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise RecordProblem(f"field {column!r}[{i}] must be a file path, got {type(v).__name__}")
+    return list(values)
+
+
+def _count(messages: list[dict], placeholder: str) -> int:
+    return sum(m["content"].count(placeholder) for m in messages)
+
+
+def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_dir: Optional[str],
+                  part_images: list[str]) -> dict:
+    """``_images`` / ``_videos`` of the record, resolved and checked against its placeholders."""
+    images = _column_media(record, attr.images) + part_images
+    videos = _column_media(record, attr.videos)
+    if attr.audios and record.get(attr.audios):
+        raise RecordProblem(f"field {attr.audios!r}: audio input is not implemented in lmf")
+    if videos:
+        raise RecordProblem(f"field {attr.videos!r}: video input is not implemented in lmf yet (images only)")
+    # placeholders of what one sample sees: the prompt and (preference data) its chosen answer
+    messages = out["_prompt"] + out["_response"][:1]
+    if stage == "kto" and len(out["_response"]) == 2 and not out["_response"][0]["content"]:
+        messages = out["_prompt"] + out["_response"][1:]
+    found = _count(messages, IMAGE_PLACEHOLDER)
+    if (attr.images or part_images) and found != len(images):  # a text dataset may say "<image>" literally
+        raise RecordProblem(f"field {attr.images or 'images'!r}: {len(images)} image(s) but {found} "
+                            f"{IMAGE_PLACEHOLDER} placeholder(s) in the messages; they must match")
+    resolved = []
+    for i, path in enumerate(images):
+        full = resolve_media_path(path, media_dir)
+        problem = image_problem(full)
+        if problem:
+            raise RecordProblem(f"field {attr.images or 'images'!r}[{i}]: {problem}"
+                                + (f" (relative paths are looked up in media_dir {media_dir!r})" if media_dir else ""))
+        resolved.append(full)
+    out["_images"], out["_videos"] = resolved, []
+    return out
+
+
+def convert_record(record: Any, attr: DatasetAttr, stage: str,
+                   media_dir: Optional[str] = None) -> tuple[Optional[dict], Optional[str]]:
+    """(normalized record, None) or (None, problem naming the field). ``media_dir``: where relative image paths
+    are looked up."""
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
+    part_images: list[str] = []
     try:
         if attr.formatting == "alpaca":
-            return _alpaca(record, attr, stage), None
-        if attr.formatting == "pair":
-            return _pair(record, attr, stage), None
-        return _sharegpt(record, attr, stage), None
+            out = _alpaca(record, attr, stage)
+        elif attr.formatting == "pair":
+            out = _pair(record, attr, stage, part_images)
+        else:
+            out = _sharegpt(record, attr, stage, part_images)
+        return _attach_media(out, record, attr, stage, media_dir, part_images), None
     except RecordProblem as exc:
         return None, str(exc)

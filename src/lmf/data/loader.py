@@ -50,17 +50,31 @@ class DatasetModule:
     train_dataset: Any
     eval_dataset: Optional[Any]
     stats: dict = field(default_factory=dict)
+    media: Any = None  # the vision plugin the data was built with (images go through the collator)
 
 
-def _features(kind: str):
+def _features(kind: str, media: bool = False):
+    """Arrow features of a normalized or tokenized split; ``media``: with the ``images`` paths (and ``_media_cut``)
+    of a vision-language model's data."""
+    import datasets
+
+    feats = _base_features(kind)
+    if media and kind != "normalized":
+        feats["images"] = datasets.List(datasets.Value("string"))
+        feats["_media_cut"] = datasets.Value("bool")
+    return feats
+
+
+def _base_features(kind: str):
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
     mask = datasets.List(datasets.Value("int8"))
     if kind == "normalized":
         msg = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+        paths = datasets.List(datasets.Value("string"))
         return datasets.Features({"_prompt": msg, "_response": msg, "_system": datasets.Value("string"),
-                                  "_tools": datasets.Value("string")})
+                                  "_tools": datasets.Value("string"), "_images": paths, "_videos": paths})
     if kind == "feedback":
         cols = {"input_ids": ids, "attention_mask": mask, "labels": ids, "kl_input_ids": ids,
                 "kl_attention_mask": mask, "kl_labels": ids, "kto_tags": datasets.Value("bool"),
@@ -156,6 +170,7 @@ def write_arrow_dataset(rows, features, path: str):
 def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, work_dir: str, seed: int):
     """Normalized Arrow dataset of one registered dataset (records converted in this process)."""
     limit = data_args.max_samples if attr.num_samples is None else None
+    media_dir = data_args.media_dir or data_args.dataset_dir
 
     def generate():
         seen = 0
@@ -167,7 +182,7 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
                 if isinstance(record, DataError):
                     bad.add(path, index, str(record))
                     continue
-                normalized, problem = convert_record(record, attr, stage)
+                normalized, problem = convert_record(record, attr, stage, media_dir)
                 if problem is not None:
                     bad.add(path, index, problem)
                     continue
@@ -197,9 +212,41 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
     return ds
 
 
+def _check_images_for_stage(normalized, stage: str, media) -> None:
+    with_images = sum(1 for images in normalized["_images"] if images)
+    if not with_images:
+        return
+    if stage in ("pt", "kto"):
+        raise DataError(f"{with_images} record(s) have images; stage {stage!r} with images is not implemented in lmf "
+                        "(sft, dpo, rm and prediction take images)")
+    if media is None:
+        raise DataError(f"{with_images} record(s) have images but the model takes text only: its template has no "
+                        "vision plugin lmf implements, or model_name_or_path has no image processor "
+                        "(preprocessor_config.json)")
+
+
+def _drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
+    """Samples whose vision tokens ``cutoff_len`` cut through are dropped (the model would fail on them with
+    "Image features and image tokens do not match"), counted and reported by index."""
+    if "_media_cut" not in tokenized.column_names:
+        return tokenized, 0, []
+    cut = [i for i, c in enumerate(tokenized["_media_cut"]) if c]
+    if cut:
+        logger.warning("dropped %d sample(s) whose image tokens do not fit cutoff_len %d (sample index %s%s); raise "
+                       "cutoff_len or lower image_max_pixels to keep them", len(cut), cutoff_len,
+                       ", ".join(map(str, cut[:MAX_REPORTED_PROBLEMS])), " ..." if len(cut) > MAX_REPORTED_PROBLEMS else "")
+        keep = sorted(set(range(len(tokenized))) - set(cut))
+        if not keep:
+            raise DataError(f"every sample's image tokens are cut by cutoff_len {cutoff_len}; raise cutoff_len or "
+                            "lower image_max_pixels")
+        tokenized = tokenized.select(keep)
+    return tokenized.remove_columns(["_media_cut"]), len(cut), cut[:MAX_REPORTED_PROBLEMS]
+
+
 def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_args, work_dir: str,
-                seed: int) -> tuple[Any, dict[str, Any]]:
-    """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset."""
+                seed: int, media=None) -> tuple[Any, dict[str, Any]]:
+    """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset; ``media``: the vision
+    plugin of a vision-language model."""
 
     bad = BadRecords()
     parts, per_dataset = [], {}
@@ -216,25 +263,33 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         names = ", ".join(a.name for a in attrs)
         raise DataError(f"dataset(s) {names}: no usable records" + (f" ({len(bad.problems)} skipped as malformed)"
                                                                     if bad.problems else ""))
-    processor = make_processor(stage, tokenizer, template, data_args)
+    _check_images_for_stage(normalized, stage, media)
+    processor = make_processor(stage, tokenizer, template, data_args, media)
     num_proc = data_args.preprocessing_num_workers
     num_proc = min(num_proc, len(normalized)) if num_proc and num_proc > 1 else None
     with progress_bars(len(normalized) >= 20000):
         tokenized = normalized.map(
             processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
             remove_columns=normalized.column_names,
-            features=_features("pairwise" if stage in PAIRWISE else "feedback" if stage == "kto" else "supervised"),
+            features=_features("pairwise" if stage in PAIRWISE else "feedback" if stage == "kto" else "supervised",
+                               media=media is not None and stage not in ("pt", "kto")),
             load_from_cache_file=False, desc="Tokenizing",
         )
+    tokenized, media_cut, media_cut_examples = _drop_media_cuts(tokenized, data_args.cutoff_len)
     examples = [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]
     stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems), "skipped_examples": examples}
+    if media_cut:
+        stats.update(media_cut=media_cut, media_cut_examples=media_cut_examples)
     stats.update(token_stats(tokenized, stage))
     tokenized = tokenized.remove_columns(["_truncated"])
     if stage == "kto" and (stats["desirable"] == 0 or stats["undesirable"] == 0):
         logger.warning("KTO data has only %s answers: the loss then has no %s term",
                        "desirable" if stats["undesirable"] == 0 else "undesirable",
                        "undesirable" if stats["undesirable"] == 0 else "desirable")
-    if data_args.packing and stage not in (*PAIRWISE, "kto", GENERATE):
+    if data_args.packing and stage not in (*PAIRWISE, "kto", GENERATE) and "images" in tokenized.column_names:
+        logger.info("packing: off for a vision-language model's data (its M-RoPE positions and image inputs are "
+                    "per sample; packed rows would not be exact)")
+    elif data_args.packing and stage not in (*PAIRWISE, "kto", GENERATE):
         from lmf.data.packing import pack_dataset
 
         with progress_bars(False):
@@ -248,12 +303,12 @@ def _is_local_main() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
-def _load_or_build(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
+def _load_or_build(cfg, tokenizer, template, stage: str, media=None) -> tuple[Any, Any, dict]:
     with progress_bars(False):
-        return _load_or_build_inner(cfg, tokenizer, template, stage)
+        return _load_or_build_inner(cfg, tokenizer, template, stage, media)
 
 
-def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any, dict]:
+def _load_or_build_inner(cfg, tokenizer, template, stage: str, media=None) -> tuple[Any, Any, dict]:
     """(train, eval, stats); for :data:`GENERATE` the "train" slot holds the prediction set (``eval_dataset``)."""
     d = cfg.data
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
@@ -270,7 +325,7 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
         eval_attrs = resolve_datasets(d.eval_dataset, d.dataset_dir, key="eval_dataset")
         if not train_attrs:
             raise ConfigError("config key 'dataset' is required (comma-separated names from dataset_info.json)")
-    key = cache_mod.cache_key(stage, template, tokenizer, d, train_attrs, eval_attrs, seed)
+    key = cache_mod.cache_key(stage, template, tokenizer, d, train_attrs, eval_attrs, seed, media)
     entry = os.path.join(cache_mod.cache_root(d), key)
     # only local rank 0 rebuilds on overwrite_cache; the other ranks then reuse what it just built
     overwrite = d.overwrite_cache and _is_local_main()
@@ -282,14 +337,15 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str) -> tuple[Any, Any
         build_dir = cache_mod.new_build_dir(entry)
         work_dir = os.path.join(build_dir, "_work")
         try:
-            train, train_stats = build_split(train_attrs, stage, tokenizer, template, d, work_dir, seed)
+            train, train_stats = build_split(train_attrs, stage, tokenizer, template, d, work_dir, seed, media)
             eval_, eval_stats = (None, None)
             if eval_attrs and d.eval_on_each_dataset:  # one eval set per dataset, evaluated and logged apart
-                built = {a.name: build_split([a], stage, tokenizer, template, d, work_dir, seed) for a in eval_attrs}
+                built = {a.name: build_split([a], stage, tokenizer, template, d, work_dir, seed, media)
+                         for a in eval_attrs}
                 eval_ = {name: ds for name, (ds, _) in built.items()}
                 eval_stats = {name: st for name, (_, st) in built.items()}
             elif eval_attrs:
-                eval_, eval_stats = build_split(eval_attrs, stage, tokenizer, template, d, work_dir, seed)
+                eval_, eval_stats = build_split(eval_attrs, stage, tokenizer, template, d, work_dir, seed, media)
             stats = {"stage": stage, "template": template.name, "cutoff_len": d.cutoff_len,
                      "train": train_stats, "eval": eval_stats}
             cache_mod.save_entry(build_dir, train, eval_, stats)
@@ -345,14 +401,15 @@ def _apply_data_args(template, data_args):
     return replace(template, **changes) if changes else template
 
 
-def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
-    """Tokenized train (and eval) datasets for ``stage`` (pt, sft, dpo, rm); see the module docstring."""
+def get_dataset(cfg, tokenizer, template, stage: str, media=None) -> DatasetModule:
+    """Tokenized train (and eval) datasets for ``stage`` (pt, sft, dpo, rm); see the module docstring. ``media``:
+    the vision plugin of a vision-language model (:func:`lmf.data.media.plugins.media_plugin_for`)."""
     from lmf.dist.runtime import main_process_first
 
     check_stage(stage)
     template = _apply_data_args(template, cfg.data)
     with main_process_first(local=True):
-        train, eval_, stats = _load_or_build(cfg, tokenizer, template, stage)
+        train, eval_, stats = _load_or_build(cfg, tokenizer, template, stage, media)
     d = cfg.data
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     if d.val_size and eval_ is None:
@@ -370,14 +427,14 @@ def get_dataset(cfg, tokenizer, template, stage: str) -> DatasetModule:
     return DatasetModule(train_dataset=train, eval_dataset=eval_, stats=stats)
 
 
-def get_prediction_dataset(cfg, tokenizer, template):
+def get_prediction_dataset(cfg, tokenizer, template, media=None):
     """The tokenized prediction set of ``eval_dataset`` (:class:`~lmf.data.processor.GenerationProcessor` rows:
     prompt ``input_ids``, reference answer ``labels``), cached like the training data; returns (dataset, stats)."""
     from lmf.dist.runtime import main_process_first
 
     template = _apply_data_args(template, cfg.data)
     with main_process_first(local=True):
-        dataset, _, stats = _load_or_build(cfg, tokenizer, template, GENERATE)
+        dataset, _, stats = _load_or_build(cfg, tokenizer, template, GENERATE, media)
     tr = stats.get("train") or {}
     logger.info("prediction set ready (%s): %d samples, %d prompt tokens, %d truncated", stats.get("cache"),
                 len(dataset), tr.get("tokens", 0), tr.get("truncated", 0))

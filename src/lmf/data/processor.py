@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from lmf.data.template import encode_many
 from lmf.extras.constants import IGNORE_INDEX
+from lmf.extras.errors import DataError
 
 
 
@@ -50,6 +51,34 @@ def _conversation(prompt: list[dict], response: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in list(prompt) + list(response)]
 
 
+def _images_of(batch: dict[str, list]) -> list[list[str]]:
+    return batch.get("_images") or [[] for _ in batch["_prompt"]]
+
+
+def expand_media(media, messages: list[dict], images: list[str]) -> tuple[list[dict], int]:
+    """(messages with their ``<image>`` placeholders expanded into vision tokens, image tokens expected)."""
+    if not images:
+        return messages, 0
+    if media is None:
+        raise DataError("the data has images but the model takes text only (its template has no vision plugin lmf "
+                        "implements, or model_name_or_path has no image processor, preprocessor_config.json)")
+    return media.expand(messages, images)
+
+
+def media_columns(table_or_dict, media, images: list[list[str]], cut: list[bool]):
+    """Add the ``images`` column (paths, for the collator) and ``_media_cut`` (cutoff_len cut through an image's
+    tokens) when the data goes to a vision model."""
+    if media is None:
+        return table_or_dict
+    if isinstance(table_or_dict, dict):
+        table_or_dict["images"], table_or_dict["_media_cut"] = images, cut
+        return table_or_dict
+    import pyarrow as pa
+
+    table = table_or_dict.append_column("images", pa.array(images, type=pa.list_(pa.string())))
+    return table.append_column("_media_cut", pa.array(cut, type=pa.bool_()))
+
+
 # Label kinds of a segment of a tokenized conversation.
 MASKED, LABELLED, EOS_THEN_MASKED = 0, 1, 2
 
@@ -69,6 +98,7 @@ class SupervisedProcessor:
     train_on_prompt: bool = False
     mask_history: bool = False
     parallel_encode: bool = False  # tokenizers' thread pool for the batch (see template.encode_many)
+    media: Any = None  # the vision plugin (lmf.data.media.plugins) of a vision-language model
     _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)  # prefix/system prompt ids
 
     def segments(self, pairs: list[tuple[list[int], list[int]]]) -> tuple[list[list[int]], list[int], bool]:
@@ -127,21 +157,28 @@ class SupervisedProcessor:
         return input_ids, labels, truncated
 
     def __call__(self, batch: dict[str, list]):
-        conversations = [(_conversation(prompt, response), system or None, tools or None)
-                         for prompt, response, system, tools in _records(batch)]
+        images = _images_of(batch)
+        conversations, expected = [], []
+        for (prompt, response, system, tools), row_images in zip(_records(batch), images):
+            messages, n_tokens = expand_media(self.media, _conversation(prompt, response), row_images)
+            conversations.append((messages, system or None, tools or None))
+            expected.append(n_tokens)
         encoded = self.template.encode_multiturn_many(self.tokenizer, conversations, cache=self._piece_cache,
                                                       parallel=self.parallel_encode)
         segments: list[list[int]] = []
         kinds: list[int] = []
         row_segments: list[int] = []
         truncated: list[bool] = []
-        for pairs in encoded:
+        media_cut: list[bool] = []
+        for pairs, n_tokens in zip(encoded, expected):
             segs, seg_kinds, cut = self.segments(pairs)
             segments += segs
             kinds += seg_kinds
             row_segments.append(len(segs))
             truncated.append(cut)
-        return token_table(segments, kinds, row_segments, truncated, self.tokenizer.eos_token_id)
+            media_cut.append(bool(cut and n_tokens and sum(map(self.media.count_image_tokens, segs)) != n_tokens))
+        table = token_table(segments, kinds, row_segments, truncated, self.tokenizer.eos_token_id)
+        return media_columns(table, self.media, images, media_cut)
 
 
 def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[int], truncated: list[bool],
@@ -183,14 +220,18 @@ class PairwiseProcessor:
     tokenizer: Any
     template: Any
     cutoff_len: int
+    media: Any = None
     _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)  # prefix/system prompt ids
 
-    def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str) -> dict[str, Any]:
+    def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str,
+               images: tuple = ()) -> dict[str, Any]:
         tpl, tok = self.template, self.tokenizer
         system, tools = system or None, tools or None
         cache = self._piece_cache
-        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[:1]), system, tools, cache)
-        _, rejected_ids = tpl.encode_oneturn(tok, _conversation(prompt, response[1:2]), system, tools, cache)
+        chosen_msgs, n_tokens = expand_media(self.media, _conversation(prompt, response[:1]), list(images))
+        rejected_msgs = chosen_msgs[:-1] + _conversation([], response[1:2])  # the same (expanded) prompt
+        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, chosen_msgs, system, tools, cache)
+        _, rejected_ids = tpl.encode_oneturn(tok, rejected_msgs, system, tools, cache)
         if tpl.efficient_eos:
             chosen_ids = chosen_ids + [tok.eos_token_id]
             rejected_ids = rejected_ids + [tok.eos_token_id]
@@ -199,7 +240,10 @@ class PairwiseProcessor:
         prompt_ids, chosen_ids, rejected_ids = prompt_ids[:src_len], chosen_ids[:tgt_len], rejected_ids[:tgt_len]
         chosen = prompt_ids + chosen_ids
         rejected = prompt_ids + rejected_ids
+        media_cut = bool(truncated and n_tokens and (self.media.count_image_tokens(chosen) != n_tokens
+                                                     or self.media.count_image_tokens(rejected) != n_tokens))
         return {
+            "_media_cut": media_cut,
             "chosen_input_ids": chosen,
             "chosen_attention_mask": [1] * len(chosen),
             "chosen_labels": [IGNORE_INDEX] * src_len + chosen_ids,
@@ -213,11 +257,13 @@ class PairwiseProcessor:
         keys = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
                 "rejected_attention_mask", "rejected_labels", "_truncated")
         out: dict[str, list] = {k: [] for k in keys}
-        for prompt, response, system, tools in _records(batch):
-            row = self.encode(prompt, response, system, tools)
+        images, cut = _images_of(batch), []
+        for (prompt, response, system, tools), row_images in zip(_records(batch), images):
+            row = self.encode(prompt, response, system, tools, row_images)
             for k in keys:
                 out[k].append(row[k])
-        return out
+            cut.append(row["_media_cut"])
+        return media_columns(out, self.media, images, cut)
 
 
 FEEDBACK_COLUMNS = ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels",
@@ -295,11 +341,14 @@ class GenerationProcessor:
     tokenizer: Any
     template: Any
     cutoff_len: int
+    media: Any = None
     _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str) -> tuple[list, list, bool]:
+    def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str,
+               images: tuple = ()) -> tuple[list, list, bool]:
         answer = list(response) if len(response) == 1 else [{"role": "assistant", "content": ""}]
-        input_ids, labels = self.template.encode_oneturn(self.tokenizer, _conversation(prompt, answer),
+        messages, _ = expand_media(self.media, _conversation(prompt, answer), list(images))
+        input_ids, labels = self.template.encode_oneturn(self.tokenizer, messages,
                                                          system or None, tools or None, cache=self._piece_cache)
         if self.template.efficient_eos:
             labels = labels + [self.tokenizer.eos_token_id]
@@ -309,26 +358,30 @@ class GenerationProcessor:
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "_truncated": []}
-        for prompt, response, system, tools in _records(batch):
-            ids, labels, truncated = self.encode(prompt, response, system, tools)
+        images, cut = _images_of(batch), []
+        for (prompt, response, system, tools), row_images in zip(_records(batch), images):
+            ids, labels, truncated = self.encode(prompt, response, system, tools, row_images)
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
             out["_truncated"].append(truncated)
-        return out
+            expected = sum(map(self.media.image_seqlen, row_images)) if row_images else 0
+            cut.append(bool(truncated and expected and self.media.count_image_tokens(ids) != expected))
+        return media_columns(out, self.media, images, cut)
 
 
-def make_processor(stage: str, tokenizer, template, data_args):
-    """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate)."""
+def make_processor(stage: str, tokenizer, template, data_args, media=None):
+    """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate); ``media``: the vision plugin of a
+    vision-language model (sft, dpo, rm and generate take images)."""
     if stage == "sft":
         return SupervisedProcessor(tokenizer, template, data_args.cutoff_len, data_args.train_on_prompt,
-                                   data_args.mask_history)
+                                   data_args.mask_history, media=media)
     if stage in ("dpo", "rm"):
-        return PairwiseProcessor(tokenizer, template, data_args.cutoff_len)
+        return PairwiseProcessor(tokenizer, template, data_args.cutoff_len, media=media)
     if stage == "pt":
         return PretrainProcessor(tokenizer, template, data_args.cutoff_len)
     if stage == "kto":
         return FeedbackProcessor(tokenizer, template, data_args.cutoff_len)
     if stage == "generate":
-        return GenerationProcessor(tokenizer, template, data_args.cutoff_len)
+        return GenerationProcessor(tokenizer, template, data_args.cutoff_len, media=media)
     raise ValueError(f"no data processor for stage {stage!r}")

@@ -57,6 +57,9 @@ class DatasetAttr:
     # shared
     system: Optional[str] = None
     tools: Optional[str] = None
+    images: Optional[str] = None
+    videos: Optional[str] = None
+    audios: Optional[str] = None
     chosen: Optional[str] = None
     rejected: Optional[str] = None
     kto_tag: Optional[str] = None
@@ -137,8 +140,6 @@ def attr_from_info(name: str, entry: dict[str, Any], dataset_dir: str, source: s
     for key, value in columns.items():
         if key not in COLUMN_KEYS:
             raise DataError(f"{source}: dataset {name!r}: unknown column key {key!r} (valid: {', '.join(COLUMN_KEYS)})")
-        if key in ("images", "videos", "audios"):
-            raise DataError(f"dataset {name!r}: multimodal column {key!r} is not supported by lmf")
         setattr(attr, key, value)
     if formatting == "alpaca" and attr.ranking:
         attr.chosen = attr.chosen or "chosen"

@@ -15,6 +15,7 @@ from lmf.config.parser import split_paths
 from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
+from lmf.model.vision import check_vision_keys, freeze_frozen_parts, is_vision_config, vision_lora_targets
 
 if TYPE_CHECKING:
     from torch import nn
@@ -128,6 +129,10 @@ def _init_lora(cfg: "LmfConfig", model):
         return model
     model = _merge_adapters(model, paths)
     targets = _only_expanded_blocks(cfg, model, resolve_targets(model, ft.lora_target, "lora_target"))
+    leaves = targets
+    if is_vision_config(model.config):
+        targets = vision_lora_targets(model, ft, targets)
+        leaves = sorted({t.split(".")[-1] for t in targets})
     lora_config = LoraConfig(
         task_type="CAUSAL_LM",
         r=ft.lora_rank,
@@ -143,7 +148,7 @@ def _init_lora(cfg: "LmfConfig", model):
         warnings.simplefilter("ignore", FutureWarning)
         # pure_bf16: the adapter stays in the base model's bf16 (peft would otherwise make it fp32)
         model = get_peft_model(model, lora_config, autocast_adapter_dtype=not ft.pure_bf16)
-    logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(targets))
+    logger.info("LoRA rank=%d alpha=%s on %s", ft.lora_rank, ft.lora_alpha, ",".join(leaves))
     if ft.pissa_init:
         # the adapter as initialised (principal components): what pissa_init/ holds and the conversion subtracts
         model.pissa_initial_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -230,7 +235,7 @@ def _only_expanded_blocks(cfg: "LmfConfig", model, targets: list[str]) -> list[s
     """With ``use_llama_pro``, the full names of the ``targets`` modules inside the expanded blocks."""
     if not cfg.finetuning.use_llama_pro:
         return targets
-    ids = set(llama_pro_layer_ids(model.config.num_hidden_layers, cfg.finetuning.freeze_trainable_layers))
+    ids = set(llama_pro_layer_ids(model.config.get_text_config().num_hidden_layers, cfg.finetuning.freeze_trainable_layers))
     names = [n for n, _ in model.named_modules()
              if _layer_index(n + ".") in ids and n.split(".")[-1] in targets]
     logger.info("LLaMA-Pro: adapting %d modules of the expanded blocks %s", len(names), sorted(ids))
@@ -239,7 +244,7 @@ def _only_expanded_blocks(cfg: "LmfConfig", model, targets: list[str]) -> list[s
 
 def _init_freeze(cfg: "LmfConfig", model) -> None:
     ft = cfg.finetuning
-    num_layers = getattr(model.config, "num_hidden_layers", None)
+    num_layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     if not num_layers:
         raise ConfigError("finetuning_type: freeze needs a model config with num_hidden_layers")
     n = ft.freeze_trainable_layers
@@ -269,6 +274,7 @@ def _init_freeze(cfg: "LmfConfig", model) -> None:
 def init_adapter(cfg: "LmfConfig", model):
     """Apply ``finetuning_type`` (lora | oft | full | freeze): set requires_grad, wrap with peft for adapters."""
     ftype = cfg.finetuning.finetuning_type
+    check_vision_keys(model.config, cfg.finetuning)
     if ftype not in ADAPTER_TYPES and cfg.model.adapter_name_or_path:
         raise ConfigError(f"config key 'adapter_name_or_path' needs finetuning_type: lora or oft (got {ftype})")
     if ftype == "lora":
@@ -277,8 +283,10 @@ def init_adapter(cfg: "LmfConfig", model):
         model = _init_oft(cfg, model)
     elif ftype == "full":
         model.requires_grad_(True)
+        freeze_frozen_parts(model, cfg.finetuning)
     elif ftype == "freeze":
         _init_freeze(cfg, model)
+        freeze_frozen_parts(model, cfg.finetuning)
     else:  # the parser checks choices; keep a clear error for programmatic configs
         raise ConfigError(f"config key 'finetuning_type': unknown value {ftype!r}")
     if not cfg.finetuning.pure_bf16 and not cfg.finetuning.use_badam:  # BAdam keeps fp32 copies of its block

@@ -78,8 +78,24 @@ def set_packed_sdpa(model, enabled: bool) -> None:
     setattr(unwrap_causal_lm(model), PACKED_SDPA_ATTR, bool(enabled))
 
 
-def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> "torch.Tensor":
+def is_vision_language(model) -> bool:
+    """Whether ``model`` (possibly PEFT-wrapped) is a vision-language model (its config has a ``vision_config``)."""
+    return getattr(getattr(unwrap_causal_lm(model), "config", None), "vision_config", None) is not None
+
+
+def _vision_language_hidden_states(causal_lm, input_ids, attention_mask, mm_inputs: Optional[dict]):
+    """The multimodal model under a ``*ForConditionalGeneration`` (vision tower, projector, language model) on a
+    padded batch: it places the image features at the vision tokens and computes its own (M-RoPE) positions."""
+    out = causal_lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **(mm_inputs or {}))
+    return out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+
+def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=None,
+                          mm_inputs: Optional[dict] = None) -> "torch.Tensor":
     """Final-norm hidden states of the decoder stack ``[B, T, H]``, without computing logits.
+
+    A vision-language model runs its multimodal model with ``mm_inputs`` (``pixel_values``, ``image_grid_thw``,
+    ``mm_token_type_ids``: :class:`lmf.data.media.collator.MediaCollator`) on the padded batch, as it is.
 
     With ``position_ids`` (packed rows: ids restart at 0 at every sample boundary, right padding
     gets 0s) the 2-D padding mask is dropped so that transformers derives a block-diagonal causal
@@ -95,8 +111,10 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
     batch (causal attention within a sample, the same position ids); no work is spent on padding.
     """
     causal_lm = unwrap_causal_lm(model)
-    decoder = decoder_of(causal_lm)
     config = getattr(causal_lm, "config", None)
+    if getattr(config, "vision_config", None) is not None:
+        return _vision_language_hidden_states(causal_lm, input_ids, attention_mask, mm_inputs)
+    decoder = decoder_of(causal_lm)
     flat = _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids)
     batch_ids = input_ids
     if flat is not None:  # one row of the real tokens; position ids restart at each sample

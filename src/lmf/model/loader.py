@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError, LmfError, NotAvailableError
 from lmf.extras.logging import get_logger
+from lmf.model.vision import uncheckpoint_frozen_parts
 from lmf.model.quantization import check_pre_quantized, prepare_quantized_for_training, quantization_config
 
 if TYPE_CHECKING:
@@ -192,34 +193,45 @@ def _model_name(model_class, model_config: Optional[dict]) -> str:
     return model_class.__name__ if model_class is not None else str((model_config or {}).get("model_type", "the model"))
 
 
+def auto_model_class(config):
+    """``AutoModelForImageTextToText`` for a vision-language config (``vision_config``), else
+    ``AutoModelForCausalLM``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if getattr(config, "vision_config", None) is not None and type(config) in AutoModelForImageTextToText._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def model_class_of(path: str, trust_remote_code: bool = False):
-    """The ``*ForCausalLM`` class ``AutoModelForCausalLM`` builds for the model at ``path`` (None if unknown)."""
+    """The class the auto class (:func:`auto_model_class`) builds for the model at ``path`` (None if unknown)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return AutoModelForCausalLM._model_mapping[type(config)]
+        return auto_model_class(config)._model_mapping[type(config)]
     except (KeyError, OSError, ValueError):
         return None
 
 
 def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     m = cfg.model
     path = _check_model_path(m)
     trust = _trust_remote_code(m, path)
     common = dict(trust_remote_code=trust, cache_dir=m.cache_dir, revision=m.model_revision)
     try:
+        config = AutoConfig.from_pretrained(path, **common)
+        auto_class = auto_model_class(config)
         if m.train_from_scratch or on_meta:  # on_meta: the shapes only; rank 0 sends the weights (init_on_rank0)
-            config = AutoConfig.from_pretrained(path, **common)
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
+            return auto_class.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
         quantized = quantization_config(cfg, dtype)
         if quantized is not None:
             if not (os.path.isdir(path) and read_model_config(path).get("quantization_config")):
                 common["quantization_config"] = quantized  # a checkpoint saved quantized brings its own
             common["device_map"] = m.quantization_device_map or {"": str(device)}
-        return AutoModelForCausalLM.from_pretrained(
+        return auto_class.from_pretrained(
             path, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=m.low_cpu_mem_usage, **common
         )
     except (OSError, ValueError) as exc:
@@ -273,6 +285,7 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
         _apply_upcasts(cfg, model)
         if cfg.training.gradient_checkpointing:
             enable_gradient_checkpointing(model, _reentrant_checkpointing(cfg), cfg.model.offload_activations)
+            uncheckpoint_frozen_parts(model, cfg.finetuning)
         model = init_adapter(cfg, model)
         if cfg.finetuning.neftune_noise_alpha:
             from lmf.model.neftune import enable_neftune

@@ -159,9 +159,9 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 position_ids: Optional[torch.Tensor] = None, mm_inputs: Optional[dict] = None) -> torch.Tensor:
     """Values at every position ``[B, T]`` (fp32)."""
-    hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids)
+    hidden = decoder_hidden_states(model, input_ids, attention_mask, position_ids, mm_inputs)
     return get_value_head(model)(hidden)
 
 

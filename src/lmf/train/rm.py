@@ -16,7 +16,7 @@ from lmf.model.value_head import last_token_index, token_values
 def pairwise_scores(model, batch: dict):
     """``(chosen_scores [B], rejected_scores [B])`` from one concatenated forward."""
     mask = batch["attention_mask"]
-    values = token_values(model, batch["input_ids"], mask, batch.get("position_ids"))
+    values = token_values(model, batch["input_ids"], mask, batch.get("position_ids"), batch.get("mm_inputs"))
     scores = values.gather(1, last_token_index(mask).unsqueeze(1)).squeeze(1)
     half = scores.size(0) // 2
     return scores[:half], scores[half:]
@@ -93,7 +93,7 @@ def build_stage(cfg, setup) -> RMStage:
     from lmf.data.collator import PairwiseCollator
 
     prepare_value_head(cfg, setup.model)
-    return RMStage(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of))
+    return RMStage(setup.collate(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of)))
 
 
 def prepare_value_head(cfg, model) -> None:

@@ -57,7 +57,9 @@ def pick_cpu_threads(model, device) -> None:
 
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or 0
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(config, "hidden_size", None) or 0
     threads = max(1, min(torch.get_num_threads(), hidden // 256))
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
@@ -95,4 +97,6 @@ def autocast(dtype: Optional["torch.dtype"], device):
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+    """Tensors of ``batch`` (and of nested dicts: a vision batch's ``mm_inputs``) moved to ``device``."""
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else to_device(v, device) if isinstance(v, dict)
+                else v) for k, v in batch.items()}

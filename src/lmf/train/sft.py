@@ -43,7 +43,8 @@ class SFTStage:
         from lmf.loss.dft import dft_loss
         from lmf.model.forward import decoder_hidden_states, lm_head_of
 
-        hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                       batch.get("mm_inputs"))
         loss_fn = dft_loss if self.use_dft_loss else causal_lm_loss
         loss_sum, num_tokens = loss_fn(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
         metrics = {}
@@ -63,4 +64,5 @@ def build_stage(cfg: "LmfConfig", setup) -> SFTStage:
     """The ``lmf sft`` recipe (also ``stage: pt``): next-token cross-entropy on the label tokens."""
     from lmf.data.collator import SFTCollator
 
-    return SFTStage(cfg, setup.model, SFTCollator(setup.tokenizer, pad_to_multiple_of=setup.pad_to_multiple_of))
+    return SFTStage(cfg, setup.model,
+                    setup.collate(SFTCollator(setup.tokenizer, pad_to_multiple_of=setup.pad_to_multiple_of)))

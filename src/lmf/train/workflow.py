@@ -40,6 +40,15 @@ class StageSetup:
     model: Any
     train_dataset: Any
     eval_dataset: Optional[Any]
+    media: Any = None  # the vision plugin of a vision-language model's data (lmf.data.media.plugins)
+
+    def collate(self, collator):
+        """``collator``, adding the pixel inputs of the batch's images for a vision-language model."""
+        if self.media is None:
+            return collator
+        from lmf.data.media.collator import MediaCollator
+
+        return MediaCollator(collator, self.media)
 
     @property
     def pad_to_multiple_of(self) -> Optional[int]:
@@ -87,8 +96,19 @@ def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
     tokenizer = load_tokenizer(cfg.model)
     template = template_from_args(cfg.data, tokenizer)  # template + default_system/enable_thinking from the config
     template.fix_tokenizer(tokenizer)
-    data = get_dataset(cfg, tokenizer, template, stage=stage)
+    media = load_media_plugin(cfg, template, tokenizer)
+    data = get_dataset(cfg, tokenizer, template, stage=stage, media=media)
+    data.media = media
     return tokenizer, template, data
+
+
+def load_media_plugin(cfg: "LmfConfig", template, tokenizer):
+    """The vision plugin for the model and template (None for a text model)."""
+    from lmf.data.media.plugins import media_plugin_for
+    from lmf.model.loader import _trust_remote_code
+
+    path = cfg.model.model_name_or_path
+    return media_plugin_for(template, path, tokenizer, cfg.data, _trust_remote_code(cfg.model, path))
 
 
 def run_training(cfg: "LmfConfig") -> None:
@@ -120,7 +140,7 @@ def run_training(cfg: "LmfConfig") -> None:
         model = load_model(cfg, tokenizer, is_trainable=True,
                            device=runtime.device if cfg.model.quantization_bit is not None else None,
                            on_meta=plan.from_rank0 and runtime.rank != 0)  # init_on_rank0: rank 0 reads the weights
-        setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset)
+        setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset, data.media)
         stage = recipe.build_stage(cfg, setup)
         trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
                           eval_dataset=setup.eval_dataset, resume=resume, hooks=TrainHooks(**hooks_from_env()))

@@ -27,7 +27,8 @@ def concatenated_logps(model, batch: dict, **loss_opts):
 
     ``loss_opts`` are :func:`lmf.loss.sequence_logps` options (``chunk_size``, ``softcap``).
     """
-    hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                   batch.get("mm_inputs"))
     logps, lengths = sequence_logps(hidden, lm_head_of(model), batch["labels"], **loss_opts)
     half = batch["input_ids"].size(0) // 2
     return logps[:half], logps[half:], lengths[:half], lengths[half:]

@@ -96,7 +96,7 @@ def build_stage(cfg: "LmfConfig", setup) -> DPOStage:
     else:
         logger.info("reference model: the base model with the LoRA adapters disabled")
 
-    collator = WithReferenceLogps(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of))
+    collator = WithReferenceLogps(setup.collate(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of)))
     if cfg.finetuning.precompute_ref_log_probs and uses_reference_model(cfg.finetuning.pref_loss):
         model.to(runtime.device)
         kwargs = dict(batch_size=cfg.training.per_device_eval_batch_size, device=runtime.device, loss_opts=loss_opts)

