@@ -14,6 +14,19 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    url: str
+    detail: Optional[str] = None
+
+
+class ImagePart(BaseModel):
+    """An image: ``url`` is a ``data:image/...;base64,`` URL, or (only with the server's image directory,
+    ``--image-dir`` / ``API_IMAGE_DIR``) a local path or ``file://`` URL inside it."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str
@@ -27,7 +40,7 @@ class ToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
     tool_calls: Optional[list[ToolCall]] = None
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
@@ -46,9 +59,14 @@ class ChatMessage(BaseModel):
 
             return tool_call_message_content([{"name": c.function.name, "arguments": c.function.arguments}
                                               for c in self.tool_calls])
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+        if isinstance(self.content, list):  # an image part is its <image> placeholder, as in training data
+            return "".join(part.text if isinstance(part, TextPart) else "<image>" for part in self.content)
         return self.content or ""
+
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
 
 
 class FunctionDefinition(BaseModel):

@@ -146,6 +146,17 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             system, messages = split_system([{"role": m.engine_role(), "content": m.text()} for m in body.messages])
         except MessageError as exc:
             return _error_response(400, str(exc), param="messages")
+        from lmf.api.images import ImageRequestError, RequestImages
+
+        images = RequestImages(settings.image_dir)
+        try:
+            for index, message in enumerate(body.messages):
+                for url in message.image_urls():
+                    images.add(url, f"messages[{index}].content")
+        except ImageRequestError as exc:
+            images.close()
+            return _error_response(400, str(exc), param="messages")
+        gen_images = {"images": images.paths} if images.paths else {}
         tools = None
         if body.tools:
             tools = json.dumps([t.function.model_dump(exclude_none=True) for t in body.tools], ensure_ascii=False)
@@ -158,16 +169,22 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             "stop": body.stop,
         }
         try:
-            release = await limiter.acquire()
+            release_slot = await limiter.acquire()
         except Overloaded as exc:
+            images.close()
             return _error_response(503, str(exc), "server_error", code="server_overloaded",
                                    headers={"Retry-After": "1"})
+        def release() -> None:
+            release_slot()
+            images.close()
+
         request_id = protocol.new_id()
         if not body.stream:
             try:
                 replies = []
                 for _ in range(body.n):
-                    reply = await _reply_unless_disconnected(request, engine, run_in_threadpool, messages, system, tools, gen)
+                    reply = await _reply_unless_disconnected(request, engine, run_in_threadpool, messages, system, tools,
+                                                             dict(gen, **gen_images))
                     if reply is None:  # the client is gone: nobody reads an answer
                         return JSONResponse({}, status_code=499)
                     replies.append(reply)
@@ -182,7 +199,7 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             return JSONResponse(protocol.completion_body(request_id, model_name, choices, usage))
 
         try:
-            stream = await run_in_threadpool(engine.stream_chat, messages, system, tools, **gen)
+            stream = await run_in_threadpool(engine.stream_chat, messages, system, tools, **gen, **gen_images)
         except LmfError as exc:
             release()
             return _error_response(400, str(exc))

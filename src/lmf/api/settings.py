@@ -26,6 +26,7 @@ class ApiSettings:
     max_body_mb: float = 1.0
     max_tokens: Optional[int] = None  # None: the engine's configured max_new_tokens
     max_n: int = 4
+    image_dir: Optional[str] = None  # local image paths of requests are read only inside this folder
 
     def validate(self) -> None:
         if not 0 < self.port < 65536:
@@ -37,6 +38,8 @@ class ApiSettings:
             raise ConfigError(f"API setting max_tokens (API_MAX_TOKENS): must be >= 1, got {self.max_tokens}")
         if self.max_n < 1:
             raise ConfigError(f"API setting max_n (API_MAX_N): must be >= 1, got {self.max_n}")
+        if self.image_dir is not None and not os.path.isdir(self.image_dir):
+            raise ConfigError(f"API setting image_dir (--image-dir / API_IMAGE_DIR): {self.image_dir!r} is not a folder")
 
 
 class Overloaded(Exception):
@@ -166,7 +169,7 @@ class BodyLimitMiddleware:
 
 API_FLAGS = {"--host": "host", "--port": "port", "--model-name": "model_name",
              "--max-concurrent": "max_concurrent", "--max-queue": "max_queue", "--max-body-mb": "max_body_mb",
-             "--max-tokens": "max_tokens", "--max-n": "max_n"}
+             "--max-tokens": "max_tokens", "--max-n": "max_n", "--image-dir": "image_dir"}
 
 
 def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[ApiSettings, list[str]]:
@@ -218,6 +221,7 @@ def parse_api_settings(argv: list[str], env: Optional[dict] = None) -> tuple[Api
         max_body_mb=as_float("max_body_mb", "API_MAX_BODY_MB", 1.0),
         max_tokens=None if max_tokens is None else as_int("max_tokens", "API_MAX_TOKENS", 0),
         max_n=as_int("max_n", "API_MAX_N", 4),
+        image_dir=pick("image_dir", "API_IMAGE_DIR", None),
     )
     settings.validate()
     return settings, rest

@@ -3,11 +3,14 @@
 ``lmf chat CONFIG.yaml`` or ``lmf chat --model PATH [--adapter PATH] [--template NAME]``, plus any
 config key as an override (``temperature=0.3``, ``--max_new_tokens 256``). Reads one message per
 line from stdin (a terminal or a pipe); ``clear`` forgets the history, ``exit`` (or end of input)
-quits. Ctrl-C during a reply stops that reply and keeps the session.
+quits. Ctrl-C during a reply stops that reply and keeps the session. A vision-language model takes images:
+``/image PATH`` attaches a local image file to the next message (its ``<image>`` placeholder goes first, as in
+LLaMA-Factory's chat; a message may also place ``<image>`` itself).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Optional, TextIO
 
@@ -16,7 +19,9 @@ from lmf.chat.engine import MessageError
 if TYPE_CHECKING:
     from lmf.chat.engine import ChatEngine
 
-WELCOME = "Welcome to lmf chat: type a message and press Enter; `clear` forgets the history, `exit` quits."
+WELCOME = ("Welcome to lmf chat: type a message and press Enter; `clear` forgets the history, `exit` quits, "
+           "`/image PATH` attaches an image to the next message.")
+IMAGE_COMMAND = "/image"
 
 
 class ChatSession:
@@ -26,16 +31,33 @@ class ChatSession:
         self.engine = engine
         self.system = system
         self.messages: list[dict[str, str]] = []
+        self.images: list[str] = []  # the images of the history's messages, in order
+        self.pending_images: list[str] = []  # attached with /image, for the next message
 
     def clear(self) -> None:
-        self.messages = []
+        self.messages, self.images, self.pending_images = [], [], []
+
+    def attach(self, path: str) -> None:
+        """Attach an image file to the next message (checked now: MessageError if it cannot be used)."""
+        from lmf.chat.engine import check_images
+
+        path = os.path.expanduser(path.strip().strip("'\""))
+        check_images(self.engine.media, [{"role": "user", "content": "<image>"}], [path])
+        self.pending_images.append(path)
 
     def reply(self, query: str, out: TextIO, prefix: str = "") -> str:
         """Stream ``prefix`` and the answer to ``query`` into ``out``; on success both turns join the history.
 
         A conversation the engine rejects (e.g. too long) raises :class:`MessageError` before anything is written.
         """
-        stream = self.engine.stream_chat(self.messages + [{"role": "user", "content": query}], system=self.system)
+        from lmf.data.media import IMAGE_PLACEHOLDER
+
+        missing = len(self.pending_images) - query.count(IMAGE_PLACEHOLDER)
+        if missing > 0:
+            query = IMAGE_PLACEHOLDER * missing + query
+        images = self.images + self.pending_images
+        stream = self.engine.stream_chat(self.messages + [{"role": "user", "content": query}], system=self.system,
+                                         images=images or None)
         out.write(prefix)
         pieces: list[str] = []
         try:
@@ -47,6 +69,7 @@ class ChatSession:
             stream.close()
         answer = "".join(pieces)
         self.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+        self.images, self.pending_images = images, []
         return answer
 
 
@@ -82,6 +105,13 @@ def chat_loop(engine: "ChatEngine", inp: TextIO, out: TextIO, err: TextIO, syste
         if query == "clear":
             session.clear()
             print("History has been removed.", file=out, flush=True)
+            continue
+        if query.startswith(IMAGE_COMMAND + " ") or query == IMAGE_COMMAND:
+            try:
+                session.attach(query[len(IMAGE_COMMAND):])
+                print(f"Image attached to the next message ({len(session.pending_images)}).", file=err, flush=True)
+            except MessageError as exc:
+                print(f"lmf chat: {exc}", file=err, flush=True)
             continue
         try:
             session.reply(query, out, prefix="Assistant: ")

@@ -201,6 +201,8 @@ class ChatEngine(ABC):
     settings: GenerationSettings = GenerationSettings()
     #: How the template writes tool calls (see :mod:`lmf.data.tools`).
     tool_format: str = "default"
+    #: The vision plugin of a vision-language model (:mod:`lmf.data.media.plugins`); None: text only.
+    media: Any = None
 
     @abstractmethod
     def stream_chat(
@@ -208,19 +210,22 @@ class ChatEngine(ABC):
         messages: list[dict[str, str]],
         system: Optional[str] = None,
         tools: Optional[str] = None,
+        images: Optional[list[str]] = None,
         **gen: Any,
     ) -> ChatStream:
-        """Start generating a reply to ``messages``; ``gen`` overrides :class:`GenerationSettings` fields."""
+        """Start generating a reply to ``messages``; ``gen`` overrides :class:`GenerationSettings` fields.
+        ``images``: local image files, one per ``<image>`` placeholder of the messages, in order."""
 
     def chat(
         self,
         messages: list[dict[str, str]],
         system: Optional[str] = None,
         tools: Optional[str] = None,
+        images: Optional[list[str]] = None,
         **gen: Any,
     ) -> Response:
         """Generate a complete reply."""
-        stream = self.stream_chat(messages, system=system, tools=tools, **gen)
+        stream = self.stream_chat(messages, system=system, tools=tools, images=images, **gen)
         try:
             text = "".join(stream)
         finally:
@@ -235,6 +240,26 @@ class ChatEngine(ABC):
 
     def close(self) -> None:
         """Release the model (optional)."""
+
+
+def check_images(media: Any, messages: list[dict[str, str]], images: Optional[list[str]]) -> None:
+    """An engine can answer these images: the model takes images, one ``<image>`` placeholder per image, each
+    a readable file. Raises MessageError naming what is wrong."""
+    from lmf.data.media import IMAGE_PLACEHOLDER
+    from lmf.data.media.images import image_problem
+
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    images = images or []
+    if images and media is None:
+        raise MessageError("this model takes text only: images need a vision-language model (with its image "
+                           "processor, preprocessor_config.json) and its template (e.g. qwen2_vl)")
+    if media is not None and placeholders != len(images):
+        raise MessageError(f"{len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the "
+                           "messages; they must match")
+    for i, path in enumerate(images):
+        problem = image_problem(path)
+        if problem:
+            raise MessageError(f"image {i}: {problem}")
 
 
 def served_model_name(cfg: "LmfConfig") -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, served_model_name
+from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, check_images, served_model_name
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
@@ -35,6 +35,10 @@ class HuggingFaceEngine(ChatEngine):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model)
         self.template = get_template(cfg.data.template, self.tokenizer, default_system=cfg.data.default_system,
                                      enable_thinking=cfg.data.enable_thinking)
+        from lmf.data.media.plugins import media_plugin_for
+
+        self.media = media_plugin_for(self.template, cfg.model.model_name_or_path, self.tokenizer, cfg.data,
+                                      cfg.model.trust_remote_code)
         if model is None:
             model = load_model(cfg, self.tokenizer, is_trainable=False, device=inference_device())
         self.model = model
@@ -51,21 +55,25 @@ class HuggingFaceEngine(ChatEngine):
                     self.model_name, self.device, self.template.name, self.stop_ids)
 
     def encode(self, messages: list[dict[str, str]], system: Optional[str] = None,
-               tools: Optional[str] = None) -> list[int]:
-        """Prompt token ids of a conversation (ending with a user turn), as the training template renders it."""
+               tools: Optional[str] = None, images: Optional[list[str]] = None) -> list[int]:
+        """Prompt token ids of a conversation (ending with a user turn), as the training template renders it
+        (``<image>`` placeholders expanded into the model's vision tokens, as in training)."""
         from lmf.extras.errors import DataError
 
+        check_images(self.media, messages, images)
+        if images:
+            messages, _ = self.media.expand(messages, images)
         try:
             return self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools)
         except DataError as exc:
             raise MessageError(str(exc)) from exc
 
-    def stream_chat(self, messages, system=None, tools=None, **gen: Any) -> ChatStream:
+    def stream_chat(self, messages, system=None, tools=None, images=None, **gen: Any) -> ChatStream:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         settings = self.settings.updated(**gen)
-        prompt_ids = self.encode(messages, system, tools)
+        prompt_ids = self.encode(messages, system, tools, images)
         max_new_tokens = settings.reply_budget(len(prompt_ids))
         if self.max_positions:
             room = self.max_positions - len(prompt_ids)
@@ -95,6 +103,11 @@ class HuggingFaceEngine(ChatEngine):
             use_cache=self.use_cache,
             num_beams=1,
         )
+        if self.media is not None:  # pixel inputs of the images (and the token types a Qwen-VL model needs)
+            from lmf.train.runtime import to_device
+
+            kwargs.update(to_device(self.media.model_inputs(list(images or []), kwargs["input_ids"].cpu()),
+                                    self.device))
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

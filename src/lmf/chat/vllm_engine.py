@@ -96,11 +96,14 @@ class VllmEngine(ChatEngine):
 
         self.engine = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
 
-    def stream_chat(self, messages, system=None, tools=None, **gen: Any) -> ChatStream:
+    def stream_chat(self, messages, system=None, tools=None, images=None, **gen: Any) -> ChatStream:
         from vllm import SamplingParams
 
         from lmf.extras.errors import DataError
 
+        if images:
+            raise MessageError("images with infer_backend: vllm are not implemented in lmf yet; use the "
+                               "huggingface backend")
         settings = self.settings.updated(**gen)
         try:
             prompt_ids = self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools)

@@ -177,16 +177,18 @@ class SupervisedProcessor:
             row_segments.append(len(segs))
             truncated.append(cut)
             media_cut.append(bool(cut and n_tokens and sum(map(self.media.count_image_tokens, segs)) != n_tokens))
-        table = token_table(segments, kinds, row_segments, truncated, self.tokenizer.eos_token_id)
+        table = token_table(segments, kinds, row_segments, truncated, self.tokenizer.eos_token_id,
+                            self.media.vision_token_ids if self.media is not None else ())
         return media_columns(table, self.media, images, media_cut)
 
 
 def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[int], truncated: list[bool],
-                eos_token_id: Optional[int] = None):
+                eos_token_id: Optional[int] = None, never_labels: tuple = ()):
     """``pyarrow.Table`` of sft rows: row i is the concatenation of its ``row_segments[i]`` segments.
 
     labels copy the ids of LABELLED segments, are IGNORE_INDEX for MASKED ones, and eos then
-    IGNORE_INDEX for EOS_THEN_MASKED ones; attention_mask is all ones. Columns are list<int32>
+    IGNORE_INDEX for EOS_THEN_MASKED ones, and IGNORE_INDEX for the ids in ``never_labels`` (vision tokens,
+    even with ``train_on_prompt``); attention_mask is all ones. Columns are list<int32>
     (ids, labels) and list<int8> (mask), as the loader's features declare.
     """
     import numpy as np
@@ -201,6 +203,8 @@ def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[
         seg_starts = np.concatenate([[0], np.cumsum(seg_lengths)[:-1]])
         firsts = seg_starts[(np.asarray(kinds) == EOS_THEN_MASKED) & (seg_lengths > 0)]
         labels[firsts] = eos_token_id
+    if never_labels:
+        labels[np.isin(ids, np.asarray(never_labels, dtype=np.int32))] = IGNORE_INDEX
     row_ends = np.cumsum(np.asarray(row_segments, dtype=np.int64))
     seg_ends = np.concatenate([[0], np.cumsum(seg_lengths)])
     offsets = pa.array(seg_ends[np.concatenate([[0], row_ends])].astype(np.int32))

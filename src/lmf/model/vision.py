@@ -92,8 +92,9 @@ def vision_lora_targets(model, finetuning, targets: list[str]) -> list[str]:
     LoRA cannot wrap (the patch embedding's Conv3d)."""
     keys = frozen_keys(model.config, finetuning) | set(composite_of(model.config).lora_conflict)
     wanted = set(targets)
-    names = [name for name, _ in model.named_modules()
-             if name and name.split(".")[-1] in wanted and not any(k in name for k in keys)]
+    names = [name for name, module in model.named_modules()  # leaf modules only: a merger's "0" is not layer 0
+             if name and name.split(".")[-1] in wanted and not any(k in name for k in keys)
+             and next(module.children(), None) is None]
     if not names:
         raise ConfigError(f"config key 'lora_target': no module named {', '.join(targets)} outside the frozen "
                           f"parts ({', '.join(sorted(keys))})")

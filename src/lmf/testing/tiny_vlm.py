@@ -47,11 +47,12 @@ def _config(family: str, tok, hidden: int, layers: int):
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
             ("vision_end", "<|vision_end|>"))}
+    ids.update(bos_token_id=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     vocab = max(len(tok), 128)
     vocab += (-vocab) % 64
     text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+                bos_token_id=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 

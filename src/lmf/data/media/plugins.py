@@ -53,6 +53,9 @@ class QwenVLPlugin:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
         self.merge_length = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+        #: never labels, even with train_on_prompt (LLaMA-Factory labels them then; lmf deviates on purpose)
+        self.vision_token_ids = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in
+                                      (self.image_token, self.video_token, self.vision_bos, self.vision_eos))
 
     def cache_identity(self) -> dict:
         """What the preprocessed data depends on besides the text (part of the cache key)."""

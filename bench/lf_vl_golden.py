@@ -1,0 +1,148 @@
+"""LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data: the golden file of tests/test_vision.py.
+
+    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL (Qwen's real tokenizer)
+    bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
+
+The ``lf`` side never imports lmf. LLaMA-Factory loads its processor with ``AutoProcessor``, which needs
+torchvision for the Qwen-VL video processor; torchvision's PyPI wheels do not load next to the CPU torch, so the
+processor here is the model's own image processor (``Qwen2VLImageProcessorPil``, what transformers picks without
+torchvision) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts; images only.
+Each case stores per row the digest of ``[input_ids, labels]`` (tests/lf_parity/digest.py) and of the pixel
+inputs LLaMA-Factory's plugin builds for the row (``image_grid_thw`` and ``pixel_values`` rounded to 1e-4). Pixel
+values depend on transformers' image processor (its PIL resize changed between 5.6 and 5.24), so the test compares
+them under the transformers version recorded here (CI's floor run), tokens under every version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests", "lf_parity"))
+
+DPO_RECORDS = [  # a small preference set on the demo images (mllm_demo has no preference data)
+    {"messages": [{"role": "user", "content": "<image>Who are they?"}],
+     "chosen": {"role": "assistant", "content": "They're Kane and Gretzka from Bayern Munich."},
+     "rejected": {"role": "assistant", "content": "They are two cats."}, "images": ["mllm_demo_data/1.jpg"]},
+    {"messages": [{"role": "user", "content": "What is in <image> and <image>?"}],
+     "chosen": {"role": "assistant", "content": "Two football scenes."},
+     "rejected": {"role": "assistant", "content": "Nothing."},
+     "images": ["mllm_demo_data/2.jpg", "mllm_demo_data/3.jpg"]},
+]
+
+CASES = [  # (name, model family dir, stage, LF keys)
+    ("qwen2_vl_sft", "qwen2_vl", "sft", {"template": "qwen2_vl", "dataset": "mllm_demo", "cutoff_len": 2048,
+                                         "image_max_pixels": 262144}),
+    ("qwen3_vl_nothink_sft_mixed", "qwen3_vl", "sft", {"template": "qwen3_vl_nothink",
+                                                       "dataset": "mllm_demo,identity", "max_samples": 8,
+                                                       "cutoff_len": 2048, "image_max_pixels": 262144}),
+    ("qwen3_vl_sft_small_images", "qwen3_vl", "sft", {"template": "qwen3_vl", "dataset": "mllm_demo",
+                                                      "cutoff_len": 4096, "image_max_pixels": 16384,
+                                                      "image_min_pixels": 4096}),
+    ("qwen2_vl_dpo", "qwen2_vl", "dpo", {"template": "qwen2_vl", "dataset": "mllm_dpo_demo", "cutoff_len": 2048,
+                                         "image_max_pixels": 262144}),
+]
+
+
+def digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
+
+
+def pixel_digest(inputs: dict) -> str:
+    """Digest of a row's ``image_grid_thw`` and ``pixel_values`` (rounded to 1e-4)."""
+    grid = inputs["image_grid_thw"].tolist()
+    pixels = [round(float(x), 4) for x in inputs["pixel_values"].double().flatten().tolist()]
+    return digest([grid, pixels])
+
+
+def data_dir(out_dir: str, demo: str = "") -> str:
+    """The demo data (``demo``: LLaMA-Factory's data folder, ../shared's by default) plus ``mllm_dpo_demo``
+    (DPO_RECORDS) in ``out_dir/data``."""
+    demo = demo or os.path.join(os.path.dirname(ROOT), "shared", "data", "lf-demo")
+    path = os.path.join(out_dir, "data")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(demo, "dataset_info.json"), encoding="utf-8") as fh:
+        info = json.load(fh)
+    info["mllm_dpo_demo"] = {"file_name": "mllm_dpo_demo.json", "formatting": "sharegpt", "ranking": True,
+                             "columns": {"messages": "messages", "chosen": "chosen", "rejected": "rejected",
+                                         "images": "images"},
+                             "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                                      "assistant_tag": "assistant"}}
+    with open(os.path.join(path, "dataset_info.json"), "w", encoding="utf-8") as fh:
+        json.dump(info, fh, indent=1)
+    with open(os.path.join(path, "mllm_dpo_demo.json"), "w", encoding="utf-8") as fh:
+        json.dump(DPO_RECORDS, fh, indent=1)
+    for name in sorted(set(os.listdir(demo)) - {"dataset_info.json"}):
+        link = os.path.join(path, name)
+        if not os.path.exists(link):
+            os.symlink(os.path.join(demo, name), link)
+    return path
+
+
+def build(out_dir: str) -> None:
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from lmf.testing.tiny_vlm import build_tiny_vlm
+
+    for family in ("qwen2_vl", "qwen3_vl"):
+        build_tiny_vlm(os.path.join(out_dir, family), family, qwen_tokenizer=True)
+    data_dir(out_dir)
+
+
+def _processor(model_dir: str, tokenizer):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class Qwen2VLProcessor:  # the name LLaMA-Factory's load_tokenizer checks for
+        model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+
+        def __init__(self):
+            self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+            self.video_processor = self.image_processor  # Qwen3VLPlugin reads its merge_size (no videos here)
+            self.tokenizer = tokenizer
+
+    return Qwen2VLProcessor()
+
+
+def lf(out_dir: str, golden_path: str) -> None:
+    import llamafactory
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import loader as lf_loader
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from digest import digest_rows
+
+    import transformers
+
+    results = {"lf_version": llamafactory.__version__, "transformers": transformers.__version__, "cases": {}}
+    for name, family, stage, keys in CASES:
+        model_dir = os.path.join(out_dir, family)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
+        config = dict(keys, stage="rm" if stage == "dpo" else stage, do_train=True, model_name_or_path=model_dir, finetuning_type="lora",
+                      dataset_dir=os.path.join(out_dir, "data"), output_dir=os.path.join(out_dir, "lf_out"),
+                      overwrite_cache=True, report_to="none", preprocessing_num_workers=1)
+        model_args, data_args, training_args, _, _ = get_train_args(config)
+        module = lf_loader.load_tokenizer(model_args)
+        template = get_template_and_fix_tokenizer(module["tokenizer"], data_args)
+        lf_stage = "rm" if stage == "dpo" else stage  # LLaMA-Factory tokenizes DPO data as stage rm
+        dataset = get_dataset(template, model_args, data_args, training_args, stage=lf_stage, **module)["train_dataset"]
+        rows = [dict(r) for r in dataset]
+        pixels = []
+        for row in rows:
+            images = row.get("images") or []
+            inputs = template.mm_plugin.get_mm_inputs(images, [], [], [len(images)], [0], [0], [row.get(
+                "input_ids", row.get("chosen_input_ids"))], module["processor"])
+            pixels.append(pixel_digest(inputs) if images else None)
+        results["cases"][name] = {"family": family, "stage": stage, "config": keys, **digest_rows(rows, stage),
+                                  "pixels": pixels}
+    with open(golden_path, "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    command, out = sys.argv[1:3]
+    build(out) if command == "build" else lf(out, sys.argv[3])

