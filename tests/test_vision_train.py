@@ -32,12 +32,15 @@ def vlm(tmp_path_factory) -> dict:
 
 
 def _lf_yaml(tmp_path, example: str, model_dir: str, data_dir: str) -> str:
-    """The LLaMA-Factory example with its model path swapped, in a folder holding ``data/``."""
+    """The LLaMA-Factory example with its model path swapped, in ``tmp_path`` (the cwd of the run), which holds
+    the data as ``data/`` and LLaMA-Factory's ``examples/`` (its relative paths assume that layout)."""
     with open(os.path.join(LF_EXAMPLES, example), encoding="utf-8") as fh:
         text = fh.read()
     first = next(line for line in text.splitlines() if line.startswith("model_name_or_path:"))
-    (tmp_path / "data").symlink_to(data_dir)
-    path = tmp_path / os.path.basename(example)
+    if not (tmp_path / "data").exists():
+        (tmp_path / "data").symlink_to(data_dir)
+        (tmp_path / "examples").symlink_to(LF_EXAMPLES)
+    path = tmp_path / example.replace("/", "_")
     path.write_text(text.replace(first, f"model_name_or_path: {model_dir}"))
     return str(path)
 
@@ -58,19 +61,55 @@ def _vision_state(model) -> dict:
 
 
 @needs_lf_examples
-def test_lf_qwen3vl_lora_example_runs_unchanged_and_trains_the_language_model_only(tmp_path, vlm):
+def test_lf_qwen3vl_examples_lora_sft_merge_and_chat_run_unchanged(tmp_path, vlm):
+    """train_lora/qwen3vl_lora_sft.yaml, then merge_lora/qwen3vl_lora_sft.yaml on its output, then
+    inference/qwen3vl.yaml on the merged model: only the model paths change."""
     from safetensors.torch import load_file
 
-    config = _lf_yaml(tmp_path, "train_lora/qwen3vl_lora_sft.yaml", vlm["qwen3_vl"], vlm["data"])
-    out = tmp_path / "out"
-    proc = _cli("sft", config, f"output_dir={out}", "max_steps=2", "gradient_accumulation_steps=2", *FAST,
-                cwd=tmp_path)
+    sft = _lf_yaml(tmp_path, "train_lora/qwen3vl_lora_sft.yaml", vlm["qwen3_vl"], vlm["data"])
+    proc = _cli("sft", sft, "max_steps=2", "gradient_accumulation_steps=2", *FAST, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    adapter = json.loads((out / "adapter_config.json").read_text())
-    targets = adapter["target_modules"]
+    out = tmp_path / "saves" / "qwen3-vl-4b" / "lora" / "sft"
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert targets and all("language_model" in t for t in (targets if isinstance(targets, list) else [targets]))
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert weights and not any("visual" in k for k in weights)
+
+    merge = _lf_yaml(tmp_path, "merge_lora/qwen3vl_lora_sft.yaml", vlm["qwen3_vl"], vlm["data"])
+    proc = _cli("export", merge, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = tmp_path / "saves" / "qwen3_vl_sft_merged"
+    assert (merged / "preprocessor_config.json").is_file() and (merged / "processor_config.json").is_file()
+
+    chat = _lf_yaml(tmp_path, "inference/qwen3vl.yaml", str(merged), vlm["data"])
+    image = os.path.join(DEMO_DATA_DIR, "mllm_demo_data", "1.jpg")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "lmf", "chat", chat, "max_new_tokens=4", "do_sample=false"],
+                          input=f"/image {image}\nWho are they?\n/image {tmp_path}/nope.jpg\nexit\n", text=True,
+                          capture_output=True, timeout=300, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Image attached to the next message (1)" in proc.stderr
+    assert "nope.jpg" in proc.stderr and "not found" in proc.stderr
+    assert proc.stdout.count("Assistant: ") == 1
+
+
+@needs_lf_examples
+def test_lf_qwen3vl_full_and_dpo_examples_run(tmp_path, vlm):
+    """train_full/qwen3vl_full_sft.yaml (its DeepSpeed ZeRO-3 config mapped onto FSDP2) unchanged but for the
+    model path; train_lora/qwen3vl_lora_dpo.yaml with its hub dataset rlhf_v swapped for the local
+    mllm_dpo_demo (no downloads here)."""
+    full = _lf_yaml(tmp_path, "train_full/qwen3vl_full_sft.yaml", vlm["qwen3_vl"], vlm["data"])
+    proc = _cli("sft", full, "max_steps=1", *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is mapped onto lmf's engine" in proc.stderr
+    assert (tmp_path / "saves" / "qwen3-vl-4b" / "full" / "sft" / "model.safetensors").is_file()
+    dpo = _lf_yaml(tmp_path, "train_lora/qwen3vl_lora_dpo.yaml", vlm["qwen3_vl"], vlm["data"])
+    proc = _cli("dpo", dpo, "dataset=mllm_dpo_demo", "max_steps=1", *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "saves" / "qwen3-vl-4b" / "lora" / "dpo" / "adapter_model.safetensors").is_file()
 
 
 def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm):
@@ -92,6 +131,16 @@ def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm)
     image = os.path.join(DEMO_DATA_DIR, "mllm_demo_data", "1.jpg")
     reply = engine.chat([{"role": "user", "content": "<image>Who are they?"}], images=[image])
     assert reply.completion_tokens > 0 and reply.prompt_tokens > 60  # the image's vision tokens are in the prompt
+
+    # prediction on the image data, batched (left padding, two prompts with images per generate call)
+    predicted = tmp_path / "predict"
+    proc = _cli("sft", f"model_name_or_path={vlm['qwen2_vl']}", f"adapter_name_or_path={out}", "template=qwen2_vl",
+                "eval_dataset=mllm_demo", f"dataset_dir={vlm['data']}", "finetuning_type=lora", "stage=sft",
+                "do_train=false", "do_predict=true", "predict_with_generate=true", "per_device_eval_batch_size=2",
+                "max_new_tokens=4", f"output_dir={predicted}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (predicted / "generated_predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and all("predict" in json.loads(line) for line in lines)
 
     export = tmp_path / "export"
     proc = _cli("export", "--model", vlm["qwen2_vl"], "--adapter", str(out), "--template", "qwen2_vl",

@@ -109,6 +109,8 @@ def run_data_command(argv: list[str]) -> int:
     tokenizer = load_tokenizer(cfg.model)
     template = template_from_args(cfg.data, tokenizer)
     stage = cfg.finetuning.stage
-    module = get_dataset(cfg, tokenizer, template, stage)
+    from lmf.train.workflow import load_media_plugin
+
+    module = get_dataset(cfg, tokenizer, template, stage, media=load_media_plugin(cfg, template, tokenizer))
     print_report(module, tokenizer, template, stage)
     return 0

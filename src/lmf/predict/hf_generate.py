@@ -6,11 +6,12 @@ from typing import Any
 
 
 def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, settings: Any,
-                        batch_size: int, use_cache: bool = True) -> list[list[int]]:
+                        batch_size: int, use_cache: bool = True, images: Any = None,
+                        media: Any = None) -> list[list[int]]:
     """The answer ids of every prompt (up to and including its first stop token), in the order of ``prompts``.
 
     Prompts are batched longest first (less padding) and left-padded so that every row ends where its
-    answer starts."""
+    answer starts. A vision-language model gets each batch's ``images`` (paths per prompt) through ``media``."""
     import torch
 
     device = next(model.parameters()).device
@@ -34,6 +35,11 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
                                       max_new_tokens=budget, eos_token_id=stop_ids, pad_token_id=pad_id,
                                       repetition_penalty=settings.repetition_penalty, use_cache=use_cache,
                                       num_beams=1)
+        if media is not None:
+            from lmf.train.runtime import to_device
+
+            paths = [p for i in rows for p in (images[i] if images else [])]
+            kwargs.update(to_device(media.model_inputs(paths, input_ids), device))
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

@@ -17,7 +17,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from lmf.extras.errors import ConfigError
+from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
@@ -86,13 +86,18 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
         tokenizer = load_tokenizer(cfg.model)
         template = template_from_args(cfg.data, tokenizer)
         template.fix_tokenizer(tokenizer)
-        dataset, _ = get_prediction_dataset(cfg, tokenizer, template)
+        from lmf.train.workflow import load_media_plugin
+
+        media = load_media_plugin(cfg, template, tokenizer)
+        dataset, _ = get_prediction_dataset(cfg, tokenizer, template, media)
         prompts = [list(ids) for ids in dataset["input_ids"]]
+        images = [list(p) for p in dataset["images"]] if "images" in dataset.column_names else None
         labels = [list(ids) for ids in dataset["labels"]]
         stop_ids = template.stop_token_ids(tokenizer)
         mine = list(range(runtime.rank, len(prompts), runtime.world_size))  # every sample once, over the ranks
         start = time.perf_counter()
-        answers = _generate(cfg, tokenizer, runtime, [prompts[i] for i in mine], stop_ids)
+        answers = _generate(cfg, tokenizer, runtime, [prompts[i] for i in mine], stop_ids,
+                            [images[i] for i in mine] if images else None, media)
         runtime_s = time.perf_counter() - start
         gathered = _gather(dict(zip(mine, answers)), runtime)
         metrics: dict[str, float] = {}
@@ -104,11 +109,15 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
         destroy_distributed()
 
 
-def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
+def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[int], images=None,
+              media=None) -> list[list[int]]:
     from lmf.chat.engine import GenerationSettings
 
     settings = GenerationSettings.from_args(cfg.generating)
     if cfg.model.infer_backend == "vllm":
+        if images and any(images):
+            raise NotAvailableError("prediction on images with infer_backend: vllm is not implemented in lmf yet; "
+                                    "use infer_backend: huggingface")
         if runtime.world_size > 1:
             raise ConfigError("infer_backend: vllm predicts in one process (vLLM parallelises itself); "
                               "run it without torchrun")
@@ -124,7 +133,7 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
                 runtime.device, cfg.training.per_device_eval_batch_size,
                 "greedy" if settings.greedy else "sampling")
     return generate_in_batches(model, prompts, stop_ids, pad_id, settings, cfg.training.per_device_eval_batch_size,
-                               use_cache=cfg.model.use_cache)
+                               use_cache=cfg.model.use_cache, images=images, media=media)
 
 
 def _gather(answers: dict[int, list[int]], runtime) -> dict[int, list[int]]:
