@@ -232,3 +232,11 @@ def test_two_process_ddp_and_fsdp2_train_images_like_one_process(tmp_path, vlm):
     reference = [h["loss"] for h in history(single) if "loss" in h]
     for out in (ddp, fsdp):
         assert [h["loss"] for h in history(out) if "loss" in h] == pytest.approx(reference, rel=1e-4)
+
+
+def test_the_bundled_vlm_demo_runs(tmp_path):
+    out = tmp_path / "demo"
+    proc = _cli("sft", os.path.join(REPO_ROOT, "examples", "demo_vlm_lora_sft.yaml"), f"output_dir={out}",
+                "max_steps=4", cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").is_file()
