@@ -109,14 +109,14 @@ def side_env(threads: int, extra: dict | None = None) -> dict:
 
 
 def run_side(side: str, python: str, action: str, config: dict, work: str, name: str, threads: int,
-             env_extra: dict | None = None) -> dict:
+             env_extra: dict | None = None, vision: bool = False) -> dict:
     """Run one side in a fresh process; return its result dict (plus wall time and log path)."""
     os.makedirs(work, exist_ok=True)
     spec_path = os.path.join(work, f"{name}.spec.json")
     result_path = os.path.join(work, f"{name}.result.json")
     log_path = os.path.join(work, f"{name}.log")
     with open(spec_path, "w", encoding="utf-8") as fh:
-        json.dump({"action": action, "config": config}, fh, indent=1)
+        json.dump({"action": action, "config": config, "vision": vision}, fh, indent=1)
     if os.path.exists(result_path):
         os.remove(result_path)
     script = os.path.join(SIDES, "lf_side.py" if side == "lf" else "lmf_side.py")

@@ -103,6 +103,10 @@ def _processor(model_dir: str, tokenizer):
             self.video_processor = self.image_processor  # Qwen3VLPlugin reads its merge_size (no videos here)
             self.tokenizer = tokenizer
 
+        def save_pretrained(self, out_dir):  # LLaMA-Factory saves the processor with the trained model
+            self.image_processor.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+
     return Qwen2VLProcessor()
 
 

@@ -240,3 +240,40 @@ def test_the_bundled_vlm_demo_runs(tmp_path):
                 "max_steps=4", cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_api_takes_data_url_images_and_local_paths_only_inside_its_image_dir(tmp_path, vlm):
+    import base64
+
+    import httpx
+
+    from lmf.chat import create_engine
+    from lmf.chat.options import load_serving_config
+    from test_api import serve
+
+    engine = create_engine(load_serving_config(["--model", vlm["qwen2_vl"], "--template", "qwen2_vl",
+                                                "max_new_tokens=5", "do_sample=false"]))
+    image = os.path.join(DEMO_DATA_DIR, "mllm_demo_data", "2.jpg")
+    expected = engine.chat([{"role": "user", "content": "<image>Who is he?"}], images=[image]).text
+    data_url = "data:image/jpeg;base64," + base64.b64encode(open(image, "rb").read()).decode()
+
+    def ask(url_base, image_url):
+        parts = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "Who is he?"}]
+        return httpx.post(f"{url_base}/chat/completions", timeout=60, json={
+            "model": engine.model_name, "messages": [{"role": "user", "content": parts}]})
+
+    with serve(engine, max_body_mb=4) as url:
+        reply = ask(url, data_url)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        refused = ask(url, image)
+        assert refused.status_code == 400 and "local image paths are refused" in refused.text
+        remote = ask(url, "https://example.com/a.jpg")
+        assert remote.status_code == 400 and "remote image URLs are not fetched" in remote.text
+        bad = ask(url, "data:image/jpeg;base64,@@@")
+        assert bad.status_code == 400 and "not valid base64" in bad.text
+    with serve(engine, image_dir=os.path.join(DEMO_DATA_DIR, "mllm_demo_data")) as url:
+        reply = ask(url, "2.jpg")
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == expected
+        outside = ask(url, "../identity.json")
+        assert outside.status_code == 400 and "outside the server's image directory" in outside.text

@@ -71,8 +71,23 @@ def train(config: dict) -> dict:
     return out
 
 
+def _image_processor_only(model_dir: str) -> None:
+    """LLaMA-Factory loads the processor with AutoProcessor, which needs torchvision for the Qwen-VL video
+    processor (torchvision's PyPI wheels do not load next to the CPU torch): give it the model's image processor
+    and tokenizer instead (bench/lf_vl_golden.py's processor; images only)."""
+    import transformers
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lf_vl_golden import _processor
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    transformers.AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
+
+
 def main() -> None:
     spec, result_path = read_spec()
+    if spec.get("vision"):
+        _image_processor_only(spec["config"]["model_name_or_path"])
     action = {"preprocess": preprocess, "train": train}[spec["action"]]
     result = action(spec["config"])
     import llamafactory

@@ -36,15 +36,17 @@ def preprocess(config: dict) -> dict:
     from lmf.data.loader import get_dataset
     from lmf.data.template import get_template
     from lmf.model.loader import load_tokenizer
+    from lmf.train.workflow import load_media_plugin
 
     cfg = get_config([_config_file(config)])
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.data.template, tokenizer)
     template.fix_tokenizer(tokenizer)
+    media = load_media_plugin(cfg, template, tokenizer)  # None for a text model
     import datasets  # noqa: F401  (imported before timing on both sides: time the work, not the import)
 
     with Stopwatch() as sw:
-        module = get_dataset(cfg, tokenizer, template, stage="sft")
+        module = get_dataset(cfg, tokenizer, template, stage="sft", media=media)
     return {"seconds": sw.seconds, "stats": token_stats(module.train_dataset, tokenizer.pad_token_id)}
 
 
@@ -56,8 +58,8 @@ def train(config: dict) -> dict:
     out: dict = {}
     original_get_dataset = loader.get_dataset
 
-    def counting_get_dataset(cfg, tokenizer, template, stage):
-        module = original_get_dataset(cfg, tokenizer, template, stage)
+    def counting_get_dataset(cfg, tokenizer, template, stage, **kw):
+        module = original_get_dataset(cfg, tokenizer, template, stage, **kw)
         out["data"] = token_stats(module.train_dataset, tokenizer.pad_token_id, with_digest=False)
         return module
 

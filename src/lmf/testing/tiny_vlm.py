@@ -43,7 +43,7 @@ def _tokenizer(qwen_tokenizer: bool):
     return tok
 
 
-def _config(family: str, tok, hidden: int, layers: int):
+def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
             ("vision_end", "<|vision_end|>"))}
@@ -58,20 +58,23 @@ def _config(family: str, tok, hidden: int, layers: int):
 
         text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                   "mrope_section": [2, 3, 3], "mrope_interleaved": True})
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=hidden, num_position_embeddings=64,
                       deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
-    text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    half = hidden // 4 // 2  # M-RoPE sections (temporal, height, width) split half the head dim as Qwen's 16/24/24
+    section = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
     if family == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
 
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                      spatial_merge_size=2,
                       temporal_patch_size=2, out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[0])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
     from transformers import Qwen2VLConfig
 
-    vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+    vision = dict(depth=vision_depth, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
 
@@ -87,7 +90,8 @@ def _image_processor(family: str, min_pixels: int, max_pixels: int):
 
 
 def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-                   qwen_tokenizer: bool = False, min_pixels: int = 3136, max_pixels: int = 200704) -> str:
+                   qwen_tokenizer: bool = False, min_pixels: int = 3136, max_pixels: int = 200704,
+                   vision_depth: int = 1) -> str:
     """Save a random-init ``family`` VLM, its tokenizer, image processor and chat template to ``out_dir``."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -97,7 +101,7 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
     tok = _tokenizer(qwen_tokenizer)
     tok.chat_template = QWEN_VL_TEMPLATE
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(_config(family, tok, hidden_size, num_layers))
+    model = AutoModelForImageTextToText.from_config(_config(family, tok, hidden_size, num_layers, vision_depth))
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     _image_processor(family, min_pixels, max_pixels).save_pretrained(out_dir)
