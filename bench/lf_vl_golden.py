@@ -1,16 +1,17 @@
 """LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data: the golden file of tests/test_vision.py.
 
-    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL (Qwen's real tokenizer)
+    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL / LLaVA / Gemma 3
     bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
 
 The ``lf`` side never imports lmf. LLaMA-Factory loads its processor with ``AutoProcessor``, which needs
-torchvision for the Qwen-VL video processor; torchvision's PyPI wheels do not load next to the CPU torch, so the
+torchvision for the Qwen-VL video processor (LLaVA's and Gemma 3's load as they are); torchvision's PyPI wheels do not load next to the CPU torch, so the
 processor here is the model's own image processor (``Qwen2VLImageProcessorPil``, what transformers picks without
 torchvision) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts; images only.
 Each case stores per row the digest of ``[input_ids, labels]`` (tests/lf_parity/digest.py) and of the pixel
 inputs LLaMA-Factory's plugin builds for the row (``image_grid_thw`` and ``pixel_values`` rounded to 1e-4). Pixel
-values depend on transformers' image processor (its PIL resize changed between 5.6 and 5.24), so the test compares
-them under the transformers version recorded here (CI's floor run), tokens under every version.
+values depend on the resize numerics of transformers' image processor and of Pillow (both changed between the
+versions here), so the test compares them exactly under the versions recorded here and, under any versions, their
+grid, shape and sums within 0.1%.
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                                       "image_min_pixels": 4096}),
     ("qwen2_vl_dpo", "qwen2_vl", "dpo", {"template": "qwen2_vl", "dataset": "mllm_dpo_demo", "cutoff_len": 2048,
                                          "image_max_pixels": 262144}),
+    ("llava_sft", "llava", "sft", {"template": "llava", "dataset": "mllm_demo,identity", "max_samples": 8,
+                                   "cutoff_len": 1024}),
+    ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
+    ("gemma3_dpo", "gemma3", "dpo", {"template": "gemma3", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
 ]
+#: Families whose processor AutoProcessor builds without torchvision (no video processor).
+OWN_PROCESSOR = ("llava", "gemma3")
 
 
 def digest(payload) -> str:
@@ -53,10 +60,19 @@ def digest(payload) -> str:
 
 
 def pixel_digest(inputs: dict) -> str:
-    """Digest of a row's ``image_grid_thw`` and ``pixel_values`` (rounded to 1e-4)."""
-    grid = inputs["image_grid_thw"].tolist()
-    pixels = [round(float(x), 4) for x in inputs["pixel_values"].double().flatten().tolist()]
-    return digest([grid, pixels])
+    """Digest of a row's ``pixel_values`` (shape, values rounded to 1e-4) and ``image_grid_thw`` (Qwen-VL)."""
+    grid = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
+    pixels = inputs["pixel_values"]
+    values = [round(float(x), 4) for x in pixels.double().flatten().tolist()]
+    return digest([grid, list(pixels.shape), values])
+
+
+def pixel_stats(inputs: dict) -> list:
+    """``[grid, shape, sum, sum of |x|]`` of a row's pixel inputs: compared with a tolerance where the resize
+    numerics differ (Pillow and transformers versions), exactly equal otherwise (:func:`pixel_digest`)."""
+    grid = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
+    pixels = inputs["pixel_values"].double()
+    return [grid, list(pixels.shape), float(pixels.sum()), float(pixels.abs().sum())]
 
 
 def data_dir(out_dir: str, demo: str = "") -> str:
@@ -87,7 +103,7 @@ def build(out_dir: str) -> None:
     sys.path.insert(0, os.path.join(ROOT, "src"))
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    for family in ("qwen2_vl", "qwen3_vl"):
+    for family in ("qwen2_vl", "qwen3_vl", "llava", "gemma3"):
         build_tiny_vlm(os.path.join(out_dir, family), family, qwen_tokenizer=True)
     data_dir(out_dir)
 
@@ -119,13 +135,19 @@ def lf(out_dir: str, golden_path: str) -> None:
 
     from digest import digest_rows
 
+    import PIL
     import transformers
 
-    results = {"lf_version": llamafactory.__version__, "transformers": transformers.__version__, "cases": {}}
+    results = {"lf_version": llamafactory.__version__, "transformers": transformers.__version__,
+               "pillow": PIL.__version__, "cases": {}}
+    own_processor = AutoProcessor.from_pretrained
     for name, family, stage, keys in CASES:
         model_dir = os.path.join(out_dir, family)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
+        if family in OWN_PROCESSOR:
+            AutoProcessor.from_pretrained = own_processor
+        else:
+            AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
         config = dict(keys, stage="rm" if stage == "dpo" else stage, do_train=True, model_name_or_path=model_dir, finetuning_type="lora",
                       dataset_dir=os.path.join(out_dir, "data"), output_dir=os.path.join(out_dir, "lf_out"),
                       overwrite_cache=True, report_to="none", preprocessing_num_workers=1)
@@ -135,14 +157,15 @@ def lf(out_dir: str, golden_path: str) -> None:
         lf_stage = "rm" if stage == "dpo" else stage  # LLaMA-Factory tokenizes DPO data as stage rm
         dataset = get_dataset(template, model_args, data_args, training_args, stage=lf_stage, **module)["train_dataset"]
         rows = [dict(r) for r in dataset]
-        pixels = []
+        pixels, stats = [], []
         for row in rows:
             images = row.get("images") or []
             inputs = template.mm_plugin.get_mm_inputs(images, [], [], [len(images)], [0], [0], [row.get(
                 "input_ids", row.get("chosen_input_ids"))], module["processor"])
             pixels.append(pixel_digest(inputs) if images else None)
+            stats.append(pixel_stats(inputs) if images else None)
         results["cases"][name] = {"family": family, "stage": stage, "config": keys, **digest_rows(rows, stage),
-                                  "pixels": pixels}
+                                  "pixels": pixels, "pixel_stats": stats}
     with open(golden_path, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)
 

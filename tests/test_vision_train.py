@@ -26,7 +26,8 @@ def vlm(tmp_path_factory) -> dict:
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
     root = str(tmp_path_factory.mktemp("vlm_train"))
-    dirs = {family: build_tiny_vlm(os.path.join(root, family), family) for family in ("qwen2_vl", "qwen3_vl")}
+    dirs = {family: build_tiny_vlm(os.path.join(root, family), family)
+            for family in ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "gemma3")}
     dirs["data"] = _golden_module().data_dir(root, DEMO_DATA_DIR)
     return dirs
 
@@ -151,6 +152,26 @@ def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm)
                                                   "max_new_tokens=8", "do_sample=false"]))
     again = exported.chat([{"role": "user", "content": "<image>Who are they?"}], images=[image])
     assert again.text == reply.text
+
+
+@pytest.mark.parametrize("family,template", [("qwen2_5_vl", "qwen2_vl"), ("llava", "llava"), ("gemma3", "gemma3")])
+def test_each_family_trains_lora_on_images_and_answers_an_image(tmp_path, vlm, family, template):
+    from lmf.chat import create_engine
+    from lmf.chat.options import load_serving_config
+
+    out = tmp_path / "lora"
+    proc = _cli("sft", f"model_name_or_path={vlm[family]}", f"template={template}", "dataset=mllm_demo", "stage=sft",
+                "do_train=true", f"dataset_dir={vlm['data']}", "finetuning_type=lora", f"output_dir={out}",
+                "max_steps=2", "per_device_train_batch_size=2", *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert all("language_model" in t for t in targets)
+    engine = create_engine(load_serving_config(["--model", vlm[family], "--adapter", str(out), "--template", template,
+                                                "max_new_tokens=3", "do_sample=false"]))
+    image = os.path.join(DEMO_DATA_DIR, "mllm_demo_data", "3.jpg")
+    with_image = engine.chat([{"role": "user", "content": "<image>Who?"}], images=[image])
+    text_only = engine.chat([{"role": "user", "content": "Who?"}])
+    assert with_image.prompt_tokens > text_only.prompt_tokens + 3 and with_image.completion_tokens > 0
 
 
 @pytest.mark.parametrize("ftype,extra,vision_trains", [

@@ -29,6 +29,10 @@ _QWEN2_VL = CompositeModel(projector=("visual.merger",), vision=("visual.patch_e
 COMPOSITE_MODELS: dict[str, CompositeModel] = {
     "qwen2_vl": _QWEN2_VL,
     "qwen2_5_vl": _QWEN2_VL,
+    "llava": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
+                            language=("language_model", "lm_head")),
+    "gemma3": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
+                             language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),
                                vision=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
                                        "visual.deepstack_merger_list"),

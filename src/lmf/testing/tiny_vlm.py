@@ -1,7 +1,8 @@
 """Tiny, randomly initialised vision-language models with their image processors, saved for ``from_pretrained``.
 
 ``build_tiny_vlm(out_dir, family)`` for the families lmf fine-tunes on images: ``qwen2_vl``, ``qwen2_5_vl`` and
-``qwen3_vl`` (a vision tower of one block). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
+``qwen3_vl`` (a vision tower of one block), ``llava`` (LLaVA-1.5 style: CLIP tower, Llama decoder) and ``gemma3``
+(SigLIP tower, Gemma 3 decoder), the last two on 56 x 56 images. The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
 Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -14,7 +15,12 @@ import os
 from typing import Optional
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: LLaVA's image token; Gemma 3's image tokens (its processor reads them as tokenizer attributes) and turn markers.
+LLAVA_TOKENS = ["<image>"]
+GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
+#: Image side of the LLaVA / Gemma 3 builds: 56 x 56 pixels, 14-pixel patches (16 patches).
+SMALL_IMAGE, PATCH = 56, 14
 QWEN_VL_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -28,22 +34,72 @@ QWEN_VL_TEMPLATE = (
 )
 
 
-def _tokenizer(qwen_tokenizer: bool):
+def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
+    from tokenizers import AddedToken
+
+    extra = {"llava": LLAVA_TOKENS, "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
 
-        return build_qwen_tokenizer()
-    from tokenizers import AddedToken
+        tok = build_qwen_tokenizer(extra_special_tokens=extra.get(family, ()))
+    else:
+        from lmf.testing.tiny import build_tokenizer
 
-    from lmf.testing.tiny import build_tokenizer
-
-    tok = build_tokenizer(style="qwen2")
-    tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
-                                                          for t in VISION_TOKENS]})
+        tok = build_tokenizer(style="qwen2")
+        tokens = VISION_TOKENS + [t for t in extra.get(family, ()) if t not in VISION_TOKENS]
+        tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                              for t in tokens]})
+    if family == "gemma3":
+        tok.add_special_tokens({"bos_token": AddedToken("<bos>", special=True, normalized=False)})
     return tok
 
 
+def _name_gemma3_tokens(out_dir: str) -> None:
+    """Gemma 3's processor reads ``tokenizer.boi_token`` / ``eoi_token`` / ``image_token``: model-specific special
+    tokens, which tokenizer_config.json names in ``extra_special_tokens`` (as Gemma 3's own does)."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    config["extra_special_tokens"] = dict(GEMMA3_TOKENS)
+    config.update(GEMMA3_TOKENS)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=1)
+
+
+def _small_vision_config(family: str, hidden: int, vision_depth: int) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=2,
+                image_size=SMALL_IMAGE, patch_size=PATCH, **({"projection_dim": hidden} if family == "llava" else {}))
+
+
+def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int):
+    """LLaVA-1.5 style (CLIP tower, Llama decoder) or Gemma 3 (SigLIP tower, Gemma 3 decoder)."""
+    vocab = max(len(tok), 128)
+    vocab += (-vocab) % 64
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    vision = _small_vision_config(family, hidden, vision_depth)
+    if family == "llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+        return LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                           image_token_index=tok.convert_tokens_to_ids("<image>"),
+                           vision_feature_select_strategy="default", vision_feature_layer=-1,
+                           image_seq_length=(SMALL_IMAGE // PATCH) ** 2, tie_word_embeddings=False)
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text.update(head_dim=16, sliding_window=64, eos_token_id=tok.convert_tokens_to_ids("<end_of_turn>"))
+    return Gemma3Config(text_config=Gemma3TextConfig(**text), vision_config=SiglipVisionConfig(**vision),
+                        mm_tokens_per_image=4, boi_token_index=tok.convert_tokens_to_ids(GEMMA3_TOKENS["boi_token"]),
+                        eoi_token_index=tok.convert_tokens_to_ids(GEMMA3_TOKENS["eoi_token"]),
+                        image_token_index=tok.convert_tokens_to_ids(GEMMA3_TOKENS["image_token"]),
+                        tie_word_embeddings=False)
+
+
 def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
+    if family in ("llava", "gemma3"):
+        return _other_config(family, tok, hidden, layers, vision_depth)
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
             ("vision_end", "<|vision_end|>"))}
@@ -80,6 +136,15 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
 
 
 def _image_processor(family: str, min_pixels: int, max_pixels: int):
+    if family == "llava":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
+                                     crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE})
+    if family == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        return Gemma3ImageProcessorPil(size={"height": SMALL_IMAGE, "width": SMALL_IMAGE})
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     patch = 16 if family == "qwen3_vl" else 14
@@ -98,17 +163,23 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
 
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
-    tok = _tokenizer(qwen_tokenizer)
+    tok = _tokenizer(qwen_tokenizer, family)
     tok.chat_template = QWEN_VL_TEMPLATE
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(_config(family, tok, hidden_size, num_layers, vision_depth))
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
+    if family == "gemma3":
+        _name_gemma3_tokens(out_dir)
     _image_processor(family, min_pixels, max_pixels).save_pretrained(out_dir)
-    processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-                       "qwen3_vl": "Qwen3VLProcessor"}[family]
+    processor = {"qwen2_vl": {"processor_class": "Qwen2VLProcessor"},
+                 "qwen2_5_vl": {"processor_class": "Qwen2_5_VLProcessor"},
+                 "qwen3_vl": {"processor_class": "Qwen3VLProcessor"},
+                 "llava": {"processor_class": "LlavaProcessor", "patch_size": PATCH,
+                           "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+                 "gemma3": {"processor_class": "Gemma3Processor", "image_seq_length": 4}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
-        json.dump({"processor_class": processor_class}, fh)
+        json.dump(processor, fh)
     return out_dir
 
 

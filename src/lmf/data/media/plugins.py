@@ -1,9 +1,6 @@
-"""Vision plugins: how a model family turns ``<image>`` placeholders into vision tokens and images into pixels.
-
-:class:`QwenVLPlugin` (templates ``qwen2_vl``, ``qwen3_vl``, ``qwen3_vl_nothink``, ... whose LLaMA-Factory plugin is
-``Qwen2VLPlugin`` / ``Qwen3VLPlugin``): each ``<image>`` becomes ``<|vision_start|>`` + ``<|image_pad|>`` x
-(patches / merge_size^2) + ``<|vision_end|>``, the patch count from the image processor's own resize of the
-regularized image (:mod:`lmf.data.media.images`), as in LLaMA-Factory 0.9.5.
+"""Vision plugins: how a model family turns ``<image>`` placeholders into vision tokens and images into pixels,
+as LLaMA-Factory 0.9.5's mm_plugin does: :class:`QwenVLPlugin` (templates ``qwen2_vl``, ``qwen3_vl``,
+``qwen3_vl_nothink``, ...), :class:`LlavaPlugin` (``llava``), :class:`Gemma3Plugin` (``gemma3``).
 
 :func:`media_plugin_for` picks the plugin of a template for a model directory (None for text models).
 """
@@ -19,7 +16,8 @@ from lmf.data.media.images import image_size, load_image, regularized_size
 from lmf.extras.errors import ConfigError, NotAvailableError
 
 #: LLaMA-Factory's mm_plugin names lmf implements -> plugin class name.
-IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin"}
+IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
+               "Gemma3Plugin": "Gemma3Plugin"}
 #: ``mm_token_type_ids`` values (transformers' ProcessorMixin.create_mm_token_type_ids).
 IMAGE_TYPE, VIDEO_TYPE = 1, 2
 
@@ -37,70 +35,164 @@ class MediaOptions:
 
 
 @dataclass
-class QwenVLPlugin:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL images."""
+class MediaPlugin:
+    """What every vision plugin does: placeholders to vision tokens (:meth:`expand`), images to pixel inputs
+    (:meth:`model_inputs`); subclasses say how many tokens an image takes and how they are written."""
 
     image_processor: Any
     tokenizer: Any
     options: MediaOptions = field(default_factory=MediaOptions)
-    name: str = "Qwen2VLPlugin"
-    image_token: str = "<|image_pad|>"
-    video_token: str = "<|video_pad|>"
-    vision_bos: str = "<|vision_start|>"
-    vision_eos: str = "<|vision_end|>"
+    name: str = ""
+    processor_config: dict = field(default_factory=dict)  # the model's processor_config.json
+    image_token: str = "<image>"
+    #: LLaMA-Factory's extra resize rules of the Qwen-VL family (sides >= 28 pixels, aspect ratio <= 200)
+    qwen_rules = False
 
     def __post_init__(self) -> None:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
-        self.merge_length = int(getattr(self.image_processor, "merge_size", 2)) ** 2
         #: never labels, even with train_on_prompt (LLaMA-Factory labels them then; lmf deviates on purpose)
-        self.vision_token_ids = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in
-                                      (self.image_token, self.video_token, self.vision_bos, self.vision_eos))
+        self.vision_token_ids = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in self.vision_tokens())
+
+    def vision_tokens(self) -> tuple[str, ...]:
+        return (self.image_token,)
 
     def cache_identity(self) -> dict:
         """What the preprocessed data depends on besides the text (part of the cache key)."""
-        return {"plugin": self.name, "options": vars(self.options), "image_processor": self.image_processor.to_dict()}
-
-    def _regularized(self, path: str) -> tuple[int, int]:
-        o = self.options
-        return regularized_size(image_size(path), o.image_max_pixels, o.image_min_pixels, qwen_rules=True)
+        return {"plugin": self.name, "options": vars(self.options), "image_processor": self.image_processor.to_dict(),
+                "processor": self.processor_config}
 
     def image_seqlen(self, path: str) -> int:
-        """Vision tokens of the image at ``path`` (its header is read, not its pixels)."""
-        width, height = self._regularized(path)
-        return int(self.image_processor.get_number_of_image_patches(height, width, {})) // self.merge_length
+        """Vision tokens of the image at ``path``."""
+        raise NotImplementedError
+
+    def image_text(self, path: str) -> str:
+        """What one ``<image>`` placeholder becomes."""
+        return self.image_token * self.image_seqlen(path)
 
     def expand(self, messages: list[dict], images: list[str]) -> tuple[list[dict], int]:
         """(messages with each ``<image>`` expanded, total image tokens)."""
-        seqlens = [self.image_seqlen(p) for p in images]
         out, used = [], 0
         for message in messages:
             content = message["content"]
-            while IMAGE_PLACEHOLDER in content:
-                run = self.image_token * seqlens[used]
-                content = content.replace(IMAGE_PLACEHOLDER, f"{self.vision_bos}{run}{self.vision_eos}", 1)
-                used += 1
             if VIDEO_PLACEHOLDER in content:
                 raise NotAvailableError("videos are not implemented in lmf yet (images only)")
-            out.append(dict(message, content=content))
-        return out, sum(seqlens)
+            pieces = content.split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>" itself: split, not replace
+            text = pieces[0]
+            for piece in pieces[1:]:
+                text += self.image_text(images[used]) + piece
+                used += 1
+            out.append(dict(message, content=text))
+        return out, sum(self.image_seqlen(p) for p in images)
 
     def count_image_tokens(self, ids: list[int]) -> int:
         return ids.count(self.image_token_id)
 
     def load_images(self, paths: list[str]) -> list:
         o = self.options
-        return [load_image(p, o.image_max_pixels, o.image_min_pixels, qwen_rules=True) for p in paths]
+        return [load_image(p, o.image_max_pixels, o.image_min_pixels, qwen_rules=self.qwen_rules) for p in paths]
 
     def model_inputs(self, paths: list[str], input_ids) -> dict:
-        """``pixel_values``, ``image_grid_thw`` of ``paths`` (in row order) and ``mm_token_type_ids`` of ``input_ids``."""
+        """The pixel inputs of ``paths`` (in row order) and the token types ``input_ids`` need."""
         inputs: dict = {}
         if paths:
             inputs.update(self.image_processor(self.load_images(paths), return_tensors="pt"))
+        inputs.update(self.token_types(input_ids))
+        return dict(inputs)
+
+    def token_types(self, input_ids) -> dict:
+        return {}
+
+
+@dataclass
+class QwenVLPlugin(MediaPlugin):
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: ``<|vision_start|>`` + ``<|image_pad|>`` x (patches / merge_size^2) +
+    ``<|vision_end|>``; the patch count from the image processor's own resize of the regularized image, read
+    from the file's header."""
+
+    image_token: str = "<|image_pad|>"
+    video_token: str = "<|video_pad|>"
+    vision_bos: str = "<|vision_start|>"
+    vision_eos: str = "<|vision_end|>"
+    qwen_rules = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
+        self.merge_length = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+
+    def vision_tokens(self) -> tuple[str, ...]:
+        return (self.image_token, self.video_token, self.vision_bos, self.vision_eos)
+
+    def image_seqlen(self, path: str) -> int:
+        o = self.options
+        width, height = regularized_size(image_size(path), o.image_max_pixels, o.image_min_pixels, qwen_rules=True)
+        return int(self.image_processor.get_number_of_image_patches(height, width, {})) // self.merge_length
+
+    def image_text(self, path: str) -> str:
+        return f"{self.vision_bos}{self.image_token * self.image_seqlen(path)}{self.vision_eos}"
+
+    def token_types(self, input_ids) -> dict:
         types = (input_ids == self.image_token_id).to(input_ids.dtype) * IMAGE_TYPE
         types += (input_ids == self.video_token_id).to(input_ids.dtype) * VIDEO_TYPE
-        inputs["mm_token_type_ids"] = types
-        return dict(inputs)
+        return {"mm_token_type_ids": types}
+
+
+@dataclass
+class LlavaPlugin(MediaPlugin):
+    """LLaVA-1.5 style: ``<image>`` x N, N from the processed image size, the patch size and the feature selection
+    (``processor_config.json``), as LLaMA-Factory computes it."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from PIL import Image
+
+        pixels = self.image_processor([Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"][0]
+        height, width = pixels.shape[-2:]
+        patch = int(self.processor_config.get("patch_size") or 14)
+        seqlen = (height // patch) * (width // patch) + int(self.processor_config.get("num_additional_image_tokens", 0))
+        if self.processor_config.get("vision_feature_select_strategy") == "default":
+            seqlen -= 1
+        self.seqlen = int(seqlen)
+
+    def image_seqlen(self, path: str) -> int:
+        return self.seqlen
+
+
+@dataclass
+class Gemma3Plugin(MediaPlugin):
+    """Gemma 3: ``\n\n<start_of_image>`` + ``<image_soft_token>`` x image_seq_length + ``<end_of_image>\n\n``;
+    ``token_type_ids`` mark the image tokens (bidirectional attention within an image)."""
+
+    image_token: str = "<image_soft_token>"
+    boi_token: str = "<start_of_image>"
+    eoi_token: str = "<end_of_image>"
+
+    def __post_init__(self) -> None:
+        self.image_token = getattr(self.tokenizer, "image_token", None) or self.image_token
+        self.boi_token = getattr(self.tokenizer, "boi_token", None) or self.boi_token
+        self.eoi_token = getattr(self.tokenizer, "eoi_token", None) or self.eoi_token
+        super().__post_init__()
+        self.seqlen = int(self.processor_config.get("image_seq_length", 256))
+
+    def vision_tokens(self) -> tuple[str, ...]:
+        return (self.image_token, self.boi_token, self.eoi_token)
+
+    def image_seqlen(self, path: str) -> int:
+        return self.seqlen
+
+    def image_text(self, path: str) -> str:
+        return f"\n\n{self.boi_token}{self.image_token * self.seqlen}{self.eoi_token}\n\n"
+
+    def token_types(self, input_ids) -> dict:
+        return {"token_type_ids": (input_ids == self.image_token_id).to(input_ids.dtype)}
+
+    def model_inputs(self, paths: list[str], input_ids) -> dict:
+        inputs = super().model_inputs(paths, input_ids)
+        inputs.pop("num_crops", None)  # pan-and-scan bookkeeping of the processor, not a model input
+        return inputs
+
+
+PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "Gemma3Plugin": Gemma3Plugin}
 
 
 def has_image_processor(model_path: str) -> bool:
@@ -116,13 +208,42 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
     if name not in IMPLEMENTED:
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
-            f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl)")
-    from transformers import AutoImageProcessor
-
+            f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl, llava, "
+            "gemma3)")
     try:
-        image_processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        image_processor = load_image_processor(model_path, trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise ConfigError(f"model_name_or_path={model_path!r}: cannot load its image processor: {exc}") from exc
-    if not hasattr(image_processor, "get_number_of_image_patches"):
+    plugin = PLUGINS[IMPLEMENTED[name]]
+    if plugin is QwenVLPlugin and not hasattr(image_processor, "get_number_of_image_patches"):
         raise NotAvailableError(f"{type(image_processor).__name__}: lmf's {name} needs a Qwen-VL image processor")
-    return QwenVLPlugin(image_processor, tokenizer, MediaOptions.from_data_args(data_args), name=name)
+    return plugin(image_processor, tokenizer, MediaOptions.from_data_args(data_args), name=name,
+                  processor_config=_processor_config(model_path))
+
+
+def load_image_processor(model_path: str, trust_remote_code: bool = False):
+    """The model's image processor; without torchvision, its PIL implementation (transformers < 5.24's
+    ``AutoImageProcessor`` asks for torchvision instead of falling back)."""
+    import json
+
+    import transformers
+
+    try:
+        return transformers.AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except ImportError:
+        with open(os.path.join(model_path, "preprocessor_config.json"), encoding="utf-8") as fh:
+            name = json.load(fh).get("image_processor_type") or ""
+        pil = getattr(transformers, name.removesuffix("Fast") + "Pil", None) if name else None
+        if pil is None:
+            raise
+        return pil.from_pretrained(model_path)
+
+
+def _processor_config(model_path: str) -> dict:
+    import json
+
+    path = os.path.join(model_path, "processor_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
