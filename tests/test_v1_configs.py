@@ -94,8 +94,8 @@ def test_v1_dpo_needs_the_hub_dataset_and_runs_on_its_local_copy(lf_checkout):
 
 @pytest.mark.parametrize("example,message", [
     ("train_full/train_full_ulysses_cp.yaml", "context parallelism"),
-    ("train_full/train_full_qwen3_moe_fsdpturbo_ep_fsdp.yaml", "init_on_meta is not implemented"),
-    ("train_full/train_multimodal.yaml", "image_url' is not implemented"),
+    ("train_full/train_full_qwen3_moe_fsdpturbo_ep_fsdp.yaml", "fsdpturbo"),
+    ("train_full/train_multimodal.yaml", "have images but the model takes text only"),  # the tiny text model
 ])
 def test_v1_examples_lmf_cannot_run_say_why(lf_checkout, example, message):
     with pytest.raises(LmfError, match=message):
@@ -228,17 +228,21 @@ def test_init_on_rank0_single_process_loads_normally(lf_checkout):
     _run("train_lora/train_lora_sft_rank0.yaml", "sft", "max_steps=2")
     assert _state(lf_checkout / "outputs" / "test_lora")["global_step"] == 2
     assert build_config({"model": "m", "init_config": {"name": "init_on_rank0"}}).model.init_on_rank0
-    with pytest.raises(ConfigError, match="init_on_meta is not implemented"):
-        build_config({"model": "m", "init_config": {"name": "init_on_meta"}})
+    assert build_config({"model": "m", "init_config": {"name": "init_on_meta"}}).model.init_on_meta
+    with pytest.raises(ConfigError, match="init_on_meta' with finetuning_type lora is not implemented"):
+        build_config({"model": "m", "init_config": {"name": "init_on_meta"}, "peft_config": {"name": "lora"}})
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("example", ["train_lora/train_lora_sft_rank0.yaml", "train_full/train_full_fsdp2.yaml"])
-def test_init_on_rank0_on_two_processes_trains_like_every_rank_loading(lf_checkout, example):
+def test_init_on_rank0_and_meta_on_two_processes_train_like_every_rank_loading(lf_checkout, example):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE="2", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     losses = {}
-    for name, init in (("rank0", "init_on_rank0"), ("default", "init_on_default")):
+    inits = (("rank0", "init_on_rank0"), ("default", "init_on_default"))
+    if "full" in example:  # init_on_meta is for full/freeze tuning (LoRA: init_on_rank0), as in LLaMA-Factory v1
+        inits += (("meta", "init_on_meta"),)
+    for name, init in inits:
         proc = subprocess.run([sys.executable, "-m", "lmf", "sft", os.path.join(V1, example), f"model={DEMO_MODEL}",
                                "max_steps=3", "cutoff_len=128", f"output_dir={name}", "bf16=false",
                                f"init_config={{\"name\": \"{init}\"}}"], env=env, capture_output=True, text=True,
@@ -246,5 +250,9 @@ def test_init_on_rank0_on_two_processes_trains_like_every_rank_loading(lf_checko
         assert proc.returncode == 0, proc.stderr[-4000:]
         if init == "init_on_rank0":
             assert "init_on_rank0: rank 0 read the checkpoint and sent 1 process(es) their shards" in proc.stderr
+        if init == "init_on_meta":
+            assert "init_on_meta: every rank read its own shards" in proc.stderr
         losses[name] = [h["loss"] for h in _state(name)["log_history"] if "loss" in h]
     assert losses["rank0"] == pytest.approx(losses["default"], rel=1e-5)
+    if "meta" in losses:
+        assert losses["meta"] == pytest.approx(losses["default"], rel=1e-5)

@@ -106,6 +106,22 @@ def test_chat_through_vllm_answers_what_huggingface_answers(trained):
     assert served.text == hf.text and served.completion_tokens == hf.completion_tokens
 
 
+def test_two_adapters_through_vllm_answer_what_huggingface_answers(trained):
+    """``adapter_name_or_path: sft,dpo``: the huggingface backend merges both; vLLM serves them stacked into one
+    adapter (lmf.model.adapter_concat), which must be the same model."""
+    adapters = f"{trained['sft']},{trained['dpo']}"
+    messages = [{"role": "user", "content": "Who are you?"}]
+    hf = _engine(trained, "huggingface", adapters).chat(messages)
+    one = _engine(trained, "huggingface", trained["sft"]).chat(messages)
+    engine = _engine(trained, "vllm", adapters)
+    try:
+        served = engine.chat(messages)
+    finally:
+        engine.close()
+    assert served.text == hf.text and served.completion_tokens == hf.completion_tokens
+    assert hf.text != one.text or hf.completion_tokens != one.completion_tokens  # the second adapter matters
+
+
 def test_the_exported_model_serves_with_its_chat_template(trained):
     from vllm import LLM, SamplingParams
 

@@ -68,10 +68,16 @@ class VllmEngine(ChatEngine):
         self.settings = GenerationSettings.from_args(cfg.generating)
         self.model_name = served_model_name(cfg)
         self.max_len = m.vllm_maxlen
+        from lmf.model.adapter_concat import combined_adapter, lora_rank
+
         adapters = split_paths(m.adapter_name_or_path)
+        adapter, self._adapter_tmp = combined_adapter(adapters) if adapters else (None, None)
         if len(adapters) > 1:
-            raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; "
-                                    "merge the others first with `lmf export`")
+            logger.info("vLLM: adapters %s served as one LoRA adapter of rank %d (their ranks stacked: the same "
+                        "sum of updates as merging them)", ", ".join(adapters), lora_rank(adapter))
+        if adapter and lora_rank(adapter) > m.vllm_max_lora_rank:
+            raise NotAvailableError(f"the adapter(s) have LoRA rank {lora_rank(adapter)} but vllm_max_lora_rank "
+                                    f"is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
         engine_args = AsyncEngineArgs(
             model=m.model_name_or_path,
             trust_remote_code=m.trust_remote_code,
@@ -86,7 +92,7 @@ class VllmEngine(ChatEngine):
         if adapters:
             from vllm.lora.request import LoRARequest
 
-            self.lora_request = LoRARequest("default", 1, adapters[0])
+            self.lora_request = LoRARequest("default", 1, adapter)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="lmf-vllm-loop", daemon=True)
         self.thread.start()
@@ -167,3 +173,7 @@ class VllmEngine(ChatEngine):
             asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=60)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=30)
+        if self._adapter_tmp:
+            import shutil
+
+            shutil.rmtree(self._adapter_tmp, ignore_errors=True)

@@ -44,6 +44,10 @@ class ModelArguments:
     init_on_rank0: bool = _f(False, "Under FSDP on several processes, only rank 0 reads the checkpoint; the other "
                                     "ranks build the model on the meta device and receive their shards from it "
                                     "(LLaMA-Factory v1's init_on_rank0).")
+    init_on_meta: bool = _f(False, "Under FSDP on several processes, every rank builds the model's parameters on the "
+                                   "meta device and reads only its own shards from the checkpoint's safetensors, one "
+                                   "tensor at a time (LLaMA-Factory v1's init_on_meta; full and freeze tuning, as "
+                                   "there: LoRA uses init_on_rank0).")
     flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
     use_reentrant_gc: bool = _f(True, "Use reentrant gradient checkpointing (LLaMA-Factory's default; it keeps less "

@@ -56,6 +56,19 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
         if m.quantization_bit is not None:
             raise ConfigError("config keys 'init_on_rank0' and 'quantization_bit' do not combine (a quantized base "
                               "is not sharded)")
+    if m.init_on_meta:
+        if m.init_on_rank0:
+            raise ConfigError("config keys 'init_on_meta' and 'init_on_rank0' are two ways to load a sharded model; "
+                              "set one")
+        if ft.finetuning_type not in ("full", "freeze"):
+            raise ConfigError(f"config key 'init_on_meta' with finetuning_type {ft.finetuning_type} is not implemented "
+                              "(its adapter weights are not in the checkpoint; LLaMA-Factory v1 refuses it too): use "
+                              "init_on_rank0")
+        if ft.stage not in ("sft", "pt"):
+            raise ConfigError(f"config key 'init_on_meta' with stage {ft.stage} is not implemented; use it for sft/pt")
+        if m.quantization_bit is not None or m.train_from_scratch:
+            raise ConfigError("config key 'init_on_meta' reads the sharded weights from the checkpoint: it does not "
+                              "combine with quantization_bit or train_from_scratch")
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:

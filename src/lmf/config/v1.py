@@ -200,9 +200,11 @@ def _model(raw: dict, out: dict) -> None:
     init = _plugin(raw, "init_config")
     if init is not None and init["name"] == "init_on_rank0":
         out["init_on_rank0"] = True
+    elif init is not None and init["name"] == "init_on_meta":
+        out["init_on_meta"] = True
     elif init is not None and init["name"] != "init_on_default":
-        raise ConfigError(f"config key 'init_config': {init['name']} is not implemented; use init_on_rank0 (only "
-                          "rank 0 reads the checkpoint) or init_on_default")
+        raise ConfigError(f"config key 'init_config': {init['name']} is not implemented; use init_on_meta, "
+                          "init_on_rank0 or init_on_default")
 
 
 def _data_and_batching(raw: dict, out: dict) -> None:

@@ -48,6 +48,7 @@ class ParallelPlan:
     offload: bool = False       # FSDP2 CPUOffloadPolicy (DeepSpeed offload_optimizer / offload_param: cpu)
     pin_memory: bool = False
     from_rank0: bool = False    # init_on_rank0: only rank 0 read the checkpoint; the others get their shards from it
+    from_checkpoint: bool = False  # init_on_meta: every rank reads its own shards from the checkpoint
 
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
@@ -166,6 +167,10 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     from_rank0 = bool(cfg.model.init_on_rank0) and mode == "fsdp" and world_size > 1 and shard_size is None
     if cfg.model.init_on_rank0 and not from_rank0 and announce:
         logger.info("init_on_rank0: applies to FSDP sharding on several processes; here every rank loads the model")
+    from_checkpoint = bool(cfg.model.init_on_meta) and mode == "fsdp" and world_size > 1 and shard_size is None
+    if cfg.model.init_on_meta and not from_checkpoint and announce:
+        logger.info("init_on_meta: applies to FSDP sharding (not hybrid) on several processes; here the model loads "
+                    "as usual")
     if world_size <= 1 and not offload:
         if mode == "fsdp" and announce:
             logger.info("a single process: no sharding needed, training without FSDP")
@@ -179,7 +184,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
                         "replicated %d time(s)", world_size // shard_size, shard_size, shard_size,
                         world_size // shard_size)
     return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes, offload,
-                        bool(ds and ds.pin_memory), from_rank0)
+                        bool(ds and ds.pin_memory), from_rank0, from_checkpoint)
 
 
 def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) -> None:

@@ -6,6 +6,7 @@ entry points every command uses (train, chat, export, api).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -239,20 +240,45 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
 
 
 def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None,
-               on_meta: bool = False):
+               on_meta: "bool | str" = False):
     """Load the causal LM, apply the finetuning method (training) or merge adapters (inference).
 
     The returned model stays on CPU unless ``device`` is given; trainable parameters are fp32
     (mixed precision keeps fp32 master weights), frozen ones use the resolved dtype. ``on_meta``: the model
     and its adapters are built on the meta device without reading the checkpoint (``init_on_rank0``: the
-    trainer fills them from rank 0 once sharded).
+    trainer fills them from rank 0 once sharded); ``on_meta="parameters"``: parameters on meta, buffers real
+    (``init_on_meta``: every rank fills its shards from the checkpoint and keeps its own buffers).
     """
     import torch
 
+    if on_meta == "parameters":
+        with parameters_on_meta():
+            return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True)
     if on_meta:
         with torch.device("meta"):
             return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True)  # dtype as rank 0's
     return _load_model(cfg, tokenizer, is_trainable, device)
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (each one moved there as it is registered, so at
+    most one parameter is ever allocated) while their buffers stay real: rotary frequencies and other non-persistent
+    buffers, which no checkpoint holds, are computed as usual."""
+    from torch import nn
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None,

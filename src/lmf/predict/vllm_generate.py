@@ -20,9 +20,14 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
     from vllm import LLM, SamplingParams
 
     m = cfg.model
+    from lmf.model.adapter_concat import combined_adapter, lora_rank
+
     adapters = split_paths(m.adapter_name_or_path)
-    if len(adapters) > 1:
-        raise NotAvailableError("infer_backend: vllm serves one LoRA adapter; merge the others first with `lmf export`")
+    adapter, tmp = combined_adapter(adapters) if adapters else (None, None)
+    rank = lora_rank(adapter) if adapter else 0
+    if rank > m.vllm_max_lora_rank:
+        raise NotAvailableError(f"the adapter(s) have LoRA rank {rank} (stacked ranks of several adapters add) but "
+                                f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
     llm = LLM(model=m.model_name_or_path, tokenizer=m.model_name_or_path, trust_remote_code=m.trust_remote_code,
               dtype=m.infer_dtype, max_model_len=m.vllm_maxlen, gpu_memory_utilization=m.vllm_gpu_util,
               enforce_eager=m.vllm_enforce_eager, enable_lora=bool(adapters), max_lora_rank=m.vllm_max_lora_rank,
@@ -31,7 +36,7 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
     if adapters:
         from vllm.lora.request import LoRARequest
 
-        lora_request = LoRARequest("default", 1, adapters[0])
+        lora_request = LoRARequest("default", 1, adapter)
     params = []
     for ids in prompts:
         room = m.vllm_maxlen - len(ids)
@@ -46,13 +51,18 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
             max_tokens=min(settings.reply_budget(len(ids)), room),
             stop_token_ids=stop_ids, skip_special_tokens=False, detokenize=False,
         ))
-    logger.info("predicting %d samples with vLLM%s", len(prompts), f" (adapter {adapters[0]})" if adapters else "")
+    logger.info("predicting %d samples with vLLM%s", len(prompts), f" (adapter {' + '.join(adapters)})" if adapters else "")
     try:
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, lora_request=lora_request,
                                use_tqdm=False)
     finally:
         shutdown_llm(llm)
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
     return [list(out.outputs[0].token_ids) for out in outputs]
+
 
 
 def shutdown_llm(llm) -> None:

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from lmf.dist.plan import ParallelPlan
-from lmf.extras.errors import ConfigError
+from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
@@ -28,8 +29,10 @@ def decoder_layers(model) -> list["torch.nn.Module"]:
     return list(layers)
 
 
-def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: Optional["torch.dtype"], find_unused: Optional[bool]):
-    """Move ``loss_module`` to ``device`` and wrap it per ``plan``; return the module the loop calls."""
+def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: Optional["torch.dtype"],
+         find_unused: Optional[bool], checkpoint_dirs: tuple = ()):
+    """Move ``loss_module`` to ``device`` and wrap it per ``plan``; return the module the loop calls.
+    ``checkpoint_dirs``: where ``init_on_meta`` reads the weights (the model, then a checkpoint resumed from)."""
     import torch
 
     if plan.mode == "fsdp":
@@ -46,11 +49,14 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         layers = decoder_layers(loss_module.model)
         _check_layer_classes(layers, plan.layer_classes)
         full = _rank0_state(loss_module) if plan.from_rank0 else None
+        buffers = {n: b.detach().clone() for n, b in loss_module.named_buffers()} if plan.from_checkpoint else None
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(loss_module, **options)
         if plan.from_rank0:
             _fill_from_rank0(loss_module, full, device)
+        if plan.from_checkpoint:
+            _fill_from_checkpoint(loss_module, checkpoint_dirs, device, buffers)
         if plan.offload:
             _buffers_to(loss_module, device)  # sharded parameters stay on CPU; FSDP2 moves them per use
         else:
@@ -94,6 +100,62 @@ def _fill_from_rank0(module, full: Optional[tuple[dict, dict]], device: "torch.d
 
         get_logger("lmf.train.trainer").info("init_on_rank0: rank 0 read the checkpoint and sent %d process(es) "
                                              "their shards", dist.get_world_size() - 1)
+
+
+def _safetensors_files(path: str) -> list[str]:
+    import glob
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = [f for f in files if not os.path.basename(f).startswith(("adapter_", "value_head"))]
+    if not files:
+        raise LmfError(f"init_on_meta: {path} holds no safetensors weights to read the shards from; use init_on_rank0")
+    return files
+
+
+def _fill_from_checkpoint(module, checkpoint_dirs: tuple, device: "torch.device", buffers: dict) -> None:
+    """``init_on_meta``: allocate this rank's shards, copy each one out of the checkpoint's safetensors (one full
+    tensor in memory at a time; the files are memory-mapped), and put back the rank's own buffers. Every parameter
+    must be found (a model whose weights are renamed or converted at load time is refused: use init_on_rank0)."""
+    import torch
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    module.to_empty(device=device)
+    config = getattr(module.model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and hasattr(module.model, "tie_weights"):
+        module.model.tie_weights()
+    params = dict(module.named_parameters(remove_duplicate=True))
+    prefix = "model."  # the loss module holds the causal LM as .model; checkpoints name the causal LM's parameters
+    filled: set[str] = set()
+    with torch.no_grad():
+        for path in checkpoint_dirs:
+            for file in _safetensors_files(path):
+                with safe_open(file, framework="pt", device="cpu") as handle:
+                    for key in handle.keys():
+                        name = prefix + key
+                        param = params.get(name)
+                        if param is None:
+                            continue
+                        full = handle.get_tensor(key).to(param.dtype)
+                        if isinstance(param, DTensor):
+                            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+                            param.to_local().copy_(local.to_local())
+                        else:
+                            param.copy_(full)
+                        filled.add(name)
+        for name, buf in module.named_buffers():
+            buf.copy_(buffers[name].to(buf.device))
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise LmfError(f"init_on_meta: {', '.join(m[len(prefix):] for m in missing[:3])} not found in the safetensors "
+                       f"of {', '.join(checkpoint_dirs)} (a model whose weights are renamed or converted at load time); "
+                       "use init_on_rank0")
+    if dist.get_rank() == 0:
+        from lmf.extras.logging import get_logger
+
+        get_logger("lmf.train.trainer").info("init_on_meta: every rank read its own shards of %d tensors from %s",
+                                             len(filled), " + ".join(checkpoint_dirs))
 
 
 def _single_process_group(device: "torch.device") -> None:

@@ -122,10 +122,13 @@ class Trainer:
                               cutoff_len=self.cfg.data.cutoff_len)
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)
         plan = plan_parallelism(self.cfg, self.runtime.world_size, announce=False)  # announced by the workflow
-        if self.resume.checkpoint and not (plan.from_rank0 and self.runtime.rank != 0):
-            self.checkpoints.load_weights(self.resume.checkpoint)  # init_on_rank0: rank 0 sends them on
+        # init_on_rank0: rank 0 loads and sends them on; init_on_meta: every rank reads its shards once sharded
+        if self.resume.checkpoint and not plan.from_checkpoint and not (plan.from_rank0 and self.runtime.rank != 0):
+            self.checkpoints.load_weights(self.resume.checkpoint)
         loss_module = _make_loss_module(self.model, self.stage.compute_loss, self.cfg.model.moe_aux_loss_coef)
-        wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters)
+        sources = (self.cfg.model.model_name_or_path,) + ((self.resume.checkpoint,) if self.resume.checkpoint else ())
+        wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters,
+                       checkpoint_dirs=sources if plan.from_checkpoint else ())
         optimizer = create_optimizer(loss_module, self.args, self.cfg.finetuning)
         scaler = None
         if self.dtype == torch.float16 and plan.mode != "fsdp":

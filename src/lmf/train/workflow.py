@@ -139,7 +139,8 @@ def run_training(cfg: "LmfConfig") -> None:
         # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
         model = load_model(cfg, tokenizer, is_trainable=True,
                            device=runtime.device if cfg.model.quantization_bit is not None else None,
-                           on_meta=plan.from_rank0 and runtime.rank != 0)  # init_on_rank0: rank 0 reads the weights
+                           # init_on_rank0: rank 0 reads the weights; init_on_meta: each rank its shards, once sharded
+                           on_meta="parameters" if plan.from_checkpoint else plan.from_rank0 and runtime.rank != 0)
         setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset, data.media)
         stage = recipe.build_stage(cfg, setup)
         trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
