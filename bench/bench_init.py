@@ -1,6 +1,7 @@
 """Peak CPU memory per rank when 2 FSDP2 processes load a model: every rank reading the checkpoint (LLaMA-Factory
 v1's init_on_default) against ``init_on_rank0: true`` (only rank 0 reads it; the others build the model on the meta
-device and receive their shards from rank 0).
+device and receive their shards from rank 0) and ``init_on_meta: true`` (every rank builds the parameters on meta and
+copies its own shards out of the memory-mapped safetensors, one tensor at a time).
 
 Each run is ``lmf sft`` through torchrun (2 processes, gloo, CPU) for 2 steps of full fine-tuning of the
 ``medium`` model of bench_train.py (~97M parameters, fp32 checkpoint ~390 MB); every rank reports its peak RSS
@@ -49,14 +50,14 @@ def worker() -> None:
                        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, fh)
 
 
-def run(model_dir: str, init_on_rank0: bool) -> list[dict]:
+def run(model_dir: str, init: str) -> list[dict]:
     import yaml
 
     work = tempfile.mkdtemp(prefix="lmf-bench-init-")
     cfg = dict(model_name_or_path=model_dir, stage="sft", finetuning_type="full", template="qwen",
                dataset_dir=os.path.join(REPO, "examples", "data"), dataset="identity", cutoff_len=64, max_samples=16,
                output_dir=os.path.join(work, "out"), per_device_train_batch_size=2, max_steps=2, save_strategy="no",
-               fsdp="full_shard", disable_tqdm=True, report_to="none", init_on_rank0=init_on_rank0,
+               fsdp="full_shard", disable_tqdm=True, report_to="none", init_on_rank0=init == "init_on_rank0", init_on_meta=init == "init_on_meta",
                preprocessing_cache_dir=os.path.join(work, "cache"))
     path = os.path.join(work, "cfg.yaml")
     with open(path, "w", encoding="utf-8") as fh:
@@ -86,7 +87,9 @@ def main() -> None:
 
     model_dir = _model_dir(args.model)
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(model_dir, "*.safetensors"))) / 2**20
-    results = {name: run(model_dir, flag) for name, flag in (("every rank loads", False), ("init_on_rank0", True))}
+    results = {name: run(model_dir, init) for name, init in (("every rank loads", "default"),
+                                                             ("init_on_rank0", "init_on_rank0"),
+                                                             ("init_on_meta", "init_on_meta"))}
     lines = ["# Model initialisation: peak RSS per rank (CPU, 2 FSDP2 processes)", "",
              f"`python bench/bench_init.py{' --out ' + args.out if args.out else ''}`", "",
              f"{platform.machine()}, {os.cpu_count()} cores; model {args.model} (checkpoint {size:.0f} MiB, fp32), "

@@ -66,3 +66,4 @@ def test_adapters_that_are_not_plain_lora_are_refused(tmp_path):
     saved = _random_adapter(tmp_path / "saved", 2, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
     with pytest.raises(ConfigError, match="modules_to_save"):
         combined_adapter([a, saved], str(tmp_path))
+

@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from lmf.config.parser import build_config
 from lmf.extras.errors import ConfigError

@@ -59,9 +59,12 @@ def test_fingerprint_is_an_allow_list():
         assert resume_fingerprint(build_config(dict(base, **{key: value}))) == ref, key
     shaping = dict(learning_rate=1e-3, lora_rank=4, seed=7, per_device_train_batch_size=3, cutoff_len=64,
                    gradient_accumulation_steps=3, lr_scheduler_type="cosine", dataset="x", template="qwen",
-                   weight_decay=0.1, warmup_steps=3, finetuning_type="full", train_on_prompt=True)
+                   weight_decay=0.1, warmup_steps=3, finetuning_type="full", train_on_prompt=True,
+                   image_max_pixels=65536, image_min_pixels=4096)
     for key, value in shaping.items():
         assert resume_fingerprint(build_config(dict(base, **{key: value}))) != ref, key
+    # a key added later is recorded only away from its default: older checkpoints keep their fingerprint
+    assert resume_fingerprint(build_config(dict(base, image_max_pixels=768 * 768))) == ref
 
 
 def test_relaunch_with_a_generation_key_resumes(reference_run, tiny_model_dir, tmp_path):

@@ -54,7 +54,6 @@ def _cfg(vlm_root: str, family: str, stage: str = "sft", **keys):
 
 
 def _dataset(cfg, stage: str):
-    from lmf.data.loader import get_dataset
     from lmf.train.workflow import load_tokenizer_and_data
 
     tokenizer, template, data = load_tokenizer_and_data(cfg, stage)

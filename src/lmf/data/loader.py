@@ -27,7 +27,7 @@ from typing import Any, Optional
 from lmf.data import cache as cache_mod
 from lmf.data.converter import convert_record
 from lmf.data.mixing import merge_datasets
-from lmf.data.processor import IGNORE_INDEX, make_processor
+from lmf.data.processor import make_processor
 from lmf.data.readers import iter_records
 from lmf.data.registry import DatasetAttr, resolve_datasets
 from lmf.data.stats import token_stats

@@ -112,14 +112,56 @@ def _safetensors_files(path: str) -> list[str]:
     return files
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class SafetensorsRows:
+    """Reads rows of the tensors of one safetensors file with plain reads (``os.pread``), not a memory map: a
+    rank reading its shard keeps only the shard in memory, not the pages of the whole file."""
+
+    def __init__(self, path: str) -> None:
+        import json
+        import struct
+
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        self.header = json.loads(os.pread(self.fd, size, 8))
+        self.header.pop("__metadata__", None)
+        self.base = 8 + size
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def rows(self, key: str, start: int, stop: int):
+        """Rows ``start:stop`` (along dim 0) of tensor ``key``, as a torch tensor."""
+        import torch
+
+        entry = self.header[key]
+        dtype = getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])
+        shape = entry["shape"]
+        begin, end = entry["data_offsets"]
+        if not shape:
+            start, stop, row_bytes = 0, 1, end - begin
+        else:
+            row_bytes = (end - begin) // shape[0] if shape[0] else 0
+        data = os.pread(self.fd, (stop - start) * row_bytes, self.base + begin + start * row_bytes)
+        out = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return out.reshape([stop - start, *shape[1:]] if shape else [])
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def _fill_from_checkpoint(module, checkpoint_dirs: tuple, device: "torch.device", buffers: dict) -> None:
-    """``init_on_meta``: allocate this rank's shards, copy each one out of the checkpoint's safetensors (one full
-    tensor in memory at a time; the files are memory-mapped), and put back the rank's own buffers. Every parameter
-    must be found (a model whose weights are renamed or converted at load time is refused: use init_on_rank0)."""
+    """``init_on_meta``: allocate this rank's shards, copy each one out of the checkpoint's safetensors (reading only
+    the rank's rows of every tensor), and put back the rank's own buffers. Every parameter must be found (a model
+    whose weights are renamed or converted at load time is refused: use init_on_rank0)."""
     import torch
     import torch.distributed as dist
-    from safetensors import safe_open
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     module.to_empty(device=device)
     config = getattr(module.model, "config", None)
@@ -131,19 +173,30 @@ def _fill_from_checkpoint(module, checkpoint_dirs: tuple, device: "torch.device"
     with torch.no_grad():
         for path in checkpoint_dirs:
             for file in _safetensors_files(path):
-                with safe_open(file, framework="pt", device="cpu") as handle:
-                    for key in handle.keys():
-                        name = prefix + key
-                        param = params.get(name)
+                reader = SafetensorsRows(file)
+                try:
+                    for key in reader.keys():
+                        param = params.get(prefix + key)
                         if param is None:
                             continue
-                        full = handle.get_tensor(key).to(param.dtype)
+                        rows = (0, param.shape[0] if param.dim() else 1)
+                        target = param
                         if isinstance(param, DTensor):
-                            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-                            param.to_local().copy_(local.to_local())
-                        else:
-                            param.copy_(full)
-                        filled.add(name)
+                            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                                 param.placements)
+                            target = param.to_local()
+                            if param.dim() and all(isinstance(p, Shard) and p.dim == 0 or not isinstance(p, Shard)
+                                                   for p in param.placements):
+                                rows = (offset[0], offset[0] + shape[0])  # dim-0 shards: this rank's rows only
+                            else:  # another layout: read the tensor whole, keep this rank's part
+                                full = reader.rows(key, *rows)
+                                target.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+                                filled.add(prefix + key)
+                                continue
+                        target.copy_(reader.rows(key, *rows).to(target.dtype).reshape(target.shape))
+                        filled.add(prefix + key)
+                finally:
+                    reader.close()
         for name, buf in module.named_buffers():
             buf.copy_(buffers[name].to(buf.device))
     missing = sorted(set(params) - filled)

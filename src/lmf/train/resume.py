@@ -67,13 +67,18 @@ TRAJECTORY_KEYS = frozenset({
     "warmup_steps", "optim", "bf16", "fp16", "seed", "data_seed",
 })
 
+#: Trajectory keys added after checkpoints were first fingerprinted: recorded only when set away from their
+#: default, so that the checkpoints of runs that never used them keep their fingerprint (resume still works).
+LATER_KEYS = {"image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32}
+
 PREVIOUS_DIR = ".previous"
 
 
 def trajectory_config(cfg: "LmfConfig") -> dict[str, Any]:
     """The values of :data:`TRAJECTORY_KEYS` (JSON-safe), as recorded in every checkpoint."""
     flat = cfg.to_dict()
-    return json.loads(json.dumps({k: flat[k] for k in sorted(TRAJECTORY_KEYS) if k in flat}, default=str))
+    keys = sorted(TRAJECTORY_KEYS) + [k for k, default in LATER_KEYS.items() if flat.get(k, default) != default]
+    return json.loads(json.dumps({k: flat[k] for k in keys if k in flat}, default=str))
 
 
 def resume_fingerprint(cfg: "LmfConfig") -> str:

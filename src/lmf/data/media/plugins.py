@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lmf.data.media.images import image_size, load_image, regularized_size
