@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 from lmf.data import cache as cache_mod
 from lmf.data.converter import convert_record
+from lmf.data.features import features as _features
+from lmf.data.media.dataset import check_images_for_stage, drop_media_cuts
 from lmf.data.mixing import merge_datasets
 from lmf.data.processor import make_processor
 from lmf.data.readers import iter_records
@@ -51,43 +53,6 @@ class DatasetModule:
     eval_dataset: Optional[Any]
     stats: dict = field(default_factory=dict)
     media: Any = None  # the vision plugin the data was built with (images go through the collator)
-
-
-def _features(kind: str, media: bool = False):
-    """Arrow features of a normalized or tokenized split; ``media``: with the ``images`` paths (and ``_media_cut``)
-    of a vision-language model's data."""
-    import datasets
-
-    feats = _base_features(kind)
-    if media and kind != "normalized":
-        feats["images"] = datasets.List(datasets.Value("string"))
-        feats["_media_cut"] = datasets.Value("bool")
-    return feats
-
-
-def _base_features(kind: str):
-    import datasets
-
-    ids = datasets.List(datasets.Value("int32"))
-    mask = datasets.List(datasets.Value("int8"))
-    if kind == "normalized":
-        msg = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
-        paths = datasets.List(datasets.Value("string"))
-        return datasets.Features({"_prompt": msg, "_response": msg, "_system": datasets.Value("string"),
-                                  "_tools": datasets.Value("string"), "_images": paths, "_videos": paths})
-    if kind == "feedback":
-        cols = {"input_ids": ids, "attention_mask": mask, "labels": ids, "kl_input_ids": ids,
-                "kl_attention_mask": mask, "kl_labels": ids, "kto_tags": datasets.Value("bool"),
-                "_truncated": datasets.Value("bool")}
-        return datasets.Features(cols)
-    if kind == "pairwise":
-        cols = {}
-        for side in ("chosen", "rejected"):
-            cols.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": ids})
-        cols["_truncated"] = datasets.Value("bool")
-        return datasets.Features(cols)
-    return datasets.Features({"input_ids": ids, "attention_mask": mask, "labels": ids,
-                              "_truncated": datasets.Value("bool")})
 
 
 @dataclass
@@ -212,37 +177,6 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
     return ds
 
 
-def _check_images_for_stage(normalized, stage: str, media) -> None:
-    with_images = sum(1 for images in normalized["_images"] if images)
-    if not with_images:
-        return
-    if stage in ("pt", "kto"):
-        raise DataError(f"{with_images} record(s) have images; stage {stage!r} with images is not implemented in lmf "
-                        "(sft, dpo, rm and prediction take images)")
-    if media is None:
-        raise DataError(f"{with_images} record(s) have images but the model takes text only: its template has no "
-                        "vision plugin lmf implements, or model_name_or_path has no image processor "
-                        "(preprocessor_config.json)")
-
-
-def _drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
-    """Samples whose vision tokens ``cutoff_len`` cut through are dropped (the model would fail on them with
-    "Image features and image tokens do not match"), counted and reported by index."""
-    if "_media_cut" not in tokenized.column_names:
-        return tokenized, 0, []
-    cut = [i for i, c in enumerate(tokenized["_media_cut"]) if c]
-    if cut:
-        logger.warning("dropped %d sample(s) whose image tokens do not fit cutoff_len %d (sample index %s%s); raise "
-                       "cutoff_len or lower image_max_pixels to keep them", len(cut), cutoff_len,
-                       ", ".join(map(str, cut[:MAX_REPORTED_PROBLEMS])), " ..." if len(cut) > MAX_REPORTED_PROBLEMS else "")
-        keep = sorted(set(range(len(tokenized))) - set(cut))
-        if not keep:
-            raise DataError(f"every sample's image tokens are cut by cutoff_len {cutoff_len}; raise cutoff_len or "
-                            "lower image_max_pixels")
-        tokenized = tokenized.select(keep)
-    return tokenized.remove_columns(["_media_cut"]), len(cut), cut[:MAX_REPORTED_PROBLEMS]
-
-
 def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_args, work_dir: str,
                 seed: int, media=None) -> tuple[Any, dict[str, Any]]:
     """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset; ``media``: the vision
@@ -263,7 +197,7 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         names = ", ".join(a.name for a in attrs)
         raise DataError(f"dataset(s) {names}: no usable records" + (f" ({len(bad.problems)} skipped as malformed)"
                                                                     if bad.problems else ""))
-    _check_images_for_stage(normalized, stage, media)
+    check_images_for_stage(normalized, stage, media)
     processor = make_processor(stage, tokenizer, template, data_args, media)
     num_proc = data_args.preprocessing_num_workers
     num_proc = min(num_proc, len(normalized)) if num_proc and num_proc > 1 else None
@@ -275,7 +209,7 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
                                media=media is not None and stage not in ("pt", "kto")),
             load_from_cache_file=False, desc="Tokenizing",
         )
-    tokenized, media_cut, media_cut_examples = _drop_media_cuts(tokenized, data_args.cutoff_len)
+    tokenized, media_cut, media_cut_examples = drop_media_cuts(tokenized, data_args.cutoff_len)
     examples = [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]
     stats: dict[str, Any] = {"records": per_dataset, "skipped_records": len(bad.problems), "skipped_examples": examples}
     if media_cut:

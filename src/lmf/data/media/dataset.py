@@ -1,0 +1,42 @@
+"""Dataset-level checks of image data: which stages take images, and samples whose vision tokens do not fit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmf.extras.errors import DataError
+from lmf.extras.logging import get_logger
+
+logger = get_logger("lmf.data.loader")
+MAX_REPORTED = 5
+
+
+def check_images_for_stage(normalized, stage: str, media) -> None:
+    with_images = sum(1 for images in normalized["_images"] if images)
+    if not with_images:
+        return
+    if stage in ("pt", "kto"):
+        raise DataError(f"{with_images} record(s) have images; stage {stage!r} with images is not implemented in lmf "
+                        "(sft, dpo, rm and prediction take images)")
+    if media is None:
+        raise DataError(f"{with_images} record(s) have images but the model takes text only: its template has no "
+                        "vision plugin lmf implements, or model_name_or_path has no image processor "
+                        "(preprocessor_config.json)")
+
+
+def drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
+    """Samples whose vision tokens ``cutoff_len`` cut through are dropped (the model would fail on them with
+    "Image features and image tokens do not match"), counted and reported by index."""
+    if "_media_cut" not in tokenized.column_names:
+        return tokenized, 0, []
+    cut = [i for i, c in enumerate(tokenized["_media_cut"]) if c]
+    if cut:
+        logger.warning("dropped %d sample(s) whose image tokens do not fit cutoff_len %d (sample index %s%s); raise "
+                       "cutoff_len or lower image_max_pixels to keep them", len(cut), cutoff_len,
+                       ", ".join(map(str, cut[:MAX_REPORTED])), " ..." if len(cut) > MAX_REPORTED else "")
+        keep = sorted(set(range(len(tokenized))) - set(cut))
+        if not keep:
+            raise DataError(f"every sample's image tokens are cut by cutoff_len {cutoff_len}; raise cutoff_len or "
+                            "lower image_max_pixels")
+        tokenized = tokenized.select(keep)
+    return tokenized.remove_columns(["_media_cut"]), len(cut), cut[:MAX_REPORTED]
