@@ -8,7 +8,8 @@ torchvision for the Qwen-VL video processor (LLaVA's and Gemma 3's load as they 
 processor here is the model's own image processor (``Qwen2VLImageProcessorPil``, what transformers picks without
 torchvision) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts; images only.
 Each case stores per row the digest of ``[input_ids, labels]`` (tests/lf_parity/digest.py) and of the pixel
-inputs LLaMA-Factory's plugin builds for the row (``image_grid_thw`` and ``pixel_values`` rounded to 1e-4). Pixel
+inputs LLaMA-Factory's plugin builds for the row's images (videos: tokens only, LLaMA-Factory's video pixels need
+torchvision's video processor) (``image_grid_thw`` and ``pixel_values`` rounded to 1e-4). Pixel
 values depend on the resize numerics of transformers' image processor and of Pillow (both changed between the
 versions here), so the test compares them exactly under the versions recorded here and, under any versions, their
 grid, shape and sums within 0.1%.
@@ -46,6 +47,9 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                                       "image_min_pixels": 4096}),
     ("qwen2_vl_dpo", "qwen2_vl", "dpo", {"template": "qwen2_vl", "dataset": "mllm_dpo_demo", "cutoff_len": 2048,
                                          "image_max_pixels": 262144}),
+    ("qwen2_vl_video_sft", "qwen2_vl", "sft", {"template": "qwen2_vl", "dataset": "mllm_video_demo,mllm_demo",
+                                               "cutoff_len": 4096, "video_max_pixels": 16384, "video_fps": 1.0,
+                                               "video_maxlen": 8, "image_max_pixels": 65536}),
     ("llava_sft", "llava", "sft", {"template": "llava", "dataset": "mllm_demo,identity", "max_samples": 8,
                                    "cutoff_len": 1024}),
     ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
@@ -126,7 +130,21 @@ def _processor(model_dir: str, tokenizer):
     return Qwen2VLProcessor()
 
 
+def _smart_resize_without_torchvision() -> None:
+    """LLaMA-Factory's video token count imports ``smart_resize`` from transformers' torchvision image processor
+    module; the PIL module holds the same function (copied from it), so that module's name is given it alone."""
+    import types
+
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as pil
+
+    name = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
+    stub = types.ModuleType(name)
+    stub.smart_resize = pil.smart_resize
+    sys.modules.setdefault(name, stub)
+
+
 def lf(out_dir: str, golden_path: str) -> None:
+    _smart_resize_without_torchvision()
     import llamafactory
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args

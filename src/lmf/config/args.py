@@ -113,14 +113,11 @@ class DataArguments:
     media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).")
     image_max_pixels: int = _f(768 * 768, "Images larger than this many pixels are scaled down (LLaMA-Factory's rule).")
     image_min_pixels: int = _f(32 * 32, "Images smaller than this many pixels are scaled up.")
-    video_max_pixels: int = _f(256 * 256, "Video frames larger than this are scaled down.",
-        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
-    video_min_pixels: int = _f(16 * 16, "Video frames smaller than this are scaled up.",
-        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
-    video_fps: float = _f(2.0, "Frames sampled per second of video.",
-        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
-    video_maxlen: int = _f(128, "At most this many frames per video.",
-        no_effect="video input is not implemented in lmf yet (records with videos are refused)")
+    video_max_pixels: int = _f(256 * 256, "Video frames larger than this many pixels are scaled down (Qwen2-VL / "
+                                          "Qwen2.5-VL videos; LLaMA-Factory's rule).")
+    video_min_pixels: int = _f(16 * 16, "Video frames smaller than this are scaled up.")
+    video_fps: float = _f(2.0, "Frames sampled per second of video.")
+    video_maxlen: int = _f(128, "At most this many frames per video.")
     cutoff_len: int = _f(2048, "Maximum tokens per sample after tokenization.")
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = _f(False, "Train on the last assistant turn only.")

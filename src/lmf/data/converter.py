@@ -6,6 +6,7 @@ Normalized record::
      "_response": [{"role": "assistant"|"function", "content": str}, ...],  # 1 (sft) or 2: chosen, rejected
      "_system": str, "_tools": str, "_images": [path, ...], "_videos": [path, ...]}
 
+Videos come from its ``videos`` column with ``<video>`` placeholders, checked the same way (PyAV opens them).
 Images come from the dataset's ``images`` column (or OpenAI / v1 content parts of type ``image_url`` / ``image``,
 which become ``<image>`` placeholders in the text); paths are resolved against ``media_dir``; each file must open
 and the number of ``<image>`` placeholders must equal the number of images, else the record is malformed.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from lmf.data.media import IMAGE_PLACEHOLDER
+from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lmf.data.media.images import image_problem, resolve_media_path
 from lmf.data.registry import DatasetAttr
 
@@ -305,8 +306,6 @@ def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_
     videos = _column_media(record, attr.videos)
     if attr.audios and record.get(attr.audios):
         raise RecordProblem(f"field {attr.audios!r}: audio input is not implemented in lmf")
-    if videos:
-        raise RecordProblem(f"field {attr.videos!r}: video input is not implemented in lmf yet (images only)")
     # placeholders of what one sample sees: the prompt and (preference data) its chosen answer
     messages = out["_prompt"] + out["_response"][:1]
     if stage == "kto" and len(out["_response"]) == 2 and not out["_response"][0]["content"]:
@@ -315,6 +314,10 @@ def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_
     if (attr.images or part_images) and found != len(images):  # a text dataset may say "<image>" literally
         raise RecordProblem(f"field {attr.images or 'images'!r}: {len(images)} image(s) but {found} "
                             f"{IMAGE_PLACEHOLDER} placeholder(s) in the messages; they must match")
+    found = _count(messages, VIDEO_PLACEHOLDER)
+    if attr.videos and found != len(videos):
+        raise RecordProblem(f"field {attr.videos!r}: {len(videos)} video(s) but {found} {VIDEO_PLACEHOLDER} "
+                            "placeholder(s) in the messages; they must match")
     resolved = []
     for i, path in enumerate(images):
         full = resolve_media_path(path, media_dir)
@@ -323,7 +326,17 @@ def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_
             raise RecordProblem(f"field {attr.images or 'images'!r}[{i}]: {problem}"
                                 + (f" (relative paths are looked up in media_dir {media_dir!r})" if media_dir else ""))
         resolved.append(full)
-    out["_images"], out["_videos"] = resolved, []
+    resolved_videos = []
+    for i, path in enumerate(videos):
+        from lmf.data.media.videos import video_problem
+
+        full = resolve_media_path(path, media_dir)
+        problem = video_problem(full)
+        if problem:
+            raise RecordProblem(f"field {attr.videos!r}[{i}]: {problem}"
+                                + (f" (relative paths are looked up in media_dir {media_dir!r})" if media_dir else ""))
+        resolved_videos.append(full)
+    out["_images"], out["_videos"] = resolved, resolved_videos
     return out
 
 

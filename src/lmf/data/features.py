@@ -11,6 +11,7 @@ def features(kind: str, media: bool = False):
     feats = _base_features(kind)
     if media and kind != "normalized":
         feats["images"] = datasets.List(datasets.Value("string"))
+        feats["videos"] = datasets.List(datasets.Value("string"))
         feats["_media_cut"] = datasets.Value("bool")
     return feats
 

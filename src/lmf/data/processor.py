@@ -51,31 +51,37 @@ def _conversation(prompt: list[dict], response: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in list(prompt) + list(response)]
 
 
-def _images_of(batch: dict[str, list]) -> list[list[str]]:
-    return batch.get("_images") or [[] for _ in batch["_prompt"]]
+def _images_of(batch: dict[str, list]) -> list[tuple[list[str], list[str]]]:
+    """(images, videos) of every record of a normalized batch."""
+    empty = [[] for _ in batch["_prompt"]]
+    return [(list(i or []), list(v or [])) for i, v in zip(batch.get("_images") or empty, batch.get("_videos") or empty)]
 
 
-def expand_media(media, messages: list[dict], images: list[str]) -> tuple[list[dict], int]:
-    """(messages with their ``<image>`` placeholders expanded into vision tokens, image tokens expected)."""
-    if not images:
+def expand_media(media, messages: list[dict], media_files: tuple) -> tuple[list[dict], int]:
+    """(messages with their ``<image>`` / ``<video>`` placeholders expanded into vision tokens, vision tokens
+    expected); ``media_files`` is a record's (images, videos)."""
+    images, videos = media_files if media_files else ([], [])
+    if not images and not videos:
         return messages, 0
     if media is None:
-        raise DataError("the data has images but the model takes text only (its template has no vision plugin lmf "
-                        "implements, or model_name_or_path has no image processor, preprocessor_config.json)")
-    return media.expand(messages, images)
+        raise DataError("the data has images or videos but the model takes text only (its template has no vision "
+                        "plugin lmf implements, or model_name_or_path has no image processor, preprocessor_config.json)")
+    return media.expand(messages, images, videos)
 
 
-def media_columns(table_or_dict, media, images: list[list[str]], cut: list[bool]):
-    """Add the ``images`` column (paths, for the collator) and ``_media_cut`` (cutoff_len cut through an image's
-    tokens) when the data goes to a vision model."""
+def media_columns(table_or_dict, media, files: list[tuple], cut: list[bool]):
+    """Add the ``images`` and ``videos`` columns (paths, for the collator) and ``_media_cut`` (cutoff_len cut through
+    a picture's tokens) when the data goes to a vision model."""
     if media is None:
         return table_or_dict
+    images, videos = [f[0] for f in files], [f[1] for f in files]
     if isinstance(table_or_dict, dict):
-        table_or_dict["images"], table_or_dict["_media_cut"] = images, cut
+        table_or_dict["images"], table_or_dict["videos"], table_or_dict["_media_cut"] = images, videos, cut
         return table_or_dict
     import pyarrow as pa
 
     table = table_or_dict.append_column("images", pa.array(images, type=pa.list_(pa.string())))
+    table = table.append_column("videos", pa.array(videos, type=pa.list_(pa.string())))
     return table.append_column("_media_cut", pa.array(cut, type=pa.bool_()))
 
 
@@ -232,7 +238,7 @@ class PairwiseProcessor:
         tpl, tok = self.template, self.tokenizer
         system, tools = system or None, tools or None
         cache = self._piece_cache
-        chosen_msgs, n_tokens = expand_media(self.media, _conversation(prompt, response[:1]), list(images))
+        chosen_msgs, n_tokens = expand_media(self.media, _conversation(prompt, response[:1]), images)
         rejected_msgs = chosen_msgs[:-1] + _conversation([], response[1:2])  # the same (expanded) prompt
         prompt_ids, chosen_ids = tpl.encode_oneturn(tok, chosen_msgs, system, tools, cache)
         _, rejected_ids = tpl.encode_oneturn(tok, rejected_msgs, system, tools, cache)
@@ -351,7 +357,7 @@ class GenerationProcessor:
     def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str,
                images: tuple = ()) -> tuple[list, list, bool]:
         answer = list(response) if len(response) == 1 else [{"role": "assistant", "content": ""}]
-        messages, _ = expand_media(self.media, _conversation(prompt, answer), list(images))
+        messages, _ = expand_media(self.media, _conversation(prompt, answer), images)
         input_ids, labels = self.template.encode_oneturn(self.tokenizer, messages,
                                                          system or None, tools or None, cache=self._piece_cache)
         if self.template.efficient_eos:
@@ -369,7 +375,9 @@ class GenerationProcessor:
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
             out["_truncated"].append(truncated)
-            expected = sum(map(self.media.image_seqlen, row_images)) if row_images else 0
+            expected = (sum(map(self.media.image_seqlen, row_images[0])) + sum(map(self.media.video_seqlen,
+                                                                                    row_images[1]))
+                        if any(row_images) else 0)
             cut.append(bool(truncated and expected and self.media.count_image_tokens(ids) != expected))
         return media_columns(out, self.media, images, cut)
 

@@ -11,7 +11,8 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
     """The answer ids of every prompt (up to and including its first stop token), in the order of ``prompts``.
 
     Prompts are batched longest first (less padding) and left-padded so that every row ends where its
-    answer starts. A vision-language model gets each batch's ``images`` (paths per prompt) through ``media``."""
+    answer starts. A vision-language model gets each batch's ``images`` ((image paths, video paths) per prompt)
+    through ``media``."""
     import torch
 
     device = next(model.parameters()).device
@@ -38,8 +39,9 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
         if media is not None:
             from lmf.train.runtime import to_device
 
-            paths = [p for i in rows for p in (images[i] if images else [])]
-            kwargs.update(to_device(media.model_inputs(paths, input_ids), device))
+            paths = [p for i in rows for p in (images[i][0] if images else [])]
+            videos = tuple(p for i in rows for p in (images[i][1] if images else []))
+            kwargs.update(to_device(media.model_inputs(paths, input_ids, videos), device))
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

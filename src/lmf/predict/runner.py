@@ -91,7 +91,8 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
         media = load_media_plugin(cfg, template, tokenizer)
         dataset, _ = get_prediction_dataset(cfg, tokenizer, template, media)
         prompts = [list(ids) for ids in dataset["input_ids"]]
-        images = [list(p) for p in dataset["images"]] if "images" in dataset.column_names else None
+        images = ([(list(i), list(v)) for i, v in zip(dataset["images"], dataset["videos"])]
+                  if "images" in dataset.column_names else None)
         labels = [list(ids) for ids in dataset["labels"]]
         stop_ids = template.stop_token_ids(tokenizer)
         mine = list(range(runtime.rank, len(prompts), runtime.world_size))  # every sample once, over the ranks
@@ -115,7 +116,7 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
 
     settings = GenerationSettings.from_args(cfg.generating)
     if cfg.model.infer_backend == "vllm":
-        if images and any(images):
+        if images and any(i or v for i, v in images):
             raise NotAvailableError("prediction on images with infer_backend: vllm is not implemented in lmf yet; "
                                     "use infer_backend: huggingface")
         if runtime.world_size > 1:

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 
 class MediaCollator:
-    """Wraps a text collator; images are opened here, a batch at a time (never held for the whole dataset).
+    """Wraps a text collator; images and videos are decoded here, a batch at a time (never held for the whole
+    dataset).
 
     Pairwise and KTO batches have two rows per sample (rows ``[0:B]`` and ``[B:2B]``, the same prompt): their images
     are given twice, in row order.
@@ -19,9 +20,10 @@ class MediaCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.collator(features)
         paths = [p for f in features for p in (f.get("images") or [])]
+        videos = [p for f in features for p in (f.get("videos") or [])]
         if batch["input_ids"].size(0) == 2 * len(features):
-            paths = paths * 2
-        batch["mm_inputs"] = self.media.model_inputs(paths, batch["input_ids"])
+            paths, videos = paths * 2, videos * 2
+        batch["mm_inputs"] = self.media.model_inputs(paths, batch["input_ids"], tuple(videos))
         return batch
 
     def __getattr__(self, name: str):  # pad ids and options of the wrapped collator

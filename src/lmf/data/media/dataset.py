@@ -12,14 +12,14 @@ MAX_REPORTED = 5
 
 
 def check_images_for_stage(normalized, stage: str, media) -> None:
-    with_images = sum(1 for images in normalized["_images"] if images)
+    with_images = sum(1 for images, videos in zip(normalized["_images"], normalized["_videos"]) if images or videos)
     if not with_images:
         return
     if stage in ("pt", "kto"):
-        raise DataError(f"{with_images} record(s) have images; stage {stage!r} with images is not implemented in lmf "
+        raise DataError(f"{with_images} record(s) have images or videos; stage {stage!r} with images is not implemented in lmf "
                         "(sft, dpo, rm and prediction take images)")
     if media is None:
-        raise DataError(f"{with_images} record(s) have images but the model takes text only: its template has no "
+        raise DataError(f"{with_images} record(s) have images or videos but the model takes text only: its template has no "
                         "vision plugin lmf implements, or model_name_or_path has no image processor "
                         "(preprocessor_config.json)")
 

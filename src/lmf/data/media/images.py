@@ -78,7 +78,11 @@ def load_image(path: str, max_pixels: int, min_pixels: int, qwen_rules: bool):
     """The RGB PIL image of ``path``, resized as LLaMA-Factory does."""
     from PIL import Image
 
-    image = Image.open(path)
+    return resize_like_llamafactory(Image.open(path), max_pixels, min_pixels, qwen_rules)
+
+
+def resize_like_llamafactory(image, max_pixels: int, min_pixels: int, qwen_rules: bool):
+    """``image`` (PIL) resized by LLaMA-Factory's rules, in RGB."""
     width, height = image.size
     base = _steps(width, height, max_pixels, min_pixels, qwen_rules=False)
     for step in base:

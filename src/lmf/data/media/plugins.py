@@ -7,6 +7,7 @@ as LLaMA-Factory 0.9.5's mm_plugin does: :class:`QwenVLPlugin` (templates ``qwen
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,15 @@ class MediaOptions:
 
     image_max_pixels: int = 768 * 768
     image_min_pixels: int = 32 * 32
+    video_max_pixels: int = 256 * 256
+    video_min_pixels: int = 16 * 16
+    video_fps: float = 2.0
+    video_maxlen: int = 128
 
     @classmethod
     def from_data_args(cls, data_args) -> "MediaOptions":
-        return cls(data_args.image_max_pixels, data_args.image_min_pixels)
+        return cls(data_args.image_max_pixels, data_args.image_min_pixels, data_args.video_max_pixels,
+                   data_args.video_min_pixels, data_args.video_fps, data_args.video_maxlen)
 
 
 @dataclass
@@ -69,35 +75,52 @@ class MediaPlugin:
         """What one ``<image>`` placeholder becomes."""
         return self.image_token * self.image_seqlen(path)
 
-    def expand(self, messages: list[dict], images: list[str]) -> tuple[list[dict], int]:
-        """(messages with each ``<image>`` expanded, total image tokens)."""
-        out, used = [], 0
+    def video_text(self, path: str) -> str:
+        """What one ``<video>`` placeholder becomes."""
+        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf (Qwen2-VL "
+                                "and Qwen2.5-VL take videos)")
+
+    def video_seqlen(self, path: str) -> int:
+        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf")
+
+    def expand(self, messages: list[dict], images: list[str], videos: tuple = ()) -> tuple[list[dict], int]:
+        """(messages with each ``<image>`` / ``<video>`` expanded, total vision tokens)."""
+        out, used_images, used_videos = [], 0, 0
         for message in messages:
-            content = message["content"]
-            if VIDEO_PLACEHOLDER in content:
-                raise NotAvailableError("videos are not implemented in lmf yet (images only)")
-            pieces = content.split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>" itself: split, not replace
+            pieces = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>": split, not replace
             text = pieces[0]
             for piece in pieces[1:]:
-                text += self.image_text(images[used]) + piece
-                used += 1
+                text += self.image_text(images[used_images]) + piece
+                used_images += 1
+            pieces = text.split(VIDEO_PLACEHOLDER)
+            text = pieces[0]
+            for piece in pieces[1:]:
+                text += self.video_text(videos[used_videos]) + piece
+                used_videos += 1
             out.append(dict(message, content=text))
-        return out, sum(self.image_seqlen(p) for p in images)
+        return out, sum(self.image_seqlen(p) for p in images) + sum(self.video_seqlen(p) for p in videos)
 
     def count_image_tokens(self, ids: list[int]) -> int:
+        """Vision tokens in ``ids`` (image and video placeholders' tokens)."""
         return ids.count(self.image_token_id)
 
     def load_images(self, paths: list[str]) -> list:
         o = self.options
         return [load_image(p, o.image_max_pixels, o.image_min_pixels, qwen_rules=self.qwen_rules) for p in paths]
 
-    def model_inputs(self, paths: list[str], input_ids) -> dict:
-        """The pixel inputs of ``paths`` (in row order) and the token types ``input_ids`` need."""
+    def model_inputs(self, paths: list[str], input_ids, videos: tuple = ()) -> dict:
+        """The pixel inputs of the images ``paths`` and ``videos`` (in row order) and the token types of
+        ``input_ids``."""
         inputs: dict = {}
         if paths:
             inputs.update(self.image_processor(self.load_images(paths), return_tensors="pt"))
+        if videos:
+            inputs.update(self.video_inputs(list(videos)))
         inputs.update(self.token_types(input_ids))
         return dict(inputs)
+
+    def video_inputs(self, videos: list[str]) -> dict:
+        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf")
 
     def token_types(self, input_ids) -> dict:
         return {}
@@ -119,6 +142,58 @@ class QwenVLPlugin(MediaPlugin):
         super().__post_init__()
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
         self.merge_length = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+        self.video = _video_processing(self.image_processor, self.processor_config.get("video_processor", {}))
+
+    def count_image_tokens(self, ids: list[int]) -> int:
+        return ids.count(self.image_token_id) + ids.count(self.video_token_id)
+
+    def _check_video_family(self) -> None:
+        if self.name == "Qwen3VLPlugin":
+            raise NotAvailableError("videos with Qwen3-VL are not implemented in lmf yet (its per-frame timestamps); "
+                                    "Qwen2-VL and Qwen2.5-VL take videos")
+
+    def video_grid(self, path: str) -> list[int]:
+        """``[t, h, w]`` patches of the video at ``path`` (container data only), as LLaMA-Factory counts them."""
+        from lmf.data.media.videos import video_metadata
+
+        self._check_video_family()
+        o, v = self.options, self.video
+        meta = video_metadata(path, o.video_fps, o.video_maxlen)
+        width, height = regularized_size((meta["width"], meta["height"]), o.video_max_pixels, o.video_min_pixels,
+                                         qwen_rules=True)
+        frames = len(meta["indices"]) + len(meta["indices"]) % 2
+        rh, rw = _smart_resize(height, width, v["patch_size"] * v["merge_size"], v["min_pixels"], v["max_pixels"])
+        return [math.ceil(frames / v["temporal_patch_size"]), rh // v["patch_size"], rw // v["patch_size"]]
+
+    def video_seqlen(self, path: str) -> int:
+        t, h, w = self.video_grid(path)
+        return t * h * w // self.video["merge_size"] ** 2
+
+    def video_text(self, path: str) -> str:
+        return f"{self.vision_bos}{self.video_token * self.video_seqlen(path)}{self.vision_eos}"
+
+    def video_inputs(self, videos: list[str]) -> dict:
+        """``pixel_values_videos`` and ``video_grid_thw`` (+ ``second_per_grid_ts`` for Qwen2.5-VL)."""
+        import torch
+
+        from lmf.data.media.videos import load_frames, qwen_video_patches, video_metadata
+
+        o, v = self.options, self.video
+        patches, grids, seconds = [], [], []
+        for path in videos:
+            t, h, w = self.video_grid(path)
+            frames = load_frames(path, o.video_fps, o.video_maxlen, o.video_max_pixels, o.video_min_pixels)
+            flat, grid = qwen_video_patches(frames, (h * v["patch_size"], w * v["patch_size"]), v["patch_size"],
+                                            v["temporal_patch_size"], v["merge_size"], v["mean"], v["std"])
+            patches.append(flat)
+            grids.append(grid)
+            meta = video_metadata(path, o.video_fps, o.video_maxlen)
+            seconds.append(v["temporal_patch_size"] / (len(meta["indices"]) / meta["duration"]) if meta.get("duration")
+                           else v["temporal_patch_size"] / o.video_fps)
+        inputs = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+        if self.processor_config.get("processor_class") == "Qwen2_5_VLProcessor":
+            inputs["second_per_grid_ts"] = torch.tensor(seconds, dtype=torch.float32)
+        return inputs
 
     def vision_tokens(self) -> tuple[str, ...]:
         return (self.image_token, self.video_token, self.vision_bos, self.vision_eos)
@@ -195,6 +270,29 @@ class Gemma3Plugin(MediaPlugin):
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "Gemma3Plugin": Gemma3Plugin}
 
 
+def _smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL's resize to multiples of ``factor`` within the pixel budget (transformers' own function)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _video_processing(image_processor, video_config: dict) -> dict:
+    """Patch sizes, pixel budget and normalisation of the model's video processor (``video_preprocessor_config.json``),
+    else of its image processor (what LLaMA-Factory falls back to)."""
+    def pick(name, default=None):
+        return video_config.get(name, getattr(image_processor, name, default))
+
+    size = pick("size", {}) or {}
+    size = size if isinstance(size, dict) else vars(size)
+    return {"patch_size": int(pick("patch_size", 14)), "temporal_patch_size": int(pick("temporal_patch_size", 2)),
+            "merge_size": int(pick("merge_size", 2)),
+            "min_pixels": int(video_config.get("min_pixels") or size.get("shortest_edge") or 3136),
+            "max_pixels": int(video_config.get("max_pixels") or size.get("longest_edge") or 12845056),
+            "mean": list(pick("image_mean", [0.48145466, 0.4578275, 0.40821073])),
+            "std": list(pick("image_std", [0.26862954, 0.26130258, 0.27577711]))}
+
+
 def has_image_processor(model_path: str) -> bool:
     return os.path.isfile(os.path.join(model_path, "preprocessor_config.json"))
 
@@ -242,8 +340,13 @@ def load_image_processor(model_path: str, trust_remote_code: bool = False):
 def _processor_config(model_path: str) -> dict:
     import json
 
+    config: dict = {}
     path = os.path.join(model_path, "processor_config.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    video = os.path.join(model_path, "video_preprocessor_config.json")
+    if os.path.isfile(video):
+        with open(video, encoding="utf-8") as fh:
+            config["video_processor"] = json.load(fh)
+    return config
