@@ -75,9 +75,9 @@ class VllmEngine(ChatEngine):
         if len(adapters) > 1:
             logger.info("vLLM: adapters %s served as one LoRA adapter of rank %d (their ranks stacked: the same "
                         "sum of updates as merging them)", ", ".join(adapters), lora_rank(adapter))
-        if adapter and lora_rank(adapter) > m.vllm_max_lora_rank:
-            raise NotAvailableError(f"the adapter(s) have LoRA rank {lora_rank(adapter)} but vllm_max_lora_rank "
-                                    f"is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
+            if lora_rank(adapter) > m.vllm_max_lora_rank:
+                raise NotAvailableError(f"the stacked adapters have LoRA rank {lora_rank(adapter)} but "
+                                        f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
         engine_args = AsyncEngineArgs(
             model=m.model_name_or_path,
             trust_remote_code=m.trust_remote_code,

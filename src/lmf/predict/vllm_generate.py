@@ -24,7 +24,7 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
 
     adapters = split_paths(m.adapter_name_or_path)
     adapter, tmp = combined_adapter(adapters) if adapters else (None, None)
-    rank = lora_rank(adapter) if adapter else 0
+    rank = lora_rank(adapter) if len(adapters) > 1 else 0  # one adapter: vLLM checks its rank itself
     if rank > m.vllm_max_lora_rank:
         raise NotAvailableError(f"the adapter(s) have LoRA rank {rank} (stacked ranks of several adapters add) but "
                                 f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
