@@ -261,8 +261,8 @@ class Gemma3Plugin(MediaPlugin):
     def token_types(self, input_ids) -> dict:
         return {"token_type_ids": (input_ids == self.image_token_id).to(input_ids.dtype)}
 
-    def model_inputs(self, paths: list[str], input_ids) -> dict:
-        inputs = super().model_inputs(paths, input_ids)
+    def model_inputs(self, paths: list[str], input_ids, videos: tuple = ()) -> dict:
+        inputs = super().model_inputs(paths, input_ids, videos)
         inputs.pop("num_crops", None)  # pan-and-scan bookkeeping of the processor, not a model input
         return inputs
 
