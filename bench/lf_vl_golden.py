@@ -50,6 +50,9 @@ CASES = [  # (name, model family dir, stage, LF keys)
     ("qwen2_vl_video_sft", "qwen2_vl", "sft", {"template": "qwen2_vl", "dataset": "mllm_video_demo,mllm_demo",
                                                "cutoff_len": 4096, "video_max_pixels": 16384, "video_fps": 1.0,
                                                "video_maxlen": 8, "image_max_pixels": 65536}),
+    ("qwen3_vl_video_sft", "qwen3_vl", "sft", {"template": "qwen3_vl_nothink", "dataset": "mllm_video_demo",
+                                               "cutoff_len": 4096, "video_max_pixels": 16384, "video_fps": 1.0,
+                                               "video_maxlen": 8}),
     ("llava_sft", "llava", "sft", {"template": "llava", "dataset": "mllm_demo,identity", "max_samples": 8,
                                    "cutoff_len": 1024}),
     ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
@@ -122,6 +125,11 @@ def _processor(model_dir: str, tokenizer):
             self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
             self.video_processor = self.image_processor  # Qwen3VLPlugin reads its merge_size (no videos here)
             self.tokenizer = tokenizer
+
+        def _calculate_timestamps(self, indices, video_fps, merge_size=2):  # Qwen3VLProcessor's, for Qwen3-VL videos
+            from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as Qwen3
+
+            return Qwen3._calculate_timestamps(self, indices, video_fps, merge_size)
 
         def save_pretrained(self, out_dir):  # LLaMA-Factory saves the processor with the trained model
             self.image_processor.save_pretrained(out_dir)

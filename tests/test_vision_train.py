@@ -300,9 +300,11 @@ def test_api_takes_data_url_images_and_local_paths_only_inside_its_image_dir(tmp
         assert outside.status_code == 400 and "outside the server's image directory" in outside.text
 
 
-def test_lora_sft_on_videos_and_images_trains(tmp_path, vlm):
+@pytest.mark.parametrize("family,template", [("qwen2_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl_nothink")])
+def test_lora_sft_on_videos_and_images_trains(tmp_path, vlm, family, template):
     """LLaMA-Factory's mllm_video_demo (mp4 / avi, decoded with PyAV) mixed with mllm_demo's images in the same
-    micro-batches of a Qwen2-VL: every step trains (tokens and patch counts are checked in test_vision.py)."""
+    micro-batches of a Qwen2-VL / Qwen3-VL (per-frame timestamps): every step trains (tokens and patch counts are
+    checked in test_vision.py)."""
     pytest.importorskip("av")
     from test_vision import LF_DEMO
 
@@ -310,7 +312,7 @@ def test_lora_sft_on_videos_and_images_trains(tmp_path, vlm):
         pytest.skip("the demo videos are in ../shared/data/lf-demo, which is not here")
     data = _golden_module().data_dir(str(tmp_path), LF_DEMO)
     out = tmp_path / "video"
-    proc = _cli("sft", f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_video_demo,mllm_demo",
+    proc = _cli("sft", f"model_name_or_path={vlm[family]}", f"template={template}", "dataset=mllm_video_demo,mllm_demo",
                 "stage=sft", "do_train=true", f"dataset_dir={data}", "finetuning_type=lora", f"output_dir={out}",
                 "max_steps=3", "per_device_train_batch_size=3", "video_max_pixels=16384", "video_maxlen=8",
                 "video_fps=1.0", "learning_rate=5e-3", *FAST[1:])

@@ -147,22 +147,27 @@ class QwenVLPlugin(MediaPlugin):
     def count_image_tokens(self, ids: list[int]) -> int:
         return ids.count(self.image_token_id) + ids.count(self.video_token_id)
 
-    def _check_video_family(self) -> None:
-        if self.name == "Qwen3VLPlugin":
-            raise NotAvailableError("videos with Qwen3-VL are not implemented in lmf yet (its per-frame timestamps); "
-                                    "Qwen2-VL and Qwen2.5-VL take videos")
+    @property
+    def qwen3(self) -> bool:
+        return self.name == "Qwen3VLPlugin"
 
     def video_grid(self, path: str) -> list[int]:
         """``[t, h, w]`` patches of the video at ``path`` (container data only), as LLaMA-Factory counts them."""
         from lmf.data.media.videos import video_metadata
 
-        self._check_video_family()
         o, v = self.options, self.video
         meta = video_metadata(path, o.video_fps, o.video_maxlen)
         width, height = regularized_size((meta["width"], meta["height"]), o.video_max_pixels, o.video_min_pixels,
                                          qwen_rules=True)
         frames = len(meta["indices"]) + len(meta["indices"]) % 2
-        rh, rw = _smart_resize(height, width, v["patch_size"] * v["merge_size"], v["min_pixels"], v["max_pixels"])
+        factor = v["patch_size"] * v["merge_size"]
+        if self.qwen3:  # Qwen3-VL's video resize also weighs the frame count
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+            rh, rw = smart_resize(frames, height, width, temporal_factor=v["temporal_patch_size"], factor=factor,
+                                  min_pixels=v["min_pixels"], max_pixels=v["max_pixels"])
+        else:
+            rh, rw = _smart_resize(height, width, factor, v["min_pixels"], v["max_pixels"])
         return [math.ceil(frames / v["temporal_patch_size"]), rh // v["patch_size"], rw // v["patch_size"]]
 
     def video_seqlen(self, path: str) -> int:
@@ -170,7 +175,21 @@ class QwenVLPlugin(MediaPlugin):
         return t * h * w // self.video["merge_size"] ** 2
 
     def video_text(self, path: str) -> str:
-        return f"{self.vision_bos}{self.video_token * self.video_seqlen(path)}{self.vision_eos}"
+        """Qwen2-VL: one block of video tokens. Qwen3-VL: one block per temporal patch, each after its time
+        (``<1.5 seconds>``: the mean time of the patch's frames, as its processor writes it)."""
+        if not self.qwen3:
+            return f"{self.vision_bos}{self.video_token * self.video_seqlen(path)}{self.vision_eos}"
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+        from lmf.data.media.videos import video_metadata
+
+        o = self.options
+        t, h, w = self.video_grid(path)
+        meta = video_metadata(path, o.video_fps, o.video_maxlen)
+        scaled = [i / meta["average_fps"] * o.video_fps for i in meta["indices"]]  # LLaMA-Factory's arithmetic
+        seconds = Qwen3VLProcessor._calculate_timestamps(None, scaled, o.video_fps, self.video["merge_size"])
+        block = f"{self.vision_bos}{self.video_token * (h * w // self.video['merge_size'] ** 2)}{self.vision_eos}"
+        return "".join(f"<{seconds[i]:.1f} seconds>{block}" for i in range(t))
 
     def video_inputs(self, videos: list[str]) -> dict:
         """``pixel_values_videos`` and ``video_grid_thw`` (+ ``second_per_grid_ts`` for Qwen2.5-VL)."""

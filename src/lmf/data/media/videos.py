@@ -1,4 +1,4 @@
-"""Video files for Qwen2-VL / Qwen2.5-VL, as LLaMA-Factory 0.9.5 reads them (PyAV, ``pip install 'lmf[video]'``).
+"""Video files for the Qwen-VL family, as LLaMA-Factory 0.9.5 reads them (PyAV, ``pip install 'lmf[video]'``).
 
 - :func:`video_problem`: why a file is not a usable video (missing, not decodable, no video stream).
 - :func:`video_metadata`: size, frame rate and the frames LLaMA-Factory samples (``video_fps`` frames per
