@@ -66,4 +66,8 @@ def test_adapters_that_are_not_plain_lora_are_refused(tmp_path):
     saved = _random_adapter(tmp_path / "saved", 2, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
     with pytest.raises(ConfigError, match="modules_to_save"):
         combined_adapter([a, saved], str(tmp_path))
+    biased = _random_adapter(tmp_path / "biased", 3, r=4, target_modules=["q_proj"], lora_bias=True)
+    with pytest.raises(ConfigError, match="lora_bias|other than lora_A"):
+        combined_adapter([a, biased], str(tmp_path))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("lmf-adapters-")]  # nothing left behind
 

@@ -33,6 +33,7 @@ def test_safetensors_rows_reads_exactly_the_rows_asked_for(tmp_path):
     ({"finetuning_type": "full", "init_on_rank0": True}, "set one"),
     ({"finetuning_type": "full", "stage": "dpo"}, "with stage dpo is not implemented"),
     ({"finetuning_type": "full", "train_from_scratch": True}, "does not combine"),
+    ({"finetuning_type": "full", "resize_vocab": True}, "resized embeddings"),
 ])
 def test_init_on_meta_refuses_what_it_cannot_load(keys, message):
     from lmf.config.parser import build_config

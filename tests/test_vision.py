@@ -122,6 +122,41 @@ def test_openai_image_parts_become_placeholders():
     assert "remote URL" in problem
 
 
+def test_v1_pair_records_with_images_share_them_between_chosen_and_rejected():
+    from lmf.data.converter import convert_record
+    from lmf.data.registry import DatasetAttr, _apply_openai_defaults
+
+    attr = DatasetAttr("t", formatting="pair")
+    _apply_openai_defaults(attr)
+    attr.formatting, attr.ranking, attr.chosen, attr.rejected = "pair", True, "chosen", "rejected"
+
+    def conv(answer, image="mllm_demo_data/1.jpg"):
+        return [{"role": "user", "content": [{"type": "image_url", "value": image}, {"type": "text", "value": "Who?"}]},
+                {"role": "assistant", "content": [{"type": "text", "value": answer}]}]
+
+    out, problem = convert_record({"chosen": conv("Kane."), "rejected": conv("A cat.")}, attr, "dpo", DEMO_DATA_DIR)
+    assert problem is None and len(out["_images"]) == 1 and out["_response"][1]["content"] == "A cat."
+    _, problem = convert_record({"chosen": conv("Kane."), "rejected": conv("A cat.", "mllm_demo_data/2.jpg")}, attr,
+                                "dpo", DEMO_DATA_DIR)
+    assert problem and ("same images" in problem or "same prompt" in problem)
+
+
+def test_vision_tokens_written_in_the_text_drop_the_sample(vlm_root, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    records = json.load(open(os.path.join(DEMO_DATA_DIR, "mllm_demo.json")))
+    records[1]["messages"][1]["content"] += " <|image_pad|>"  # a literal vision token in an answer
+    (data / "imgs.json").write_text(json.dumps(records))
+    (data / "dataset_info.json").write_text(json.dumps({"imgs": {
+        "file_name": "imgs.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", dataset="imgs", dataset_dir=str(data),
+               media_dir=DEMO_DATA_DIR)
+    _, _, module = _dataset(cfg, "sft")
+    assert len(module.train_dataset) == 5 and module.stats["train"]["media_cut_examples"] == [1]
+    assert "vision tokens written in the text" in caplog.text
+
+
 def test_bad_image_record_names_file_and_record_or_is_skipped_and_counted(vlm_root, tmp_path):
     from lmf.extras.errors import DataError
 
@@ -223,7 +258,7 @@ def test_cutoff_through_an_image_drops_the_sample_and_says_which(vlm_root, caplo
     tokenizer, _, data = _dataset(cfg, "sft")
     stats = data.stats["train"]
     assert stats["media_cut"] >= 1 and stats["media_cut_examples"]
-    assert "image tokens do not fit cutoff_len 120" in caplog.text
+    assert "cut by cutoff_len 120" in caplog.text
     image = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for row in data.train_dataset:  # every kept sample has all of its images' tokens
         n_images = len(row["images"])

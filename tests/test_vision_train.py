@@ -293,6 +293,8 @@ def test_api_takes_data_url_images_and_local_paths_only_inside_its_image_dir(tmp
         assert remote.status_code == 400 and "remote image URLs are not fetched" in remote.text
         bad = ask(url, "data:image/jpeg;base64,@@@")
         assert bad.status_code == 400 and "not valid base64" in bad.text
+        odd = ask(url, "data:image/../../x;base64," + data_url.partition(",")[2])
+        assert odd.status_code == 400 and "data:image/<type>;base64" in odd.text
     with serve(engine, image_dir=os.path.join(DEMO_DATA_DIR, "mllm_demo_data")) as url:
         reply = ask(url, "2.jpg")
         assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == expected

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import shutil
 import tempfile
 from typing import Optional
@@ -39,7 +40,8 @@ class RequestImages:
 
     def _decode(self, url: str, where: str) -> str:
         header, _, payload = url.partition(",")
-        if not header.startswith("data:image/") or not header.endswith(";base64"):
+        subtype = header[len("data:image/"):-len(";base64")] if header.endswith(";base64") else ""
+        if not header.startswith("data:image/") or not re.fullmatch(r"[a-z0-9.+-]{1,20}", subtype):
             raise ImageRequestError(f"{where}: a data URL must be data:image/<type>;base64,<data>")
         try:
             data = base64.b64decode(payload, validate=True)
@@ -47,12 +49,14 @@ class RequestImages:
             raise ImageRequestError(f"{where}: the data URL is not valid base64") from None
         if self._tmp is None:
             self._tmp = tempfile.mkdtemp(prefix="lmf-api-images-")
-        path = os.path.join(self._tmp, f"{len(self.paths)}.{header[len('data:image/'):-len(';base64')] or 'img'}")
+        path = os.path.join(self._tmp, f"{len(self.paths)}.{subtype}")
         with open(path, "wb") as fh:
             fh.write(data)
         return path
 
     def _local(self, path: str, where: str) -> str:
+        if "\x00" in path:
+            raise ImageRequestError(f"{where}: an image path must not contain NUL")
         if self.image_dir is None:
             raise ImageRequestError(f"{where}: local image paths are refused (the server has no image directory: "
                                     "start it with --image-dir DIR / API_IMAGE_DIR); send a data: URL")

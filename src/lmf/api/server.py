@@ -153,7 +153,7 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             for index, message in enumerate(body.messages):
                 for url in message.image_urls():
                     images.add(url, f"messages[{index}].content")
-        except ImageRequestError as exc:
+        except (ImageRequestError, OSError, ValueError) as exc:  # the decoded ones so far are deleted
             images.close()
             return _error_response(400, str(exc), param="messages")
         gen_images = {"images": images.paths} if images.paths else {}

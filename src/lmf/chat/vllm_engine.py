@@ -72,35 +72,42 @@ class VllmEngine(ChatEngine):
 
         adapters = split_paths(m.adapter_name_or_path)
         adapter, self._adapter_tmp = combined_adapter(adapters) if adapters else (None, None)
-        if len(adapters) > 1:
-            logger.info("vLLM: adapters %s served as one LoRA adapter of rank %d (their ranks stacked: the same "
-                        "sum of updates as merging them)", ", ".join(adapters), lora_rank(adapter))
-            if lora_rank(adapter) > m.vllm_max_lora_rank:
-                raise NotAvailableError(f"the stacked adapters have LoRA rank {lora_rank(adapter)} but "
-                                        f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
-        engine_args = AsyncEngineArgs(
-            model=m.model_name_or_path,
-            trust_remote_code=m.trust_remote_code,
-            dtype=m.infer_dtype,
-            max_model_len=m.vllm_maxlen,
-            gpu_memory_utilization=m.vllm_gpu_util,
-            enforce_eager=m.vllm_enforce_eager,
-            enable_lora=bool(adapters),
-            max_lora_rank=m.vllm_max_lora_rank,
-        )
-        self.lora_request = None
-        if adapters:
-            from vllm.lora.request import LoRARequest
+        try:
+            if len(adapters) > 1:
+                logger.info("vLLM: adapters %s served as one LoRA adapter of rank %d (their ranks stacked: the same "
+                            "sum of updates as merging them)", ", ".join(adapters), lora_rank(adapter))
+                if lora_rank(adapter) > m.vllm_max_lora_rank:
+                    raise NotAvailableError(f"the stacked adapters have LoRA rank {lora_rank(adapter)} but "
+                                            f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
+            engine_args = AsyncEngineArgs(
+                model=m.model_name_or_path,
+                trust_remote_code=m.trust_remote_code,
+                dtype=m.infer_dtype,
+                max_model_len=m.vllm_maxlen,
+                gpu_memory_utilization=m.vllm_gpu_util,
+                enforce_eager=m.vllm_enforce_eager,
+                enable_lora=bool(adapters),
+                max_lora_rank=m.vllm_max_lora_rank,
+            )
+            self.lora_request = None
+            if adapters:
+                from vllm.lora.request import LoRARequest
 
-            self.lora_request = LoRARequest("default", 1, adapter)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="lmf-vllm-loop", daemon=True)
-        self.thread.start()
+                self.lora_request = LoRARequest("default", 1, adapter)
+            self.loop = asyncio.new_event_loop()
+            self.thread = threading.Thread(target=self.loop.run_forever, name="lmf-vllm-loop", daemon=True)
+            self.thread.start()
 
-        async def build():
-            return AsyncLLMEngine.from_engine_args(engine_args)
+            async def build():
+                return AsyncLLMEngine.from_engine_args(engine_args)
 
-        self.engine = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
+            self.engine = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
+        except BaseException:
+            if self._adapter_tmp:  # the stacked adapter of a failed start is not left behind
+                import shutil
+
+                shutil.rmtree(self._adapter_tmp, ignore_errors=True)
+            raise
 
     def stream_chat(self, messages, system=None, tools=None, images=None, **gen: Any) -> ChatStream:
         from vllm import SamplingParams

@@ -69,6 +69,9 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
         if m.quantization_bit is not None or m.train_from_scratch:
             raise ConfigError("config key 'init_on_meta' reads the sharded weights from the checkpoint: it does not "
                               "combine with quantization_bit or train_from_scratch")
+        if m.resize_vocab or m.add_tokens or m.add_special_tokens:
+            raise ConfigError("config key 'init_on_meta' reads the checkpoint's tensors as they are: it does not combine "
+                              "with resized embeddings (resize_vocab, add_tokens, add_special_tokens); use init_on_rank0")
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
     if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:

@@ -263,10 +263,11 @@ def _pair(record: dict, attr: DatasetAttr, stage: str, media: Optional[list] = N
     chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
     convs = []
     system = None
+    rejected_media: list = []  # the rejected list repeats the prompt's images: parsed, then checked equal
     for key in (chosen_key, rejected_key):
         if key not in record:
             raise RecordProblem(f"field {key!r} is missing (pair data needs chosen and rejected message lists)")
-        messages, sys_text = _messages(record[key], attr, key, media if key == chosen_key else None)
+        messages, sys_text = _messages(record[key], attr, key, media if key == chosen_key else rejected_media)
         system = system if system is not None else sys_text
         if not messages:
             raise RecordProblem(f"field {key!r} has no messages")
@@ -277,6 +278,8 @@ def _pair(record: dict, attr: DatasetAttr, stage: str, media: Optional[list] = N
         convs.append(messages)
     if convs[0][:-1] != convs[1][:-1]:
         raise RecordProblem(f"fields {chosen_key!r} and {rejected_key!r} must share the same prompt messages")
+    if media is not None and rejected_media != media:
+        raise RecordProblem(f"fields {chosen_key!r} and {rejected_key!r} must share the same images")
     if stage in PAIRWISE_STAGES:
         prompt, response = convs[0][:-1], [convs[0][-1], convs[1][-1]]
     else:

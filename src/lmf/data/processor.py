@@ -70,8 +70,9 @@ def expand_media(media, messages: list[dict], media_files: tuple) -> tuple[list[
 
 
 def media_columns(table_or_dict, media, files: list[tuple], cut: list[bool]):
-    """Add the ``images`` and ``videos`` columns (paths, for the collator) and ``_media_cut`` (cutoff_len cut through
-    a picture's tokens) when the data goes to a vision model."""
+    """Add the ``images`` and ``videos`` columns (paths, for the collator) and ``_media_cut`` (the row's vision tokens
+    are not exactly its pictures': cutoff_len cut through them, or the text itself holds vision tokens) when the data
+    goes to a vision model."""
     if media is None:
         return table_or_dict
     images, videos = [f[0] for f in files], [f[1] for f in files]
@@ -182,7 +183,7 @@ class SupervisedProcessor:
             kinds += seg_kinds
             row_segments.append(len(segs))
             truncated.append(cut)
-            media_cut.append(bool(cut and n_tokens and sum(map(self.media.count_image_tokens, segs)) != n_tokens))
+            media_cut.append(self.media is not None and sum(map(self.media.count_image_tokens, segs)) != n_tokens)
         table = token_table(segments, kinds, row_segments, truncated, self.tokenizer.eos_token_id,
                             self.media.vision_token_ids if self.media is not None else ())
         return media_columns(table, self.media, images, media_cut)
@@ -250,8 +251,8 @@ class PairwiseProcessor:
         prompt_ids, chosen_ids, rejected_ids = prompt_ids[:src_len], chosen_ids[:tgt_len], rejected_ids[:tgt_len]
         chosen = prompt_ids + chosen_ids
         rejected = prompt_ids + rejected_ids
-        media_cut = bool(truncated and n_tokens and (self.media.count_image_tokens(chosen) != n_tokens
-                                                     or self.media.count_image_tokens(rejected) != n_tokens))
+        media_cut = self.media is not None and (self.media.count_image_tokens(chosen) != n_tokens
+                                                or self.media.count_image_tokens(rejected) != n_tokens)
         return {
             "_media_cut": media_cut,
             "chosen_input_ids": chosen,
@@ -378,7 +379,7 @@ class GenerationProcessor:
             expected = (sum(map(self.media.image_seqlen, row_images[0])) + sum(map(self.media.video_seqlen,
                                                                                     row_images[1]))
                         if any(row_images) else 0)
-            cut.append(bool(truncated and expected and self.media.count_image_tokens(ids) != expected))
+            cut.append(self.media is not None and self.media.count_image_tokens(ids) != expected)
         return media_columns(out, self.media, images, cut)
 
 

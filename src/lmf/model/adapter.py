@@ -131,6 +131,8 @@ def _init_lora(cfg: "LmfConfig", model):
     targets = _only_expanded_blocks(cfg, model, resolve_targets(model, ft.lora_target, "lora_target"))
     leaves = targets
     if is_vision_config(model.config):
+        if ft.use_llama_pro:
+            raise ConfigError("config key 'use_llama_pro' on a vision-language model is not implemented")
         targets = vision_lora_targets(model, ft, targets)
         leaves = sorted({t.split(".")[-1] for t in targets})
     lora_config = LoraConfig(
@@ -195,6 +197,8 @@ def _init_oft(cfg: "LmfConfig", model):
         return model
     model = _merge_adapters(model, paths)
     targets = _only_expanded_blocks(cfg, model, resolve_targets(model, ft.oft_target, "oft_target"))
+    if is_vision_config(model.config):  # the vision tower and projector stay frozen, as for LoRA
+        targets = vision_lora_targets(model, ft, targets)
     config = OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
                        module_dropout=ft.module_dropout, target_modules=targets,
                        modules_to_save=split_paths(ft.additional_target) or None)

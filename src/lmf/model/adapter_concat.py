@@ -45,8 +45,15 @@ def _check_plain_lora(path: str, config: dict, weights: dict) -> None:
         problems.append("per-module rank_pattern / alpha_pattern")
     if config.get("bias", "none") != "none":
         problems.append(f"bias {config.get('bias')!r}")
-    if any("lora_embedding" in k for k in weights):
-        problems.append("LoRA on embeddings")
+    other = [k for k in weights if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if other:
+        problems.append(f"weights other than lora_A / lora_B ({other[0]})")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq", "eva")):
+        problems.append(f"init_lora_weights {init!r} (its base model is changed too)")
+    for key in ("lora_bias", "trainable_token_indices", "layers_to_transform", "exclude_modules", "layer_replication"):
+        if config.get(key):
+            problems.append(key)
     if problems:
         raise ConfigError(f"config key 'adapter_name_or_path': {path!r} cannot be served together with other adapters "
                           f"({', '.join(problems)}); merge the adapters first with `lmf export`")
@@ -70,6 +77,9 @@ def concatenate_lora_adapters(paths: list[str], out_dir: str) -> str:
     bases = {c.get("base_model_name_or_path") for _, c, _ in read}
     for path, config, weights in read:
         _check_plain_lora(path, config, weights)
+    if len({os.path.basename(os.path.normpath(b)) for b in bases if b}) > 1:
+        raise ConfigError(f"config key 'adapter_name_or_path': the adapters were trained on different base models "
+                          f"({', '.join(sorted(b for b in bases if b))}); they cannot be served together")
     modules = sorted(set().union(*(_modules(w) for _, _, w in read)))
     ranks = [c["r"] for _, c, _ in read]
     total = sum(ranks)
@@ -114,8 +124,14 @@ def combined_adapter(paths: list[str], work_dir: Optional[str] = None) -> tuple[
         return paths[0], None
     import tempfile
 
+    import shutil
+
     tmp = tempfile.mkdtemp(prefix="lmf-adapters-", dir=work_dir)
-    return concatenate_lora_adapters(paths, os.path.join(tmp, "combined")), tmp
+    try:
+        return concatenate_lora_adapters(paths, os.path.join(tmp, "combined")), tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def lora_rank(path: str) -> int:

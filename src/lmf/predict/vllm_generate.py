@@ -22,21 +22,6 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
     m = cfg.model
     from lmf.model.adapter_concat import combined_adapter, lora_rank
 
-    adapters = split_paths(m.adapter_name_or_path)
-    adapter, tmp = combined_adapter(adapters) if adapters else (None, None)
-    rank = lora_rank(adapter) if len(adapters) > 1 else 0  # one adapter: vLLM checks its rank itself
-    if rank > m.vllm_max_lora_rank:
-        raise NotAvailableError(f"the adapter(s) have LoRA rank {rank} (stacked ranks of several adapters add) but "
-                                f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
-    llm = LLM(model=m.model_name_or_path, tokenizer=m.model_name_or_path, trust_remote_code=m.trust_remote_code,
-              dtype=m.infer_dtype, max_model_len=m.vllm_maxlen, gpu_memory_utilization=m.vllm_gpu_util,
-              enforce_eager=m.vllm_enforce_eager, enable_lora=bool(adapters), max_lora_rank=m.vllm_max_lora_rank,
-              seed=cfg.training.seed)
-    lora_request = None
-    if adapters:
-        from vllm.lora.request import LoRARequest
-
-        lora_request = LoRARequest("default", 1, adapter)
     params = []
     for ids in prompts:
         room = m.vllm_maxlen - len(ids)
@@ -51,7 +36,30 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
             max_tokens=min(settings.reply_budget(len(ids)), room),
             stop_token_ids=stop_ids, skip_special_tokens=False, detokenize=False,
         ))
-    logger.info("predicting %d samples with vLLM%s", len(prompts), f" (adapter {' + '.join(adapters)})" if adapters else "")
+    adapters = split_paths(m.adapter_name_or_path)
+    adapter, tmp = combined_adapter(adapters) if adapters else (None, None)
+    try:
+        rank = lora_rank(adapter) if len(adapters) > 1 else 0  # one adapter: vLLM checks its rank itself
+        if rank > m.vllm_max_lora_rank:
+            raise NotAvailableError(f"the adapter(s) have LoRA rank {rank} (stacked ranks of several adapters add) but "
+                                    f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
+        llm = LLM(model=m.model_name_or_path, tokenizer=m.model_name_or_path, trust_remote_code=m.trust_remote_code,
+                  dtype=m.infer_dtype, max_model_len=m.vllm_maxlen, gpu_memory_utilization=m.vllm_gpu_util,
+                  enforce_eager=m.vllm_enforce_eager, enable_lora=bool(adapters), max_lora_rank=m.vllm_max_lora_rank,
+                  seed=cfg.training.seed)
+        lora_request = None
+        if adapters:
+            from vllm.lora.request import LoRARequest
+
+            lora_request = LoRARequest("default", 1, adapter)
+    except BaseException:
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("predicting %d samples with vLLM%s", len(prompts),
+                f" (adapter {' + '.join(adapters)})" if adapters else "")
     try:
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, lora_request=lora_request,
                                use_tqdm=False)
@@ -62,7 +70,6 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
 
             shutil.rmtree(tmp, ignore_errors=True)
     return [list(out.outputs[0].token_ids) for out in outputs]
-
 
 
 def shutdown_llm(llm) -> None:

@@ -126,10 +126,28 @@ class SafetensorsRows:
 
         self.path = path
         self.fd = os.open(path, os.O_RDONLY)
-        (size,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-        self.header = json.loads(os.pread(self.fd, size, 8))
+        try:
+            (size,) = struct.unpack("<Q", self._read(8, 0))
+            self.header = json.loads(self._read(size, 8))
+        except (struct.error, ValueError, OSError) as exc:
+            os.close(self.fd)
+            raise LmfError(f"init_on_meta: {path} is not a readable safetensors file ({exc})") from exc
         self.header.pop("__metadata__", None)
         self.base = 8 + size
+
+    def _read(self, length: int, offset: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` (``pread`` may return fewer, e.g. above 2 GiB)."""
+        chunks, done = [], 0
+        while done < length:
+            chunk = os.pread(self.fd, length - done, offset + done)
+            if not chunk:
+                raise LmfError(f"init_on_meta: {self.path} ends before the data its header describes")
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self.header[key]["shape"])
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -146,7 +164,7 @@ class SafetensorsRows:
             start, stop, row_bytes = 0, 1, end - begin
         else:
             row_bytes = (end - begin) // shape[0] if shape[0] else 0
-        data = os.pread(self.fd, (stop - start) * row_bytes, self.base + begin + start * row_bytes)
+        data = self._read((stop - start) * row_bytes, self.base + begin + start * row_bytes)
         out = torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
         return out.reshape([stop - start, *shape[1:]] if shape else [])
 
@@ -179,6 +197,10 @@ def _fill_from_checkpoint(module, checkpoint_dirs: tuple, device: "torch.device"
                         param = params.get(prefix + key)
                         if param is None:
                             continue
+                        if reader.shape(key) != list(param.shape):
+                            raise LmfError(f"init_on_meta: {key} is {reader.shape(key)} in {file} but "
+                                           f"{list(param.shape)} in the model (resized embeddings, or weights converted "
+                                           "at load time); use init_on_rank0")
                         rows = (0, param.shape[0] if param.dim() else 1)
                         target = param
                         if isinstance(param, DTensor):

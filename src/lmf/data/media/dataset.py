@@ -31,8 +31,9 @@ def drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
         return tokenized, 0, []
     cut = [i for i, c in enumerate(tokenized["_media_cut"]) if c]
     if cut:
-        logger.warning("dropped %d sample(s) whose image tokens do not fit cutoff_len %d (sample index %s%s); raise "
-                       "cutoff_len or lower image_max_pixels to keep them", len(cut), cutoff_len,
+        logger.warning("dropped %d sample(s) whose vision tokens do not match their images/videos: cut by cutoff_len %d, "
+                       "or vision tokens written in the text itself (sample index %s%s); raise cutoff_len or lower "
+                       "image_max_pixels to keep cut ones", len(cut), cutoff_len,
                        ", ".join(map(str, cut[:MAX_REPORTED])), " ..." if len(cut) > MAX_REPORTED else "")
         keep = sorted(set(range(len(tokenized))) - set(cut))
         if not keep:

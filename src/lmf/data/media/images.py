@@ -14,12 +14,13 @@ from typing import Optional
 
 
 def resolve_media_path(value: str, media_dir: Optional[str]) -> str:
-    """``media_dir/value`` when that file exists, else ``value`` as given (absolute, or relative to the cwd)."""
+    """``media_dir/value`` when that file exists, else ``value`` (absolute, or relative to the cwd), as an absolute
+    path: the preprocessed data is cached and may be read from another working directory."""
     if media_dir:
         joined = os.path.join(media_dir, value)
         if os.path.isfile(joined):
-            return joined
-    return value
+            return os.path.abspath(joined)
+    return os.path.abspath(value)
 
 
 def image_problem(path: str) -> Optional[str]:
@@ -31,7 +32,7 @@ def image_problem(path: str) -> Optional[str]:
     try:
         with Image.open(path) as im:
             im.size  # noqa: B018 - the header parsed
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         return f"image file {path!r} cannot be read ({exc})"
     return None
 
@@ -78,7 +79,12 @@ def load_image(path: str, max_pixels: int, min_pixels: int, qwen_rules: bool):
     """The RGB PIL image of ``path``, resized as LLaMA-Factory does."""
     from PIL import Image
 
-    return resize_like_llamafactory(Image.open(path), max_pixels, min_pixels, qwen_rules)
+    try:
+        return resize_like_llamafactory(Image.open(path), max_pixels, min_pixels, qwen_rules)
+    except (OSError, Image.DecompressionBombError) as exc:  # e.g. a file truncated after its header
+        from lmf.extras.errors import DataError
+
+        raise DataError(f"image file {path!r} cannot be decoded ({exc})") from exc
 
 
 def resize_like_llamafactory(image, max_pixels: int, min_pixels: int, qwen_rules: bool):

@@ -267,6 +267,9 @@ class Gemma3Plugin(MediaPlugin):
         self.eoi_token = getattr(self.tokenizer, "eoi_token", None) or self.eoi_token
         super().__post_init__()
         self.seqlen = int(self.processor_config.get("image_seq_length", 256))
+        if getattr(self.image_processor, "do_pan_and_scan", False):
+            raise NotAvailableError("Gemma 3 pan-and-scan crops (do_pan_and_scan in preprocessor_config.json) are not "
+                                    "implemented in lmf; set it to false")
 
     def vision_tokens(self) -> tuple[str, ...]:
         return (self.image_token, self.boi_token, self.eoi_token)

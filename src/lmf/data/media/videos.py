@@ -84,6 +84,11 @@ def load_frames(path: str, fps: float, maxlen: int, max_pixels: int, min_pixels:
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
                 frames.append(frame.to_image())
+    if len(frames) != len(wanted):
+        from lmf.extras.errors import DataError
+
+        raise DataError(f"video file {path!r}: {len(frames)} of the {len(wanted)} frames its container promises could "
+                        "be decoded (its frame count is wrong or the file is damaged); re-encode it")
     if len(frames) % 2:
         frames.append(frames[-1])
     return [resize_like_llamafactory(f, max_pixels, min_pixels, qwen_rules=True) for f in frames]
