@@ -264,3 +264,26 @@ def test_cutoff_through_an_image_drops_the_sample_and_says_which(vlm_root, caplo
         n_images = len(row["images"])
         expected = sum(data.media.image_seqlen(p) for p in row["images"])
         assert row["input_ids"].count(image) == expected and n_images
+
+
+def test_an_image_replaced_after_preprocessing_is_caught_at_batch_time(vlm_root, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from lmf.data.collator import SFTCollator
+    from lmf.data.media.collator import MediaCollator
+    from lmf.extras.errors import DataError
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(DEMO_DATA_DIR, "mllm_demo_data"), data / "mllm_demo_data")
+    shutil.copy(os.path.join(DEMO_DATA_DIR, "mllm_demo.json"), data / "mllm_demo.json")
+    shutil.copy(os.path.join(vlm_root, "data", "dataset_info.json"), data / "dataset_info.json")
+    cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", dataset="mllm_demo", dataset_dir=str(data))
+    tokenizer, _, module = _dataset(cfg, "sft")
+    collate = MediaCollator(SFTCollator(tokenizer), module.media)
+    rows = [module.train_dataset[i] for i in range(2)]
+    assert "mm_inputs" in collate(rows)
+    Image.new("RGB", (640, 480)).save(data / "mllm_demo_data" / "1.jpg")  # another size under the same name
+    with pytest.raises(DataError, match="changed since the data was preprocessed.*overwrite_cache"):
+        collate(rows)

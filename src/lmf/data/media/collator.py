@@ -24,7 +24,22 @@ class MediaCollator:
         if batch["input_ids"].size(0) == 2 * len(features):
             paths, videos = paths * 2, videos * 2
         batch["mm_inputs"] = self.media.model_inputs(paths, batch["input_ids"], tuple(videos))
+        self._check_tokens(batch, paths, videos)
         return batch
+
+    def _check_tokens(self, batch: dict, paths: list[str], videos: list[str]) -> None:
+        """The batch's vision tokens (counted at preprocessing time, from the files as they were then) must be what
+        its pictures give now: a file replaced since then would make the model fail with a shape error."""
+        expected = self.media.expected_tokens(batch["mm_inputs"], len(paths) + len(videos))
+        if expected is None:
+            return
+        found = sum(self.media.count_image_tokens(row.tolist()) for row in batch["input_ids"])
+        if found != expected:
+            from lmf.extras.errors import DataError
+
+            raise DataError(f"the vision tokens of a batch ({found}) are not what its images/videos give now "
+                            f"({expected}): one of {', '.join(sorted(set(paths + videos))[:4])} changed since the data "
+                            "was preprocessed; set overwrite_cache: true to preprocess it again")
 
     def __getattr__(self, name: str):  # pad ids and options of the wrapped collator
         return getattr(self.collator, name)

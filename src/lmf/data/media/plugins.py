@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lmf.data.media.images import image_size, load_image, regularized_size
@@ -125,6 +125,10 @@ class MediaPlugin:
     def token_types(self, input_ids) -> dict:
         return {}
 
+    def expected_tokens(self, inputs: dict, pictures: int) -> Optional[int]:
+        """Vision tokens the pixel ``inputs`` of ``pictures`` images/videos fill (None: not checkable)."""
+        return pictures * self.image_seqlen("") if hasattr(self, "seqlen") else None
+
 
 @dataclass
 class QwenVLPlugin(MediaPlugin):
@@ -224,6 +228,12 @@ class QwenVLPlugin(MediaPlugin):
 
     def image_text(self, path: str) -> str:
         return f"{self.vision_bos}{self.image_token * self.image_seqlen(path)}{self.vision_eos}"
+
+    def expected_tokens(self, inputs: dict, pictures: int) -> Optional[int]:
+        total = int(inputs["image_grid_thw"].prod(-1).sum()) // self.merge_length if "image_grid_thw" in inputs else 0
+        if "video_grid_thw" in inputs:
+            total += int(inputs["video_grid_thw"].prod(-1).sum()) // self.video["merge_size"] ** 2
+        return total
 
     def token_types(self, input_ids) -> dict:
         types = (input_ids == self.image_token_id).to(input_ids.dtype) * IMAGE_TYPE
