@@ -138,6 +138,22 @@ def test_openai_image_parts_become_placeholders():
     assert "remote URL" in problem
 
 
+def _demo_records() -> list:
+    with open(os.path.join(DEMO_DATA_DIR, "mllm_demo.json"), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _image_dataset(tmp_path, records: list):
+    """A data folder registering ``records`` as dataset ``imgs`` (mllm_demo's layout)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "imgs.json").write_text(json.dumps(records))
+    (data / "dataset_info.json").write_text(json.dumps({"imgs": {
+        "file_name": "imgs.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    return data
+
+
 def test_v1_pair_records_with_images_share_them_between_chosen_and_rejected():
     from lmf.data.converter import convert_record
     from lmf.data.registry import DatasetAttr, _apply_openai_defaults
@@ -158,14 +174,9 @@ def test_v1_pair_records_with_images_share_them_between_chosen_and_rejected():
 
 
 def test_vision_tokens_written_in_the_text_drop_the_sample(vlm_root, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    records = json.load(open(os.path.join(DEMO_DATA_DIR, "mllm_demo.json")))
+    records = _demo_records()
     records[1]["messages"][1]["content"] += " <|image_pad|>"  # a literal vision token in an answer
-    (data / "imgs.json").write_text(json.dumps(records))
-    (data / "dataset_info.json").write_text(json.dumps({"imgs": {
-        "file_name": "imgs.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    data = _image_dataset(tmp_path, records)
     cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", dataset="imgs", dataset_dir=str(data),
                media_dir=DEMO_DATA_DIR)
     with _loader_messages() as messages:
@@ -177,14 +188,9 @@ def test_vision_tokens_written_in_the_text_drop_the_sample(vlm_root, tmp_path):
 def test_bad_image_record_names_file_and_record_or_is_skipped_and_counted(vlm_root, tmp_path):
     from lmf.extras.errors import DataError
 
-    data = tmp_path / "data"
-    data.mkdir()
-    records = json.load(open(os.path.join(DEMO_DATA_DIR, "mllm_demo.json")))
+    records = _demo_records()
     records[2]["images"] = ["mllm_demo_data/missing.jpg"]
-    (data / "imgs.json").write_text(json.dumps(records))
-    (data / "dataset_info.json").write_text(json.dumps({"imgs": {
-        "file_name": "imgs.json", "formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
-        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}}}))
+    data = _image_dataset(tmp_path, records)
     cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", dataset="imgs", dataset_dir=str(data),
                media_dir=DEMO_DATA_DIR)
     with pytest.raises(DataError, match=r"record 2: field 'images'\[0\]: image file .*missing.jpg.* not found"):

@@ -302,6 +302,19 @@ def _count(messages: list[dict], placeholder: str) -> int:
     return sum(m["content"].count(placeholder) for m in messages)
 
 
+def _resolve_media(paths: list[str], column: str, problem_of, media_dir: Optional[str]) -> list[str]:
+    """Absolute paths of a record's files, each checked by ``problem_of`` (a problem names the field and index)."""
+    resolved = []
+    for i, path in enumerate(paths):
+        full = resolve_media_path(path, media_dir)
+        problem = problem_of(full)
+        if problem:
+            raise RecordProblem(f"field {column!r}[{i}]: {problem}"
+                                + (f" (relative paths are looked up in media_dir {media_dir!r})" if media_dir else ""))
+        resolved.append(full)
+    return resolved
+
+
 def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_dir: Optional[str],
                   part_images: list[str]) -> dict:
     """``_images`` / ``_videos`` of the record, resolved and checked against its placeholders."""
@@ -321,24 +334,10 @@ def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_
     if attr.videos and found != len(videos):
         raise RecordProblem(f"field {attr.videos!r}: {len(videos)} video(s) but {found} {VIDEO_PLACEHOLDER} "
                             "placeholder(s) in the messages; they must match")
-    resolved = []
-    for i, path in enumerate(images):
-        full = resolve_media_path(path, media_dir)
-        problem = image_problem(full)
-        if problem:
-            raise RecordProblem(f"field {attr.images or 'images'!r}[{i}]: {problem}"
-                                + (f" (relative paths are looked up in media_dir {media_dir!r})" if media_dir else ""))
-        resolved.append(full)
-    resolved_videos = []
-    for i, path in enumerate(videos):
-        from lmf.data.media.videos import video_problem
+    from lmf.data.media.videos import video_problem
 
-        full = resolve_media_path(path, media_dir)
-        problem = video_problem(full)
-        if problem:
-            raise RecordProblem(f"field {attr.videos!r}[{i}]: {problem}"
-                                + (f" (relative paths are looked up in media_dir {media_dir!r})" if media_dir else ""))
-        resolved_videos.append(full)
+    resolved = _resolve_media(images, attr.images or "images", image_problem, media_dir)
+    resolved_videos = _resolve_media(videos, attr.videos, video_problem, media_dir) if videos else []
     out["_images"], out["_videos"] = resolved, resolved_videos
     return out
 

@@ -356,30 +356,30 @@ class GenerationProcessor:
     _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str,
-               images: tuple = ()) -> tuple[list, list, bool]:
+               images: tuple = ()) -> tuple[list, list, bool, bool]:
+        """(input_ids, labels, truncated, vision tokens not exactly the pictures')."""
         answer = list(response) if len(response) == 1 else [{"role": "assistant", "content": ""}]
-        messages, _ = expand_media(self.media, _conversation(prompt, answer), images)
+        messages, n_tokens = expand_media(self.media, _conversation(prompt, answer), images)
         input_ids, labels = self.template.encode_oneturn(self.tokenizer, messages,
                                                          system or None, tools or None, cache=self._piece_cache)
         if self.template.efficient_eos:
             labels = labels + [self.tokenizer.eos_token_id]
         source_len, target_len = infer_seqlen(len(input_ids), len(labels), self.cutoff_len)
         truncated = source_len < len(input_ids) or target_len < len(labels)
-        return input_ids[:source_len], labels[:target_len], truncated
+        input_ids = input_ids[:source_len]
+        media_cut = self.media is not None and self.media.count_image_tokens(input_ids) != n_tokens
+        return input_ids, labels[:target_len], truncated, media_cut
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "_truncated": []}
         images, cut = _images_of(batch), []
         for (prompt, response, system, tools), row_images in zip(_records(batch), images):
-            ids, labels, truncated = self.encode(prompt, response, system, tools, row_images)
+            ids, labels, truncated, media_cut = self.encode(prompt, response, system, tools, row_images)
             out["input_ids"].append(ids)
             out["attention_mask"].append([1] * len(ids))
             out["labels"].append(labels)
             out["_truncated"].append(truncated)
-            expected = (sum(map(self.media.image_seqlen, row_images[0])) + sum(map(self.media.video_seqlen,
-                                                                                    row_images[1]))
-                        if any(row_images) else 0)
-            cut.append(self.media is not None and self.media.count_image_tokens(ids) != expected)
+            cut.append(media_cut)
         return media_columns(out, self.media, images, cut)
 
 

@@ -247,11 +247,11 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     device = device if device is not None else torch.device("cpu")
     dtype = resolve_dtype(cfg, device, is_trainable)
     path = _check_model_path(cfg.model)
-    check_pre_quantized(cfg.model, read_model_config(path) if os.path.isdir(path) else {})
     local = os.path.isdir(path)
+    raw_config = read_model_config(path) if local else {}
+    check_pre_quantized(cfg.model, raw_config)
     model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if local else None
-    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class,
-                                       read_model_config(path) if local else None)
+    attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class, raw_config)
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     _maybe_resize_embeddings(cfg, model, tokenizer)

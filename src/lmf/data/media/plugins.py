@@ -77,28 +77,29 @@ class MediaPlugin:
 
     def video_text(self, path: str) -> str:
         """What one ``<video>`` placeholder becomes."""
-        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf (Qwen2-VL "
-                                "and Qwen2.5-VL take videos)")
-
-    def video_seqlen(self, path: str) -> int:
-        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf")
+        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf (the "
+                                "Qwen-VL family takes videos)")
 
     def expand(self, messages: list[dict], images: list[str], videos: tuple = ()) -> tuple[list[dict], int]:
         """(messages with each ``<image>`` / ``<video>`` expanded, total vision tokens)."""
-        out, used_images, used_videos = [], 0, 0
+        out, used_images, used_videos, total = [], 0, 0, 0
         for message in messages:
             pieces = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>": split, not replace
             text = pieces[0]
             for piece in pieces[1:]:
-                text += self.image_text(images[used_images]) + piece
+                block = self.image_text(images[used_images])
+                total += block.count(self.image_token)  # the block's own tokens: each file is read once
+                text += block + piece
                 used_images += 1
             pieces = text.split(VIDEO_PLACEHOLDER)
             text = pieces[0]
             for piece in pieces[1:]:
-                text += self.video_text(videos[used_videos]) + piece
+                block = self.video_text(videos[used_videos])
+                total += block.count(self.video_token)
+                text += block + piece
                 used_videos += 1
             out.append(dict(message, content=text))
-        return out, sum(self.image_seqlen(p) for p in images) + sum(self.video_seqlen(p) for p in videos)
+        return out, total
 
     def count_image_tokens(self, ids: list[int]) -> int:
         """Vision tokens in ``ids`` (image and video placeholders' tokens)."""
@@ -155,12 +156,16 @@ class QwenVLPlugin(MediaPlugin):
     def qwen3(self) -> bool:
         return self.name == "Qwen3VLPlugin"
 
-    def video_grid(self, path: str) -> list[int]:
-        """``[t, h, w]`` patches of the video at ``path`` (container data only), as LLaMA-Factory counts them."""
+    def _video_meta(self, path: str) -> dict:
         from lmf.data.media.videos import video_metadata
 
+        return video_metadata(path, self.options.video_fps, self.options.video_maxlen)
+
+    def video_grid(self, path: str, meta: Optional[dict] = None) -> list[int]:
+        """``[t, h, w]`` patches of the video at ``path`` (``meta``: its :func:`video_metadata`, read when not
+        given; container data only), as LLaMA-Factory counts them."""
         o, v = self.options, self.video
-        meta = video_metadata(path, o.video_fps, o.video_maxlen)
+        meta = meta or self._video_meta(path)
         width, height = regularized_size((meta["width"], meta["height"]), o.video_max_pixels, o.video_min_pixels,
                                          qwen_rules=True)
         frames = len(meta["indices"]) + len(meta["indices"]) % 2
@@ -185,11 +190,9 @@ class QwenVLPlugin(MediaPlugin):
             return f"{self.vision_bos}{self.video_token * self.video_seqlen(path)}{self.vision_eos}"
         from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
-        from lmf.data.media.videos import video_metadata
-
         o = self.options
-        t, h, w = self.video_grid(path)
-        meta = video_metadata(path, o.video_fps, o.video_maxlen)
+        meta = self._video_meta(path)
+        t, h, w = self.video_grid(path, meta)
         scaled = [i / meta["average_fps"] * o.video_fps for i in meta["indices"]]  # LLaMA-Factory's arithmetic
         seconds = Qwen3VLProcessor._calculate_timestamps(None, scaled, o.video_fps, self.video["merge_size"])
         block = f"{self.vision_bos}{self.video_token * (h * w // self.video['merge_size'] ** 2)}{self.vision_eos}"
@@ -199,18 +202,18 @@ class QwenVLPlugin(MediaPlugin):
         """``pixel_values_videos`` and ``video_grid_thw`` (+ ``second_per_grid_ts`` for Qwen2.5-VL)."""
         import torch
 
-        from lmf.data.media.videos import load_frames, qwen_video_patches, video_metadata
+        from lmf.data.media.videos import load_frames, qwen_video_patches
 
         o, v = self.options, self.video
         patches, grids, seconds = [], [], []
         for path in videos:
-            t, h, w = self.video_grid(path)
-            frames = load_frames(path, o.video_fps, o.video_maxlen, o.video_max_pixels, o.video_min_pixels)
+            meta = self._video_meta(path)
+            t, h, w = self.video_grid(path, meta)
+            frames = load_frames(path, meta["indices"], o.video_max_pixels, o.video_min_pixels)
             flat, grid = qwen_video_patches(frames, (h * v["patch_size"], w * v["patch_size"]), v["patch_size"],
                                             v["temporal_patch_size"], v["merge_size"], v["mean"], v["std"])
             patches.append(flat)
             grids.append(grid)
-            meta = video_metadata(path, o.video_fps, o.video_maxlen)
             seconds.append(v["temporal_patch_size"] / (len(meta["indices"]) / meta["duration"]) if meta.get("duration")
                            else v["temporal_patch_size"] / o.video_fps)
         inputs = {"pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}

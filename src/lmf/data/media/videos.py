@@ -65,18 +65,13 @@ def video_metadata(path: str, fps: float, maxlen: int) -> dict:
                 "indices": sample_indices(stream.frames, duration, fps, maxlen)}
 
 
-def frame_count(path: str, fps: float, maxlen: int) -> int:
-    """Frames a video contributes once sampled and padded to an even count."""
-    n = len(video_metadata(path, fps, maxlen)["indices"])
-    return n + (n % 2)
-
-
-def load_frames(path: str, fps: float, maxlen: int, max_pixels: int, min_pixels: int) -> list:
-    """The sampled frames (RGB PIL images), regularized and padded to an even count."""
+def load_frames(path: str, indices: list[int], max_pixels: int, min_pixels: int) -> list:
+    """The frames at ``indices`` (the sampled ones, :func:`video_metadata`) as RGB PIL images, regularized and padded
+    to an even count."""
     from lmf.data.media.images import resize_like_llamafactory
 
     av = _av()
-    wanted = set(video_metadata(path, fps, maxlen)["indices"])
+    wanted = set(indices)
     frames = []
     with av.open(path, "r") as container:
         stream = next(s for s in container.streams if s.type == "video")
