@@ -293,12 +293,19 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
 def _enable_router_aux_loss(cfg: "LmfConfig", model) -> None:
     """``moe_aux_loss_coef``: the decoder returns its router logits; the trainer adds the weighted loss."""
     from lmf.model.moe import experts_of
-    from lmf.model.forward import set_router_logits
+    from lmf.model.forward import decoder_of, set_router_logits, unwrap_causal_lm
 
     num_experts, top_k = experts_of(model.config)
     if not num_experts:
         raise ConfigError(f"config key 'moe_aux_loss_coef': {model.config.model_type} is not a mixture-of-experts "
                           "model (no routed experts in its config)")
+    decoder = decoder_of(unwrap_causal_lm(model))
+    if "router_logits" not in (getattr(type(decoder), "_can_record_outputs", None) or {}):
+        import transformers
+
+        raise ConfigError(f"config key 'moe_aux_loss_coef': transformers {transformers.__version__}'s "
+                          f"{model.config.model_type} decoder does not return its router logits, so no auxiliary loss "
+                          "can be added; upgrade transformers (5.19 returns them) or unset moe_aux_loss_coef")
     set_router_logits(model, True)
     logger.info("moe_aux_loss_coef: router load-balancing loss x %g (%d experts, top-%d), logged as aux_loss",
                 cfg.model.moe_aux_loss_coef, num_experts, top_k)

@@ -73,7 +73,11 @@ def _make_loss_module(model, compute_loss, moe_aux_loss_coef: Optional[float] = 
                 from lmf.loss.moe import load_balancing_loss
                 from lmf.model.forward import pop_router_logits
 
+                import torch
+
                 logits = pop_router_logits(self.model)
+                if logits is None and torch.is_grad_enabled():
+                    raise RuntimeError("moe_aux_loss_coef is set but the trained forward returned no router logits")
                 if logits is not None:
                     aux = load_balancing_loss(logits, *self._experts)
                     loss_sum = loss_sum + self._coef * aux * items
