@@ -82,7 +82,8 @@ REPO = os.path.dirname(BENCH)
 SIDES = os.path.join(BENCH, "compare_lf_sides")
 DEMO_DATA = os.path.join(REPO, "examples", "data")
 TEMPLATE = "qwen"
-SECTIONS = ("startup", "preprocess", "train", "gpu")
+SECTIONS = ("startup", "preprocess", "train", "gpu", "context", "shape", "realdata", "scaling")
+REAL_SECTIONS = ("context", "shape", "realdata", "scaling")  # bench/compare_lf_real.py: the real-vocabulary shape
 TARGETS = {"startup": 10.0, "preprocess": 3.0, "train_speed": 1.2, "train_rss": 0.8}
 
 # Model shapes. The CPU one is small enough to train in seconds on 2 cores; the GPU one is the
@@ -430,6 +431,7 @@ def render_report(args, info: dict, results: dict) -> list[str]:
         f"(git {info['git']}) in {results.get('elapsed_s', 0) / 60:.1f} min. Both sides ran on this machine in the same "
         f"run, each in a fresh process with {results.get('threads', 1)} thread(s) (OMP_NUM_THREADS).",
         "",
+        *_merged_note(results),
         "## Machine and versions",
         "",
         f"- CPU: {info.get('cpu_model', '?')} ({info['cpus']} cores visible), memory {info.get('memory', '?')}",
@@ -472,6 +474,8 @@ def render_report(args, info: dict, results: dict) -> list[str]:
                 if a.get("cuda_peak_mib") and b.get("cuda_peak_mib"):
                     lines.append(f"| GPU LoRA SFT {variant}, peak CUDA memory | {a['cuda_peak_mib']:.0f} MiB | "
                                  f"{b['cuda_peak_mib']:.0f} MiB | {v['cuda_peak_ratio']:.2f}x | | |")
+    real = _real()
+    lines += real.summary_rows(results)
     if "gpu" not in results:
         lines.append("| GPU section | not run: no CUDA device in this run | | | | |")
     lines += ["", "Ratios: start-up and wall time = LF / lmf (higher is better for lmf); throughput = lmf / LF; "
@@ -482,7 +486,8 @@ def render_report(args, info: dict, results: dict) -> list[str]:
     for section in ("train", "gpu"):
         for variant, v in results.get(section, {}).get("variants", {}).items():
             problems += [f"{section} {variant}: {m}" for m in v["mismatch"]]
-    if not any(k in results for k in ("preprocess", "train", "gpu")):
+    problems += real.problems(results)
+    if not any(k in results for k in ("preprocess", "train", "gpu") + REAL_SECTIONS):
         return lines + _details(results)
     lines += ["## Same work on both sides (honesty checks)", ""]
     if problems:
@@ -491,6 +496,15 @@ def render_report(args, info: dict, results: dict) -> list[str]:
         lines += ["No differences: identical tokenized data (rows, non-pad tokens, label tokens; token-for-token "
                   "sha256 for the unpacked preprocessing output) and equal trained token counts.", ""]
     return lines + _details(results)
+
+
+def _merged_note(results: dict) -> list[str]:
+    """With --merge, sections measured by other invocations: name them (each section's details say its command)."""
+    own = results.get("command")
+    others = [f"`{name}`: `{results[name]['command']}` ({results[name].get('date')})" for name in SECTIONS
+              if isinstance(results.get(name), dict) and results[name].get("command") not in (None, own)]
+    return (["Sections measured by other invocations of the same script (merged with --merge): " + "; ".join(others)
+             + ".", ""] if others else [])
 
 
 def _details(results: dict) -> list[str]:
@@ -555,7 +569,13 @@ def _details(results: dict) -> list[str]:
             lines.append(f"| {variant} | ratio | | {v['wall_ratio']:.2f}x faster | | | | | {v['speedup']:.2f}x | | "
                          f"{v['rss_ratio']:.2f}x |" + (" | |" if section == "gpu" else "") + " |")
         lines.append("")
-    return lines
+    return lines + _real().details(results)
+
+
+def _real():
+    import compare_lf_real
+
+    return compare_lf_real
 
 
 # ----------------------------------------------------------------------------- main
@@ -578,6 +598,16 @@ def parse_args(argv=None):
                    "<cache>/RESULTS-quick.md, so a quick run never overwrites the real results)")
     p.add_argument("--json", default=None, help="raw results (default: <cache>/results.json)")
     p.add_argument("--render", metavar="JSON", default=None, help="only re-render the report from a results JSON")
+    p.add_argument("--merge", action="store_true", help="keep the sections of the existing results JSON that this "
+                   "run does not measure (each section records its own command, date and git commit)")
+    p.add_argument("--reuse", action="store_true", help="context/shape: reuse a run whose result exists for the same "
+                   "keys in <cache>/runs (resume an interrupted long benchmark)")
+    p.add_argument("--budgets", default="4,8,16", help="context: peak-RSS budgets, GiB")
+    p.add_argument("--context-steps", type=int, default=2, help="context: training steps of every measured run")
+    p.add_argument("--context-max-len", type=int, default=98304, help="context: the longest cutoff_len tried (a "
+                   "CPU step at 96k tokens takes minutes); a side reaching it is reported as >= it")
+    p.add_argument("--context-threads", type=int, default=2, help="context: OMP threads (memory, not time, is measured)")
+    p.add_argument("--shape-repeats", type=int, default=2, help="shape: interleaved runs per side; the fastest is kept")
     return p.parse_args(argv)
 
 
@@ -616,16 +646,43 @@ def main(argv=None) -> int:
             results["train"] = bench_train(args, tiny, gpu=False)
     if "gpu" in sections:
         results["gpu"] = bench_train(args, build_models(args.lmf_python, args.cache, "gpu"), gpu=True)
+    json_path = args.json or os.path.join(args.cache, "results.json")
     info = machine_info(args)
+    for section in ("startup", "preprocess", "train", "gpu"):
+        if section in results:
+            results[section].update(command=" ".join(["python bench/compare_lf.py"] + sys.argv[1:]), date=info["date"])
+    if any(s in sections for s in REAL_SECTIONS):
+        import compare_lf_real as real
+
+        model_dir = real.build_real_model(args.lmf_python, args.cache)
+        for section in REAL_SECTIONS:
+            if section in sections:
+                t0 = time.perf_counter()
+                results[section] = getattr(real, f"bench_{section}")(args, model_dir)
+                results[section].update(command=" ".join(["python bench/compare_lf.py"] + sys.argv[1:]),
+                                        date=info["date"], git=info["git"], elapsed_s=time.perf_counter() - t0)
+                _save_json(json_path, results, args.merge)  # a long run keeps what it measured so far
+        if "context" in results:
+            real.plot_context(results, os.path.join(BENCH, "context_vs_memory.png"))
     results["machine"] = info
     results["elapsed_s"] = time.perf_counter() - started
     results["command"] = " ".join(["python bench/compare_lf.py"] + sys.argv[1:])
     results["threads"] = args.threads
-    json_path = args.json or os.path.join(args.cache, "results.json")
-    with open(json_path, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1, default=str)
+    results = _save_json(json_path, results, args.merge)
     log(f"raw results in {json_path}")
     return write_report(args, results)
+
+
+def _save_json(path: str, results: dict, merge: bool) -> dict:
+    """Write ``results`` (with ``merge``: over the sections already in ``path``); return what was written."""
+    merged = results
+    if merge and os.path.exists(path):
+        with open(path, encoding="utf-8") as fh:
+            merged = dict(json.load(fh), **results)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(merged, fh, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+    return merged
 
 
 def write_report(args, results: dict) -> int:

@@ -205,3 +205,13 @@ def test_loss_kwargs_from_config(tiny_model_dir):
 
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         loss_kwargs(ModelArguments(loss_chunk_size=0), model)
+
+
+def test_unset_loss_chunk_size_keeps_a_chunk_of_logits_near_256_mib():
+    from lmf.loss.ce import auto_chunk_size
+
+    assert auto_chunk_size(151936) == 384  # Qwen: 384 x 151,936 fp32 = 223 MiB (1024 rows would be 594 MiB)
+    assert auto_chunk_size(65536) == 1024 and auto_chunk_size(32000) == 1024 and auto_chunk_size(None) == 1024
+    assert auto_chunk_size(262144) == 256 and auto_chunk_size(10**7) == 128
+    for vocab in (151936, 202048, 262144):
+        assert auto_chunk_size(vocab) * vocab * 4 <= 256 * 2**20

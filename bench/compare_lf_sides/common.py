@@ -37,7 +37,8 @@ def peak_rss_mib() -> float:
 
 
 def token_stats(dataset, pad_token_id: int, with_digest: bool = True) -> dict:
-    """Counts over a tokenized SFT dataset (``input_ids``/``labels`` list columns).
+    """Counts over a tokenized dataset: ``input_ids``/``labels`` list columns (sft, pt), or their ``chosen_`` and
+    ``rejected_`` pairs (dpo, rm; rows count the chosen rows, then the rejected ones).
 
     ``real_tokens`` counts tokens that are not ``pad_token_id`` (packed rows carry padding; the
     data itself never contains the pad token), ``label_tokens`` those trained on. ``digest`` is a
@@ -48,9 +49,14 @@ def token_stats(dataset, pad_token_id: int, with_digest: bool = True) -> dict:
     import pyarrow.compute as pc
 
     table = dataset.with_format("arrow")[:]
-    ids = pc.list_flatten(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    labels = pc.list_flatten(table["labels"]).to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    prefixes = ("",) if "input_ids" in table.column_names else ("chosen_", "rejected_")  # pairwise: both sides
+
+    def column(name, fn):
+        return np.concatenate([fn(table[p + name]).to_numpy(zero_copy_only=False).astype(np.int64) for p in prefixes])
+
+    ids = column("input_ids", pc.list_flatten)
+    labels = column("labels", pc.list_flatten) if prefixes[0] + "labels" in table.column_names else ids  # pt: all
+    lengths = column("input_ids", pc.list_value_length)
     stats = {
         "rows": int(len(lengths)),
         "tokens": int(ids.size),

@@ -41,8 +41,11 @@ def preprocess(config: dict) -> dict:
 def train(config: dict) -> dict:
     import transformers
 
-    import llamafactory.train.sft.workflow as workflow
+    import importlib
+
     from llamafactory.train.tuner import run_exp
+
+    workflow = importlib.import_module(f"llamafactory.train.{config.get('stage', 'sft')}.workflow")
 
     out: dict = {}
     original_get_dataset = workflow.get_dataset

@@ -77,7 +77,7 @@ def train(config: dict) -> dict:
 
     loader.get_dataset = counting_get_dataset
     trainer_mod.Trainer.train = timed_train
-    run_exp([_config_file(config)], "sft")
+    run_exp([_config_file(config)], "train")  # the config's stage
     return out
 
 

@@ -57,7 +57,9 @@ class ModelArguments:
     upcast_layernorm: bool = _f(False, "Upcast layernorm weights to fp32.")
     upcast_lmhead_output: bool = _f(False, "Upcast the lm_head output to fp32.")
     use_chunked_loss: bool = _f(True, "Compute the loss in chunks over the sequence and never materialise full logits.")
-    loss_chunk_size: int = _f(1024, "Tokens per chunk for the chunked loss.")
+    loss_chunk_size: Optional[int] = _f(None, "Tokens per chunk for the chunked loss; unset: as many as keep one "
+                                        "chunk's fp32 logits near 256 MiB (1024 up to a 64k vocabulary, 384 for "
+                                        "Qwen's 151,936 tokens).")
     padding_free: bool = _f(True, "Train padded batches without their padding: the real tokens of a micro-batch run "
                             "as one row of per-sample segments (sdpa on Llama/Qwen/Mistral-family models; the same "
                             "result, no work on padding). Ignored where per-sample attention does not apply.")

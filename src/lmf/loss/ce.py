@@ -40,21 +40,46 @@ def _plain_logits(h, lm_head, softcap):
     return logits
 
 
+#: ``loss_chunk_size`` unset: one chunk's logits hold about this many fp32 values (256 MiB)
+AUTO_CHUNK_LOGITS = 1 << 26
+
+
+def auto_chunk_size(vocab_size: Optional[int]) -> int:
+    """Tokens per loss chunk for a vocabulary: 1024 up to a 64k vocabulary, fewer above it (a multiple of 128), so
+    the chunk's fp32 logits stay near 256 MiB (with Qwen's 151,936 tokens 1024 rows would hold 594 MiB)."""
+    if not vocab_size:
+        return 1024
+    return max(128, min(1024, AUTO_CHUNK_LOGITS // int(vocab_size) // 128 * 128))
+
+
+def _vocab_size(model, config) -> Optional[int]:
+    head = getattr(unwrap_causal_lm(model), "get_output_embeddings", lambda: None)()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2 and weight.shape[0] > 1:
+        return int(weight.shape[0])
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
+
+
 def loss_kwargs(model_args, model) -> dict:
     """Keyword arguments for :func:`causal_lm_loss` / :func:`sequence_logps` from the model config
     keys ``use_chunked_loss``, ``loss_chunk_size`` and ``enable_liger_kernel``."""
-    chunk_size = int(model_args.loss_chunk_size) if model_args.use_chunked_loss else None
-    if chunk_size is not None and chunk_size <= 0:
+    config = getattr(unwrap_causal_lm(model), "config", None)
+    chunk_size = None
+    if model_args.use_chunked_loss:
+        chunk_size = model_args.loss_chunk_size
+        if chunk_size is None:
+            chunk_size = auto_chunk_size(_vocab_size(model, config))
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) <= 0):
         from lmf.extras.errors import ConfigError
 
         raise ConfigError(f"loss_chunk_size must be a positive number of tokens, got {model_args.loss_chunk_size}")
-    config = getattr(unwrap_causal_lm(model), "config", None)
     for key in ("logit_scale", "logits_scaling"):
         if getattr(config, key, None) not in (None, 1, 1.0):
             log_once("lmf.loss", key, f"the model config's {key} is not applied by lmf's loss (logits are unscaled)",
                      warning=True)
     use_liger = bool(model_args.enable_liger_kernel)
-    return {"chunk_size": chunk_size, "softcap": logit_softcap_of(model), "use_liger": use_liger}
+    return {"chunk_size": int(chunk_size) if chunk_size else None, "softcap": logit_softcap_of(model), "use_liger": use_liger}
 
 
 def causal_lm_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
