@@ -296,9 +296,9 @@ def bench_shape(args, model_dir: str) -> dict:
     os.makedirs(work, exist_ok=True)
     demo = require_lf_demo()
     cases = []
-    for cutoff, records in ((1024, 8), (4096, 4)):
+    for cutoff, records, batch in ((1024, 8, 2), (4096, 4, 1)):  # LF's 4096 x 2 micro-batch would need ~16 GiB
         cases.append((f"LoRA SFT, cutoff_len {cutoff}", "sft", long_sft_data(args.cache, cutoff, records), "long_sft",
-                      cutoff, 2, 1, records // 2))
+                      cutoff, batch, 2 // batch, records // 2))
     for stage in ("dpo", "rm"):
         cases.append((f"LoRA {stage.upper()}, dpo_en_demo", stage, demo, "dpo_en_demo", 1024, 2, 2, 4))
     out: dict = {"cases": {}, "repeats": args.shape_repeats, "threads": args.threads}

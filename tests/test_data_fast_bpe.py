@@ -120,3 +120,47 @@ def _corpus_with_unicode() -> list[str]:
 
     extra = ["Café ñandú — it’s 25°C, “x² + y₂” → Δt Привет мир αβγ 🚀 €10 ½ ¿qué?"] * 50
     return default_corpus() + extra
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3", "qwen_real"])
+def test_pipeline_spec_read_from_the_components_equals_the_tokenizer_json(style):
+    """The fast path reads the pre-tokenizer, normalizer and added tokens without serializing the whole tokenizer
+    (~1.5 s for Qwen's vocabulary): the same facts as its JSON."""
+    import json
+
+    from lmf.data.fast_bpe import _pipeline_spec
+
+    if style == "qwen_real":
+        from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
+
+        backend = build_qwen_tokenizer()._tokenizer
+    else:
+        backend = build_tokenizer(style=style)._tokenizer
+    full, light = json.loads(backend.to_str()), _pipeline_spec(backend)
+    assert light["pre_tokenizer"] == full["pre_tokenizer"] and light["normalizer"] == full["normalizer"]
+    assert light["model"] == {"type": full["model"]["type"], "dropout": full["model"].get("dropout")}
+    keys = ("content", "id", "lstrip", "rstrip", "single_word")
+    assert light["added_tokens"] == [{k: t[k] for k in keys} for t in full["added_tokens"]]
+
+
+@pytest.mark.parametrize("style", ["gpt2", "qwen2", "llama3", "qwen_real"])
+def test_texts_with_a_few_ineligible_lines_are_encoded_exactly(style):
+    """encode_many cuts a text that the memo declines at line starts and sends only the ineligible lines to the
+    backend: the ids equal the backend's for the whole text."""
+    if style == "qwen_real":
+        from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
+
+        tok = build_qwen_tokenizer()
+    else:
+        tok = build_tokenizer(style=style)
+    rng = random.Random(1)
+    rare = ["中文", "\u200b", "\u0301", "\u3000", "\x1c", "\x85", "\r", " \n", "\n\n", "ｆｕｌｌ", "🙂", "\u2028", "x",
+            " abc", "a. Bc", "x 中 y", "it's ok", "I'M ", " \u0301a", "e\u0301 b", "1 2", "a  b", "a\t b", " 'll"]
+    lines = PIECES + rare
+    texts = []
+    for _ in range(600):
+        sep = ["\n", "\n\n", "\r\n", " \n", "\n ", " ", "", " x"]
+        texts.append("".join(rng.choice(lines) + rng.choice(sep) for _ in range(rng.randrange(1, 16))))
+    texts += ["a\n中\nb", "x\n\u0301y\nz", "\n\nA", "中\n\n\nB c\n", "line one\nline two 中\nline three\n"]
+    expected = [tok._tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
+    assert encode_many(tok, texts) == expected

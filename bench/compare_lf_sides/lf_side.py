@@ -33,7 +33,8 @@ def preprocess(config: dict) -> dict:
     import datasets  # noqa: F401  (imported before timing on both sides: time the work, not the import)
 
     with Stopwatch() as sw:
-        module = get_dataset(template, model_args, data_args, training_args, stage="sft", **tokenizer_module)
+        module = get_dataset(template, model_args, data_args, training_args, stage=config.get("stage", "sft"),
+                             **tokenizer_module)
     train = module["train_dataset"]
     return {"seconds": sw.seconds, "stats": token_stats(train, tokenizer.pad_token_id)}
 

@@ -46,7 +46,7 @@ def preprocess(config: dict) -> dict:
     import datasets  # noqa: F401  (imported before timing on both sides: time the work, not the import)
 
     with Stopwatch() as sw:
-        module = get_dataset(cfg, tokenizer, template, stage="sft", media=media)
+        module = get_dataset(cfg, tokenizer, template, stage=config.get("stage", "sft"), media=media)
     return {"seconds": sw.seconds, "stats": token_stats(module.train_dataset, tokenizer.pad_token_id)}
 
 

@@ -61,6 +61,13 @@ SYMBOL_RANGES = ((0x00A1, 0x00BF), (0x00D7, 0x00D7), (0x00F7, 0x00F7), (0x2010, 
                  (0x2900, 0x2BFF), (0x3000, 0x303F), (0xFF01, 0xFF60), (0x1F000, 0x1FAFF))
 #: Most distinct words remembered (like the Rust BPE word cache, the memo stops growing when full).
 MAX_WORDS = 100_000
+#: Where a text may be cut and its pieces encoded apart: after a newline, before printable non-space ASCII. No word
+#: of the Qwen2 / Llama-3 patterns spans such a point (none continues a run of newlines with a non-space character;
+#: the space runs before it end at the newline either way), and NFC composes nothing across it.
+LINE_START = re.compile(r"(?<=\n)(?=[!-~])")
+#: ... and, inside a line, before a space that follows printable ASCII and precedes an ASCII letter: the space
+#: starts the next word (``[^\r\n\p{L}\p{N}]?\p{L}+``) and no word before it takes a trailing space.
+WORD_START = re.compile(r"(?<=[!-~])(?= [A-Za-z])")
 
 PROBES = (
     "Hello <|im_start|>user\n world <|im_end|>\n  x\t1+2 <s></s><|endoftext|>",
@@ -158,6 +165,26 @@ def _ascii_pattern(spec: dict) -> Optional[str]:
     return None
 
 
+def _pipeline_spec(backend) -> dict:
+    """The parts of the tokenizer's JSON the fast path checks (model type, pre-tokenizer, normalizer, added
+    tokens), read from the components: serializing the whole tokenizer (151k-entry vocab and merges for Qwen)
+    and parsing it back costs ~1.5 s per process."""
+    try:
+        model = backend.model
+        if type(model).__name__ != "BPE":
+            return {"model": {"type": type(model).__name__}}
+        added = [{"content": t.content, "id": i, "lstrip": t.lstrip, "rstrip": t.rstrip, "single_word": t.single_word}
+                 for i, t in sorted(backend.get_added_tokens_decoder().items())]
+
+        def state(component):
+            return None if component is None else json.loads(component.__getstate__())
+
+        return {"model": {"type": "BPE", "dropout": model.dropout}, "pre_tokenizer": state(backend.pre_tokenizer),
+                "normalizer": state(backend.normalizer), "added_tokens": added}
+    except (AttributeError, TypeError, ValueError):  # another tokenizers version: the full JSON
+        return json.loads(backend.to_str())
+
+
 class WordMemoEncoder:
     """``encode(text)``: the backend's ids for an eligible text (else None), from memoized word ids."""
 
@@ -168,6 +195,9 @@ class WordMemoEncoder:
         self._words = re.compile(_unicode_pattern(word_pattern) if unicode else word_pattern)
         self._not_eligible = _not_eligible(unicode)
         self._added = added_tokens
+        # GPT-2's pattern ends a space run with a look-ahead (``\s+(?!\S)``) that sees across a cut; the Qwen2 and
+        # Llama-3 patterns take every space run ending in newlines first (``\s*[\r\n]+``), so the cut is exact
+        self._cuttable = r"\s*[\r\n]+" in word_pattern and not any("\n" in token for token in added_tokens)
         longest_first = sorted(added_tokens, key=len, reverse=True)  # leftmost-longest match, as the backend
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if added_tokens else None
         self._byte_table = _bytes_to_unicode()
@@ -178,7 +208,7 @@ class WordMemoEncoder:
     def for_backend(cls, backend) -> Optional["WordMemoEncoder"]:
         """An encoder for a ``tokenizers.Tokenizer`` of a recognized shape that agrees on the probes, else None."""
         try:
-            spec = json.loads(backend.to_str())
+            spec = _pipeline_spec(backend)
             model = spec.get("model") or {}
             pattern = _ascii_pattern(spec)
             if model.get("type") != "BPE" or model.get("dropout") or pattern is None:
@@ -208,6 +238,31 @@ class WordMemoEncoder:
         if len(self._memo) < MAX_WORDS:
             self._memo[word] = ids
         return ids
+
+    def encode_mixed(self, text: str, backend_encode) -> list[int]:
+        """Ids of any text: its eligible lines (and words of the other lines) from the memo, each run of declined
+        pieces through ``backend_encode`` (a text with one rare character no longer goes to the backend whole)."""
+        if not self._cuttable:
+            return backend_encode(text)
+        out: list[int] = []
+        pending: list[str] = []  # consecutive declined pieces, encoded together
+        for line in LINE_START.split(text):
+            ids = self.encode(line)
+            for part in [line] if ids is not None else WORD_START.split(line):
+                if ids is None:
+                    part_ids = self.encode(part)
+                    if part_ids is None:
+                        pending.append(part)
+                        continue
+                else:
+                    part_ids = ids
+                if pending:
+                    out.extend(backend_encode("".join(pending)))
+                    pending = []
+                out.extend(part_ids)
+        if pending:
+            out.extend(backend_encode("".join(pending)))
+        return out
 
     def encode(self, text: str) -> Optional[list[int]]:
         """Ids of ``text`` (exactly the backend's, no special tokens added); None when not eligible."""

@@ -76,9 +76,11 @@ def encode_many(tokenizer, texts: list[str], parallel: bool = False) -> list[lis
         for i, encoding in zip(rest, backend.encode_batch([texts[i] for i in rest], add_special_tokens=False)):
             out[i] = encoding.ids
     else:
-        encode = backend.encode
+        def encode(text: str) -> list[int]:
+            return backend.encode(text, add_special_tokens=False).ids
+
         for i in rest:
-            out[i] = encode(texts[i], add_special_tokens=False).ids
+            out[i] = fast.encode_mixed(texts[i], encode) if fast is not None else encode(texts[i])
     return out
 
 
