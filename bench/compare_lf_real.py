@@ -194,14 +194,15 @@ def _search_budget(measure, points: dict, budget_mib: float, max_len: int, multi
         guess = _fit(list(points.items()), budget_mib * AIM)
         if guess is None:
             break
-        target = min(max_len, int(guess // multiple * multiple))
+        step = multiple if guess >= 8 * multiple else multiple // 4  # finer steps for short contexts
+        target = min(max_len, int(guess // step * step))
         if best is not None and (target <= best * 1.05 or best >= max_len):
             break  # verified, and under 5% left to gain (or at the cap)
         if best is None and target <= 0:
-            target = min(points) // 2 // multiple * multiple  # even the shortest run is far over: halve it
+            target = min(points) // 2 // step * step  # even the shortest run is far over: halve it
         over = [length for length, peak in points.items() if peak > budget_mib]
         if over and target >= min(over):
-            target = (min(over) + (best or 0)) // 2 // multiple * multiple  # bisect between fit and miss
+            target = (min(over) + (best or 0)) // 2 // step * step  # bisect between fit and miss
         if target <= 0 or target in points:
             break
         measure(target)
@@ -272,15 +273,16 @@ def plot_context(results: dict, path: str) -> str | None:
             xs = [i + (k - 0.5) * width for i in range(len(budgets))]
             bars = ax.bar(xs, lengths, width, label=label, color=color)
             for bar, b in zip(bars, res[side]["budgets"]):
-                text = ("\u2265" if b["capped"] else "") + (f"{b['length'] // 1024}k" if b["length"] else "-")
+                text = ("\u2265" if b["capped"] else "") + (f"{b['length']:,}" if b["length"] else "-")
                 ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                             fontsize=8)
         ax.set_xticks(range(len(budgets)), [f"{b:g} GiB" for b in budgets])
         ax.set_yscale("log")
+        ax.set_ylim(512, ctx["max_len"] * 4)  # room for the labels
         ax.set_title(f"{'LoRA' if method == 'lora' else 'full'} SFT")
         ax.set_xlabel("peak RSS budget (CPU)")
     axes[0].set_ylabel("longest cutoff_len (tokens)")
-    axes[0].legend(loc="upper left", fontsize=8)
+    axes[0].legend(loc="upper right", fontsize=8, ncol=2)
     fig.suptitle("Longest trainable context within a memory budget (Qwen3 shape, 151,936-token vocab)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -370,6 +372,10 @@ def bench_realdata(args, model_dir: str) -> dict:
                 r["samples_per_s"] = r["stats"]["rows"] / r["seconds"]
                 r["mb_per_s"] = nbytes / 1e6 / r["seconds"]
             mismatch = h.compare_stats(sides["lmf"]["stats"], sides["lf"]["stats"])
+            if stage == "pt" and mismatch:  # a documented difference, not a defect: named as such
+                mismatch = [f"{m} (by design: lmf cuts each document into cutoff_len pieces and packs them with "
+                            "per-document attention, the first label of each packed piece masked; LF concatenates "
+                            "the documents of a map batch and drops the last partial block)" for m in mismatch]
             out["groups"].append({"datasets": list(names), "stage": stage, "workers": workers, "source_bytes": nbytes,
                                   "sides": sides, "mismatch": mismatch,
                                   "speedup": h.ratio(sides["lf"]["seconds"], sides["lmf"]["seconds"])})
