@@ -197,14 +197,19 @@ def replicate_alpaca(cache: str, records: int) -> str:
     if not os.path.exists(path):
         with open(os.path.join(DEMO_DATA, "alpaca_en_demo.json"), encoding="utf-8") as fh:
             demo = json.load(fh)
-        rows = [demo[i % len(demo)] for i in range(records)]
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, ensure_ascii=False)
-        os.replace(path + ".tmp", path)
-        with open(os.path.join(out_dir, "dataset_info.json"), "w", encoding="utf-8") as fh:
-            json.dump({"alpaca_bench": {"file_name": "alpaca_bench.json"}}, fh)
+        write_dataset_dir(out_dir, "alpaca_bench", [demo[i % len(demo)] for i in range(records)])
     return out_dir
+
+
+def write_dataset_dir(out_dir: str, name: str, rows: list[dict]) -> None:
+    """``out_dir`` with ``<name>.json`` (``rows``, written atomically) registered in a dataset_info.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(rows, fh, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
+    with open(os.path.join(out_dir, "dataset_info.json"), "w", encoding="utf-8") as fh:
+        json.dump({name: {"file_name": f"{name}.json"}}, fh)
 
 
 def best_run(runs: list[dict], time_key: str) -> dict:

@@ -115,12 +115,7 @@ def long_sft_data(cache: str, cutoff_len: int, records: int) -> str:
         start = (i * 7919 * 31) % len(corpus)
         text = (corpus[start:] + "\n\n" + corpus) * (1 + chars // len(corpus))
         rows.append({"instruction": f"Continue the article (part {i + 1}).", "input": "", "output": text[:chars]})
-    os.makedirs(out_dir, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(rows, fh, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
-    with open(os.path.join(out_dir, "dataset_info.json"), "w", encoding="utf-8") as fh:
-        json.dump({"long_sft": {"file_name": "long_sft.json"}}, fh)
+    _h().write_dataset_dir(out_dir, "long_sft", rows)
     return out_dir
 
 
@@ -318,9 +313,7 @@ def bench_shape(args, model_dir: str) -> dict:
                 r["tokens_per_s"] = r["data"]["real_tokens"] / r["train_seconds"]
                 runs[side].append(r)
                 h.log(f"  {r['train_seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s, peak {r['peak_rss_mib']:.0f} MiB")
-        sides = {side: h.best_run(runs[side], "train_seconds") for side in runs}
-        for side in sides:
-            sides[side]["tokens_per_s"] = sides[side]["data"]["real_tokens"] / sides[side]["train_seconds"]
+        sides = {side: h.best_run(runs[side], "train_seconds") for side in runs}  # each run has its tokens/s
         problems = h.compare_stats(sides["lmf"]["data"], sides["lf"]["data"], ("rows", "real_tokens", "label_tokens"))
         for side, r in sides.items():
             if r["global_step"] != steps:
