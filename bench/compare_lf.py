@@ -20,6 +20,10 @@ own token counter). Any mismatch is printed in the report, never hidden.
 
 GPU section on an H100 machine WITHOUT internet (its own python 3.12 with a CUDA torch)
 ----------------------------------------------------------------------------------------
+The prepared run for the device tool's GPU machine is ``bash bench/gpu_check.sh`` (bench/README.md): it installs
+the carried wheels and measures more than this section (full SFT, 8192 tokens, MFU, the context probe, the gpu
+tests). By hand, this section alone:
+
 1. On a machine with internet (pip downloads cp312 manylinux wheels whatever its own python is);
    gpu-freeze.txt (optional) is `python -m pip freeze` run on the GPU machine: general-purpose
    libraries it already has (numpy, pyarrow, pandas, ...) are skipped at any version, the core ones
@@ -110,22 +114,32 @@ def side_env(threads: int, extra: dict | None = None) -> dict:
 
 
 def run_side(side: str, python: str, action: str, config: dict, work: str, name: str, threads: int,
-             env_extra: dict | None = None, vision: bool = False) -> dict:
-    """Run one side in a fresh process; return its result dict (plus wall time and log path)."""
+             env_extra: dict | None = None, vision: bool = False, timeout: float | None = None,
+             spec_extra: dict | None = None) -> dict:
+    """Run one side in a fresh process; return its result dict (plus wall time and log path).
+
+    ``timeout`` (seconds) kills a side that runs longer (RuntimeError); ``spec_extra`` adds keys to the spec."""
     os.makedirs(work, exist_ok=True)
     spec_path = os.path.join(work, f"{name}.spec.json")
     result_path = os.path.join(work, f"{name}.result.json")
     log_path = os.path.join(work, f"{name}.log")
     with open(spec_path, "w", encoding="utf-8") as fh:
-        json.dump({"action": action, "config": config, "vision": vision}, fh, indent=1)
+        json.dump({"action": action, "config": config, "vision": vision, **(spec_extra or {})}, fh, indent=1)
     if os.path.exists(result_path):
         os.remove(result_path)
     script = os.path.join(SIDES, "lf_side.py" if side == "lf" else "lmf_side.py")
     start = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as logfh:
-        proc = subprocess.run([python, script, spec_path, result_path], cwd=REPO, stdout=logfh,
-                              stderr=subprocess.STDOUT, env=side_env(threads, env_extra))
+        try:
+            proc = subprocess.run([python, script, spec_path, result_path], cwd=REPO, stdout=logfh,
+                                  stderr=subprocess.STDOUT, env=side_env(threads, env_extra), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc = None
     wall = time.perf_counter() - start
+    if proc is None:
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            tail = fh.read()[-2000:]
+        raise RuntimeError(f"{side} {action} ({name}) was stopped at its time cap of {timeout:.0f} s; log {log_path}:\n{tail}")
     if proc.returncode != 0 or not os.path.exists(result_path):
         with open(log_path, encoding="utf-8", errors="replace") as fh:
             tail = fh.read()[-3000:]

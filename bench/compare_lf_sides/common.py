@@ -84,12 +84,69 @@ class Stopwatch:
         return False
 
 
-def cuda_peak_mib() -> float | None:
-    """Peak CUDA memory allocated by torch in this process, MiB (None without CUDA)."""
+def _cuda():
+    """torch, if it sees a CUDA device (else None)."""
     try:
         import torch
     except ImportError:
         return None
-    if not torch.cuda.is_available():
-        return None
-    return torch.cuda.max_memory_allocated() / 2**20
+    return torch if torch.cuda.is_available() else None
+
+
+def cuda_peak_mib() -> float | None:
+    """Peak CUDA memory allocated by torch in this process, MiB (None without CUDA)."""
+    torch = _cuda()
+    return torch.cuda.max_memory_allocated() / 2**20 if torch else None
+
+
+def cuda_reserved_mib() -> float | None:
+    """Peak CUDA memory reserved by torch's caching allocator (allocated + cached + fragmentation), MiB."""
+    torch = _cuda()
+    return torch.cuda.max_memory_reserved() / 2**20 if torch else None
+
+
+def sync() -> float:
+    """``time.perf_counter()`` after the GPU's queued work is done (a step's end, on both sides)."""
+    torch = _cuda()
+    if torch:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def probe(train, spec: dict, result_path: str, side: str) -> dict:
+    """The longest-context probe: ``train(config)`` at each of ``spec["lengths"]`` (ascending) in this one process,
+    under a CUDA memory cap of ``spec["budget_gib"]`` (``torch.cuda.set_per_process_memory_fraction``), until a
+    length fails (out of memory, or any error). The result file is rewritten after every length, so a run killed
+    at its time cap still tells what fitted."""
+    import gc
+
+    torch = _cuda()
+    budget = spec.get("budget_gib")
+    if torch and budget:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
+    out = {"side": side, "budget_gib": budget, "lengths": {}, "capped_by_cuda": bool(torch and budget)}
+    for length in spec["lengths"]:
+        cfg = dict(spec["config"], cutoff_len=length, dataset_dir=spec["data_dirs"][str(length)],
+                   output_dir=f"{spec['config']['output_dir']}-{length}")
+        if torch:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            r = train(cfg)
+        except Exception as exc:  # noqa: BLE001  (out of memory, or anything else: the probe stops there)
+            out["lengths"][str(length)] = {"fits": False, "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                                           "seconds": time.perf_counter() - t0}
+            write_result(result_path, out)
+            break
+        out["lengths"][str(length)] = {
+            "fits": True, "seconds": time.perf_counter() - t0, "train_seconds": r.get("train_seconds"),
+            "global_step": r.get("global_step"), "real_tokens": (r.get("data") or {}).get("real_tokens"),
+            "first_loss": r.get("first_loss"), "cuda_peak_mib": cuda_peak_mib(), "cuda_reserved_mib": cuda_reserved_mib(),
+            "peak_rss_mib": peak_rss_mib()}
+        write_result(result_path, out)
+        r = None
+        gc.collect()
+        if torch:
+            torch.cuda.empty_cache()
+    return out

@@ -6,7 +6,9 @@
 - preprocess: ``lmf.data.loader.get_dataset`` (read + convert + tokenize/template/mask), timed;
   token statistics of the result.
 - train: ``lmf.train.workflow.run_exp`` (what ``lmf sft CONFIG`` runs on one device), with
-  ``lmf.train.trainer.Trainer.train`` timed and the tokenized train set counted.
+  ``lmf.train.trainer.Trainer.train`` timed, each optimizer step's end clocked (after a CUDA sync), the logged
+  losses kept and the tokenized train set counted.
+- probe: ``train`` at increasing cutoff_len in one process under a CUDA memory cap (``common.probe``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Stopwatch, cuda_peak_mib, peak_rss_mib, read_spec, token_stats, write_result  # noqa: E402
+from common import (Stopwatch, cuda_peak_mib, cuda_reserved_mib, peak_rss_mib, probe, read_spec, sync,  # noqa: E402
+                    token_stats, write_result)
 
 PROCESS_START = time.perf_counter()
 
@@ -50,45 +53,71 @@ def preprocess(config: dict) -> dict:
     return {"seconds": sw.seconds, "stats": token_stats(module.train_dataset, tokenizer.pad_token_id)}
 
 
-def train(config: dict) -> dict:
+_RUN: dict = {}  # the current train() call's results, filled by the hooks below
+
+
+def _install_hooks() -> None:
+    """Wrap lmf's get_dataset, Trainer.train and Trainer._optimizer_step once per process (probe calls train()
+    several times)."""
     import lmf.data.loader as loader
     import lmf.train.trainer as trainer_mod
-    from lmf.train.workflow import run_exp
 
-    out: dict = {}
+    if getattr(trainer_mod.Trainer, "_bench_hooked", False):
+        return
     original_get_dataset = loader.get_dataset
+    original_train = trainer_mod.Trainer.train
+    original_step = trainer_mod.Trainer._optimizer_step
 
     def counting_get_dataset(cfg, tokenizer, template, stage, **kw):
         module = original_get_dataset(cfg, tokenizer, template, stage, **kw)
-        out["data"] = token_stats(module.train_dataset, tokenizer.pad_token_id, with_digest=False)
+        _RUN["data"] = token_stats(module.train_dataset, tokenizer.pad_token_id, with_digest=False)
         return module
 
-    original_train = trainer_mod.Trainer.train
-
     def timed_train(self, *args, **kwargs):
+        _RUN["step_times"] = []
         with Stopwatch() as sw:
+            _RUN["train_start"] = time.perf_counter()
             state = original_train(self, *args, **kwargs)
         losses = [h["loss"] for h in state.log_history if "loss" in h]
-        out.update(train_seconds=sw.seconds, global_step=state.global_step, epoch=state.epoch,
-                   trainer_tokens=state.tokens_seen,
-                   first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                   params=sum(p.numel() for p in self.model.parameters()))
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        _RUN.update(train_seconds=sw.seconds, global_step=state.global_step, epoch=state.epoch,
+                    trainer_tokens=state.tokens_seen, losses=losses,
+                    first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                    params=sum(p.numel() for p in self.model.parameters()), trainable_params=trainable)
         return state
+
+    def clocked_step(self, items):
+        norm = original_step(self, items)
+        _RUN["step_times"].append(sync() - _RUN["train_start"])
+        return norm
 
     loader.get_dataset = counting_get_dataset
     trainer_mod.Trainer.train = timed_train
+    trainer_mod.Trainer._optimizer_step = clocked_step
+    trainer_mod.Trainer._bench_hooked = True
+
+
+def train(config: dict) -> dict:
+    from lmf.train.workflow import run_exp
+
+    _install_hooks()
+    _RUN.clear()
     run_exp([_config_file(config)], "train")  # the config's stage
+    out = dict(_RUN)
+    out.pop("train_start", None)
     return out
 
 
 def main() -> None:
     spec, result_path = read_spec()
-    action = {"preprocess": preprocess, "train": train}[spec["action"]]
-    result = action(spec["config"])
+    if spec["action"] == "probe":
+        result = probe(train, spec, result_path, "lmf")
+    else:
+        result = {"preprocess": preprocess, "train": train}[spec["action"]](spec["config"])
     import lmf
 
     result.update(side="lmf", version=lmf.__version__, process_seconds=time.perf_counter() - PROCESS_START,
-                  peak_rss_mib=peak_rss_mib(), cuda_peak_mib=cuda_peak_mib())
+                  peak_rss_mib=peak_rss_mib(), cuda_peak_mib=cuda_peak_mib(), cuda_reserved_mib=cuda_reserved_mib())
     write_result(result_path, result)
 
 

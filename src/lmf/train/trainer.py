@@ -355,11 +355,12 @@ class Trainer:
         trainable, total = count_parameters(self.model)
         logger.info(
             "training: %d examples, %d steps, micro-batch %d x accumulation %d x %d process(es) = %d per step, "
-            "%d trainable of %d params, parallel=%s%s",
+            "%d trainable of %d params, parallel=%s, device=%s%s%s",
             len(self.train_dataset), st.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps,
             self.runtime.world_size,
             a.per_device_train_batch_size * a.gradient_accumulation_steps * self.runtime.world_size,
-            trainable, total, self.run.plan.mode,
+            trainable, total, self.run.plan.mode, self.runtime.device,
+            f", autocast {str(self.dtype).replace('torch.', '')}" if self.dtype is not None else "",
             f", resuming at step {st.global_step} from {self.resume.checkpoint}" if self.resume.checkpoint else "",
         )
 
