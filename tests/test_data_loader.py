@@ -194,3 +194,39 @@ def test_two_ranks_build_once_and_agree(tmp_path, demo_data_dir):
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         assert [r["cache"] for r in results] == ["built", "hit"]
         assert results[0]["digest"] == results[1]["digest"] and results[0]["n"] == 50
+
+
+def test_tokenizer_fingerprint_follows_the_files_and_every_in_memory_change(tmp_path, tiny_model_dir):
+    """The cache key's tokenizer part: equal for two loads of one folder, different when the folder's
+    tokenizer.json differs, when a token is added or a special token changes in memory, and the same as a full
+    serialization would decide for a tokenizer that was not read from a local folder."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from lmf.data.cache import tokenizer_fingerprint
+
+    a, b = AutoTokenizer.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    b.add_tokens(["<new_token>"])
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    c = AutoTokenizer.from_pretrained(tiny_model_dir)
+    c.eos_token = c.pad_token
+    assert tokenizer_fingerprint(c) != tokenizer_fingerprint(a)
+
+    edited = tmp_path / "edited"
+    shutil.copytree(tiny_model_dir, edited)
+    spec = json.loads((edited / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, same settings: only the file says
+    (edited / "tokenizer.json").write_text(json.dumps(spec))
+    d = AutoTokenizer.from_pretrained(str(edited))
+    assert d.backend_tokenizer.get_vocab_size() == a.backend_tokenizer.get_vocab_size()
+    assert tokenizer_fingerprint(d) != tokenizer_fingerprint(a)
+
+    a.name_or_path = "some-org/not-a-local-folder"  # no files to stand for the vocabulary: the full serialization
+    e = AutoTokenizer.from_pretrained(tiny_model_dir)
+    e.name_or_path = "some-org/not-a-local-folder"
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(e) != tokenizer_fingerprint(b)

@@ -257,3 +257,28 @@ def test_tiny_model_end_to_end(tiny_model_dir):
     assert results[0][1].keys() == results[1][1].keys() and "lm_head.weight" in results[1][1]
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_onednn_matmul_equals_torch_matmul_and_can_be_turned_off(monkeypatch):
+    """lmf.loss.onednn: x @ w.T through oneDNN on CPU fp32 (the LM head's logits and their gradient through a
+    transposed view of the weight), torch.matmul elsewhere; LMF_ONEDNN_MATMUL=0 turns it off."""
+    import lmf.loss.onednn as onednn
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(*s, generator=gen) for s in ((70, 32), (300, 32), (70, 300)))
+    monkeypatch.setattr(onednn, "_usable", None)
+    if not onednn.onednn_usable():
+        pytest.skip("this torch build has no usable oneDNN linear")
+    calls = []
+    real_op = onednn._op()
+    monkeypatch.setattr(onednn, "_op", lambda: lambda *a: calls.append(1) or real_op(*a))
+    torch.testing.assert_close(onednn.matmul_nt(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn.matmul_nt(g, w.t()), g @ w, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 2
+    bf16 = onednn.matmul_nt(x.bfloat16(), w.bfloat16())  # not fp32: torch.matmul
+    assert bf16.dtype == torch.bfloat16 and len(calls) == 2
+    monkeypatch.setattr(onednn, "_usable", None)
+    monkeypatch.setenv("LMF_ONEDNN_MATMUL", "0")
+    assert not onednn.onednn_usable()
+    onednn.matmul_nt(x, w)
+    assert len(calls) == 2

@@ -32,6 +32,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from lmf.extras.constants import IGNORE_INDEX
+from lmf.loss.onednn import matmul_nt
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def _chunk_logits(rows, weight, bias, softcap):
     """fp32 logits of one chunk (and ``tanh(z / softcap)`` when softcapping, for the backward)."""
-    logits = (rows @ weight.t()).float()
+    logits = matmul_nt(rows, weight).float()
     if bias is not None:
         logits += bias.float()
     capped = None
@@ -168,7 +169,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
                     _apply_softcap_grad(logits, capped)
                     grad_logits = logits.to(compute_dtype)
                     if need_rows:
-                        grad_rows[start:start + chunk_size] = grad_logits @ w
+                        grad_rows[start:start + chunk_size] = matmul_nt(grad_logits, w.t())
                     _accumulate_param_grads(grad_logits, h, grad_weight, grad_bias)
                     del grad_logits
                 del logits, capped  # free this chunk's [C, V] buffers before the next one is allocated
@@ -212,7 +213,7 @@ class LinearTargetLogProbs(torch.autograd.Function):
                 if store_row_grads:
                     logits.neg_()[torch.arange(t.shape[0], device=t.device), t] += 1.0  # onehot - p
                     _apply_softcap_grad(logits, capped)
-                    row_grads[start:start + chunk_size] = logits.to(compute_dtype) @ w
+                    row_grads[start:start + chunk_size] = matmul_nt(logits.to(compute_dtype), w.t())
                 del logits, capped  # free this chunk's [C, V] buffers before the next one is allocated
         if store_row_grads:
             ctx.save_for_backward(row_grads)
@@ -247,7 +248,7 @@ class LinearTargetLogProbs(torch.autograd.Function):
             _apply_softcap_grad(grad_logits, capped)
             grad_logits = grad_logits.to(compute_dtype)
             if need_rows:
-                grad_rows[start:start + chunk_size] = grad_logits @ w
+                grad_rows[start:start + chunk_size] = matmul_nt(grad_logits, w.t())
             _accumulate_param_grads(grad_logits, h, grad_weight, grad_bias)
             del logits, capped, grad_logits  # free this chunk's [C, V] buffers before the next one
         if grad_rows is not None:
