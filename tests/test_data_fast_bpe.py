@@ -36,8 +36,10 @@ def test_word_memo_encoder_matches_the_backend_on_random_ascii(style):
 def test_word_memo_encoder_declines_other_texts_and_encode_many_stays_exact(style):
     tok = build_tokenizer(style=style)
     fast = WordMemoEncoder.for_backend(tok._tokenizer)
-    # carriage return, vertical tab, no-break space, a combining accent, a ligature, CJK, OHM SIGN (NFC: omega)
-    for text in ("tab\rreturn", "\x0bvt", "nbsp\u00a0x", "e\u0301", "\ufb01ne", "中文", "\u2126"):
+    # carriage return, vertical tab, no-break space, a combining accent, a ligature, ideographs of the later CJK
+    # extensions (A, B, and U+9FA6 of Unicode 4.1), a CJK compatibility ideograph (NFC changes it), OHM SIGN
+    for text in ("tab\rreturn", "\x0bvt", "nbsp\u00a0x", "e\u0301", "\ufb01ne", "\u3400", "\U00020000", "\u9fa6",
+                 "\uf900", "\u2126"):
         assert fast.encode(text) is None, repr(text)
     texts = _random_texts(200, seed=1) + ["wörld 🙂 x", "a\r\nb", "e\u0301 中文 x"]
     expected = [tok.encode(t, add_special_tokens=False) for t in texts]
@@ -80,7 +82,7 @@ def test_eligible_characters_are_fixed_points_of_nfc():
     import unicodedata
 
     chars = _eligible()
-    assert len(chars) > 5000 and {"é", "’", "“", "°", "²", "₂", "Δ", "ж", "—", "🚀"} <= set(chars)
+    assert len(chars) > 25000 and {"é", "’", "“", "°", "²", "₂", "Δ", "ж", "—", "🚀", "中", "文", "龥"} <= set(chars)
     assert not {"\u00a0", "\u0301", "\u2126", "\u200b", "\ufe0f"} & set(chars)
     text = "".join(chars)
     assert unicodedata.normalize("NFC", text) == text

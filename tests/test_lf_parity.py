@@ -16,7 +16,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "lf_parity"))
 from cases import CASES, REAL, real_tokenizer_dir, resolved  # noqa: E402
-from digest import digest_rows  # noqa: E402
+from digest import FrozenDatetime, digest_rows  # noqa: E402
 
 GOLDEN_DIR = os.path.join(REPO_ROOT, "tests", "fixtures", "lf_golden")
 
@@ -43,7 +43,10 @@ def lmf_rows(case: dict, cache_dir: str, real: str = ""):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_tokens_equal_llamafactory(name, tmp_path, request):
+def test_tokens_equal_llamafactory(name, tmp_path, request, monkeypatch):
+    import lmf.data.tools.formats
+
+    monkeypatch.setattr(lmf.data.tools.formats, "datetime", FrozenDatetime)  # the goldens' day (Llama-3 tool prompt)
     with open(os.path.join(GOLDEN_DIR, f"{name}.json"), encoding="utf-8") as fh:
         golden = json.load(fh)
     assert golden["config"] == CASES[name]["config"], "golden is stale: run scripts/make_lf_golden.py"

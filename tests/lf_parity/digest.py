@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
+
+#: The day both sides' tool prompts say it is (Llama-3's "Today Date: ..."): the goldens were recorded on it, and
+#: the test and the golden script freeze it, so the parity check does not depend on the day it runs.
+GOLDEN_DATE = _dt.datetime(2026, 12, 1, 12, 0, 0)
+
+
+class FrozenDatetime(_dt.datetime):
+    """``datetime`` whose ``now()`` is :data:`GOLDEN_DATE`; put in place of a module's ``datetime`` name."""
+
+    @classmethod
+    def now(cls, tz=None):
+        return GOLDEN_DATE if tz is None else GOLDEN_DATE.replace(tzinfo=tz)
 
 #: Columns compared per stage (LLaMA-Factory's names, which lmf shares).
 COLUMNS = {

@@ -12,7 +12,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digest import digest_rows  # noqa: E402
+from digest import FrozenDatetime, digest_rows  # noqa: E402
 
 
 def main() -> None:
@@ -28,6 +28,9 @@ def main() -> None:
                 return _original(self, tokenizer, messages, system, "" if tools and tools.strip() == "[]" else tools)
 
             cls._encode = _encode
+    from llamafactory.data import tool_utils
+
+    tool_utils.datetime = FrozenDatetime  # the goldens' date, not today's (digest.GOLDEN_DATE)
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
     from llamafactory.model import load_tokenizer

@@ -15,6 +15,8 @@ normalizations have one unambiguous meaning whatever the Unicode version of eith
 - printable ASCII, tab and newline;
 - letters and numbers of the long-stable alphabetic blocks (Latin-1, Latin Extended-A/B, Greek,
   Cyrillic, super/subscript digits): ``é``, ``ñ``, ``Δ``, ``²``, ``₂`` ...;
+- the CJK Unified Ideographs of Unicode 1.1 (U+4E00-U+9FA5, ``中文``): letters (Lo) in every Unicode version, no
+  decompositions; a run of them is one word of the pre-tokenizer, like a run of Latin letters;
 - punctuation and symbols (``’ “ ” – — ° × √ → €`` and emoji): whatever their Unicode version, they are
   neither letters, numbers nor spaces, so every regex engine puts them in ``[^\\s\\p{L}\\p{N}]``;
 - in every case: no spaces but `` ``, no controls or format characters, no combining marks, and only
@@ -55,6 +57,8 @@ ASCII_IDENTITY_NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD"}
 #: Blocks whose letters and numbers have had the same general category since Unicode 1.1-4.1.
 STABLE_ALPHABETIC_RANGES = ((0x00AA, 0x00FF), (0x0100, 0x024F), (0x0370, 0x03FF), (0x0400, 0x04FF),
                             (0x2070, 0x209F))
+#: ... and the CJK Unified Ideographs assigned in Unicode 1.1 (all Lo since then; the later extensions are not taken).
+STABLE_IDEOGRAPH_RANGES = ((0x4E00, 0x9FA5),)
 #: Where eligible punctuation and symbols are taken from (assigned ones only).
 SYMBOL_RANGES = ((0x00A1, 0x00BF), (0x00D7, 0x00D7), (0x00F7, 0x00F7), (0x2010, 0x2027), (0x2030, 0x205E),
                  (0x20A0, 0x20CF), (0x2100, 0x214F), (0x2190, 0x23FF), (0x2460, 0x24FF), (0x2500, 0x27BF),
@@ -77,6 +81,7 @@ PROBES = (
 UNICODE_PROBES = (
     "Café ñandú — it’s 25°C, “x² + y₂” ≈ √2 → ok… Δt=3μs, Ωmega Привет мир, 5×7 €10 🚀🎮 ½ ¿qué? ",
     "é’s ’S “ ” ′ x–y ²³₁₂ αβγ ΑΒΓ Ж\n’ \n° 🚀x 1½ ǅ ǈ ª º µ",
+    "识别并解释给定列表中的两个科学理论：细胞理论和日心说。\n“中文”，英文abc中文 123中文 （括号）、顿号 ’s中",
 )
 
 
@@ -111,7 +116,7 @@ def eligible_characters() -> tuple[str, str, str]:
         return unicodedata.normalize("NFC", c) == c and unicodedata.combining(c) == 0 and c not in seconds
 
     letters, numbers, others = [], [], []
-    for lo, hi in STABLE_ALPHABETIC_RANGES:
+    for lo, hi in STABLE_ALPHABETIC_RANGES + STABLE_IDEOGRAPH_RANGES:
         for cp in range(lo, hi + 1):
             c, cat = chr(cp), unicodedata.category(chr(cp))
             if cat[0] in "LN" and stable(c):
@@ -202,6 +207,7 @@ class WordMemoEncoder:
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if added_tokens else None
         self._byte_table = _bytes_to_unicode()
         self._byte_chars = {b: c for b, c in self._byte_table.items() if b < 128}
+        self._latin1_chars = {b: c for b, c in self._byte_table.items()}  # UTF-8 bytes read as Latin-1 -> byte chars
         self._memo: dict[str, list[int]] = {}
 
     @classmethod
@@ -233,7 +239,7 @@ class WordMemoEncoder:
         if word.isascii():
             mapped = word.translate(self._byte_chars)
         else:
-            mapped = "".join(self._byte_table[b] for b in word.encode("utf-8"))
+            mapped = word.encode("utf-8").decode("latin-1").translate(self._latin1_chars)
         ids = [token.id for token in self._model.tokenize(mapped)]
         if len(self._memo) < MAX_WORDS:
             self._memo[word] = ids

@@ -208,6 +208,9 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
             features=_features("pairwise" if stage in PAIRWISE else "feedback" if stage == "kto" else "supervised",
                                media=media is not None and stage not in ("pt", "kto")),
             load_from_cache_file=False, desc="Tokenizing",
+            # lmf's own cache key covers what the tokens depend on; without a fingerprint given, datasets would
+            # dill-pickle the processor (tokenizer included) just to name its temporary files: ~0.2 s per run
+            new_fingerprint=uuid.uuid4().hex,
         )
     tokenized, media_cut, media_cut_examples = drop_media_cuts(tokenized, data_args.cutoff_len)
     examples = [f"{p}: record {i}: {m}" for p, i, m in bad.problems[:MAX_REPORTED_PROBLEMS]]
