@@ -86,6 +86,9 @@ def test_eligible_characters_are_fixed_points_of_nfc():
     assert not {"\u00a0", "\u0301", "\u2126", "\u200b", "\ufe0f"} & set(chars)
     text = "".join(chars)
     assert unicodedata.normalize("NFC", text) == text
+    import sys  # the scan for composition seconds stops at plane 2: nothing above it decomposes
+
+    assert not any(unicodedata.decomposition(chr(cp)) for cp in range(0x30000, sys.maxunicode + 1))
     rng = random.Random(0)
     for _ in range(2000):  # no two eligible characters compose
         pair = rng.choice(chars) + rng.choice(chars + list("aeAE1 "))
@@ -157,7 +160,8 @@ def test_texts_with_a_few_ineligible_lines_are_encoded_exactly(style):
         tok = build_tokenizer(style=style)
     rng = random.Random(1)
     rare = ["中文", "\u200b", "\u0301", "\u3000", "\x1c", "\x85", "\r", " \n", "\n\n", "ｆｕｌｌ", "🙂", "\u2028", "x",
-            " abc", "a. Bc", "x 中 y", "it's ok", "I'M ", " \u0301a", "e\u0301 b", "1 2", "a  b", "a\t b", " 'll"]
+            " abc", "a. Bc", "x 中 y", "it's ok", "I'M ", " \u0301a", "e\u0301 b", "1 2", "a  b", "a\t b", " 'll",
+            "\u3400\u3401", "中\U00020000文", "\uf900", "a\u3400 b"]
     lines = PIECES + rare
     texts = []
     for _ in range(600):
@@ -166,3 +170,36 @@ def test_texts_with_a_few_ineligible_lines_are_encoded_exactly(style):
     texts += ["a\n中\nb", "x\n\u0301y\nz", "\n\nA", "中\n\n\nB c\n", "line one\nline two 中\nline three\n"]
     expected = [tok._tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     assert encode_many(tok, texts) == expected
+
+
+@pytest.mark.parametrize("style", ["qwen2", "qwen_real"])
+def test_long_documents_with_rare_characters_take_few_backend_calls(style):
+    """A long document with a few declined characters: exact ids, and one backend call per declined piece (the
+    piece runs from the cut point before the character to the one after it)."""
+    from lmf.data.fast_bpe import WordMemoEncoder
+
+    if style == "qwen_real":
+        from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
+
+        tok = build_qwen_tokenizer()
+    else:
+        tok = build_tokenizer(style=style)
+    backend = tok._tokenizer
+    fast = WordMemoEncoder.for_backend(backend)
+    rng = random.Random(3)
+    rare = ["\u200b", "\u0301", "\x85", "\r", "\u3400", "\uf900", "\u2028", "\u00a0"]
+    for _ in range(40):
+        words = [rng.choice(PIECES) for _ in range(rng.randrange(200, 2000))]
+        for _ in range(rng.randrange(0, 6)):
+            i = rng.randrange(len(words))
+            words[i] = words[i][: rng.randrange(len(words[i]) + 1)] + rng.choice(rare) + words[i]
+        text = rng.choice(["", " ", "\n"]).join(words)
+        calls = []
+
+        def backend_encode(piece):
+            calls.append(piece)
+            return backend.encode(piece, add_special_tokens=False).ids
+
+        assert fast.encode_mixed(text, backend_encode) == backend.encode(text, add_special_tokens=False).ids
+        declined = sum(1 for c in text if fast.encode(c) is None)
+        assert len(calls) <= declined and sum(map(len, calls)) < len(text) / 2 + 200

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import sys
 import unicodedata
 from itertools import chain
 from typing import Optional
@@ -72,6 +71,8 @@ LINE_START = re.compile(r"(?<=\n)(?=[!-~])")
 #: ... and, inside a line, before a space that follows printable ASCII and precedes an ASCII letter: the space
 #: starts the next word (``[^\r\n\p{L}\p{N}]?\p{L}+``) and no word before it takes a trailing space.
 WORD_START = re.compile(r"(?<=[!-~])(?= [A-Za-z])")
+#: Either kind of cut point.
+CUT = re.compile(LINE_START.pattern + "|" + WORD_START.pattern)
 
 PROBES = (
     "Hello <|im_start|>user\n world <|im_end|>\n  x\t1+2 <s></s><|endoftext|>",
@@ -101,7 +102,8 @@ def _composition_seconds() -> set[str]:
     """Characters that can be the second half of a canonical composition (NFC would merge them)."""
     seconds = set()
     # the scan over every code point runs in C; only the ~2000 canonical decompositions reach Python
-    for decomposition in filter(None, map(unicodedata.decomposition, map(chr, range(sys.maxunicode + 1)))):
+    # (no code point above plane 2 has a decomposition: the last are the CJK compatibility ideographs at U+2FA1D)
+    for decomposition in filter(None, map(unicodedata.decomposition, map(chr, range(0x30000)))):
         if not decomposition.startswith("<"):
             seconds.update(chr(int(p, 16)) for p in decomposition.split()[1:])
     return seconds
@@ -190,6 +192,27 @@ def _pipeline_spec(backend) -> dict:
         return json.loads(backend.to_str())
 
 
+def _cut_before(text: str, p: int) -> int:
+    """The last cut point at or before ``p`` (0 when none)."""
+    width = 256
+    while True:
+        lo = max(0, p - width)
+        last = None
+        for last in CUT.finditer(text, lo, p + 1):  # lookbehinds see before ``lo``: the same cuts as on the whole text
+            pass
+        if last is not None:
+            return last.start()
+        if lo == 0:
+            return 0
+        width *= 4
+
+
+def _cut_after(text: str, p: int) -> int:
+    """The first cut point after ``p`` (``len(text)`` when none)."""
+    match = CUT.search(text, p + 1)
+    return match.start() if match else len(text)
+
+
 class WordMemoEncoder:
     """``encode(text)``: the backend's ids for an eligible text (else None), from memoized word ids."""
 
@@ -246,28 +269,31 @@ class WordMemoEncoder:
         return ids
 
     def encode_mixed(self, text: str, backend_encode) -> list[int]:
-        """Ids of any text: its eligible lines (and words of the other lines) from the memo, each run of declined
-        pieces through ``backend_encode`` (a text with one rare character no longer goes to the backend whole)."""
+        """Ids of any text: each character the memo path declines takes the piece around it (from the cut point
+        before it to the one after it, :data:`CUT`) to ``backend_encode``, overlapping or touching pieces
+        together; the spans between those pieces, which start and end at cut points, come from the memo. A long
+        document with a few rare characters costs a few backend calls, not one per line or word."""
         if not self._cuttable:
             return backend_encode(text)
+        regions: list[list[int]] = []  # declined [start, end) pieces, merged
+        for match in self._not_eligible.finditer(text):
+            p = match.start()
+            if regions and p < regions[-1][1]:
+                continue  # inside the piece already declined
+            lo, hi = _cut_before(text, p), _cut_after(text, p)
+            if regions and lo <= regions[-1][1]:
+                regions[-1][1] = hi
+            else:
+                regions.append([lo, hi])
         out: list[int] = []
-        pending: list[str] = []  # consecutive declined pieces, encoded together
-        for line in LINE_START.split(text):
-            ids = self.encode(line)
-            for part in [line] if ids is not None else WORD_START.split(line):
-                if ids is None:
-                    part_ids = self.encode(part)
-                    if part_ids is None:
-                        pending.append(part)
-                        continue
-                else:
-                    part_ids = ids
-                if pending:
-                    out.extend(backend_encode("".join(pending)))
-                    pending = []
-                out.extend(part_ids)
-        if pending:
-            out.extend(backend_encode("".join(pending)))
+        done = 0
+        for lo, hi in regions:
+            if lo > done:
+                out.extend(self.encode(text[done:lo]))  # eligible by construction: no declined character
+            out.extend(backend_encode(text[lo:hi]))
+            done = hi
+        if done < len(text):
+            out.extend(self.encode(text[done:]))
         return out
 
     def encode(self, text: str) -> Optional[list[int]]:
