@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Optional
 
+from lmf.data.fork_share import ForkSharedTokenizer
 from lmf.data.template import encode_many
 from lmf.extras.constants import IGNORE_INDEX
 from lmf.extras.errors import DataError
@@ -91,7 +92,7 @@ MASKED, LABELLED, EOS_THEN_MASKED = 0, 1, 2
 
 
 @dataclass
-class SupervisedProcessor:
+class SupervisedProcessor(ForkSharedTokenizer):
     """Batched ``datasets.map`` function for sft.
 
     A batch is tokenized with one :meth:`Template.encode_multiturn_many` call and returned as a
@@ -225,7 +226,7 @@ def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[
 
 
 @dataclass
-class PairwiseProcessor:
+class PairwiseProcessor(ForkSharedTokenizer):
     """Batched ``datasets.map`` function for dpo/rm: chosen_* and rejected_* columns."""
 
     tokenizer: Any
@@ -282,7 +283,7 @@ FEEDBACK_COLUMNS = ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl
 
 
 @dataclass
-class FeedbackProcessor:
+class FeedbackProcessor(ForkSharedTokenizer):
     """Batched ``datasets.map`` function for kto: the labelled answer and the KL (mismatched) answer."""
 
     tokenizer: Any
@@ -320,7 +321,7 @@ class FeedbackProcessor:
 
 
 @dataclass
-class PretrainProcessor:
+class PretrainProcessor(ForkSharedTokenizer):
     """Batched ``datasets.map`` function for pt: text + eos, split into chunks of at most ``cutoff_len``."""
 
     tokenizer: Any
@@ -345,7 +346,7 @@ class PretrainProcessor:
 
 
 @dataclass
-class GenerationProcessor:
+class GenerationProcessor(ForkSharedTokenizer):
     """Batched ``datasets.map`` function for prediction: ``input_ids`` is the prompt (ending with the assistant
     prefix), ``labels`` the reference answer's ids (not aligned with the input), both cut by ``infer_seqlen``."""
 
@@ -386,6 +387,12 @@ class GenerationProcessor:
 def make_processor(stage: str, tokenizer, template, data_args, media=None):
     """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate); ``media``: the vision plugin of a
     vision-language model (sft, dpo, rm and generate take images)."""
+    processor = _make_processor(stage, tokenizer, template, data_args, media)
+    processor.share_tokenizer()  # before datasets' worker pool forks: see lmf.data.fork_share
+    return processor
+
+
+def _make_processor(stage: str, tokenizer, template, data_args, media=None):
     if stage == "sft":
         return SupervisedProcessor(tokenizer, template, data_args.cutoff_len, data_args.train_on_prompt,
                                    data_args.mask_history, media=media)

@@ -30,6 +30,13 @@ def _backend(tokenizer):
     return tokenizer._tokenizer if ok else None
 
 
+def prepare_fast_encoder(tokenizer) -> None:
+    """Build the word-memo encoder of ``tokenizer`` now (before worker processes fork, so they inherit it)."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        _fast_encoder(tokenizer, backend)
+
+
 def _fast_encoder(tokenizer, backend):
     """The exact word-memo encoder (:mod:`lmf.data.fast_bpe`) for this tokenizer, or None; rebuilt when the
     vocabulary size changes (added tokens change how a text is split)."""
