@@ -32,7 +32,6 @@ import functools
 import json
 import re
 import unicodedata
-from itertools import chain
 from typing import Optional
 
 #: The GPT-2 pattern of ``ByteLevel(use_regex=True)`` and the Qwen2 ``Split`` pattern, each with its
@@ -311,5 +310,7 @@ class WordMemoEncoder:
             word_ids = list(map(lookup, words))
             if None in word_ids:  # words seen for the first time
                 word_ids = [ids if ids is not None else self._word_ids(w) for w, ids in zip(words, word_ids)]
-            out.extend(chain.from_iterable(word_ids))
+            extend = out.extend  # a loop of list.extend: 2x faster than extend(chain(...)) on short id lists
+            for ids in word_ids:
+                extend(ids)
         return out

@@ -148,6 +148,7 @@ class Template:
         """:meth:`_pieces_to_ids` of each list, the non-constant texts encoded by one :func:`encode_many` call."""
         marker_ids: dict = {}
         texts: list[str] = []
+        new_consts: dict[str, int] = {}  # constant pieces not cached yet -> their index in ``texts`` (encoded once)
         plans = []  # per list: items that are an index into ``texts`` or a list of ids
         for pieces in pieces_lists:
             plan: list = []
@@ -160,16 +161,28 @@ class Template:
                 elif not piece:
                     continue
                 elif cache is not None and type(piece) is _Const:
-                    plan.append(self._pieces_to_ids(tokenizer, [piece], cache))
+                    cached = cache.get(piece)
+                    if cached is not None:
+                        plan.append(cached)
+                    else:
+                        index = new_consts.get(piece)
+                        if index is None:
+                            index = new_consts[piece] = len(texts)
+                            texts.append(piece)
+                        plan.append(index)
                 else:
                     plan.append(len(texts))
                     texts.append(piece)
             plans.append(plan)
         encoded = encode_many(tokenizer, texts, parallel)
+        for piece, index in new_consts.items():
+            if len(cache) < MAX_CACHED_PIECES:
+                cache[str(piece)] = encoded[index]
+        shared = set(new_consts.values())
         out: list[list[int]] = []
         for plan in plans:
             if len(plan) == 1 and type(plan[0]) is int:
-                out.append(encoded[plan[0]])
+                out.append(list(encoded[plan[0]]) if plan[0] in shared else encoded[plan[0]])
                 continue
             ids: list[int] = []
             for item in plan:
