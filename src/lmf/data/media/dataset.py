@@ -11,8 +11,21 @@ logger = get_logger("lmf.data.loader")
 MAX_REPORTED = 5
 
 
+def _records_with_media(normalized) -> int:
+    """Records with at least one image or video, counted by pyarrow (no Python object per row)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = normalized.with_format("arrow")[:]
+    columns = [table.column(name) for name in ("_images", "_videos")]
+    if not all(pa.types.is_list(c.type) or pa.types.is_large_list(c.type) for c in columns):
+        return sum(1 for images, videos in zip(normalized["_images"], normalized["_videos"]) if images or videos)
+    lengths = [pc.fill_null(pc.list_value_length(c), 0) for c in columns]
+    return int(pc.sum(pc.greater(pc.add(*lengths), 0)).as_py() or 0)
+
+
 def check_images_for_stage(normalized, stage: str, media) -> None:
-    with_images = sum(1 for images, videos in zip(normalized["_images"], normalized["_videos"]) if images or videos)
+    with_images = _records_with_media(normalized)
     if not with_images:
         return
     if stage in ("pt", "kto"):
