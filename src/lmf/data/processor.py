@@ -9,8 +9,7 @@
 - generate (prediction with ``predict_with_generate``): the prompt up to the assistant prefix as input,
   the reference answer as ``labels`` (LLaMA-Factory's unsupervised processor, same truncation).
 
-Truncation to ``cutoff_len`` follows LLaMA-Factory's ``infer_seqlen`` budget split between prompt and
-response; input_ids and labels are always cut together, so they stay aligned.
+Truncation to ``cutoff_len``: LLaMA-Factory's ``infer_seqlen`` budget split; input_ids and labels are cut together.
 """
 
 from __future__ import annotations
@@ -385,23 +384,17 @@ class GenerationProcessor(ForkSharedTokenizer):
 
 
 def make_processor(stage: str, tokenizer, template, data_args, media=None):
-    """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate); ``media``: the vision plugin of a
-    vision-language model (sft, dpo, rm and generate take images)."""
-    processor = _make_processor(stage, tokenizer, template, data_args, media)
-    processor.share_tokenizer()  # before datasets' worker pool forks: see lmf.data.fork_share
-    return processor
-
-
-def _make_processor(stage: str, tokenizer, template, data_args, media=None):
+    """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate; ``media``: a vision-language model's plugin),
+    its tokenizer shared with datasets' fork workers before their pool starts (:mod:`lmf.data.fork_share`)."""
+    d, cut = data_args, data_args.cutoff_len
     if stage == "sft":
-        return SupervisedProcessor(tokenizer, template, data_args.cutoff_len, data_args.train_on_prompt,
-                                   data_args.mask_history, media=media)
-    if stage in ("dpo", "rm"):
-        return PairwiseProcessor(tokenizer, template, data_args.cutoff_len, media=media)
-    if stage == "pt":
-        return PretrainProcessor(tokenizer, template, data_args.cutoff_len)
-    if stage == "kto":
-        return FeedbackProcessor(tokenizer, template, data_args.cutoff_len)
-    if stage == "generate":
-        return GenerationProcessor(tokenizer, template, data_args.cutoff_len, media=media)
-    raise ValueError(f"no data processor for stage {stage!r}")
+        processor = SupervisedProcessor(tokenizer, template, cut, d.train_on_prompt, d.mask_history, media=media)
+    elif stage in ("dpo", "rm", "generate"):
+        kind = PairwiseProcessor if stage != "generate" else GenerationProcessor
+        processor = kind(tokenizer, template, cut, media=media)
+    elif stage in ("pt", "kto"):
+        processor = (PretrainProcessor if stage == "pt" else FeedbackProcessor)(tokenizer, template, cut)
+    else:
+        raise ValueError(f"no data processor for stage {stage!r}")
+    processor.share_tokenizer()
+    return processor
