@@ -101,22 +101,11 @@ def _long_corpus() -> str:
 
 
 def long_sft_data(cache: str, cutoff_len: int, records: int) -> str:
-    """dataset_dir holding ``long_sft``: ``records`` alpaca records, each a short instruction and an output of
-    prose longer than ``cutoff_len`` tokens (distinct slices of c4+wiki), so every sample is cut to exactly
-    ``cutoff_len`` tokens on both sides."""
+    """dataset_dir holding ``long_sft``: long alpaca records of c4+wiki prose (compare_lf.write_long_records)."""
     out_dir = os.path.join(cache, f"long-{cutoff_len}x{records}")
-    path = os.path.join(out_dir, "long_sft.json")
-    if os.path.exists(path):
+    if os.path.exists(os.path.join(out_dir, "long_sft.json")):
         return out_dir
-    corpus = _long_corpus()
-    chars = cutoff_len * 6  # English prose: ~4.5 characters per Qwen token
-    rows = []
-    for i in range(records):
-        start = (i * 7919 * 31) % len(corpus)
-        text = (corpus[start:] + "\n\n" + corpus) * (1 + chars // len(corpus))
-        rows.append({"instruction": f"Continue the article (part {i + 1}).", "input": "", "output": text[:chars]})
-    _h().write_dataset_dir(out_dir, "long_sft", rows)
-    return out_dir
+    return _h().write_long_records(out_dir, _long_corpus(), cutoff_len, records)
 
 
 def run_config(model_dir: str, data_dir: str, dataset: str, stage: str, method: str, cutoff_len: int, batch: int,

@@ -327,19 +327,11 @@ def _corpus() -> str:
 
 
 def long_records(work: str, cutoff_len: int, records: int) -> str:
-    """dataset_dir with ``long_sft``: ``records`` records of a short instruction and an output of c4_demo prose longer
-    than ``cutoff_len`` tokens (distinct offsets), so every sample is cut to exactly cutoff_len tokens on both sides."""
+    """dataset_dir with ``long_sft``: long alpaca records of c4_demo prose (compare_lf.write_long_records)."""
     out_dir = os.path.join(work, "data", f"long-{cutoff_len}x{records}")
-    if not os.path.exists(os.path.join(out_dir, "long_sft.json")):
-        corpus = _corpus()
-        chars = cutoff_len * 6  # English prose: ~4.5 characters per Qwen token
-        rows = []
-        for i in range(records):
-            start = (i * 7919 * 31) % len(corpus)
-            text = (corpus[start:] + "\n\n" + corpus) * (1 + chars // len(corpus))
-            rows.append({"instruction": f"Continue the article (part {i + 1}).", "input": "", "output": text[:chars]})
-        h.write_dataset_dir(out_dir, "long_sft", rows)
-    return out_dir
+    if os.path.exists(os.path.join(out_dir, "long_sft.json")):
+        return out_dir
+    return h.write_long_records(out_dir, _corpus(), cutoff_len, records)
 
 
 def sft_config(args, model_dir: str, data_dir: str, method: str, cutoff: int, batch: int, steps: int, out: str) -> dict:

@@ -8,35 +8,18 @@ forms, QLoRA trains in 4 bits where bitsandbytes is installed.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from test_e2e_sft import DEMO, REPO_ROOT, history, run_lmf
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join("examples", "demo_lora_sft.yaml")
 TINY = os.path.join(REPO_ROOT, "examples", "tiny-qwen3")
-
-
-def run_lmf(*args: str, env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("FORCE_TORCHRUN", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", "from lmf.launcher import launch; launch()", *args], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def curve(out_dir) -> list[float]:
-    with open(os.path.join(out_dir, "trainer_state.json"), encoding="utf-8") as fh:
-        return [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]
 
 
 def train(tmp_path, name: str, *overrides: str, env_extra: dict | None = None, steps: int = 12):
@@ -45,7 +28,7 @@ def train(tmp_path, name: str, *overrides: str, env_extra: dict | None = None, s
                    "save_steps=1000", "bf16=true", "plot_loss=false", *overrides, env_extra=env_extra)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "device=cuda" in proc.stderr and "autocast bfloat16" in proc.stderr, proc.stderr[-2000:]
-    return out, proc.stderr, curve(out)
+    return out, proc.stderr, [h["loss"] for h in history(out) if "loss" in h]
 
 
 def test_lora_bf16_trains_and_adapter_reloads_on_cuda(tmp_path):

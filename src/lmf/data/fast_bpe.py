@@ -229,7 +229,6 @@ class WordMemoEncoder:
         self._split = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if added_tokens else None
         self._byte_table = _bytes_to_unicode()
         self._byte_chars = {b: c for b, c in self._byte_table.items() if b < 128}
-        self._latin1_chars = {b: c for b, c in self._byte_table.items()}  # UTF-8 bytes read as Latin-1 -> byte chars
         self._memo: dict[str, list[int]] = {}
 
     @classmethod
@@ -261,7 +260,7 @@ class WordMemoEncoder:
         if word.isascii():
             mapped = word.translate(self._byte_chars)
         else:
-            mapped = word.encode("utf-8").decode("latin-1").translate(self._latin1_chars)
+            mapped = word.encode("utf-8").decode("latin-1").translate(self._byte_table)  # each byte as its code point
         ids = [token.id for token in self._model.tokenize(mapped)]
         if len(self._memo) < MAX_WORDS:
             self._memo[word] = ids
