@@ -201,3 +201,27 @@ def test_config_error_exit_code(tmp_path):
     assert out.returncode == 2
     assert "lora_rnak" in out.stderr and "lora_rank" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("torchrun, workers, signals, expected", [
+    (0, {0: 0, 1: 0}, (), 0),
+    (1, {0: 0, 1: 2}, (), 2),            # a worker's own code (a config error: 2), not torchrun's 1
+    (1, {0: 3, 1: 2}, (), 3),            # the first failing rank's
+    (1, {1: 0}, (), 1),                  # rank 1 finished, rank 0 was killed before reporting: a failure
+    (1, {}, (), 1),                      # nobody reported (every worker killed)
+    (1, {0: 0, 1: 0}, (), 0),            # both finished and reported; one crashed while exiting
+    (1, {0: 0}, (15,), 143),             # the launcher forwarded a SIGTERM
+    (1, {0: 0, 1: 0}, (15,), 143),
+    (1, {0: 143, 1: 0}, (15,), 143),
+])
+def test_exit_code_is_never_success_when_a_worker_did_not_finish(torchrun, workers, signals, expected):
+    assert launcher.launcher_exit_code(torchrun, workers, 2, signals) == expected
+
+
+def test_worker_exit_codes_are_read_by_rank(tmp_path):
+    (tmp_path / "rank-0").write_text("0")
+    (tmp_path / "rank-3").write_text("130\n")
+    (tmp_path / "rank-1").write_text("")  # a worker killed while writing it: ignored
+    (tmp_path / "other").write_text("7")
+    assert launcher.read_worker_exit_codes(str(tmp_path)) == {0: 0, 3: 130}
+    assert launcher.read_worker_exit_codes(str(tmp_path / "missing")) == {}

@@ -146,6 +146,8 @@ def test_two_processes_predict_each_sample_once_and_write_the_same_file(tmp_path
     proc = subprocess.run([sys.executable, "-m", "lmf", "sft", cfg], env=env, cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    written = tmp_path / "dist" / "generated_predictions.jsonl"
+    assert written.is_file(), f"exit 0 but no {written}:\n{proc.stderr[-6000:]}"
     assert _predictions(tmp_path / "dist") == _predictions(GOLDEN)
 
 

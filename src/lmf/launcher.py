@@ -161,8 +161,8 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = "300"
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
 
-def read_worker_exit_code(exit_dir: str) -> Optional[int]:
-    """The exit code the workers reported (the first non-zero one by rank), or None when none did."""
+def read_worker_exit_codes(exit_dir: str) -> dict[int, int]:
+    """The exit codes the workers reported, by global rank (a worker killed by a signal reports none)."""
     codes = {}
     for name in os.listdir(exit_dir) if os.path.isdir(exit_dir) else ():
         if name.startswith("rank-"):
@@ -171,8 +171,24 @@ def read_worker_exit_code(exit_dir: str) -> Optional[int]:
                     codes[int(name[5:])] = int(fh.read().strip())
             except (OSError, ValueError):
                 continue
-    failing = [codes[rank] for rank in sorted(codes) if codes[rank] != 0]
-    return failing[0] if failing else (0 if codes else None)
+    return codes
+
+
+def launcher_exit_code(torchrun_code: int, worker_codes: dict[int, int], local_workers: int,
+                       signals: Sequence[int] = ()) -> int:
+    """What ``lmf`` exits with after torchrun: the first failing worker's own code (by rank); else torchrun's.
+
+    A worker reports its code after its work (and the final barrier) is done. When torchrun failed although
+    no reporting worker did, success needs every one of this node's ``local_workers`` to have reported: one
+    that did not died (a signal, an abort) and the run failed. ``signals``: the ones the launcher forwarded
+    (then a failure reads 128 + the first).
+    """
+    failing = [worker_codes[rank] for rank in sorted(worker_codes) if worker_codes[rank] != 0]
+    if failing:
+        return failing[0]
+    if torchrun_code == 0 or (len(worker_codes) >= local_workers and not signals):
+        return 0
+    return 128 + signals[0] if signals else torchrun_code
 
 
 def _die_with_parent() -> None:
@@ -225,12 +241,17 @@ def relaunch_with_torchrun(command: str, args: Sequence[str]) -> int:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        workers = read_worker_exit_code(exit_dir)
-    if workers is not None and (code != 0 or workers != 0):
-        return workers
-    if code != 0 and received:
-        return 128 + received[0]
-    return code
+        workers = read_worker_exit_codes(exit_dir)
+    result = launcher_exit_code(code, workers, int(nproc), received)
+    if code != 0 and not received and not any(workers.values()):
+        if result == 0:
+            print(f"lmf: warning: torchrun exited {code} after all {nproc} workers reported success "
+                  "(a worker crashed while exiting; its work was complete)", file=sys.stderr, flush=True)
+        else:
+            print(f"lmf: error: torchrun exited {code}: a worker died without an exit code of its own "
+                  f"({len(workers)} of {nproc} reported; torchrun's report above names the rank and signal)",
+                  file=sys.stderr, flush=True)
+    return result
 
 
 def print_version() -> None:
@@ -357,7 +378,25 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     code = _guarded(run_worker_command, command, argv)
     _report_exit_code(code)
-    sys.exit(code)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit a finished worker: Python's exit handlers (loggers, trackers), then no C++ teardown.
+
+    A library's background thread torn down at interpreter exit can abort a worker whose work is done
+    ("terminate called without an active exception"); torchrun would then kill the peers that are still
+    writing. The result was reported already, so the worker leaves with ``os._exit``.
+    """
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _report_exit_code(code: int) -> None:

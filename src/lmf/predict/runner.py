@@ -73,7 +73,7 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
     """Predict ``cfg.data.eval_dataset``; returns the metrics (on every rank)."""
     from lmf.data.loader import get_prediction_dataset
     from lmf.data.template import template_from_args
-    from lmf.dist.runtime import destroy_distributed
+    from lmf.dist.runtime import barrier, destroy_distributed
     from lmf.model.loader import load_tokenizer
     from lmf.predict.metrics import check_metrics_available
     from lmf.train.runtime import set_seed, setup_runtime
@@ -105,6 +105,7 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
         if runtime.is_main:
             ordered = [gathered[i] for i in range(len(prompts))]
             metrics = _write_outputs(cfg, tokenizer, prompts, ordered, labels, runtime_s, runtime.world_size)
+        barrier()  # no rank leaves (and so no teardown of a peer can stop rank 0) before the files are written
         return metrics
     finally:
         destroy_distributed()
