@@ -23,7 +23,7 @@ LAYERS = [
     ("lmf.train",),
     ("lmf.chat",),
     ("lmf.api", "lmf.export", "lmf.data_check", "lmf.predict", "lmf.expand"),
-    ("lmf.ray_launcher", "lmf.env_info", "lmf.testing"),
+    ("lmf.ray_launcher", "lmf.torchrun", "lmf.env_info", "lmf.testing"),
     ("lmf.launcher",),
     ("lmf.__main__",),
 ]

@@ -203,3 +203,18 @@ def test_long_documents_with_rare_characters_take_few_backend_calls(style):
         assert fast.encode_mixed(text, backend_encode) == backend.encode(text, add_special_tokens=False).ids
         declined = sum(1 for c in text if fast.encode(c) is None)
         assert len(calls) <= declined and sum(map(len, calls)) < len(text) / 2 + 200
+
+
+def test_shipped_eligible_classes_are_this_pythons_and_match_the_characters():
+    import re
+    import unicodedata
+
+    from lmf.data import fast_bpe
+    from lmf.data.fast_bpe_tables import ELIGIBLE_CLASSES, RANGES_DIGEST
+
+    assert RANGES_DIGEST == fast_bpe.ranges_digest(), "ranges changed: run scripts/gen_fast_bpe_tables.py"
+    assert ELIGIBLE_CLASSES[unicodedata.unidata_version] == fast_bpe.compute_eligible_classes()
+    letters_class, numbers_class, all_class = fast_bpe.eligible_classes()
+    letters, numbers, others = eligible_characters()
+    assert re.fullmatch(f"[{letters_class}]+", letters) and re.fullmatch(f"[{numbers_class}]+", numbers)
+    assert re.fullmatch(f"[{all_class}]+", letters + numbers + others) and not re.search(f"[{all_class}]", "\u00a0\u0301")

@@ -76,6 +76,45 @@ def test_plan_bins_is_a_partition_within_capacity():
     assert padding_waste([64, 128], 128) == 0.25
 
 
+def _reference_pack(rows: list[dict], bins: list[list[int]]) -> list[dict]:
+    """Packing written out row by row: what pack_dataset's column arithmetic must equal."""
+    out = []
+    for members in bins:
+        packed = {"input_ids": [], "attention_mask": [], "labels": [], "position_ids": []}
+        for i in members:
+            ids, labels = rows[i]["input_ids"], rows[i]["labels"]
+            packed["input_ids"] += ids
+            packed["attention_mask"] += [1] * len(ids)
+            packed["labels"] += [IGNORE_INDEX] + labels[1:]
+            packed["position_ids"] += list(range(len(ids)))
+        out.append(packed)
+    return out
+
+
+@pytest.mark.parametrize("batch_tokens", [1 << 26, 300])  # one written batch, or many
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_pack_dataset_equals_row_by_row_packing(tmp_path, monkeypatch, batch_tokens, on_disk):
+    import datasets
+
+    from lmf.data import packing
+
+    monkeypatch.setattr(packing, "PACK_BATCH_TOKENS", batch_tokens)
+    rng = random.Random(1)
+    rows = []
+    for _ in range(300):
+        n = rng.randint(1, 120)
+        rows.append({"input_ids": [rng.randrange(50_000) for _ in range(n)],
+                     "attention_mask": [1] * n,
+                     "labels": [rng.choice([IGNORE_INDEX, rng.randrange(50_000)]) for _ in range(n)]})
+    dataset = datasets.Dataset.from_list(rows)
+    packed, stats = packing.pack_dataset(dataset, 128, cache_dir=str(tmp_path / "packed") if on_disk else None)
+    bins = plan_bins([len(r["input_ids"]) for r in rows], 128)
+    assert packed.to_list() == _reference_pack(rows, bins)
+    assert [str(packed.features[k].feature.dtype) for k in packed.column_names] == ["int32", "int8", "int32", "int32"]
+    assert stats["packed_sequences"] == len(bins) == len(packed)
+    assert stats["padding_waste_packed"] == round(padding_waste([len(r["input_ids"]) for r in packed], 128), 4)
+
+
 def test_packed_dataset_positions_labels_and_waste(tmp_path, tok):
     data = tmp_path / "data"
     data.mkdir()

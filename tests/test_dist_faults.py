@@ -18,7 +18,7 @@ from lmf.dist.faults import (
 )
 from lmf.dist.runtime import configure_error_handling
 from lmf.extras.errors import ConfigError, LmfError
-from lmf.launcher import find_available_port
+from lmf.torchrun import find_available_port
 
 GLOO_RESET = RuntimeError(
     "[third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:2451: Connection reset by peer. "

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 
-from lmf.launcher import find_available_port
+from lmf.torchrun import find_available_port
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTER = "adapter_model.safetensors"

@@ -20,7 +20,7 @@ from lmf.dist.fingerprint import (
     mismatch_message,
 )
 from lmf.extras.errors import LmfError
-from lmf.launcher import find_available_port
+from lmf.torchrun import find_available_port
 
 BASE = {
     "lmf": "0.1.0", "python": "3.11.9", "torch": "2.13.0", "cuda": "12.4", "nccl": "2.21.5",

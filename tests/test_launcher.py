@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from lmf import launcher
-from lmf.launcher import build_child_env, build_torchrun_argv, should_use_torchrun
+from lmf import launcher, torchrun
+from lmf.torchrun import build_child_env, build_torchrun_argv, should_use_torchrun
 
 PY = "/usr/bin/python-test"
 
@@ -113,7 +113,7 @@ def test_relaunch_uses_list_argv_and_returns_child_code(monkeypatch):
         def wait(self, timeout=None):
             return 7
 
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(torchrun.subprocess, "Popen", FakePopen)
     monkeypatch.setenv("FORCE_TORCHRUN", "1")
     monkeypatch.setenv("MASTER_PORT", "29999")
     with pytest.raises(SystemExit) as exc:
@@ -203,7 +203,7 @@ def test_config_error_exit_code(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("torchrun, workers, signals, expected", [
+@pytest.mark.parametrize("torchrun_code, workers, signals, expected", [
     (0, {0: 0, 1: 0}, (), 0),
     (1, {0: 0, 1: 2}, (), 2),            # a worker's own code (a config error: 2), not torchrun's 1
     (1, {0: 3, 1: 2}, (), 3),            # the first failing rank's
@@ -214,8 +214,8 @@ def test_config_error_exit_code(tmp_path):
     (1, {0: 0, 1: 0}, (15,), 143),
     (1, {0: 143, 1: 0}, (15,), 143),
 ])
-def test_exit_code_is_never_success_when_a_worker_did_not_finish(torchrun, workers, signals, expected):
-    assert launcher.launcher_exit_code(torchrun, workers, 2, signals) == expected
+def test_exit_code_is_never_success_when_a_worker_did_not_finish(torchrun_code, workers, signals, expected):
+    assert torchrun.launcher_exit_code(torchrun_code, workers, 2, signals) == expected
 
 
 def test_worker_exit_codes_are_read_by_rank(tmp_path):
@@ -223,5 +223,5 @@ def test_worker_exit_codes_are_read_by_rank(tmp_path):
     (tmp_path / "rank-3").write_text("130\n")
     (tmp_path / "rank-1").write_text("")  # a worker killed while writing it: ignored
     (tmp_path / "other").write_text("7")
-    assert launcher.read_worker_exit_codes(str(tmp_path)) == {0: 0, 3: 130}
-    assert launcher.read_worker_exit_codes(str(tmp_path / "missing")) == {}
+    assert torchrun.read_worker_exit_codes(str(tmp_path)) == {0: 0, 3: 130}
+    assert torchrun.read_worker_exit_codes(str(tmp_path / "missing")) == {}

@@ -44,41 +44,78 @@ def padding_waste(lengths: list[int], capacity: int) -> float:
     return 1.0 - sum(lengths) / (len(lengths) * capacity)
 
 
+#: Tokens per written batch of packed rows: bounds the memory of one batch and keeps Arrow's 32-bit list offsets valid.
+PACK_BATCH_TOKENS = 1 << 26
+
+
 def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """Packed copy of a tokenized (input_ids, attention_mask, labels) dataset and packing statistics."""
+    """Packed copy of a tokenized (input_ids, attention_mask, labels) dataset and packing statistics.
+
+    Built by Arrow and numpy on whole columns, a batch of bins at a time: the batch's rows taken in bin order,
+    their values concatenated, one list per bin (no Python list per token). Written to ``cache_dir``
+    (memory-mapped from there), or kept in memory without one.
+    """
+    import os
+    import uuid
+
     import datasets
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
-    bins = plan_bins(lengths, capacity)
-    dataset = dataset.select_columns(["input_ids", "labels"])
-
-    def gen():
-        for members in bins:
-            input_ids: list[int] = []
-            labels: list[int] = []
-            position_ids: list[int] = []
-            for i in members:
-                row = dataset[i]
-                input_ids += row["input_ids"]
-                labels.append(IGNORE_INDEX)  # never a target: it would be predicted from the previous sample
-                labels += row["labels"][1:]
-                position_ids += list(range(len(row["input_ids"])))
-            yield {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-                   "position_ids": position_ids}
-
+    table = dataset.with_format("arrow")[:].select(["input_ids", "labels"])
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    bins = plan_bins(lengths.tolist(), capacity)
     features = datasets.Features({
         "input_ids": datasets.List(datasets.Value("int32")),
         "attention_mask": datasets.List(datasets.Value("int8")),
         "labels": datasets.List(datasets.Value("int32")),
         "position_ids": datasets.List(datasets.Value("int32")),
     })
-    packed = datasets.Dataset.from_generator(gen, features=features, cache_dir=cache_dir)
-    packed_lengths = [sum(lengths[i] for i in b) for b in bins]
+    schema = features.arrow_schema
+
+    def packed_batch(group: list[list[int]]) -> pa.RecordBatch:
+        order = np.fromiter((i for members in group for i in members), dtype=np.int64)
+        sizes = lengths[order]
+        sample_offsets = np.concatenate(([0], np.cumsum(sizes)))
+        starts = sample_offsets[:-1]
+        offsets = pa.array(sample_offsets[np.cumsum([0] + [len(members) for members in group])].astype(np.int32))
+        rows = table.take(pa.array(order))
+        input_ids = pc.list_flatten(rows["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int32)
+        labels = pc.list_flatten(rows["labels"]).to_numpy(zero_copy_only=False).astype(np.int32)
+        labels[starts[sizes > 0]] = IGNORE_INDEX  # never a target: it would be predicted from the previous sample
+        positions = np.arange(len(input_ids), dtype=np.int64) - np.repeat(starts, sizes)
+        columns = (input_ids, np.ones(len(input_ids), dtype=np.int8), labels, positions.astype(np.int32))
+        return pa.RecordBatch.from_arrays(
+            [pa.ListArray.from_arrays(offsets, pa.array(values, type=field.type.value_type))
+             for values, field in zip(columns, schema)], schema=schema)
+
+    def groups():  # consecutive bins, PACK_BATCH_TOKENS tokens at most (one bin at least)
+        group, tokens = [], 0
+        for members, size in zip(bins, bin_lengths):
+            if group and tokens + size > PACK_BATCH_TOKENS:
+                yield group
+                group, tokens = [], 0
+            group.append(members)
+            tokens += size
+        if group:
+            yield group
+
+    bin_lengths = [int(lengths[members].sum()) for members in bins]
+    batches = map(packed_batch, groups())
+    if cache_dir is None:
+        packed = datasets.Dataset(pa.Table.from_batches(list(batches), schema=schema))
+    else:
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, f"packed-{uuid.uuid4().hex}.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for batch in batches:
+                writer.write_batch(batch)
+        packed = datasets.Dataset.from_file(path)
     stats = {
         "packed_sequences": len(bins),
         "samples_per_sequence": round(len(lengths) / max(len(bins), 1), 2),
-        "padding_waste_unpacked": round(padding_waste(lengths, capacity), 4),
-        "padding_waste_packed": round(padding_waste(packed_lengths, capacity), 4),
+        "padding_waste_unpacked": round(padding_waste(lengths.tolist(), capacity), 4),
+        "padding_waste_packed": round(padding_waste(bin_lengths, capacity), 4),
     }
     return packed, stats

@@ -15,9 +15,9 @@ Truncation to ``cutoff_len``: LLaMA-Factory's ``infer_seqlen`` budget split; inp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
-from typing import Any, Optional
+from typing import Any
 
+from lmf.data.columns import EOS_THEN_MASKED, LABELLED, MASKED, media_columns, rows_table, token_table
 from lmf.data.fork_share import ForkSharedTokenizer
 from lmf.data.template import encode_many
 from lmf.extras.constants import IGNORE_INDEX
@@ -67,27 +67,6 @@ def expand_media(media, messages: list[dict], media_files: tuple) -> tuple[list[
         raise DataError("the data has images or videos but the model takes text only (its template has no vision "
                         "plugin lmf implements, or model_name_or_path has no image processor, preprocessor_config.json)")
     return media.expand(messages, images, videos)
-
-
-def media_columns(table_or_dict, media, files: list[tuple], cut: list[bool]):
-    """Add the ``images`` and ``videos`` columns (paths, for the collator) and ``_media_cut`` (the row's vision tokens
-    are not exactly its pictures': cutoff_len cut through them, or the text itself holds vision tokens) when the data
-    goes to a vision model."""
-    if media is None:
-        return table_or_dict
-    images, videos = [f[0] for f in files], [f[1] for f in files]
-    if isinstance(table_or_dict, dict):
-        table_or_dict["images"], table_or_dict["videos"], table_or_dict["_media_cut"] = images, videos, cut
-        return table_or_dict
-    import pyarrow as pa
-
-    table = table_or_dict.append_column("images", pa.array(images, type=pa.list_(pa.string())))
-    table = table.append_column("videos", pa.array(videos, type=pa.list_(pa.string())))
-    return table.append_column("_media_cut", pa.array(cut, type=pa.bool_()))
-
-
-# Label kinds of a segment of a tokenized conversation.
-MASKED, LABELLED, EOS_THEN_MASKED = 0, 1, 2
 
 
 @dataclass
@@ -189,41 +168,6 @@ class SupervisedProcessor(ForkSharedTokenizer):
         return media_columns(table, self.media, images, media_cut)
 
 
-def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[int], truncated: list[bool],
-                eos_token_id: Optional[int] = None, never_labels: tuple = ()):
-    """``pyarrow.Table`` of sft rows: row i is the concatenation of its ``row_segments[i]`` segments.
-
-    labels copy the ids of LABELLED segments, are IGNORE_INDEX for MASKED ones, and eos then
-    IGNORE_INDEX for EOS_THEN_MASKED ones, and IGNORE_INDEX for the ids in ``never_labels`` (vision tokens,
-    even with ``train_on_prompt``); attention_mask is all ones. Columns are list<int32>
-    (ids, labels) and list<int8> (mask), as the loader's features declare.
-    """
-    import numpy as np
-    import pyarrow as pa
-
-    seg_lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
-    total = int(seg_lengths.sum())
-    ids = np.fromiter(chain.from_iterable(segments), dtype=np.int32, count=total)
-    kind_per_token = np.repeat(np.asarray(kinds, dtype=np.int8), seg_lengths)
-    labels = np.where(kind_per_token == LABELLED, ids, np.int32(IGNORE_INDEX)).astype(np.int32, copy=False)
-    if EOS_THEN_MASKED in kinds:
-        seg_starts = np.concatenate([[0], np.cumsum(seg_lengths)[:-1]])
-        firsts = seg_starts[(np.asarray(kinds) == EOS_THEN_MASKED) & (seg_lengths > 0)]
-        labels[firsts] = eos_token_id
-    if never_labels:
-        labels[np.isin(ids, np.asarray(never_labels, dtype=np.int32))] = IGNORE_INDEX
-    row_ends = np.cumsum(np.asarray(row_segments, dtype=np.int64))
-    seg_ends = np.concatenate([[0], np.cumsum(seg_lengths)])
-    offsets = pa.array(seg_ends[np.concatenate([[0], row_ends])].astype(np.int32))
-    return pa.Table.from_arrays(
-        [pa.ListArray.from_arrays(offsets, pa.array(ids)),
-         pa.ListArray.from_arrays(offsets, pa.array(np.ones(total, dtype=np.int8))),
-         pa.ListArray.from_arrays(offsets, pa.array(labels)),
-         pa.array(truncated, type=pa.bool_())],
-        names=["input_ids", "attention_mask", "labels", "_truncated"],
-    )
-
-
 @dataclass
 class PairwiseProcessor(ForkSharedTokenizer):
     """Batched ``datasets.map`` function for dpo/rm: chosen_* and rejected_* columns."""
@@ -236,13 +180,23 @@ class PairwiseProcessor(ForkSharedTokenizer):
 
     def encode(self, prompt: list[dict], response: list[dict], system: str, tools: str,
                images: tuple = ()) -> dict[str, Any]:
+        """One record's row (the ``chosen_*`` / ``rejected_*`` values, ``_truncated``, ``_media_cut``)."""
+        return self._rows([(prompt, response, system, tools)], [images])[0]
+
+    def _rows(self, records: list[tuple], images: list[tuple]) -> list[dict[str, Any]]:
+        """The rows of records: prompt + chosen and prompt + rejected of every record tokenized in one call."""
+        conversations, expected = [], []
+        for (prompt, response, system, tools), row_images in zip(records, images):
+            chosen_msgs, n_tokens = expand_media(self.media, _conversation(prompt, response[:1]), row_images)
+            rejected_msgs = chosen_msgs[:-1] + _conversation([], response[1:2])  # the same (expanded) prompt
+            conversations += [(chosen_msgs, system or None, tools or None), (rejected_msgs, system or None, tools or None)]
+            expected.append(n_tokens)
+        encoded = self.template.encode_oneturn_many(self.tokenizer, conversations, self._piece_cache)
+        return [self._row(encoded[2 * i], encoded[2 * i + 1][1], n) for i, n in enumerate(expected)]
+
+    def _row(self, chosen_pair: tuple[list[int], list[int]], rejected_ids: list[int], n_tokens: int) -> dict[str, Any]:
         tpl, tok = self.template, self.tokenizer
-        system, tools = system or None, tools or None
-        cache = self._piece_cache
-        chosen_msgs, n_tokens = expand_media(self.media, _conversation(prompt, response[:1]), images)
-        rejected_msgs = chosen_msgs[:-1] + _conversation([], response[1:2])  # the same (expanded) prompt
-        prompt_ids, chosen_ids = tpl.encode_oneturn(tok, chosen_msgs, system, tools, cache)
-        _, rejected_ids = tpl.encode_oneturn(tok, rejected_msgs, system, tools, cache)
+        prompt_ids, chosen_ids = chosen_pair
         if tpl.efficient_eos:
             chosen_ids = chosen_ids + [tok.eos_token_id]
             rejected_ids = rejected_ids + [tok.eos_token_id]
@@ -267,14 +221,10 @@ class PairwiseProcessor(ForkSharedTokenizer):
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         keys = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
                 "rejected_attention_mask", "rejected_labels", "_truncated")
-        out: dict[str, list] = {k: [] for k in keys}
-        images, cut = _images_of(batch), []
-        for (prompt, response, system, tools), row_images in zip(_records(batch), images):
-            row = self.encode(prompt, response, system, tools, row_images)
-            for k in keys:
-                out[k].append(row[k])
-            cut.append(row["_media_cut"])
-        return media_columns(out, self.media, images, cut)
+        images = _images_of(batch)
+        rows = self._rows(list(_records(batch)), images)
+        out = {k: [row[k] for row in rows] for k in keys}
+        return media_columns(rows_table(out, "pairwise"), self.media, images, [row["_media_cut"] for row in rows])
 
 
 FEEDBACK_COLUMNS = ("input_ids", "attention_mask", "labels", "kl_input_ids", "kl_attention_mask", "kl_labels",
@@ -290,12 +240,10 @@ class FeedbackProcessor(ForkSharedTokenizer):
     cutoff_len: int
     _piece_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def _encode(self, prompt: list[dict], answer: dict, system, tools) -> tuple[list[int], list[int], bool]:
-        tpl, tok = self.template, self.tokenizer
-        prompt_ids, answer_ids = tpl.encode_oneturn(tok, _conversation(prompt, [answer]), system, tools,
-                                                    self._piece_cache)
-        if tpl.efficient_eos:
-            answer_ids = answer_ids + [tok.eos_token_id]
+    def _cut(self, prompt_ids: list[int], answer_ids: list[int]) -> tuple[list[int], list[int], bool]:
+        """(input_ids, labels, truncated) of one prompt + answer."""
+        if self.template.efficient_eos:
+            answer_ids = answer_ids + [self.tokenizer.eos_token_id]
         src_len, tgt_len = infer_seqlen(len(prompt_ids), len(answer_ids), self.cutoff_len)
         truncated = src_len < len(prompt_ids) or tgt_len < len(answer_ids)
         return prompt_ids[:src_len] + answer_ids[:tgt_len], [IGNORE_INDEX] * src_len + answer_ids[:tgt_len], truncated
@@ -304,19 +252,25 @@ class FeedbackProcessor(ForkSharedTokenizer):
         out: dict[str, list] = {k: [] for k in FEEDBACK_COLUMNS}
         responses = batch["_response"]
         kl_responses = [responses[-1]] + responses[:-1]
+        conversations, tags = [], []
         for (prompt, response, system, tools), kl_response in zip(_records(batch), kl_responses):
             desirable = bool(response[0]["content"])
             answer = response[0] if desirable else response[1]
             kl_answer = kl_response[0] if kl_response[0]["content"] else kl_response[1]
             system, tools = system or None, tools or None
-            ids, labels, truncated = self._encode(prompt, answer, system, tools)
-            kl_ids, kl_labels, _ = self._encode(prompt, kl_answer, system, tools)
+            conversations += [(_conversation(prompt, [answer]), system, tools),
+                              (_conversation(prompt, [kl_answer]), system, tools)]
+            tags.append(desirable)
+        encoded = self.template.encode_oneturn_many(self.tokenizer, conversations, self._piece_cache)
+        for i, desirable in enumerate(tags):
+            ids, labels, truncated = self._cut(*encoded[2 * i])
+            kl_ids, kl_labels, _ = self._cut(*encoded[2 * i + 1])
             row = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "kl_input_ids": kl_ids,
                    "kl_attention_mask": [1] * len(kl_ids), "kl_labels": kl_labels, "kto_tags": desirable,
                    "_truncated": truncated}
             for k in FEEDBACK_COLUMNS:
                 out[k].append(row[k])
-        return out
+        return rows_table(out, "feedback")
 
 
 @dataclass
@@ -341,7 +295,7 @@ class PretrainProcessor(ForkSharedTokenizer):
                 out["attention_mask"].append([1] * len(chunk))
                 out["labels"].append(list(chunk))
                 out["_truncated"].append(False)
-        return out
+        return rows_table(out, "supervised")
 
 
 @dataclass

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lmf.data.template.encoding import encode_many, encode_text, single_token_id
+from lmf.data.template.encoding import encode_many, single_token_id
 from lmf.data.template.pieces import (  # noqa: F401  (re-exported)
     ASSISTANT,
     BOS,
@@ -121,31 +121,11 @@ class Template:
             out.append(pieces)
         return out
 
-    def _pieces_to_ids(self, tokenizer, pieces: list[Piece], cache: Optional[dict] = None) -> list[int]:
-        """Ids of ``pieces``; with ``cache`` (a dict owned by the caller, one tokenizer) the ids of
-        constant pieces (prefix, system prompt) are encoded once and reused."""
-        ids: list[int] = []
-        for piece in pieces:
-            if isinstance(piece, _Marker):
-                token_id = piece.token_id(tokenizer)
-                if token_id is not None:
-                    ids.append(token_id)
-            elif not piece:
-                continue
-            elif cache is not None and type(piece) is _Const:
-                cached = cache.get(piece)
-                if cached is None:
-                    cached = encode_text(tokenizer, piece)
-                    if len(cache) < MAX_CACHED_PIECES:
-                        cache[str(piece)] = cached
-                ids += cached
-            else:
-                ids += encode_text(tokenizer, piece)
-        return ids
-
     def _pieces_to_ids_many(self, tokenizer, pieces_lists: list[list[Piece]], cache: Optional[dict] = None,
                             parallel: bool = False) -> list[list[int]]:
-        """:meth:`_pieces_to_ids` of each list, the non-constant texts encoded by one :func:`encode_many` call."""
+        """The ids of each list of pieces, its non-constant texts encoded by one :func:`encode_many` call; with
+        ``cache`` (a dict owned by the caller, one tokenizer) constant pieces (prefix, system prompt) are encoded once
+        and reused."""
         marker_ids: dict = {}
         texts: list[str] = []
         new_consts: dict[str, int] = {}  # constant pieces not cached yet -> their index in ``texts`` (encoded once)
@@ -229,7 +209,7 @@ class Template:
         return self.thought_words[1] if self.empty_thought_close_only else self.thought_words[0] + self.thought_words[1]
 
     def _thought_ids(self, tokenizer, cache: Optional[dict] = None) -> list[int]:
-        return self._pieces_to_ids(tokenizer, [_Const(self.empty_thought())], cache)
+        return self._pieces_to_ids_many(tokenizer, [[_Const(self.empty_thought())]], cache)[0]
 
     def _has_thought(self, text: str) -> bool:
         return self.thought_words[0].strip() in text or self.thought_words[1].strip() in text
@@ -283,24 +263,39 @@ class Template:
     def encode_oneturn(self, tokenizer, messages: list[dict], system: Optional[str] = None,
                        tools: Optional[str] = None, cache: Optional[dict] = None) -> tuple[list[int], list[int]]:
         """(prompt_ids, response_ids) where the response is the last assistant message; history is prompt."""
-        messages, system = self._prepare(messages, system)
-        if self.reasoning and not self.preserve_thinking:
-            # history keeps no thoughts (as the chat template renders it); the last answer follows enable_thinking
-            messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 and i < len(messages) - 1 else m
-                        for i, m in enumerate(messages)]
-            if self.enable_thinking is False:
-                messages[-1] = dict(messages[-1], content=self.remove_thought(messages[-1]["content"]))
-        if len(messages) % 2 != 0:
-            raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
-        encoded = [self._pieces_to_ids(tokenizer, p, cache) for p in self._message_pieces(messages, system, tools)]
-        prompt_ids = [t for ids in encoded[:-1] for t in ids]
-        response_ids = encoded[-1]
-        if self.reasoning and not self._has_thought(messages[-1]["content"]):
-            if self.enable_thinking:
-                response_ids = self._thought_ids(tokenizer, cache) + response_ids
-            else:
-                prompt_ids = prompt_ids + self._thought_ids(tokenizer, cache)
-        return prompt_ids, response_ids
+        return self.encode_oneturn_many(tokenizer, [(messages, system, tools)], cache)[0]
+
+    def encode_oneturn_many(self, tokenizer, conversations: list[tuple[list[dict], Optional[str], Optional[str]]],
+                            cache: Optional[dict] = None) -> list[tuple[list[int], list[int]]]:
+        """:meth:`encode_oneturn` of each ``(messages, system, tools)``, their texts tokenized together."""
+        prepared, all_pieces = [], []
+        for messages, system, tools in conversations:
+            messages, system = self._prepare(messages, system)
+            if self.reasoning and not self.preserve_thinking:
+                # history keeps no thoughts (as the chat template renders it); the last answer follows enable_thinking
+                messages = [dict(m, content=self.remove_thought(m["content"])) if i % 2 and i < len(messages) - 1
+                            else m for i, m in enumerate(messages)]
+                if self.enable_thinking is False:
+                    messages[-1] = dict(messages[-1], content=self.remove_thought(messages[-1]["content"]))
+            if len(messages) % 2 != 0:
+                raise DataError(f"template {self.name!r}: a conversation must end with an assistant turn")
+            prepared.append(messages)
+            all_pieces.extend(self._message_pieces(messages, system, tools))
+        encoded = self._pieces_to_ids_many(tokenizer, all_pieces, cache)
+        out, start = [], 0
+        for messages in prepared:
+            start += len(messages)
+            prompt_ids: list[int] = []
+            for ids in encoded[start - len(messages):start - 1]:
+                prompt_ids += ids
+            response_ids = encoded[start - 1]
+            if self.reasoning and not self._has_thought(messages[-1]["content"]):
+                if self.enable_thinking:
+                    response_ids = self._thought_ids(tokenizer, cache) + response_ids
+                else:
+                    prompt_ids = prompt_ids + self._thought_ids(tokenizer, cache)
+            out.append((prompt_ids, response_ids))
+        return out
 
     def encode_prompt(self, tokenizer, messages: list[dict], system: Optional[str] = None,
                       tools: Optional[str] = None) -> list[int]:
