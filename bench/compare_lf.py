@@ -633,6 +633,8 @@ def parse_args(argv=None):
     p.add_argument("--render", metavar="JSON", default=None, help="only re-render the report from a results JSON")
     p.add_argument("--merge", action="store_true", help="keep the sections of the existing results JSON that this "
                    "run does not measure (each section records its own command, date and git commit)")
+    p.add_argument("--replace-report", action="store_true", help="write the report even when it has fewer sections "
+                   "than the one it replaces (by default it goes to <report>.new and the run exits 3)")
     p.add_argument("--reuse", action="store_true", help="context/shape: reuse a run whose result exists for the same "
                    "keys in <cache>/runs (resume an interrupted long benchmark)")
     p.add_argument("--budgets", default="4,8,16", help="context: peak-RSS budgets, GiB")
@@ -724,11 +726,29 @@ def write_report(args, results: dict) -> int:
     if args.report is None:
         args.report = os.path.join(args.cache, "RESULTS-quick.md") if args.quick else os.path.join(BENCH, "RESULTS.md")
     os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+    lost = lost_sections(args.report, report)
+    if lost and not args.replace_report:
+        kept = args.report + ".new"
+        with open(kept, "w", encoding="utf-8") as fh:
+            fh.write(report)
+        log(f"not overwriting {args.report}: the new report has no {', '.join(lost)} (the results JSON with them is "
+            f"not the one merged: pass it with --json, or --replace-report to drop them); written to {kept}")
+        return 3
     with open(args.report, "w", encoding="utf-8") as fh:
         fh.write(report)
     print(report)
     log(f"done in {results['elapsed_s']:.0f} s; report {args.report}")
     return 0
+
+
+def lost_sections(path: str, report: str) -> list[str]:
+    """The ``### `` section headings of the report at ``path`` that ``report`` does not have."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as fh:
+        old = [line.strip() for line in fh if line.startswith("### ")]
+    new = {line.strip() for line in report.splitlines() if line.startswith("### ")}
+    return [heading[4:] for heading in old if heading not in new]
 
 
 if __name__ == "__main__":
