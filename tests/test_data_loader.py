@@ -230,3 +230,22 @@ def test_tokenizer_fingerprint_follows_the_files_and_every_in_memory_change(tmp_
     e = AutoTokenizer.from_pretrained(tiny_model_dir)
     e.name_or_path = "some-org/not-a-local-folder"
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(e) != tokenizer_fingerprint(b)
+
+
+def test_frozen_heap_restores_the_collector_and_keeps_a_callers_freeze():
+    import gc
+
+    from lmf.data.loader import frozen_heap
+
+    threshold = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0 and gc.get_threshold()[0] >= 10_000
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == threshold
+    gc.freeze()  # an embedding program froze its own objects: still frozen afterwards
+    try:
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -7,7 +7,7 @@ import datetime
 import pytest
 
 from lmf.dist import runtime
-from lmf.launcher import find_available_port
+from lmf.torchrun import find_available_port
 
 TIMEOUT = datetime.timedelta(seconds=10)
 

@@ -90,6 +90,7 @@ def frozen_heap():
     (``gc.freeze``: half of a 1-worker run on real data; fork workers then also share those pages)."""
     import gc
 
+    caller_froze = gc.get_freeze_count() > 0  # then leave everything frozen: unfreeze would undo theirs too
     gc.freeze()
     old = gc.get_threshold()
     gc.set_threshold(max(old[0], 10_000), *old[1:])  # fewer passes over the young lists too
@@ -97,7 +98,8 @@ def frozen_heap():
         yield
     finally:
         gc.set_threshold(*old)
-        gc.unfreeze()
+        if not caller_froze:
+            gc.unfreeze()
 
 
 def check_stage(stage: str) -> None:
