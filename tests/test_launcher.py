@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -225,3 +226,22 @@ def test_worker_exit_codes_are_read_by_rank(tmp_path):
     (tmp_path / "other").write_text("7")
     assert torchrun.read_worker_exit_codes(str(tmp_path)) == {0: 0, 3: 130}
     assert torchrun.read_worker_exit_codes(str(tmp_path / "missing")) == {}
+
+
+def test_a_finished_worker_exits_like_the_interpreter_but_without_its_teardown(tmp_path):
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from lmf.launcher import _exit_now\n"
+        "out = sys.argv[1]\n"
+        "def late():\n"
+        "    time.sleep(0.3); open(out + '/thread', 'w').write('done')\n"
+        "threading.Thread(target=late).start()\n"
+        "atexit.register(lambda: open(out + '/atexit', 'w').write(str(threading.active_count())))\n"
+        "print('buffered', end='')\n"
+        "_exit_now(5)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONUNBUFFERED": ""})  # buffered: flushed by _exit_now
+    assert proc.returncode == 5 and proc.stdout == "buffered"
+    assert (tmp_path / "thread").read_text() == "done"  # joined, as at interpreter exit
+    assert (tmp_path / "atexit").read_text() == "1"  # exit handlers ran after the thread finished

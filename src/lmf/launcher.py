@@ -184,14 +184,19 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 def _exit_now(code: int) -> None:
-    """Exit a finished worker: Python's exit handlers (loggers, trackers), then no C++ teardown.
+    """Exit a finished worker as the interpreter would (non-daemon threads joined, exit handlers: loggers, trackers),
+    then without the C++ teardown.
 
     A library's background thread torn down at interpreter exit can abort a worker whose work is done
     ("terminate called without an active exception"); torchrun would then kill the peers that are still
     writing. The result was reported already, so the worker leaves with ``os._exit``.
     """
     import atexit
+    import threading
 
+    for thread in threading.enumerate():  # what interpreter shutdown does first: wait for non-daemon threads
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
