@@ -228,15 +228,15 @@ def write_dataset_dir(out_dir: str, name: str, rows: list[dict]) -> None:
 
 def write_long_records(out_dir: str, corpus: str, cutoff_len: int, records: int) -> str:
     """``out_dir`` with ``long_sft``: ``records`` records of a short instruction and an output of ``corpus`` prose longer
-    than ``cutoff_len`` tokens (distinct offsets), so every sample is cut to exactly cutoff_len tokens on both sides."""
-    if not os.path.exists(os.path.join(out_dir, "long_sft.json")):
-        chars = cutoff_len * 6  # English prose: ~4.5 characters per Qwen token
-        rows = []
-        for i in range(records):
-            start = (i * 7919 * 31) % len(corpus)
-            text = (corpus[start:] + "\n\n" + corpus) * (1 + chars // len(corpus))
-            rows.append({"instruction": f"Continue the article (part {i + 1}).", "input": "", "output": text[:chars]})
-        write_dataset_dir(out_dir, "long_sft", rows)
+    than ``cutoff_len`` tokens (distinct offsets), so every sample is cut to exactly cutoff_len tokens on both sides.
+    Callers reuse an ``out_dir`` that has it already (before reading their corpus)."""
+    chars = cutoff_len * 6  # English prose: ~4.5 characters per Qwen token
+    rows = []
+    for i in range(records):
+        start = (i * 7919 * 31) % len(corpus)
+        text = (corpus[start:] + "\n\n" + corpus) * (1 + chars // len(corpus))
+        rows.append({"instruction": f"Continue the article (part {i + 1}).", "input": "", "output": text[:chars]})
+    write_dataset_dir(out_dir, "long_sft", rows)
     return out_dir
 
 
