@@ -76,37 +76,39 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
     from lmf.dist.runtime import barrier, destroy_distributed
     from lmf.model.loader import load_tokenizer
     from lmf.predict.metrics import check_metrics_available
+    from lmf.train.output_lock import hold_output_dir
     from lmf.train.runtime import set_seed, setup_runtime
 
     check_outputs_writable(cfg)
     check_metrics_available()
     runtime = setup_runtime(cfg)
     try:
-        set_seed(cfg.training.seed)
-        tokenizer = load_tokenizer(cfg.model)
-        template = template_from_args(cfg.data, tokenizer)
-        template.fix_tokenizer(tokenizer)
-        from lmf.train.workflow import load_media_plugin
+        with hold_output_dir(cfg.training.output_dir, runtime):  # no other run writes here meanwhile
+            set_seed(cfg.training.seed)
+            tokenizer = load_tokenizer(cfg.model)
+            template = template_from_args(cfg.data, tokenizer)
+            template.fix_tokenizer(tokenizer)
+            from lmf.train.workflow import load_media_plugin
 
-        media = load_media_plugin(cfg, template, tokenizer)
-        dataset, _ = get_prediction_dataset(cfg, tokenizer, template, media)
-        prompts = [list(ids) for ids in dataset["input_ids"]]
-        images = ([(list(i), list(v)) for i, v in zip(dataset["images"], dataset["videos"])]
-                  if "images" in dataset.column_names else None)
-        labels = [list(ids) for ids in dataset["labels"]]
-        stop_ids = template.stop_token_ids(tokenizer)
-        mine = list(range(runtime.rank, len(prompts), runtime.world_size))  # every sample once, over the ranks
-        start = time.perf_counter()
-        answers = _generate(cfg, tokenizer, runtime, [prompts[i] for i in mine], stop_ids,
-                            [images[i] for i in mine] if images else None, media)
-        runtime_s = time.perf_counter() - start
-        gathered = _gather(dict(zip(mine, answers)), runtime)
-        metrics: dict[str, float] = {}
-        if runtime.is_main:
-            ordered = [gathered[i] for i in range(len(prompts))]
-            metrics = _write_outputs(cfg, tokenizer, prompts, ordered, labels, runtime_s, runtime.world_size)
-        barrier()  # no rank leaves (and so no teardown of a peer can stop rank 0) before the files are written
-        return metrics
+            media = load_media_plugin(cfg, template, tokenizer)
+            dataset, _ = get_prediction_dataset(cfg, tokenizer, template, media)
+            prompts = [list(ids) for ids in dataset["input_ids"]]
+            images = ([(list(i), list(v)) for i, v in zip(dataset["images"], dataset["videos"])]
+                      if "images" in dataset.column_names else None)
+            labels = [list(ids) for ids in dataset["labels"]]
+            stop_ids = template.stop_token_ids(tokenizer)
+            mine = list(range(runtime.rank, len(prompts), runtime.world_size))  # every sample once, over the ranks
+            start = time.perf_counter()
+            answers = _generate(cfg, tokenizer, runtime, [prompts[i] for i in mine], stop_ids,
+                                [images[i] for i in mine] if images else None, media)
+            runtime_s = time.perf_counter() - start
+            gathered = _gather(dict(zip(mine, answers)), runtime)
+            metrics: dict[str, float] = {}
+            if runtime.is_main:
+                ordered = [gathered[i] for i in range(len(prompts))]
+                metrics = _write_outputs(cfg, tokenizer, prompts, ordered, labels, runtime_s, runtime.world_size)
+            barrier()  # no rank leaves (and so no teardown of a peer can stop rank 0) before the files are written
+            return metrics
     finally:
         destroy_distributed()
 

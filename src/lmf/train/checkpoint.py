@@ -1,14 +1,17 @@
-"""Checkpoints: saving and loading a run (:class:`CheckpointIO`), atomic directories, discovery of the
-newest complete one, rotation, RNG state.
+"""Checkpoints: saving and loading a run (:class:`CheckpointIO`), discovery of the newest intact one,
+rotation, RNG state. How a save reaches the disk (temp dir, space check, fsync, rename, manifest):
+:mod:`lmf.train.durable`.
 
 Layout of ``output_dir/checkpoint-N/`` (written by global rank 0 into ``.tmp-checkpoint-N-*`` and
 renamed when complete)::
 
     adapter_config.json + adapter_model.safetensors   (LoRA)  |  config.json + model*.safetensors (full/freeze)
-    tokenizer files, optimizer.pt, scheduler.pt, rng_state_{rank}.pth, trainer_state.json (written last)
+    tokenizer files, optimizer.pt, scheduler.pt, rng_state_{rank}.pth, trainer_state.json,
+    lmf_manifest.json (written last: every file's size and CRC-32)
 
-A directory named ``checkpoint-N`` that holds ``trainer_state.json`` is complete; ``.tmp-*`` leftovers
-of a crash are ignored and removed on the next start.
+A directory named ``checkpoint-N`` that holds ``trainer_state.json`` is complete; it is *intact* when its
+files match its manifest (:func:`checkpoint_problem`). ``.tmp-*`` leftovers of a crash are ignored and
+removed on the next start by the run that holds the ``output_dir`` lock.
 """
 
 from __future__ import annotations
@@ -19,13 +22,23 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Optional
 
 from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
+from lmf.train.durable import (  # noqa: F401  (make_temp_dir, remove_stale_temp_dirs: re-exported)
+    TMP_PREFIX,
+    commit_dir,
+    commit_files,
+    dir_bytes,
+    make_temp_dir,
+    remove_stale_temp_dirs,
+    tensor_bytes,
+    write_manifest,
+    writing_into,
+)
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
@@ -36,7 +49,6 @@ logger = get_logger(__name__)
 run_logger = get_logger("lmf.train.trainer")  # the training log's name
 
 CHECKPOINT_PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-"
 STATE_NAME = "trainer_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
@@ -76,59 +88,31 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def remove_stale_temp_dirs(output_dir: str) -> None:
-    """Delete ``.tmp-*`` directories left behind by an interrupted save."""
-    for path in glob.glob(os.path.join(output_dir, f"{TMP_PREFIX}*")):
-        logger.warning("removing an incomplete save left by an interrupted run: %s", path)
-        shutil.rmtree(path, ignore_errors=True)
+def checkpoint_problem(path: str) -> Optional[str]:
+    """None when ``path`` can be resumed: its files match its manifest and its state file parses (a checkpoint
+    written before manifests only gets the latter check); else what is wrong, naming the file."""
+    from lmf.train.durable import verify
+
+    problem = verify(path)
+    if problem is None:
+        state = os.path.join(path, STATE_NAME)
+        try:
+            read_json(state)
+        except (OSError, ValueError) as exc:
+            problem = f"{state} is unreadable ({exc.__class__.__name__}: {exc})"
+    return problem
 
 
-def make_temp_dir(output_dir: str, name: str) -> str:
-    """A fresh ``.tmp-NAME-*`` directory inside ``output_dir`` (same file system: renames are atomic)."""
-    os.makedirs(output_dir, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=output_dir)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fix_permissions(root: str) -> None:
-    """mkdtemp and some writers create 0700/0600 entries; give them the usual umask-based modes."""
-    mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
-
-
-def commit_dir(tmp_dir: str, final_dir: str) -> None:
-    """Rename a fully written temp dir to its final name (replacing an older one of that name)."""
-    fix_permissions(tmp_dir)
-    if os.path.exists(final_dir):
-        trash = os.path.join(os.path.dirname(final_dir), TMP_PREFIX + "old-" + os.path.basename(final_dir))
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final_dir, trash)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-
-
-def commit_files(tmp_dir: str, output_dir: str, last: str = STATE_NAME) -> None:
-    """Move every file of ``tmp_dir`` into ``output_dir`` (each rename atomic; ``last`` moved last), drop tmp_dir."""
-    fix_permissions(tmp_dir)
-    names = sorted(os.listdir(tmp_dir), key=lambda n: n == last)
-    for name in names:
-        dst = os.path.join(output_dir, name)
-        if os.path.isdir(dst) and not os.path.islink(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp_dir, name), dst)
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+def newest_intact_checkpoint(output_dir: str) -> tuple[Optional[str], list[tuple[str, str]]]:
+    """The newest complete checkpoint that passes :func:`checkpoint_problem`, and the newer ones that did not
+    (path, why), newest first. Read-only: what to do with the damaged ones is the caller's decision."""
+    damaged = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
 
 
 def rotate_checkpoints(output_dir: str, limit: Optional[int], keep: Optional[str] = None) -> None:
@@ -232,21 +216,34 @@ class CheckpointIO:
             dtype = getattr(self.model.config, "dtype", None)
             if dtype is not None and not isinstance(dtype, str):
                 sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+        from lmf.train.durable import check_free_space
+
+        check_free_space(out_dir, tensor_bytes(sd))
         self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
 
     def save(self, run: "Run", state: "TrainState") -> str:
-        """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state."""
-        import torch
-        import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        from lmf.dist.runtime import barrier, is_dist
+        """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state, manifest."""
+        from lmf.dist.runtime import barrier
 
         out, step = self.args.output_dir, state.global_step
         final_dir = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
         tmp = make_temp_dir(out, f"checkpoint-{step}") if self.runtime.is_main else None
+        needed = dir_bytes(latest_checkpoint(out)) if tmp else 0  # the last checkpoint's size predicts this one's
+        with writing_into(tmp, final_dir, needed):  # a full disk: one line naming the file, the partial save removed
+            self._save_into(tmp, final_dir, run, state)
+        barrier()
+        return final_dir
+
+    def _save_into(self, tmp: Optional[str], final_dir: str, run: "Run", state: "TrainState") -> None:
+        import torch
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from lmf.dist.runtime import is_dist
+
+        out, step = self.args.output_dir, state.global_step
         self._write_model(run.loss_module, tmp, final=False)
         self.hooks.during_save(step)
         rng = capture_rng_state()
@@ -262,6 +259,9 @@ class CheckpointIO:
             optim_sd = get_optimizer_state_dict(run.loss_module, run.optimizer,
                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.runtime.is_main:
+            from lmf.train.durable import check_free_space
+
+            check_free_space(tmp, tensor_bytes(optim_sd))  # the biggest file, known before it is written
             if optim_sd is not None:
                 torch.save(optim_sd, os.path.join(tmp, OPTIMIZER_NAME))
                 if run.scaler is not None:
@@ -271,11 +271,10 @@ class CheckpointIO:
             for rank, rank_state in enumerate(rngs):
                 torch.save(rank_state, os.path.join(tmp, rng_state_name(rank)))
             write_json(os.path.join(tmp, STATE_NAME), asdict(state))
+            write_manifest(tmp)
             commit_dir(tmp, final_dir)
             rotate_checkpoints(out, self.args.save_total_limit, keep=final_dir)
             run_logger.info("saved %s", final_dir)
-        barrier()
-        return final_dir
 
     def save_final(self, run: "Run", state: "TrainState") -> None:
         """Final model/adapter, tokenizer, trainer_state.json (last) and the loss plot in output_dir."""
@@ -283,6 +282,12 @@ class CheckpointIO:
 
         out = self.args.output_dir
         tmp = make_temp_dir(out, "final") if self.runtime.is_main else None
+        with writing_into(tmp, out):
+            self._save_final_into(tmp, run, state)
+        barrier()
+
+    def _save_final_into(self, tmp: Optional[str], run: "Run", state: "TrainState") -> None:
+        out = self.args.output_dir
         self._write_model(run.loss_module, tmp, final=True)
         if self.runtime.is_main:
             if self.cfg.finetuning.plot_loss:
@@ -290,7 +295,7 @@ class CheckpointIO:
 
                 plot_loss(state.log_history, tmp)
             write_json(os.path.join(tmp, STATE_NAME), asdict(state))
-            commit_files(tmp, out)
+            commit_files(tmp, out, last=STATE_NAME)
             run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
             if self.is_lora:
                 _warn_for_vllm(out)
@@ -298,7 +303,6 @@ class CheckpointIO:
                 from lmf.train.pissa import write_converted_adapter
 
                 write_converted_adapter(out, out)
-        barrier()
 
     # ------------------------------------------------------------------ loading
     def load_weights(self, path: str) -> None:

@@ -8,7 +8,10 @@ before that point leaves ``output_dir`` exactly as it was.
 Rules:
 
 - ``resume_from_checkpoint: PATH``: that checkpoint (must be complete).
-- ``resume_from_checkpoint: true``: the newest complete checkpoint in ``output_dir`` (error when none).
+- ``resume_from_checkpoint: true``: the newest intact checkpoint in ``output_dir`` (error when none).
+- A checkpoint whose files do not match its manifest (truncated, missing, changed: a power loss, a full disk)
+  is skipped with a warning naming the file; the run resumes the newest intact one, and the damaged ones are
+  moved to ``.previous/`` with the other checkpoints newer than it (never deleted).
 - unset: checkpoints of an unfinished run with the same *training trajectory* (:data:`TRAJECTORY_KEYS`)
   are resumed automatically, also with ``overwrite_output_dir: true`` (LLaMA-Factory's YAMLs set it; a
   crash must not lose work). Checkpoints of another trajectory stop the run with exit code 2 and a table
@@ -32,6 +35,7 @@ from lmf.config.parser import split_paths
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 from lmf.train import checkpoint as ckpt
+from lmf.train.output_lock import LOCK_NAME
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
@@ -109,10 +113,12 @@ def _holds_model(output_dir: str) -> bool:
 
 
 def _run_entries(output_dir: str) -> list[str]:
-    """Entries of ``output_dir`` that belong to a previous run (all but ``.previous`` and half-written ``.tmp-*``)."""
+    """Entries of ``output_dir`` that belong to a previous run (all but ``.previous``, half-written ``.tmp-*``
+    and the lock of the run now holding the folder)."""
     if not os.path.isdir(output_dir):
         return []
-    return sorted(n for n in os.listdir(output_dir) if n != PREVIOUS_DIR and not n.startswith(ckpt.TMP_PREFIX))
+    return sorted(n for n in os.listdir(output_dir)
+                  if n not in (PREVIOUS_DIR, LOCK_NAME) and not n.startswith(ckpt.TMP_PREFIX))
 
 
 def _refuse_input_dirs(cfg: "LmfConfig") -> None:
@@ -170,13 +176,19 @@ def plan_resume(cfg: "LmfConfig") -> ResumePlan:
     flag = t.resume_from_checkpoint
     if isinstance(flag, str) and flag.lower() in ("true", "false"):
         flag = flag.lower() == "true"
-    latest = ckpt.latest_checkpoint(out)
+    latest, damaged = ckpt.newest_intact_checkpoint(out)
+    for path, why in damaged:  # moved to .previous/ with the other checkpoints newer than the one resumed
+        logger.warning("skipping damaged checkpoint %s: %s", path, why)
     # trainer_state.json at the top is written last by a finished run; a model without it and without
     # checkpoints is someone's model. (A model beside checkpoints is a crash inside the final save.)
-    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (latest is None and _holds_model(out))
+    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (
+        latest is None and not damaged and _holds_model(out))
     if isinstance(flag, str):
         if not ckpt.is_complete_checkpoint(flag):
             raise ConfigError(f"config key 'resume_from_checkpoint': {flag!r} is not a complete checkpoint-N directory")
+        problem = ckpt.checkpoint_problem(flag)
+        if problem:
+            raise ConfigError(f"config key 'resume_from_checkpoint': {flag!r} is damaged: {problem}")
         inside = os.path.realpath(os.path.dirname(os.path.normpath(flag))) == os.path.realpath(out)
         if inside:
             return ResumePlan(checkpoint=flag, move_names=_superseded(out, flag), note=f"resuming from {flag}")
@@ -190,7 +202,8 @@ def plan_resume(cfg: "LmfConfig") -> ResumePlan:
         return ResumePlan(checkpoint=flag, note=f"resuming from {flag}")
     if flag is True:
         if latest is None:
-            raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint")
+            raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint"
+                              + (f" ({len(damaged)} damaged, see above)" if damaged else ""))
         return ResumePlan(checkpoint=latest, move_names=_superseded(out, latest), note=f"resuming from {latest}")
     if flag is False:
         if _run_entries(out):
@@ -205,6 +218,10 @@ def plan_resume(cfg: "LmfConfig") -> ResumePlan:
             )
         return ResumePlan(move_all=True, note="overwrite_output_dir: starting over")
     if latest is None:
+        if damaged:
+            raise ConfigError(
+                f"output_dir {out!r} holds checkpoints, none of them intact (newest: {damaged[0][1]}); nothing was "
+                "changed. resume_from_checkpoint: false starts over (they are moved to .previous/)")
         if _run_entries(out):
             if not t.overwrite_output_dir:
                 raise ConfigError(f"output_dir {out!r} is not empty; set overwrite_output_dir: true to start over "

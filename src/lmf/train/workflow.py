@@ -113,14 +113,10 @@ def load_media_plugin(cfg: "LmfConfig", template, tokenizer):
 
 def run_training(cfg: "LmfConfig") -> None:
     """Train ``cfg``'s stage end to end with its recipe; only rank 0 writes."""
-    from lmf.dist.fault_injection import hooks_from_env
-    from lmf.dist.plan import plan_parallelism
     from lmf.dist.runtime import destroy_distributed
-    from lmf.model.loader import load_model
     from lmf.train.allocator import limit_heap_fragmentation, threshold_bytes
-    from lmf.train.runtime import set_seed, setup_runtime
-    from lmf.train.state import TrainHooks
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint
+    from lmf.train.output_lock import hold_output_dir
+    from lmf.train.runtime import setup_runtime
 
     recipe = recipe_of(cfg.finetuning.stage)
     if hasattr(recipe, "check_config"):
@@ -128,23 +124,36 @@ def run_training(cfg: "LmfConfig") -> None:
     limit_heap_fragmentation(threshold_bytes(cfg.model.malloc_mmap_threshold_mb))  # opt-in
     runtime = setup_runtime(cfg)
     try:
-        plan = plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
-        if runtime.is_main:
-            from lmf.train.reporting import resolve_trackers
-
-            resolve_trackers(cfg.training.report_to)  # a missing tracker package: stop now, with the pip line
-        resume = resolve_resume_checkpoint(cfg, runtime)
-        set_seed(cfg.training.seed)
-        tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
-        # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
-        model = load_model(cfg, tokenizer, is_trainable=True,
-                           device=runtime.device if cfg.model.quantization_bit is not None else None,
-                           # init_on_rank0: rank 0 reads the weights; init_on_meta: each rank its shards, once sharded
-                           on_meta="parameters" if plan.from_checkpoint else plan.from_rank0 and runtime.rank != 0)
-        setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset, data.media)
-        stage = recipe.build_stage(cfg, setup)
-        trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
-                          eval_dataset=setup.eval_dataset, resume=resume, hooks=TrainHooks(**hooks_from_env()))
-        trainer.train()
+        with hold_output_dir(cfg.training.output_dir, runtime):  # one run per output_dir, for its whole life
+            _train_locked(cfg, recipe, runtime)
     finally:
         destroy_distributed()
+
+
+def _train_locked(cfg: "LmfConfig", recipe, runtime: "DistInfo") -> None:
+    """What :func:`run_training` does once the process group is up and ``output_dir`` is locked."""
+    from lmf.dist.fault_injection import hooks_from_env
+    from lmf.dist.plan import plan_parallelism
+    from lmf.model.loader import load_model
+    from lmf.train.runtime import set_seed
+    from lmf.train.state import TrainHooks
+    from lmf.train.trainer import Trainer, resolve_resume_checkpoint
+
+    plan = plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
+    if runtime.is_main:
+        from lmf.train.reporting import resolve_trackers
+
+        resolve_trackers(cfg.training.report_to)  # a missing tracker package: stop now, with the pip line
+    resume = resolve_resume_checkpoint(cfg, runtime)
+    set_seed(cfg.training.seed)
+    tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
+    # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
+    model = load_model(cfg, tokenizer, is_trainable=True,
+                       device=runtime.device if cfg.model.quantization_bit is not None else None,
+                       # init_on_rank0: rank 0 reads the weights; init_on_meta: each rank its shards, once sharded
+                       on_meta="parameters" if plan.from_checkpoint else plan.from_rank0 and runtime.rank != 0)
+    setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset, data.media)
+    stage = recipe.build_stage(cfg, setup)
+    trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
+                      eval_dataset=setup.eval_dataset, resume=resume, hooks=TrainHooks(**hooks_from_env()))
+    trainer.train()
