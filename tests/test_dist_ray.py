@@ -219,3 +219,47 @@ def test_llamafactory_ray_example_runs_on_ray_without_use_ray(tiny_model_dir, tm
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["world_size"] == 4
     assert (tmp_path / "ray" / "lf-example").is_dir()  # ray_storage_path / ray_run_name
+
+
+def test_a_request_the_cluster_cannot_place_is_refused_saying_both_sides():
+    pytest.importorskip("ray.train")
+    from ray.train import ScalingConfig
+
+    from lmf.ray_launcher import check_cluster_fits
+
+    one_node = [{"CPU": 2.0, "memory": 8e9}]
+    check_cluster_fits(ScalingConfig(num_workers=2), {"CPU": 2.0}, one_node)
+    with pytest.raises(LmfError, match=r"asks for 4 worker\(s\) x \{CPU 1\} = \{CPU 4\} \(PACK\), the cluster has "
+                                       r"\{CPU 2\} on 1 node\(s\); lower ray_num_workers"):
+        check_cluster_fits(ScalingConfig(num_workers=4), {"CPU": 2.0}, one_node)
+    with pytest.raises(LmfError, match="GPU"):
+        check_cluster_fits(ScalingConfig(num_workers=1, use_gpu=True), {"CPU": 2.0}, one_node)
+    two_nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    check_cluster_fits(ScalingConfig(num_workers=4), {"CPU": 4.0}, two_nodes)
+    with pytest.raises(LmfError, match="STRICT_PACK needs them on one node"):
+        check_cluster_fits(ScalingConfig(num_workers=4, placement_strategy="STRICT_PACK"), {"CPU": 4.0}, two_nodes)
+    with pytest.raises(LmfError, match="STRICT_SPREAD needs one node per worker"):
+        check_cluster_fits(ScalingConfig(num_workers=3, placement_strategy="STRICT_SPREAD"), {"CPU": 4.0}, two_nodes)
+
+
+@pytest.mark.slow
+def test_llamafactory_ray_example_on_a_too_small_cluster_stops_at_once(tiny_model_dir, tmp_path):
+    """LF's qwen3_lora_sft_ray.yaml (ray_num_workers: 4) on a 2-CPU local cluster: one line, no endless retry."""
+    import time
+
+    import yaml
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                           "lf-examples", "train_lora", "qwen3_lora_sft_ray.yaml")
+    with open(example, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    raw.update(_ray_config(tiny_model_dir, tmp_path, dataset="identity", template="qwen3_nothink", bf16=False,
+                           ray_init_kwargs={"num_cpus": 2}))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    start = time.monotonic()
+    proc = _run_cli(tmp_path / "cfg.yaml")
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert time.monotonic() - start < 120
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmf: error:")]
+    assert "asks for 4 worker(s)" in line and "the cluster has {CPU 2" in line, line
+    assert not (tmp_path / "out").exists()

@@ -4,7 +4,8 @@ one of LLaMA-Factory's Ray keys (:data:`RAY_KEYS`).
 The keys map onto Ray Train: ``ray_num_workers`` (default ``NPROC_PER_NODE x NNODES``), ``resources_per_worker``
 and ``placement_strategy`` onto ``ScalingConfig``; ``ray_run_name``, ``ray_storage_path`` and
 ``ray_storage_filesystem`` (s3, gs/gcs through pyarrow) onto ``RunConfig``; ``ray_init_kwargs`` onto
-``ray.init`` (e.g. the ``address`` of an existing cluster, a ``runtime_env``). Each Ray worker gets the usual
+``ray.init`` (e.g. the ``address`` of an existing cluster, a ``runtime_env``). The request is compared with the
+cluster's resources before anything starts, and Ray's retries of a worker group that cannot start are bounded. Each Ray worker gets the usual
 torchrun-style environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...) from the Ray Train context and runs
 the same command as a torchrun worker; Ray has already created the torch process group (timeout = the
 config's ``ddp_timeout``), which ``lmf.dist.runtime.init_distributed`` reuses. Ray is optional:
@@ -83,6 +84,52 @@ def ray_run_options(training, command: str) -> dict:
     return options
 
 
+def _format_resources(resources: Mapping) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or v) or "nothing"
+
+
+def check_cluster_fits(scaling, cluster: Mapping[str, float], nodes: list[Mapping[str, float]]) -> None:
+    """Refuse a Ray Train request the cluster cannot place (Ray would retry "worker group startup timed out"
+    forever): the total of every resource, the largest node for STRICT_PACK, the node count for STRICT_SPREAD."""
+    need = {k: float(v) for k, v in scaling.total_resources.items() if v}
+    workers, strategy = scaling.num_workers, scaling.placement_strategy
+    per_worker = _format_resources(scaling._resources_per_worker_not_none)
+    asked = f"{workers} worker(s) x {{{per_worker}}} = {{{_format_resources(need)}}} ({strategy})"
+    where = f"the cluster has {{{_format_resources(cluster)}}} on {len(nodes)} node(s)"
+    short = [k for k, v in need.items() if v > float(cluster.get(k, 0.0)) + 1e-9]
+    if strategy == "STRICT_PACK" and not short and nodes:
+        short = [k for k, v in need.items() if all(v > float(n.get(k, 0.0)) + 1e-9 for n in nodes)]
+        where += " (STRICT_PACK needs them on one node)"
+    if strategy == "STRICT_SPREAD" and workers > len(nodes):
+        short, where = short or ["nodes"], where + " (STRICT_SPREAD needs one node per worker)"
+    if short:
+        raise LmfError(f"Ray cannot place this run: it asks for {asked}, {where}; lower ray_num_workers (or "
+                       "NPROC_PER_NODE x NNODES) or resources_per_worker, or connect to a bigger cluster "
+                       "(ray_init_kwargs: {address: ...})")
+
+
+def _alive_nodes(ray) -> list[dict]:
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive", True)]
+
+
+#: Attempts to start the worker group (Ray's start timeout, 60 s by default, each) before the run fails.
+RAY_START_ATTEMPTS = 5
+
+
+def _bounded_start() -> dict:
+    """A FailureConfig that bounds Ray Train's retries of a worker group that cannot start (where Ray has it)."""
+    import dataclasses
+
+    from ray.train import FailureConfig
+
+    try:
+        if "controller_failure_limit" not in {f.name for f in dataclasses.fields(FailureConfig)}:
+            return {}
+    except TypeError:  # an older Ray: FailureConfig is not a dataclass and has no such limit
+        return {}
+    return {"failure_config": FailureConfig(controller_failure_limit=RAY_START_ATTEMPTS)}
+
+
 def _mapping(value, key: str) -> Optional[dict]:
     """A config value that is a mapping or its JSON text."""
     if value is None or isinstance(value, dict):
@@ -136,17 +183,19 @@ def run_with_ray(command: str, args: Sequence[str], env: Optional[Mapping[str, s
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_kwargs = _mapping(training.ray_init_kwargs, "ray_init_kwargs")
-    if init_kwargs is not None and not ray.is_initialized():
-        ray.init(**init_kwargs)
+    if not ray.is_initialized():
+        ray.init(**(init_kwargs or {}))
     options = ray_scaling_options(env, torch.cuda.is_available(), training)
+    scaling = ScalingConfig(**options)
+    check_cluster_fits(scaling, ray.cluster_resources(), _alive_nodes(ray))  # not an endless "startup timed out"
     get_logger(__name__).info("launching %d Ray Train worker(s) (use_gpu=%s, %s)", options["num_workers"],
                               options["use_gpu"], options["placement_strategy"])
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"command": command, "args": list(args), "cwd": os.getcwd()},
         torch_config=TorchConfig(timeout_s=int(training.ddp_timeout)),
-        scaling_config=ScalingConfig(**options),
-        run_config=RunConfig(**ray_run_options(training, command)),
+        scaling_config=scaling,
+        run_config=RunConfig(**ray_run_options(training, command), **_bounded_start()),
     )
     try:
         result = trainer.fit()

@@ -1,7 +1,8 @@
 """Preprocessing cache: a key over everything that changes the tokens, and atomic save/load.
 
 Key = hash of (cache format version, stage, template, tokenizer, the data arguments that matter,
-the dataset registry entries, and each data file's content). Files up to 256 MiB are hashed by
+the dataset registry entries, each data file's content, and for vision data where its media folder resolves
+to). Media paths are stored resolved through symlinks, and an entry whose media files are gone is rebuilt. Files up to 256 MiB are hashed by
 content; larger ones by size + mtime (hashing them on every start would be slow).
 
 Location: ``preprocessing_cache_dir``, else ``$LMF_CACHE/datasets``, else ``~/.cache/lmf/datasets``.
@@ -113,7 +114,8 @@ def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eva
     }
     if media is not None:
         payload["media"] = media.cache_identity()
-        payload["media_dir"] = data_args.media_dir
+        # where media paths lead (symlinks resolved): two copies of a project sharing one data folder share entries
+        payload["media_dir"] = os.path.realpath(data_args.media_dir or data_args.dataset_dir or ".")
     for split, attrs in (("train", train_attrs), ("eval", eval_attrs)):
         payload[split] = [
             {"attr": {k: v for k, v in dataclasses.asdict(a).items() if k != "files"},
@@ -122,6 +124,23 @@ def cache_key(stage: str, template, tokenizer, data_args, train_attrs: list, eva
         ]
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def missing_media(train, eval_) -> Optional[str]:
+    """The first image/video path of a loaded entry that no longer exists (a project copy deleted, a shared
+    folder moved), or None. Reads the path columns by Arrow, each distinct path stat'ed once."""
+    import pyarrow.compute as pc
+
+    parts = list(eval_.values()) if isinstance(eval_, dict) else [eval_]
+    for ds in [train, *parts]:
+        if ds is None:
+            continue
+        for column in ("images", "videos"):
+            if column in ds.column_names:
+                for path in pc.unique(pc.list_flatten(ds.data.column(column))).to_pylist():
+                    if path and not os.path.exists(path):
+                        return path
+    return None
 
 
 def is_complete(path: str) -> bool:
@@ -178,4 +197,16 @@ def load_entry(path: str) -> tuple[Any, Any, dict]:
         eval_ = datasets.load_from_disk(eval_path)
     with open(os.path.join(path, "stats.json"), encoding="utf-8") as fh:
         stats = json.load(fh)
+    return train, eval_, stats
+
+
+def load_tokenized_path(path: str) -> tuple[Any, Any, dict]:
+    """:func:`load_entry` of a user's ``tokenized_path`` folder, refused when its media files are gone."""
+    from lmf.extras.errors import DataError
+
+    train, eval_, stats = load_entry(path)
+    gone = missing_media(train, eval_)
+    if gone:
+        raise DataError(f"config key 'tokenized_path': {path} refers to {gone}, which no longer exists; point "
+                        "tokenized_path at a new folder to preprocess again")
     return train, eval_, stats

@@ -275,7 +275,7 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str, media=None) -> tu
     else:
         if d.tokenized_path and cache_mod.is_complete(d.tokenized_path):
             logger.info("loading tokenized dataset from tokenized_path %s", d.tokenized_path)
-            train, eval_, stats = cache_mod.load_entry(d.tokenized_path)
+            train, eval_, stats = cache_mod.load_tokenized_path(d.tokenized_path)
             return train, eval_, dict(stats, cache="tokenized_path")
         train_attrs = resolve_datasets(d.dataset, d.dataset_dir, key="dataset")
         eval_attrs = resolve_datasets(d.eval_dataset, d.dataset_dir, key="eval_dataset")
@@ -285,10 +285,13 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str, media=None) -> tu
     entry = os.path.join(cache_mod.cache_root(d), key)
     # only local rank 0 rebuilds on overwrite_cache; the other ranks then reuse what it just built
     overwrite = d.overwrite_cache and _is_local_main()
-    if cache_mod.is_complete(entry) and not overwrite:
+    hit = cache_mod.load_entry(entry) if cache_mod.is_complete(entry) and not overwrite else None
+    if hit and (gone := cache_mod.missing_media(hit[0], hit[1])):
+        logger.warning("the cached dataset %s refers to %s, which no longer exists; preprocessing again", entry, gone)
+        hit = None
+    if hit:
         logger.info("reusing preprocessed dataset from cache %s", entry)
-        train, eval_, stats = cache_mod.load_entry(entry)
-        stats = dict(stats, cache="hit", cache_path=entry)
+        train, eval_, stats = hit[0], hit[1], dict(hit[2], cache="hit", cache_path=entry)
     else:
         build_dir = cache_mod.new_build_dir(entry)
         work_dir = os.path.join(build_dir, "_work")

@@ -15,12 +15,13 @@ from typing import Optional
 
 def resolve_media_path(value: str, media_dir: Optional[str]) -> str:
     """``media_dir/value`` when that file exists, else ``value`` (absolute, or relative to the cwd), as an absolute
-    path: the preprocessed data is cached and may be read from another working directory."""
+    path with symlinks resolved: the preprocessed data is cached and may be read from another working directory,
+    or by another copy of a project whose data folder is a symlink to the same shared folder."""
     if media_dir:
         joined = os.path.join(media_dir, value)
         if os.path.isfile(joined):
-            return os.path.abspath(joined)
-    return os.path.abspath(value)
+            return os.path.realpath(joined)
+    return os.path.realpath(value)
 
 
 def image_problem(path: str) -> Optional[str]:
