@@ -222,6 +222,10 @@ def test_tool_call_replies_and_tool_results_round_trip(engine, base_url):
         ({"model": "tiny-test", "messages": [{"role": "system", "content": "s"}]}, 400, "only a system"),
         ({"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}, 400, "n > 1"),
         ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "tiny-test"),
+        ({"model": "tiny-test", "messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+        ({"model": "tiny-test", "messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ({"model": "tiny-test", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None},
+                                             {"role": "user", "content": "b"}]}, 400, "messages[1].content"),
     ],
 )
 def test_bad_requests_get_4xx_with_a_message(base_url, engine, body, status, fragment):
@@ -230,6 +234,25 @@ def test_bad_requests_get_4xx_with_a_message(base_url, engine, body, status, fra
     error = response.json()["error"]
     assert fragment in error["message"]
     assert engine.calls == []  # nothing reached the model
+
+
+def test_null_user_content_is_refused_naming_the_field(base_url, engine):
+    """A user message with content null is a 400 whose param names it (an assistant one with tool_calls stays valid:
+    test_tool_call_replies_and_tool_results_round_trip)."""
+    body = {"model": "tiny-test", "messages": [{"role": "user", "content": None}]}
+    error = httpx.post(f"{base_url}/chat/completions", json=body, timeout=10).json()["error"]
+    assert error["param"] == "messages[0].content" and "content is required in a user message" in error["message"]
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "text/plain"}, {"content-type": "text/plain; charset=utf-8"}])
+def test_a_json_body_is_read_whatever_its_content_type(base_url, engine, headers):
+    """As OpenAI's server: a JSON body without a Content-Type (or with text/plain) is a request like any other."""
+    body = json.dumps({"model": "tiny-test", "messages": [{"role": "user", "content": "hi there"}]})
+    response = httpx.post(f"{base_url}/chat/completions", content=body.encode(), headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == "echo: hi there"
+    assert engine.calls[-1]["messages"] == [{"role": "user", "content": "hi there"}]
 
 
 def test_malformed_json_is_400(base_url):

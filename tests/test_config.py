@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import pytest
 
@@ -85,8 +86,8 @@ def test_value_coercion():
     ({"bf16": "maybe"}, r"config key 'bf16': expected true or false, got 'maybe'"),
     ({"learning_rate": [1, 2]}, r"config key 'learning_rate': expected a number"),
     ({"bf16": True, "fp16": True}, r"'bf16' and 'fp16' are both true"),
-    ({"cutoff_len": 0}, r"config key 'cutoff_len': must be positive"),
-    ({"val_size": -0.1}, r"config key 'val_size': must be >= 0"),
+    ({"cutoff_len": 0}, r"config key 'cutoff_len': 0 is out of range \(must be >= 1\)"),
+    ({"val_size": -0.1}, r"config key 'val_size': -0.1 is out of range \(must be >= 0\)"),
     ({"report_to": "comet_ml"}, r"config key 'report_to': 'comet_ml' is not supported"),
 ])
 def test_bad_keys_and_values(raw, pattern):
@@ -163,3 +164,95 @@ def test_config_is_import_light():
             "print(','.join(m for m in ('torch', 'transformers', 'datasets', 'yaml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == ""
+
+
+# ---- numeric ranges (args.BOUNDS), checked at parse time ----
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("lora_rank", 0, "0 is out of range (must be >= 1)"),
+    ("lora_rank", -1, "-1 is out of range (must be >= 1)"),
+    ("learning_rate", -1, "-1.0 is out of range (must be >= 0)"),
+    ("learning_rate", "nan", "nan is out of range (must be >= 0)"),
+    ("num_train_epochs", 0, "0.0 is out of range (must be > 0)"),
+    ("adam_epsilon", 0, "0.0 is out of range (must be > 0)"),
+    ("lora_dropout", 1.0, "1.0 is out of range (must be in [0, 1))"),
+    ("adam_beta2", 1, "1.0 is out of range (must be in [0, 1))"),
+    ("warmup_ratio", 1.5, "1.5 is out of range (must be in [0, 1])"),
+    ("max_steps", -2, "-2 is out of range (must be >= -1)"),
+    ("per_device_train_batch_size", 0, "0 is out of range (must be >= 1)"),
+    ("save_steps", 0, "0.0 is out of range (must be > 0)"),
+    ("max_samples", 0, "0 is out of range (must be >= 1)"),
+])
+def test_out_of_range_values_name_key_value_and_range(key, value, shown):
+    with pytest.raises(ConfigError) as info:
+        build_config({"model_name_or_path": "m", key: value})
+    assert str(info.value) == f"config key {key!r}: {shown}"
+
+
+def test_in_range_edges_and_sentinels_pass():
+    cfg = build_config({"model_name_or_path": "m", "max_steps": -1, "learning_rate": 0, "warmup_ratio": 1.0,
+                        "lora_dropout": 0.0, "max_grad_norm": 0, "max_samples": None, "pissa_iter": -1})
+    assert cfg.training.max_steps == -1 and cfg.data.max_samples is None
+
+
+def test_bounds_table_names_numeric_keys_whose_defaults_fit():
+    import dataclasses
+
+    from lmf.config.args import BOUNDS
+    from lmf.config.parser import KEY_INDEX
+    from lmf.config.values import _within
+
+    for key, spec in BOUNDS.items():
+        assert key in KEY_INDEX, key
+        f = KEY_INDEX[key][1]
+        assert "int" in str(f.type) or "float" in str(f.type), key
+        if f.default is not None and f.default is not dataclasses.MISSING:
+            assert _within(f.default, spec), (key, f.default, spec)
+    assert "lora_rank = 8" in describe_keys() and "(range: >= 1)" in describe_keys()
+
+
+def test_out_of_range_on_the_command_line_exits_2_before_loading_anything(tmp_path):
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "lmf", "sft", "examples/demo_lora_sft.yaml", "lora_rank=0",
+                           f"output_dir={out}"], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "lmf: error: command line: config key 'lora_rank': 0 is out of range (must be >= 1)"]
+    assert not out.exists()
+
+
+# ---- every message about one key names where it was given ----
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rope_scaling", "linear", "config key 'rope_scaling' is accepted for LLaMA-Factory compatibility but not"),
+    ("lora_rnk", 8, "unknown config key 'lora_rnk'"),
+    ("lora_rank", "abc", "config key 'lora_rank': expected an integer, got 'abc'"),
+    ("lora_rank", 0, "config key 'lora_rank': 0 is out of range"),
+    ("torch_compile", True, "config key 'torch_compile' is accepted for LLaMA-Factory compatibility but"),
+    ("stage", "ppo", "config key 'stage': 'ppo' — PPO is not implemented"),
+])
+@pytest.mark.parametrize("given_in", ["yaml", "command line"])
+def test_key_messages_name_their_true_source(tmp_path, key, value, message, given_in):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model_name_or_path: m\nlearning_rate: 1.0e-4\n"
+                         + (f"{key}: {value}\n" if given_in == "yaml" else ""))
+    argv = [str(yaml_file)] + ([f"{key}={value}"] if given_in == "command line" else [])
+    with pytest.raises(ConfigError) as info:
+        get_config(argv)
+    where = str(yaml_file) if given_in == "yaml" else "command line"
+    assert str(info.value).startswith(f"{where}: {message}"), str(info.value)
+
+
+def test_an_override_of_a_yaml_key_is_reported_as_the_command_line(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model_name_or_path: m\nlora_rank: 0\n")
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{yaml_file}: config key 'lora_rank'")):
+        get_config([str(yaml_file)])
+    with pytest.raises(ConfigError, match=r"^command line: config key 'lora_rank': -1 is out"):
+        get_config([str(yaml_file), "lora_rank=-1"])
+    assert get_config([str(yaml_file), "lora_rank=4"]).finetuning.lora_rank == 4

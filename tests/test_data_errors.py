@@ -163,3 +163,49 @@ def test_val_size_too_large(tmp_path, data_dir, tok):
     setup(data_dir, [GOOD, GOOD])
     with pytest.raises(ConfigError, match="config key 'val_size'"):
         load(tmp_path, tok, val_size=5)
+
+
+# ---- files that are not UTF-8: one line naming the file and the byte offset; a bad JSON line is one bad record ----
+
+LATIN1 = '{"instruction": "caf\xe9", "output": "a"}'.encode("latin-1")  # \xe9 alone is not UTF-8
+
+
+def test_non_utf8_json_file_names_file_and_byte_offset(tmp_path, data_dir, tok):
+    first = b'[{"instruction": "q", "output": "a"},\n'
+    (data_dir / "d.json").write_bytes(first + LATIN1 + b"]")
+    (data_dir / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json"}}))
+    offset = len(first) + LATIN1.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"d\.json is not valid UTF-8: .* at byte offset {offset} \(line 2\)"):
+        load(tmp_path, tok)
+    with pytest.raises(DataError, match=r"d\.json is not valid UTF-8"):
+        load(tmp_path, tok, skip_bad_records=True)  # a .json array is parsed whole: no record to skip
+
+
+def test_non_utf8_dataset_info_names_file_and_byte_offset(tmp_path, data_dir, tok):
+    setup(data_dir, [GOOD])
+    (data_dir / "dataset_info.json").write_bytes(b'{"d": {"file_name": "d.json", "x": "\xff"}}')
+    with pytest.raises(DataError, match=r"dataset_info\.json is not valid UTF-8: invalid start byte at byte offset 36 "
+                                        r"\(line 1\)"):
+        load(tmp_path, tok)
+
+
+def test_non_utf8_jsonl_line_is_a_bad_record(tmp_path, data_dir, tok):
+    good = json.dumps(GOOD).encode()
+    (data_dir / "d.jsonl").write_bytes(good + b"\n" + LATIN1 + b"\n" + good + b"\n")
+    (data_dir / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl"}}))
+    offset = len(good) + 1 + LATIN1.index(b"\xe9")
+    with pytest.raises(DataError, match=rf"d\.jsonl: record 1: line 2 is not valid UTF-8: invalid continuation byte "
+                                        rf"at byte offset {offset} of the file.*skip_bad_records"):
+        load(tmp_path, tok)
+    logger = logging.getLogger("lmf.data.loader")
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        module = load(tmp_path, tok, skip_bad_records=True)
+    finally:
+        logger.removeHandler(handler)
+    assert len(module.train_dataset) == 2 and module.stats["train"]["skipped_records"] == 1
+    assert any("skipped 1 malformed record(s)" in r.getMessage() and "line 2 is not valid UTF-8" in r.getMessage()
+               for r in records)

@@ -186,3 +186,59 @@ def test_parallel_preprocessing_matches_single_process(tmp_path, data_dir, tok):
     one = load(tmp_path, tok, dataset="a", preprocessing_num_workers=1).train_dataset
     two = load(tmp_path, tok, dataset="a", preprocessing_num_workers=2, overwrite_cache=True).train_dataset
     assert one["input_ids"] == two["input_ids"] and one["labels"] == two["labels"]
+
+
+# ---- fields a user wrote that the entry's columns do not map: trained without them (as LLaMA-Factory), one warning
+
+@pytest.fixture()
+def registry_warnings():
+    """Warnings of lmf.data.registry inside the test (lmf's loggers do not propagate to caplog)."""
+    import logging
+
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("lmf.data.registry")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+SEED_EXAMPLE = {"instruction": "Add", "input": "1 2", "output": "3", "system": "Math.", "history": [["Hi", "Hello"]]}
+
+
+def test_unmapped_alpaca_fields_warn_once_and_keep_the_tokens(tmp_path, data_dir, tok, registry_warnings):
+    write_json(data_dir / "my_example.json", [SEED_EXAMPLE, SEED_EXAMPLE])
+    write_json(data_dir / "plain.json", [{k: SEED_EXAMPLE[k] for k in ("instruction", "input", "output")}])
+    write_info(data_dir, {"my_example": {"file_name": "my_example.json"}, "plain": {"file_name": "plain.json"}})
+    row = load(tmp_path, tok, dataset="my_example", eval_dataset="my_example").train_dataset[0]
+    plain = load(tmp_path, tok, dataset="plain").train_dataset[0]
+    assert row["input_ids"] == plain["input_ids"] and row["labels"] == plain["labels"]  # LLaMA-Factory's tokens
+    load(tmp_path, tok, dataset="my_example")
+    messages = [r.getMessage() for r in registry_warnings if r.levelname == "WARNING"]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("dataset 'my_example': records have fields system, history that its entry in ")
+    assert messages[0].endswith('add "columns": {"system": "system", "history": "history"} to use them')
+
+
+def test_unmapped_fields_of_other_formats_and_files(tmp_path, data_dir, tok, registry_warnings):
+    conv = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    (data_dir / "s.jsonl").write_text(json.dumps({"conversations": conv, "system": "S", "tools": "[]"}) + "\n")
+    write_json(data_dir / "m.json", [{"instruction": "q", "output": "a", "images": [], "history": []}])
+    write_json(data_dir / "mapped.json", [SEED_EXAMPLE])
+    write_info(data_dir, {
+        "s": {"file_name": "s.jsonl", "formatting": "sharegpt"},
+        "m": {"file_name": "m.json", "columns": {"prompt": "instruction"}},
+        "mapped": {"file_name": "mapped.json", "columns": {"system": "system", "history": "history"}},
+    })
+    from lmf.data.registry import resolve_datasets
+
+    resolve_datasets("s,m,mapped", str(data_dir))
+    messages = sorted(r.getMessage() for r in registry_warnings)
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("dataset 'm': records have fields history, images") and messages[0].endswith(
+        'set "columns": {"prompt": "instruction", "history": "history", "images": "images"} to use them')
+    assert messages[1].startswith("dataset 's': records have fields system, tools") and messages[1].endswith(
+        'add "columns": {"system": "system", "tools": "tools"} to use them')

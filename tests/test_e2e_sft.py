@@ -63,6 +63,23 @@ def test_bad_model_path_names_the_key(tmp_path):
     assert proc.returncode != 0 and "model_name_or_path" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", "two"), ("hidden_size", [64])])
+def test_wrong_typed_model_config_field_is_one_line(tmp_path, tiny_model_dir, field, value):
+    """A wrong-typed field of the model's config.json: one line naming the file, the field and what is wrong."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config[field] = value
+    (model / "config.json").write_text(json.dumps(config))
+    proc = run_lmf("sft", DEMO, f"model_name_or_path={model}", f"output_dir={tmp_path}/o", "max_steps=1")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if "lmf: error:" in ln]
+    assert str(model / "config.json") in line and f"'{field}'" in line and "expected int" in line, line
+
+
 def test_llamafactory_example_yaml_runs_unchanged(tmp_path):
     """LLaMA-Factory's qwen3_lora_sft.yaml (bf16, ddp_timeout, 16 preprocessing / 4 dataloader workers) on CPU."""
     out = tmp_path / "lf"

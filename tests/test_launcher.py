@@ -20,7 +20,7 @@ def _argv(env, command="sft", args=("cfg.yaml", "lr=1"), devices=0):
 
 def test_single_node_defaults():
     assert _argv({}) == [
-        PY, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        PY, "-m", "lmf.torchrun", "--nproc-per-node", "1",
         "--nnodes", "1", "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "12345",
         "--max-restarts", "0", "--module", "lmf.launcher", "sft", "cfg.yaml", "lr=1",
     ]
@@ -34,7 +34,7 @@ def test_nproc_defaults_to_device_count():
 def test_multi_node():
     env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "20000", "NPROC_PER_NODE": "4"}
     assert _argv(env, command="dpo", args=("d.yaml",)) == [
-        PY, "-m", "torch.distributed.run", "--nproc-per-node", "4",
+        PY, "-m", "lmf.torchrun", "--nproc-per-node", "4",
         "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "20000",
         "--max-restarts", "0", "--module", "lmf.launcher", "dpo", "d.yaml",
     ]
@@ -43,7 +43,7 @@ def test_multi_node():
 def test_elastic_without_min_max():
     env = {"RDZV_ID": "job1", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "MAX_RESTARTS": "3"}
     assert _argv(env, args=()) == [
-        PY, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        PY, "-m", "lmf.torchrun", "--nproc-per-node", "1",
         "--nnodes", "2", "--rdzv-id", "job1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29500",
         "--max-restarts", "3", "--module", "lmf.launcher", "sft",
     ]
@@ -53,7 +53,7 @@ def test_elastic_with_min_max():
     env = {"RDZV_ID": "job1", "MIN_NNODES": "1", "MAX_NNODES": "4", "NPROC_PER_NODE": "2"}
     argv = _argv(env, command="rm", args=("r.yaml",))
     assert argv == [
-        PY, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        PY, "-m", "lmf.torchrun", "--nproc-per-node", "2",
         "--nnodes", "1:4", "--rdzv-id", "job1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:12345",
         "--max-restarts", "0", "--module", "lmf.launcher", "rm", "r.yaml",
     ]

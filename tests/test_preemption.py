@@ -119,3 +119,7 @@ def test_sigterm_to_the_launcher_reaches_the_torchrun_workers(tmp_path):
     assert "rank 0 received SIGTERM" in text and "rank 1 received SIGTERM" in text
     (ck,) = checkpoints(out)
     assert state(out / ck)["global_step"] >= 1
+    # the preemption is reported once, in one line, with no torchrun SignalException traceback under it
+    assert "Traceback" not in text and "SignalException" not in text, text[-4000:]
+    [report] = [line for line in lines if "training interrupted by SIGTERM" in line]
+    assert report.startswith("lmf: ") and f"checkpoint saved at {out / ck}" in report, report

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmf.config.parser import build_config
-from lmf.extras.errors import ConfigError, NotAvailableError
+from lmf.extras.errors import ConfigError, DataError, NotAvailableError
 from lmf.train.batches import MicroBatchStream, ResumableShardedSampler
 from lmf.train.optim import create_optimizer, create_scheduler
 
@@ -94,6 +94,21 @@ def test_micro_batch_stream_resumes_at_the_same_batch():
     state = torch.get_rng_state()
     next(MicroBatchStream(data, collate, 2, ResumableShardedSampler(7, seed=1)))
     assert torch.equal(state, torch.get_rng_state())
+
+
+def _undecodable_image(rows):
+    raise DataError("image file 'cat.png' cannot be decoded (truncated)")
+
+
+def test_data_error_in_a_dataloader_worker_is_its_own_one_line(capsys):
+    """A DataError raised by the collator in a DataLoader worker (num_workers=1) reaches the user as lmf's one line
+    and exit code, not torch's "Caught DataError in DataLoader worker process 0" with the worker's traceback."""
+    from lmf.launcher import _guarded
+
+    stream = MicroBatchStream(list(range(4)), _undecodable_image, 2, ResumableShardedSampler(4), num_workers=1)
+    assert _guarded(next, stream) == DataError.exit_code
+    assert capsys.readouterr().err == "lmf: error: image file 'cat.png' cannot be decoded (truncated)\n"
+    assert stream.batch_in_epoch == 0
 
 
 def test_report_to_missing_tracker_is_a_clear_error(tmp_path, monkeypatch):

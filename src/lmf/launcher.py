@@ -1,7 +1,7 @@
 """The ``lmf`` command: routes commands and relaunches training through torchrun.
 
 ``launch()`` is the console entry point. For a training command (``train``, ``sft``, ``dpo``,
-``rm``, ``kto``) it re-executes itself through ``python -m torch.distributed.run`` (:mod:`lmf.torchrun`) when
+``rm``, ``kto``) it re-executes itself through torchrun (``python -m lmf.torchrun``) when
 ``FORCE_TORCHRUN`` is truthy or more than one accelerator is visible; each worker then enters ``main()``, which
 routes the command to its trainer. Everything else runs in-process.
 
@@ -123,13 +123,16 @@ def run_command(command: str, args: list[str]) -> int:
     return 2
 
 
-def _guarded(fn, *args) -> int:
-    """Run ``fn``; turn :class:`LmfError` into a one-line message and its exit code."""
+def _guarded(fn, *args, quiet_shared: bool = False) -> int:
+    """Run ``fn``; turn :class:`LmfError` into a one-line message and its exit code. ``quiet_shared``: an error every
+    rank raises alike (a stop by a signal, exit code 128 + N; a decision broadcast from rank 0) says nothing (a
+    torchrun worker other than the node's first)."""
     try:
         return fn(*args)
     except LmfError as exc:
-        kind = "" if exc.exit_code >= 128 else "error: "  # 128 + N: stopped by signal N, not a failure
-        print(f"lmf: {kind}{exc}", file=sys.stderr, flush=True)
+        stopped = exc.exit_code >= 128  # 128 + N: stopped by signal N, not a failure
+        if not ((stopped or exc.same_on_every_rank) and quiet_shared):
+            print(f"lmf: {'' if stopped else 'error: '}{exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lmf: interrupted", file=sys.stderr)
@@ -178,7 +181,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"lmf worker: unknown training command {argv[0]!r}", file=sys.stderr)
         _report_exit_code(2)
         sys.exit(2)
-    code = _guarded(run_worker_command, command, argv)
+    # an error every rank raises alike (a stop, a broadcast decision): the node's local rank 0 prints it, once
+    code = _guarded(run_worker_command, command, argv, quiet_shared=os.environ.get("LOCAL_RANK", "0") != "0")
     _report_exit_code(code)
     _exit_now(code)
 

@@ -3,6 +3,8 @@
 The launcher (:mod:`lmf.launcher`) calls :func:`relaunch_with_torchrun`; each worker reports its own exit code
 into ``$LMF_WORKER_EXIT_DIR`` (torchrun itself only says that a worker failed) and :func:`launcher_exit_code`
 turns those reports and torchrun's code into the one ``lmf`` exits with. Standard library only at module level.
+``python -m lmf.torchrun`` is torchrun itself (:func:`run_torchrun`), without its tracebacks: quiet when a forwarded
+signal stops it, one line per worker that died without reporting when workers fail.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def build_torchrun_argv(
     python: str = sys.executable,
     port_finder=find_available_port,
 ) -> list[str]:
-    """The exact argv of the torchrun relaunch for ``lmf <command> <args>`` under ``env``.
+    """The exact argv of the torchrun relaunch for ``lmf <command> <args>`` under ``env`` (torchrun's own arguments,
+    run by :func:`run_torchrun`).
 
     Static (default): ``--nnodes N --node_rank R --master_addr A --master_port P``.
     Elastic (``RDZV_ID`` set): ``--nnodes N|MIN:MAX --rdzv-id ID --rdzv-backend c10d
@@ -71,7 +74,7 @@ def build_torchrun_argv(
     rdzv_id = env.get("RDZV_ID")
     min_nnodes, max_nnodes = env.get("MIN_NNODES"), env.get("MAX_NNODES")
 
-    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", nproc_per_node]
+    argv = [python, "-m", "lmf.torchrun", "--nproc-per-node", nproc_per_node]  # torchrun: run_torchrun
     if rdzv_id:
         rdzv_nnodes = f"{min_nnodes}:{max_nnodes}" if min_nnodes and max_nnodes else nnodes
         argv += [
@@ -209,6 +212,38 @@ def relaunch_with_torchrun(command: str, args: Sequence[str]) -> int:
                   "(a worker crashed while exiting; its work was complete)", file=sys.stderr, flush=True)
         else:
             print(f"lmf: error: torchrun exited {code}: a worker died without an exit code of its own "
-                  f"({len(workers)} of {nproc} reported; torchrun's report above names the rank and signal)",
+                  f"({len(workers)} of {nproc} reported; the line above names the rank and signal)",
                   file=sys.stderr, flush=True)
     return result
+
+
+def run_torchrun(argv: Sequence[str]) -> int:
+    """torchrun (``torch.distributed.run``) with ``argv``, in this process: the launcher's child.
+
+    A SIGTERM/SIGINT/SIGHUP that the launcher forwarded ends it with 128 + the signal and nothing printed: torchrun
+    has shut the workers down (each reported, the one line of the preemption is theirs) and would otherwise print
+    its ``SignalException`` traceback under it. Failed workers end it with 1 and, instead of torchrun's
+    ``ChildFailedError`` traceback, one line for each worker that died without reporting its own error.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(list(argv))
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        # a worker that reported its exit code printed its own one-line error; name only the ones that died silently
+        reported = read_worker_exit_codes(os.environ.get(EXIT_DIR_ENV, ""))
+        for rank, failure in sorted(exc.failures.items()):
+            if rank not in reported:
+                why = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+                print(f"lmf: worker rank {rank} (local rank {failure.local_rank}, pid {failure.pid}, {exc.name}) "
+                      f"died without reporting: {why}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))

@@ -6,7 +6,8 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
 class TextPart(BaseModel):
@@ -40,10 +41,21 @@ class ToolCall(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[Union[TextPart, ImagePart]], None] = None
-    tool_calls: Optional[list[ToolCall]] = None
+    tool_calls: Optional[list[ToolCall]] = None  # before content: its check reads them
+    content: Union[str, list[Union[TextPart, ImagePart]], None] = Field(default=None, validate_default=True)
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value, info: ValidationInfo):
+        """Null or absent content only in an assistant message with ``tool_calls`` (as OpenAI's API)."""
+        role = info.data.get("role")
+        if value is None and not (role == "assistant" and info.data.get("tool_calls")):
+            raise PydanticCustomError("missing_content", "content is required in a {role} message (a string or a "
+                                      "list of parts); only an assistant message with tool_calls may leave it null",
+                                      {"role": role or "chat"})
+        return value
 
     def engine_role(self) -> str:
         """The role the engine sees: an assistant message with ``tool_calls`` is a ``function`` turn;

@@ -71,10 +71,11 @@ def _validation_message(errors: list[dict]) -> tuple[str, Optional[str]]:
         if err.get("type") == "json_invalid":
             parts.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'decode error')})")
             continue
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        # drop pydantic's union-branch names (e.g. 'str', 'list[TextPart]') from the path
-        loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "function-after")]
-        param = ".".join(loc) or None
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        # drop pydantic's union-branch names (e.g. 'str', 'list[TextPart]') from the path; list indices as [i]
+        loc = [x for x in loc
+               if isinstance(x, int) or not any(c in x for c in "[]") and x not in ("str", "function-after")]
+        param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc).lstrip(".") or None
         first_param = first_param or param
         msg = err.get("msg", "invalid value")
         parts.append(f"{param}: {msg}" if param else msg)
@@ -126,7 +127,8 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        body = await _request_body(request)
         if body.model != model_name:
             return _error_response(404, f"model {body.model!r} does not exist; this server serves {model_name!r}",
                                    param="model", code="model_not_found")
@@ -217,6 +219,27 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _request_body(request: Any):
+    """The request's :class:`~lmf.api.protocol.ChatCompletionRequest`, read as JSON whatever its Content-Type says
+    (none, text/plain: as OpenAI's server); a bad body raises FastAPI's RequestValidationError (a 400)."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    from lmf.api.protocol import ChatCompletionRequest
+
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # not JSON, or not UTF-8/16/32 text
+        error = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error",
+                                       "ctx": {"error": error}}]) from None
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
 DISCONNECT_POLL_S = 0.1

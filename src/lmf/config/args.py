@@ -2,8 +2,8 @@
 
 Every field carries ``metadata['help']``; fields with a closed set of values carry
 ``metadata['choices']``; a key accepted for LLaMA-Factory compatibility but not implemented carries
-``metadata['unsupported']`` (why), one that is harmless to ignore ``metadata['no_effect']`` (why). The parser (``lmf.config.parser``) validates types and choices,
-and rejects unknown keys with a suggestion.
+``metadata['unsupported']`` (why), one that is harmless to ignore ``metadata['no_effect']`` (why). The parser (``lmf.config.parser``) validates types, choices
+and ranges (:data:`BOUNDS`, at the end), and rejects unknown keys with a suggestion.
 
 This module must stay import-light (stdlib only): ``lmf help`` imports it.
 """
@@ -370,4 +370,30 @@ ARG_GROUPS = {
     "finetuning": FinetuningArguments,
     "training": TrainingArguments,
     "generating": GeneratingArguments,
+}
+
+#: The natural range of every numeric key that has one, checked by the parser on each key it is given (an unset
+#: Optional key, null, passes): ">= 1", "> 0", or an interval such as "[0, 1)". -1 stays allowed where it is a
+#: sentinel (max_steps: train by epochs; pissa_iter: the exact SVD). The text is what the error message shows.
+BOUNDS: dict[str, str] = {
+    **dict.fromkeys((
+        "loss_chunk_size", "model_max_length", "vllm_maxlen", "vllm_max_lora_rank", "image_max_pixels",
+        "video_max_pixels", "video_maxlen", "cutoff_len", "buffer_size", "preprocessing_batch_size", "max_samples",
+        "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
+        "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "ddp_timeout", "ray_num_workers",
+        "num_beams", "max_length"), ">= 1"),
+    **dict.fromkeys((
+        "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",
+        "oft_block_size", "loraplus_lr_embedding", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
+        "badam_start_block", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "seed", "data_seed",
+        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k"), ">= 0"),
+    **dict.fromkeys((
+        "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",
+        "apollo_scale", "adam_epsilon", "num_train_epochs", "save_steps", "eval_steps", "repetition_penalty"), "> 0"),
+    **dict.fromkeys(("lora_dropout", "module_dropout", "adam_beta1", "adam_beta2"), "[0, 1)"),
+    **dict.fromkeys(("warmup_ratio", "badam_update_ratio", "top_p"), "[0, 1]"),
+    **dict.fromkeys(("badam_verbose", "temperature"), "[0, 2]"),
+    **dict.fromkeys(("max_steps", "pissa_iter", "badam_switch_interval"), ">= -1"),
+    "vllm_gpu_util": "(0, 1]", "dpo_label_smoothing": "[0, 0.5]", "malloc_mmap_threshold_mb": "[0, 32]",
 }

@@ -1,5 +1,6 @@
 """Rules between config keys (defaults that depend on other keys, combinations that cannot work); run by
-:func:`lmf.config.parser.build_config` once every key is valid on its own. Errors name the keys."""
+:func:`lmf.config.parser.build_config` once every key is valid on its own (type, choices, range:
+:mod:`lmf.config.values`). Errors name the keys."""
 
 from __future__ import annotations
 
@@ -74,13 +75,8 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                               "with resized embeddings (resize_vocab, add_tokens, add_special_tokens); use init_on_rank0")
     if ft.use_dft_loss and ft.stage not in ("sft", "pt"):
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
-    if ft.neftune_noise_alpha is not None and ft.neftune_noise_alpha <= 0:
-        raise ConfigError(f"config key 'neftune_noise_alpha' must be > 0, got {ft.neftune_noise_alpha}")
-    if ft.loraplus_lr_ratio is not None:
-        if ft.finetuning_type != "lora":
-            raise ConfigError(f"config key 'loraplus_lr_ratio' needs finetuning_type: lora, got {ft.finetuning_type}")
-        if ft.loraplus_lr_ratio <= 0:
-            raise ConfigError(f"config key 'loraplus_lr_ratio' must be > 0, got {ft.loraplus_lr_ratio}")
+    if ft.loraplus_lr_ratio is not None and ft.finetuning_type != "lora":
+        raise ConfigError(f"config key 'loraplus_lr_ratio' needs finetuning_type: lora, got {ft.finetuning_type}")
     if m.quantization_method != "bnb":
         raise ConfigError(f"config key 'quantization_method': {m.quantization_method} is not implemented; use bnb "
                           "(bitsandbytes)")
@@ -95,8 +91,6 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
             raise ConfigError("config keys 'quantization_bit' and 'pure_bf16' do not combine; use bf16: true")
     has_eval = bool(d.val_size or d.eval_dataset)
     if ft.early_stopping_steps is not None:
-        if ft.early_stopping_steps < 1:
-            raise ConfigError(f"config key 'early_stopping_steps': must be >= 1, got {ft.early_stopping_steps}")
         if not has_eval or (t.eval_strategy == "no" and t.evaluation_strategy in (None, "no")):
             raise ConfigError("config key 'early_stopping_steps' needs evaluations: set eval_strategy (steps or "
                               "epoch) and an eval set (val_size or eval_dataset)")
@@ -118,14 +112,6 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
     if d.packing and ft.stage in ("dpo", "rm", "kto"):
         raise ConfigError(f"config key '{'neat_packing' if d.neat_packing else 'packing'}' is not implemented for "
                           f"stage {ft.stage} (pairs and KTO examples are scored per sequence); use it with pt or sft")
-    if d.val_size < 0:
-        raise ConfigError(f"config key 'val_size': must be >= 0, got {d.val_size}")
-    if d.cutoff_len <= 0:
-        raise ConfigError(f"config key 'cutoff_len': must be positive, got {d.cutoff_len}")
-    if t.per_device_train_batch_size <= 0:
-        raise ConfigError("config key 'per_device_train_batch_size': must be positive")
-    if t.gradient_accumulation_steps <= 0:
-        raise ConfigError("config key 'gradient_accumulation_steps': must be positive")
     if t.data_seed is None:
         t.data_seed = t.seed
     if t.eval_steps is None:
@@ -201,10 +187,6 @@ def _check_adapter_methods(cfg: "LmfConfig") -> None:
         if (ft.oft_rank == 0) == (ft.oft_block_size == 0):
             raise ConfigError(f"config keys 'oft_rank' ({ft.oft_rank}) and 'oft_block_size' ({ft.oft_block_size}): "
                               "set exactly one of them (the other 0)")
-        if ft.oft_rank < 0 or ft.oft_block_size < 0:
-            raise ConfigError("config keys 'oft_rank' and 'oft_block_size' must be >= 0")
-        if not 0.0 <= ft.module_dropout < 1.0:
-            raise ConfigError(f"config key 'module_dropout' must be in [0, 1), got {ft.module_dropout}")
         if m.quantization_bit is not None:
             raise ConfigError("config keys 'finetuning_type: oft' and 'quantization_bit': OFT on a quantized base "
                               "(QOFT) is not implemented")
@@ -244,7 +226,8 @@ def _check_optimizers(cfg: "LmfConfig") -> None:
                            "gradient norm is never known: max_grad_norm (%s) is not applied and grad_norm logs 0 "
                            "(as in LLaMA-Factory)", key, t.max_grad_norm)
     if switch == "use_badam" and ft.badam_switch_interval < 1:
-        raise ConfigError(f"config key 'badam_switch_interval' must be >= 1, got {ft.badam_switch_interval}")
+        raise ConfigError(f"config key 'badam_switch_interval': {ft.badam_switch_interval} (never switch blocks) is "
+                          "not implemented; use a number of steps >= 1")
     if switch == "use_badam" and ft.badam_mode == "ratio":
         raise ConfigError("config key 'badam_mode': ratio is not implemented (its sparse gradients bypass the loop's "
                           "normalisation and clipping); use badam_mode: layer")

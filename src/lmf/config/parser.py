@@ -3,7 +3,8 @@
 Rules:
 - later sources win: YAML file, then overrides in command-line order;
 - an unknown key is an error naming the key and the closest valid one;
-- a bad value names the key, the value and the allowed values/type;
+- a bad value names the key, the value and the allowed values/type, or its range (``args.BOUNDS``);
+- every message about one key names where the key came from: the YAML file or the command line;
 - keys accepted for LLaMA-Factory compatibility but not implemented are an error when set
   to a non-default value (``UNSUPPORTED``) or a warning when harmless (``NO_EFFECT``); keys that only
   LLaMA-Factory has follow :mod:`lmf.config.compat` (its default accepted, anything else refused).
@@ -16,13 +17,12 @@ import difflib
 import hashlib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 from lmf.config.args import (
     ARG_GROUPS,
+    BOUNDS,
     DataArguments,
     FinetuningArguments,
     GeneratingArguments,
@@ -39,6 +39,7 @@ from lmf.config.compat import (
     check_lf_only_key,
     is_lf_only_key,
 )
+from lmf.config.values import check_value
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -118,88 +119,6 @@ def _yaml_scalar(raw: str) -> Any:
         return raw
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Coerce ``value`` to the annotated type ``tp`` or raise ConfigError naming ``key``."""
-    if isinstance(tp, str):  # postponed annotations
-        tp = eval(tp, {**vars(typing), **{"Optional": Optional, "Union": Union}})  # noqa: S307 - our own literals
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        allowed = " or ".join(_type_name(a) for a in args)
-        raise ConfigError(f"config key {key!r}: {value!r} is not a valid {allowed}")
-    if value is None:
-        raise ConfigError(f"config key {key!r}: a value is required (got null)")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return str(value)
-    if tp in (dict, list):
-        if isinstance(value, str) and tp is dict:
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        if isinstance(value, tp):
-            return value
-        raise ConfigError(f"config key {key!r}: expected a {tp.__name__}, got {value!r}")
-    return value
-
-
-def _check_choices(key: str, value: Any, f: dataclasses.Field) -> None:
-    choices = f.metadata.get("choices")
-    if choices is not None and value not in choices:
-        shown = ", ".join(str(c) for c in choices if c is not None)
-        raise ConfigError(f"config key {key!r}: {value!r} is not allowed; choose one of: {shown}")
-
-
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML (or JSON) config file into a dict; errors name the file."""
     import yaml
@@ -243,27 +162,34 @@ def split_cli_args(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return config_path, overrides
 
 
-def build_config(raw: dict[str, Any], *, source: str = "config", command_stage: Optional[str] = None) -> LmfConfig:
+def build_config(raw: dict[str, Any], *, source: Optional[str] = None, command_stage: Optional[str] = None,
+                 sources: Optional[dict[str, str]] = None) -> LmfConfig:
     """Validate a flat dict of keys into an :class:`LmfConfig`; a LLaMA-Factory v1 config is translated first
-    (:mod:`lmf.config.v1`; ``command_stage``: the stage the command runs, which v1 configs do not name)."""
+    (:mod:`lmf.config.v1`; ``command_stage``: the stage the command runs, which v1 configs do not name).
+    ``sources``: key -> where it was given (the YAML file or "command line"); ``source`` for the other keys."""
     from lmf.config.v1 import is_v1_config, translate_v1
 
     if is_v1_config(raw):
-        raw = translate_v1(raw, source, stage=command_stage)
+        raw = translate_v1(raw, source or "config", stage=command_stage)
+    sources = dict(sources or {})
     values: dict[str, dict[str, Any]] = {g: {} for g in ARG_GROUPS}
-    raw = _expand_lf_only_keys(raw, source)
-    for key, value in raw.items():
-        key = ALIASES.get(key, key)
+    raw = _expand_lf_only_keys(raw, source, sources)
+    for name, value in raw.items():
+        key = ALIASES.get(name, name)
+        where = sources.get(name, source)
+        sources.setdefault(key, where)
         if key not in KEY_INDEX:
             hint = suggest_key(key)
-            msg = f"{source}: unknown config key {key!r}"
+            msg = f"{where or 'config'}: unknown config key {key!r}"
             raise ConfigError(msg + (f"; did you mean {hint!r}?" if hint else "; see `lmf help config`"))
         group, f = KEY_INDEX[key]
         if value is None and f.default is None:
             values[group][key] = None
             continue
-        coerced = _coerce(key, value, f.type)
-        _check_choices(key, coerced, f)
+        try:
+            coerced = check_value(key, value, f)
+        except ConfigError as exc:
+            raise ConfigError(_at(where, str(exc))) from None
         values[group][key] = coerced
     if values["training"].get("do_predict") and "do_train" not in values["training"]:
         values["training"]["do_train"] = False  # LF's prediction YAMLs leave do_train unset (its default: false)
@@ -274,26 +200,35 @@ def build_config(raw: dict[str, Any], *, source: str = "config", command_stage: 
         training=TrainingArguments(**values["training"]),
         generating=GeneratingArguments(**values["generating"]),
     )
-    _check_unsupported(cfg)
+    _check_unsupported(cfg, lambda key: sources.get(key, source))
     apply_cross_key_rules(cfg)
     return cfg
 
 
-def _expand_lf_only_keys(raw: dict[str, Any], source: str) -> dict[str, Any]:
+def _at(where: Optional[str], message: str) -> str:
+    """``message`` prefixed with where its key was given (the YAML file or "command line"), when known."""
+    return f"{where}: {message}" if where else message
+
+
+def _expand_lf_only_keys(raw: dict[str, Any], source: Optional[str], sources: dict[str, str]) -> dict[str, Any]:
     """``raw`` without the keys only LLaMA-Factory has (checked by :func:`lmf.config.compat.check_lf_only_key`),
-    plus the lmf keys some of them map to (an explicit lmf key wins over a mapped one)."""
+    plus the lmf keys some of them map to (an explicit lmf key wins over a mapped one; a mapped key's source, in
+    ``sources``, is the LLaMA-Factory key's)."""
     out: dict[str, Any] = {}
     mapped: dict[str, Any] = {}
     for key, value in raw.items():
         if not isinstance(key, str):
-            raise ConfigError(f"{source}: config keys must be strings, got {key!r}")
+            raise ConfigError(f"{source or 'config'}: config keys must be strings, got {key!r}")
         if ALIASES.get(key, key) in KEY_INDEX or not is_lf_only_key(key):
             out[key] = value
             continue
-        warning, extra = check_lf_only_key(key, value, source)
+        where = sources.get(key, source)
+        warning, extra = check_lf_only_key(key, value, where or "config")
         if warning:
-            logger.warning("%s", warning)
+            logger.warning("%s", _at(where, warning))
         for name, mapped_value in extra.items():
+            if name not in raw:
+                sources.setdefault(name, where)
             if isinstance(mapped_value, dict) and isinstance(mapped.get(name), dict):
                 mapped[name] = {**mapped[name], **mapped_value}
             else:
@@ -312,37 +247,49 @@ def _default_of(f: dataclasses.Field) -> Any:
     return f.default_factory()  # type: ignore[misc]
 
 
-def _check_unsupported(cfg: LmfConfig) -> None:
+def _check_unsupported(cfg: LmfConfig, where: Any) -> None:
+    """Keys accepted for compatibility but not implemented (``where(key)``: where the key was given)."""
     flat = cfg.to_dict()
     for key, reason in UNSUPPORTED.items():
         f = KEY_INDEX[key][1]
         if flat[key] != _default_of(f):
-            raise ConfigError(f"config key {key!r} is accepted for LLaMA-Factory compatibility but {reason} in lmf")
+            raise ConfigError(_at(where(key), f"config key {key!r} is accepted for LLaMA-Factory compatibility but "
+                                              f"{reason} in lmf"))
     for key, reason in NO_EFFECT.items():
         f = KEY_INDEX[key][1]
         if flat[key] != _default_of(f):
-            logger.warning("config key %r has no effect in lmf: %s", key, reason)
-    if cfg.finetuning.finetuning_type in UNSUPPORTED_FINETUNING_TYPES:
-        raise ConfigError(f"config key 'finetuning_type': {cfg.finetuning.finetuning_type!r} — "
-                          f"{UNSUPPORTED_FINETUNING_TYPES[cfg.finetuning.finetuning_type]} in lmf")
-    if cfg.finetuning.stage in UNSUPPORTED_STAGES:
-        raise ConfigError(f"config key 'stage': {cfg.finetuning.stage!r} — {UNSUPPORTED_STAGES[cfg.finetuning.stage]} in lmf")
+            logger.warning("%s", _at(where(key), f"config key {key!r} has no effect in lmf: {reason}"))
+    ft = cfg.finetuning
+    if ft.finetuning_type in UNSUPPORTED_FINETUNING_TYPES:
+        raise ConfigError(_at(where("finetuning_type"), f"config key 'finetuning_type': {ft.finetuning_type!r} — "
+                                                        f"{UNSUPPORTED_FINETUNING_TYPES[ft.finetuning_type]} in lmf"))
+    if ft.stage in UNSUPPORTED_STAGES:
+        raise ConfigError(_at(where("stage"), f"config key 'stage': {ft.stage!r} — {UNSUPPORTED_STAGES[ft.stage]} in lmf"))
+
+
+def _raw_with_sources(argv: list[str]) -> tuple[dict[str, Any], Optional[str], dict[str, str]]:
+    """``[config.yaml] [key=value ...]`` as a raw dict (not validated), the config path, and the keys given on the
+    command line (key -> "command line")."""
+    config_path, overrides = split_cli_args(argv)
+    raw: dict[str, Any] = load_yaml(config_path) if config_path else {}
+    sources: dict[str, str] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        raw[key] = value
+        sources[key] = "command line"
+    return raw, config_path, sources
 
 
 def raw_config(argv: list[str]) -> tuple[dict[str, Any], Optional[str]]:
     """``[config.yaml] [key=value ...]`` as a raw dict (not validated) and the config path."""
-    config_path, overrides = split_cli_args(argv)
-    raw: dict[str, Any] = load_yaml(config_path) if config_path else {}
-    for text in overrides:
-        key, value = parse_override(text)
-        raw[key] = value
+    raw, config_path, _ = _raw_with_sources(argv)
     return raw, config_path
 
 
 def get_config(argv: list[str], *, require_model: bool = True, command_stage: Optional[str] = None) -> LmfConfig:
     """Parse ``[config.yaml] [key=value ...]`` into a validated config."""
-    raw, config_path = raw_config(argv)
-    cfg = build_config(raw, source=config_path or "command line", command_stage=command_stage)
+    raw, config_path, sources = _raw_with_sources(argv)
+    cfg = build_config(raw, source=config_path or "command line", command_stage=command_stage, sources=sources)
     if require_model and not cfg.model.model_name_or_path:
         raise ConfigError("config key 'model_name_or_path' is required")
     return cfg
@@ -358,5 +305,6 @@ def describe_keys() -> str:
             choices = f.metadata.get("choices")
             extra = f" (one of: {', '.join(str(c) for c in choices if c is not None)})" if choices else ""
             tag = " [not implemented]" if f.name in UNSUPPORTED else (" [no effect]" if f.name in NO_EFFECT else "")
+            extra += f" (range: {BOUNDS[f.name]})" if f.name in BOUNDS else ""
             lines.append(f"  {f.name} = {default!r}{tag}\n      {f.metadata.get('help', '')}{extra}")
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lmf.config.parser import split_paths
+from lmf.data.readers import first_record, peek_fields, read_utf8
 from lmf.extras.errors import DataError
+from lmf.extras.logging import log_once
 
 DATA_EXTENSIONS = {
     ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
@@ -30,6 +32,14 @@ TAG_KEYS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation
 _KNOWN_KEYS = set(COLUMN_KEYS) | {
     "file_name", "formatting", "columns", "tags", "ranking", "split", "num_samples", "subset", "folder",
     "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "load_from",
+}
+#: The optional columns each formatting uses, by their usual field names; a record field of that name that the
+#: entry's ``columns`` leave unmapped is not read (as in LLaMA-Factory), so :func:`warn_unmapped_fields` says so.
+OPTIONAL_COLUMNS = {
+    "alpaca": ("system", "history", "tools", "images", "videos", "audios"),
+    "sharegpt": ("system", "tools", "images", "videos", "audios"),
+    "openai": ("system", "tools", "images", "videos", "audios"),
+    "pair": ("images", "videos", "audios"),
 }
 
 
@@ -102,8 +112,7 @@ def load_dataset_info(dataset_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as fh:
-            info = json.load(fh)
+        info = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(info, dict):
@@ -150,7 +159,26 @@ def attr_from_info(name: str, entry: dict[str, Any], dataset_dir: str, source: s
             raise DataError(f"{source}: dataset {name!r}: unknown tag key {key!r} (valid: {', '.join(TAG_KEYS)})")
         setattr(attr, key, value)
     attr.files = _data_files(os.path.join(dataset_dir, entry["file_name"]), name)
+    warn_unmapped_fields(attr, columns, source)
     return attr
+
+
+def warn_unmapped_fields(attr: DatasetAttr, columns: dict, source: str) -> None:
+    """Warn once per dataset when its first record has fields its format could use (``system``, ``history``,
+    ``tools``, ``images``...) that its ``columns`` do not map: they are dropped, as LLaMA-Factory drops them."""
+    fields = peek_fields(attr.files[0])
+    if not fields:
+        return
+    mapped = {getattr(attr, key) for key in COLUMN_KEYS}
+    unmapped = [key for key in OPTIONAL_COLUMNS.get(attr.formatting, ())
+                if getattr(attr, key) is None and key in fields and key not in mapped]
+    if not unmapped:
+        return
+    suggestion = json.dumps({**columns, **{key: key for key in unmapped}})
+    log_once(__name__, f"unmapped:{attr.name}:{attr.files[0]}",
+             f"dataset {attr.name!r}: records have fields {', '.join(unmapped)} that its entry in {source} does not "
+             f"map (they are not used); {'set' if columns else 'add'} \"columns\": {suggestion} to use them",
+             warning=True)
 
 
 def _apply_openai_defaults(attr: DatasetAttr) -> None:
@@ -213,8 +241,7 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            registry = yaml.safe_load(fh) or {}
+        registry = yaml.safe_load(read_utf8(path)) or {}
     except yaml.YAMLError as exc:
         raise DataError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(registry, dict):
@@ -264,8 +291,6 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
 
 
 def _first(files: list[str]) -> Optional[dict]:
-    from lmf.data.readers import first_record
-
     return first_record(files[0])
 
 

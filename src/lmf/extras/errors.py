@@ -4,9 +4,18 @@ from __future__ import annotations
 
 
 class LmfError(Exception):
-    """A user-facing error: printed without a traceback. ``exit_code`` is what the CLI returns."""
+    """A user-facing error: printed without a traceback. ``exit_code`` is what the CLI returns.
+    ``same_on_every_rank``: every rank of a job raises it alike (a decision rank 0 broadcast), so each node's
+    first worker prints it, once per node (:func:`everywhere`)."""
 
     exit_code = 1
+    same_on_every_rank = False
+
+
+def everywhere(exc: LmfError) -> LmfError:
+    """``exc``, marked as raised alike by every rank of the job."""
+    exc.same_on_every_rank = True
+    return exc
 
 
 class ConfigError(LmfError):

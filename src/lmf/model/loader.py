@@ -69,6 +69,19 @@ def read_model_config(path: str) -> dict:
         return json.load(fh)
 
 
+@contextlib.contextmanager
+def config_json_errors(path: str):
+    """A wrong-typed field of the model's config.json (transformers' strict config classes): one line naming both."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except StrictDataclassError as exc:  # its cause: "Field 'hidden_size' expected int, got str (value: '64')"
+        where = os.path.join(path, "config.json") if os.path.isdir(path) else f"the config.json of {path!r}"
+        why = " ".join(str(exc.__cause__ or exc).split())
+        raise ConfigError(f"config key 'model_name_or_path': invalid {where}: {why}") from exc
+
+
 def _trust_remote_code(model_args: "ModelArguments", path: str) -> bool:
     """trust_remote_code only when the user set it and the checkpoint actually ships custom code."""
     if not model_args.trust_remote_code:
@@ -86,14 +99,11 @@ def load_tokenizer(model_args: "ModelArguments"):
 
     path = _check_model_path(model_args)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path,
-            trust_remote_code=_trust_remote_code(model_args, path),
-            use_fast=model_args.use_fast_tokenizer,
-            split_special_tokens=model_args.split_special_tokens,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-        )
+        with config_json_errors(path):  # the tokenizer reads config.json too
+            tokenizer = AutoTokenizer.from_pretrained(
+                path, trust_remote_code=_trust_remote_code(model_args, path), use_fast=model_args.use_fast_tokenizer,
+                split_special_tokens=model_args.split_special_tokens, cache_dir=model_args.cache_dir,
+                revision=model_args.model_revision)
     except (OSError, ValueError) as exc:
         raise LmfError(f"cannot load the tokenizer from model_name_or_path={path!r}: {exc}") from exc
     if model_args.model_max_length:
@@ -164,7 +174,8 @@ def model_class_of(path: str, trust_remote_code: bool = False):
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with config_json_errors(path):
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         return auto_model_class(config)._model_mapping[type(config)]
     except (KeyError, OSError, ValueError):
         return None
@@ -178,7 +189,8 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
     trust = _trust_remote_code(m, path)
     common = dict(trust_remote_code=trust, cache_dir=m.cache_dir, revision=m.model_revision)
     try:
-        config = AutoConfig.from_pretrained(path, **common)
+        with config_json_errors(path):
+            config = AutoConfig.from_pretrained(path, **common)
         auto_class = auto_model_class(config)
         if m.train_from_scratch or on_meta:  # on_meta: the shapes only; rank 0 sends the weights (init_on_rank0)
             return auto_class.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from lmf.extras.errors import LmfError
+
 
 def sharded_index_batches(num_items: int, world_size: int, rank: int, batch_size: int) -> tuple[list[list[int]], int]:
     """This rank's batches for one pass over all items (evaluation, reference scoring), and how many are real.
@@ -102,6 +104,36 @@ class TokenBudget:
         return mine + [mine[i % len(mine)] for i in range(most - len(mine))]
 
 
+class _WorkerError:
+    """An :class:`LmfError` raised by the collator in a DataLoader worker, sent back as the batch: torch would re-raise
+    it as "Caught DataError in DataLoader worker process 0" plus the worker's traceback; the stream raises it in the
+    main process with its own one-line message and exit code."""
+
+    def __init__(self, exc: LmfError):
+        self.type, self.message, self.exit_code = type(exc), str(exc), exc.exit_code
+
+    def reraise(self):
+        try:
+            exc = self.type(self.message)
+        except TypeError:  # a subclass with another constructor: the message and the exit code are what the user sees
+            exc = LmfError(self.message)
+            exc.exit_code = self.exit_code
+        raise exc
+
+
+class _CarryErrors:
+    """The collate_fn run in DataLoader workers: an :class:`LmfError` is returned as a :class:`_WorkerError`."""
+
+    def __init__(self, collate_fn: Callable):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples):
+        try:
+            return self.collate_fn(samples)
+        except LmfError as exc:
+            return _WorkerError(exc)
+
+
 class MicroBatchStream:
     """Endless micro-batches across epochs; ``epoch`` and ``batch_in_epoch`` are the resumable position.
     With a :class:`TokenBudget` the micro-batches hold as many samples as fit the budget."""
@@ -132,7 +164,8 @@ class MicroBatchStream:
     def _start_epoch(self) -> None:
         if self.batch_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        common = dict(collate_fn=self.collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        collate_fn = _CarryErrors(self.collate_fn) if self.num_workers > 0 else self.collate_fn
+        common = dict(collate_fn=collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
                       generator=torch.Generator())  # never draw from the global RNG: resumed runs stay bit-exact
         if self.token_budget is not None:
             loader = DataLoader(self.dataset, batch_sampler=self._budget_batches()[self.batch_in_epoch:], **common)
@@ -151,6 +184,8 @@ class MicroBatchStream:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self._start_epoch()
             batch = next(self._it)
+        if isinstance(batch, _WorkerError):
+            batch.reraise()
         self.batch_in_epoch += 1
         return batch
 

@@ -21,7 +21,7 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Iterator, Optional
 
-from lmf.extras.errors import ConfigError, LmfError
+from lmf.extras.errors import ConfigError, LmfError, everywhere
 
 if TYPE_CHECKING:
     from lmf.dist.runtime import DistInfo
@@ -127,7 +127,7 @@ def hold_output_dir(output_dir: str, runtime: "DistInfo") -> Iterator[Optional[O
             error = (isinstance(exc, ConfigError), str(exc))
     error = broadcast_object(error)
     if error is not None:
-        raise (OutputDirBusy if error[0] else LmfError)(error[1])
+        raise everywhere((OutputDirBusy if error[0] else LmfError)(error[1]))
     try:
         yield lock
     finally:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from lmf.config.parser import split_paths
-from lmf.extras.errors import ConfigError, LmfError
+from lmf.extras.errors import ConfigError, LmfError, everywhere
 from lmf.extras.logging import get_logger
 from lmf.train import checkpoint as ckpt
 from lmf.train.output_lock import LOCK_NAME
@@ -301,7 +301,7 @@ def resolve_resume_checkpoint(cfg: "LmfConfig", runtime: "DistInfo") -> ResumePl
             result = ("error", str(exc))
     result = broadcast_object(result)
     if result[0] == "error":
-        raise ConfigError(result[1])
+        raise everywhere(ConfigError(result[1]))
     return result[1]
 
 
@@ -317,4 +317,4 @@ def prepare_output_dir(cfg: "LmfConfig", plan: ResumePlan, runtime: "DistInfo") 
             error = f"cannot prepare output_dir {cfg.training.output_dir!r}: {exc}"
     error = broadcast_object(error)
     if error:
-        raise LmfError(error)
+        raise everywhere(LmfError(error))
