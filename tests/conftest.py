@@ -39,6 +39,10 @@ def _core_lock(run_id: str, exclusive: bool):
             fcntl.flock(turnstile, fcntl.LOCK_UN)
         yield
     finally:
+        # unlock explicitly: a process a test forked (a DataLoader worker) shares these open files and would hold
+        # the lock after close() for as long as it lives
+        fcntl.flock(main, fcntl.LOCK_UN)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
         os.close(main)
         os.close(turnstile)
 

@@ -147,12 +147,11 @@ def test_disk_full_while_writing_names_the_file_and_removes_the_partial_save(tmp
     """A real ENOSPC inside torch.save (the zip writer's 'unexpected pos' assert): one line, tmp dir gone."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    code = ("import os, torch; from lmf.train.durable import make_temp_dir, writing_into\n"
+    code = ("import os, types, torch; from lmf.train.durable import RankZeroSave\n"
             f"out = '{disk}/o'\n"
-            "tmp = make_temp_dir(out, 'checkpoint-5')\n"
+            "save = RankZeroSave(types.SimpleNamespace(is_main=True), out, 'checkpoint-5', out + '/checkpoint-5')\n"
             "try:\n"
-            "    with writing_into(tmp, out + '/checkpoint-5'):\n"
-            "        torch.save({'w': torch.zeros(300_000)}, os.path.join(tmp, 'optimizer.pt'))\n"
+            "    save.step(lambda tmp: torch.save({'w': torch.zeros(300_000)}, os.path.join(tmp, 'optimizer.pt')))\n"
             "except Exception as exc:\n"
             "    print(type(exc).__name__, exc)\n"
             "print(sorted(os.listdir(out)))\n")

@@ -173,20 +173,36 @@ def test_config_is_import_light():
     ("lora_rank", -1, "-1 is out of range (must be >= 1)"),
     ("learning_rate", -1, "-1.0 is out of range (must be >= 0)"),
     ("learning_rate", "nan", "nan is out of range (must be >= 0)"),
-    ("num_train_epochs", 0, "0.0 is out of range (must be > 0)"),
+    ("num_train_epochs", -1, "-1.0 is out of range (must be >= 0)"),
     ("adam_epsilon", 0, "0.0 is out of range (must be > 0)"),
     ("lora_dropout", 1.0, "1.0 is out of range (must be in [0, 1))"),
     ("adam_beta2", 1, "1.0 is out of range (must be in [0, 1))"),
     ("warmup_ratio", 1.5, "1.5 is out of range (must be in [0, 1])"),
     ("max_steps", -2, "-2 is out of range (must be >= -1)"),
     ("per_device_train_batch_size", 0, "0 is out of range (must be >= 1)"),
-    ("save_steps", 0, "0.0 is out of range (must be > 0)"),
+    ("save_steps", -1, "-1.0 is out of range (must be >= 0)"),
+    ("eval_steps", -1, "-1.0 is out of range (must be >= 0)"),
     ("max_samples", 0, "0 is out of range (must be >= 1)"),
 ])
 def test_out_of_range_values_name_key_value_and_range(key, value, shown):
     with pytest.raises(ConfigError) as info:
         build_config({"model_name_or_path": "m", key: value})
     assert str(info.value) == f"config key {key!r}: {shown}"
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"num_train_epochs": 0}, "config key 'num_train_epochs': 0.0 trains nothing"),
+    ({"save_steps": 0}, "config key 'save_steps': 0 with save_strategy: steps saves nothing"),
+])
+def test_zero_values_that_do_nothing_are_refused_where_they_are_used(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"model_name_or_path": "m", **keys})
+
+
+def test_zero_values_are_fine_where_transformers_ignores_them():
+    cfg = build_config({"model_name_or_path": "m", "num_train_epochs": 0, "max_steps": 5, "save_steps": 0,
+                        "save_strategy": "no", "eval_steps": 0, "logging_steps": 7, "max_grad_norm": -1})
+    assert cfg.training.eval_steps == 7 and cfg.training.max_grad_norm == -1
 
 
 def test_in_range_edges_and_sentinels_pass():

@@ -94,11 +94,19 @@ def _install_fake_ray(monkeypatch, calls: dict, worker_cwd: str) -> None:
             self.loop(self.kwargs["train_loop_config"])
             return types.SimpleNamespace(error=None)
 
-    train.ScalingConfig, train.RunConfig = record("ScalingConfig"), record("RunConfig")
+    def scaling(**kwargs):
+        calls["ScalingConfig"] = kwargs
+        return types.SimpleNamespace(num_workers=kwargs["num_workers"], placement_strategy=kwargs["placement_strategy"],
+                                     total_resources={"CPU": float(kwargs["num_workers"])},
+                                     _resources_per_worker_not_none={"CPU": 1.0})
+
+    train.ScalingConfig, train.RunConfig = scaling, record("RunConfig")
     train.get_context = lambda: _FakeContext()
     torch_mod.TorchConfig, torch_mod.TorchTrainer = record("TorchConfig"), TorchTrainer
     ray.is_initialized = lambda: False
     ray.init = record("init")
+    ray.cluster_resources = lambda: {"CPU": 2.0}
+    ray.nodes = lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}]
     ray.train, train.torch = train, torch_mod
     for name, mod in (("ray", ray), ("ray.train", train), ("ray.train.torch", torch_mod)):
         monkeypatch.setitem(sys.modules, name, mod)
@@ -130,7 +138,7 @@ def test_ray_glue_runs_the_real_training_with_ddp_timeout_and_worker_env(tiny_mo
     _install_fake_ray(monkeypatch, calls, str(tmp_path / "elsewhere"))
     assert run_with_ray("sft", ["cfg.yaml"], env={"NPROC_PER_NODE": "2"}) == 0
     assert calls["ScalingConfig"] == {"num_workers": 2, "use_gpu": False, "placement_strategy": "PACK"}
-    assert calls["RunConfig"] == {"name": "lmf-sft"} and "init" not in calls
+    assert calls["RunConfig"] == {"name": "lmf-sft"} and calls["init"] == {}  # a local cluster, checked before use
     assert calls["TorchConfig"] == {"timeout_s": 77}
     loop_config = calls["TorchTrainer"]["train_loop_config"]
     assert loop_config == {"command": "sft", "args": ["cfg.yaml"], "cwd": str(tmp_path / "driver")}

@@ -39,13 +39,14 @@ def _copy_of_project(root, name: str, shared: str) -> str:
     return str(project / "data")
 
 
-def _load(model_dir: str, dataset_dir: str, cache_dir: str):
+def _load(model_dir: str, dataset_dir: str, cache_dir: str, **keys):
     from lmf.config import get_config
     from lmf.train.workflow import load_tokenizer_and_data
 
     args = dict(model_name_or_path=model_dir, stage="sft", do_train=True, finetuning_type="lora",
                 dataset="mllm_demo", template="qwen2_vl", dataset_dir=dataset_dir, output_dir="unused",
                 report_to="none", preprocessing_cache_dir=cache_dir)
+    args.update(keys)
     _, _, data = load_tokenizer_and_data(get_config([f"{k}={v}" for k, v in args.items()]), "sft")
     return data
 
@@ -81,3 +82,15 @@ def test_a_cache_hit_whose_media_are_gone_preprocesses_again(qwen2_vl_dir, tmp_p
     # names the missing file is reported at preprocessing, with its index and field
     with pytest.raises(DataError, match=r"1\.jpg.*not found"):
         _load(qwen2_vl_dir, project, cache)
+
+
+def test_the_rebuilt_entry_replaces_the_stale_one(qwen2_vl_dir, tmp_path):
+    shared = _shared_data(tmp_path)
+    project = _copy_of_project(tmp_path, "copy", shared)
+    cache = str(tmp_path / "cache")
+    first = _load(qwen2_vl_dir, project, cache, skip_bad_records=True)
+    os.remove(os.path.join(shared, "mllm_demo_data", "1.jpg"))
+    rebuilt = _load(qwen2_vl_dir, project, cache, skip_bad_records=True)  # the record naming 1.jpg is skipped
+    assert rebuilt.stats["cache"] == "built" and len(rebuilt.train_dataset) < len(first.train_dataset)
+    again = _load(qwen2_vl_dir, project, cache, skip_bad_records=True)
+    assert again.stats["cache"] == "hit" and all(os.path.isfile(p) for p in _paths(again))

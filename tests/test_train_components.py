@@ -218,3 +218,16 @@ def test_eval_batches_count_each_item_once_and_keep_ranks_in_step(num_items, wor
     real = sorted(i for batches, n in per_rank for batch in batches[:n] for i in batch)
     assert real == list(range(num_items))
     assert all(len(b) <= bs for batches, _ in per_rank for b in batches)
+
+
+def test_training_leaves_no_dataloader_worker_behind(tiny_model_dir, tmp_path):
+    """The loop's DataLoader workers stop with it (they are forked: a leftover holds the parent's open files and
+    memory for as long as the process that trained lives: a notebook, a test session)."""
+    import psutil
+    from _train_helpers import make_config, train_tiny
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    train_tiny(make_config(tiny_model_dir, str(tmp_path / "o"), max_steps=2, dataloader_num_workers=1))
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+            and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [p.cmdline() for p in left]

@@ -120,12 +120,12 @@ def _bounded_start() -> dict:
     """A FailureConfig that bounds Ray Train's retries of a worker group that cannot start (where Ray has it)."""
     import dataclasses
 
-    from ray.train import FailureConfig
-
     try:
+        from ray.train import FailureConfig
+
         if "controller_failure_limit" not in {f.name for f in dataclasses.fields(FailureConfig)}:
             return {}
-    except TypeError:  # an older Ray: FailureConfig is not a dataclass and has no such limit
+    except (ImportError, TypeError):  # an older Ray: no FailureConfig, or not a dataclass with that limit
         return {}
     return {"failure_config": FailureConfig(controller_failure_limit=RAY_START_ATTEMPTS)}
 
@@ -187,7 +187,13 @@ def run_with_ray(command: str, args: Sequence[str], env: Optional[Mapping[str, s
         ray.init(**(init_kwargs or {}))
     options = ray_scaling_options(env, torch.cuda.is_available(), training)
     scaling = ScalingConfig(**options)
-    check_cluster_fits(scaling, ray.cluster_resources(), _alive_nodes(ray))  # not an endless "startup timed out"
+    try:  # not an endless "worker group startup timed out"
+        check_cluster_fits(scaling, ray.cluster_resources(), _alive_nodes(ray))
+    except LmfError as exc:
+        if not (init_kwargs or {}).get("address"):
+            raise  # the local cluster lmf started: it cannot grow
+        # an existing cluster may autoscale to fit; Ray's start retries are bounded (RAY_START_ATTEMPTS)
+        get_logger(__name__).warning("%s (waiting for the cluster to scale up)", exc)
     get_logger(__name__).info("launching %d Ray Train worker(s) (use_gpu=%s, %s)", options["num_workers"],
                               options["use_gpu"], options["placement_strategy"])
     trainer = TorchTrainer(

@@ -386,11 +386,11 @@ BOUNDS: dict[str, str] = {
     **dict.fromkeys((
         "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",
         "oft_block_size", "loraplus_lr_embedding", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
-        "badam_start_block", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "seed", "data_seed",
-        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k"), ">= 0"),
+        "badam_start_block", "learning_rate", "weight_decay", "warmup_steps", "eval_steps", "save_steps", "seed", "data_seed",
+        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs"), ">= 0"),
     **dict.fromkeys((
         "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",
-        "apollo_scale", "adam_epsilon", "num_train_epochs", "save_steps", "eval_steps", "repetition_penalty"), "> 0"),
+        "apollo_scale", "adam_epsilon", "repetition_penalty"), "> 0"),
     **dict.fromkeys(("lora_dropout", "module_dropout", "adam_beta1", "adam_beta2"), "[0, 1)"),
     **dict.fromkeys(("warmup_ratio", "badam_update_ratio", "top_p"), "[0, 1]"),
     **dict.fromkeys(("badam_verbose", "temperature"), "[0, 2]"),

@@ -114,8 +114,14 @@ def apply_cross_key_rules(cfg: "LmfConfig") -> None:
                           f"stage {ft.stage} (pairs and KTO examples are scored per sequence); use it with pt or sft")
     if t.data_seed is None:
         t.data_seed = t.seed
-    if t.eval_steps is None:
+    if not t.eval_steps:  # unset or 0: every logging_steps, as in transformers
         t.eval_steps = t.logging_steps
+    if t.save_strategy == "steps" and not t.save_steps:
+        raise ConfigError("config key 'save_steps': 0 with save_strategy: steps saves nothing; set a number of steps "
+                          "(or a fraction < 1 of the run), or save_strategy: no")
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise ConfigError(f"config key 'num_train_epochs': {t.num_train_epochs} trains nothing; set it > 0 or "
+                          "max_steps > 0")
     if t.gradient_checkpointing is None:
         # LLaMA-Factory turns gradient checkpointing on unless disable_gradient_checkpointing is set.
         t.gradient_checkpointing = not m.disable_gradient_checkpointing

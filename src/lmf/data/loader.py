@@ -288,7 +288,7 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str, media=None) -> tu
     hit = cache_mod.load_entry(entry) if cache_mod.is_complete(entry) and not overwrite else None
     if hit and (gone := cache_mod.missing_media(hit[0], hit[1])):
         logger.warning("the cached dataset %s refers to %s, which no longer exists; preprocessing again", entry, gone)
-        hit = None
+        hit, overwrite = None, True  # the rebuilt entry replaces the stale one
     if hit:
         logger.info("reusing preprocessed dataset from cache %s", entry)
         train, eval_, stats = hit[0], hit[1], dict(hit[2], cache="hit", cache_path=entry)

@@ -192,6 +192,13 @@ class MicroBatchStream:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now (not whenever the garbage collector finds the iterator)."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self._it = None
+
     @property
     def batches_left_in_epoch(self) -> int:
         """Micro-batches the next ``next()`` calls take before the current epoch ends."""

@@ -16,10 +16,10 @@ removed on the next start by the run that holds the ``output_dir`` lock.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
-import random
 import re
 import shutil
 from dataclasses import asdict
@@ -28,8 +28,11 @@ from typing import TYPE_CHECKING, Any, Optional
 from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
+from lmf.train.rng_state import capture_rng_state, load_rng_state, rng_state_name
 from lmf.train.durable import (  # noqa: F401  (make_temp_dir, remove_stale_temp_dirs: re-exported)
     TMP_PREFIX,
+    RankZeroSave,
+    check_free_space,
     commit_dir,
     commit_files,
     dir_bytes,
@@ -37,7 +40,6 @@ from lmf.train.durable import (  # noqa: F401  (make_temp_dir, remove_stale_temp
     remove_stale_temp_dirs,
     tensor_bytes,
     write_manifest,
-    writing_into,
 )
 
 if TYPE_CHECKING:
@@ -60,10 +62,6 @@ FINAL_ARTEFACTS = (
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "README.md",
     "value_head.safetensors", "value_head_config.json",
 )
-
-
-def rng_state_name(rank: int) -> str:
-    return f"rng_state_{rank}.pth"
 
 
 def checkpoint_step(path: str) -> Optional[int]:
@@ -138,43 +136,6 @@ def read_json(path: str) -> Any:
         return json.load(fh)
 
 
-def capture_rng_state() -> dict:
-    """Python, numpy, torch CPU and CUDA generator states of this process."""
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_rng_state(checkpoint_dir: str, rank: int) -> None:
-    """Restore this rank's RNG state (a rank without its own file takes rank 0's, with a warning)."""
-    import torch
-
-    path = os.path.join(checkpoint_dir, rng_state_name(rank))
-    if not os.path.isfile(path):
-        fallback = os.path.join(checkpoint_dir, rng_state_name(0))
-        if not os.path.isfile(fallback):
-            logger.warning("%s has no RNG state; the resumed run will not be bit-exact", checkpoint_dir)
-            return
-        logger.warning("%s has no RNG state for rank %d (different world size?); using rank 0's", checkpoint_dir, rank)
-        path = fallback
-    restore_rng_state(torch.load(path, weights_only=False))
-
-
 class CheckpointIO:
     """Writes a run's checkpoints and final output, and loads them back on resume.
 
@@ -204,11 +165,8 @@ class CheckpointIO:
         sd = get_model_state_dict(loss_module, options=options)
         return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
 
-    def _write_model(self, loss_module, out_dir: Optional[str], final: bool) -> None:
-        """Adapter (LoRA) or full model + tokenizer into ``out_dir`` (collective; rank 0 writes)."""
-        sd = self._full_state_dict(loss_module, trainable_only=self.is_lora)
-        if not self.runtime.is_main:
-            return
+    def _write_model(self, sd: dict, out_dir: str, final: bool) -> None:
+        """Adapter (LoRA) or full model + tokenizer into ``out_dir`` (rank 0)."""
         save_extra = getattr(self.stage, "save_extra", None)
         if save_extra is not None:
             sd = save_extra(out_dir, sd)
@@ -216,93 +174,110 @@ class CheckpointIO:
             dtype = getattr(self.model.config, "dtype", None)
             if dtype is not None and not isinstance(dtype, str):
                 sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
-        from lmf.train.durable import check_free_space
-
         check_free_space(out_dir, tensor_bytes(sd))
         self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
 
-    def save(self, run: "Run", state: "TrainState") -> str:
-        """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state, manifest."""
-        from lmf.dist.runtime import barrier
+    def _already_saved(self, final_dir: str) -> bool:
+        """Rank 0's answer, for every rank: ``final_dir`` is an intact checkpoint of this step already (a run resumed
+        from its last step saves nothing again: rewriting it would put the only copy at risk)."""
+        from lmf.dist.runtime import broadcast_object
 
+        done = None
+        if self.runtime.is_main:
+            try:
+                done = is_complete_checkpoint(final_dir) and checkpoint_problem(final_dir) is None
+            except LmfError:
+                done = False
+        return bool(broadcast_object(done))
+
+    def save(self, run: "Run", state: "TrainState") -> str:
+        """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state, manifest.
+        Collectives run on every rank between :class:`RankZeroSave` steps (a failed write stops every rank)."""
         out, step = self.args.output_dir, state.global_step
         final_dir = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
-        tmp = make_temp_dir(out, f"checkpoint-{step}") if self.runtime.is_main else None
-        needed = dir_bytes(latest_checkpoint(out)) if tmp else 0  # the last checkpoint's size predicts this one's
-        with writing_into(tmp, final_dir, needed):  # a full disk: one line naming the file, the partial save removed
-            self._save_into(tmp, final_dir, run, state)
-        barrier()
+        if self._already_saved(final_dir):
+            run_logger.info("%s is saved already; not written again", final_dir)
+            return final_dir
+        save = RankZeroSave(self.runtime, out, f"checkpoint-{step}", final_dir)
+        # the last checkpoint's size predicts this one's: refuse before writing when it cannot fit
+        save.step(lambda tmp: None, needed=lambda: dir_bytes(latest_checkpoint(out)))
+        sd = self._full_state_dict(run.loss_module, trainable_only=self.is_lora)  # collective under FSDP
+        save.step(functools.partial(self._write_model, sd, final=False))
+        del sd
+        self.hooks.during_save(step)
+        rngs = self._gathered_rng_states()
+        optim_sd = self._optimizer_state(run)  # collective under FSDP
+        save.step(lambda tmp: self._write_training_state(tmp, final_dir, run, state, rngs, optim_sd),
+                  needed=lambda: tensor_bytes(optim_sd))
         return final_dir
 
-    def _save_into(self, tmp: Optional[str], final_dir: str, run: "Run", state: "TrainState") -> None:
-        import torch
+    def _gathered_rng_states(self) -> Optional[list]:
+        """Every rank's RNG state, on rank 0 (None elsewhere)."""
         import torch.distributed as dist
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         from lmf.dist.runtime import is_dist
 
-        out, step = self.args.output_dir, state.global_step
-        self._write_model(run.loss_module, tmp, final=False)
-        self.hooks.during_save(step)
         rng = capture_rng_state()
+        if not is_dist():
+            return [rng]
         rngs = [None] * self.runtime.world_size if self.runtime.is_main else None
-        if is_dist():
-            dist.gather_object(rng, rngs, dst=0)
-        else:
-            rngs = [rng]
-        optim_sd = None
-        if not self.args.save_only_model and hasattr(run.optimizer, "lmf_state_dict"):
-            optim_sd = run.optimizer.lmf_state_dict()  # lmf.train.optimizers: one process or DDP, own layout
-        elif not self.args.save_only_model:
-            optim_sd = get_optimizer_state_dict(run.loss_module, run.optimizer,
-                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.runtime.is_main:
-            from lmf.train.durable import check_free_space
+        dist.gather_object(rng, rngs, dst=0)
+        return rngs
 
-            check_free_space(tmp, tensor_bytes(optim_sd))  # the biggest file, known before it is written
-            if optim_sd is not None:
-                torch.save(optim_sd, os.path.join(tmp, OPTIMIZER_NAME))
-                if run.scaler is not None:
-                    torch.save(run.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-            # the schedule and RNG states are tiny: saved even with save_only_model
-            torch.save(run.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
-            for rank, rank_state in enumerate(rngs):
-                torch.save(rank_state, os.path.join(tmp, rng_state_name(rank)))
-            write_json(os.path.join(tmp, STATE_NAME), asdict(state))
-            write_manifest(tmp)
-            commit_dir(tmp, final_dir)
-            rotate_checkpoints(out, self.args.save_total_limit, keep=final_dir)
-            run_logger.info("saved %s", final_dir)
+    def _optimizer_state(self, run: "Run") -> Optional[dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if self.args.save_only_model:
+            return None
+        if hasattr(run.optimizer, "lmf_state_dict"):
+            return run.optimizer.lmf_state_dict()  # lmf.train.optimizers: one process or DDP, own layout
+        return get_optimizer_state_dict(run.loss_module, run.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _write_training_state(self, tmp: str, final_dir: str, run: "Run", state: "TrainState", rngs: list,
+                              optim_sd: Optional[dict]) -> None:
+        import torch
+
+        if optim_sd is not None:
+            torch.save(optim_sd, os.path.join(tmp, OPTIMIZER_NAME))
+            if run.scaler is not None:
+                torch.save(run.scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+        # the schedule and RNG states are tiny: saved even with save_only_model
+        torch.save(run.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
+        for rank, rank_state in enumerate(rngs):
+            torch.save(rank_state, os.path.join(tmp, rng_state_name(rank)))
+        write_json(os.path.join(tmp, STATE_NAME), asdict(state))
+        write_manifest(tmp)
+        commit_dir(tmp, final_dir)
+        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, keep=final_dir)
+        run_logger.info("saved %s", final_dir)
 
     def save_final(self, run: "Run", state: "TrainState") -> None:
         """Final model/adapter, tokenizer, trainer_state.json (last) and the loss plot in output_dir."""
-        from lmf.dist.runtime import barrier
-
         out = self.args.output_dir
-        tmp = make_temp_dir(out, "final") if self.runtime.is_main else None
-        with writing_into(tmp, out):
-            self._save_final_into(tmp, run, state)
-        barrier()
+        save = RankZeroSave(self.runtime, out, "final", out)
+        sd = self._full_state_dict(run.loss_module, trainable_only=self.is_lora)  # collective under FSDP
+        save.step(functools.partial(self._write_model, sd, final=True))
+        del sd
+        save.step(lambda tmp: self._publish_final(tmp, state))
 
-    def _save_final_into(self, tmp: Optional[str], run: "Run", state: "TrainState") -> None:
+    def _publish_final(self, tmp: str, state: "TrainState") -> None:
         out = self.args.output_dir
-        self._write_model(run.loss_module, tmp, final=True)
-        if self.runtime.is_main:
-            if self.cfg.finetuning.plot_loss:
-                from lmf.train.reporting import plot_loss
+        if self.cfg.finetuning.plot_loss:
+            from lmf.train.reporting import plot_loss
 
-                plot_loss(state.log_history, tmp)
-            write_json(os.path.join(tmp, STATE_NAME), asdict(state))
-            commit_files(tmp, out, last=STATE_NAME)
-            run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
-            if self.is_lora:
-                _warn_for_vllm(out)
-            if self.cfg.finetuning.pissa_convert:
-                from lmf.train.pissa import write_converted_adapter
+            plot_loss(state.log_history, tmp)
+        write_json(os.path.join(tmp, STATE_NAME), asdict(state))
+        commit_files(tmp, out, last=STATE_NAME)
+        run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
+        if self.is_lora:
+            _warn_for_vllm(out)
+        if self.cfg.finetuning.pissa_convert:
+            from lmf.train.pissa import write_converted_adapter
 
-                write_converted_adapter(out, out)
+            write_converted_adapter(out, out)
 
     # ------------------------------------------------------------------ loading
     def load_weights(self, path: str) -> None:

@@ -4,18 +4,17 @@ A save is never written in place: :func:`make_temp_dir` gives a ``.tmp-NAME-*`` 
 (same file system), :func:`commit_dir` / :func:`commit_files` rename it into place after :func:`fsync_tree`,
 and sync the parent directory, so "renamed into place" means "on disk". Only the holder of the
 ``output_dir`` lock (:mod:`lmf.train.output_lock`) removes ``.tmp-*`` leftovers of an interrupted save.
-:func:`writing_into` turns a full disk into one line naming the file, the free space and the size needed,
-and removes the partial save.
+:class:`RankZeroSave` turns a full disk into one line naming the file, the free space and the size needed,
+removes the partial save, and stops every rank alike.
 
 Every checkpoint gets ``lmf_manifest.json`` (written last): each file's size and CRC-32 (zlib, ~3 GB/s, read
-back from the page cache right after writing). :func:`verify` re-reads the files and names the first one that
+back from the page cache right after writing; of the first and last 4 MiB only for files over 256 MiB). :func:`verify` re-reads the files and names the first one that
 is missing, truncated or changed, so a resume can skip a checkpoint that a power loss, a full disk or a bad
 copy damaged. :func:`fsync_tree` and :func:`fsync_dir` make "renamed into place" mean "on disk".
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import glob
 import json
@@ -23,7 +22,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from typing import Iterator, Optional
+from typing import Optional
 
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
@@ -35,6 +34,13 @@ MANIFEST_NAME = "lmf_manifest.json"
 _BLOCK = 8 << 20
 
 
+#: Files up to this size get a CRC-32 of their whole content; bigger ones (a full model's weights, its optimizer
+#: state: hundreds of GB) one of their first and last 4 MiB, so a resume never re-reads a terabyte (their size is
+#: always checked: a truncated file is caught either way).
+FULL_CRC_LIMIT = 256 << 20
+_ENDS = 4 << 20
+
+
 def file_crc32(path: str) -> int:
     crc = 0
     with open(path, "rb") as fh:
@@ -43,6 +49,21 @@ def file_crc32(path: str) -> int:
             if not block:
                 return crc
             crc = zlib.crc32(block, crc)
+
+
+def ends_crc32(path: str) -> int:
+    """CRC-32 of a file's first and last 4 MiB."""
+    with open(path, "rb") as fh:
+        crc = zlib.crc32(fh.read(_ENDS))
+        fh.seek(max(os.fstat(fh.fileno()).st_size - _ENDS, 0))
+        return zlib.crc32(fh.read(_ENDS), crc)
+
+
+def _fingerprint(path: str) -> dict:
+    size = os.path.getsize(path)
+    if size <= FULL_CRC_LIMIT:
+        return {"size": size, "crc32": file_crc32(path)}
+    return {"size": size, "crc32_ends": ends_crc32(path)}
 
 
 def _files(root: str) -> list[str]:
@@ -58,8 +79,7 @@ def _files(root: str) -> list[str]:
 
 def write_manifest(root: str) -> None:
     """Record the size and CRC-32 of every file of ``root`` in ``root/lmf_manifest.json``."""
-    entries = {rel: {"size": os.path.getsize(os.path.join(root, rel)), "crc32": file_crc32(os.path.join(root, rel))}
-               for rel in _files(root)}
+    entries = {rel: _fingerprint(os.path.join(root, rel)) for rel in _files(root)}
     with open(os.path.join(root, MANIFEST_NAME), "w", encoding="utf-8") as fh:
         json.dump({"version": 1, "files": entries}, fh, indent=1, sort_keys=True)
         fh.write("\n")
@@ -80,16 +100,20 @@ def verify(root: str) -> Optional[str]:
             entries = json.load(fh)["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{path} is unreadable ({exc.__class__.__name__}: {exc})"
-    for rel, want in sorted(entries.items()):
-        file = os.path.join(root, rel)
-        try:
-            size = os.path.getsize(file)
-        except OSError:
-            return f"{file} is missing"
-        if size != want["size"]:
-            return f"{file} has {size} bytes, {want['size']} were written"
-        if file_crc32(file) != want["crc32"]:
-            return f"{file} does not hold what was written (CRC-32 differs)"
+    try:
+        for rel, want in sorted(entries.items()):
+            file = os.path.join(root, rel)
+            try:
+                size = os.path.getsize(file)
+            except FileNotFoundError:
+                return f"{file} is missing"
+            if size != want["size"]:
+                return f"{file} has {size} bytes, {want['size']} were written"
+            crc = file_crc32(file) if "crc32" in want else ends_crc32(file)
+            if crc != want.get("crc32", want.get("crc32_ends")):
+                return f"{file} does not hold what was written (CRC-32 differs)"
+    except OSError as exc:  # unreadable now (permissions, a flaky network file system): not proof of damage
+        raise LmfError(f"cannot check {root}: {exc}; nothing was moved (fix the access, then relaunch)") from None
     return None
 
 
@@ -222,30 +246,59 @@ def _is_disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "unexpected pos" in text or "file write failed" in text
 
 
-@contextlib.contextmanager
-def writing_into(tmp_dir: Optional[str], final: str, needed: int = 0) -> Iterator[None]:
-    """Guard a save into ``tmp_dir`` (published later as ``final``): check ~``needed`` bytes fit first; on a full disk (or any failure) remove
-    the partial ``tmp_dir`` (this writer's own), and say which file could not be written and why."""
-    if tmp_dir is None:  # ranks that do not write
-        yield
-        return
-    try:
-        if needed:
-            check_free_space(tmp_dir, needed)
-        yield
-    except NoSpaceError as exc:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise NoSpaceError(final, exc.free, exc.needed) from None
-    except BaseException as exc:
-        written = _newest_file(tmp_dir)
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        if isinstance(exc, LmfError) or not _is_disk_full(exc):
-            raise
-        free = shutil.disk_usage(os.path.dirname(tmp_dir)).free
-        where = f"while writing {os.path.join(final, os.path.relpath(written, tmp_dir)) if written else final}"
-        raise LmfError(f"no space left on device {where} ({_gib(free)} free"
-                       + (f", the checkpoint needs ~{_gib(needed)}" if needed else "")
-                       + "); the partial save was removed, earlier checkpoints are intact") from None
+class RankZeroSave:
+    """A save that global rank 0 writes into a ``.tmp-*`` directory, in steps every rank passes together.
+
+    :meth:`step` runs its function on rank 0 only, then every rank learns the outcome (one small broadcast): a step
+    that fails on rank 0 (a full disk, an unwritable folder) fails on every rank with the same one-line error, so
+    no rank waits at the next collective for a writer that gave up. The writer removes its partial save; a full
+    disk names the file being written, the free space and the size needed. Collectives (gathering sharded state)
+    go between the steps, on every rank.
+    """
+
+    def __init__(self, runtime, output_dir: str, name: str, final: str):
+        self.is_writer, self.output_dir, self.name, self.final = runtime.is_main, output_dir, name, final
+        self.tmp: Optional[str] = None
+
+    def step(self, write, needed=None) -> None:
+        """``write(tmp_dir)`` on rank 0, after checking that ~``needed()`` bytes fit (``needed``: a callable, run on
+        rank 0 only)."""
+        from lmf.dist.runtime import broadcast_object
+        from lmf.extras.errors import everywhere
+
+        error, crash = None, None
+        if self.is_writer:
+            try:
+                if self.tmp is None:
+                    self.tmp = make_temp_dir(self.output_dir, self.name)
+                if needed is not None:
+                    check_free_space(self.tmp, needed())
+                write(self.tmp)
+            except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
+                error, crash = self._failed(exc)
+        error = broadcast_object(error)
+        if crash is not None:
+            raise crash  # a bug on rank 0: its own traceback there; the other ranks stop with the line below
+        if error is not None:
+            raise everywhere(LmfError(error))
+
+    def _failed(self, exc: BaseException) -> tuple[str, Optional[BaseException]]:
+        """(message for every rank, the exception rank 0 re-raises as it is, if any); removes the partial save."""
+        written = _newest_file(self.tmp) if self.tmp else None
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if isinstance(exc, NoSpaceError):
+            return str(NoSpaceError(self.final, exc.free, exc.needed)), None
+        if _is_disk_full(exc):
+            free = shutil.disk_usage(self.output_dir).free
+            where = os.path.join(self.final, os.path.relpath(written, self.tmp)) if written and self.tmp else self.final
+            return (f"no space left on device while writing {where} ({_gib(free)} free); the partial save was "
+                    "removed, earlier checkpoints are intact"), None
+        if isinstance(exc, LmfError):
+            return str(exc), None
+        if isinstance(exc, OSError):
+            return f"cannot write {self.final}: {exc}; the partial save was removed, earlier checkpoints are intact", None
+        return f"rank 0 failed while writing {self.final} ({exc.__class__.__name__}); see its traceback", exc
 
 
 def _newest_file(root: str) -> Optional[str]:

@@ -95,10 +95,14 @@ def acquire(output_dir: str) -> OutputDirLock:
             raise LmfError(f"cannot lock {path}: {exc.strerror or exc} (does this file system support flock?)") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            if same:
+                _write_holder(fd)
         except FileNotFoundError:
             same = False
+        except OSError as exc:  # a full disk or quota: the holder's details cannot be written
+            OutputDirLock(output_dir, fd, created).release()
+            raise LmfError(f"cannot write the lock file {path}: {exc.strerror or exc}") from None
         if same:
-            _write_holder(fd)
             return OutputDirLock(output_dir, fd, created)
         os.close(fd)
     raise LmfError(f"cannot lock {path}: it keeps being replaced")

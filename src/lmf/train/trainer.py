@@ -257,6 +257,7 @@ class Trainer:
         finally:
             stop.restore()
             progress.close()
+            run.stream.close()  # its DataLoader workers: gone with the loop, also in a process that trains again
             if sys.exc_info()[0] is not None:
                 reporter.close()
         if self.eval_dataset is not None and not st.early_stopped and self._eval_due(True, False):
