@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
@@ -20,44 +19,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("LMF_CACHE", tempfile.mkdtemp(prefix="lmf-test-cache-"))
 
 
-@contextlib.contextmanager
-def _core_lock(run_id: str, exclusive: bool):
-    """A readers-writer lock shared by the xdist workers of one run: tests marked ``slow`` (multi-process, or long
-    enough to want both cores) hold it exclusively, every other test shares it. A writer first takes a turnstile,
-    so the worker that keeps starting short tests cannot starve it."""
-    import fcntl
-
-    base = os.path.join(tempfile.gettempdir(), f"lmf-tests-{run_id}")
-    turnstile = os.open(base + ".turnstile", os.O_RDWR | os.O_CREAT, 0o600)
-    main = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(turnstile, fcntl.LOCK_EX)
-        if exclusive:
-            fcntl.flock(main, fcntl.LOCK_EX)  # keeps the turnstile: no new test starts beside it
-        else:
-            fcntl.flock(main, fcntl.LOCK_SH)
-            fcntl.flock(turnstile, fcntl.LOCK_UN)
-        yield
-    finally:
-        # unlock explicitly: a process a test forked (a DataLoader worker) shares these open files and would hold
-        # the lock after close() for as long as it lives
-        fcntl.flock(main, fcntl.LOCK_UN)
-        fcntl.flock(turnstile, fcntl.LOCK_UN)
-        os.close(main)
-        os.close(turnstile)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """Under pytest-xdist (``-n 2``, what scripts/test.sh runs), a ``slow`` test runs with no other test beside it
-    (its set-up included: module fixtures that train with torchrun), so its processes get the cores they were
-    written for; other tests run two at a time."""
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not run_id:
-        yield
-        return
-    with _core_lock(run_id, exclusive=item.get_closest_marker("slow") is not None):
-        yield
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``, what scripts/test.sh runs) every ``slow`` test (multi-process:
+    torchrun, Ray, concurrent runs) goes to one worker, so no two of them ever share the two cores, while the other
+    worker runs the single-process tests beside them."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(pytest.mark.xdist_group("multiprocess"))
 
 
 @pytest.fixture(scope="session")
