@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs lmf with its test extras (CPU torch) and runs the whole suite on both
-# cores (pytest-xdist, -n 2 --dist loadgroup; the `slow` multi-process tests all go to one worker, one at a time,
-# while the other worker runs the single-process tests: tests/conftest.py).
+# cores (pytest-xdist, -n 2; no two `slow` multi-process tests run at once, while single-process tests run beside
+# them: tests/conftest.py).
 # LMF_TEST_PINS="transformers==5.19.* ..." installs those versions on top (the compatibility runs of .ci/run).
 # LMF_TEST_WORKERS: xdist workers (default 2; 0 runs in one process). LMF_CI_TIMES=FILE (set by .ci/run) appends
 # "<LMF_CI_PHASE> install|tests <seconds> <exit code>" lines to FILE.
@@ -24,7 +24,7 @@ fi
 record install "$start" 0
 start=$(date +%s)
 set +e
-python -m pytest -q -n "${LMF_TEST_WORKERS:-2}" --dist loadgroup "$@"
+python -m pytest -q -n "${LMF_TEST_WORKERS:-2}" "$@"
 rc=$?
 set -e
 record tests "$start" "$rc"

@@ -19,13 +19,25 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("LMF_CACHE", tempfile.mkdtemp(prefix="lmf-test-cache-"))
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, what scripts/test.sh runs) every ``slow`` test (multi-process:
-    torchrun, Ray, concurrent runs) goes to one worker, so no two of them ever share the two cores, while the other
-    worker runs the single-process tests beside them."""
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(pytest.mark.xdist_group("multiprocess"))
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist (``-n 2``, what scripts/test.sh runs) no two ``slow`` tests (multi-process: torchrun, Ray,
+    concurrent runs) run at once: each holds a mutex shared by the run's workers (its set-up included: module
+    fixtures that train with torchrun), while the other worker keeps running single-process tests beside it."""
+    workerinput = getattr(item.config, "workerinput", None)  # only in a real xdist worker, never in a pytest it starts
+    if workerinput is None or item.get_closest_marker("slow") is None:
+        yield
+        return
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), f"lmf-tests-{workerinput['testrunuid']}.multiprocess.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: a process the test forked shares this open file
+        os.close(fd)
 
 
 @pytest.fixture(scope="session")
