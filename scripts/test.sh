@@ -15,10 +15,9 @@ record() {  # record STEP START RC
 }
 start=$(date +%s)
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[test]"
+# shellcheck disable=SC2086
+python -m pip install -q -e ".[test]" ${LMF_TEST_PINS:-}  # one resolution: the pins and what they need
 if [ -n "${LMF_TEST_PINS:-}" ]; then
-    # shellcheck disable=SC2086
-    python -m pip install -q $LMF_TEST_PINS
     python -c "import transformers, peft, datasets, tokenizers as t; print('testing with transformers', transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'tokenizers', t.__version__)"
 fi
 record install "$start" 0
