@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -75,6 +77,20 @@ def workdir(tmp_path, monkeypatch):
     """A temp working directory (cwd) for CLI runs."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@contextlib.contextmanager
+def log_records(logger_name: str):
+    """The records ``logger_name`` emits inside the block (lmf's loggers do not propagate to caplog's root)."""
+    records: list = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def copy_demo_data(dst: str) -> str:

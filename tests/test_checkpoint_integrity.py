@@ -18,19 +18,12 @@ from lmf.train.resume import plan_resume
 
 
 def _log_lines(fn):
-    """Run ``fn`` and return what lmf's training logger wrote (its loggers do not propagate to caplog)."""
-    import io
-    import logging
+    """Run ``fn``; return its result and what lmf's training logger wrote meanwhile."""
+    from conftest import log_records
 
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    logger = logging.getLogger("lmf.train.trainer")
-    logger.addHandler(handler)
-    try:
+    with log_records("lmf.train.trainer") as records:
         result = fn()
-    finally:
-        logger.removeHandler(handler)
-    return result, stream.getvalue()
+    return result, "\n".join(r.getMessage() for r in records)
 
 
 def test_manifest_names_the_truncated_missing_or_changed_file(tmp_path):

@@ -192,18 +192,11 @@ def test_parallel_preprocessing_matches_single_process(tmp_path, data_dir, tok):
 
 @pytest.fixture()
 def registry_warnings():
-    """Warnings of lmf.data.registry inside the test (lmf's loggers do not propagate to caplog)."""
-    import logging
+    """Warnings of lmf.data.registry inside the test."""
+    from conftest import log_records
 
-    records: list = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("lmf.data.registry")
-    logger.addHandler(handler)
-    try:
+    with log_records("lmf.data.registry") as records:
         yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 SEED_EXAMPLE = {"instruction": "Add", "input": "1 2", "output": "3", "system": "Math.", "history": [["Hi", "Hello"]]}

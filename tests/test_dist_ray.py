@@ -184,6 +184,16 @@ def _ray_config(tiny_model_dir, tmp_path, **extra) -> dict:
     return cfg
 
 
+def _lf_ray_example() -> dict:
+    """LLaMA-Factory's train_lora/qwen3_lora_sft_ray.yaml, as its users copy it."""
+    import yaml
+
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
+                           "lf-examples", "train_lora", "qwen3_lora_sft_ray.yaml")
+    with open(example, encoding="utf-8") as fh:
+        return yaml.safe_load(fh)
+
+
 def _run_cli(cfg_path, **env_extra):
     env = {k: v for k, v in os.environ.items() if k not in ("USE_RAY", "NPROC_PER_NODE", "FORCE_TORCHRUN")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **env_extra)
@@ -212,10 +222,7 @@ def test_llamafactory_ray_example_runs_on_ray_without_use_ray(tiny_model_dir, tm
 
     import yaml
 
-    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                           "lf-examples", "train_lora", "qwen3_lora_sft_ray.yaml")
-    with open(example, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+    raw = _lf_ray_example()
     assert raw["ray_num_workers"] == 4
     raw.update(_ray_config(tiny_model_dir, tmp_path, dataset="identity,alpaca_en_demo", template="qwen3_nothink",
                            per_device_train_batch_size=1, gradient_accumulation_steps=2, bf16=False,
@@ -257,10 +264,7 @@ def test_llamafactory_ray_example_on_a_too_small_cluster_stops_at_once(tiny_mode
 
     import yaml
 
-    example = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
-                           "lf-examples", "train_lora", "qwen3_lora_sft_ray.yaml")
-    with open(example, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+    raw = _lf_ray_example()
     raw.update(_ray_config(tiny_model_dir, tmp_path, dataset="identity", template="qwen3_nothink", bf16=False,
                            ray_init_kwargs={"num_cpus": 2}))
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))

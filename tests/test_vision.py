@@ -7,16 +7,14 @@ pipeline on the same model directories and data).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
-import logging
 import os
 import sys
 
 import pytest
 
-from conftest import DEMO_DATA_DIR, REPO_ROOT
+from conftest import DEMO_DATA_DIR, REPO_ROOT, log_records
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "lf_parity"))
 from digest import digest_rows  # noqa: E402
@@ -27,18 +25,9 @@ GOLDEN = os.path.join(REPO_ROOT, "tests", "fixtures", "lf_vision", "golden.json"
 LF_DEMO = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lf-demo")
 
 
-@contextlib.contextmanager
 def _loader_messages():
-    """The messages the data loader logs inside the block (lmf's logger does not propagate to caplog's root)."""
-    records: list = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("lmf.data.loader")
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
+    """The messages the data loader logs inside the block."""
+    return log_records("lmf.data.loader")
 
 
 def _golden_module():
