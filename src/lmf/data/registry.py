@@ -290,10 +290,6 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
     return attrs
 
 
-def _first(files: list[str]) -> Optional[dict]:
-    return first_record(files[0])
-
-
 def resolve_datasets(names: Optional[str], dataset_dir: str, key: str = "dataset") -> list[DatasetAttr]:
     """``dataset`` value -> list of :class:`DatasetAttr` (registry names, file paths or a v1 YAML registry)."""
     if not names:
@@ -316,7 +312,7 @@ def resolve_datasets(names: Optional[str], dataset_dir: str, key: str = "dataset
             if os.path.exists(candidate) and (os.path.isdir(candidate)
                                               or os.path.splitext(candidate)[1].lower() in DATA_EXTENSIONS):
                 files = _data_files(candidate, name)
-                attrs.append(detect_attr(name, files, _first(files)))
+                attrs.append(detect_attr(name, files, first_record(files[0])))
                 break
         else:
             if not info and not os.path.isdir(dataset_dir):

@@ -176,13 +176,6 @@ def plan_resume(cfg: "LmfConfig") -> ResumePlan:
     flag = t.resume_from_checkpoint
     if isinstance(flag, str) and flag.lower() in ("true", "false"):
         flag = flag.lower() == "true"
-    latest, damaged = ckpt.newest_intact_checkpoint(out)
-    for path, why in damaged:  # moved to .previous/ with the other checkpoints newer than the one resumed
-        logger.warning("skipping damaged checkpoint %s: %s", path, why)
-    # trainer_state.json at the top is written last by a finished run; a model without it and without
-    # checkpoints is someone's model. (A model beside checkpoints is a crash inside the final save.)
-    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (
-        latest is None and not damaged and _holds_model(out))
     if isinstance(flag, str):
         if not ckpt.is_complete_checkpoint(flag):
             raise ConfigError(f"config key 'resume_from_checkpoint': {flag!r} is not a complete checkpoint-N directory")
@@ -200,15 +193,23 @@ def plan_resume(cfg: "LmfConfig") -> ResumePlan:
                 )
             return ResumePlan(checkpoint=flag, move_all=True, note=f"resuming from {flag}")
         return ResumePlan(checkpoint=flag, note=f"resuming from {flag}")
+    if flag is False:
+        if _run_entries(out):
+            return ResumePlan(move_all=True, note="resume_from_checkpoint: false: starting over")
+        return ResumePlan()
+    # only now are the checkpoints read (an explicit path, or starting over, needs none of them verified)
+    latest, damaged = ckpt.newest_intact_checkpoint(out)
+    for path, why in damaged:  # moved to .previous/ with the other checkpoints newer than the one resumed
+        logger.warning("skipping damaged checkpoint %s: %s", path, why)
+    # trainer_state.json at the top is written last by a finished run; a model without it and without
+    # checkpoints is someone's model. (A model beside checkpoints is a crash inside the final save.)
+    finished = os.path.isfile(os.path.join(out, ckpt.STATE_NAME)) or (
+        latest is None and not damaged and _holds_model(out))
     if flag is True:
         if latest is None:
             raise ConfigError(f"config key 'resume_from_checkpoint': true, but {out!r} holds no complete checkpoint"
                               + (f" ({len(damaged)} damaged, see above)" if damaged else ""))
         return ResumePlan(checkpoint=latest, move_names=_superseded(out, latest), note=f"resuming from {latest}")
-    if flag is False:
-        if _run_entries(out):
-            return ResumePlan(move_all=True, note="resume_from_checkpoint: false: starting over")
-        return ResumePlan()
     if finished:
         if not t.overwrite_output_dir:
             raise ConfigError(
