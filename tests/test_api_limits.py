@@ -17,6 +17,8 @@ from lmf.chat.engine import GenerationSettings
 from lmf.extras.errors import ConfigError
 from test_api import ScriptedEngine, serve, serve_app
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 HI = [{"role": "user", "content": "hi"}]
 
 

@@ -6,6 +6,10 @@ import os
 import sys
 import types
 
+import pytest
+
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
 import compare_lf  # noqa: E402

@@ -16,6 +16,8 @@ from lmf.train import checkpoint as ckpt
 from lmf.train.durable import MANIFEST_NAME, check_free_space, verify, write_manifest
 from lmf.train.resume import plan_resume
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 
 def _log_lines(fn):
     """Run ``fn``; return its result and what lmf's training logger wrote meanwhile."""

@@ -20,6 +20,8 @@ from lmf.config.parser import (
 )
 from lmf.extras.errors import ConfigError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lf_examples")
 
 

@@ -15,6 +15,8 @@ from lmf.config.lf_keys import LF_KEYS
 from lmf.config.parser import KEY_INDEX, build_config
 from lmf.extras.errors import ConfigError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LF_EXAMPLES = os.path.join(os.path.dirname(REPO_ROOT), "shared", "lf-examples")
 

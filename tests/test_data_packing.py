@@ -15,6 +15,8 @@ from lmf.data.packing import padding_waste, plan_bins
 from lmf.data.processor import IGNORE_INDEX, PairwiseProcessor, SupervisedProcessor, infer_seqlen
 from lmf.data.template import get_template
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 
 @pytest.fixture()
 def tok():

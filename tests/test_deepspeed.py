@@ -18,6 +18,8 @@ from lmf.config.parser import build_config
 from lmf.dist.plan import plan_parallelism
 from lmf.extras.errors import ConfigError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LF_DS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "lf-examples", "deepspeed")
 needs_lf_configs = pytest.mark.skipif(not os.path.isdir(LF_DS), reason="../shared/lf-examples is not here")
@@ -187,15 +189,19 @@ def test_deepspeed_loss_scaling_hysteresis_and_min_scale():
 @pytest.fixture(scope="module")
 def baselines(tmp_path_factory):
     """The same runs without a DeepSpeed config (DDP, 2 processes): losses per finetuning type."""
+    from conftest import build_once
     from test_e2e_sft import DEMO, history, run_lmf
 
-    out = {}
-    for ftype in ("lora", "full"):
-        path = tmp_path_factory.mktemp(f"baseline-{ftype}")
-        proc = run_lmf("sft", DEMO, f"output_dir={path}", *_train_args(ftype), env_extra=TWO_PROCS)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[ftype] = [h["loss"] for h in history(path)]
-    return out
+    def build(folder):
+        out = {}
+        for ftype in ("lora", "full"):
+            path = folder / f"baseline-{ftype}"
+            proc = run_lmf("sft", DEMO, f"output_dir={path}", *_train_args(ftype), env_extra=TWO_PROCS)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            out[ftype] = [h["loss"] for h in history(path)]
+        (folder / "losses.json").write_text(json.dumps(out))
+
+    return json.loads((build_once(tmp_path_factory, "deepspeed-baselines", build) / "losses.json").read_text())
 
 
 TWO_PROCS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}

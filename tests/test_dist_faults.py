@@ -20,6 +20,8 @@ from lmf.dist.runtime import configure_error_handling
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.torchrun import find_available_port
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 GLOO_RESET = RuntimeError(
     "[third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:2451: Connection reset by peer. "
     "This is typically caused by a remote worker hanging or bugs in the application."

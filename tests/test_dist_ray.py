@@ -12,6 +12,8 @@ import pytest
 from lmf.ray_launcher import RAY_INSTALL_HINT, ray_scaling_options, require_ray
 from lmf.extras.errors import LmfError, NotAvailableError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 HAS_RAY = importlib.util.find_spec("ray") is not None
 
 

@@ -9,6 +9,8 @@ import pytest
 from lmf.dist import runtime
 from lmf.torchrun import find_available_port
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 TIMEOUT = datetime.timedelta(seconds=10)
 
 

@@ -9,6 +9,8 @@ import torch
 
 from lmf.train.dpo.losses import preference_loss, reward_metrics, uses_reference_model
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 # two pairs; sums over answer tokens
 PC = torch.tensor([-4.0, -9.0])  # policy chosen
 PR = torch.tensor([-6.0, -7.0])  # policy rejected

@@ -11,6 +11,8 @@ from lmf.loss import sequence_logps
 from lmf.model.forward import decoder_hidden_states, lm_head_of
 from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, DPOObjective, concatenated_logps, reference_logps
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 torch.set_num_threads(1)
 
 PROMPTS = ["Is the sky blue?", "Name a fruit.", "Say something nice.", "What is 2+2?"]

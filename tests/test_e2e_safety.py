@@ -11,6 +11,8 @@ import pytest
 from test_e2e_sft import DEMO, run_lmf
 from test_train_safety import tree_digest
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 BASE = ("max_steps=3", "max_samples=16", "save_steps=2", "logging_steps=1", "preprocessing_num_workers=1")
 
 

@@ -22,6 +22,8 @@ from lmf.dist.fingerprint import (
 from lmf.extras.errors import LmfError
 from lmf.torchrun import find_available_port
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 BASE = {
     "lmf": "0.1.0", "python": "3.11.9", "torch": "2.13.0", "cuda": "12.4", "nccl": "2.21.5",
     "transformers": "5.23.0", "peft": "0.21.2", "datasets": "5.2.0", "accelerate": "1.15.0",

@@ -11,6 +11,8 @@ import pytest
 from lmf import launcher, torchrun
 from lmf.torchrun import build_child_env, build_torchrun_argv, should_use_torchrun
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 PY = "/usr/bin/python-test"
 
 

@@ -16,6 +16,8 @@ from lmf.train.durable import verify
 from lmf.train.output_lock import LOCK_NAME, OutputDirBusy, acquire
 from test_e2e_sft import DEMO, REPO_ROOT, run_lmf
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 HOLD = ("import sys, time; from lmf.train.output_lock import acquire; lock = acquire(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(600)")
 

@@ -12,7 +12,10 @@ import time
 
 import pytest
 
+from conftest import build_once
 from test_e2e_sft import DEMO, REPO_ROOT, run_lmf
+
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
 
 BASE = ("max_steps=6", "max_samples=16", "save_steps=100", "logging_steps=1", "preprocessing_num_workers=1",
         "lora_dropout=0.1")
@@ -33,10 +36,11 @@ def history_losses(out) -> list[float]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("preempt") / "ref"
-    proc = run_lmf("sft", DEMO, f"output_dir={out}", *BASE)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    def build(folder):
+        proc = run_lmf("sft", DEMO, f"output_dir={folder / 'ref'}", *BASE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return build_once(tmp_path_factory, "preemption-uninterrupted", build) / "ref"
 
 
 @pytest.mark.parametrize("sig,code", [("TERM", 143), ("INT", 130)])

@@ -12,6 +12,8 @@ from lmf.train.rm import PairwiseRMObjective, bradley_terry_loss, pairwise_score
 
 from test_dpo_objective import make_batch  # noqa: E402  (shared toy batch builder)
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 torch.set_num_threads(1)
 
 

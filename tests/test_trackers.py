@@ -17,6 +17,8 @@ import yaml
 from lmf.config.parser import build_config
 from lmf.extras.errors import NotAvailableError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(REPO_ROOT, "examples", "tiny-qwen3")
 

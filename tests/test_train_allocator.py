@@ -10,6 +10,8 @@ import pytest
 from lmf.extras.errors import ConfigError
 from lmf.train import allocator
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 
 def test_threshold_from_the_config_key():
     from lmf.config.parser import build_config

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from lmf.train.reporting import Progress
+
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
 
 
 class FakeTerminal(io.StringIO):

@@ -13,6 +13,8 @@ import torch
 from _train_helpers import PadCollator, losses, make_config, tokenized_sft_rows, train_tiny
 from lmf.extras.errors import ConfigError
 
+pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
+
 torch.set_num_threads(1)
 
 
