@@ -128,7 +128,7 @@ def report(results: dict, templates: list[str], datasets: list[str], args, secon
     for name in templates:
         lines.append(f"| {name} | {TEMPLATES[name].family} | "
                      + " | ".join(cell(results[f"{name}|{d}"]) for d in datasets) + " |")
-    lines += ["", "Deliberate deviations applied to LLaMA-Factory's side (README, Data): a record whose `tools` is "
+    lines += ["", "Deliberate deviations applied to LLaMA-Factory's side (docs/data.md): a record whose `tools` is "
               "an empty list gets no (empty) system turn, as the models' own chat templates render it; a token slot "
               "naming a token other than bos/eos (phi_small's `<|endoftext|>` prefix, the `{{ bos_token }}` of "
               "Phi-3-small's own template) is that token, where LLaMA-Factory 0.9.5 drops it.", ""]

@@ -302,7 +302,7 @@ class TrainingArguments:
     resume_from_checkpoint: Union[bool, str, None] = _f(None, "true: newest checkpoint in output_dir; a path: that checkpoint.")
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config: ZeRO stages and CPU offload mapped onto "
                                          "FSDP2, batch/precision/clipping checked against the YAML; the DeepSpeed "
-                                         "engine is never run (README: DeepSpeed configs).")
+                                         "engine is never run (docs/distributed.md: DeepSpeed configs).")
     fsdp: Union[str, list, None] = _f(None, "FSDP options, e.g. 'full_shard' (FSDP2).")
     fsdp_config: Union[dict, str, None] = _f(None, "FSDP extra config.")
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
