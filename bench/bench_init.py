@@ -30,7 +30,7 @@ sys.path.insert(0, HERE)
 def worker() -> None:
     """What torchrun runs: lmf's worker entry point, then this rank's peak RSS into $LMF_BENCH_RSS_DIR."""
     import lmf.train.parallel as parallel
-    from lmf.launcher import main
+    from lmf.worker import main
 
     marks = {}
     original_wrap = parallel.wrap

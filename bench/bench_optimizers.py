@@ -67,8 +67,9 @@ def child(args) -> dict:
     from lmf.config.parser import build_config
     from lmf.data.collator import SFTCollator
     from lmf.model.loader import load_model
-    from lmf.train.sft import SFTStage
-    from lmf.train.trainer import Trainer, set_seed, setup_runtime
+    from lmf.train.sft import SFTObjective
+    from lmf.train.process import set_seed, setup_runtime
+    from lmf.train.trainer import Trainer
     from lmf.train.workflow import load_tokenizer_and_data
 
     out = tempfile.mkdtemp(prefix="lmf-bench-optim-")
@@ -83,7 +84,7 @@ def child(args) -> dict:
     set_seed(0)
     tokenizer, _, data = load_tokenizer_and_data(cfg, "sft")
     model = load_model(cfg, tokenizer, is_trainable=True)
-    trainer = Trainer(cfg, model, tokenizer, SFTStage(cfg, model, SFTCollator(tokenizer)), data.train_dataset, runtime)
+    trainer = Trainer(cfg, model, tokenizer, SFTObjective(cfg, model, SFTCollator(tokenizer)), data.train_dataset, runtime)
     marks: dict = {}
     original_record = trainer._record
 

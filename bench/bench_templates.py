@@ -37,7 +37,7 @@ def template_tokens() -> list[str]:
     """Every token the templates name as a token slot, stop word or thought/tool-call word."""
     sys.path.insert(0, os.path.join(REPO, "src"))
     from lmf.data.template import TEMPLATES
-    from lmf.data.template.base import Token
+    from lmf.data.template.pieces import Token
 
     found = set()
     for template in TEMPLATES.values():

@@ -523,7 +523,7 @@ def details(results: dict) -> list[str]:
                   f"{shape['repeats']} interleaved runs per side, the fastest shown, peak RSS the maximum. Both "
                   "sides run the same torch; lmf's chunked loss sends the LM head's two big fp32 matmuls per chunk to "
                   "oneDNN (`lmf.loss.onednn`, on this EPYC 1.5-1.8x faster than the MKL sgemm that torch.matmul "
-                  "calls; `LMF_ONEDNN_MATMUL=0` turns it off), LLaMA-Factory computes its logits with torch.matmul.", "",
+                  "calls; `use_onednn_matmul: false` turns it off), LLaMA-Factory computes its logits with torch.matmul.", "",
                   "| case | side | steps x batch x accum | tokens | train s | tokens/s | loss first/last | peak RSS | all runs, s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for label, c in shape["cases"].items():

@@ -58,16 +58,18 @@ def make_config(model_dir: str, output_dir: str, **overrides):
 def train_tiny(cfg, rows=None, n_rows: int = 20):
     """Run the real loader + Trainer + SFT stage on hand-made rows; return (trainer, state)."""
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.sft import SFTStage
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+    from lmf.train.sft import SFTObjective
+    from lmf.train.resume import plan_resume
+    from lmf.train.process import set_seed, setup_runtime
+    from lmf.train.trainer import Trainer
 
     runtime = setup_runtime(cfg)
-    resume = resolve_resume_checkpoint(cfg, runtime)
+    resume = plan_resume(cfg, runtime)
     set_seed(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, tokenizer, is_trainable=True)
     rows = rows if rows is not None else tokenized_sft_rows(tokenizer, n=n_rows)
-    stage = SFTStage(cfg, model, PadCollator(tokenizer.pad_token_id))
+    stage = SFTObjective(cfg, model, PadCollator(tokenizer.pad_token_id))
     trainer = Trainer(cfg, model, tokenizer, stage, rows, runtime, resume=resume)
     state = trainer.train()
     return trainer, state

@@ -121,7 +121,7 @@ def test_raw_randomised_pissa_adapters_are_refused_where_they_would_be_wrong(tmp
 
 def test_pissa_resume_rebuilds_the_same_residual(tmp_path):
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.runtime import set_seed
+    from lmf.train.process import set_seed
 
     cfg = build_config(_raw(tmp_path / "o", pissa_init=True, pissa_iter=4))
     states = []

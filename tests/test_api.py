@@ -16,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from lmf.api.server import ApiSettings, create_app, parse_api_settings
+from lmf.api.server import create_app
+from lmf.api.settings import ApiSettings, parse_api_settings
 from lmf.chat.engine import ChatEngine, ChatStream
 from lmf.extras.errors import ConfigError
 
@@ -363,7 +364,7 @@ def test_client_disconnect_before_a_non_streamed_reply_cancels_generation_and_fr
 
 
 def test_a_busy_port_fails_fast_with_a_message():
-    from lmf.api.server import check_port_free
+    from lmf.api.settings import check_port_free
     from lmf.extras.errors import LmfError
 
     with socket.socket() as sock:

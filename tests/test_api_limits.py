@@ -12,7 +12,8 @@ import httpx
 import psutil
 import pytest
 
-from lmf.api.server import ApiSettings, create_app, parse_api_settings
+from lmf.api.server import create_app
+from lmf.api.settings import ApiSettings, parse_api_settings
 from lmf.chat.engine import GenerationSettings
 from lmf.extras.errors import ConfigError
 from test_api import ScriptedEngine, serve, serve_app

@@ -14,7 +14,7 @@ from test_e2e_sft import DEMO, REPO_ROOT
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.train import checkpoint as ckpt
 from lmf.train.durable import MANIFEST_NAME, check_free_space, verify, write_manifest
-from lmf.train.resume import plan_resume
+from lmf.train.resume import decide_resume
 
 pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
 
@@ -23,7 +23,7 @@ def _log_lines(fn):
     """Run ``fn``; return its result and what lmf's training logger wrote meanwhile."""
     from conftest import log_records
 
-    with log_records("lmf.train.trainer") as records:
+    with log_records("lmf.train") as records:
         result = fn()
     return result, "\n".join(r.getMessage() for r in records)
 
@@ -87,7 +87,7 @@ def test_a_named_damaged_checkpoint_is_refused_naming_the_file(unfinished_run, t
     _truncate(os.path.join(ck, "optimizer.pt"))
     cfg = make_config(tiny_model_dir, str(tmp_path / "o"), resume_from_checkpoint=ck)
     with pytest.raises(ConfigError, match=r"'resume_from_checkpoint': .* is damaged: .*optimizer.pt has"):
-        plan_resume(cfg)
+        decide_resume(cfg)
 
 
 def test_all_checkpoints_damaged_is_an_error_that_changes_nothing(unfinished_run, tiny_model_dir, tmp_path):
@@ -98,7 +98,7 @@ def test_all_checkpoints_damaged_is_an_error_that_changes_nothing(unfinished_run
         _truncate(os.path.join(out, f"checkpoint-{step}", "optimizer.pt"))
     before = sorted(os.listdir(out))
     with pytest.raises(ConfigError, match="none of them intact .*optimizer.pt has"):
-        plan_resume(make_config(tiny_model_dir, out, max_steps=3, save_steps=1))
+        decide_resume(make_config(tiny_model_dir, out, max_steps=3, save_steps=1))
     assert sorted(os.listdir(out)) == before
 
 
@@ -109,7 +109,7 @@ def test_a_checkpoint_without_manifest_still_resumes(unfinished_run, tiny_model_
     for step in (1, 2, 3):
         os.remove(os.path.join(out, f"checkpoint-{step}", MANIFEST_NAME))  # written before manifests existed
     assert ckpt.checkpoint_problem(os.path.join(out, "checkpoint-3")) is None
-    assert plan_resume(make_config(tiny_model_dir, out, max_steps=3, save_steps=1)).checkpoint.endswith("checkpoint-3")
+    assert decide_resume(make_config(tiny_model_dir, out, max_steps=3, save_steps=1)).checkpoint.endswith("checkpoint-3")
 
 
 def test_free_space_check_says_what_is_needed(tmp_path):

@@ -88,12 +88,12 @@ WORKER = textwrap.dedent(
     import torch
     from lmf.dist.runtime import init_distributed, all_reduce_sum
     from lmf.dist.faults import peer_failure_guard, monitored_barrier
-    from lmf.launcher import _guarded
+    from lmf.launcher import guarded
 
     mode, timeout_s, via = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     if via == "config":  # the trainer's set-up point, with ddp_timeout from the config
         from lmf.config.parser import build_config
-        from lmf.train.trainer import setup_runtime
+        from lmf.train.process import setup_runtime
 
         info = setup_runtime(build_config({"model_name_or_path": "unused", "ddp_timeout": timeout_s}))
     else:
@@ -114,7 +114,7 @@ WORKER = textwrap.dedent(
                 time.sleep(0.02)
         return 0
 
-    sys.exit(_guarded(train))
+    sys.exit(guarded(train))
     """
 )
 
@@ -186,7 +186,7 @@ def test_config_ddp_timeout_bounds_collectives_at_the_trainer_setup_point(tmp_pa
 
 
 def test_fault_injection_hooks_fire_only_where_asked():
-    from lmf.dist.fault_injection import should_die
+    from lmf.testing.faults import should_die
 
     env = {"LMF_TEST_KILL_AT_STEP": "3", "LMF_TEST_KILL_RANK": "1", "RANK": "1"}
     assert should_die("step", 3, env)

@@ -162,7 +162,7 @@ def test_two_processes_match_single_process(variant, reference_run, tiny_model_d
     assert f"parallel={parallel}" in log
     assert "environment fingerprint identical on all 2 ranks" in log
     # every write happens in a rank-0-only branch that logs "saved ..."; rank 1 logs at INFO here too, but never saves
-    saved = [line for line in log.splitlines() if " INFO lmf.train.trainer: saved " in line]
+    saved = [line for line in log.splitlines() if " INFO lmf.train.checkpoint: saved " in line]
     assert saved and all("[rank0]" in line for line in saved), saved
     state = assert_finished_cleanly(out, world_size=2)
     assert state["world_size"] == 2

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from lmf.train.workflow import run_exp
+from lmf.experiment import run_experiment
 
 from test_dpo_train import history, pref_argv, train_entries, write_toy_preference_data  # noqa: E402
 
@@ -46,7 +46,7 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path, stage, ftype,
         kw.update(val_size=7, eval_strategy="steps", eval_steps=3)
     single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
     # one process, 4 pairs per micro-batch == two processes, 2 pairs each (the sampler deals rank r every 2nd pair)
-    run_exp(pref_argv(tiny_model_dir, data, single, per_device_train_batch_size=4, **kw), stage)
+    run_experiment(pref_argv(tiny_model_dir, data, single, per_device_train_batch_size=4, **kw), stage)
     proc = _torchrun(stage, pref_argv(tiny_model_dir, data, multi, per_device_train_batch_size=2, **kw), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"parallel={'fsdp' if fsdp else 'ddp'}" in proc.stderr

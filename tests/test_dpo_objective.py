@@ -9,7 +9,8 @@ import torch
 
 from lmf.loss import sequence_logps
 from lmf.model.forward import decoder_hidden_states, lm_head_of
-from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, DPOObjective, concatenated_logps, reference_logps
+from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, DPOObjective
+from lmf.train.reference import paired_logps, reference_logps
 
 pytestmark = pytest.mark.version_independent  # lmf's own mechanics: not in the compatibility runs
 
@@ -53,10 +54,10 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_concatenated_logps_match_separate_forwards(lora_model, tokenizer):
+def test_paired_logps_match_separate_forwards(lora_model, tokenizer):
     batch = make_batch(tokenizer)
     with torch.no_grad():
-        c, r, lc, lr = concatenated_logps(lora_model, batch)
+        c, r, lc, lr = paired_logps(lora_model, batch)
         h = decoder_hidden_states(lora_model, batch["input_ids"][:4], batch["attention_mask"][:4])
         c_alone, lc_alone = sequence_logps(h, lm_head_of(lora_model), batch["labels"][:4])
     assert torch.allclose(c, c_alone, atol=1e-5) and torch.equal(lc, lc_alone)
@@ -74,8 +75,8 @@ def test_reference_is_base_model_with_adapters_disabled(lora_model, tokenizer, t
     ref_c, ref_r = reference_logps(lora_model, batch)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        base_c, base_r, _, _ = concatenated_logps(base, batch)
-        pol_c, _, _, _ = concatenated_logps(lora_model, batch)
+        base_c, base_r, _, _ = paired_logps(base, batch)
+        pol_c, _, _, _ = paired_logps(lora_model, batch)
     assert torch.allclose(ref_c, base_c, atol=1e-5) and torch.allclose(ref_r, base_r, atol=1e-5)
     assert not torch.allclose(pol_c, base_c, atol=1e-3)  # adapters are back on afterwards
     # a separate frozen reference model gives the same numbers
@@ -105,7 +106,7 @@ def test_precomputed_reference_columns_are_used(lora_model, tokenizer):
     batch[REF_REJECTED] = torch.full((4,), -50.0)
     _, _, metrics = DPOObjective(beta=0.1)(lora_model, batch)
     with torch.no_grad():
-        c, r, _, _ = concatenated_logps(lora_model, batch)
+        c, r, _, _ = paired_logps(lora_model, batch)
     assert metrics["rewards/chosen"] == pytest.approx(0.1 * (c + 100).mean().item(), abs=1e-4)
     assert metrics["rewards/rejected"] == pytest.approx(0.1 * (r + 50).mean().item(), abs=1e-4)
 
@@ -159,7 +160,7 @@ def _toy_pair_collator(pad_id):
 def test_precompute_reference_logps_matches_on_the_fly(lora_model, tokenizer):
     from datasets import Dataset
 
-    from lmf.train.dpo.reference import WithReferenceLogps, precompute_reference_logps
+    from lmf.train.dpo.precompute import WithReferenceLogps, precompute_reference_logps
 
     with torch.no_grad():
         for name, p in lora_model.named_parameters():

@@ -1,4 +1,4 @@
-"""DPO end to end through run_exp (config -> data -> model -> shared Trainer -> outputs) on the tiny model."""
+"""DPO end to end through run_experiment (config -> data -> model -> shared Trainer -> outputs) on the tiny model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmf.extras.errors import ConfigError
-from lmf.train.workflow import run_exp
+from lmf.experiment import run_experiment
 
 torch.set_num_threads(1)
 
@@ -82,7 +82,7 @@ def toy_data(tmp_path_factory):
 
 def test_lora_dpo_learns_toy_preference(tiny_model_dir, toy_data, tmp_path):
     out = str(tmp_path / "dpo")
-    run_exp(pref_argv(tiny_model_dir, toy_data, out, val_size=8, eval_strategy="steps", eval_steps=5), "dpo")
+    run_experiment(pref_argv(tiny_model_dir, toy_data, out, val_size=8, eval_strategy="steps", eval_steps=5), "dpo")
     steps = train_entries(out)
     assert len(steps) == 10
     first, last = steps[0], steps[-1]
@@ -102,9 +102,9 @@ def test_lora_dpo_learns_toy_preference(tiny_model_dir, toy_data, tmp_path):
 
 def test_lmf_train_follows_stage_and_sft_command_refuses_dpo(tiny_model_dir, toy_data, tmp_path):
     with pytest.raises(ConfigError, match="dpo"):
-        run_exp(pref_argv(tiny_model_dir, toy_data, str(tmp_path / "x")), "sft")
+        run_experiment(pref_argv(tiny_model_dir, toy_data, str(tmp_path / "x")), "sft")
     out = str(tmp_path / "train_cmd")
-    run_exp(pref_argv(tiny_model_dir, toy_data, out, dataset="toy_pref_sg", pref_loss="simpo", pref_beta=2.0,
+    run_experiment(pref_argv(tiny_model_dir, toy_data, out, dataset="toy_pref_sg", pref_loss="simpo", pref_beta=2.0,
                       simpo_gamma=0.5, max_steps=8), "train")
     steps = train_entries(out)
     # reference-free: rewards are beta * length-averaged log-probs, chosen ends above rejected
@@ -113,7 +113,7 @@ def test_lmf_train_follows_stage_and_sft_command_refuses_dpo(tiny_model_dir, toy
 
 def test_dpo_on_demo_sharegpt_ranking_data(tiny_model_dir, demo_data_dir, tmp_path):
     out = str(tmp_path / "demo")
-    run_exp(pref_argv(tiny_model_dir, demo_data_dir, out, dataset="dpo_en_demo", max_samples=16, cutoff_len=128,
+    run_experiment(pref_argv(tiny_model_dir, demo_data_dir, out, dataset="dpo_en_demo", max_samples=16, cutoff_len=128,
                       per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3, pref_ftx=0.5,
                       learning_rate=1e-4), "dpo")
     steps = train_entries(out)
@@ -126,8 +126,8 @@ def test_dpo_on_demo_sharegpt_ranking_data(tiny_model_dir, demo_data_dir, tmp_pa
 def test_full_finetuning_frozen_reference_equals_precomputed(tiny_model_dir, toy_data, tmp_path):
     kw = dict(finetuning_type="full", learning_rate=1e-4, max_steps=4, pref_loss="ipo", pref_beta=0.5)
     frozen, pre = str(tmp_path / "frozen"), str(tmp_path / "pre")
-    run_exp(pref_argv(tiny_model_dir, toy_data, frozen, **kw), "dpo")
-    run_exp(pref_argv(tiny_model_dir, toy_data, pre, precompute_ref_log_probs=True, **kw), "dpo")
+    run_experiment(pref_argv(tiny_model_dir, toy_data, frozen, **kw), "dpo")
+    run_experiment(pref_argv(tiny_model_dir, toy_data, pre, precompute_ref_log_probs=True, **kw), "dpo")
     a, b = train_entries(frozen), train_entries(pre)
     assert a[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     for x, y in zip(a, b):
@@ -140,10 +140,10 @@ def test_full_finetuning_frozen_reference_equals_precomputed(tiny_model_dir, toy
 def test_dpo_resume_equals_uninterrupted(tiny_model_dir, toy_data, tmp_path):
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
     kw = dict(max_steps=6, save_steps=3, pref_loss="sigmoid", dpo_label_smoothing=0.1, lr_scheduler_type="cosine")
-    run_exp(pref_argv(tiny_model_dir, toy_data, full_dir, **kw), "dpo")
+    run_experiment(pref_argv(tiny_model_dir, toy_data, full_dir, **kw), "dpo")
     os.makedirs(part_dir)
     shutil.copytree(os.path.join(full_dir, "checkpoint-3"), os.path.join(part_dir, "checkpoint-3"))
-    run_exp(pref_argv(tiny_model_dir, toy_data, part_dir, resume_from_checkpoint=True, **kw), "dpo")
+    run_experiment(pref_argv(tiny_model_dir, toy_data, part_dir, resume_from_checkpoint=True, **kw), "dpo")
     ref, resumed = train_entries(full_dir), train_entries(part_dir)
     assert [h["loss"] for h in resumed] == [h["loss"] for h in ref]
     assert [h["rewards/margins"] for h in resumed] == [h["rewards/margins"] for h in ref]
@@ -154,6 +154,6 @@ def test_dpo_resume_equals_uninterrupted(tiny_model_dir, toy_data, tmp_path):
 
 def test_bad_preference_settings_name_the_key(tiny_model_dir, toy_data, tmp_path):
     with pytest.raises(ConfigError, match="dpo_label_smoothing"):
-        run_exp(pref_argv(tiny_model_dir, toy_data, str(tmp_path / "a"), pref_loss="ipo", dpo_label_smoothing=0.1), "dpo")
+        run_experiment(pref_argv(tiny_model_dir, toy_data, str(tmp_path / "a"), pref_loss="ipo", dpo_label_smoothing=0.1), "dpo")
     with pytest.raises(ConfigError, match="pref_beta"):
-        run_exp(pref_argv(tiny_model_dir, toy_data, str(tmp_path / "b"), pref_beta=0), "dpo")
+        run_experiment(pref_argv(tiny_model_dir, toy_data, str(tmp_path / "b"), pref_beta=0), "dpo")

@@ -93,15 +93,16 @@ def test_llamafactory_example_yaml_runs_unchanged(tmp_path):
 
 
 def test_train_command_follows_the_config_stage(tmp_path, monkeypatch):
+    from lmf import experiment
     from lmf.train import workflow
 
     monkeypatch.chdir(REPO_ROOT)
     called = []
     monkeypatch.setattr(workflow, "run_training", lambda cfg: called.append((cfg.finetuning.stage, cfg.training.output_dir)))
-    workflow.run_exp([DEMO, "stage=dpo", f"output_dir={tmp_path}"], command="train")
-    workflow.run_exp([DEMO, f"output_dir={tmp_path}"], command="sft")
-    workflow.run_exp([DEMO, "stage=pt", f"output_dir={tmp_path}"], command="sft")
+    experiment.run_experiment([DEMO, "stage=dpo", f"output_dir={tmp_path}"], command="train")
+    experiment.run_experiment([DEMO, f"output_dir={tmp_path}"], command="sft")
+    experiment.run_experiment([DEMO, "stage=pt", f"output_dir={tmp_path}"], command="sft")
     assert [c[0] for c in called] == ["dpo", "sft", "pt"]
-    assert workflow.recipe_of("pt").__name__ == "lmf.train.sft" and workflow.recipe_of("dpo").build_stage
+    assert workflow.recipe_of("pt").__name__ == "lmf.train.sft" and workflow.recipe_of("dpo").build_objective
     with pytest.raises(Exception, match="do_train"):
-        workflow.run_exp([DEMO, "do_train=false"], command="sft")
+        experiment.run_experiment([DEMO, "do_train=false"], command="sft")

@@ -24,7 +24,7 @@ def test_single_node_defaults():
     assert _argv({}) == [
         PY, "-m", "lmf.torchrun", "--nproc-per-node", "1",
         "--nnodes", "1", "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "12345",
-        "--max-restarts", "0", "--module", "lmf.launcher", "sft", "cfg.yaml", "lr=1",
+        "--max-restarts", "0", "--module", "lmf.worker", "sft", "cfg.yaml", "lr=1",
     ]
 
 
@@ -38,7 +38,7 @@ def test_multi_node():
     assert _argv(env, command="dpo", args=("d.yaml",)) == [
         PY, "-m", "lmf.torchrun", "--nproc-per-node", "4",
         "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "20000",
-        "--max-restarts", "0", "--module", "lmf.launcher", "dpo", "d.yaml",
+        "--max-restarts", "0", "--module", "lmf.worker", "dpo", "d.yaml",
     ]
 
 
@@ -47,7 +47,7 @@ def test_elastic_without_min_max():
     assert _argv(env, args=()) == [
         PY, "-m", "lmf.torchrun", "--nproc-per-node", "1",
         "--nnodes", "2", "--rdzv-id", "job1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "10.0.0.1:29500",
-        "--max-restarts", "3", "--module", "lmf.launcher", "sft",
+        "--max-restarts", "3", "--module", "lmf.worker", "sft",
     ]
 
 
@@ -57,7 +57,7 @@ def test_elastic_with_min_max():
     assert argv == [
         PY, "-m", "lmf.torchrun", "--nproc-per-node", "2",
         "--nnodes", "1:4", "--rdzv-id", "job1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:12345",
-        "--max-restarts", "0", "--module", "lmf.launcher", "rm", "r.yaml",
+        "--max-restarts", "0", "--module", "lmf.worker", "rm", "r.yaml",
     ]
     assert "--node_rank" not in argv
 
@@ -192,7 +192,7 @@ def test_help_and_version_do_not_import_torch():
 
 
 def test_worker_main_rejects_unknown_command():
-    out = subprocess.run([sys.executable, "-m", "lmf.launcher", "bogus"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-m", "lmf.worker", "bogus"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "unknown training command" in out.stderr
 
@@ -233,7 +233,7 @@ def test_worker_exit_codes_are_read_by_rank(tmp_path):
 def test_a_finished_worker_exits_like_the_interpreter_but_without_its_teardown(tmp_path):
     code = (
         "import atexit, sys, threading, time\n"
-        "from lmf.launcher import _exit_now\n"
+        "from lmf.worker import _exit_now\n"
         "out = sys.argv[1]\n"
         "def late():\n"
         "    time.sleep(0.3); open(out + '/thread', 'w').write('done')\n"

@@ -31,7 +31,7 @@ def _losses(out) -> list[float]:
 
 def test_loraplus_puts_b_matrices_at_ratio_times_the_learning_rate(tmp_path):
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.optim import create_optimizer
+    from lmf.train.optimizer import create_optimizer
 
     cfg = build_config(_raw(tmp_path / "o", loraplus_lr_ratio=16.0, weight_decay=0.01))
     model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)

@@ -259,9 +259,9 @@ def test_tiny_model_end_to_end(tiny_model_dir):
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_onednn_matmul_equals_torch_matmul_and_can_be_turned_off(monkeypatch):
+def test_onednn_matmul_equals_torch_matmul_and_can_be_turned_off(monkeypatch, tiny_model_dir):
     """lmf.loss.onednn: x @ w.T through oneDNN on CPU fp32 (the LM head's logits and their gradient through a
-    transposed view of the weight), torch.matmul elsewhere; LMF_ONEDNN_MATMUL=0 turns it off."""
+    transposed view of the weight), torch.matmul elsewhere; use_onednn_matmul: false turns it off."""
     import lmf.loss.onednn as onednn
 
     gen = torch.Generator().manual_seed(0)
@@ -277,8 +277,12 @@ def test_onednn_matmul_equals_torch_matmul_and_can_be_turned_off(monkeypatch):
     assert len(calls) == 2
     bf16 = onednn.matmul_nt(x.bfloat16(), w.bfloat16())  # not fp32: torch.matmul
     assert bf16.dtype == torch.bfloat16 and len(calls) == 2
-    monkeypatch.setattr(onednn, "_usable", None)
-    monkeypatch.setenv("LMF_ONEDNN_MATMUL", "0")
-    assert not onednn.onednn_usable()
+    from lmf.config.parser import build_config
+    from lmf.loss import loss_kwargs
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(onednn, "_enabled", True)
+    loss_kwargs(build_config({"use_onednn_matmul": False}).model, AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     onednn.matmul_nt(x, w)
-    assert len(calls) == 2
+    assert len(calls) == 2 and not onednn._enabled

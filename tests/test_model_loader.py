@@ -160,7 +160,7 @@ def test_llama_architecture_trains(tiny_llama_dir, tmp_path):
 
 
 def test_reentrant_checkpointing_by_default_except_under_fsdp(tiny_model_dir, tmp_path, monkeypatch, caplog):
-    from lmf.model.loader import _reentrant_checkpointing
+    from lmf.model.checkpointing import reentrant_checkpointing as _reentrant_checkpointing
 
     cfg = make_config(tiny_model_dir, str(tmp_path / "out"))
     assert cfg.model.use_reentrant_gc is True  # LLaMA-Factory's default

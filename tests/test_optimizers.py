@@ -77,7 +77,7 @@ def _state_elements(optimizer) -> int:
 def _optimizer_after_steps(tmp_path, steps: int = 2, **keys):
     """A real model + the optimizer lmf builds for ``keys``, after ``steps`` steps on random tokens."""
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.optim import create_optimizer
+    from lmf.train.optimizer import create_optimizer
 
     cfg = build_config(_raw(tmp_path / "o", **keys))
     model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
@@ -187,12 +187,12 @@ def test_resume_is_exact(tmp_path, name):
 def test_a_missing_package_names_the_pip_line(monkeypatch):
     import importlib.util
 
-    from lmf.train import optimizers
+    from lmf.train import optimizer_plugins
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "galore_torch" else real(n, *a))
     with pytest.raises(NotAvailableError, match=r"pip install 'lmf\[galore\]'"):
-        optimizers.require_package("use_galore")
+        optimizer_plugins.require_package("use_galore")
 
 
 def test_combinations_that_cannot_work_are_refused():

@@ -153,8 +153,9 @@ def test_packed_sft_through_trainer_loss_decreases(tiny_model_dir, tmp_path, mon
 
     from lmf.data.collator import SFTCollator
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.sft import SFTStage
-    from lmf.train.trainer import Trainer, set_seed, setup_runtime
+    from lmf.train.sft import SFTObjective
+    from lmf.train.process import set_seed, setup_runtime
+    from lmf.train.trainer import Trainer
 
     calls = []
     original = packed_attention.varlen_sdpa_forward
@@ -175,7 +176,7 @@ def test_packed_sft_through_trainer_loss_decreases(tiny_model_dir, tmp_path, mon
                 row[key] += s[key]
             row["position_ids"] += range(len(s["input_ids"]))
         rows.append(row)
-    stage = SFTStage(cfg, model, SFTCollator(tokenizer))
+    stage = SFTObjective(cfg, model, SFTCollator(tokenizer))
     state = Trainer(cfg, model, tokenizer, stage, rows, runtime).train()
     curve = losses(state)
     assert len(curve) == 8

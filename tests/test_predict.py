@@ -44,7 +44,7 @@ def _results(out) -> dict:
 
 
 def _run(argv: list[str]) -> None:
-    from lmf.predict.runner import run_experiment
+    from lmf.experiment import run_experiment
 
     run_experiment(argv, command="sft")
 

@@ -1,4 +1,4 @@
-"""Reward model end to end through run_exp: accuracy rises, the saved RM reloads and scores identically, resume."""
+"""Reward model end to end through run_experiment: accuracy rises, the saved RM reloads and scores identically, resume."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmf.model.value_head import VALUE_HEAD_WEIGHTS, load_reward_model, score
-from lmf.train.workflow import run_exp
+from lmf.experiment import run_experiment
 
 from test_dpo_train import history, pref_argv, train_entries, write_toy_preference_data  # noqa: E402
 
@@ -43,7 +43,7 @@ def test_rm_accuracy_rises_and_saved_model_scores_identically(tiny_model_dir, to
     out = str(tmp_path / ftype)
     argv = rm_argv(tiny_model_dir, toy_data, out, dataset="toy_pref_words", finetuning_type=ftype, val_size=8,
                    eval_strategy="steps", eval_steps=4, max_steps=12, learning_rate=5e-3 if ftype == "lora" else 5e-4)
-    run_exp(argv, "rm")
+    run_experiment(argv, "rm")
     steps = train_entries(out)
     evals = [h for h in history(out) if "eval_loss" in h]
     assert len(steps) == 12 and [h["step"] for h in evals] == [4, 8, 12]
@@ -75,11 +75,11 @@ def test_rm_accuracy_rises_and_saved_model_scores_identically(tiny_model_dir, to
 def test_rm_resume_restores_value_head_exactly(tiny_model_dir, toy_data, tmp_path):
     full_dir, part_dir = str(tmp_path / "full"), str(tmp_path / "part")
     kw = dict(max_steps=6, save_steps=3, lr_scheduler_type="cosine")
-    run_exp(rm_argv(tiny_model_dir, toy_data, full_dir, **kw), "rm")
+    run_experiment(rm_argv(tiny_model_dir, toy_data, full_dir, **kw), "rm")
     assert os.path.isfile(os.path.join(full_dir, "checkpoint-3", VALUE_HEAD_WEIGHTS))
     os.makedirs(part_dir)
     shutil.copytree(os.path.join(full_dir, "checkpoint-3"), os.path.join(part_dir, "checkpoint-3"))
-    run_exp(rm_argv(tiny_model_dir, toy_data, part_dir, resume_from_checkpoint=True, **kw), "rm")
+    run_experiment(rm_argv(tiny_model_dir, toy_data, part_dir, resume_from_checkpoint=True, **kw), "rm")
     assert [h["loss"] for h in train_entries(part_dir)] == [h["loss"] for h in train_entries(full_dir)]
     for name in (VALUE_HEAD_WEIGHTS, "adapter_model.safetensors"):
         a, b = load_file(os.path.join(full_dir, name)), load_file(os.path.join(part_dir, name))

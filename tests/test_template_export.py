@@ -45,7 +45,7 @@ def as_lmf(messages: list[dict]) -> list[dict]:
 
 def template_tokens() -> list[str]:
     """Every token the templates name (Token slots, stop words): the test tokenizers have them all."""
-    from lmf.data.template.base import Token
+    from lmf.data.template.pieces import Token
 
     found = set()
     for template in TEMPLATES.values():

@@ -11,7 +11,7 @@ import torch
 from lmf.config.parser import build_config
 from lmf.extras.errors import ConfigError, DataError, NotAvailableError
 from lmf.train.batches import MicroBatchStream, ResumableShardedSampler
-from lmf.train.optim import create_optimizer, create_scheduler
+from lmf.train.optimizer import create_optimizer, create_scheduler
 
 torch.set_num_threads(1)
 
@@ -103,10 +103,10 @@ def _undecodable_image(rows):
 def test_data_error_in_a_dataloader_worker_is_its_own_one_line(capsys):
     """A DataError raised by the collator in a DataLoader worker (num_workers=1) reaches the user as lmf's one line
     and exit code, not torch's "Caught DataError in DataLoader worker process 0" with the worker's traceback."""
-    from lmf.launcher import _guarded
+    from lmf.launcher import guarded
 
     stream = MicroBatchStream(list(range(4)), _undecodable_image, 2, ResumableShardedSampler(4), num_workers=1)
-    assert _guarded(next, stream) == DataError.exit_code
+    assert guarded(next, stream) == DataError.exit_code
     assert capsys.readouterr().err == "lmf: error: image file 'cat.png' cannot be decoded (truncated)\n"
     assert stream.batch_in_epoch == 0
 
@@ -134,27 +134,28 @@ def test_plot_loss_writes_png(tmp_path):
 def test_evaluation_logs_eval_loss(tiny_model_dir, tmp_path):
     from _train_helpers import PadCollator, make_config, tokenized_sft_rows
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.sft import SFTStage
-    from lmf.train.trainer import Trainer, set_seed, setup_runtime
+    from lmf.train.sft import SFTObjective
+    from lmf.train.process import set_seed, setup_runtime
+    from lmf.train.trainer import Trainer
 
     cfg = make_config(tiny_model_dir, str(tmp_path), max_steps=4, eval_strategy="steps", eval_steps=2)
     set_seed(0)
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg, tok, is_trainable=True)
     rows = tokenized_sft_rows(tok, n=16)
-    trainer = Trainer(cfg, model, tok, SFTStage(cfg, model, PadCollator(tok.pad_token_id)), rows[:12], setup_runtime(cfg),
+    trainer = Trainer(cfg, model, tok, SFTObjective(cfg, model, PadCollator(tok.pad_token_id)), rows[:12], setup_runtime(cfg),
                       eval_dataset=rows[12:])
     state = trainer.train()
     evals = [h for h in state.log_history if "eval_loss" in h]
     assert [h["step"] for h in evals] == [2, 4]
     assert all(0 < h["eval_loss"] < 20 for h in evals)
-    assert trainer.wrapped.training  # back in train mode after evaluating
+    assert trainer.run.wrapped.training  # back in train mode after evaluating
 
 
 def test_cpu_threads_follow_model_width_unless_set(monkeypatch):
     from types import SimpleNamespace
 
-    from lmf.train.trainer import pick_cpu_threads
+    from lmf.train.process import pick_cpu_threads
 
     before = torch.get_num_threads()
     cpu = torch.device("cpu")
@@ -179,8 +180,9 @@ def test_epoch_strategy_saves_and_evaluates_once_per_epoch(tiny_model_dir, tmp_p
 
     from _train_helpers import PadCollator, make_config, tokenized_sft_rows
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.sft import SFTStage
-    from lmf.train.trainer import Trainer, set_seed, setup_runtime
+    from lmf.train.sft import SFTObjective
+    from lmf.train.process import set_seed, setup_runtime
+    from lmf.train.trainer import Trainer
 
     cfg = make_config(tiny_model_dir, str(tmp_path), max_steps=-1, num_train_epochs=3, save_strategy="epoch",
                       eval_strategy="epoch")
@@ -188,7 +190,7 @@ def test_epoch_strategy_saves_and_evaluates_once_per_epoch(tiny_model_dir, tmp_p
     tok = load_tokenizer(cfg.model)
     model = load_model(cfg, tok, is_trainable=True)
     rows = tokenized_sft_rows(tok, n=24)
-    state = Trainer(cfg, model, tok, SFTStage(cfg, model, PadCollator(tok.pad_token_id)), rows[:20], setup_runtime(cfg),
+    state = Trainer(cfg, model, tok, SFTObjective(cfg, model, PadCollator(tok.pad_token_id)), rows[:20], setup_runtime(cfg),
                     eval_dataset=rows[20:]).train()
     assert state.global_step == 9  # 3 epochs x ceil(5 / 2): a step never crosses an epoch boundary
     assert state.epoch == 3.0

@@ -110,7 +110,7 @@ def test_upcast_layernorm_upcasts_only_the_norm_weights(tiny_model_dir, lmf_logs
 
 
 def test_tf32_on_cpu_says_it_changes_nothing(lmf_logs):
-    from lmf.train.trainer import apply_tf32
+    from lmf.train.process import apply_tf32
 
     before = torch.backends.cuda.matmul.allow_tf32
     apply_tf32(True, torch.device("cpu"))

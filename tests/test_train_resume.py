@@ -97,12 +97,13 @@ def test_save_total_limit_keeps_newest(tiny_model_dir, tmp_path):
 
 def test_atomic_commit_replaces_and_ignores_partial(tmp_path):
     from lmf.train import checkpoint as ckpt
+    from lmf.train.durable import commit_dir, make_temp_dir
 
     out = str(tmp_path)
-    tmp = ckpt.make_temp_dir(out, "checkpoint-7")
+    tmp = make_temp_dir(out, "checkpoint-7")
     ckpt.write_json(os.path.join(tmp, "trainer_state.json"), {"global_step": 7})
     assert ckpt.latest_checkpoint(out) is None  # not renamed yet: invisible
-    ckpt.commit_dir(tmp, os.path.join(out, "checkpoint-7"))
+    commit_dir(tmp, os.path.join(out, "checkpoint-7"))
     os.makedirs(os.path.join(out, "checkpoint-9"))  # no trainer_state.json: incomplete
     assert ckpt.latest_checkpoint(out) == os.path.join(out, "checkpoint-7")
     assert oct(os.stat(os.path.join(out, "checkpoint-7")).st_mode & 0o777) != "0o700"

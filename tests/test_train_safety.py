@@ -164,19 +164,21 @@ def test_resuming_an_older_checkpoint_keeps_the_newer_ones(reference_run, tiny_m
 def test_eval_does_not_change_the_trajectory(reference_run, tiny_model_dir, tmp_path):
     """Evaluation draws nothing from the global RNG: the same losses with and without it (dropout on)."""
     from lmf.model.loader import load_model, load_tokenizer
-    from lmf.train.sft import SFTStage
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint, set_seed, setup_runtime
+    from lmf.train.sft import SFTObjective
+    from lmf.train.resume import plan_resume
+    from lmf.train.process import set_seed, setup_runtime
+    from lmf.train.trainer import Trainer
 
     _, ref = reference_run
     cfg = make_config(tiny_model_dir, str(tmp_path / "eval"), max_steps=4, save_steps=2, lora_dropout=0.1,
                       eval_strategy="steps", eval_steps=1)
     runtime = setup_runtime(cfg)
-    plan = resolve_resume_checkpoint(cfg, runtime)
+    plan = plan_resume(cfg, runtime)
     set_seed(cfg.training.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg, tokenizer, is_trainable=True)
     rows = tokenized_sft_rows(tokenizer, n=24)
-    stage = SFTStage(cfg, model, PadCollator(tokenizer.pad_token_id))
+    stage = SFTObjective(cfg, model, PadCollator(tokenizer.pad_token_id))
     state = Trainer(cfg, model, tokenizer, stage, rows[:20], runtime, eval_dataset=rows[20:], resume=plan).train()
     assert sum("eval_loss" in h for h in state.log_history) == 4
     assert losses(state) == losses(ref)

@@ -34,7 +34,7 @@ def lf_checkout(tmp_path, monkeypatch):
 
 
 def _run(example: str, command: str = "sft", *overrides: str) -> None:
-    from lmf.predict.runner import run_experiment
+    from lmf.experiment import run_experiment
 
     run_experiment([os.path.join(V1, example), f"model={DEMO_MODEL}", *overrides], command=command)
 
@@ -103,14 +103,24 @@ def test_v1_examples_lmf_cannot_run_say_why(lf_checkout, example, message):
 
 
 def test_v1_keys_map_onto_lmfs(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    from lmf.config.world import apply_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # parsing never reads it: the result is the same in every process
     cfg = build_config({"model": "m", "train_dataset": "d.yaml", "micro_batch_size": 2, "global_batch_size": 8,
                         "peft_config": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
                         "dist_config": {"name": "fsdp2"}, "quant_config": None, "sample_backend": "hf",
                         "optim_config": {"name": "muon", "wd": 0.05, "adamw_betas": [0.9, 0.98]}})
     assert cfg.model.model_name_or_path == "m" and cfg.data.dataset == "d.yaml" and cfg.data.template == "auto"
     t, ft = cfg.training, cfg.finetuning
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (2, 2)  # 8 / (2 processes x 2)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.global_batch_size) == (2, 1, 8)
+    apply_world_size(cfg, 2)  # what a run does once its process group is up
+    assert t.gradient_accumulation_steps == 2  # 8 / (2 processes x 2)
+    with pytest.raises(ConfigError, match=r"'global_batch_size': 8 is not a multiple of 3 process\(es\)"):
+        apply_world_size(build_config({"model": "m", "micro_batch_size": 2, "global_batch_size": 8}), 3)
+    with pytest.raises(ConfigError, match=r"'dp_size': 4 differs from the 2 process\(es\)"):
+        apply_world_size(build_config({"model": "m", "dist_config": {"name": "fsdp2", "dp_size": 4}}), 2)
+    with pytest.raises(ConfigError, match="'global_batch_size' and 'gradient_accumulation_steps'"):
+        build_config({"model_name_or_path": "m", "global_batch_size": 8, "gradient_accumulation_steps": 2})
     assert t.lr_scheduler_type == "constant" and t.bf16 and t.fsdp == "full_shard" and t.weight_decay == 0.05
     assert ft.finetuning_type == "lora" and ft.lora_rank == 4 and ft.lora_target == "q_proj,v_proj" and ft.use_muon
     assert t.adam_beta2 == 0.98

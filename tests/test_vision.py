@@ -26,8 +26,8 @@ LF_DEMO = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "lf-demo")
 
 
 def _loader_messages():
-    """The messages the data loader logs inside the block."""
-    return log_records("lmf.data.loader")
+    """The messages the data pipeline (loader, media checks) logs inside the block."""
+    return log_records("lmf.data")
 
 
 def _golden_module():

@@ -205,17 +205,19 @@ def test_the_images_reach_the_loss(vlm):
 
     from lmf.config import get_config
     from lmf.model.loader import load_model
-    from lmf.train.sft import SFTStage
-    from lmf.train.workflow import StageSetup, load_tokenizer_and_data
+    from lmf.train.sft import SFTObjective
+    from lmf.dist.plan import ParallelPlan
+    from lmf.train.workflow import RecipeInputs, load_tokenizer_and_data
 
     cfg = get_config([f"model_name_or_path={vlm['qwen2_vl']}", "stage=sft", "do_train=true", "template=qwen2_vl",
                       "dataset=mllm_demo", f"dataset_dir={vlm['data']}", "output_dir=unused", "report_to=none"])
     tokenizer, template, data = load_tokenizer_and_data(cfg, "sft")
     model = load_model(cfg, tokenizer, is_trainable=True)
-    setup = StageSetup(cfg, None, tokenizer, template, model, data.train_dataset, None, data.media)
+    setup = RecipeInputs(cfg, None, ParallelPlan("single"), tokenizer, template, model, data.train_dataset, None,
+                         data.media)
     from lmf.data.collator import SFTCollator
 
-    stage = SFTStage(cfg, model, setup.collate(SFTCollator(tokenizer)))
+    stage = SFTObjective(cfg, model, setup.collate(SFTCollator(tokenizer)))
     batch = stage.collator([data.train_dataset[i] for i in range(2)])
     assert batch["mm_inputs"]["image_grid_thw"].shape[0] == sum(len(data.train_dataset[i]["images"]) for i in range(2))
     loss, tokens, _ = stage.compute_loss(model, batch)

@@ -5,7 +5,7 @@
 
 - preprocess: ``lmf.data.loader.get_dataset`` (read + convert + tokenize/template/mask), timed;
   token statistics of the result.
-- train: ``lmf.train.workflow.run_exp`` (what ``lmf sft CONFIG`` runs on one device), with
+- train: ``lmf.experiment.run_experiment`` (what ``lmf sft CONFIG`` runs on one device), with
   ``lmf.train.trainer.Trainer.train`` timed, each optimizer step's end clocked (after a CUDA sync), the logged
   losses kept and the tokenized train set counted.
 - probe: ``train`` at increasing cutoff_len in one process under a CUDA memory cap (``common.probe``).
@@ -98,11 +98,11 @@ def _install_hooks() -> None:
 
 
 def train(config: dict) -> dict:
-    from lmf.train.workflow import run_exp
+    from lmf.experiment import run_experiment
 
     _install_hooks()
     _RUN.clear()
-    run_exp([_config_file(config)], "train")  # the config's stage
+    run_experiment([_config_file(config)], "train")  # the config's stage
     out = dict(_RUN)
     out.pop("train_start", None)
     return out

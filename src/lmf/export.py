@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import TYPE_CHECKING
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -41,7 +41,7 @@ def check_export_target(export_dir: str | None, overwrite: bool) -> str:
 
 def check_adapter_paths(adapter_name_or_path: str | None) -> list[str]:
     """The adapter folders, each checked for an adapter_config.json (errors name the path)."""
-    paths = split_paths(adapter_name_or_path)
+    paths = split_list(adapter_name_or_path)
     for path in paths:
         if not os.path.isdir(path):
             raise ConfigError(f"config key 'adapter_name_or_path': adapter directory {path!r} does not exist")

@@ -1,9 +1,9 @@
 """The ``lmf`` command: routes commands and relaunches training through torchrun.
 
-``launch()`` is the console entry point. For a training command (``train``, ``sft``, ``dpo``,
-``rm``, ``kto``) it re-executes itself through torchrun (``python -m lmf.torchrun``) when
-``FORCE_TORCHRUN`` is truthy or more than one accelerator is visible; each worker then enters ``main()``, which
-routes the command to its trainer. Everything else runs in-process.
+``launch()`` is the console entry point. For a training command (:data:`lmf.config.stages.TRAIN_COMMANDS`) it
+re-executes itself through torchrun (``python -m lmf.torchrun``) when ``FORCE_TORCHRUN`` is truthy or more than one
+accelerator is visible, or through Ray Train; each worker then enters :func:`lmf.worker.main`, which runs the same
+:func:`run_command`. Everything else runs in-process.
 
 Only the standard library is imported at module level so that ``lmf help`` starts in a blink.
 """
@@ -17,17 +17,19 @@ from typing import Optional
 from lmf import __version__
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import is_truthy
-from lmf.torchrun import EXIT_DIR_ENV, get_device_count, relaunch_with_torchrun, should_use_torchrun
+from lmf.config.stages import STAGES, TRAIN_COMMANDS
+from lmf.torchrun import get_device_count, relaunch_with_torchrun, should_use_torchrun
+
+#: one help line per training command, from the stage registry (pt runs under `lmf sft`)
+_TRAINING_COMMANDS = "\n".join(f"  {'sft | train' if spec.command == 'sft' else spec.command:<13} {spec.summary}"
+                                for spec in STAGES.values() if spec.name == spec.command)
 
 USAGE = f"""lmf {__version__} - fine-tune large language models from a YAML file
 
 Usage: lmf <command> [config.yaml] [key=value ...]
 
 Training (relaunched through torchrun with >1 GPU or FORCE_TORCHRUN=1):
-  sft | train   supervised fine-tuning (`train` follows the config's `stage`)
-  dpo           direct preference optimisation (sigmoid, ipo, hinge, orpo, simpo)
-  rm            reward model (pairwise Bradley-Terry)
-  kto           Kahneman-Tversky optimisation (answers labelled desirable / undesirable)
+{_TRAINING_COMMANDS}
 
 Models and data:
   chat          interactive chat with a model or adapter (streams tokens)
@@ -52,7 +54,6 @@ Distributed environment variables:
   MAX_RESTARTS  RDZV_ID  MIN_NNODES  MAX_NNODES  OPTIM_TORCH (default 1)
 """
 
-DIST_TRAIN_COMMANDS = ("train", "sft", "dpo", "rm", "kto")
 HELP_COMMANDS = ("help", "-h", "--help")
 
 
@@ -72,8 +73,8 @@ def print_version() -> None:
 
 def run_command(command: str, args: list[str]) -> int:
     """Run one command in this process (training commands run on the current process group)."""
-    if command in DIST_TRAIN_COMMANDS:
-        from lmf.predict.runner import run_experiment
+    if command in TRAIN_COMMANDS:
+        from lmf.experiment import run_experiment
 
         run_experiment(args, command=command)
         return 0
@@ -123,7 +124,7 @@ def run_command(command: str, args: list[str]) -> int:
     return 2
 
 
-def _guarded(fn, *args, quiet_shared: bool = False) -> int:
+def guarded(fn, *args, quiet_shared: bool = False) -> int:
     """Run ``fn``; turn :class:`LmfError` into a one-line message and its exit code. ``quiet_shared``: an error every
     rank raises alike (a stop by a signal, exit code 128 + N; a decision broadcast from rank 0) says nothing (a
     torchrun worker other than the node's first)."""
@@ -160,75 +161,12 @@ def launch(argv: Optional[list[str]] = None) -> None:
     """Console entry point of ``lmf``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else "help"
-    if command in DIST_TRAIN_COMMANDS and os.environ.get("LOCAL_RANK") is None:
+    if command in TRAIN_COMMANDS and os.environ.get("LOCAL_RANK") is None:
         if _wants_ray(argv):
             from lmf.ray_launcher import run_with_ray
 
-            sys.exit(_guarded(run_with_ray, command, argv))
+            sys.exit(guarded(run_with_ray, command, argv))
         forced = is_truthy(os.environ.get("FORCE_TORCHRUN"))
         if should_use_torchrun(os.environ, 0 if forced else get_device_count()):
-            sys.exit(_guarded(relaunch_with_torchrun, command, argv))
-    sys.exit(_guarded(run_command, command, argv))
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """Worker entry point (what torchrun runs): ``<command> [config.yaml] [key=value ...]``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = "sft"
-    if argv and argv[0] in DIST_TRAIN_COMMANDS:
-        command = argv.pop(0)
-    elif argv and not argv[0].lower().endswith((".yaml", ".yml", ".json")) and "=" not in argv[0]:
-        print(f"lmf worker: unknown training command {argv[0]!r}", file=sys.stderr)
-        _report_exit_code(2)
-        sys.exit(2)
-    # an error every rank raises alike (a stop, a broadcast decision): the node's local rank 0 prints it, once
-    code = _guarded(run_worker_command, command, argv, quiet_shared=os.environ.get("LOCAL_RANK", "0") != "0")
-    _report_exit_code(code)
-    _exit_now(code)
-
-
-def _exit_now(code: int) -> None:
-    """Exit a finished worker as the interpreter would (non-daemon threads joined, exit handlers: loggers, trackers),
-    then without the C++ teardown.
-
-    A library's background thread torn down at interpreter exit can abort a worker whose work is done
-    ("terminate called without an active exception"); torchrun would then kill the peers that are still
-    writing. The result was reported already, so the worker leaves with ``os._exit``.
-    """
-    import atexit
-    import threading
-
-    for thread in threading.enumerate():  # what interpreter shutdown does first: wait for non-daemon threads
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
-def _report_exit_code(code: int) -> None:
-    """Tell the launcher this worker's exit code (torchrun itself only says that a worker failed)."""
-    exit_dir = os.environ.get(EXIT_DIR_ENV)
-    if not exit_dir or not os.path.isdir(exit_dir):
-        return
-    try:
-        with open(os.path.join(exit_dir, f"rank-{os.environ.get('RANK', '0')}"), "w", encoding="utf-8") as fh:
-            fh.write(str(code))
-    except OSError:
-        pass
-
-
-def run_worker_command(command: str, args: list[str]) -> int:
-    """``run_command`` in a torchrun worker: a dead or hung peer becomes a one-line PeerLostError."""
-    from lmf.dist.faults import peer_failure_guard
-
-    with peer_failure_guard():
-        return run_command(command, args)
-
-
-if __name__ == "__main__":
-    main()
+            sys.exit(guarded(relaunch_with_torchrun, command, argv))
+    sys.exit(guarded(run_command, command, argv))

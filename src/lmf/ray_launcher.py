@@ -164,7 +164,7 @@ def _ray_worker(loop_config: dict) -> None:
     os.environ.update(_worker_environment(ray.train.get_context()))
     os.chdir(loop_config["cwd"])  # Ray may start workers in a trial directory; config paths are relative to the user's cwd
     from lmf.dist.faults import peer_failure_guard
-    from lmf.predict.runner import run_experiment
+    from lmf.experiment import run_experiment
 
     with peer_failure_guard():
         run_experiment(list(loop_config["args"]), command=loop_config["command"])

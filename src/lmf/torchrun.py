@@ -90,7 +90,7 @@ def build_torchrun_argv(
             "--master_addr", master_addr,
             "--master_port", master_port,
         ]
-    argv += ["--max-restarts", max_restarts, "--module", "lmf.launcher", command, *args]
+    argv += ["--max-restarts", max_restarts, "--module", "lmf.worker", command, *args]
     return argv
 
 

@@ -65,7 +65,7 @@ def real_tokenizer_dir(path: str) -> str:
     import shutil
 
     from lmf.data.template import TEMPLATES
-    from lmf.data.template.base import Token
+    from lmf.data.template.pieces import Token
     from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
 
     tokens = set()

@@ -24,7 +24,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional
 
-from lmf.api.settings import (  # noqa: F401  (re-exported: the server's public settings API)
+from lmf.api.settings import (
     LOOPBACK_HOSTS,
     ApiKeyMiddleware,
     ApiSettings,

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.config.args import GeneratingArguments
 from lmf.extras.errors import ConfigError, LmfError
 
@@ -265,7 +265,7 @@ def check_images(media: Any, messages: list[dict[str, str]], images: Optional[li
 def served_model_name(cfg: "LmfConfig") -> str:
     """Folder name of the last adapter, else of the base model (the model id the API serves)."""
     
-    adapters = split_paths(cfg.model.adapter_name_or_path)
+    adapters = split_list(cfg.model.adapter_name_or_path)
     path = (adapters[-1] if adapters else cfg.model.model_name_or_path or "lmf").strip()
     return os.path.basename(os.path.normpath(path)) or "lmf"
 

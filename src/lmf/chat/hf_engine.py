@@ -104,7 +104,7 @@ class HuggingFaceEngine(ChatEngine):
             num_beams=1,
         )
         if self.media is not None:  # pixel inputs of the images (and the token types a Qwen-VL model needs)
-            from lmf.train.runtime import to_device
+            from lmf.train.process import to_device
 
             kwargs.update(to_device(self.media.model_inputs(list(images or []), kwargs["input_ids"].cpu()),
                                     self.device))

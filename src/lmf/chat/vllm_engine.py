@@ -15,7 +15,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any, Iterator
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, served_model_name
 from lmf.extras.errors import NotAvailableError
 from lmf.extras.logging import get_logger
@@ -70,7 +70,7 @@ class VllmEngine(ChatEngine):
         self.max_len = m.vllm_maxlen
         from lmf.model.adapter_concat import combined_adapter, lora_rank
 
-        adapters = split_paths(m.adapter_name_or_path)
+        adapters = split_list(m.adapter_name_or_path)
         adapter, self._adapter_tmp = combined_adapter(adapters) if adapters else (None, None)
         try:
             if len(adapters) > 1:

@@ -6,12 +6,17 @@ Every field carries ``metadata['help']``; fields with a closed set of values car
 and ranges (:data:`BOUNDS`, at the end), and rejects unknown keys with a suggestion.
 
 This module must stay import-light (stdlib only): ``lmf help`` imports it.
+
+Long on purpose: the schema of every key is one table that a reader (and ``lmf help config``, the generated
+reference) reads group by group; splitting it would scatter keys that are looked up side by side.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
+
+from lmf.config.stages import STAGES, UNIMPLEMENTED_STAGES
 
 
 def _f(default: Any, help: str, choices: Optional[tuple] = None, **extra: Any) -> Any:
@@ -71,6 +76,9 @@ class ModelArguments:
         None, "Opt-in (glibc): fix malloc's mmap threshold at this many MiB in training processes, so freed "
         "activations go back to the OS (lower peak RSS on CPU; 4 is a good value). Unset: malloc's own behaviour.")
     enable_liger_kernel: bool = _f(False, "Use liger-kernel's fused linear cross-entropy on GPU when installed.")
+    use_onednn_matmul: bool = _f(True, "On the CPU in fp32, the chunked loss computes the LM head's matmuls with "
+                                       "oneDNN (faster than the default BLAS at those shapes; the same results up to "
+                                       "summation order). False: torch.matmul.")
     moe_aux_loss_coef: Optional[float] = _f(None, "Mixture-of-experts models: add this times the router "
                                             "load-balancing loss (logged as aux_loss); unset: no auxiliary loss.")
     train_from_scratch: bool = _f(False, "Randomly initialise the model weights from its config.")
@@ -160,7 +168,7 @@ class DataArguments:
 class FinetuningArguments:
     """What to train: stage, method and method-specific knobs."""
 
-    stage: str = _f("sft", "Training stage.", ("pt", "sft", "rm", "dpo", "kto", "ppo"))
+    stage: str = _f("sft", "Training stage (lmf.config.stages).", (*STAGES, *UNIMPLEMENTED_STAGES))
     finetuning_type: str = _f("lora", "Which parameters to train.", ("lora", "freeze", "full", "oft"))
     # freeze
     freeze_trainable_layers: int = _f(2, "Freeze: train the last N layers (negative: the first -N).")
@@ -264,6 +272,12 @@ class TrainingArguments:
     per_device_train_batch_size: int = _f(1, "Micro-batch size per device.")
     per_device_eval_batch_size: int = _f(1, "Evaluation batch size per device.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    global_batch_size: Optional[int] = _f(None, "Samples per optimizer step over every process (LLaMA-Factory v1): "
+                                                "sets gradient_accumulation_steps = global_batch_size / (processes x "
+                                                "per_device_train_batch_size) once the processes are known.")
+    dp_size: Optional[int] = _f(None, "The number of data-parallel processes the config was written for (LLaMA-Factory "
+                                      "v1's dist_config.dp_size): checked against the processes at launch (lmf has no "
+                                      "model-parallel mesh).")
     learning_rate: float = _f(5e-5, "Peak learning rate.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
@@ -381,7 +395,7 @@ BOUNDS: dict[str, str] = {
         "video_max_pixels", "video_maxlen", "cutoff_len", "buffer_size", "preprocessing_batch_size", "max_samples",
         "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
         "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
-        "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "ddp_timeout", "ray_num_workers",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "global_batch_size", "dp_size", "logging_steps", "ddp_timeout", "ray_num_workers",
         "num_beams", "max_length"), ">= 1"),
     **dict.fromkeys((
         "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",

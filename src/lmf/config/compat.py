@@ -30,8 +30,6 @@ def _status(kind: str) -> dict[str, str]:
 UNSUPPORTED: dict[str, str] = _status("unsupported")
 #: finetuning types that exist in LLaMA-Factory but not (yet) in lmf.
 UNSUPPORTED_FINETUNING_TYPES: dict[str, str] = {}
-#: stages that exist in LLaMA-Factory but not (yet) in lmf.
-UNSUPPORTED_STAGES = {"ppo": "PPO is not implemented"}
 #: key -> why it is ignored (field metadata ``no_effect``). A warning is printed when set to a non-default value.
 NO_EFFECT: dict[str, str] = _status("no_effect")
 #: LLaMA-Factory-only keys whose value is harmless to accept with a warning (why, in the message).

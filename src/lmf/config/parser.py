@@ -29,16 +29,17 @@ from lmf.config.args import (
     ModelArguments,
     TrainingArguments,
 )
-from lmf.config.checks import apply_cross_key_rules
+from lmf.config.rules import apply_cross_key_rules
 from lmf.config.compat import (
     ALIASES,
     NO_EFFECT,
     UNSUPPORTED,
     UNSUPPORTED_FINETUNING_TYPES,
-    UNSUPPORTED_STAGES,
     check_lf_only_key,
     is_lf_only_key,
 )
+from lmf.config.deepspeed import DeepSpeedSettings
+from lmf.config.stages import UNIMPLEMENTED_STAGES
 from lmf.config.values import check_value
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
@@ -54,6 +55,8 @@ class LmfConfig:
     finetuning: FinetuningArguments
     training: TrainingArguments
     generating: GeneratingArguments
+    #: the ``deepspeed`` JSON as read and checked once by the config rules (not a key; None without one)
+    deepspeed: Optional["DeepSpeedSettings"] = dataclasses.field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict of every key (as a YAML file would hold it)."""
@@ -68,7 +71,7 @@ class LmfConfig:
         return hashlib.sha256(payload).hexdigest()[:16]
 
 
-def split_paths(value: Any) -> list[str]:
+def split_list(value: Any) -> list[str]:
     """A comma-separated config value (adapter paths, dataset names, tokens) as a list, blanks dropped."""
     if value is None:
         return []
@@ -263,8 +266,8 @@ def _check_unsupported(cfg: LmfConfig, where: Any) -> None:
     if ft.finetuning_type in UNSUPPORTED_FINETUNING_TYPES:
         raise ConfigError(_at(where("finetuning_type"), f"config key 'finetuning_type': {ft.finetuning_type!r} — "
                                                         f"{UNSUPPORTED_FINETUNING_TYPES[ft.finetuning_type]} in lmf"))
-    if ft.stage in UNSUPPORTED_STAGES:
-        raise ConfigError(_at(where("stage"), f"config key 'stage': {ft.stage!r} — {UNSUPPORTED_STAGES[ft.stage]} in lmf"))
+    if ft.stage in UNIMPLEMENTED_STAGES:
+        raise ConfigError(_at(where("stage"), f"config key 'stage': {ft.stage!r} — {UNIMPLEMENTED_STAGES[ft.stage]} in lmf"))
 
 
 def _raw_with_sources(argv: list[str]) -> tuple[dict[str, Any], Optional[str], dict[str, str]]:

@@ -1,5 +1,5 @@
 """The configuration reference of the documentation (``docs/reference/config-keys.md``), rendered from the argument
-groups (:mod:`lmf.config.args`), the LLaMA-Factory compatibility tables (:mod:`lmf.config.compat`) and the v1 key
+groups (:mod:`lmf.config.args`), the cross-key rules (:mod:`lmf.config.rules`), the LLaMA-Factory compatibility tables (:mod:`lmf.config.compat`) and the v1 key
 map (:mod:`lmf.config.v1`), so the page cannot drift from the code: ``python scripts/gen_docs.py`` writes it and
 ``tests/test_docs.py`` fails when the committed page differs.
 
@@ -18,7 +18,8 @@ HEADER = """# Configuration keys
 Every key lmf reads, grouped as in `src/lmf/config/args.py`, with its default, the values it takes and what it does.
 Keys are the same in a YAML file and on the command line (`lmf sft config.yaml key=value`). A key marked
 **not implemented** is accepted at its default only (any other value stops the run and says so); one marked
-**no effect** is accepted with a warning. An unknown key stops the run with the closest known key.
+**no effect** is accepted with a warning. An unknown key stops the run with the closest known key. "Rules" names the
+cross-key checks that read the key (`src/lmf/config/rules/<module>.py`, function).
 LLaMA-Factory's own keys that lmf does not have are listed after lmf's, then LLaMA-Factory v1's.
 """
 
@@ -49,11 +50,16 @@ def _values(f: dataclasses.Field, bounds: dict[str, str]) -> str:
 
 
 def _description(f: dataclasses.Field) -> str:
+    from lmf.config.rules import rules_of
+
     text = f.metadata.get("help", "")
     if "unsupported" in f.metadata:
         text += f" **Not implemented**: {f.metadata['unsupported']}."
     elif "no_effect" in f.metadata:
         text += f" **No effect**: {f.metadata['no_effect']}."
+    rules = rules_of(f.name)
+    if rules:
+        text += " Rules: " + ", ".join(f"`{r}`" for r in rules) + "."
     return _cell(text)
 
 

@@ -15,13 +15,12 @@ template (``template: auto``).
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
-logger = get_logger("lmf.config.parser")
+logger = get_logger(__name__)
 
 #: v1 key -> what it becomes in lmf (the help text of ``lmf help config --v1``).
 V1_KEYS: dict[str, str] = {
@@ -213,16 +212,8 @@ def _data_and_batching(raw: dict, out: dict) -> None:
         out["dataset_dir"] = "."
     if raw.get("micro_batch_size") is not None:
         out["per_device_train_batch_size"] = raw["micro_batch_size"]
-    if raw.get("global_batch_size") is not None:
-        micro = int(raw.get("micro_batch_size") or 1)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cp = int(raw.get("cp_size") or 1)
-        dp = max(world // cp, 1)
-        gbs = int(raw["global_batch_size"])
-        if gbs % (dp * micro):
-            raise ConfigError(f"config key 'global_batch_size': {gbs} is not a multiple of {dp} process(es) x "
-                              f"micro_batch_size {micro}")
-        out["gradient_accumulation_steps"] = gbs // (dp * micro)
+    if raw.get("global_batch_size") is not None:  # resolved once the processes are known (lmf.config.world)
+        out["global_batch_size"] = raw["global_batch_size"]
     if raw.get("batching_strategy") is not None:
         out["batching_strategy"] = raw["batching_strategy"]
 
@@ -268,6 +259,9 @@ def _dist(raw: dict, dist: Optional[dict], out: dict) -> None:
         raise ConfigError(f"config key 'cp_size': {cp}: context parallelism ({raw.get('cp_mode', 'ulysses')}) is not "
                           "implemented in lmf; use cp_size: 1 (long sequences: use_chunked_loss, gradient "
                           "checkpointing, padding-free batches)")
+    dp_size = raw.get("dp_size", block.get("dp_size"))
+    if dp_size is not None:  # checked once the processes are known (lmf.config.world)
+        out["dp_size"] = dp_size
     for key in ("mp_replicate_size",):
         if int(raw.get(key, block.get(key, 1)) or 1) != 1:
             raise ConfigError(f"config key {key!r}: hybrid model meshes are not implemented here; use fsdp "
@@ -356,11 +350,6 @@ def _refusals(raw: dict) -> None:
     if raw.get("custom_chat_template") is not None:
         raise ConfigError("config key 'custom_chat_template' is not implemented; lmf renders with the tokenizer's "
                           "own chat template (template: auto) or a named template")
-    if raw.get("dp_size") is not None:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if int(raw["dp_size"]) != world:
-            raise ConfigError(f"config key 'dp_size': {raw['dp_size']} differs from the {world} process(es); lmf "
-                              "has no model-parallel mesh")
 
 
 def describe_v1_keys() -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import chain
 from typing import Optional
 
-from lmf.data.features import features
+from lmf.data.layout import features
 from lmf.extras.constants import IGNORE_INDEX
 
 # Label kinds of a segment of a tokenized conversation.
@@ -14,7 +14,7 @@ MASKED, LABELLED, EOS_THEN_MASKED = 0, 1, 2
 
 def rows_table(columns: dict[str, list], kind: str):
     """``pyarrow.Table`` of a processor's batch (``columns``: name -> one value per row) in the types of
-    :func:`lmf.data.features.features` ``kind``: list columns as numpy-filled values + offsets, the rest as is."""
+    :func:`lmf.data.layout.features` ``kind``: list columns as numpy-filled values + offsets, the rest as is."""
     import numpy as np
     import pyarrow as pa
 

@@ -23,12 +23,12 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from lmf.data.layout import layout_of
 from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lmf.data.media.images import image_problem, resolve_media_path
 from lmf.data.registry import DatasetAttr
 
 USER, ASSISTANT, OBSERVATION, FUNCTION = "user", "assistant", "observation", "function"
-PAIRWISE_STAGES = ("dpo", "rm")
 EMPTY_ANSWER = {"role": ASSISTANT, "content": ""}
 
 
@@ -93,11 +93,12 @@ def _alpaca(record: dict, attr: DatasetAttr, stage: str) -> dict:
     if attr.query and record.get(attr.query):
         query.append(_text(record[attr.query], attr.query))
     query_text = attr.query_join.join(q for q in query if q)
-    if not query_text.strip() and stage != "pt":
+    layout = layout_of(stage)
+    if not query_text.strip() and layout != "text":
         raise RecordProblem(f"field {attr.prompt!r} is empty")
     prompt.append({"role": USER, "content": query_text})
     response: list[dict] = []
-    if stage in PAIRWISE_STAGES:
+    if layout == "pairwise":
         chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
         for key in (chosen_key, rejected_key):
             if key not in record:
@@ -106,12 +107,12 @@ def _alpaca(record: dict, attr: DatasetAttr, stage: str) -> dict:
                     {"role": ASSISTANT, "content": _text(record[rejected_key], rejected_key)}]
         _require_response(response[:1], chosen_key)
         _require_response(response[1:], rejected_key)
-    elif stage != "pt":
+    elif layout != "text":
         if attr.response not in record or record[attr.response] is None:
             raise RecordProblem(f"field {attr.response!r} is missing")
         response = [{"role": ASSISTANT, "content": _text(record[attr.response], attr.response)}]
         _require_response(response, attr.response)
-        if stage == "kto":
+        if layout == "feedback":
             response = _kto_response(record, attr, response[0])
     _require_response(prompt, attr.history or "history")
     system = _text(record.get(attr.system), attr.system, required=False) if attr.system else ""
@@ -226,7 +227,8 @@ def _sharegpt(record: dict, attr: DatasetAttr, stage: str, media: Optional[list]
     if not messages:
         raise RecordProblem(f"field {field!r} has no messages")
     _check_order(messages, field)
-    if stage in PAIRWISE_STAGES:
+    layout = layout_of(stage)
+    if layout == "pairwise":
         chosen_key, rejected_key = attr.chosen or "chosen", attr.rejected or "rejected"
         if chosen_key in record and rejected_key in record:
             if len(messages) % 2 != 1:
@@ -245,14 +247,14 @@ def _sharegpt(record: dict, attr: DatasetAttr, stage: str, media: Optional[list]
             prompt = messages
         else:
             raise RecordProblem(f"field {chosen_key!r}/{rejected_key!r} is missing (preference data needs both)")
-    elif stage == "pt":
+    elif layout == "text":
         prompt, response = messages[:1], []
     else:
         if len(messages) % 2 != 0:
             raise RecordProblem(f"field {field!r}: the conversation must end with an assistant turn")
         prompt, response = messages[:-1], messages[-1:]
         _require_response(messages, field)
-        if stage == "kto":
+        if layout == "feedback":
             response = _kto_response(record, attr, response[0])
     tools = _tools_text(record.get(attr.tools)) if attr.tools else ""
     return {"_prompt": prompt, "_response": response, "_system": system or "", "_tools": tools}
@@ -280,7 +282,7 @@ def _pair(record: dict, attr: DatasetAttr, stage: str, media: Optional[list] = N
         raise RecordProblem(f"fields {chosen_key!r} and {rejected_key!r} must share the same prompt messages")
     if media is not None and rejected_media != media:
         raise RecordProblem(f"fields {chosen_key!r} and {rejected_key!r} must share the same images")
-    if stage in PAIRWISE_STAGES:
+    if layout_of(stage) == "pairwise":
         prompt, response = convs[0][:-1], [convs[0][-1], convs[1][-1]]
     else:
         prompt, response = convs[0][:-1], convs[0][-1:]
@@ -324,7 +326,7 @@ def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_
         raise RecordProblem(f"field {attr.audios!r}: audio input is not implemented in lmf")
     # placeholders of what one sample sees: the prompt and (preference data) its chosen answer
     messages = out["_prompt"] + out["_response"][:1]
-    if stage == "kto" and len(out["_response"]) == 2 and not out["_response"][0]["content"]:
+    if layout_of(stage) == "feedback" and len(out["_response"]) == 2 and not out["_response"][0]["content"]:
         messages = out["_prompt"] + out["_response"][1:]
     found = _count(messages, IMAGE_PLACEHOLDER)
     if (attr.images or part_images) and found != len(images):  # a text dataset may say "<image>" literally

@@ -24,9 +24,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from lmf.config.stages import STAGES
 from lmf.data import cache as cache_mod
 from lmf.data.converter import convert_record
-from lmf.data.features import features as _features
+from lmf.data.layout import GENERATE, layout_of
+from lmf.data.layout import features as _features
 from lmf.data.media.dataset import check_images_for_stage, drop_media_cuts
 from lmf.data.mixing import merge_datasets
 from lmf.data.processor import make_processor
@@ -38,10 +40,6 @@ from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
 
-STAGES = ("pt", "sft", "dpo", "rm", "kto")
-#: The data layout of prediction (``do_predict`` + ``predict_with_generate``): sft records, prompt-only inputs.
-GENERATE = "generate"
-PAIRWISE = ("dpo", "rm")
 MAX_REPORTED_PROBLEMS = 5
 
 
@@ -102,21 +100,18 @@ def frozen_heap():
             gc.unfreeze()
 
 
-def check_stage(stage: str) -> None:
-    if stage not in STAGES:
-        raise ConfigError(f"config key 'stage': {stage!r} has no data pipeline; choose one of: {', '.join(STAGES)}")
-
-
 def _check_attr_for_stage(attr: DatasetAttr, stage: str) -> None:
-    if stage in PAIRWISE and not attr.ranking:
+    layout = layout_of(stage)
+    if layout == "pairwise" and not attr.ranking:
         raise DataError(f"dataset {attr.name!r} is not preference data (needs 'ranking: true' with chosen/rejected "
                         f"columns in dataset_info.json) and cannot be used for stage {stage!r}")
-    if stage == "kto" and not attr.kto_tag:
+    if layout == "feedback" and not attr.kto_tag:
         raise DataError(f"dataset {attr.name!r} has no kto_tag column (columns: {{\"kto_tag\": ...}} in "
                         "dataset_info.json: true for a desirable answer, false for an undesirable one) and cannot be "
                         "used for stage 'kto'")
-    if stage not in PAIRWISE and attr.ranking:
-        raise DataError(f"dataset {attr.name!r} is preference data (ranking: true); use it with stage dpo or rm, "
+    if layout != "pairwise" and attr.ranking:
+        pairwise = " or ".join(name for name, spec in STAGES.items() if spec.layout == "pairwise")
+        raise DataError(f"dataset {attr.name!r} is preference data (ranking: true); use it with stage {pairwise}, "
                         f"not {stage!r}")
 
 
@@ -217,6 +212,7 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         raise DataError(f"dataset(s) {names}: no usable records" + (f" ({len(bad.problems)} skipped as malformed)"
                                                                     if bad.problems else ""))
     check_images_for_stage(normalized, stage, media)
+    layout = layout_of(stage)
     processor = make_processor(stage, tokenizer, template, data_args, media)
     num_proc = data_args.preprocessing_num_workers
     num_proc = min(num_proc, len(normalized)) if num_proc and num_proc > 1 else None
@@ -224,8 +220,8 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         tokenized = normalized.map(
             processor, batched=True, batch_size=data_args.preprocessing_batch_size, num_proc=num_proc,
             remove_columns=normalized.column_names,
-            features=_features("pairwise" if stage in PAIRWISE else "feedback" if stage == "kto" else "supervised",
-                               media=media is not None and stage not in ("pt", "kto")),
+            features=_features(layout if layout in ("pairwise", "feedback") else "supervised",
+                               media=media is not None and layout not in ("text", "feedback")),
             load_from_cache_file=False, desc="Tokenizing",
             # lmf's own cache key covers what the tokens depend on; without a fingerprint given, datasets would
             # dill-pickle the processor (tokenizer included) just to name its temporary files: ~0.2 s per run
@@ -238,14 +234,15 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
         stats.update(media_cut=media_cut, media_cut_examples=media_cut_examples)
     stats.update(token_stats(tokenized, stage))
     tokenized = tokenized.remove_columns(["_truncated"])
-    if stage == "kto" and (stats["desirable"] == 0 or stats["undesirable"] == 0):
+    if layout == "feedback" and (stats["desirable"] == 0 or stats["undesirable"] == 0):
         logger.warning("KTO data has only %s answers: the loss then has no %s term",
                        "desirable" if stats["undesirable"] == 0 else "undesirable",
                        "undesirable" if stats["undesirable"] == 0 else "desirable")
-    if data_args.packing and stage not in (*PAIRWISE, "kto", GENERATE) and "images" in tokenized.column_names:
+    packable = layout in ("text", "supervised")
+    if data_args.packing and packable and "images" in tokenized.column_names:
         logger.info("packing: off for a vision-language model's data (its M-RoPE positions and image inputs are "
                     "per sample; packed rows would not be exact)")
-    elif data_args.packing and stage not in (*PAIRWISE, "kto", GENERATE):
+    elif data_args.packing and packable:
         from lmf.data.packing import pack_dataset
 
         with progress_bars(False):
@@ -365,7 +362,7 @@ def get_dataset(cfg, tokenizer, template, stage: str, media=None) -> DatasetModu
     the vision plugin of a vision-language model (:func:`lmf.data.media.plugins.media_plugin_for`)."""
     from lmf.dist.runtime import main_process_first
 
-    check_stage(stage)
+    layout_of(stage)  # a stage without a data pipeline stops here
     template = _apply_data_args(template, cfg.data)
     with main_process_first(local=True):
         train, eval_, stats = _load_or_build(cfg, tokenizer, template, stage, media)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.extras.errors import ConfigError
 
 
@@ -39,7 +39,7 @@ def parse_interleave_probs(value) -> Optional[list[float]]:
     if value is None:
         return None
     try:
-        probs = [float(p) for p in split_paths(value)]
+        probs = [float(p) for p in split_list(value)]
     except ValueError:
         raise ConfigError(f"config key 'interleave_probs': {value!r} is not a comma-separated list of numbers") from None
     if any(p < 0 for p in probs) or not probs:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 from typing import Any
 
+from lmf.data.layout import features as layout_features
 from lmf.extras.constants import IGNORE_INDEX
 
 
@@ -66,12 +67,7 @@ def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[
     table = dataset.with_format("arrow")[:].select(["input_ids", "labels"])
     lengths = pc.list_value_length(table["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
     bins = plan_bins(lengths.tolist(), capacity)
-    features = datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "attention_mask": datasets.List(datasets.Value("int8")),
-        "labels": datasets.List(datasets.Value("int32")),
-        "position_ids": datasets.List(datasets.Value("int32")),
-    })
+    features = layout_features("packed")
     schema = features.arrow_schema
 
     def packed_batch(group: list[list[int]]) -> pa.RecordBatch:

@@ -19,6 +19,7 @@ from typing import Any
 
 from lmf.data.columns import EOS_THEN_MASKED, LABELLED, MASKED, media_columns, rows_table, token_table
 from lmf.data.fork_share import ForkSharedTokenizer
+from lmf.data.layout import GENERATE, layout_of
 from lmf.data.template import encode_many
 from lmf.extras.constants import IGNORE_INDEX
 from lmf.extras.errors import DataError
@@ -340,15 +341,15 @@ class GenerationProcessor(ForkSharedTokenizer):
 def make_processor(stage: str, tokenizer, template, data_args, media=None):
     """The map function for ``stage`` (sft, pt, dpo, rm, kto, generate; ``media``: a vision-language model's plugin),
     its tokenizer shared with datasets' fork workers before their pool starts (:mod:`lmf.data.fork_share`)."""
-    d, cut = data_args, data_args.cutoff_len
-    if stage == "sft":
+    d, cut, layout = data_args, data_args.cutoff_len, layout_of(stage)
+    if layout == "supervised":
         processor = SupervisedProcessor(tokenizer, template, cut, d.train_on_prompt, d.mask_history, media=media)
-    elif stage in ("dpo", "rm", "generate"):
-        kind = PairwiseProcessor if stage != "generate" else GenerationProcessor
+    elif layout in ("pairwise", GENERATE):
+        kind = PairwiseProcessor if layout == "pairwise" else GenerationProcessor
         processor = kind(tokenizer, template, cut, media=media)
-    elif stage in ("pt", "kto"):
-        processor = (PretrainProcessor if stage == "pt" else FeedbackProcessor)(tokenizer, template, cut)
+    elif layout in ("text", "feedback"):
+        processor = (PretrainProcessor if layout == "text" else FeedbackProcessor)(tokenizer, template, cut)
     else:
-        raise ValueError(f"no data processor for stage {stage!r}")
+        raise ValueError(f"no data processor for layout {layout!r}")
     processor.share_tokenizer()
     return processor

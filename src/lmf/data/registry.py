@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.data.readers import first_record, peek_fields, read_utf8
 from lmf.extras.errors import DataError
 from lmf.extras.logging import log_once
@@ -296,7 +296,7 @@ def resolve_datasets(names: Optional[str], dataset_dir: str, key: str = "dataset
         return []
     info: Optional[dict] = None
     attrs: list[DatasetAttr] = []
-    for name in split_paths(names):
+    for name in split_list(names):
         if name.lower().endswith((".yaml", ".yml")):
             path = name if os.path.isfile(name) else os.path.join(dataset_dir, name)
             if not os.path.isfile(path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmf.data.layout import layout_of
 from lmf.extras.constants import IGNORE_INDEX
 
 
@@ -12,7 +13,8 @@ def token_stats(ds, stage: str) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]
-    prefix = "chosen_" if stage in ("dpo", "rm") else ""
+    layout = layout_of(stage)
+    prefix = "chosen_" if layout == "pairwise" else ""
     lengths = pc.list_value_length(table[f"{prefix}input_ids"])
     labels = pc.list_flatten(table[f"{prefix}labels"])
     n = len(ds)
@@ -24,11 +26,11 @@ def token_stats(ds, stage: str) -> dict[str, Any]:
         "max_length": int(pc.max(lengths).as_py() or 0) if n else 0,
         "mean_length": round(float(pc.mean(lengths).as_py() or 0), 1) if n else 0.0,
     }
-    if stage in ("dpo", "rm"):
+    if layout == "pairwise":
         rej = pc.list_value_length(table["rejected_input_ids"])
         stats["rejected_tokens"] = int(pc.sum(rej).as_py() or 0)
         stats["rejected_mean_length"] = round(float(pc.mean(rej).as_py() or 0), 1) if n else 0.0
-    if stage == "kto":
+    if layout == "feedback":
         stats["desirable"] = int(pc.sum(table["kto_tags"]).as_py() or 0)
         stats["undesirable"] = n - stats["desirable"]
     if "_truncated" in table.column_names:

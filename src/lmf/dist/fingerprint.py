@@ -5,26 +5,25 @@ crash deep inside a collective. ``check_consistency`` gathers one fingerprint pe
 compared key differs, raises :class:`EnvironmentMismatchError` on *every* rank with a table of the
 differences, so the whole job fails fast with the same message everywhere.
 
-Testing hook: ``LMF_FINGERPRINT_OVERRIDE`` (a JSON object, e.g. ``'{"torch": "9.9"}'``) is merged
-into this process's fingerprint. It exists only so the tests can fake a mismatched node; never set
-it in real runs.
+:data:`FINGERPRINT_HOOKS` may rewrite this process's fingerprint before it is compared (the tests fake a mismatched
+node with one: :mod:`lmf.testing.faults`); lmf itself adds none.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
 from importlib import metadata
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
 
-OVERRIDE_ENV = "LMF_FINGERPRINT_OVERRIDE"
+#: Functions ``fingerprint -> fingerprint`` applied, in order, to this process's fingerprint before it is compared.
+FINGERPRINT_HOOKS: list[Callable[[dict], dict]] = []
 
 # Keys shown in the table but never compared (they legitimately differ between nodes).
 DISPLAY_ONLY_KEYS = ("host",)
@@ -63,20 +62,6 @@ def _torch_fields() -> dict[str, str]:
     return {"torch": torch.__version__, "cuda": str(torch.version.cuda or "none"), "nccl": nccl}
 
 
-def _override_from_env() -> dict[str, str]:
-    raw = os.environ.get(OVERRIDE_ENV)
-    if not raw:
-        return {}
-    try:
-        override = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LmfError(f"{OVERRIDE_ENV} must be a JSON object, got {raw!r}: {exc}") from exc
-    if not isinstance(override, dict):
-        raise LmfError(f"{OVERRIDE_ENV} must be a JSON object, got {raw!r}")
-    logger.warning("%s is set (testing only): fingerprint overridden with %s", OVERRIDE_ENV, override)
-    return {str(k): str(v) for k, v in override.items()}
-
-
 def collect_fingerprint(config_hash: Optional[str]) -> dict[str, str]:
     """This process's fingerprint: software versions, the config hash, and the host (display only)."""
     from lmf import __version__
@@ -87,7 +72,8 @@ def collect_fingerprint(config_hash: Optional[str]) -> dict[str, str]:
         fingerprint[name] = _package_version(name)
     fingerprint["config_hash"] = str(config_hash)
     fingerprint["host"] = socket.gethostname()
-    fingerprint.update(_override_from_env())
+    for hook in FINGERPRINT_HOOKS:
+        fingerprint = hook(fingerprint)
     return fingerprint
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from lmf.config.deepspeed import DeepSpeedSettings, read_deepspeed_config
@@ -25,7 +25,7 @@ from lmf.extras.logging import get_logger
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
-logger = get_logger("lmf.train.parallel")
+logger = get_logger(__name__)
 
 
 def _fsdp_options(value) -> list[str]:
@@ -49,6 +49,7 @@ class ParallelPlan:
     pin_memory: bool = False
     from_rank0: bool = False    # init_on_rank0: only rank 0 read the checkpoint; the others get their shards from it
     from_checkpoint: bool = False  # init_on_meta: every rank reads its own shards from the checkpoint
+    deepspeed: Optional[DeepSpeedSettings] = field(default=None, compare=False)  # the DeepSpeed JSON it maps
 
 
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "offload", "auto_wrap")
@@ -84,7 +85,7 @@ def read_fsdp_config(value) -> dict:
 
 def _deepspeed_plan(cfg: "LmfConfig", world_size: int, announce: bool) -> tuple[str, bool, Optional[DeepSpeedSettings]]:
     """Mode and resharding for a DeepSpeed config (:mod:`lmf.config.deepspeed`); logs every section's fate."""
-    ds = read_deepspeed_config(cfg)
+    ds = cfg.deepspeed if cfg.deepspeed is not None else read_deepspeed_config(cfg)
     t = cfg.training
     if ds.train_batch_size is not None:
         total = t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size
@@ -174,7 +175,7 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     if world_size <= 1 and not offload:
         if mode == "fsdp" and announce:
             logger.info("a single process: no sharding needed, training without FSDP")
-        return ParallelPlan("single")
+        return ParallelPlan("single", deepspeed=ds)
     if hybrid:
         shard_size = int(shard_size or os.environ.get("LOCAL_WORLD_SIZE") or world_size)
         if shard_size < 1 or world_size % shard_size:
@@ -184,13 +185,13 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
                         "replicated %d time(s)", world_size // shard_size, shard_size, shard_size,
                         world_size // shard_size)
     return ParallelPlan(mode, reshard, shard_size if hybrid else None, layer_classes, offload,
-                        bool(ds and ds.pin_memory), from_rank0, from_checkpoint)
+                        bool(ds and ds.pin_memory), from_rank0, from_checkpoint, ds)
 
 
 def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) -> None:
     """GaLore/APOLLO/BAdam/Adam-mini/Muon work on whole weight matrices: one process or DDP, never FSDP shards;
     the layerwise variants and BAdam (it switches requires_grad, which DDP's reducer cannot follow) need one."""
-    from lmf.config.checks import OPTIMIZER_SWITCHES
+    from lmf.config.rules.methods import OPTIMIZER_SWITCHES
 
     on = [k for k in OPTIMIZER_SWITCHES if getattr(ft, k, False)]
     if not on:

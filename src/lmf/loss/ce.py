@@ -63,7 +63,11 @@ def _vocab_size(model, config) -> Optional[int]:
 
 def loss_kwargs(model_args, model) -> dict:
     """Keyword arguments for :func:`causal_lm_loss` / :func:`sequence_logps` from the model config
-    keys ``use_chunked_loss``, ``loss_chunk_size`` and ``enable_liger_kernel``."""
+    keys ``use_chunked_loss``, ``loss_chunk_size`` and ``enable_liger_kernel``; ``use_onednn_matmul`` applies to the
+    process (:func:`lmf.loss.onednn.set_enabled`)."""
+    from lmf.loss.onednn import set_enabled
+
+    set_enabled(model_args.use_onednn_matmul)
     config = getattr(unwrap_causal_lm(model), "config", None)
     chunk_size = None
     if model_args.use_chunked_loss:

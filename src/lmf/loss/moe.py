@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lmf.model.moe import experts_of  # noqa: F401  (re-exported)
 
 
 def load_balancing_loss(router_logits, num_experts: int, top_k: int) -> torch.Tensor:

@@ -7,18 +7,25 @@ and 92 -> 168 GFLOP/s for their gradient (``grad @ W``). ``torch.ops.mkldnn._lin
 torch's inductor emits for CPU linears) takes plain dense tensors, so nothing is converted or copied.
 
 Used only where it applies (CPU, fp32, oneDNN built in and enabled) and after a one-time check against
-``torch.matmul`` on small random tensors; ``LMF_ONEDNN_MATMUL=0`` turns it off. Results equal torch.matmul's
+``torch.matmul`` on small random tensors; the config key ``use_onednn_matmul: false`` turns it off
+(:func:`set_enabled`, from :func:`lmf.loss.loss_kwargs`). Results equal torch.matmul's
 up to fp32 summation order.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 _usable: Optional[bool] = None
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """``use_onednn_matmul``: whether :func:`matmul_nt` may use oneDNN in this process."""
+    global _enabled
+    _enabled = bool(enabled)
 
 
 def _op():
@@ -30,7 +37,7 @@ def onednn_usable() -> bool:
     global _usable
     if _usable is None:
         _usable = False
-        if os.environ.get("LMF_ONEDNN_MATMUL", "1") != "0" and torch.backends.mkldnn.is_available():
+        if torch.backends.mkldnn.is_available():
             try:
                 gen = torch.Generator().manual_seed(0)
                 x, w, g = (torch.randn(*shape, generator=gen) for shape in ((37, 48), (53, 48), (37, 53)))
@@ -44,6 +51,6 @@ def onednn_usable() -> bool:
 def matmul_nt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T`` (``x [M, K]``, ``w [N, K]``, either may be a transposed view); oneDNN for fp32 on the CPU."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.dim() == 2
-            and torch.backends.mkldnn.enabled and onednn_usable()):
+            and torch.backends.mkldnn.enabled and _enabled and onednn_usable()):
         return _op()(x, w, None, "none", [], "")
     return x @ w.t()

@@ -11,7 +11,7 @@ import re
 import warnings
 from typing import TYPE_CHECKING
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
@@ -66,7 +66,7 @@ def check_not_raw_pissa(path: str) -> None:
 
 
 def _adapter_paths(cfg: "LmfConfig") -> list[str]:
-    paths = split_paths(cfg.model.adapter_name_or_path)
+    paths = split_list(cfg.model.adapter_name_or_path)
     for path in paths:
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ConfigError(f"config key 'adapter_name_or_path': {path!r} holds no adapter_config.json")
@@ -141,7 +141,7 @@ def _init_lora(cfg: "LmfConfig", model):
         lora_alpha=ft.lora_alpha,
         lora_dropout=ft.lora_dropout,
         target_modules=targets,
-        modules_to_save=split_paths(ft.additional_target) or None,
+        modules_to_save=split_list(ft.additional_target) or None,
         use_rslora=ft.use_rslora,
         use_dora=ft.use_dora,
         init_lora_weights=pissa_init_value(ft.pissa_iter) if ft.pissa_init else True,
@@ -168,7 +168,7 @@ def pissa_init_value(pissa_iter: int) -> str:
 
 def resolve_targets(model, value: str, key: str) -> list[str]:
     """Module names of ``value`` (comma-separated, or ``all``: every linear but the head), checked present."""
-    targets = split_paths(value)
+    targets = split_list(value)
     if targets == ["all"]:
         return find_all_linear_modules(model)
     if "all" in targets:
@@ -201,7 +201,7 @@ def _init_oft(cfg: "LmfConfig", model):
         targets = vision_lora_targets(model, ft, targets)
     config = OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
                        module_dropout=ft.module_dropout, target_modules=targets,
-                       modules_to_save=split_paths(ft.additional_target) or None)
+                       modules_to_save=split_list(ft.additional_target) or None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(model, config)
@@ -258,8 +258,8 @@ def _init_freeze(cfg: "LmfConfig", model) -> None:
         layer_ids = set(llama_pro_layer_ids(num_layers, n))
     else:
         layer_ids = set(range(num_layers - n, num_layers)) if n > 0 else set(range(-n))
-    modules = split_paths(ft.freeze_trainable_modules)
-    extra = split_paths(ft.freeze_extra_modules)
+    modules = split_list(ft.freeze_trainable_modules)
+    extra = split_list(ft.freeze_extra_modules)
     matched_extra: set[str] = set()
     for name, p in model.named_parameters():
         idx = _layer_index(name)

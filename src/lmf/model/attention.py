@@ -10,7 +10,7 @@ from lmf.extras.logging import get_logger
 if TYPE_CHECKING:
     import torch
 
-logger = get_logger("lmf.model.loader")
+logger = get_logger(__name__)
 
 
 def resolve_attn_implementation(flash_attn: str, device: "torch.device", dtype: "torch.dtype",

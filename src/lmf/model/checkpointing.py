@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import TYPE_CHECKING
 
 from lmf.extras.logging import get_logger
 
-logger = get_logger("lmf.model.checkpointing")
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
 
 
 def offload_context(device_type: str):
@@ -99,3 +103,27 @@ def apply_activation_checkpointing(model, offload_to_cpu: bool = False, use_reen
         len(layers), use_reentrant, offload_to_cpu,
     )
     return len(layers)
+
+
+def reentrant_checkpointing(cfg: "LmfConfig", plan=None) -> bool:
+    """``use_reentrant_gc``, except under FSDP sharding, which needs non-reentrant checkpointing (as in LLaMA-Factory)."""
+    if not cfg.model.use_reentrant_gc:
+        return False
+    if plan is None:
+        from lmf.dist.plan import plan_parallelism
+        from lmf.dist.runtime import env_world_size
+
+        plan = plan_parallelism(cfg, env_world_size(), announce=False)
+    if plan.mode == "fsdp":
+        logger.info("FSDP sharding: non-reentrant gradient checkpointing (use_reentrant_gc does not apply)")
+        return False
+    return True
+
+
+def enable_gradient_checkpointing(model, use_reentrant: bool, offload: bool = False) -> None:
+    """Per-layer activation checkpointing (above); inputs require grad so frozen embeddings work."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        logger.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
+        return
+    apply_activation_checkpointing(model, offload_to_cpu=offload, use_reentrant=use_reentrant)
+    model.enable_input_require_grads()

@@ -12,10 +12,11 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Optional
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.extras.errors import ConfigError, LmfError, NotAvailableError
 from lmf.extras.logging import get_logger
 from lmf.model.attention import resolve_attn_implementation
+from lmf.model.checkpointing import enable_gradient_checkpointing, reentrant_checkpointing
 from lmf.model.vision import uncheckpoint_frozen_parts
 from lmf.model.quantization import check_pre_quantized, prepare_quantized_for_training, quantization_config
 
@@ -111,10 +112,10 @@ def load_tokenizer(model_args: "ModelArguments"):
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if model_args.add_tokens:
-        added = tokenizer.add_tokens(split_paths(model_args.add_tokens))
+        added = tokenizer.add_tokens(split_list(model_args.add_tokens))
         logger.info("added %d tokens to the tokenizer", added)
     if model_args.add_special_tokens:
-        toks = split_paths(model_args.add_special_tokens)
+        toks = split_list(model_args.add_special_tokens)
         added = tokenizer.add_special_tokens({"additional_special_tokens": toks}, replace_extra_special_tokens=False)
         logger.info("added %d special tokens to the tokenizer", added)
     return tokenizer
@@ -207,24 +208,25 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
 
 
 def load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None,
-               on_meta: "bool | str" = False):
+               on_meta: "bool | str" = False, plan=None):
     """Load the causal LM, apply the finetuning method (training) or merge adapters (inference).
 
     The returned model stays on CPU unless ``device`` is given; trainable parameters are fp32
     (mixed precision keeps fp32 master weights), frozen ones use the resolved dtype. ``on_meta``: the model
     and its adapters are built on the meta device without reading the checkpoint (``init_on_rank0``: the
     trainer fills them from rank 0 once sharded); ``on_meta="parameters"``: parameters on meta, buffers real
-    (``init_on_meta``: every rank fills its shards from the checkpoint and keeps its own buffers).
+    (``init_on_meta``: every rank fills its shards from the checkpoint and keeps its own buffers). ``plan``: the
+    run's :class:`~lmf.dist.plan.ParallelPlan` (FSDP needs non-reentrant checkpointing); computed here when absent.
     """
     import torch
 
     if on_meta == "parameters":
         with parameters_on_meta():
-            return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True)
+            return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True, plan=plan)
     if on_meta:
         with torch.device("meta"):
-            return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True)  # dtype as rank 0's
-    return _load_model(cfg, tokenizer, is_trainable, device)
+            return _load_model(cfg, tokenizer, is_trainable, device, on_meta=True, plan=plan)  # dtype as rank 0's
+    return _load_model(cfg, tokenizer, is_trainable, device, plan=plan)
 
 
 @contextlib.contextmanager
@@ -249,7 +251,7 @@ def parameters_on_meta():
 
 
 def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optional["torch.device"] = None,
-                on_meta: bool = False):
+                on_meta: bool = False, plan=None):
     import torch
 
     from lmf.model.forward import set_packed_sdpa, set_padding_free
@@ -277,7 +279,7 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
             prepare_quantized_for_training(model)
         _apply_upcasts(cfg, model)
         if cfg.training.gradient_checkpointing:
-            enable_gradient_checkpointing(model, _reentrant_checkpointing(cfg), cfg.model.offload_activations)
+            enable_gradient_checkpointing(model, reentrant_checkpointing(cfg, plan), cfg.model.offload_activations)
             uncheckpoint_frozen_parts(model, cfg.finetuning)
         model = init_adapter(cfg, model)
         if cfg.finetuning.neftune_noise_alpha:
@@ -372,27 +374,3 @@ def _maybe_resize_embeddings(cfg: "LmfConfig", model, tokenizer) -> None:
             )
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         logger.info("resized the embeddings from %d to %d tokens", current, model.get_input_embeddings().weight.shape[0])
-
-
-def _reentrant_checkpointing(cfg: "LmfConfig") -> bool:
-    """``use_reentrant_gc``, except under FSDP sharding, which needs non-reentrant checkpointing (as in LLaMA-Factory)."""
-    if not cfg.model.use_reentrant_gc:
-        return False
-    from lmf.dist.runtime import env_world_size
-    from lmf.dist.plan import plan_parallelism
-
-    if plan_parallelism(cfg, env_world_size(), announce=False).mode == "fsdp":
-        logger.info("FSDP sharding: non-reentrant gradient checkpointing (use_reentrant_gc does not apply)")
-        return False
-    return True
-
-
-def enable_gradient_checkpointing(model, use_reentrant: bool, offload: bool = False) -> None:
-    """Per-layer activation checkpointing (``lmf.model.checkpointing``); inputs require grad so frozen embeddings work."""
-    from lmf.model.checkpointing import apply_activation_checkpointing
-
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        logger.warning("%s does not support gradient checkpointing; training without it", type(model).__name__)
-        return
-    apply_activation_checkpointing(model, offload_to_cpu=offload, use_reentrant=use_reentrant)
-    model.enable_input_require_grads()

@@ -37,7 +37,7 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
                                       repetition_penalty=settings.repetition_penalty, use_cache=use_cache,
                                       num_beams=1)
         if media is not None:
-            from lmf.train.runtime import to_device
+            from lmf.train.process import to_device
 
             paths = [p for i in rows for p in (images[i][0] if images else [])]
             videos = tuple(p for i in rows for p in (images[i][1] if images else []))

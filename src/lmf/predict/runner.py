@@ -1,17 +1,17 @@
 """``do_predict``: generate an answer for every ``eval_dataset`` sample, write and score them.
 
 Order of work: checks (output files, metric packages) -> process group -> tokenizer, template, prediction
-set (prompt ids + reference ids, :data:`lmf.data.loader.GENERATE`) -> this rank's shard -> answers
+set (prompt ids + reference ids, :data:`lmf.data.layout.GENERATE`) -> this rank's shard -> answers
 (transformers ``generate`` on left-padded batches, or vLLM) -> gathered on rank 0 in dataset order ->
 ``generated_predictions.jsonl`` (prompt, predict, label, as LLaMA-Factory writes it) and
 ``predict_results.json`` (BLEU-4, ROUGE-1/2/L, runtime, samples/s), both written atomically.
 
-After ``do_train`` in the same run, the model that was just saved in ``output_dir`` answers.
+After ``do_train`` in the same run (:func:`lmf.experiment.run_experiment`), the model that was just saved in
+``output_dir`` answers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -28,36 +28,6 @@ logger = get_logger(__name__)
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 RESULTS_FILE = "predict_results.json"
 ALL_RESULTS_FILE = "all_results.json"
-
-
-def run_experiment(argv: list[str], command: str = "sft") -> None:
-    """What a training command runs: training (``do_train``), then prediction (``do_predict``)."""
-    from lmf.train.workflow import config_for_command, run_training
-
-    cfg = config_for_command(argv, command)
-    t = cfg.training
-    if not t.do_train and not t.do_predict:
-        raise ConfigError("config keys 'do_train' and 'do_predict' are false: nothing to do "
-                          "(evaluation-only runs are not implemented)")
-    if t.do_predict:
-        check_outputs_writable(cfg)  # before hours of training, not after
-    if t.do_train:
-        run_training(cfg)
-    if t.do_predict:
-        run_prediction(config_after_training(cfg) if t.do_train else cfg)
-
-
-def config_after_training(cfg: "LmfConfig") -> "LmfConfig":
-    """The config that predicts with what training just saved in ``output_dir``: the adapter (LoRA/OFT) on
-    the base model, or the full/freeze-tuned model itself."""
-    out = cfg.training.output_dir
-    from lmf.extras.constants import ADAPTER_TYPES
-
-    if cfg.finetuning.finetuning_type in ADAPTER_TYPES:
-        model = dataclasses.replace(cfg.model, adapter_name_or_path=out)
-    else:
-        model = dataclasses.replace(cfg.model, model_name_or_path=out, adapter_name_or_path=None)
-    return dataclasses.replace(cfg, model=model)
 
 
 def check_outputs_writable(cfg: "LmfConfig") -> None:
@@ -77,7 +47,7 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
     from lmf.model.loader import load_tokenizer
     from lmf.predict.metrics import check_metrics_available
     from lmf.train.output_lock import hold_output_dir
-    from lmf.train.runtime import set_seed, setup_runtime
+    from lmf.train.process import set_seed, setup_runtime
 
     check_outputs_writable(cfg)
     check_metrics_available()

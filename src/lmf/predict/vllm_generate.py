@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.extras.errors import NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -36,7 +36,7 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
             max_tokens=min(settings.reply_budget(len(ids)), room),
             stop_token_ids=stop_ids, skip_special_tokens=False, detokenize=False,
         ))
-    adapters = split_paths(m.adapter_name_or_path)
+    adapters = split_list(m.adapter_name_or_path)
     adapter, tmp = combined_adapter(adapters) if adapters else (None, None)
     try:
         rank = lora_rank(adapter) if len(adapters) > 1 else 0  # one adapter: vLLM checks its rank itself

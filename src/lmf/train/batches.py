@@ -221,7 +221,7 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime, cut
     workers = training_args.dataloader_num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if workers > cores:
-        get_logger("lmf.train.trainer").info("dataloader_num_workers=%d capped at the %d available CPU cores",
+        get_logger(__name__).info("dataloader_num_workers=%d capped at the %d available CPU cores",
                                              workers, cores)
         workers = cores
     budget = None
@@ -232,7 +232,7 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime, cut
         lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
         tokens = training_args.per_device_train_batch_size * cutoff_len
         budget = TokenBudget(lengths, tokens, padded=strategy == "dynamic_batching")
-        get_logger("lmf.train.trainer").info("%s: micro-batches of up to %d %s tokens (cutoff_len x micro-batch size)",
+        get_logger(__name__).info("%s: micro-batches of up to %d %s tokens (cutoff_len x micro-batch size)",
                                              strategy, tokens, "padded" if budget.padded else "real")
     return MicroBatchStream(dataset, collator, training_args.per_device_train_batch_size, sampler,
                             num_workers=workers, pin_memory=runtime.device.type == "cuda", token_budget=budget)

@@ -29,15 +29,12 @@ from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
 from lmf.train.rng_state import capture_rng_state, load_rng_state, rng_state_name
-from lmf.train.durable import (  # noqa: F401  (make_temp_dir, remove_stale_temp_dirs: re-exported)
-    TMP_PREFIX,
+from lmf.train.durable import (
     RankZeroSave,
     check_free_space,
     commit_dir,
     commit_files,
     dir_bytes,
-    make_temp_dir,
-    remove_stale_temp_dirs,
     tensor_bytes,
     write_manifest,
 )
@@ -45,10 +42,10 @@ from lmf.train.durable import (  # noqa: F401  (make_temp_dir, remove_stale_temp
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
     from lmf.dist.runtime import DistInfo
-    from lmf.train.state import Run, Stage, TrainHooks, TrainState
+    from lmf.train.state import Objective, Run, TrainHooks, TrainState
 
 logger = get_logger(__name__)
-run_logger = get_logger("lmf.train.trainer")  # the training log's name
+
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"
@@ -144,11 +141,11 @@ class CheckpointIO:
     unwrapped model before DDP/FSDP wrapping, :meth:`load_training_state` after it.
     """
 
-    def __init__(self, cfg: "LmfConfig", runtime: "DistInfo", model, tokenizer, stage: "Stage",
+    def __init__(self, cfg: "LmfConfig", runtime: "DistInfo", model, tokenizer, objective: "Objective",
                  hooks: "TrainHooks"):
         self.cfg, self.args, self.runtime = cfg, cfg.training, runtime
-        self.model, self.tokenizer, self.stage, self.hooks = model, tokenizer, stage, hooks
-        self.is_lora = cfg.finetuning.finetuning_type in ADAPTER_TYPES  # the result is a peft adapter
+        self.model, self.tokenizer, self.objective, self.hooks = model, tokenizer, objective, hooks
+        self.saves_adapter = cfg.finetuning.finetuning_type in ADAPTER_TYPES  # the result is a peft adapter
 
     # ------------------------------------------------------------------ saving
     def _full_state_dict(self, loss_module, trainable_only: bool) -> dict:
@@ -167,10 +164,10 @@ class CheckpointIO:
 
     def _write_model(self, sd: dict, out_dir: str, final: bool) -> None:
         """Adapter (LoRA) or full model + tokenizer into ``out_dir`` (rank 0)."""
-        save_extra = getattr(self.stage, "save_extra", None)
+        save_extra = getattr(self.objective, "save_extra", None)
         if save_extra is not None:
             sd = save_extra(out_dir, sd)
-        if not self.is_lora and final:
+        if not self.saves_adapter and final:
             dtype = getattr(self.model.config, "dtype", None)
             if dtype is not None and not isinstance(dtype, str):
                 sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
@@ -198,12 +195,12 @@ class CheckpointIO:
         out, step = self.args.output_dir, state.global_step
         final_dir = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
         if self._already_saved(final_dir):
-            run_logger.info("%s is saved already; not written again", final_dir)
+            logger.info("%s is saved already; not written again", final_dir)
             return final_dir
         save = RankZeroSave(self.runtime, out, f"checkpoint-{step}", final_dir)
         # the last checkpoint's size predicts this one's: refuse before writing when it cannot fit
         save.step(lambda tmp: None, needed=lambda: dir_bytes(latest_checkpoint(out)))
-        sd = self._full_state_dict(run.loss_module, trainable_only=self.is_lora)  # collective under FSDP
+        sd = self._full_state_dict(run.loss_module, trainable_only=self.saves_adapter)  # collective under FSDP
         save.step(functools.partial(self._write_model, sd, final=False))
         del sd
         self.hooks.during_save(step)
@@ -232,7 +229,7 @@ class CheckpointIO:
         if self.args.save_only_model:
             return None
         if hasattr(run.optimizer, "lmf_state_dict"):
-            return run.optimizer.lmf_state_dict()  # lmf.train.optimizers: one process or DDP, own layout
+            return run.optimizer.lmf_state_dict()  # lmf.train.optimizer_plugins: one process or DDP, own layout
         return get_optimizer_state_dict(run.loss_module, run.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -252,13 +249,30 @@ class CheckpointIO:
         write_manifest(tmp)
         commit_dir(tmp, final_dir)
         rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, keep=final_dir)
-        run_logger.info("saved %s", final_dir)
+        logger.info("saved %s", final_dir)
+
+    def save_if_due(self, run: "Run", state: "TrainState", epoch_ended: bool) -> None:
+        """The cadence of ``save_strategy``: steps (every ``save_steps``, a count or a fraction of the run), epoch
+        (when a step ends an epoch) or no."""
+        from lmf.train.step import every
+
+        strategy = self.args.save_strategy
+        if strategy == "steps" and state.global_step % every(self.args.save_steps, state.max_steps) == 0:
+            self.save(run, state)
+        elif strategy == "epoch" and epoch_ended:
+            self.save(run, state)
+
+    def save_at_end(self, run: "Run", state: "TrainState") -> None:
+        """After the last step: its checkpoint (unless ``save_strategy: no``), then the final outputs."""
+        if self.args.save_strategy != "no":
+            self.save(run, state)
+        self.save_final(run, state)
 
     def save_final(self, run: "Run", state: "TrainState") -> None:
         """Final model/adapter, tokenizer, trainer_state.json (last) and the loss plot in output_dir."""
         out = self.args.output_dir
         save = RankZeroSave(self.runtime, out, "final", out)
-        sd = self._full_state_dict(run.loss_module, trainable_only=self.is_lora)  # collective under FSDP
+        sd = self._full_state_dict(run.loss_module, trainable_only=self.saves_adapter)  # collective under FSDP
         save.step(functools.partial(self._write_model, sd, final=True))
         del sd
         save.step(lambda tmp: self._publish_final(tmp, state))
@@ -271,8 +285,8 @@ class CheckpointIO:
             plot_loss(state.log_history, tmp)
         write_json(os.path.join(tmp, STATE_NAME), asdict(state))
         commit_files(tmp, out, last=STATE_NAME)
-        run_logger.info("saved the %s to %s", "adapter" if self.is_lora else "model", out)
-        if self.is_lora:
+        logger.info("saved the %s to %s", "adapter" if self.saves_adapter else "model", out)
+        if self.saves_adapter:
             _warn_for_vllm(out)
         if self.cfg.finetuning.pissa_convert:
             from lmf.train.pissa import write_converted_adapter
@@ -284,9 +298,9 @@ class CheckpointIO:
         """Trainable weights from a checkpoint into the unwrapped model (before DDP/FSDP wrapping)."""
         from safetensors.torch import load_file
 
-        load_extra = getattr(self.stage, "load_extra", None)
+        load_extra = getattr(self.objective, "load_extra", None)
         restored = set(load_extra(self.model, path) or ()) if load_extra is not None else set()
-        if self.is_lora:
+        if self.saves_adapter:
             from peft import set_peft_model_state_dict
 
             file = os.path.join(path, "adapter_model.safetensors")
@@ -316,7 +330,7 @@ class CheckpointIO:
 
         saved = read_json(os.path.join(path, STATE_NAME))
         if saved.get("max_steps") not in (None, state.max_steps):
-            run_logger.warning("resuming a run planned for %s steps with %d steps: the schedule differs",
+            logger.warning("resuming a run planned for %s steps with %d steps: the schedule differs",
                                saved.get("max_steps"), state.max_steps)
         optim_file = os.path.join(path, OPTIMIZER_NAME)
         scheduler_file = os.path.join(path, SCHEDULER_NAME)
@@ -331,7 +345,7 @@ class CheckpointIO:
             if run.scaler is not None and os.path.isfile(scaler_file):
                 run.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
         else:
-            run_logger.warning("%s has no optimizer state (it was saved with save_only_model): the resume is "
+            logger.warning("%s has no optimizer state (it was saved with save_only_model): the resume is "
                                "APPROXIMATE, the optimizer's moments restart from zero", path)
         if os.path.isfile(scheduler_file):
             run.scheduler.load_state_dict(torch.load(scheduler_file, weights_only=False))
@@ -352,13 +366,13 @@ class CheckpointIO:
             # another shape of job: skip as many samples of the epoch as were consumed (a different subset of them)
             consumed = state.batch_in_epoch * old_micro * old_world
             state.batch_in_epoch = min(consumed // (state.micro_batch_size * world), run.stream.batches_per_epoch)
-            run_logger.warning(
+            logger.warning(
                 "resuming a run of %d process(es) x micro-batch %d with %d x %d: the data order differs from an "
                 "uninterrupted run (%d samples of epoch %d skipped)", old_world, old_micro, world,
                 state.micro_batch_size, consumed, state.data_epoch,
             )
         run.stream.epoch, run.stream.batch_in_epoch = state.data_epoch, state.batch_in_epoch
-        run_logger.info("resumed from %s at step %d (epoch %.2f)", path, state.global_step, state.epoch)
+        logger.info("resumed from %s at step %d (epoch %.2f)", path, state.global_step, state.epoch)
 
 
 def _warn_for_vllm(adapter_dir: str) -> None:
@@ -368,4 +382,4 @@ def _warn_for_vllm(adapter_dir: str) -> None:
     path = os.path.join(adapter_dir, "adapter_config.json")
     if os.path.isfile(path):
         for problem in vllm_lora_warnings(read_json(path)):
-            run_logger.warning("serving this adapter with vLLM: %s", problem)
+            logger.warning("serving this adapter with vLLM: %s", problem)

@@ -27,7 +27,7 @@ from typing import Optional
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
 
-logger = get_logger("lmf.train.trainer")
+logger = get_logger(__name__)
 TMP_PREFIX = ".tmp-"
 
 MANIFEST_NAME = "lmf_manifest.json"

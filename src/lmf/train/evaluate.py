@@ -1,11 +1,12 @@
-"""Evaluation: the mean loss and the stage's metrics over one or several eval sets, across ranks."""
+"""Evaluation: the mean loss and the objective's metrics over one or several eval sets, across ranks, and the
+:class:`Evaluator` that decides when the training loop evaluates and when it stops early."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import TYPE_CHECKING, Optional
 
-from lmf.train.runtime import autocast, to_device
+from lmf.train.process import autocast, to_device
 
 if TYPE_CHECKING:
     import torch
@@ -71,3 +72,51 @@ def _evaluate_one(run: "Run", dataset, collator, runtime: "DistInfo", batch_size
     n = max(acc[1].item(), 1.0)
     return {f"{prefix}_loss": round(acc[0].item() / n, 6),
             **{f"{prefix}_{k}": v for k, v in finalize(keys, acc[2:].tolist(), n).items()}}
+
+
+class Evaluator:
+    """Owns evaluation during training: when it is due (``eval_strategy``, ``eval_steps``, ``do_eval``), running it,
+    and early stopping (``early_stopping_steps``: transformers' EarlyStoppingCallback, which LLaMA-Factory uses;
+    its counters live in the train state, so they survive a resume)."""
+
+    def __init__(self, cfg, eval_dataset, collator, runtime: "DistInfo", dtype, state):
+        self.args, self.patience = cfg.training, cfg.finetuning.early_stopping_steps
+        self.eval_dataset, self.collator, self.runtime, self.dtype, self.state = (
+            eval_dataset, collator, runtime, dtype, state)
+
+    def should_evaluate(self, step: int, *, last: bool, epoch_ended: bool = False) -> bool:
+        """After ``step``: ``last`` is the run's final step (evaluated once, after the loop)."""
+        from lmf.train.step import every
+
+        if self.eval_dataset is None or (last and self.state.early_stopped):
+            return False
+        strategy = self.args.eval_strategy
+        if strategy == "no":
+            return last and self.args.do_eval
+        if strategy == "steps":
+            return last or step % every(self.args.eval_steps or self.args.logging_steps, self.state.max_steps) == 0
+        return last or epoch_ended
+
+    def evaluate(self, run: "Run") -> dict[str, float]:
+        """:func:`evaluate` on the run's eval set(s)."""
+        return evaluate(run, self.eval_dataset, self.collator, self.runtime, self.args.per_device_eval_batch_size,
+                        self.dtype)
+
+    def should_stop(self, eval_loss: float) -> bool:
+        """True once eval_loss has not improved on its best for ``early_stopping_steps`` evaluations in a row."""
+        from lmf.extras.logging import get_logger
+
+        st = self.state
+        if not self.patience:
+            return False
+        if st.best_eval_loss is None or eval_loss < st.best_eval_loss:
+            st.best_eval_loss, st.evals_without_improvement = eval_loss, 0
+            return False
+        st.evals_without_improvement += 1
+        if st.evals_without_improvement < self.patience:
+            return False
+        st.early_stopped = True
+        get_logger(__name__).info(
+            "early stopping at step %d: eval_loss has not improved on %.6g for %d evaluation(s) (early_stopping_steps)",
+            st.global_step, st.best_eval_loss, self.patience)
+        return True

@@ -17,7 +17,7 @@ Logged: ``rewards/chosen``, ``rewards/rejected`` (``beta * r`` averaged over tha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -25,16 +25,13 @@ from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 from lmf.loss import sequence_logps
 from lmf.model.forward import decoder_hidden_states, lm_head_of
-from lmf.train.dpo.objective import reference_logps
+from lmf.train.reference import reference_logps
 from lmf.train.metrics import Difference, Ratio
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
 logger = get_logger(__name__)
-
-DATA_STAGE = "kto"
-
 
 def kto_losses(policy_logps, ref_logps, desirable, kl, *, beta: float, chosen_weight: float = 1.0,
                rejected_weight: float = 1.0):
@@ -70,7 +67,10 @@ def _answer_logps(model, batch: dict, rows: slice, loss_opts: dict):
 
 @dataclass
 class KTOObjective:
-    """``compute_loss(model, batch) -> (loss_sum, examples, metrics)`` on :class:`FeedbackCollator` batches."""
+    """What ``lmf kto`` plugs into the shared loop (:class:`lmf.train.state.Objective`): the feedback ``collator``
+    and ``compute_loss(model, batch) -> (loss_sum, examples, metrics)``."""
+
+    name = "kto"
 
     beta: float = 0.1
     chosen_weight: float = 1.0
@@ -78,6 +78,7 @@ class KTOObjective:
     ftx: float = 0.0
     loss_opts: dict = field(default_factory=dict)
     ref_model: Optional[torch.nn.Module] = None
+    collator: Optional[Callable] = None
 
     def compute_loss(self, model, batch: dict):
         desirable = batch["kto_tags"].to(batch["input_ids"].device)
@@ -105,22 +106,6 @@ class KTOObjective:
         return losses.sum(), torch.tensor(n, device=losses.device), metrics
 
 
-class KTOStage:
-    """Feedback collator and the KTO objective for the shared Trainer."""
-
-    name = "kto"
-
-    def __init__(self, cfg: "LmfConfig", collator, loss_opts: Optional[dict] = None, ref_model=None):
-        ft = cfg.finetuning
-        self.collator = collator
-        self.objective = KTOObjective(beta=ft.pref_beta, chosen_weight=ft.kto_chosen_weight,
-                                      rejected_weight=ft.kto_rejected_weight, ftx=ft.pref_ftx,
-                                      loss_opts=dict(loss_opts or {}), ref_model=ref_model)
-
-    def compute_loss(self, model, batch: dict):
-        return self.objective.compute_loss(model, batch)
-
-
 def check_config(cfg: "LmfConfig") -> None:
     """KTO's keys, before anything is loaded."""
     ft = cfg.finetuning
@@ -137,26 +122,15 @@ def check_config(cfg: "LmfConfig") -> None:
                        "LLaMA-Factory): the KTO loss is used")
 
 
-def build_stage(cfg: "LmfConfig", setup) -> KTOStage:
-    """The reference (disabled adapter or a frozen, possibly sharded copy) and the KTO stage."""
+def build_objective(cfg: "LmfConfig", inputs) -> KTOObjective:
+    """The reference (:mod:`lmf.train.reference`: disabled adapters, or a frozen, possibly sharded copy) and the KTO
+    objective with its feedback collator."""
     from lmf.data.collator import FeedbackCollator
-    from lmf.dist.plan import plan_parallelism
-    from lmf.train.dpo.recipe import disable_dropout
-    from lmf.train.dpo.objective import has_adapters
-    from lmf.train.dpo.reference import load_reference_model, shard_reference
+    from lmf.train.reference import build_reference, needs_separate_reference
     from lmf.train.sft import resolve_loss_kwargs
 
-    model, runtime = setup.model, setup.runtime
-    disable_dropout(model)
-    ref_model = None
-    if cfg.finetuning.ref_model or not has_adapters(model):
-        shard = plan_parallelism(cfg, runtime.world_size, announce=False).mode == "fsdp"
-        ref_model = load_reference_model(cfg, setup.tokenizer, device=None if shard else runtime.device)
-        disable_dropout(ref_model)
-        if shard:
-            ref_model = shard_reference(ref_model, runtime.device)
-            logger.info("KTO reference model sharded with FSDP2 across %d ranks", runtime.world_size)
-    else:
-        logger.info("KTO reference model: the base model with the LoRA adapters disabled")
-    collator = FeedbackCollator(setup.tokenizer, setup.pad_to_multiple_of)
-    return KTOStage(cfg, collator, resolve_loss_kwargs(cfg, model), ref_model)
+    ft, model = cfg.finetuning, inputs.model
+    ref_model = build_reference(cfg, inputs, separate=needs_separate_reference(cfg, model))
+    return KTOObjective(beta=ft.pref_beta, chosen_weight=ft.kto_chosen_weight, rejected_weight=ft.kto_rejected_weight,
+                        ftx=ft.pref_ftx, loss_opts=resolve_loss_kwargs(cfg, model), ref_model=ref_model,
+                        collator=FeedbackCollator(inputs.tokenizer, inputs.pad_to_multiple_of))

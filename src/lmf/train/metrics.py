@@ -1,4 +1,4 @@
-"""Stage metrics across micro-batches and ranks: a number is averaged over micro-batches (training) or
+"""Objective metrics across micro-batches and ranks: a number is averaged over micro-batches (training) or
 weighted by items (evaluation); a :class:`Ratio` is logged as sum(numerator) / sum(denominator), for means
 over a subset that a micro-batch may lack (KTO's desirable / undesirable answers); a :class:`Difference` is
 logged as one finalized metric minus another (KTO's reward margin)."""

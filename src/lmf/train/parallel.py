@@ -98,7 +98,7 @@ def _fill_from_rank0(module, full: Optional[tuple[dict, dict]], device: "torch.d
     if dist.get_rank() == 0:
         from lmf.extras.logging import get_logger
 
-        get_logger("lmf.train.trainer").info("init_on_rank0: rank 0 read the checkpoint and sent %d process(es) "
+        get_logger(__name__).info("init_on_rank0: rank 0 read the checkpoint and sent %d process(es) "
                                              "their shards", dist.get_world_size() - 1)
 
 
@@ -229,7 +229,7 @@ def _fill_from_checkpoint(module, checkpoint_dirs: tuple, device: "torch.device"
     if dist.get_rank() == 0:
         from lmf.extras.logging import get_logger
 
-        get_logger("lmf.train.trainer").info("init_on_meta: every rank read its own shards of %d tensors from %s",
+        get_logger(__name__).info("init_on_meta: every rank read its own shards of %d tensors from %s",
                                              len(filled), " + ".join(checkpoint_dirs))
 
 

@@ -1,4 +1,5 @@
-"""Rank-0 progress bar, metric trackers (tensorboard / wandb / mlflow) and the loss plot."""
+"""Rank-0 progress bar, the training log (what is logged and when), metric trackers (tensorboard / wandb / mlflow)
+and the loss plot."""
 
 from __future__ import annotations
 
@@ -93,6 +94,47 @@ class Reporter:
             else:
                 writer.finish()
         self.writers = []
+
+
+class TrainingLog:
+    """What a run logs and when: every ``logging_steps`` (and the first step with ``logging_first_step``, and the
+    last) an entry with the mean loss of the steps since the previous entry, lr, grad norm, tokens/s and the
+    objective's metrics; evaluation results. Each entry goes to ``log_history`` (saved in trainer_state.json), the
+    trackers (``report_to``) and the console, on rank 0. The window's step losses live in the train state, so a
+    resumed run logs the same averages."""
+
+    def __init__(self, cfg: "LmfConfig", state, is_main: bool):
+        self.args, self.state, self.is_main = cfg.training, state, is_main
+        self.reporter = Reporter(cfg, is_main)
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def due(self, step: int, last: bool) -> bool:
+        a = self.args
+        return step % a.logging_steps == 0 or last or (a.logging_first_step and step == 1)
+
+    def after_step(self, record, last: bool, suffix: str = "") -> None:
+        """Add a step (:class:`lmf.train.step.StepRecord`) to the window; write an entry when one is due."""
+        st = self.state
+        st.log_window.append(record.loss)
+        self.window_tokens += record.tokens
+        if not self.due(record.step, last):
+            return
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        self.write({"step": record.step, "epoch": st.epoch, "loss": round(sum(st.log_window) / len(st.log_window), 6),
+                    "lr": record.lr, "grad_norm": round(record.grad_norm, 6),
+                    "tokens_per_second": round(self.window_tokens / seconds, 1), **record.metrics}, suffix)
+        st.log_window, self.window_tokens, self.window_start = [], 0, time.perf_counter()
+
+    def write(self, entry: dict, suffix: str = "") -> None:
+        """One entry (a step's or an evaluation's) into log_history, the trackers and the console."""
+        self.state.log_history.append(entry)
+        if self.is_main:
+            self.reporter.log(entry, self.state.global_step)
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+            logger.info("%s%s", line, f" {suffix}" if suffix else "")
+
+    def close(self) -> None:
+        self.reporter.close()
 
 
 def _format_duration(seconds: float) -> str:

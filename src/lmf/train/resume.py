@@ -1,6 +1,6 @@
 """Where a run starts, decided before anything is loaded and applied only once training is about to begin.
 
-:func:`plan_resume` (rank 0, read-only, broadcast by :func:`resolve_resume_checkpoint`) returns a
+:func:`plan_resume` (decided on rank 0 by :func:`decide_resume`, read-only, and broadcast) returns a
 :class:`ResumePlan`; :func:`apply_resume_plan` carries it out right before the first write of the run,
 after the config, data, template, model and distributed set-up have all been checked. A run that fails
 before that point leaves ``output_dir`` exactly as it was.
@@ -31,17 +31,18 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.extras.errors import ConfigError, LmfError, everywhere
 from lmf.extras.logging import get_logger
 from lmf.train import checkpoint as ckpt
+from lmf.train.durable import TMP_PREFIX, remove_stale_temp_dirs
 from lmf.train.output_lock import LOCK_NAME
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
     from lmf.dist.runtime import DistInfo
 
-logger = get_logger("lmf.train.trainer")  # one logger name for the whole training log
+logger = get_logger(__name__)
 
 #: The keys that shape the training trajectory: the model and method, the data and its preprocessing,
 #: the batch, the optimizer and its schedule, the seeds. Only these are compared on an automatic
@@ -118,14 +119,14 @@ def _run_entries(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     return sorted(n for n in os.listdir(output_dir)
-                  if n not in (PREVIOUS_DIR, LOCK_NAME) and not n.startswith(ckpt.TMP_PREFIX))
+                  if n not in (PREVIOUS_DIR, LOCK_NAME) and not n.startswith(TMP_PREFIX))
 
 
 def _refuse_input_dirs(cfg: "LmfConfig") -> None:
     """output_dir must not be the base model or an input adapter."""
     out = os.path.realpath(cfg.training.output_dir)
     
-    inputs = [cfg.model.model_name_or_path] + split_paths(cfg.model.adapter_name_or_path)
+    inputs = [cfg.model.model_name_or_path] + split_list(cfg.model.adapter_name_or_path)
     for path in inputs:
         if path and os.path.isdir(path) and os.path.realpath(path) == out:
             raise ConfigError(f"output_dir {cfg.training.output_dir!r} is the input model/adapter directory; choose another")
@@ -166,7 +167,7 @@ def _different_trajectory_error(cfg: "LmfConfig", latest: str, saved_state: dict
     )
 
 
-def plan_resume(cfg: "LmfConfig") -> ResumePlan:
+def decide_resume(cfg: "LmfConfig") -> ResumePlan:
     """The :class:`ResumePlan` for ``cfg`` per the module's rules. Read-only; raises ConfigError. Rank 0 only."""
     t = cfg.training
     out = t.output_dir
@@ -276,7 +277,7 @@ def apply_resume_plan(cfg: "LmfConfig", plan: ResumePlan) -> None:
     run (or its final outputs) aside, and log what happened."""
     out = cfg.training.output_dir
     if os.path.isdir(out):
-        ckpt.remove_stale_temp_dirs(out)
+        remove_stale_temp_dirs(out)
     moved = None
     if plan.move_all:
         moved = move_aside(out)
@@ -290,14 +291,14 @@ def apply_resume_plan(cfg: "LmfConfig", plan: ResumePlan) -> None:
         logger.info("%s", plan.note)
 
 
-def resolve_resume_checkpoint(cfg: "LmfConfig", runtime: "DistInfo") -> ResumePlan:
-    """:func:`plan_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs)."""
+def plan_resume(cfg: "LmfConfig", runtime: "DistInfo") -> ResumePlan:
+    """:func:`decide_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs)."""
     from lmf.dist.runtime import broadcast_object
 
     result: tuple[str, Any] = ("ok", None)
     if runtime.is_main:
         try:
-            result = ("ok", plan_resume(cfg))
+            result = ("ok", decide_resume(cfg))
         except LmfError as exc:
             result = ("error", str(exc))
     result = broadcast_object(result)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lmf.config.parser import split_paths
+from lmf.config.parser import split_list
 from lmf.model.value_head import last_token_index, token_values
 
 
@@ -28,7 +28,14 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 
 
 class PairwiseRMObjective:
-    """``compute_loss(model, batch) -> (loss_sum, num_pairs, metrics)`` for the shared training loop."""
+    """What ``lmf rm`` plugs into the shared loop (:class:`lmf.train.state.Objective`): the pairwise ``collator``,
+    the Bradley-Terry ``compute_loss(model, batch) -> (loss_sum, num_pairs, metrics)``, and the value head saved
+    beside the adapter or model (``save_extra``) and restored on resume (``load_extra``)."""
+
+    name = "rm"
+
+    def __init__(self, collator=None):
+        self.collator = collator
 
     def __call__(self, model, batch: dict):
         return self.compute_loss(model, batch)
@@ -44,19 +51,6 @@ class PairwiseRMObjective:
             "scores/margins": (c - r).mean().item(),
         }
         return losses.sum(), torch.tensor(losses.size(0), device=losses.device), metrics
-
-
-class RMStage:
-    """Pairwise collator, Bradley-Terry objective and value-head save/restore for the shared Trainer."""
-
-    name = "rm"
-
-    def __init__(self, collator):
-        self.collator = collator
-        self.objective = PairwiseRMObjective()
-
-    def compute_loss(self, model, batch: dict):
-        return self.objective.compute_loss(model, batch)
 
     def save_extra(self, out_dir: str, state_dict: dict) -> dict:
         """Write the value head next to the adapter/model; return the state dict without it."""
@@ -84,16 +78,13 @@ def freeze_unused_lm_head(model) -> None:
         head.requires_grad_(False)
 
 
-DATA_STAGE = "rm"
-
-
-def build_stage(cfg, setup) -> RMStage:
+def build_objective(cfg, inputs) -> PairwiseRMObjective:
     """The ``lmf rm`` recipe: a value head (+ LoRA/full/freeze) trained on pairwise data; saved as
     value_head.safetensors next to the adapter or model."""
     from lmf.data.collator import PairwiseCollator
 
-    prepare_value_head(cfg, setup.model)
-    return RMStage(setup.collate(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of)))
+    prepare_value_head(cfg, inputs.model)
+    return PairwiseRMObjective(inputs.collate(PairwiseCollator(inputs.tokenizer, inputs.pad_to_multiple_of)))
 
 
 def prepare_value_head(cfg, model) -> None:
@@ -103,7 +94,7 @@ def prepare_value_head(cfg, model) -> None:
 
     logger = get_logger(__name__)
     freeze_unused_lm_head(model)
-    adapters = split_paths(cfg.model.adapter_name_or_path)
+    adapters = split_list(cfg.model.adapter_name_or_path)
     if adapters and has_value_head(adapters[-1]) and not cfg.finetuning.create_new_adapter:
         load_value_head(model, adapters[-1])
         logger.info("continuing the value head of %s", adapters[-1])

@@ -8,7 +8,7 @@ import random
 
 from lmf.extras.logging import get_logger
 
-logger = get_logger("lmf.train.checkpoint")
+logger = get_logger(__name__)
 
 
 def rng_state_name(rank: int) -> str:

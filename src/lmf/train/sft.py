@@ -25,8 +25,9 @@ def resolve_loss_kwargs(cfg: "LmfConfig", model) -> dict:
     return opts
 
 
-class SFTStage:
-    """Collator + summed token cross-entropy for the shared :class:`~lmf.train.trainer.Trainer`."""
+class SFTObjective:
+    """What ``lmf sft`` (and ``stage: pt``) plugs into the shared loop (:class:`lmf.train.state.Objective`): the
+    collator and the summed token cross-entropy."""
 
     name = "sft"
 
@@ -57,12 +58,9 @@ class SFTStage:
         return loss_sum, num_tokens, metrics
 
 
-DATA_STAGE = None  # the config's stage: sft, or pt (text, packed by default)
-
-
-def build_stage(cfg: "LmfConfig", setup) -> SFTStage:
+def build_objective(cfg: "LmfConfig", inputs) -> SFTObjective:
     """The ``lmf sft`` recipe (also ``stage: pt``): next-token cross-entropy on the label tokens."""
     from lmf.data.collator import SFTCollator
 
-    return SFTStage(cfg, setup.model,
-                    setup.collate(SFTCollator(setup.tokenizer, pad_to_multiple_of=setup.pad_to_multiple_of)))
+    return SFTObjective(cfg, inputs.model,
+                        inputs.collate(SFTCollator(inputs.tokenizer, pad_to_multiple_of=inputs.pad_to_multiple_of)))

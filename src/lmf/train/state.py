@@ -1,4 +1,4 @@
-"""What a run is made of: the stage protocol, the resumable progress, the test hooks, the live objects."""
+"""What a run is made of: the objective protocol, the resumable progress, the loop's hooks, the live objects."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ if TYPE_CHECKING:
     import torch
 
 
-class Stage(Protocol):
-    """What a training stage (SFT, DPO, RM, ...) plugs into the loop.
+class Objective(Protocol):
+    """What a stage's recipe (SFT, DPO, RM, KTO: :mod:`lmf.config.stages`) plugs into the loop.
 
     ``collator(list[dict]) -> batch`` and ``compute_loss(model, batch) -> (loss_sum, num_items, metrics)``
     where ``loss_sum`` is a *sum* over ``num_items`` (label tokens for SFT, pairs for DPO/RM).
@@ -64,6 +64,21 @@ class TrainHooks:
 
     after_step: Callable[[int], None] = _nothing
     during_save: Callable[[int], None] = _nothing
+
+
+_installed = TrainHooks()
+
+
+def install_hooks(hooks: TrainHooks) -> None:
+    """Make ``hooks`` the callbacks of every run this process starts (:mod:`lmf.testing.faults` installs its
+    fault injection so; nothing in lmf itself does)."""
+    global _installed
+    _installed = hooks
+
+
+def installed_hooks() -> TrainHooks:
+    """The callbacks a run of this process uses (the no-op defaults unless :func:`install_hooks` was called)."""
+    return _installed
 
 
 @dataclass

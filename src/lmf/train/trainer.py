@@ -1,17 +1,20 @@
-"""The one training loop shared by every stage (SFT, DPO, RM, ...), to be read top to bottom.
+"""The one training loop shared by every stage (SFT, DPO, RM, KTO), to be read top to bottom.
 
-A stage (:class:`~lmf.train.state.Stage`) supplies a collator and ``compute_loss(model, batch) ->
-(loss_sum, num_items, metrics)``. :meth:`Trainer.setup` wraps the model and the stage's loss in one
-``nn.Module`` and hands it to DDP/FSDP2 (so their hooks fire); :meth:`Trainer.train` then, per step:
+A stage's recipe supplies an :class:`~lmf.train.state.Objective`: a collator and ``compute_loss(model, batch) ->
+(loss_sum, num_items, metrics)``. :meth:`Trainer.setup` wraps the model and the objective's loss in one ``nn.Module``
+and hands it to DDP/FSDP2 (so their hooks fire). :meth:`Trainer.train` runs :meth:`Trainer.train_step` to the last
+step; the components it calls decide their own cadence: the training log (:class:`~lmf.train.reporting.TrainingLog`:
+``logging_steps``), the evaluator (:class:`~lmf.train.evaluate.Evaluator`: ``eval_strategy``, early stopping) and the
+checkpoints (:class:`~lmf.train.checkpoint.CheckpointIO`: ``save_strategy``, atomic saves). One step
+(:class:`~lmf.train.step.StepRecord`):
 
 - accumulates ``gradient_accumulation_steps`` micro-batches, back-propagating ``loss_sum``;
-- all-reduces the window's sums, the stop requests of every rank (:mod:`lmf.train.preemption`) and the
-  stage metrics in one collective, and scales the gradients by ``world_size / items``, so the step
-  optimises the mean over every label token of the window on every rank (not a mean of means);
-- clips, steps the optimizer and the schedule, logs on rank 0, evaluates, checkpoints atomically.
+- all-reduces the step's sums, the stop requests of every rank (:mod:`lmf.train.preemption`) and the objective's
+  metrics in one collective, and scales the gradients by ``world_size / items``, so the step optimises the mean over
+  every item of the step on every rank (not a mean of means);
+- clips, steps the optimizer and the schedule.
 
-Checkpoints: :class:`~lmf.train.checkpoint.CheckpointIO`; evaluation: :mod:`lmf.train.evaluate`; the
-process set-up: :mod:`lmf.train.runtime`; where a run starts: :mod:`lmf.train.resume`.
+Where a run starts: :mod:`lmf.train.resume`; the process set-up: :mod:`lmf.train.process`.
 """
 
 from __future__ import annotations
@@ -24,26 +27,14 @@ from typing import TYPE_CHECKING, Optional
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 from lmf.train.checkpoint import CheckpointIO
-from lmf.train.resume import (  # noqa: F401  (resolve_resume_checkpoint: re-exported for the stages)
-    ResumePlan,
-    prepare_output_dir,
-    resolve_resume_checkpoint,
-    resume_fingerprint,
-    trajectory_config,
-)
-from lmf.train.runtime import (  # noqa: F401  (setup_runtime, set_seed, apply_tf32: re-exported)
-    apply_tf32,
-    autocast,
-    compute_dtype,
-    pick_cpu_threads,
-    set_seed,
-    setup_runtime,
-    to_device,
-)
-from lmf.train.state import Run, Stage, TrainHooks, TrainState
+from lmf.train.resume import ResumePlan, prepare_output_dir, resume_fingerprint, trajectory_config
+from lmf.train.process import autocast, compute_dtype, pick_cpu_threads, to_device
+from lmf.train.state import Objective, Run, TrainHooks, TrainState
+from lmf.train.step import StepRecord, StepSums
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
+    from lmf.dist.plan import ParallelPlan
     from lmf.dist.runtime import DistInfo
 
 logger = get_logger(__name__)
@@ -53,7 +44,7 @@ def _make_loss_module(model, compute_loss, moe_aux_loss_coef: Optional[float] = 
     from torch import nn
 
     class _LossModule(nn.Module):
-        """Wraps the HF model; ``forward(batch)`` returns the stage's loss pieces (so DDP/FSDP hooks fire).
+        """Wraps the HF model; ``forward(batch)`` returns the objective's loss pieces (so DDP/FSDP hooks fire).
         With ``moe_aux_loss_coef`` it adds the router load-balancing loss of the trained forward, weighted by
         the batch's items (so the step's mean carries ``coef x aux``), and reports it as ``aux_loss``."""
 
@@ -63,7 +54,7 @@ def _make_loss_module(model, compute_loss, moe_aux_loss_coef: Optional[float] = 
             self._compute_loss = compute_loss
             self._coef = coef
             if coef:
-                from lmf.loss.moe import experts_of
+                from lmf.model.moe import experts_of
 
                 self._experts = experts_of(model.config)
 
@@ -88,56 +79,137 @@ def _make_loss_module(model, compute_loss, moe_aux_loss_coef: Optional[float] = 
 
 
 class Trainer:
-    """Runs one stage to ``max_steps`` (or ``num_train_epochs``) with checkpoints and exact resume."""
+    """Runs one objective to ``max_steps`` (or ``num_train_epochs``) with evaluation, checkpoints and exact resume."""
 
-    def __init__(self, cfg: "LmfConfig", model, tokenizer, stage: Stage, train_dataset, runtime: "DistInfo",
-                 eval_dataset=None, resume: Optional[ResumePlan] = None, hooks: Optional[TrainHooks] = None):
+    def __init__(self, cfg: "LmfConfig", model, tokenizer, objective: Objective, train_dataset, runtime: "DistInfo",
+                 eval_dataset=None, resume: Optional[ResumePlan] = None, hooks: Optional[TrainHooks] = None,
+                 plan: Optional["ParallelPlan"] = None):
+        from lmf.dist.plan import plan_parallelism
+        from lmf.train.evaluate import Evaluator
+
         if len(train_dataset) == 0:
             raise LmfError("the training dataset is empty")
         self.cfg, self.args = cfg, cfg.training
-        self.model, self.tokenizer, self.stage = model, tokenizer, stage
-        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.model, self.tokenizer, self.objective = model, tokenizer, objective
+        self.train_dataset = train_dataset
         self.runtime, self.resume = runtime, resume or ResumePlan()
+        self.plan = plan or plan_parallelism(cfg, runtime.world_size, announce=False)
         self.hooks = hooks or TrainHooks()
         self.state = TrainState(world_size=runtime.world_size, micro_batch_size=self.args.per_device_train_batch_size,
                                 resume_fingerprint=resume_fingerprint(cfg), trajectory=trajectory_config(cfg))
-        self.checkpoints = CheckpointIO(cfg, runtime, model, tokenizer, stage, self.hooks)
         self.dtype = compute_dtype(cfg, runtime.device)  # autocast dtype (None: none)
+        self.checkpoints = CheckpointIO(cfg, runtime, model, tokenizer, objective, self.hooks)
+        self.evaluator = Evaluator(cfg, eval_dataset, objective.collator, runtime, self.dtype, self.state)
         self.run: Optional[Run] = None
+        self._offload_reported = False
 
-    @property
-    def wrapped(self):
-        return self.run.wrapped
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainState:
+        """Train to the last step, then save the last checkpoint and the final model and state (rank 0).
+
+        A SIGTERM/SIGINT ends the run after the current step with a checkpoint and
+        :class:`~lmf.train.preemption.TrainingInterrupted`.
+        """
+        from lmf.train.preemption import StopRequest, TrainingInterrupted
+        from lmf.train.reporting import Progress, TrainingLog, warn_if_no_plot
+
+        run, st = self.setup(), self.state
+        # every check has passed (config, data, template, model, runtime, resume state): only now is output_dir touched
+        prepare_output_dir(self.cfg, self.resume, self.runtime)
+        self._save_pissa_initial_adapter()
+        self._log_start()
+        warn_if_no_plot(self.cfg, self.runtime.is_main)
+        log = TrainingLog(self.cfg, st, self.runtime.is_main)
+        progress = Progress(st.max_steps, st.global_step, self.runtime.is_main and not self.args.disable_tqdm)
+        stop = StopRequest().install()
+        run.wrapped.train()
+        try:
+            while st.global_step < st.max_steps:
+                record = self.train_step(stop.flags())
+                last = record.step >= st.max_steps
+                progress.update(record.loss, record.lr, record.tokens / max(record.seconds, 1e-9))
+                log.after_step(record, last, progress.suffix())
+                if last:
+                    break
+                if record.stop_signal is not None:
+                    raise TrainingInterrupted(record.stop_signal, st.global_step, self.checkpoints.save(run, st))
+                if self.evaluator.should_evaluate(record.step, last=False, epoch_ended=record.epoch_ended):
+                    results = self.evaluator.evaluate(run)
+                    log.write({"step": record.step, **results})
+                    if self.evaluator.should_stop(results["eval_loss"]):
+                        break
+                self.checkpoints.save_if_due(run, st, record.epoch_ended)
+        finally:
+            stop.restore()
+            progress.close()
+            run.stream.close()  # its DataLoader workers: gone with the loop, also in a process that trains again
+            if sys.exc_info()[0] is not None:
+                log.close()
+        if self.evaluator.should_evaluate(st.global_step, last=True):
+            log.write({"step": st.global_step, **self.evaluator.evaluate(run)})
+        st.finished = True
+        self.checkpoints.save_at_end(run, st)
+        log.close()
+        return st
+
+    def train_step(self, stop_flags: tuple[float, float] = (0.0, 0.0)) -> StepRecord:
+        """One optimizer step: accumulate the micro-batches, one all-reduce (with this rank's stop request,
+        ``stop_flags``), normalise, clip, step; the train state advanced."""
+        from lmf.train.parallel import gradient_sync, log_offload
+
+        run, st, device = self.run, self.state, self.runtime.device
+        start, epochs_before = time.perf_counter(), self._epochs_done()
+        sums = StepSums(device)
+        n_micro = min(self.args.gradient_accumulation_steps, run.stream.batches_left_in_epoch)
+        for micro in range(n_micro):
+            batch = to_device(next(run.stream), device)
+            with gradient_sync(run.wrapped, run.plan, enabled=micro == n_micro - 1), autocast(self.dtype, device):
+                loss_sum, num_items, metrics = run.wrapped(batch)
+            if run.steps_in_backward:  # layerwise optimizers step in the backward hooks: mean loss
+                (loss_sum / max(float(num_items), 1.0)).backward()
+            else:
+                (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
+            sums.add(loss_sum, num_items, batch, metrics)
+        totals = sums.all_reduce(stop_flags, self.runtime.world_size)
+        grad_norm = self._optimizer_step(totals.items)
+        if run.plan.offload and not self._offload_reported:
+            self._offload_reported = log_offload(run.loss_module, run.optimizer, self.runtime.is_main)
+        st.global_step += 1
+        self.hooks.after_step(st.global_step)
+        st.tokens_seen += totals.tokens
+        st.data_epoch, st.batch_in_epoch = run.stream.epoch, run.stream.batch_in_epoch
+        st.epoch = round(run.stream.epoch_float, 4)
+        return StepRecord(step=st.global_step, loss=totals.loss, items=totals.items, tokens=totals.tokens,
+                          grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - start,
+                          epoch_ended=self._epochs_done() > epochs_before, metrics=totals.metrics,
+                          stop_signal=totals.stop_signal)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Run:
         """Data stream, plan, wrapped loss module, optimizer and schedule; the checkpoint's state on resume."""
         import torch
 
-        from lmf.config.deepspeed import read_deepspeed_config
-        from lmf.dist.plan import plan_parallelism
         from lmf.train.batches import build_stream
         from lmf.train.loss_scale import create_grad_scaler
-        from lmf.train.optim import create_optimizer, create_scheduler
+        from lmf.train.optimizer import create_optimizer, create_scheduler
         from lmf.train.parallel import wrap
 
         pick_cpu_threads(self.model, self.runtime.device)
-        stream = build_stream(self.train_dataset, self.stage.collator, self.args, self.cfg.finetuning, self.runtime,
+        stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning, self.runtime,
                               cutoff_len=self.cfg.data.cutoff_len)
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)
-        plan = plan_parallelism(self.cfg, self.runtime.world_size, announce=False)  # announced by the workflow
+        plan = self.plan
         # init_on_rank0: rank 0 loads and sends them on; init_on_meta: every rank reads its shards once sharded
         if self.resume.checkpoint and not plan.from_checkpoint and not (plan.from_rank0 and self.runtime.rank != 0):
             self.checkpoints.load_weights(self.resume.checkpoint)
-        loss_module = _make_loss_module(self.model, self.stage.compute_loss, self.cfg.model.moe_aux_loss_coef)
+        loss_module = _make_loss_module(self.model, self.objective.compute_loss, self.cfg.model.moe_aux_loss_coef)
         sources = (self.cfg.model.model_name_or_path,) + ((self.resume.checkpoint,) if self.resume.checkpoint else ())
         wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters,
                        checkpoint_dirs=sources if plan.from_checkpoint else ())
         optimizer = create_optimizer(loss_module, self.args, self.cfg.finetuning)
         scaler = None
         if self.dtype == torch.float16 and plan.mode != "fsdp":
-            ds = read_deepspeed_config(self.cfg)
-            scaler = create_grad_scaler(self.runtime.device.type, ds.loss_scale if ds else None)
+            scaler = create_grad_scaler(self.runtime.device.type, plan.deepspeed.loss_scale if plan.deepspeed else None)
         self.run = Run(loss_module=loss_module, wrapped=wrapped, optimizer=optimizer,
                        scheduler=create_scheduler(optimizer, self.args, self.state.max_steps), scaler=scaler,
                        stream=stream, plan=plan,
@@ -158,116 +230,6 @@ class Trainer:
         if total <= 0:
             raise ConfigError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
         return total
-
-    # ------------------------------------------------------------------ the loop
-    def train(self) -> TrainState:
-        """Train to the last step, then save the final model and state (rank 0).
-
-        A SIGTERM/SIGINT ends the run after the current step with a checkpoint and
-        :class:`~lmf.train.preemption.TrainingInterrupted`.
-        """
-        import torch
-
-        from lmf.dist.runtime import all_reduce_sum
-        from lmf.train.metrics import accumulate, finalize
-        from lmf.train.parallel import gradient_sync, log_offload
-        from lmf.train.preemption import StopRequest, TrainingInterrupted, agreed_signal
-        from lmf.train.reporting import Progress, Reporter, warn_if_no_plot
-
-        run = self.setup()
-        # every check has passed (config, data, template, model, runtime, resume state): only now is output_dir touched
-        prepare_output_dir(self.cfg, self.resume, self.runtime)
-        if self.cfg.finetuning.pissa_convert and self.runtime.is_main:
-            from lmf.train.pissa import save_initial_adapter
-
-            save_initial_adapter(self.model, self.args.output_dir)
-        args, st, device = self.args, self.state, self.runtime.device
-        reporter = Reporter(self.cfg, self.runtime.is_main)
-        self._log_start()
-        warn_if_no_plot(self.cfg, self.runtime.is_main)
-        progress = Progress(st.max_steps, st.global_step, self.runtime.is_main and not args.disable_tqdm)
-        window_start, window_tokens = time.perf_counter(), 0
-        epochs_done = self._epochs_done()
-        stop = StopRequest().install()
-        offload_reported = False
-        run.wrapped.train()
-        try:
-            while st.global_step < st.max_steps:
-                step_start = time.perf_counter()
-                acc = torch.zeros(3, dtype=torch.float64, device=device)  # loss_sum, items, input tokens
-                metric_sums: dict[str, float] = {}
-                n_micro = min(args.gradient_accumulation_steps, run.stream.batches_left_in_epoch)
-                for micro in range(n_micro):
-                    batch = to_device(next(run.stream), device)
-                    with gradient_sync(run.wrapped, run.plan, enabled=micro == n_micro - 1), \
-                            autocast(self.dtype, device):
-                        loss_sum, num_items, metrics = run.wrapped(batch)
-                    if run.steps_in_backward:  # layerwise optimizers step in the backward hooks: mean loss
-                        (loss_sum / max(float(num_items), 1.0)).backward()
-                    else:
-                        (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
-                    acc[0] += loss_sum.detach().double()
-                    acc[1] += num_items.detach().double() if hasattr(num_items, "detach") else float(num_items)
-                    mask = batch.get("attention_mask")
-                    acc[2] += float(mask.sum()) if mask is not None else float(batch["input_ids"].numel())
-                    accumulate(metric_sums, metrics)
-                # one all-reduce: the window's sums, the stop requests of every rank, the stage metrics
-                names = sorted(metric_sums)
-                stats = torch.cat([acc, torch.tensor(stop.flags(), dtype=torch.float64, device=device),
-                                   torch.tensor([metric_sums[k] for k in names], dtype=torch.float64, device=device)])
-                all_reduce_sum(stats)
-                loss_total, items, tokens = stats[0].item(), stats[1].item(), stats[2].item()
-                stop_signal = agreed_signal(stats[3].item(), stats[4].item())
-                grad_norm = self._optimizer_step(items)
-                if run.plan.offload and not offload_reported:
-                    offload_reported = log_offload(run.loss_module, run.optimizer, self.runtime.is_main)
-                st.global_step += 1
-                self.hooks.after_step(st.global_step)
-                st.tokens_seen += int(tokens)
-                st.data_epoch, st.batch_in_epoch = run.stream.epoch, run.stream.batch_in_epoch
-                st.epoch = round(run.stream.epoch_float, 4)
-                step_loss = loss_total / max(items, 1.0)
-                st.log_window.append(step_loss)  # in the state: a resumed run logs the same averages
-                window_tokens += int(tokens)
-                lr = run.scheduler.get_last_lr()[0]
-                progress.update(step_loss, lr, tokens / max(time.perf_counter() - step_start, 1e-9))
-                is_last = st.global_step >= st.max_steps
-                if st.global_step % args.logging_steps == 0 or is_last or (args.logging_first_step and st.global_step == 1):
-                    n_div = n_micro * self.runtime.world_size
-                    entry = {"step": st.global_step, "epoch": st.epoch,
-                             "loss": round(sum(st.log_window) / len(st.log_window), 6), "lr": lr,
-                             "grad_norm": round(grad_norm, 6),
-                             "tokens_per_second": round(window_tokens / max(time.perf_counter() - window_start, 1e-9), 1),
-                             **finalize(names, stats[5:].tolist(), n_div)}
-                    self._record(entry, reporter, progress.suffix())
-                    st.log_window, window_tokens, window_start = [], 0, time.perf_counter()
-                epoch_ended = self._epochs_done() > epochs_done
-                epochs_done = self._epochs_done()
-                if is_last:
-                    break
-                if stop_signal is not None:
-                    raise TrainingInterrupted(stop_signal, st.global_step, self.checkpoints.save(run, st))
-                if self.eval_dataset is not None and self._eval_due(is_last, epoch_ended):
-                    results = self.evaluate()
-                    self._record({"step": st.global_step, **results}, reporter)
-                    if self._should_stop_early(results["eval_loss"]):
-                        break
-                if self._save_due(epoch_ended):
-                    self.checkpoints.save(run, st)
-        finally:
-            stop.restore()
-            progress.close()
-            run.stream.close()  # its DataLoader workers: gone with the loop, also in a process that trains again
-            if sys.exc_info()[0] is not None:
-                reporter.close()
-        if self.eval_dataset is not None and not st.early_stopped and self._eval_due(True, False):
-            self._record({"step": st.global_step, **self.evaluate()}, reporter)
-        st.finished = True
-        if args.save_strategy != "no":
-            self.checkpoints.save(run, st)
-        self.checkpoints.save_final(run, st)
-        reporter.close()
-        return st
 
     def _optimizer_step(self, items: float) -> float:
         """Normalise grads to the mean over the window's items, clip, step; return the grad norm."""
@@ -293,61 +255,18 @@ class Trainer:
         run.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def evaluate(self) -> dict[str, float]:
-        """:func:`lmf.train.evaluate.evaluate` on this run's eval set(s)."""
-        from lmf.train.evaluate import evaluate
-
-        return evaluate(self.run, self.eval_dataset, self.stage.collator, self.runtime,
-                        self.args.per_device_eval_batch_size, self.dtype)
-
-    # ------------------------------------------------------------------ cadence
+    # ------------------------------------------------------------------ helpers
     def _epochs_done(self) -> int:
         """Completed passes over the data (an epoch counts as done once its last micro-batch is consumed)."""
         stream = self.run.stream
         return stream.epoch + (1 if stream.batch_in_epoch >= stream.batches_per_epoch else 0)
 
-    def _every(self, value) -> int:
-        """A ``*_steps`` value: a count, or a fraction (< 1) of the planned steps."""
-        return max(1, math.ceil(value * self.state.max_steps)) if 0 < value < 1 else max(1, int(value))
+    def _save_pissa_initial_adapter(self) -> None:
+        """``pissa_convert``: the initial PiSSA adapter, which the final conversion subtracts (rank 0)."""
+        if self.cfg.finetuning.pissa_convert and self.runtime.is_main:
+            from lmf.train.pissa import save_initial_adapter
 
-    def _eval_due(self, is_last: bool, epoch_ended: bool) -> bool:
-        strategy = self.args.eval_strategy
-        if strategy == "no":
-            return is_last and self.args.do_eval
-        if strategy == "steps":
-            return self.state.global_step % self._every(self.args.eval_steps or self.args.logging_steps) == 0 or is_last
-        return is_last or epoch_ended
-
-    def _save_due(self, epoch_ended: bool) -> bool:
-        if self.args.save_strategy == "steps":
-            return self.state.global_step % self._every(self.args.save_steps) == 0
-        return self.args.save_strategy == "epoch" and epoch_ended
-
-    def _should_stop_early(self, eval_loss: float) -> bool:
-        """``early_stopping_steps: N``: stop once eval_loss has not improved on its best for N evaluations in a
-        row (transformers' EarlyStoppingCallback, which LLaMA-Factory uses). The state survives a resume."""
-        patience = self.cfg.finetuning.early_stopping_steps
-        if not patience:
-            return False
-        st = self.state
-        if st.best_eval_loss is None or eval_loss < st.best_eval_loss:
-            st.best_eval_loss, st.evals_without_improvement = eval_loss, 0
-            return False
-        st.evals_without_improvement += 1
-        if st.evals_without_improvement < patience:
-            return False
-        st.early_stopped = True
-        logger.info("early stopping at step %d: eval_loss has not improved on %.6g for %d evaluation(s) "
-                    "(early_stopping_steps)", st.global_step, st.best_eval_loss, patience)
-        return True
-
-    # ------------------------------------------------------------------ logging
-    def _record(self, entry: dict, reporter, suffix: str = "") -> None:
-        self.state.log_history.append(entry)
-        if self.runtime.is_main:
-            reporter.log(entry, self.state.global_step)
-            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
-            logger.info("%s%s", line, f" {suffix}" if suffix else "")
+            save_initial_adapter(self.model, self.args.output_dir)
 
     def _log_start(self) -> None:
         from lmf.model.adapter import count_parameters

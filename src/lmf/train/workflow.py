@@ -1,13 +1,14 @@
-"""What ``lmf sft|dpo|rm|kto|train CONFIG`` runs: the config, the stage's recipe, the shared set-up, the loop.
+"""Training a config's stage end to end: the stage's recipe, the shared set-up, the loop.
 
-:func:`run_exp` parses the config and checks the command against its ``stage``; :func:`run_training`
-does: process group and device -> resume plan -> seed -> tokenizer, template and tokenized data ->
-trainable model -> the recipe's stage -> the shared :class:`~lmf.train.trainer.Trainer` -> tear-down.
+:func:`run_training` does: process group and device -> ``output_dir`` lock -> parallelism plan -> resume plan ->
+seed -> tokenizer, template and tokenized data -> trainable model -> the recipe's objective -> the shared
+:class:`~lmf.train.trainer.Trainer` -> tear-down. (:func:`lmf.experiment.run_experiment` calls it for a training
+command, then predicts.)
 
-A recipe (:data:`RECIPES`: ``lmf.train.sft``, ``lmf.train.dpo.recipe``, ``lmf.train.rm``, ``lmf.train.kto``) is a module with
-``build_stage(cfg, setup) -> Stage``, ``DATA_STAGE`` (the data layout; None: the config's stage) and an
-optional ``check_config(cfg)``. ``build_stage`` may replace ``setup.train_dataset`` / ``setup.eval_dataset``
-(DPO does, to attach precomputed reference log-probs).
+A recipe is the module the stage registry names (:data:`lmf.config.stages.STAGES`: ``lmf.train.sft``,
+``lmf.train.dpo.recipe``, ``lmf.train.rm``, ``lmf.train.kto``), with ``build_objective(cfg, inputs) -> Objective``
+and an optional ``check_config(cfg)``. ``build_objective`` may replace ``inputs.train_dataset`` /
+``inputs.eval_dataset`` (DPO does, to attach precomputed reference log-probs).
 """
 
 from __future__ import annotations
@@ -16,25 +17,23 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.config.stages import STAGES
 from lmf.extras.errors import ConfigError
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
+    from lmf.dist.plan import ParallelPlan
     from lmf.dist.runtime import DistInfo
-
-#: stage -> its recipe module.
-RECIPES = {"sft": "lmf.train.sft", "pt": "lmf.train.sft", "dpo": "lmf.train.dpo.recipe", "rm": "lmf.train.rm",
-           "kto": "lmf.train.kto"}
-#: command -> the stage it runs ("train" follows the config).
-COMMAND_STAGES = {"sft": "sft", "dpo": "dpo", "rm": "rm", "kto": "kto", "train": None}
 
 
 @dataclass
-class StageSetup:
-    """What a recipe's ``build_stage`` gets: the config, runtime, tokenizer, template, model and datasets."""
+class RecipeInputs:
+    """What a recipe's ``build_objective`` gets: the config, runtime, parallelism plan, tokenizer, template, model and
+    datasets."""
 
     cfg: "LmfConfig"
     runtime: "DistInfo"
+    plan: "ParallelPlan"
     tokenizer: Any
     template: Any
     model: Any
@@ -56,35 +55,11 @@ class StageSetup:
         return 8 if self.runtime.device.type == "cuda" else None
 
 
-def config_for_command(argv: list[str], command: str = "sft") -> "LmfConfig":
-    """Parse ``argv`` (config + overrides) and check that ``command`` runs the config's stage."""
-    from lmf.config import get_config
-
-    if command not in COMMAND_STAGES:
-        raise ConfigError(f"unknown training command {command!r}; choose one of {', '.join(COMMAND_STAGES)}")
-    cfg = get_config(argv, command_stage=COMMAND_STAGES[command])  # v1 configs take their stage from the command
-    wanted, stage = COMMAND_STAGES[command], cfg.finetuning.stage
-    if wanted is not None and stage != wanted and not (wanted == "sft" and stage == "pt"):
-        raise ConfigError(
-            f"`lmf {command}` runs stage {wanted!r} but the config says stage: {stage}; "
-            f"use `lmf {stage if stage in COMMAND_STAGES else 'train'}` or `lmf train`"
-        )
-    return cfg
-
-
-def run_exp(argv: list[str], command: str = "sft") -> None:
-    """Parse ``argv`` (config + overrides) and train the stage the command names (``train``: the config's)."""
-    cfg = config_for_command(argv, command)
-    if not cfg.training.do_train:
-        raise ConfigError("config key 'do_train' is false: nothing to do (evaluation-only runs are not implemented)")
-    run_training(cfg)
-
-
 def recipe_of(stage: str):
     """The recipe module of ``stage``."""
-    if stage not in RECIPES:
+    if stage not in STAGES:
         raise ConfigError(f"config key 'stage': {stage!r} cannot be trained by lmf")
-    return importlib.import_module(RECIPES[stage])
+    return importlib.import_module(STAGES[stage].recipe)
 
 
 def load_tokenizer_and_data(cfg: "LmfConfig", stage: str):
@@ -116,7 +91,7 @@ def run_training(cfg: "LmfConfig") -> None:
     from lmf.dist.runtime import destroy_distributed
     from lmf.train.allocator import limit_heap_fragmentation, threshold_bytes
     from lmf.train.output_lock import hold_output_dir
-    from lmf.train.runtime import setup_runtime
+    from lmf.train.process import setup_runtime
 
     recipe = recipe_of(cfg.finetuning.stage)
     if hasattr(recipe, "check_config"):
@@ -132,28 +107,31 @@ def run_training(cfg: "LmfConfig") -> None:
 
 def _train_locked(cfg: "LmfConfig", recipe, runtime: "DistInfo") -> None:
     """What :func:`run_training` does once the process group is up and ``output_dir`` is locked."""
-    from lmf.dist.fault_injection import hooks_from_env
+    from lmf.config.world import apply_world_size
     from lmf.dist.plan import plan_parallelism
     from lmf.model.loader import load_model
-    from lmf.train.runtime import set_seed
-    from lmf.train.state import TrainHooks
-    from lmf.train.trainer import Trainer, resolve_resume_checkpoint
+    from lmf.train.resume import plan_resume
+    from lmf.train.process import set_seed
+    from lmf.train.state import installed_hooks
+    from lmf.train.trainer import Trainer
 
-    plan = plan_parallelism(cfg, runtime.world_size)  # refuses what cannot run before data or model is loaded
+    apply_world_size(cfg, runtime.world_size)  # global_batch_size, dp_size: known now, the same on every rank
+    plan = plan_parallelism(cfg, runtime.world_size)  # once; refuses what cannot run before data or model is loaded
     if runtime.is_main:
         from lmf.train.reporting import resolve_trackers
 
         resolve_trackers(cfg.training.report_to)  # a missing tracker package: stop now, with the pip line
-    resume = resolve_resume_checkpoint(cfg, runtime)
+    resume = plan_resume(cfg, runtime)
     set_seed(cfg.training.seed)
-    tokenizer, template, data = load_tokenizer_and_data(cfg, recipe.DATA_STAGE or cfg.finetuning.stage)
+    tokenizer, template, data = load_tokenizer_and_data(cfg, cfg.finetuning.stage)
     # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
-    model = load_model(cfg, tokenizer, is_trainable=True,
+    model = load_model(cfg, tokenizer, is_trainable=True, plan=plan,
                        device=runtime.device if cfg.model.quantization_bit is not None else None,
                        # init_on_rank0: rank 0 reads the weights; init_on_meta: each rank its shards, once sharded
                        on_meta="parameters" if plan.from_checkpoint else plan.from_rank0 and runtime.rank != 0)
-    setup = StageSetup(cfg, runtime, tokenizer, template, model, data.train_dataset, data.eval_dataset, data.media)
-    stage = recipe.build_stage(cfg, setup)
-    trainer = Trainer(cfg, setup.model, tokenizer, stage, setup.train_dataset, runtime,
-                      eval_dataset=setup.eval_dataset, resume=resume, hooks=TrainHooks(**hooks_from_env()))
+    inputs = RecipeInputs(cfg, runtime, plan, tokenizer, template, model, data.train_dataset, data.eval_dataset,
+                          data.media)
+    objective = recipe.build_objective(cfg, inputs)
+    trainer = Trainer(cfg, inputs.model, tokenizer, objective, inputs.train_dataset, runtime,
+                      eval_dataset=inputs.eval_dataset, resume=resume, hooks=installed_hooks(), plan=plan)
     trainer.train()

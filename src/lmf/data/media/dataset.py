@@ -6,8 +6,9 @@ from typing import Any
 
 from lmf.extras.errors import DataError
 from lmf.extras.logging import get_logger
+from lmf.data.layout import layout_of
 
-logger = get_logger("lmf.data.loader")
+logger = get_logger(__name__)
 MAX_REPORTED = 5
 
 
@@ -28,7 +29,7 @@ def check_images_for_stage(normalized, stage: str, media) -> None:
     with_images = _records_with_media(normalized)
     if not with_images:
         return
-    if stage in ("pt", "kto"):
+    if layout_of(stage) in ("text", "feedback"):
         raise DataError(f"{with_images} record(s) have images or videos; stage {stage!r} with images is not implemented in lmf "
                         "(sft, dpo, rm and prediction take images)")
     if media is None:

@@ -10,17 +10,8 @@ Tool formats live in :mod:`lmf.data.tools`. Named templates follow LLaMA-Factory
 default systems, stop words); tokens are compared with LLaMA-Factory 0.9.5's in tests/test_lf_parity.py.
 """
 
-from lmf.data.template.base import (
-    ASSISTANT,
-    BOS,
-    EOS,
-    FUNCTION,
-    OBSERVATION,
-    SYSTEM,
-    USER,
-    Template,
-    canonical_role,
-)
+from lmf.data.template.base import Template
+from lmf.data.template.pieces import ASSISTANT, BOS, EOS, FUNCTION, OBSERVATION, SYSTEM, USER, canonical_role
 from lmf.data.template.encoding import encode_many, encode_text
 from lmf.data.template.registry import TEMPLATES, get_template, list_templates, register_template, template_from_args
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lmf.data.template.base import BOS, Slots, Template
+from lmf.data.template.base import Template
+from lmf.data.template.pieces import BOS, Slots
 from lmf.data.template.registry import list_templates
 from lmf.extras.errors import DataError
 

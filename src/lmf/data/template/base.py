@@ -14,19 +14,15 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from lmf.data.template.encoding import encode_many, single_token_id
-from lmf.data.template.pieces import (  # noqa: F401  (re-exported)
+from lmf.data.template.pieces import (
     ASSISTANT,
-    BOS,
-    EOS,
     FUNCTION,
     MAX_CACHED_PIECES,
     OBSERVATION,
-    ROLE_ALIASES,
     SYSTEM,
     USER,
     Piece,
     Slots,
-    Token,
     _as_text,
     _Const,
     _Marker,
@@ -36,7 +32,7 @@ from lmf.data.tools import format_function_call, format_tools, load_json
 from lmf.extras.errors import DataError
 from lmf.extras.logging import get_logger
 
-logger = get_logger("lmf.data.template")
+logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-from lmf.data.template.base import FUNCTION, Slots, _Marker
+from lmf.data.template.pieces import FUNCTION, Slots, _Marker
 from lmf.data.tools import get_tool_format, jinja_str
 
 if TYPE_CHECKING:

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional
 
-from lmf.data.template.base import BOS, EOS, Template, Token
+from lmf.data.template.base import Template
+from lmf.data.template.pieces import BOS, EOS, Token
 from lmf.data.template.lf_templates import LF_TEMPLATES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
-logger = get_logger("lmf.data.template")
+logger = get_logger(__name__)
 
 TEMPLATES: dict[str, Template] = {}
 

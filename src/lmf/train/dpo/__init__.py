@@ -1,7 +1,7 @@
 """DPO-family preference optimisation (sigmoid/cDPO, hinge, ipo, orpo, simpo).
 
 - ``losses``: pure loss functions on per-sequence log-probs;
-- ``objective``: concatenated chosen/rejected forward + reference log-probs -> loss and metrics;
-- ``reference``: frozen reference model and precomputed reference log-probs;
-- ``recipe``: the ``lmf dpo`` recipe (:func:`~lmf.train.dpo.recipe.build_stage`) for the shared workflow.
+- ``objective``: one chosen/rejected forward + reference log-probs -> loss and metrics;
+- ``precompute``: reference log-probs precomputed once over the data (the reference model: ``lmf.train.reference``);
+- ``recipe``: the ``lmf dpo`` recipe (:func:`~lmf.train.dpo.recipe.build_objective`) for the shared workflow.
 """

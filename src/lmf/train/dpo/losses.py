@@ -19,19 +19,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from lmf.config.stages import REFERENCE_FREE_LOSSES
+
 if TYPE_CHECKING:
     import torch
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "orpo", "simpo")
-#: losses that need no reference model.
-REFERENCE_FREE = ("orpo", "simpo")
 #: losses computed on log-probs averaged over the answer's tokens.
 LENGTH_NORMALISED = ("ipo", "orpo", "simpo")
 
 
 def uses_reference_model(loss_type: str) -> bool:
     """Whether ``loss_type`` compares against a reference model."""
-    return loss_type not in REFERENCE_FREE
+    return loss_type not in REFERENCE_FREE_LOSSES
 
 
 def _log1m_exp(x: "torch.Tensor") -> "torch.Tensor":

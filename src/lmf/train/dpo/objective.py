@@ -2,88 +2,34 @@
 
 Batches come from ``lmf.data.collator.PairwiseCollator``: rows ``[0:B]`` are the chosen answers and
 ``[B:2B]`` the rejected ones (same prompts). Reference log-probs come, in order of preference, from
-precomputed columns in the batch (``ref_chosen_logps``/``ref_rejected_logps``), a frozen reference
-model, or the policy itself with its LoRA adapters disabled (no second copy in memory).
+precomputed columns in the batch (``ref_chosen_logps``/``ref_rejected_logps``), or the reference of
+:mod:`lmf.train.reference` (a frozen model, or the policy itself with its LoRA adapters disabled).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from lmf.loss import sequence_logps
-from lmf.model.forward import decoder_hidden_states, lm_head_of
 from lmf.train.dpo.losses import preference_loss, reward_metrics, uses_reference_model
+from lmf.train.reference import paired_logps, reference_logps
 
 REF_CHOSEN = "ref_chosen_logps"
 REF_REJECTED = "ref_rejected_logps"
 
 
-def concatenated_logps(model, batch: dict, **loss_opts):
-    """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)``, each ``[B]``, from one forward.
-
-    ``loss_opts`` are :func:`lmf.loss.sequence_logps` options (``chunk_size``, ``softcap``).
-    """
-    hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
-                                   batch.get("mm_inputs"))
-    logps, lengths = sequence_logps(hidden, lm_head_of(model), batch["labels"], **loss_opts)
-    half = batch["input_ids"].size(0) // 2
-    return logps[:half], logps[half:], lengths[:half], lengths[half:]
-
-
-def has_adapters(model) -> bool:
-    """Whether ``model`` is PEFT-wrapped (its adapters can be switched off)."""
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
-class ReferenceScorer(torch.nn.Module):
-    """A frozen reference as a module whose ``forward(batch)`` scores a pairwise batch.
-
-    FSDP2 shards it with this module as the root, so the root's hooks gather the embeddings,
-    final norm and LM head around the whole scoring pass (see ``lmf.train.dpo.reference.shard_reference``).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict, loss_opts: Optional[dict] = None):
-        chosen, rejected, _, _ = concatenated_logps(self.model, batch, **(loss_opts or {}))
-        return chosen, rejected
-
-
-@torch.no_grad()
-def reference_logps(model, batch: dict, ref_model=None, loss_opts: Optional[dict] = None):
-    """Reference ``(chosen_logps, rejected_logps)`` sums ``[B]``: ``ref_model``, or ``model`` without adapters."""
-    if ref_model is not None:
-        target, context = ref_model, nullcontext()
-    elif has_adapters(model):
-        target, context = model, model.disable_adapter()
-    else:
-        raise ValueError("no reference model: full fine-tuning needs ref_model, the base model or precomputed log-probs")
-    was_training = target.training
-    target.eval()  # no dropout in the reference
-    try:
-        with context:
-            if isinstance(target, ReferenceScorer):
-                chosen, rejected = target(batch, loss_opts)
-            else:
-                chosen, rejected, _, _ = concatenated_logps(target, batch, **(loss_opts or {}))
-    finally:
-        target.train(was_training)
-    return chosen.detach(), rejected.detach()
-
-
 @dataclass
 class DPOObjective:
-    """``compute_loss(model, batch) -> (loss_sum, num_pairs, metrics)`` for the shared training loop.
+    """What ``lmf dpo`` plugs into the shared loop (:class:`lmf.train.state.Objective`): the pairwise ``collator``
+    and ``compute_loss(model, batch) -> (loss_sum, num_pairs, metrics)``.
 
     ``loss_sum`` is the sum of per-pair losses and ``num_pairs`` the pair count, so the loop's
     sum/count normalisation yields the mean over pairs. ``metrics`` are per-batch means.
     """
+
+    name = "dpo"
 
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -92,6 +38,7 @@ class DPOObjective:
     ftx: float = 0.0
     loss_opts: dict = field(default_factory=dict)
     ref_model: Optional[torch.nn.Module] = None
+    collator: Optional[Callable] = None
 
     @property
     def use_reference(self) -> bool:
@@ -101,7 +48,7 @@ class DPOObjective:
         return self.compute_loss(model, batch)
 
     def compute_loss(self, model, batch: dict):
-        pi_c, pi_r, len_c, len_r = concatenated_logps(model, batch, **self.loss_opts)
+        pi_c, pi_r, len_c, len_r = paired_logps(model, batch, **self.loss_opts)
         ref_c = ref_r = None
         if self.use_reference:
             if REF_CHOSEN in batch:

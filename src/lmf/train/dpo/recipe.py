@@ -1,38 +1,22 @@
 """The DPO recipe (``lmf dpo``): the reference (model, disabled adapter, or precomputed log-probs) and the DPO
-objective as a stage of the shared workflow (:mod:`lmf.train.workflow`)."""
+objective for the shared workflow (:mod:`lmf.train.workflow`)."""
 
 from __future__ import annotations
 
 import gc
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING
 
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 from lmf.train.dpo.losses import uses_reference_model
 from lmf.train.dpo.objective import DPOObjective
-from lmf.train.dpo.reference import WithReferenceLogps, needs_separate_reference, precompute_reference_logps
+from lmf.train.dpo.precompute import WithReferenceLogps, precompute_reference_logps
+from lmf.train.reference import build_reference, disable_dropout, needs_separate_reference
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
 logger = get_logger(__name__)
-
-
-class DPOStage:
-    """Pairwise collator (+ precomputed reference columns) and the DPO objective for the shared Trainer."""
-
-    name = "dpo"
-
-    def __init__(self, cfg: "LmfConfig", collator: Callable, loss_opts: Optional[dict] = None, ref_model=None):
-        ft = cfg.finetuning
-        self.collator = collator if isinstance(collator, WithReferenceLogps) else WithReferenceLogps(collator)
-        self.objective = DPOObjective(
-            loss_type=ft.pref_loss, beta=ft.pref_beta, label_smoothing=ft.dpo_label_smoothing,
-            simpo_gamma=ft.simpo_gamma, ftx=ft.pref_ftx, loss_opts=dict(loss_opts or {}), ref_model=ref_model,
-        )
-
-    def compute_loss(self, model, batch: dict):
-        return self.objective.compute_loss(model, batch)
 
 
 def check_dpo_config(cfg: "LmfConfig") -> None:
@@ -48,15 +32,6 @@ def check_dpo_config(cfg: "LmfConfig") -> None:
         raise ConfigError(f"config key 'pref_ftx' must be >= 0 (got {ft.pref_ftx})")
 
 
-def disable_dropout(model) -> None:
-    """Set every dropout probability to 0 (policy and reference must score the same sequence alike)."""
-    import torch
-
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 def _free(device) -> None:
     gc.collect()
     if getattr(device, "type", "cpu") == "cuda":
@@ -65,47 +40,37 @@ def _free(device) -> None:
         torch.cuda.empty_cache()
 
 
-DATA_STAGE = "dpo"
-
-
 def check_config(cfg: "LmfConfig") -> None:
     """Checks of the recipe, before anything is loaded."""
     check_dpo_config(cfg)
 
 
-def build_stage(cfg: "LmfConfig", setup) -> DPOStage:
-    """Reference model (or precomputed reference log-probs on the datasets) and the DPO stage."""
+def build_objective(cfg: "LmfConfig", inputs) -> DPOObjective:
+    """The reference (:mod:`lmf.train.reference`) or reference log-probs precomputed on the datasets, and the DPO
+    objective with its pairwise collator."""
     from lmf.data.collator import PairwiseCollator
-    from lmf.train.dpo.reference import load_reference_model, shard_reference
-    from lmf.dist.plan import plan_parallelism
     from lmf.train.sft import resolve_loss_kwargs
 
-    model, runtime = setup.model, setup.runtime
-    disable_dropout(model)
+    ft, model, runtime = cfg.finetuning, inputs.model, inputs.runtime
     loss_opts = resolve_loss_kwargs(cfg, model)
-    ref_model = None
-    if needs_separate_reference(cfg, model):
-        shard = plan_parallelism(cfg, runtime.world_size, announce=False).mode == "fsdp"
-        ref_model = load_reference_model(cfg, setup.tokenizer, device=None if shard else runtime.device)
-        disable_dropout(ref_model)
-        if shard:
-            ref_model = shard_reference(ref_model, runtime.device)
-            logger.info("reference model sharded with FSDP2 across %d ranks", runtime.world_size)
-    elif not uses_reference_model(cfg.finetuning.pref_loss):
-        logger.info("pref_loss %s is reference-free: no reference model", cfg.finetuning.pref_loss)
+    if uses_reference_model(ft.pref_loss):
+        ref_model = build_reference(cfg, inputs, separate=needs_separate_reference(cfg, model))
     else:
-        logger.info("reference model: the base model with the LoRA adapters disabled")
-
-    collator = WithReferenceLogps(setup.collate(PairwiseCollator(setup.tokenizer, setup.pad_to_multiple_of)))
-    if cfg.finetuning.precompute_ref_log_probs and uses_reference_model(cfg.finetuning.pref_loss):
+        disable_dropout(model)
+        ref_model = None
+        logger.info("pref_loss %s is reference-free: no reference model", ft.pref_loss)
+    collator = WithReferenceLogps(inputs.collate(PairwiseCollator(inputs.tokenizer, inputs.pad_to_multiple_of)))
+    if ft.precompute_ref_log_probs and uses_reference_model(ft.pref_loss):
         model.to(runtime.device)
         kwargs = dict(batch_size=cfg.training.per_device_eval_batch_size, device=runtime.device, loss_opts=loss_opts)
-        setup.train_dataset = precompute_reference_logps(setup.train_dataset, collator, model, ref_model, **kwargs)
-        if isinstance(setup.eval_dataset, dict):
-            setup.eval_dataset = {name: precompute_reference_logps(ds, collator, model, ref_model, **kwargs)
-                                  for name, ds in setup.eval_dataset.items()}
-        elif setup.eval_dataset is not None:
-            setup.eval_dataset = precompute_reference_logps(setup.eval_dataset, collator, model, ref_model, **kwargs)
+        inputs.train_dataset = precompute_reference_logps(inputs.train_dataset, collator, model, ref_model, **kwargs)
+        if isinstance(inputs.eval_dataset, dict):
+            inputs.eval_dataset = {name: precompute_reference_logps(ds, collator, model, ref_model, **kwargs)
+                                   for name, ds in inputs.eval_dataset.items()}
+        elif inputs.eval_dataset is not None:
+            inputs.eval_dataset = precompute_reference_logps(inputs.eval_dataset, collator, model, ref_model, **kwargs)
         ref_model = None  # every batch now carries its reference log-probs
         _free(runtime.device)
-    return DPOStage(cfg, collator, loss_opts, ref_model)
+    return DPOObjective(loss_type=ft.pref_loss, beta=ft.pref_beta, label_smoothing=ft.dpo_label_smoothing,
+                        simpo_gamma=ft.simpo_gamma, ftx=ft.pref_ftx, loss_opts=loss_opts, ref_model=ref_model,
+                        collator=collator)

@@ -1,4 +1,5 @@
-"""The process a run trains in: process group and device, TF32, CPU threads, seeds, autocast."""
+"""The process a run trains in: process group and device (:func:`setup_runtime`), TF32, CPU threads, seeds, autocast
+(the process group itself: :mod:`lmf.dist.runtime`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
     from lmf.dist.runtime import DistInfo
 
-logger = get_logger("lmf.train.trainer")
+logger = get_logger(__name__)
 
 
 def setup_runtime(cfg: "LmfConfig") -> "DistInfo":

@@ -47,10 +47,10 @@ def param_groups(model: "torch.nn.Module", args: "TrainingArguments", ft=None, e
 
 def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=None) -> "torch.optim.Optimizer":
     """AdamW (or SGD) over :func:`param_groups`; GaLore, APOLLO, BAdam, Adam-mini or Muon when one is on
-    (:mod:`lmf.train.optimizers`)."""
+    (:mod:`lmf.train.optimizer_plugins`)."""
     import torch
 
-    from lmf.train.optimizers import create_special_optimizer, special_optimizer_of
+    from lmf.train.optimizer_plugins import create_special_optimizer, special_optimizer_of
 
     if ft is not None and special_optimizer_of(ft):
         return create_special_optimizer(model, args, ft)

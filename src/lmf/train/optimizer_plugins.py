@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.util
 from typing import TYPE_CHECKING, Any, Optional
 
-from lmf.config.checks import OPTIMIZER_SWITCHES
+from lmf.config.rules.methods import OPTIMIZER_SWITCHES
 from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -106,10 +106,10 @@ def _projected_params(model, target: str, key: str) -> list:
     """2-D weights of the ``nn.Linear`` modules named in ``target`` (``all``: every linear but the head)."""
     from torch import nn
 
-    from lmf.config.parser import split_paths
+    from lmf.config.parser import split_list
     from lmf.model.adapter import find_all_linear_modules
 
-    targets = split_paths(target)
+    targets = split_list(target)
     names = find_all_linear_modules(_hf_model(model)) if targets == ["all"] else targets
     chosen = []
     for name, module in model.named_modules():
@@ -122,7 +122,7 @@ def _projected_params(model, target: str, key: str) -> list:
 
 def _low_rank(model, args, optimizer_class, target: str, key: str, group_args: dict, layerwise: bool,
               name: str, **optimizer_args):
-    from lmf.train.optim import param_groups
+    from lmf.train.optimizer import param_groups
 
     projected = _projected_params(model, target, key)
     ids = {id(p) for p in projected}
@@ -199,7 +199,7 @@ def _hf_model(module):
 def _muon(model, args, ft):
     import torch
 
-    from lmf.train.optim import param_groups
+    from lmf.train.optimizer import param_groups
 
     hidden = [p for n, p in model.named_parameters()
               if p.requires_grad and p.ndim == 2 and "embed" not in n and "lm_head" not in n]
@@ -221,7 +221,7 @@ def _badam(model, args, ft):
     import torch
     from badam import BlockOptimizer
 
-    from lmf.train.optim import param_groups
+    from lmf.train.optimizer import param_groups
 
     if ft.badam_mode == "ratio":
         raise ConfigError("config key 'badam_mode': ratio is not implemented (its sparse gradients bypass the "

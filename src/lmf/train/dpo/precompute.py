@@ -1,60 +1,18 @@
-"""Reference model for DPO: none (LoRA: adapters disabled; orpo/simpo: reference-free), a frozen
-copy, or log-probs precomputed once over the dataset (``precompute_ref_log_probs``)."""
+"""DPO's reference log-probs precomputed once over a dataset (``precompute_ref_log_probs``), carried into the
+batches as columns; the reference model itself: :mod:`lmf.train.reference`."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
 
 from lmf.extras.logging import get_logger
-from lmf.train.dpo.losses import uses_reference_model
 from lmf.train.batches import sharded_index_batches
-from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED, ReferenceScorer, has_adapters, reference_logps
+from lmf.train.dpo.objective import REF_CHOSEN, REF_REJECTED
+from lmf.train.reference import ReferenceScorer, reference_logps
 
 logger = get_logger(__name__)
-
-
-def needs_separate_reference(cfg, model) -> bool:
-    """Whether DPO needs a second, frozen model (full/freeze tuning, or an explicit ``ref_model``)."""
-    ft = cfg.finetuning
-    if not uses_reference_model(ft.pref_loss):
-        return False
-    return bool(ft.ref_model) or not has_adapters(model)
-
-
-def load_reference_model(cfg, tokenizer, device=None):
-    """The frozen reference: ``ref_model`` (+ ``ref_model_adapters``), default the base model, in eval mode."""
-    from lmf.model.loader import load_model
-
-    ft = cfg.finetuning
-    ref_model_args = dataclasses.replace(cfg.model, model_name_or_path=ft.ref_model or cfg.model.model_name_or_path,
-                                         adapter_name_or_path=ft.ref_model_adapters)
-    # adapters of the reference are merged for inference, which the loader allows for LoRA configs only
-    finetuning = dataclasses.replace(ft, finetuning_type="lora") if ft.ref_model_adapters else ft
-    ref_cfg = dataclasses.replace(cfg, model=ref_model_args, finetuning=finetuning)
-    logger.info("loading the frozen DPO reference model from %s", ref_model_args.model_name_or_path)
-    model = load_model(ref_cfg, tokenizer, is_trainable=False, device=device)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def shard_reference(ref_model, device) -> ReferenceScorer:
-    """Shard a frozen reference with FSDP2 like the policy (each rank keeps 1/world of its weights).
-
-    Call it on a model still on the CPU: only the local shards are moved to ``device``.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    from lmf.train.parallel import decoder_layers
-
-    scorer = ReferenceScorer(ref_model)
-    for layer in decoder_layers(ref_model):
-        fully_shard(layer)
-    fully_shard(scorer)
-    scorer.to(device)
-    return scorer.eval()
 
 
 class WithReferenceLogps:

@@ -1,6 +1,24 @@
-"""Arrow features of the datasets the data pipeline writes: normalized records, tokenized rows per stage."""
+"""Data layouts: how a stage's records become examples (the stage registry, :mod:`lmf.config.stages`, names each
+stage's layout; prediction has its own, :data:`GENERATE`: sft records, prompt-only inputs), and the Arrow features of
+what the data pipeline writes for each: normalized records, tokenized rows (supervised, pairwise, feedback) and
+packed rows."""
 
 from __future__ import annotations
+
+from lmf.config.stages import STAGES
+from lmf.extras.errors import ConfigError
+
+#: The data layout of prediction (``do_predict`` + ``predict_with_generate``): sft records, prompt-only inputs.
+GENERATE = "generate"
+
+
+def layout_of(stage: str) -> str:
+    """``text``, ``supervised``, ``pairwise``, ``feedback`` (:data:`lmf.config.stages.LAYOUTS`) or ``generate``."""
+    if stage == GENERATE:
+        return GENERATE
+    if stage not in STAGES:
+        raise ConfigError(f"config key 'stage': {stage!r} has no data pipeline; choose one of: {', '.join(STAGES)}")
+    return STAGES[stage].layout
 
 
 def features(kind: str, media: bool = False):
@@ -37,5 +55,7 @@ def _base_features(kind: str):
             cols.update({f"{side}_input_ids": ids, f"{side}_attention_mask": mask, f"{side}_labels": ids})
         cols["_truncated"] = datasets.Value("bool")
         return datasets.Features(cols)
+    if kind == "packed":
+        return datasets.Features({"input_ids": ids, "attention_mask": mask, "labels": ids, "position_ids": ids})
     return datasets.Features({"input_ids": ids, "attention_mask": mask, "labels": ids,
                               "_truncated": datasets.Value("bool")})

@@ -1,0 +1,61 @@
+"""Rules of the data keys: dataset mixing, per-dataset evaluation, packing and batching strategies per stage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmf.config.rules import rule
+from lmf.config.stages import STAGES
+from lmf.extras.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+
+@rule("interleave_probs", "mix_strategy", "dataset", "eval_dataset")
+def interleave_probs_match_the_datasets(cfg: "LmfConfig") -> None:
+    from lmf.config.parser import split_list
+
+    d = cfg.data
+    if d.interleave_probs is None:
+        return
+    if d.mix_strategy == "concat":
+        raise ConfigError("config key 'interleave_probs' needs an interleaving mix_strategy "
+                          "(interleave_under, interleave_over or interleave_once), not concat")
+    count = len(split_list(d.interleave_probs))
+    for key in ("dataset", "eval_dataset"):
+        names = split_list(getattr(d, key))
+        if names and len(names) != count:
+            raise ConfigError(f"config key 'interleave_probs': {count} probabilities for {len(names)} "
+                              f"datasets in '{key}'")
+
+
+@rule("eval_on_each_dataset", "eval_dataset")
+def each_dataset_needs_eval_datasets(cfg: "LmfConfig") -> None:
+    if cfg.data.eval_on_each_dataset and not cfg.data.eval_dataset:
+        raise ConfigError("config key 'eval_on_each_dataset' needs 'eval_dataset' (the datasets to evaluate apart)")
+
+
+@rule("packing", "neat_packing", "stage")
+def packing_is_for_token_level_stages(cfg: "LmfConfig") -> None:
+    d, ft = cfg.data, cfg.finetuning
+    if d.packing and ft.stage in STAGES and not STAGES[ft.stage].token_level:
+        raise ConfigError(f"config key '{'neat_packing' if d.neat_packing else 'packing'}' is not implemented for "
+                          f"stage {ft.stage} (pairs and KTO examples are scored per sequence); use it with pt or sft")
+
+
+@rule("batching_strategy", "stage", "packing", "max_steps")
+def dynamic_batching_needs_a_budget(cfg: "LmfConfig") -> None:
+    """The dynamic strategies fill a token budget: SFT/pt samples, no packing, a fixed number of steps."""
+    t, d, ft = cfg.training, cfg.data, cfg.finetuning
+    strategy = t.batching_strategy
+    if not strategy or not strategy.startswith("dynamic"):
+        return
+    if ft.stage in STAGES and not STAGES[ft.stage].token_level:
+        raise ConfigError(f"config key 'batching_strategy': {strategy} batches SFT/pt samples, not stage {ft.stage}")
+    if d.packing:
+        raise ConfigError(f"config keys 'batching_strategy: {strategy}' and 'packing' do not combine (a packed "
+                          "row is already a full budget)")
+    if t.do_train and not t.max_steps > 0:
+        raise ConfigError(f"config key 'batching_strategy': {strategy} needs max_steps (the number of "
+                          "micro-batches per epoch depends on the order, as in LLaMA-Factory v1)")

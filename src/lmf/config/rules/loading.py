@@ -1,0 +1,74 @@
+"""Rules of how the model loads: sharded loading (init_on_rank0, init_on_meta) and quantization."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmf.config.rules import rule
+from lmf.config.stages import STAGES
+from lmf.extras.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+
+def _token_level(stage: str) -> bool:
+    return stage in STAGES and STAGES[stage].token_level
+
+
+@rule("init_on_rank0", "stage", "quantization_bit")
+def init_on_rank0_applies(cfg: "LmfConfig") -> None:
+    m, ft = cfg.model, cfg.finetuning
+    if not m.init_on_rank0:
+        return
+    if not _token_level(ft.stage):
+        raise ConfigError(f"config key 'init_on_rank0' with stage {ft.stage} is not implemented (its reference "
+                          "model or value head loads on every rank); use it for sft/pt")
+    if m.quantization_bit is not None:
+        raise ConfigError("config keys 'init_on_rank0' and 'quantization_bit' do not combine (a quantized base "
+                          "is not sharded)")
+
+
+@rule("init_on_meta", "init_on_rank0", "finetuning_type", "stage", "quantization_bit", "train_from_scratch",
+      "resize_vocab", "add_tokens", "add_special_tokens")
+def init_on_meta_applies(cfg: "LmfConfig") -> None:
+    m, ft = cfg.model, cfg.finetuning
+    if not m.init_on_meta:
+        return
+    if m.init_on_rank0:
+        raise ConfigError("config keys 'init_on_meta' and 'init_on_rank0' are two ways to load a sharded model; "
+                          "set one")
+    if ft.finetuning_type not in ("full", "freeze"):
+        raise ConfigError(f"config key 'init_on_meta' with finetuning_type {ft.finetuning_type} is not implemented "
+                          "(its adapter weights are not in the checkpoint; LLaMA-Factory v1 refuses it too): use "
+                          "init_on_rank0")
+    if not _token_level(ft.stage):
+        raise ConfigError(f"config key 'init_on_meta' with stage {ft.stage} is not implemented; use it for sft/pt")
+    if m.quantization_bit is not None or m.train_from_scratch:
+        raise ConfigError("config key 'init_on_meta' reads the sharded weights from the checkpoint: it does not "
+                          "combine with quantization_bit or train_from_scratch")
+    if m.resize_vocab or m.add_tokens or m.add_special_tokens:
+        raise ConfigError("config key 'init_on_meta' reads the checkpoint's tensors as they are: it does not combine "
+                          "with resized embeddings (resize_vocab, add_tokens, add_special_tokens); use init_on_rank0")
+
+
+@rule("quantization_method")
+def quantization_method_is_bnb(cfg: "LmfConfig") -> None:
+    if cfg.model.quantization_method != "bnb":
+        raise ConfigError(f"config key 'quantization_method': {cfg.model.quantization_method} is not implemented; "
+                          "use bnb (bitsandbytes)")
+
+
+@rule("quantization_bit", "finetuning_type", "train_from_scratch", "pure_bf16")
+def quantized_base_trains_lora(cfg: "LmfConfig") -> None:
+    m, ft = cfg.model, cfg.finetuning
+    if m.quantization_bit is None:
+        return
+    if ft.finetuning_type != "lora":
+        raise ConfigError(f"config key 'quantization_bit' needs finetuning_type: lora (QLoRA), got "
+                          f"{ft.finetuning_type}")
+    if m.train_from_scratch:
+        raise ConfigError("config keys 'quantization_bit' and 'train_from_scratch': a quantized base must be "
+                          "loaded from trained weights")
+    if ft.pure_bf16:
+        raise ConfigError("config keys 'quantization_bit' and 'pure_bf16' do not combine; use bf16: true")

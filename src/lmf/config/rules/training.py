@@ -1,0 +1,110 @@
+"""Rules of the training keys: precision, batch size, trackers, evaluation and early stopping, saving, schedule,
+gradient checkpointing, DeepSpeed, generation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lmf.config.args import GeneratingArguments
+from lmf.config.rules import rule
+from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
+
+if TYPE_CHECKING:
+    from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+
+@rule("bf16", "fp16")
+def one_half_precision(cfg: "LmfConfig") -> None:
+    if cfg.training.bf16 and cfg.training.fp16:
+        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
+
+
+@rule("global_batch_size", "gradient_accumulation_steps", "per_device_train_batch_size")
+def global_batch_size_fits(cfg: "LmfConfig") -> None:
+    """What can be checked before the processes are known (the rest: :mod:`lmf.config.world`)."""
+    t = cfg.training
+    if t.global_batch_size is None:
+        return
+    if t.gradient_accumulation_steps != 1:
+        raise ConfigError("config keys 'global_batch_size' and 'gradient_accumulation_steps': the first sets the "
+                          "second once the processes are known; set one")
+    if t.global_batch_size % t.per_device_train_batch_size:
+        raise ConfigError(f"config key 'global_batch_size': {t.global_batch_size} is not a multiple of "
+                          f"per_device_train_batch_size {t.per_device_train_batch_size}")
+
+
+@rule("report_to")
+def known_trackers(cfg: "LmfConfig") -> None:
+    for r in cfg.training.report_to:
+        if r not in ("tensorboard", "wandb", "mlflow", "all"):
+            raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard, wandb, "
+                              "mlflow or all")
+
+
+@rule("early_stopping_steps", "eval_strategy", "val_size", "eval_dataset")
+def early_stopping_has_evaluations(cfg: "LmfConfig") -> None:
+    t, d = cfg.training, cfg.data
+    if cfg.finetuning.early_stopping_steps is None:
+        return
+    if not (d.val_size or d.eval_dataset) or (t.eval_strategy == "no" and t.evaluation_strategy in (None, "no")):
+        raise ConfigError("config key 'early_stopping_steps' needs evaluations: set eval_strategy (steps or "
+                          "epoch) and an eval set (val_size or eval_dataset)")
+
+
+@rule("upcast_layernorm", "pure_bf16")
+def upcast_layernorm_needs_autocast(cfg: "LmfConfig") -> None:
+    if cfg.model.upcast_layernorm and cfg.finetuning.pure_bf16:
+        raise ConfigError("config keys 'upcast_layernorm' and 'pure_bf16': fp32 norm weights need mixed-precision "
+                          "autocast, which pure_bf16 turns off; use bf16: true with upcast_layernorm")
+
+
+@rule("compute_accuracy", "val_size", "eval_dataset", "stage")
+def accuracy_has_an_effect(cfg: "LmfConfig") -> None:
+    ft, d = cfg.finetuning, cfg.data
+    if ft.compute_accuracy and not (d.val_size or d.eval_dataset):
+        logger.warning("config key 'compute_accuracy' has no effect without an eval set (val_size or eval_dataset)")
+    if ft.compute_accuracy and ft.stage == "dpo":
+        logger.warning("config key 'compute_accuracy' has no effect for DPO, which always logs rewards/accuracies")
+
+
+@rule("max_length", "max_new_tokens")
+def max_length_has_an_effect(cfg: "LmfConfig") -> None:
+    g = cfg.generating
+    if g.max_new_tokens > 0 and g.max_length != GeneratingArguments().max_length:
+        logger.warning("config key 'max_length' has no effect while max_new_tokens > 0 (as in LLaMA-Factory); set "
+                       "max_new_tokens: 0 to limit prompt + reply to max_length instead")
+
+
+@rule("save_steps", "save_strategy")
+def save_steps_save_something(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    if t.save_strategy == "steps" and not t.save_steps:
+        raise ConfigError("config key 'save_steps': 0 with save_strategy: steps saves nothing; set a number of steps "
+                          "(or a fraction < 1 of the run), or save_strategy: no")
+
+
+@rule("num_train_epochs", "max_steps")
+def something_to_train(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    if t.max_steps <= 0 and t.num_train_epochs <= 0:
+        raise ConfigError(f"config key 'num_train_epochs': {t.num_train_epochs} trains nothing; set it > 0 or "
+                          "max_steps > 0")
+
+
+@rule("gradient_checkpointing", "disable_gradient_checkpointing")
+def gradient_checkpointing_agrees(cfg: "LmfConfig") -> None:
+    if cfg.model.disable_gradient_checkpointing and cfg.training.gradient_checkpointing:
+        raise ConfigError("config keys 'gradient_checkpointing' and 'disable_gradient_checkpointing' are both true")
+
+
+@rule("deepspeed")
+def deepspeed_config_maps(cfg: "LmfConfig") -> None:
+    """Every section of the DeepSpeed JSON mapped, checked against the YAML's keys, or refused; read once here."""
+    t = cfg.training
+    if t.deepspeed and t.do_train:
+        from lmf.config.deepspeed import read_deepspeed_config
+
+        cfg.deepspeed = read_deepspeed_config(cfg)
