@@ -85,7 +85,7 @@ def test_feedback_data_pairs_each_prompt_with_the_previous_answer(tmp_path):
 
 
 def test_bad_kto_data_and_keys_are_refused(tmp_path):
-    from lmf.train.workflow import load_tokenizer_and_data, recipe_of
+    from lmf.train.workflow import load_tokenizer_and_data
 
     with pytest.raises(DataError, match=r"dataset 'identity' has no kto_tag column"):
         load_tokenizer_and_data(_cfg(tmp_path / "a", dataset="identity"), "kto")
@@ -100,11 +100,11 @@ def test_bad_kto_data_and_keys_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"kto.json: record 1: field 'label' must be true or false, got 'yes'"):
         load_tokenizer_and_data(_cfg(tmp_path / "b", dataset_dir=str(bad), dataset="kto"), "kto")
     with pytest.raises(ConfigError, match="precompute_ref_log_probs"):
-        recipe_of("kto").check_config(_cfg(tmp_path / "c", precompute_ref_log_probs=True))
+        _cfg(tmp_path / "c", precompute_ref_log_probs=True)
     with pytest.raises(ConfigError, match="'packing' is not implemented for stage kto"):
         _cfg(tmp_path / "d", packing=True)
     with pytest.raises(ConfigError, match="kto_rejected_weight"):
-        recipe_of("kto").check_config(_cfg(tmp_path / "e", kto_rejected_weight=-1.0))
+        _cfg(tmp_path / "e", kto_rejected_weight=-1.0)
 
 
 def _history(out) -> list[dict]:

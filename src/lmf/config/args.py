@@ -409,5 +409,5 @@ BOUNDS: dict[str, str] = {
     **dict.fromkeys(("warmup_ratio", "badam_update_ratio", "top_p"), "[0, 1]"),
     **dict.fromkeys(("badam_verbose", "temperature"), "[0, 2]"),
     **dict.fromkeys(("max_steps", "pissa_iter", "badam_switch_interval"), ">= -1"),
-    "vllm_gpu_util": "(0, 1]", "dpo_label_smoothing": "[0, 0.5]", "malloc_mmap_threshold_mb": "[0, 32]",
+    "vllm_gpu_util": "(0, 1]", "dpo_label_smoothing": "[0, 0.5)", "malloc_mmap_threshold_mb": "[0, 32]",
 }

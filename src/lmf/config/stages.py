@@ -4,7 +4,7 @@ Everything that depends on the stage reads it from here: the ``stage`` key's cho
 the commands the launcher sends to torchrun (:mod:`lmf.launcher`), the recipe a run imports
 (:mod:`lmf.train.workflow`), the data pipeline and features of a dataset (:mod:`lmf.data`), and the config rules
 that apply per kind of stage (:mod:`lmf.config.rules`). Adding a stage is one entry here and one recipe module
-(``build_objective(cfg, setup)``, optional ``check_config(cfg)``).
+(``build_objective(cfg, inputs)``), plus its config rules, if it has any, in :mod:`lmf.config.rules`.
 
 Stdlib only: ``lmf help`` imports it.
 """
@@ -27,7 +27,7 @@ class StageSpec:
     name: str  #: the ``stage`` key's value
     command: str  #: the ``lmf`` command that runs it (``lmf train`` runs any stage)
     layout: str  #: data layout, one of :data:`LAYOUTS`
-    recipe: str  #: module with ``build_objective(cfg, setup)`` and optional ``check_config(cfg)``
+    recipe: str  #: module with ``build_objective(cfg, inputs) -> Objective``
     summary: str  #: one line for help texts
     uses_reference: bool = False  #: may score against a frozen reference model (DPO, KTO)
 

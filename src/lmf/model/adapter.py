@@ -12,7 +12,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 from lmf.config.parser import split_list
-from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 from lmf.model.vision import check_vision_keys, freeze_frozen_parts, is_vision_config, vision_lora_targets
@@ -87,8 +86,6 @@ def _merge_adapters(model, paths: list[str]):
 def load_adapters_for_inference(cfg: "LmfConfig", model):
     """Merge every adapter of ``adapter_name_or_path`` (in order) into the base model."""
     paths = _adapter_paths(cfg)
-    if paths and cfg.finetuning.finetuning_type not in ADAPTER_TYPES:
-        raise ConfigError("config key 'adapter_name_or_path' needs finetuning_type: lora or oft")
     for path in paths:
         check_not_raw_pissa(path)
     if paths and cfg.model.quantization_bit is not None:  # never merge into quantized weights: keep it beside
@@ -279,8 +276,6 @@ def init_adapter(cfg: "LmfConfig", model):
     """Apply ``finetuning_type`` (lora | oft | full | freeze): set requires_grad, wrap with peft for adapters."""
     ftype = cfg.finetuning.finetuning_type
     check_vision_keys(model.config, cfg.finetuning)
-    if ftype not in ADAPTER_TYPES and cfg.model.adapter_name_or_path:
-        raise ConfigError(f"config key 'adapter_name_or_path' needs finetuning_type: lora or oft (got {ftype})")
     if ftype == "lora":
         model = _init_lora(cfg, model)
     elif ftype == "oft":

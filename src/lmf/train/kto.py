@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
-from lmf.extras.errors import ConfigError
-from lmf.extras.logging import get_logger
 from lmf.loss import sequence_logps
 from lmf.model.forward import decoder_hidden_states, lm_head_of
 from lmf.train.reference import reference_logps
@@ -31,7 +29,6 @@ from lmf.train.metrics import Difference, Ratio
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
-logger = get_logger(__name__)
 
 def kto_losses(policy_logps, ref_logps, desirable, kl, *, beta: float, chosen_weight: float = 1.0,
                rejected_weight: float = 1.0):
@@ -104,22 +101,6 @@ class KTOObjective:
             "kl": float(kl),
         }
         return losses.sum(), torch.tensor(n, device=losses.device), metrics
-
-
-def check_config(cfg: "LmfConfig") -> None:
-    """KTO's keys, before anything is loaded."""
-    ft = cfg.finetuning
-    if ft.pref_beta <= 0:
-        raise ConfigError(f"config key 'pref_beta' must be > 0 (got {ft.pref_beta})")
-    for key in ("kto_chosen_weight", "kto_rejected_weight", "pref_ftx"):
-        if getattr(ft, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0 (got {getattr(ft, key)})")
-    if ft.precompute_ref_log_probs:
-        raise ConfigError("config key 'precompute_ref_log_probs' is not implemented for stage kto (the KL term "
-                          "needs the reference on every batch)")
-    if ft.pref_loss != "sigmoid" or ft.dpo_label_smoothing or ft.simpo_gamma != 0.5:
-        logger.warning("pref_loss / dpo_label_smoothing / simpo_gamma have no effect with stage kto (as in "
-                       "LLaMA-Factory): the KTO loss is used")
 
 
 def build_objective(cfg: "LmfConfig", inputs) -> KTOObjective:

@@ -7,7 +7,7 @@ command, then predicts.)
 
 A recipe is the module the stage registry names (:data:`lmf.config.stages.STAGES`: ``lmf.train.sft``,
 ``lmf.train.dpo.recipe``, ``lmf.train.rm``, ``lmf.train.kto``), with ``build_objective(cfg, inputs) -> Objective``
-and an optional ``check_config(cfg)``. ``build_objective`` may replace ``inputs.train_dataset`` /
+(its config rules: :mod:`lmf.config.rules`). ``build_objective`` may replace ``inputs.train_dataset`` /
 ``inputs.eval_dataset`` (DPO does, to attach precomputed reference log-probs).
 """
 
@@ -94,8 +94,6 @@ def run_training(cfg: "LmfConfig") -> None:
     from lmf.train.process import setup_runtime
 
     recipe = recipe_of(cfg.finetuning.stage)
-    if hasattr(recipe, "check_config"):
-        recipe.check_config(cfg)
     limit_heap_fragmentation(threshold_bytes(cfg.model.malloc_mmap_threshold_mb))  # opt-in
     runtime = setup_runtime(cfg)
     try:

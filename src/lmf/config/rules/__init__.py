@@ -1,10 +1,10 @@
 """Rules between config keys, run by :func:`lmf.config.parser.build_config` once every key is valid on its own (type,
 choices, range: :mod:`lmf.config.values`): first the derived defaults, in one place (:mod:`.defaults`), then small
 named checks grouped by topic (:mod:`.training`, :mod:`.data`, :mod:`.loading`, :mod:`.methods`,
-:mod:`.prediction`). Each check is registered with the keys it reads (:func:`rule`), so the rules of a key are
-found from the key (:func:`rules_of`). Errors name the keys. Rules of one recipe that need more than the config
-(DPO's, KTO's) live in the recipe (``check_config``); those that need the number of processes in
-:mod:`lmf.config.world` and :mod:`lmf.dist.plan`.
+:mod:`.preference`, :mod:`.prediction`). Each check is registered with the keys it reads (:func:`rule`), so the
+rules of a key are found from the key (:func:`rules_of`). Errors name the keys. Rules that need more than the
+config live where that is known: the number of processes in :mod:`lmf.config.world` and :mod:`lmf.dist.plan`, the
+model's modules in :mod:`lmf.model.adapter`, the data in :mod:`lmf.data.loader`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def rule(*keys: str):
 
 def _load() -> None:
     # the order the checks run in: a method (QOFT, PiSSA ...) is refused before the keys it would misuse
-    from lmf.config.rules import methods, prediction, data, loading, training  # noqa: F401, I001  (they register)
+    from lmf.config.rules import methods, preference, prediction, data, loading, training  # noqa: F401, I001
 
 
 def apply_cross_key_rules(cfg: "LmfConfig") -> None:

@@ -85,6 +85,13 @@ def dft_is_an_sft_loss(cfg: "LmfConfig") -> None:
         raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
 
 
+@rule("adapter_name_or_path", "finetuning_type")
+def adapters_need_an_adapter_method(cfg: "LmfConfig") -> None:
+    ft = cfg.finetuning.finetuning_type
+    if cfg.model.adapter_name_or_path and ft not in ("lora", "oft"):
+        raise ConfigError(f"config key 'adapter_name_or_path' needs finetuning_type: lora or oft (got {ft})")
+
+
 @rule("loraplus_lr_ratio", "finetuning_type")
 def loraplus_needs_lora(cfg: "LmfConfig") -> None:
     ft = cfg.finetuning

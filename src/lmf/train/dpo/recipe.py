@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 from typing import TYPE_CHECKING
 
-from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 from lmf.train.dpo.losses import uses_reference_model
 from lmf.train.dpo.objective import DPOObjective
@@ -19,30 +18,12 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
-def check_dpo_config(cfg: "LmfConfig") -> None:
-    """Reject preference settings that cannot work, naming the key."""
-    ft = cfg.finetuning
-    if ft.pref_beta <= 0:
-        raise ConfigError(f"config key 'pref_beta' must be > 0 (got {ft.pref_beta})")
-    if not 0.0 <= ft.dpo_label_smoothing < 0.5:
-        raise ConfigError(f"config key 'dpo_label_smoothing' must be in [0, 0.5) (got {ft.dpo_label_smoothing})")
-    if ft.dpo_label_smoothing and ft.pref_loss != "sigmoid":
-        raise ConfigError(f"config key 'dpo_label_smoothing' only applies to pref_loss: sigmoid (got {ft.pref_loss})")
-    if ft.pref_ftx < 0:
-        raise ConfigError(f"config key 'pref_ftx' must be >= 0 (got {ft.pref_ftx})")
-
-
 def _free(device) -> None:
     gc.collect()
     if getattr(device, "type", "cpu") == "cuda":
         import torch
 
         torch.cuda.empty_cache()
-
-
-def check_config(cfg: "LmfConfig") -> None:
-    """Checks of the recipe, before anything is loaded."""
-    check_dpo_config(cfg)
 
 
 def build_objective(cfg: "LmfConfig", inputs) -> DPOObjective:
