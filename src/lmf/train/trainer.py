@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
@@ -125,7 +125,7 @@ class Trainer:
         run.wrapped.train()
         try:
             while st.global_step < st.max_steps:
-                record = self.train_step(stop.flags())
+                record = self.train_step(stop.flags)
                 last = record.step >= st.max_steps
                 progress.update(record.loss, record.lr, record.tokens / max(record.seconds, 1e-9))
                 log.after_step(record, last, progress.suffix())
@@ -152,9 +152,9 @@ class Trainer:
         log.close()
         return st
 
-    def train_step(self, stop_flags: tuple[float, float] = (0.0, 0.0)) -> StepRecord:
-        """One optimizer step: accumulate the micro-batches, one all-reduce (with this rank's stop request,
-        ``stop_flags``), normalise, clip, step; the train state advanced."""
+    def train_step(self, stop_flags: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> StepRecord:
+        """One optimizer step: accumulate the micro-batches, one all-reduce (with this rank's stop request as it
+        stands then: ``stop_flags()``), normalise, clip, step; the train state advanced."""
         from lmf.train.parallel import gradient_sync, log_offload
 
         run, st, device = self.run, self.state, self.runtime.device
@@ -170,7 +170,7 @@ class Trainer:
             else:
                 (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
             sums.add(loss_sum, num_items, batch, metrics)
-        totals = sums.all_reduce(stop_flags, self.runtime.world_size)
+        totals = sums.all_reduce(stop_flags(), self.runtime.world_size)
         grad_norm = self._optimizer_step(totals.items)
         if run.plan.offload and not self._offload_reported:
             self._offload_reported = log_offload(run.loss_module, run.optimizer, self.runtime.is_main)
