@@ -86,14 +86,15 @@ def child(args) -> dict:
     model = load_model(cfg, tokenizer, is_trainable=True)
     trainer = Trainer(cfg, model, tokenizer, SFTObjective(cfg, model, SFTCollator(tokenizer)), data.train_dataset, runtime)
     marks: dict = {}
-    original_record = trainer._record
+    original_step = trainer.train_step
 
-    def record(entry, reporter, *rest):
-        if entry.get("step") == args.warmup:
+    def step(*args_, **kwargs):
+        record = original_step(*args_, **kwargs)
+        if record.step == args.warmup:
             marks.update(wall=time.perf_counter(), tokens=trainer.state.tokens_seen)
-        original_record(entry, reporter, *rest)
+        return record
 
-    trainer._record = record
+    trainer.train_step = step
     trainer.checkpoints.save_final = lambda run, state: None
     state = trainer.train()
     losses = [h["loss"] for h in state.log_history if "loss" in h]
