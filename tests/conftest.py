@@ -22,8 +22,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("LMF_CACHE", tempfile.mkdtemp(prefix="lmf-test-cache-"))
 # fault injection (LMF_TEST_*, LMF_FINGERPRINT_OVERRIDE) in this process and, through sitecustomize, in every process
 # a test starts (torchrun's workers too); lmf itself never reads those variables
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [os.path.join(REPO_ROOT, "src", "lmf", "testing", "site"), *filter(None, [os.environ.get("PYTHONPATH")])])
+_FAULT_SITE = os.path.join(REPO_ROOT, "src", "lmf", "testing", "site")
+assert os.path.isfile(os.path.join(_FAULT_SITE, "sitecustomize.py")), f"{_FAULT_SITE}/sitecustomize.py is missing"
+os.environ["PYTHONPATH"] = os.pathsep.join([_FAULT_SITE, *filter(None, [os.environ.get("PYTHONPATH")])])
 from lmf.testing.faults import install as _install_fault_injection  # noqa: E402
 
 _install_fault_injection()
