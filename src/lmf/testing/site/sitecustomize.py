@@ -1,11 +1,10 @@
 """With this folder on ``PYTHONPATH`` (tests/conftest.py puts it there), every Python process of a test run, torchrun's
-workers included, installs lmf's test fault injection (:mod:`lmf.testing.faults`) when one of its variables is set.
-Inert otherwise: nothing is imported."""
+workers included, installs lmf's test fault injection (:mod:`lmf.testing.faults`) when one of its variables is set
+(that module imports only the standard library until :func:`~lmf.testing.faults.install` runs)."""
 
 import os
 
-if any(os.environ.get(name) for name in ("LMF_TEST_KILL_AT_STEP", "LMF_TEST_KILL_DURING_SAVE", "LMF_TEST_SIGNAL_AT_STEP",
-                                         "LMF_TEST_STEP_SLEEP_S", "LMF_FINGERPRINT_OVERRIDE")):
-    from lmf.testing.faults import install
+from lmf.testing.faults import VARIABLES, install
 
+if any(os.environ.get(name) for name in VARIABLES):
     install()
