@@ -191,6 +191,26 @@ def test_help_and_version_do_not_import_torch():
     assert out.returncode == 0, out.stderr
 
 
+def test_the_torchrun_relaunch_imports_torch_only_to_count_devices():
+    """The launcher only waits for torchrun: with NPROC_PER_NODE given it never imports torch (~2 s of start-up)."""
+    code = (
+        "import sys\n"
+        "from lmf import launcher, torchrun\n"
+        "class Child:\n"
+        "    def __init__(self, argv, **kwargs): pass\n"
+        "    def wait(self, timeout=None): return 0\n"
+        "torchrun.subprocess.Popen = Child\n"
+        "try:\n"
+        "    launcher.launch(['sft', 'cfg.yaml'])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, exc.code\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    env = dict(os.environ, FORCE_TORCHRUN="1", NPROC_PER_NODE="2", MASTER_PORT="29998")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+
+
 def test_worker_main_rejects_unknown_command():
     out = subprocess.run([sys.executable, "-m", "lmf.worker", "bogus"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

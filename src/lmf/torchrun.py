@@ -177,7 +177,8 @@ def relaunch_with_torchrun(command: str, args: Sequence[str]) -> int:
 
     env = os.environ
     _validate_dist_env(env)
-    argv = build_torchrun_argv(command, args, env, get_device_count())
+    # NPROC_PER_NODE set: no need to count devices, which imports torch (~2 s) in a process that only waits
+    argv = build_torchrun_argv(command, args, env, 0 if env.get("NPROC_PER_NODE") else get_device_count())
     nproc = argv[argv.index("--nproc-per-node") + 1]
     endpoint = env.get("MASTER_ADDR", "127.0.0.1")
     print(f"lmf: launching {nproc} process(es) per node through torchrun ({endpoint})", file=sys.stderr, flush=True)
