@@ -64,7 +64,7 @@ SHAPES = {
 # (method, cutoff_len, micro-batch): 8192 tokens per step in every variant
 # (in the order of what matters most if the phase's cap cuts it short: full SFT at 8192 carries the MFU target)
 VARIANTS = {"gpu": [("lora", 2048, 4), ("full", 8192, 1), ("lora", 8192, 1), ("full", 2048, 4)],
-            "smoke": [("lora", 256, 2), ("full", 512, 1), ("lora", 512, 1), ("full", 256, 2)]}
+            "smoke": [("lora", 256, 2), ("full", 512, 1)]}  # the plumbing: each method and length once
 PROBE_LENGTHS = {"gpu": {"lmf": [16384, 32768, 65536, 131072], "lf": [4096, 8192, 16384, 32768, 65536]},
                  "smoke": {"lmf": [256, 512], "lf": [256, 512]}}
 

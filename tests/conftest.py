@@ -34,9 +34,10 @@ _install_fault_injection()
 def pytest_runtest_protocol(item, nextitem):
     """Under pytest-xdist (``-n 2``, what scripts/test.sh runs) no two ``slow`` tests (multi-process: torchrun, Ray,
     concurrent runs) run at once: each holds a mutex shared by the run's workers (its set-up included: module
-    fixtures that train with torchrun), while the other worker keeps running single-process tests beside it."""
+    fixtures that train with torchrun), while the other worker keeps running single-process tests beside it
+    (``slow`` ones marked ``single_process`` too)."""
     workerinput = getattr(item.config, "workerinput", None)  # only in a real xdist worker, never in a pytest it starts
-    if workerinput is None or item.get_closest_marker("slow") is None:
+    if workerinput is None or item.get_closest_marker("slow") is None or item.get_closest_marker("single_process"):
         yield
         return
     import fcntl

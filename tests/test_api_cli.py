@@ -25,6 +25,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.single_process  # the server, then the client (in this process) while it waits
 def test_lmf_api_command_serves_the_tiny_model(tiny_model_dir, tmp_path):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", API_KEY="k-123", API_PORT=str(port))

@@ -103,6 +103,7 @@ def test_settings_from_flags_and_environment():
 
 
 @pytest.mark.slow
+@pytest.mark.single_process
 def test_200_concurrent_requests_against_one_slot_all_answered_in_bounded_time(engine):
     """Every request gets a 200 or a 503 (never a hang or a reset), the server stays up, memory stays bounded."""
     engine.delay = 0.001

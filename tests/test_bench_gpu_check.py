@@ -97,6 +97,7 @@ def test_without_cuda_and_without_smoke_it_measures_nothing(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.single_process  # gpu_check runs its phases one subprocess after another
 def test_smoke_run_lmf_side_end_to_end(tmp_path):
     """Every phase on CPU with tiny shapes (real Qwen vocabulary), lmf only: the tests phase collects the gpu tests,
     the SFT runs clock their steps and keep their losses, the probe records each length, the report is written."""

@@ -40,6 +40,7 @@ def test_data_check_prints_counts_stats_and_masked_sample(tmp_path, demo_data_di
 
 
 @pytest.mark.slow
+@pytest.mark.single_process
 def test_data_check_cli_reports_bad_record(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     data.mkdir()

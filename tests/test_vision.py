@@ -40,14 +40,16 @@ def _golden_module():
 @pytest.fixture(scope="session")
 def vlm_root(tmp_path_factory) -> str:
     """tiny qwen2_vl/, qwen3_vl/, llava/, gemma3/ (Qwen's real tokenizer) and data/ (the demo data +
-    mllm_dpo_demo)."""
+    mllm_dpo_demo), built once per test run (read-only)."""
+    from conftest import build_once
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    root = str(tmp_path_factory.mktemp("vlm"))
-    for family in ("qwen2_vl", "qwen3_vl", "llava", "gemma3"):
-        build_tiny_vlm(os.path.join(root, family), family, qwen_tokenizer=True)
-    _golden_module().data_dir(root, LF_DEMO if os.path.isdir(LF_DEMO) else DEMO_DATA_DIR)
-    return root
+    def build(root):
+        for family in ("qwen2_vl", "qwen3_vl", "llava", "gemma3"):
+            build_tiny_vlm(os.path.join(root, family), family, qwen_tokenizer=True)
+        _golden_module().data_dir(str(root), LF_DEMO if os.path.isdir(LF_DEMO) else DEMO_DATA_DIR)
+
+    return str(build_once(tmp_path_factory, "vlm-root", build))
 
 
 def _cfg(vlm_root: str, family: str, stage: str = "sft", **keys):

@@ -22,14 +22,20 @@ TWO_PROCS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory) -> dict:
-    """Tiny qwen2_vl / qwen3_vl models (the local tokenizer) and a data folder with mllm_demo and mllm_dpo_demo."""
+    """Tiny qwen2_vl / qwen3_vl / qwen2_5_vl / llava / gemma3 models (the local tokenizer) and a data folder with
+    mllm_demo and mllm_dpo_demo, built once per test run (read-only)."""
+    from conftest import build_once
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    root = str(tmp_path_factory.mktemp("vlm_train"))
-    dirs = {family: build_tiny_vlm(os.path.join(root, family), family)
-            for family in ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "gemma3")}
-    dirs["data"] = _golden_module().data_dir(root, DEMO_DATA_DIR)
-    return dirs
+    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "gemma3")
+
+    def build(root):
+        for family in families:
+            build_tiny_vlm(os.path.join(root, family), family)
+        _golden_module().data_dir(str(root), DEMO_DATA_DIR)
+
+    root = str(build_once(tmp_path_factory, "vlm-train", build))
+    return {**{family: os.path.join(root, family) for family in families}, "data": os.path.join(root, "data")}
 
 
 def _lf_yaml(tmp_path, example: str, model_dir: str, data_dir: str) -> str:
