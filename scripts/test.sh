@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs lmf with its test extras (CPU torch) and runs the whole suite on both
-# cores (pytest-xdist, -n 2; no two `slow` multi-process tests run at once, while single-process tests run beside
-# them: tests/conftest.py).
+# cores (pytest-xdist, -n 2: one worker runs the `slow` multi-process tests one after another from the start, the
+# other everything else beside them: tests/xdist_scheduling.py).
 # pip --no-compile: Python writes the bytecode of the modules a test imports when it first imports them, instead of
 # pip compiling every module of torch & co. up front (~25 s for torch alone).
 # LMF_TEST_PINS="transformers==5.19.* ..." installs those versions on top (the compatibility runs of .ci/run).

@@ -25,9 +25,33 @@ os.environ.setdefault("LMF_CACHE", tempfile.mkdtemp(prefix="lmf-test-cache-"))
 _FAULT_SITE = os.path.join(REPO_ROOT, "src", "lmf", "testing", "site")
 assert os.path.isfile(os.path.join(_FAULT_SITE, "sitecustomize.py")), f"{_FAULT_SITE}/sitecustomize.py is missing"
 os.environ["PYTHONPATH"] = os.pathsep.join([_FAULT_SITE, *filter(None, [os.environ.get("PYTHONPATH")])])
+import xdist_scheduling  # noqa: E402
 from lmf.testing.faults import install as _install_fault_injection  # noqa: E402
 
 _install_fault_injection()
+
+
+def _is_multiprocess(item) -> bool:
+    return item.get_closest_marker("slow") is not None and item.get_closest_marker("single_process") is None
+
+
+def pytest_configure(config):
+    xdist_scheduling.name_the_ids_file(config)
+
+
+def pytest_collection_modifyitems(config, items):
+    xdist_scheduling.write_ids(config, items, _is_multiprocess)
+
+
+def pytest_unconfigure(config):
+    xdist_scheduling.remove_the_ids_file(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """One worker runs the multi-process tests one after another from the start, the other everything else beside
+    them (tests/xdist_scheduling.py): no worker waits for the mutex below with a test in hand."""
+    return xdist_scheduling.make_scheduler(config, log)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -37,7 +61,7 @@ def pytest_runtest_protocol(item, nextitem):
     fixtures that train with torchrun), while the other worker keeps running single-process tests beside it
     (``slow`` ones marked ``single_process`` too)."""
     workerinput = getattr(item.config, "workerinput", None)  # only in a real xdist worker, never in a pytest it starts
-    if workerinput is None or item.get_closest_marker("slow") is None or item.get_closest_marker("single_process"):
+    if workerinput is None or not _is_multiprocess(item):
         yield
         return
     import fcntl
