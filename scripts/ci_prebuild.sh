@@ -10,9 +10,9 @@ venv="$1"
 shift
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q --no-compile torch==2.13.0
+"$venv/bin/python" -m pip install -q torch==2.13.0
 mapfile -t requirements < <(python3 -c '
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 print("\n".join(project["dependencies"] + project["optional-dependencies"]["test"]))')
-"$venv/bin/python" -m pip install -q --no-compile "${requirements[@]}" "$@"
+"$venv/bin/python" -m pip install -q "${requirements[@]}" "$@"

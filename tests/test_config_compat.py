@@ -168,3 +168,53 @@ def test_the_mixture_of_depths_example_is_refused_saying_why():
         raw = yaml.safe_load(fh)
     with pytest.raises(ConfigError, match="unmaintained"):
         build_config(raw)
+
+
+def test_the_lf_keys_report_accounts_for_every_key_and_prints_the_refused_count():
+    import subprocess
+    import sys
+
+    from lmf.config.compat import lf_key_handling
+    from lmf.config.lf_keys import LF_KEYS
+
+    handling = lf_key_handling()
+    assert set(handling) == set(LF_KEYS)
+    refused = [key for key, (kind, _) in handling.items() if kind == "not implemented"]
+    assert "rope_scaling" in refused and "learning_rate" not in refused and handling["use_kv_cache"][0] == "renamed"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "lf_keys_report.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"refused at any non-default value: {len(refused)} keys" in out.stdout
+    assert f"LLaMA-Factory 0.9.5: {len(LF_KEYS)} keys" in out.stdout
+    over = subprocess.run([sys.executable, script, "--max-refused", str(len(refused) - 1)], capture_output=True,
+                          text=True, timeout=60)
+    assert over.returncode == 1 and f"{len(refused)} refused keys" in over.stderr
+
+
+def test_use_v1_kernels_is_kernel_config_auto_a_logged_no_op_off_npu(lmf_logs):
+    cfg = build_config({"model_name_or_path": "m", "use_v1_kernels": True})
+    assert not cfg.model.enable_liger_kernel
+    assert any("use_v1_kernels: auto applies LLaMA-Factory's NPU kernels only" in r.getMessage()
+               for r in lmf_logs.records)
+    lmf_logs.clear()
+    build_config({"model_name_or_path": "m", "use_v1_kernels": False})
+    assert not any("use_v1_kernels" in r.getMessage() for r in lmf_logs.records)
+
+
+def test_megatron_keys_are_refused_naming_the_megatron_backend():
+    with pytest.raises(ConfigError, match=r"command line: config key 'tensor_model_parallel_size' configures the "
+                                          r"Megatron backend .* lmf trains with DDP or FSDP2"):
+        build_config({"model_name_or_path": "m", "tensor_model_parallel_size": 4}, source="command line")
+
+
+@pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason="../shared/lf-examples is not here")
+@pytest.mark.parametrize("folder", ["megatron", "megatron_bridge"])
+def test_llamafactory_megatron_examples_stop_on_the_megatron_backend_not_an_unknown_key(folder):
+    paths = sorted(glob.glob(os.path.join(LF_EXAMPLES, folder, "*.yaml")))
+    assert paths
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+        with pytest.raises(ConfigError, match="configures the Megatron backend") as exc:
+            build_config(raw, source=path)
+        assert "unknown config key" not in str(exc.value)

@@ -211,6 +211,37 @@ def test_the_torchrun_relaunch_imports_torch_only_to_count_devices():
     assert out.returncode == 0, out.stderr
 
 
+def test_llamafactory_cli_is_installed_and_runs_lmf():
+    script = os.path.join(os.path.dirname(sys.executable), "llamafactory-cli")
+    assert os.path.exists(script), "reinstall lmf (pip install -e .): its llamafactory-cli console script is missing"
+    out = subprocess.run([script, "version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("lmf ") and "run as `llamafactory-cli`" in out.stdout.splitlines()[0]
+    out = subprocess.run([script, "help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Usage: lmf <command>" in out.stdout
+
+
+@pytest.mark.parametrize("command, names", [("webui", "LlamaBoard"), ("webchat", "lmf chat"), ("eval", "MMLU")])
+def test_llamafactory_commands_lmf_lacks_say_what_to_use_instead(monkeypatch, capsys, command, names):
+    monkeypatch.setattr(launcher, "invoked_as", "lmf")
+    with pytest.raises(SystemExit) as exc:
+        launcher.launch_as_llamafactory([command, "cfg.yaml"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmf: error: `llamafactory-cli {command}`: ") and names in err and len(err.splitlines()) == 1
+
+
+def test_version_says_lmf_answered_and_warns_when_llamafactory_is_installed_too(monkeypatch, capsys):
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda pkg: "0.9.5" if pkg == "llamafactory" else real(pkg))
+    launcher.print_version()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("lmf ") and "the lmf package at" in lines[0] and "run as `lmf`" in lines[0]
+    assert "LLaMA-Factory 0.9.5 is installed here too" in lines[1] and "this answer came from lmf" in lines[1]
+
+
 def test_worker_main_rejects_unknown_command():
     out = subprocess.run([sys.executable, "-m", "lmf.worker", "bogus"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2

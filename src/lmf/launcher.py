@@ -43,6 +43,8 @@ Information:
   version       versions of lmf and its main dependencies
   help [config] this text, or `lmf help config` for every config key (`--v1`: LLaMA-Factory v1's keys)
 
+`llamafactory-cli <command> ...` is the same program under LLaMA-Factory's command name.
+
 Examples:
   lmf sft examples/demo_lora_sft.yaml
   lmf sft examples/demo_lora_sft.yaml learning_rate=1e-4 max_steps=20
@@ -56,13 +58,37 @@ Distributed environment variables:
 
 HELP_COMMANDS = ("help", "-h", "--help")
 
+#: LLaMA-Factory's subcommands lmf has no equivalent of -> why, and what to use instead
+LF_ONLY_COMMANDS = {
+    "webui": "LLaMA-Factory's web UI (LlamaBoard) is not implemented in lmf yet: train from a YAML with "
+             "`lmf train cfg.yaml` (`lmf help` lists the commands)",
+    "webchat": "a chat page in the browser is not implemented in lmf: `lmf chat cfg.yaml` chats in the terminal, "
+               "`lmf api cfg.yaml` serves an OpenAI-compatible API that chat front-ends can use",
+    "eval": "LLaMA-Factory's benchmark evaluation (MMLU, C-Eval, CMMLU) is not implemented in lmf: "
+            "`lmf sft cfg.yaml do_predict=true` writes a model's predictions and metrics on your eval set, and "
+            "`lmf api cfg.yaml` serves the model to an evaluation harness",
+}
+
+#: the console script that started this process: `lmf`, or `llamafactory-cli` (lmf's drop-in for LLaMA-Factory's)
+invoked_as = "lmf"
+
 
 def print_version() -> None:
-    """Versions of lmf and its main dependencies, read from package metadata (no heavy imports)."""
+    """Versions of lmf and its main dependencies, read from package metadata (no heavy imports); says which
+    package answered, since LLaMA-Factory installs commands named `lmf` and `llamafactory-cli` too."""
     from importlib import metadata
     import platform
 
-    print(f"lmf {__version__}")
+    import lmf
+
+    print(f"lmf {__version__} (the lmf package at {os.path.dirname(lmf.__file__)}, run as `{invoked_as}`)")
+    try:
+        lf_version = metadata.version("llamafactory")
+    except metadata.PackageNotFoundError:
+        lf_version = None
+    if lf_version:
+        print(f"LLaMA-Factory {lf_version} is installed here too: its `lmf` and `llamafactory-cli` commands and "
+              "lmf's replace each other, the package installed last wins; this answer came from lmf")
     print(f"python {platform.python_version()}")
     for pkg in ("torch", "transformers", "peft", "datasets", "accelerate", "deepspeed"):
         try:
@@ -119,6 +145,9 @@ def run_command(command: str, args: list[str]) -> int:
         else:
             print(USAGE)
         return 0
+    if command in LF_ONLY_COMMANDS:
+        print(f"lmf: error: `{invoked_as} {command}`: {LF_ONLY_COMMANDS[command]}", file=sys.stderr)
+        return 2
     print(f"lmf: unknown command {command!r}\n", file=sys.stderr)
     print(USAGE, file=sys.stderr)
     return 2
@@ -155,6 +184,15 @@ def _wants_ray(argv: list[str]) -> bool:
         return config_requests_ray(raw_config(argv)[0])
     except LmfError:  # a bad config or argument: the command itself reports it
         return False
+
+
+def launch_as_llamafactory(argv: Optional[list[str]] = None) -> None:
+    """Console entry point of ``llamafactory-cli``: lmf under LLaMA-Factory's command name, so that the commands of
+    its docs (``llamafactory-cli train cfg.yaml``, ``chat``, ``export``, ``api``, ``env``, ``version``) run lmf;
+    ``webui``, ``webchat`` and ``eval`` say what to use instead."""
+    global invoked_as
+    invoked_as = "llamafactory-cli"
+    launch(argv)
 
 
 def launch(argv: Optional[list[str]] = None) -> None:

@@ -303,6 +303,8 @@ class TrainingArguments:
     logging_steps: int = _f(10, "Log every N optimizer steps.")
     logging_dir: Optional[str] = _f(None, "TensorBoard log dir (default: output_dir/runs).")
     logging_first_step: bool = _f(False, "Log the first step.")
+    logging_strategy: str = _f("steps", "When training metrics are logged: every logging_steps, at each epoch's end, "
+                                        "or never.", ("no", "steps", "epoch"))
     save_strategy: str = _f("steps", "When to checkpoint.", ("no", "steps", "epoch"))
     save_steps: float = _f(500, "Checkpoint every N optimizer steps.")
     save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints.")
@@ -310,6 +312,8 @@ class TrainingArguments:
     eval_strategy: str = _f("no", "When to evaluate.", ("no", "steps", "epoch"))
     evaluation_strategy: Optional[str] = _f(None, "Deprecated alias of eval_strategy.", (None, "no", "steps", "epoch"))
     eval_steps: Optional[float] = _f(None, "Evaluate every N steps (default: logging_steps).")
+    eval_on_start: bool = _f(False, "Evaluate once before the first training step (a check of the eval set).")
+    eval_delay: float = _f(0, "No evaluation before this many steps (eval_strategy steps) or epochs (epoch).")
     report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb, mlflow, all (the "
                                              "installed ones); comma-separated or a list.")
     run_name: Optional[str] = _f(None, "Run name for trackers.")
@@ -322,7 +326,20 @@ class TrainingArguments:
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
     ddp_backend: Optional[str] = _f(None, "Process group backend (default: nccl on GPU, gloo on CPU).", (None, "nccl", "gloo"))
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
+    ddp_bucket_cap_mb: Optional[int] = _f(None, "DDP: size of the gradient buckets in MiB (torch's default: 25).")
+    ddp_broadcast_buffers: Optional[bool] = _f(None, "DDP: broadcast rank 0's buffers before each forward (torch's "
+                                                     "default: true).")
+    ddp_static_graph: Optional[bool] = _f(None, "DDP: the model uses the same parameters at every step (lets DDP "
+                                                "plan its communication once).")
+    torch_empty_cache_steps: Optional[int] = _f(None, "Every N optimizer steps, hand the accelerator's cached free "
+                                                      "memory back (torch.cuda.empty_cache; nothing to do on CPU).")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    dataloader_drop_last: bool = _f(False, "Drop each epoch's last training micro-batch of a process when it is "
+                                           "incomplete (evaluation always sees every sample).")
+    dataloader_persistent_workers: bool = _f(False, "Keep the DataLoader worker processes from one epoch to the next "
+                                                    "(needs dataloader_num_workers > 0).")
+    dataloader_prefetch_factor: Optional[int] = _f(None, "Micro-batches each DataLoader worker prepares ahead "
+                                                         "(needs dataloader_num_workers > 0; torch's default: 2).")
     dataloader_pin_memory: bool = _f(True, "Pin DataLoader memory (GPU).",
         no_effect="pinning is decided by the device")
     remove_unused_columns: bool = _f(False, "Accepted for compatibility; lmf never drops columns it needs.",
@@ -396,12 +413,14 @@ BOUNDS: dict[str, str] = {
         "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
         "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "global_batch_size", "dp_size", "logging_steps", "ddp_timeout", "ray_num_workers",
-        "num_beams", "max_length"), ">= 1"),
+        "num_beams", "max_length", "ddp_bucket_cap_mb", "torch_empty_cache_steps", "dataloader_prefetch_factor"),
+        ">= 1"),
     **dict.fromkeys((
         "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",
         "oft_block_size", "loraplus_lr_embedding", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
         "badam_start_block", "learning_rate", "weight_decay", "warmup_steps", "eval_steps", "save_steps", "seed", "data_seed",
-        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs"), ">= 0"),
+        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs", "eval_delay"),
+        ">= 0"),
     **dict.fromkeys((
         "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",
         "apollo_scale", "adam_epsilon", "repetition_penalty"), "> 0"),

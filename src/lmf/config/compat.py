@@ -70,11 +70,39 @@ def _map_layer_cls(value: Any) -> dict[str, Any]:
     return {"fsdp_config": {"transformer_layer_cls_to_wrap": value}} if value else {}
 
 
+def _map_v1_kernels(value: Any) -> dict[str, Any]:
+    """``use_v1_kernels: true`` -> what v1's ``kernel_config: auto`` does: LLaMA-Factory's v1 kernels are Ascend NPU
+    kernels, so nothing applies on CUDA or CPU (said in the log)."""
+    if not value:
+        return {}
+    from lmf.config.v1 import apply_kernel_names
+
+    out: dict[str, Any] = {}
+    apply_kernel_names(["auto"], out, key="use_v1_kernels")
+    return out
+
+
 #: LLaMA-Factory-only key -> function(value) -> lmf keys it stands for.
 VALUE_MAPPINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "gradient_checkpointing_kwargs": _map_gc_kwargs,
     "fsdp_transformer_layer_cls_to_wrap": _map_layer_cls,
+    "use_v1_kernels": _map_v1_kernels,
 }
+
+#: keys of LLaMA-Factory main's Megatron backends (mcore_adapter under USE_MCA=1, Megatron Bridge; its
+#: ``megatron/`` and ``megatron_bridge/`` examples), refused by name rather than as unknown keys
+MEGATRON_KEYS = frozenset({
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+    "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel",
+    "bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion", "cross_entropy_loss_fusion",
+    "gradient_accumulation_fusion", "use_distributed_optimizer", "overlap_param_gather", "overlap_grad_reduce",
+    "moe_grouped_gemm", "moe_token_dispatcher_type", "moe_layer_recompute", "recompute_granularity",
+    "recompute_method", "recompute_num_layers", "mixed_precision", "use_packed_sequences",
+    "megatron_pretrained_checkpoint", "export_hf_on_finish", "extra_config",
+})
+MEGATRON_REFUSAL = ("configures the Megatron backend of LLaMA-Factory (mcore_adapter or Megatron Bridge: tensor, "
+                    "pipeline and expert parallelism in Megatron-Core), which lmf does not implement; lmf trains "
+                    "with DDP or FSDP2 (its `fsdp` and `deepspeed` configs map onto FSDP2): remove the Megatron keys")
 
 #: LLaMA-Factory argument class (or key prefix) -> the feature its keys configure.
 _GROUP_FEATURES = {
@@ -98,7 +126,7 @@ _KEY_FEATURES = {
     "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
                          "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
                          "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",
-    "offload_folder": "disk offload of model weights", "use_v1_kernels": "LLaMA-Factory's v1 kernels",
+    "offload_folder": "disk offload of model weights",
     "adapter_folder": "adapter folders", "new_special_tokens_config": "special-token initialisation files",
     "init_special_tokens": "special-token initialisation", "preserve_thinking": "preserve_thinking",
 }
@@ -140,3 +168,32 @@ def check_lf_only_key(key: str, value: Any, source: str) -> tuple[Optional[str],
 
 def is_lf_only_key(key: str) -> bool:
     return key in LF_KEYS or key in VALUE_MAPPINGS
+
+
+#: how lmf handles an LLaMA-Factory key (:func:`lf_key_handling`)
+HANDLINGS = ("lmf key", "renamed", "mapped", "no effect", "not implemented")
+
+
+def lf_key_handling() -> dict[str, tuple[str, str]]:
+    """Every key of LLaMA-Factory 0.9.5 -> (handling, why): one of :data:`HANDLINGS`. ``not implemented``: any value
+    but LLaMA-Factory's default stops the run (an LF-only key without a mapping, or an lmf key marked unsupported)."""
+    from lmf.config.parser import KEY_INDEX
+
+    out: dict[str, tuple[str, str]] = {}
+    for key in sorted(LF_KEYS):
+        if key in ALIASES:
+            out[key] = ("renamed", f"read as {ALIASES[key]!r}")
+        elif key in VALUE_MAPPINGS:
+            out[key] = ("mapped", (VALUE_MAPPINGS[key].__doc__ or "").strip())
+        elif key in KEY_INDEX:
+            if key in UNSUPPORTED:
+                out[key] = ("not implemented", UNSUPPORTED[key])
+            elif key in NO_EFFECT:
+                out[key] = ("no effect", NO_EFFECT[key])
+            else:
+                out[key] = ("lmf key", "")
+        elif key in LF_NO_EFFECT:
+            out[key] = ("no effect", LF_NO_EFFECT[key])
+        else:
+            out[key] = ("not implemented", feature_of(key))
+    return out

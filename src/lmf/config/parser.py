@@ -32,6 +32,8 @@ from lmf.config.args import (
 from lmf.config.rules import apply_cross_key_rules
 from lmf.config.compat import (
     ALIASES,
+    MEGATRON_KEYS,
+    MEGATRON_REFUSAL,
     NO_EFFECT,
     UNSUPPORTED,
     UNSUPPORTED_FINETUNING_TYPES,
@@ -182,6 +184,8 @@ def build_config(raw: dict[str, Any], *, source: Optional[str] = None, command_s
         where = sources.get(name, source)
         sources.setdefault(key, where)
         if key not in KEY_INDEX:
+            if key in MEGATRON_KEYS:
+                raise ConfigError(f"{where or 'config'}: config key {key!r} {MEGATRON_REFUSAL}")
             hint = suggest_key(key)
             msg = f"{where or 'config'}: unknown config key {key!r}"
             raise ConfigError(msg + (f"; did you mean {hint!r}?" if hint else "; see `lmf help config`"))

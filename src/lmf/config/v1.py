@@ -293,11 +293,15 @@ def _dist(raw: dict, dist: Optional[dict], out: dict) -> None:
 def _kernels(kernels: Optional[dict], out: dict) -> None:
     if kernels is None:
         return
-    names = [n.strip() for n in str(kernels["name"]).split(",") if n.strip()]
+    apply_kernel_names([n.strip() for n in str(kernels["name"]).split(",") if n.strip()], out)
+
+
+def apply_kernel_names(names: list[str], out: dict, key: str = "kernel_config") -> None:
+    """v1's kernel plugins (``kernel_config: {name: ...}``; 0.9.5's ``use_v1_kernels: true`` is ``auto``) -> lmf
+    keys in ``out``."""
     for name in names:
         if name == "auto":
-            logger.info("kernel_config: auto applies LLaMA-Factory's NPU kernels only; nothing to apply on "
-                        "CUDA or CPU")
+            logger.info("%s: auto applies LLaMA-Factory's NPU kernels only; nothing to apply on CUDA or CPU", key)
         elif name == "liger_kernel":
             out["enable_liger_kernel"] = True
         elif name == "flash-linear-attention":

@@ -136,22 +136,28 @@ class _CarryErrors:
 
 class MicroBatchStream:
     """Endless micro-batches across epochs; ``epoch`` and ``batch_in_epoch`` are the resumable position.
-    With a :class:`TokenBudget` the micro-batches hold as many samples as fit the budget."""
+    With a :class:`TokenBudget` the micro-batches hold as many samples as fit the budget. ``drop_last``: an epoch's
+    last micro-batch of this process is left out when it is incomplete. ``persistent_workers`` keeps one DataLoader
+    (and its worker processes) for every epoch; ``prefetch_factor``: micro-batches each worker prepares ahead."""
 
     def __init__(self, dataset: Sequence[Any], collate_fn: Callable, batch_size: int, sampler: ResumableShardedSampler,
                  num_workers: int = 0, pin_memory: bool = False, epoch: int = 0, batch_in_epoch: int = 0,
-                 token_budget: "TokenBudget | None" = None):
+                 token_budget: "TokenBudget | None" = None, drop_last: bool = False,
+                 persistent_workers: bool = False, prefetch_factor: "int | None" = None):
         self.dataset, self.collate_fn, self.batch_size = dataset, collate_fn, batch_size
         self.sampler, self.num_workers, self.pin_memory = sampler, num_workers, pin_memory
-        self.token_budget = token_budget
+        self.token_budget, self.drop_last = token_budget, drop_last
+        self.persistent_workers, self.prefetch_factor = persistent_workers and num_workers > 0, prefetch_factor
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
         self._epoch_of_batches, self._batches = None, None
-        self._it = None
+        self._it, self._loader = None, None
 
     @property
     def batches_per_epoch(self) -> int:
         """Micro-batches of the current epoch (with a token budget, they depend on the epoch's order)."""
         if self.token_budget is None:
+            if self.drop_last:
+                return self.sampler.num_samples // self.batch_size
             return math.ceil(self.sampler.num_samples / self.batch_size)
         return len(self._budget_batches())
 
@@ -167,12 +173,16 @@ class MicroBatchStream:
         collate_fn = _CarryErrors(self.collate_fn) if self.num_workers > 0 else self.collate_fn
         common = dict(collate_fn=collate_fn, num_workers=self.num_workers, pin_memory=self.pin_memory,
                       generator=torch.Generator())  # never draw from the global RNG: resumed runs stay bit-exact
+        if self.num_workers > 0:
+            common.update(persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor)
         if self.token_budget is not None:
             loader = DataLoader(self.dataset, batch_sampler=self._budget_batches()[self.batch_in_epoch:], **common)
         else:
             self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * self.batch_size)
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=False,
-                                **common)
+            if self._loader is None or not self.persistent_workers:  # a persistent one reads the sampler anew
+                self._loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                                          drop_last=self.drop_last, **common)
+            loader = self._loader
         self._it = iter(loader)
 
     def __next__(self):
@@ -197,7 +207,7 @@ class MicroBatchStream:
         shutdown = getattr(self._it, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
-        self._it = None
+        self._it, self._loader = None, None
 
     @property
     def batches_left_in_epoch(self) -> int:
@@ -234,5 +244,14 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime, cut
         budget = TokenBudget(lengths, tokens, padded=strategy == "dynamic_batching")
         get_logger(__name__).info("%s: micro-batches of up to %d %s tokens (cutoff_len x micro-batch size)",
                                              strategy, tokens, "padded" if budget.padded else "real")
+    if training_args.dataloader_drop_last and sampler.num_samples < training_args.per_device_train_batch_size:
+        from lmf.extras.errors import ConfigError
+
+        raise ConfigError(f"config key 'dataloader_drop_last': each of the {runtime.world_size} process(es) gets "
+                          f"{sampler.num_samples} training samples per epoch, fewer than per_device_train_batch_size "
+                          f"{training_args.per_device_train_batch_size}: every micro-batch would be dropped")
     return MicroBatchStream(dataset, collator, training_args.per_device_train_batch_size, sampler,
-                            num_workers=workers, pin_memory=runtime.device.type == "cuda", token_budget=budget)
+                            num_workers=workers, pin_memory=runtime.device.type == "cuda", token_budget=budget,
+                            drop_last=training_args.dataloader_drop_last,
+                            persistent_workers=training_args.dataloader_persistent_workers,
+                            prefetch_factor=training_args.dataloader_prefetch_factor)

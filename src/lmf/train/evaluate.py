@@ -93,9 +93,16 @@ class Evaluator:
         strategy = self.args.eval_strategy
         if strategy == "no":
             return last and self.args.do_eval
-        if strategy == "steps":
-            return last or step % every(self.args.eval_steps or self.args.logging_steps, self.state.max_steps) == 0
-        return last or epoch_ended
+        if last:
+            return True
+        if strategy == "steps":  # eval_delay: in steps, or in epochs below (transformers' reading of it)
+            return step >= self.args.eval_delay and step % every(self.args.eval_steps or self.args.logging_steps,
+                                                                 self.state.max_steps) == 0
+        return epoch_ended and self.state.epoch >= self.args.eval_delay
+
+    def should_evaluate_on_start(self) -> bool:
+        """``eval_on_start``: once before the first step of this process (a resumed run evaluates what it resumed)."""
+        return bool(self.args.eval_on_start and self.eval_dataset is not None)
 
     def evaluate(self, run: "Run") -> dict[str, float]:
         """:func:`evaluate` on the run's eval set(s)."""

@@ -29,10 +29,32 @@ def decoder_layers(model) -> list["torch.nn.Module"]:
     return list(layers)
 
 
+#: the DDP-only keys a config may set, beside ddp_find_unused_parameters (-> DistributedDataParallel argument)
+DDP_KEYS = {"ddp_bucket_cap_mb": "bucket_cap_mb", "ddp_broadcast_buffers": "broadcast_buffers",
+            "ddp_static_graph": "static_graph"}
+
+
+def ddp_options(args, plan: ParallelPlan) -> dict:
+    """DistributedDataParallel's arguments from the ``ddp_*`` keys (torch's defaults for those not set); refused,
+    naming both keys, when the plan shards with FSDP2 (which has no such options)."""
+    values = {"ddp_bucket_cap_mb": args.ddp_bucket_cap_mb, "ddp_broadcast_buffers": args.ddp_broadcast_buffers,
+              "ddp_static_graph": args.ddp_static_graph}
+    given = {key: value for key, value in values.items() if value is not None}
+    if given and plan.mode == "fsdp":
+        by = "deepspeed" if plan.deepspeed else "fsdp"
+        raise ConfigError(f"config keys {next(iter(given))!r} and {by!r}: the first configures DDP, and this run "
+                          "shards the model with FSDP2 instead")
+    if given and plan.mode != "ddp":
+        logger.info("%s: no effect in a run without DDP (one process)", ", ".join(given))
+    return {"find_unused_parameters": bool(args.ddp_find_unused_parameters),
+            **{DDP_KEYS[key]: value for key, value in given.items()}}
+
+
 def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: Optional["torch.dtype"],
-         find_unused: Optional[bool], checkpoint_dirs: tuple = ()):
-    """Move ``loss_module`` to ``device`` and wrap it per ``plan``; return the module the loop calls.
-    ``checkpoint_dirs``: where ``init_on_meta`` reads the weights (the model, then a checkpoint resumed from)."""
+         ddp: dict, checkpoint_dirs: tuple = ()):
+    """Move ``loss_module`` to ``device`` and wrap it per ``plan``; return the module the loop calls. ``ddp``: the
+    arguments of DistributedDataParallel (:func:`ddp_options`). ``checkpoint_dirs``: where ``init_on_meta`` reads
+    the weights (the model, then a checkpoint resumed from)."""
     import torch
 
     if plan.mode == "fsdp":
@@ -67,7 +89,7 @@ def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: O
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(loss_module, device_ids=ids, find_unused_parameters=bool(find_unused))
+        return DistributedDataParallel(loss_module, device_ids=ids, **ddp)
     return loss_module
 
 

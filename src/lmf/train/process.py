@@ -101,3 +101,13 @@ def to_device(batch: dict, device) -> dict:
     """Tensors of ``batch`` (and of nested dicts: a vision batch's ``mm_inputs``) moved to ``device``."""
     return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else to_device(v, device) if isinstance(v, dict)
                 else v) for k, v in batch.items()}
+
+
+def release_cached_memory(device) -> None:
+    """Hand the accelerator's cached free memory back to the driver (``torch_empty_cache_steps``); the CPU
+    allocator keeps no such cache."""
+    import torch
+
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is not None and hasattr(backend, "empty_cache"):
+        backend.empty_cache()

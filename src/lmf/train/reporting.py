@@ -98,7 +98,7 @@ class Reporter:
 
 class TrainingLog:
     """What a run logs and when: every ``logging_steps`` (and the first step with ``logging_first_step``, and the
-    last) an entry with the mean loss of the steps since the previous entry, lr, grad norm, tokens/s and the
+    last; ``logging_strategy: epoch``: at each epoch's end and the last step; ``no``: never) an entry with the mean loss of the steps since the previous entry, lr, grad norm, tokens/s and the
     objective's metrics; evaluation results. Each entry goes to ``log_history`` (saved in trainer_state.json), the
     trackers (``report_to``) and the console, on rank 0. The window's step losses live in the train state, so a
     resumed run logs the same averages."""
@@ -108,16 +108,20 @@ class TrainingLog:
         self.reporter = Reporter(cfg, is_main)
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
-    def due(self, step: int, last: bool) -> bool:
+    def due(self, step: int, last: bool, epoch_ended: bool = False) -> bool:
         a = self.args
+        if a.logging_strategy == "epoch":
+            return epoch_ended or last or (a.logging_first_step and step == 1)
         return step % a.logging_steps == 0 or last or (a.logging_first_step and step == 1)
 
     def after_step(self, record, last: bool, suffix: str = "") -> None:
         """Add a step (:class:`lmf.train.step.StepRecord`) to the window; write an entry when one is due."""
         st = self.state
+        if self.args.logging_strategy == "no":
+            return
         st.log_window.append(record.loss)
         self.window_tokens += record.tokens
-        if not self.due(record.step, last):
+        if not self.due(record.step, last, record.epoch_ended):
             return
         seconds = max(time.perf_counter() - self.window_start, 1e-9)
         self.write({"step": record.step, "epoch": st.epoch, "loss": round(sum(st.log_window) / len(st.log_window), 6),

@@ -28,7 +28,7 @@ from lmf.extras.errors import ConfigError, LmfError
 from lmf.extras.logging import get_logger
 from lmf.train.checkpoint import CheckpointIO
 from lmf.train.resume import ResumePlan, prepare_output_dir, resume_fingerprint, trajectory_config
-from lmf.train.process import autocast, compute_dtype, pick_cpu_threads, to_device
+from lmf.train.process import autocast, compute_dtype, pick_cpu_threads, release_cached_memory, to_device
 from lmf.train.state import Objective, Run, TrainHooks, TrainState
 from lmf.train.step import StepRecord, StepSums
 
@@ -122,6 +122,8 @@ class Trainer:
         log = TrainingLog(self.cfg, st, self.runtime.is_main)
         progress = Progress(st.max_steps, st.global_step, self.runtime.is_main and not self.args.disable_tqdm)
         stop = StopRequest().install()
+        if self.evaluator.should_evaluate_on_start():
+            log.write({"step": st.global_step, **self.evaluator.evaluate(run)})
         run.wrapped.train()
         try:
             while st.global_step < st.max_steps:
@@ -175,6 +177,8 @@ class Trainer:
         if run.plan.offload and not self._offload_reported:
             self._offload_reported = log_offload(run.loss_module, run.optimizer, self.runtime.is_main)
         st.global_step += 1
+        if self.args.torch_empty_cache_steps and st.global_step % self.args.torch_empty_cache_steps == 0:
+            release_cached_memory(device)
         self.hooks.after_step(st.global_step)
         st.tokens_seen += totals.tokens
         st.data_epoch, st.batch_in_epoch = run.stream.epoch, run.stream.batch_in_epoch
@@ -192,7 +196,7 @@ class Trainer:
         from lmf.train.batches import build_stream
         from lmf.train.loss_scale import create_grad_scaler
         from lmf.train.optimizer import create_optimizer, create_scheduler
-        from lmf.train.parallel import wrap
+        from lmf.train.parallel import ddp_options, wrap
 
         pick_cpu_threads(self.model, self.runtime.device)
         stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning, self.runtime,
@@ -204,7 +208,7 @@ class Trainer:
             self.checkpoints.load_weights(self.resume.checkpoint)
         loss_module = _make_loss_module(self.model, self.objective.compute_loss, self.cfg.model.moe_aux_loss_coef)
         sources = (self.cfg.model.model_name_or_path,) + ((self.resume.checkpoint,) if self.resume.checkpoint else ())
-        wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, self.args.ddp_find_unused_parameters,
+        wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, ddp_options(self.args, plan),
                        checkpoint_dirs=sources if plan.from_checkpoint else ())
         optimizer = create_optimizer(loss_module, self.args, self.cfg.finetuning)
         scaler = None

@@ -108,3 +108,34 @@ def deepspeed_config_maps(cfg: "LmfConfig") -> None:
         from lmf.config.deepspeed import read_deepspeed_config
 
         cfg.deepspeed = read_deepspeed_config(cfg)
+
+
+@rule("dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_num_workers")
+def dataloader_worker_options_need_workers(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    for key in ("dataloader_persistent_workers", "dataloader_prefetch_factor"):
+        if getattr(t, key) and not t.dataloader_num_workers:
+            raise ConfigError(f"config keys {key!r} and 'dataloader_num_workers': the first configures DataLoader "
+                              "worker processes; set dataloader_num_workers > 0")
+
+
+@rule("dataloader_drop_last", "dataloader_persistent_workers", "batching_strategy")
+def dynamic_batches_have_no_last_batch(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    if t.batching_strategy not in ("dynamic_batching", "dynamic_padding_free"):
+        return
+    for key in ("dataloader_drop_last", "dataloader_persistent_workers"):
+        if getattr(t, key):
+            raise ConfigError(f"config keys {key!r} and 'batching_strategy: {t.batching_strategy}': not implemented "
+                              "together (dynamic micro-batches are packed to a token budget, a new DataLoader per "
+                              "epoch)")
+
+
+@rule("eval_on_start", "eval_delay", "eval_strategy", "val_size", "eval_dataset")
+def eval_timing_needs_an_eval_set(cfg: "LmfConfig") -> None:
+    t, d = cfg.training, cfg.data
+    if t.eval_on_start and not (d.val_size or d.eval_dataset):
+        raise ConfigError("config key 'eval_on_start' needs an eval set (val_size or eval_dataset)")
+    if t.eval_delay and t.eval_strategy == "no":
+        raise ConfigError("config keys 'eval_delay' and 'eval_strategy: no': a delay needs evaluations during "
+                          "training (eval_strategy steps or epoch)")
