@@ -147,3 +147,10 @@ def test_release_cached_memory_empties_the_accelerator_cache_only(monkeypatch):
 def test_combinations_that_cannot_work_are_refused_naming_both_keys(keys, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         build_config({"model_name_or_path": "m", **keys})
+
+
+def test_drop_last_with_fewer_samples_than_a_micro_batch_names_the_key(tiny_model_dir, demo_data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'dataloader_drop_last': each of the 1 process\(es\) gets 3 "
+                                          r"training samples per epoch, fewer than per_device_train_batch_size 4"):
+        _train(tiny_model_dir, demo_data_dir, tmp_path, dataloader_drop_last=True, max_samples=3)
+    assert not (tmp_path / "out").exists()  # refused before output_dir is touched

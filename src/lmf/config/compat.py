@@ -174,26 +174,25 @@ def is_lf_only_key(key: str) -> bool:
 HANDLINGS = ("lmf key", "renamed", "mapped", "no effect", "not implemented")
 
 
-def lf_key_handling() -> dict[str, tuple[str, str]]:
-    """Every key of LLaMA-Factory 0.9.5 -> (handling, why): one of :data:`HANDLINGS`. ``not implemented``: any value
-    but LLaMA-Factory's default stops the run (an LF-only key without a mapping, or an lmf key marked unsupported)."""
+def handling_of(key: str) -> tuple[str, str]:
+    """How lmf handles an LLaMA-Factory key: (one of :data:`HANDLINGS`, the detail: the lmf key it is read as, what
+    the mapping does, why it has no effect, or what is not implemented). ``not implemented``: any value but
+    LLaMA-Factory's default stops the run (an LF-only key without a mapping, or an lmf key marked unsupported)."""
     from lmf.config.parser import KEY_INDEX
 
-    out: dict[str, tuple[str, str]] = {}
-    for key in sorted(LF_KEYS):
-        if key in ALIASES:
-            out[key] = ("renamed", f"read as {ALIASES[key]!r}")
-        elif key in VALUE_MAPPINGS:
-            out[key] = ("mapped", (VALUE_MAPPINGS[key].__doc__ or "").strip())
-        elif key in KEY_INDEX:
-            if key in UNSUPPORTED:
-                out[key] = ("not implemented", UNSUPPORTED[key])
-            elif key in NO_EFFECT:
-                out[key] = ("no effect", NO_EFFECT[key])
-            else:
-                out[key] = ("lmf key", "")
-        elif key in LF_NO_EFFECT:
-            out[key] = ("no effect", LF_NO_EFFECT[key])
-        else:
-            out[key] = ("not implemented", feature_of(key))
-    return out
+    if key in ALIASES:
+        return "renamed", ALIASES[key]
+    if key in VALUE_MAPPINGS:
+        return "mapped", (VALUE_MAPPINGS[key].__doc__ or "").strip()
+    if key in KEY_INDEX:
+        if key in UNSUPPORTED:
+            return "not implemented", UNSUPPORTED[key]
+        return ("no effect", NO_EFFECT[key]) if key in NO_EFFECT else ("lmf key", "")
+    if key in LF_NO_EFFECT:
+        return "no effect", LF_NO_EFFECT[key]
+    return "not implemented", feature_of(key)
+
+
+def lf_key_handling() -> dict[str, tuple[str, str]]:
+    """Every key of LLaMA-Factory 0.9.5 -> :func:`handling_of` it."""
+    return {key: handling_of(key) for key in sorted(LF_KEYS)}

@@ -76,7 +76,7 @@ def _lmf_groups() -> list[str]:
 
 
 def _lf_only() -> list[str]:
-    from lmf.config.compat import ALIASES, LF_NO_EFFECT, VALUE_MAPPINGS, feature_of
+    from lmf.config.compat import ALIASES, VALUE_MAPPINGS, handling_of
     from lmf.config.lf_keys import LF_KEYS, LF_VERSION
     from lmf.config.parser import KEY_INDEX
 
@@ -89,14 +89,15 @@ def _lf_only() -> list[str]:
         if key in KEY_INDEX:
             continue
         default = LF_KEYS.get(key, (None,))[0]
-        if key in ALIASES:
-            handling = f"read as `{ALIASES[key]}`"
-        elif key in VALUE_MAPPINGS:
-            handling = _cell((VALUE_MAPPINGS[key].__doc__ or "mapped onto lmf's keys").strip())
-        elif key in LF_NO_EFFECT:
-            handling = f"no effect (warning): {_cell(LF_NO_EFFECT[key])}"
+        kind, detail = handling_of(key)
+        if kind == "renamed":
+            handling = f"read as `{detail}`"
+        elif kind == "mapped":
+            handling = _cell(detail or "mapped onto lmf's keys")
+        elif kind == "no effect":
+            handling = f"no effect (warning): {_cell(detail)}"
         else:
-            handling = f"default only; another value: not implemented ({_cell(feature_of(key))})"
+            handling = f"default only; another value: not implemented ({_cell(detail)})"
         lines.append(f"| `{key}` | `{default!r}` | {handling} |")
     return lines
 

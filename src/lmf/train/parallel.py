@@ -29,25 +29,20 @@ def decoder_layers(model) -> list["torch.nn.Module"]:
     return list(layers)
 
 
-#: the DDP-only keys a config may set, beside ddp_find_unused_parameters (-> DistributedDataParallel argument)
-DDP_KEYS = {"ddp_bucket_cap_mb": "bucket_cap_mb", "ddp_broadcast_buffers": "broadcast_buffers",
-            "ddp_static_graph": "static_graph"}
-
-
 def ddp_options(args, plan: ParallelPlan) -> dict:
     """DistributedDataParallel's arguments from the ``ddp_*`` keys (torch's defaults for those not set); refused,
     naming both keys, when the plan shards with FSDP2 (which has no such options)."""
-    values = {"ddp_bucket_cap_mb": args.ddp_bucket_cap_mb, "ddp_broadcast_buffers": args.ddp_broadcast_buffers,
-              "ddp_static_graph": args.ddp_static_graph}
-    given = {key: value for key, value in values.items() if value is not None}
+    given = {key: (argument, value) for key, argument, value in (
+        ("ddp_bucket_cap_mb", "bucket_cap_mb", args.ddp_bucket_cap_mb),
+        ("ddp_broadcast_buffers", "broadcast_buffers", args.ddp_broadcast_buffers),
+        ("ddp_static_graph", "static_graph", args.ddp_static_graph)) if value is not None}
     if given and plan.mode == "fsdp":
         by = "deepspeed" if plan.deepspeed else "fsdp"
         raise ConfigError(f"config keys {next(iter(given))!r} and {by!r}: the first configures DDP, and this run "
                           "shards the model with FSDP2 instead")
     if given and plan.mode != "ddp":
         logger.info("%s: no effect in a run without DDP (one process)", ", ".join(given))
-    return {"find_unused_parameters": bool(args.ddp_find_unused_parameters),
-            **{DDP_KEYS[key]: value for key, value in given.items()}}
+    return {"find_unused_parameters": bool(args.ddp_find_unused_parameters), **dict(given.values())}
 
 
 def wrap(loss_module, plan: ParallelPlan, device: "torch.device", mixed_dtype: Optional["torch.dtype"],

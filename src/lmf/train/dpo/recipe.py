@@ -19,11 +19,10 @@ logger = get_logger(__name__)
 
 
 def _free(device) -> None:
-    gc.collect()
-    if getattr(device, "type", "cpu") == "cuda":
-        import torch
+    from lmf.train.process import release_cached_memory
 
-        torch.cuda.empty_cache()
+    gc.collect()
+    release_cached_memory(device)
 
 
 def build_objective(cfg: "LmfConfig", inputs) -> DPOObjective:
