@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: installs lmf with its test extras (CPU torch) and runs the whole suite on both
 # cores (pytest-xdist, -n 2; a `slow` multi-process test has the machine to itself: tests/conftest.py).
-# pip compiles the bytecode at install (never --no-compile: the CI machine sets PYTHONDONTWRITEBYTECODE, so a module
-# pip did not compile is compiled again by every process that imports it).
+# scripts/install.sh installs: CPU torch with pip, the rest with uv (pip if uv fails), bytecode compiled.
 # LMF_TEST_PINS="transformers==5.19.* ..." installs those versions on top (the compatibility runs of .ci/run).
 # LMF_TEST_WORKERS: xdist workers (default 2; 0 runs in one process). LMF_CI_TIMES=FILE (set by .ci/run) appends
 # "<LMF_CI_PHASE> install|tests <seconds> <exit code>" lines to FILE.
@@ -15,9 +14,8 @@ record() {  # record STEP START RC
     fi
 }
 start=$(date +%s)
-python -m pip install -q torch==2.13.0
 # shellcheck disable=SC2086
-python -m pip install -q -e ".[test]" ${LMF_TEST_PINS:-}  # one resolution: the pins and what they need
+bash scripts/install.sh "$(python -c 'import sys; print(sys.executable)')" -e ".[test]" ${LMF_TEST_PINS:-}  # one resolution: the pins and what they need
 if [ -n "${LMF_TEST_PINS:-}" ]; then
     python -c "import transformers, peft, datasets, tokenizers as t; print('testing with transformers', transformers.__version__, 'peft', peft.__version__, 'datasets', datasets.__version__, 'tokenizers', t.__version__)"
 fi

