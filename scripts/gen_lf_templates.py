@@ -1,6 +1,9 @@
-"""Regenerate src/lmf/data/template/lf_templates.py: every text chat template of LLaMA-Factory 0.9.5, as data.
+"""Regenerate src/lmf/data/template/lf_templates.py: every chat template of LLaMA-Factory, as data.
 
-    bench/.lf-venv/bin/python scripts/gen_lf_templates.py
+    PYTHONPATH=<LLaMA-Factory main>/src bench/.lf-venv/bin/python scripts/gen_lf_templates.py
+
+(the table now holds main's registry, 0.9.6.dev0 of 2026-08: 0.9.5's 121 templates, unchanged, and hy_dense_1_8b,
+hy_dense_7b, moss_vl; without PYTHONPATH it reads 0.9.5, which bench/lf_venv.sh installs).
 
 For each template of LLaMA-Factory's registry it records the slots of every formatter (strings, ``{"bos_token"}``,
 ``{"eos_token"}``, ``{"token": ...}``), the multimodal plugin (text data renders alike; images and videos

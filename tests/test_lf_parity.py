@@ -62,3 +62,30 @@ def test_tokens_equal_llamafactory(name, tmp_path, request, monkeypatch):
         text = tokenizer.decode(rows[i][mine["columns"][0]], skip_special_tokens=False)
         pytest.fail(f"{len(bad)} of {golden['rows']} rows differ from LLaMA-Factory; first: row {i} "
                     f"(lmf length {mine['lengths'][i]}, LF length {golden['lengths'][i]}):\n{text[:1500]}")
+
+
+def test_moss_vl_template_equals_llamafactory_main():
+    """moss_vl (LLaMA-Factory main): its tools without a system prompt lose their leading newline. Its plugin needs a
+    processor for LLaMA-Factory's get_dataset, so the golden holds its template's own encoding of conversations."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from lmf.data.template import get_template
+
+    with open(os.path.join(GOLDEN_DIR, "moss_vl_template_main.json"), encoding="utf-8") as fh:
+        golden = json.load(fh)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(REPO_ROOT, "examples", "tiny-qwen3"))
+    template = get_template("moss_vl", tokenizer)
+    for case in golden["cases"]:
+        pairs = template.encode_multiturn(tokenizer, case["messages"], case["system"], case["tools"])
+        assert [list(map(list, p)) for p in pairs] == case["pairs"], case["system"]
+    plain = dataclasses.replace(template, tools_alone_lstrip=False)  # the one difference from qwen's rendering
+    first = golden["cases"][0]
+    assert [list(map(list, p)) for p in plain.encode_multiturn(tokenizer, first["messages"], "", first["tools"])] != \
+        first["pairs"]
+    prompt = [{"role": "user", "content": "Hi"}]  # the exported chat template renders the same prompt
+    tools = json.loads(first["tools"])
+    rendered = tokenizer.apply_chat_template(prompt, tools=[{"type": "function", "function": t} for t in tools],
+                                             tokenize=False, add_generation_prompt=True)
+    assert rendered == template.prompt_text(prompt, tools=first["tools"], tokenizer=tokenizer)

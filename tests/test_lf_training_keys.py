@@ -154,3 +154,158 @@ def test_drop_last_with_fewer_samples_than_a_micro_batch_names_the_key(tiny_mode
                                           r"training samples per epoch, fewer than per_device_train_batch_size 4"):
         _train(tiny_model_dir, demo_data_dir, tmp_path, dataloader_drop_last=True, max_samples=3)
     assert not (tmp_path / "out").exists()  # refused before output_dir is touched
+
+
+# ---- the best model: metric_for_best_model, greater_is_better, load_best_model_at_end ----
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def test_the_final_adapter_is_the_best_checkpoint_and_the_best_one_survives_rotation(tiny_model_dir, demo_data_dir,
+                                                                                     tmp_path, caplog):
+    import logging
+
+    import torch
+
+    # greater_is_better on the eval loss ranks the first evaluation best (the loss falls as it trains): a best
+    # checkpoint that is not the last, on purpose
+    with caplog.at_level(logging.INFO, logger="lmf"):
+        state = _train(tiny_model_dir, demo_data_dir, tmp_path, max_steps=4, num_train_epochs=1, eval_dataset="identity",
+                       eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1, save_total_limit=1,
+                       load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    out = tmp_path / "out"
+    evals = [h for h in state["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [1, 2, 3, 4] and evals[0]["eval_loss"] == max(h["eval_loss"] for h in evals)
+    assert state["best_metric"] == evals[0]["eval_loss"] and state["best_global_step"] == 1
+    assert os.path.basename(state["best_model_checkpoint"]) == "checkpoint-1"
+    assert sorted(os.listdir(out / "checkpoint-4")) and sorted(
+        p for p in os.listdir(out) if p.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-4"]  # limit 1 + best
+    final, best, last = _tensors(out), _tensors(out / "checkpoint-1"), _tensors(out / "checkpoint-4")
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    assert not all(torch.equal(final[k], last[k]) for k in last)
+    assert "loading the best checkpoint" in caplog.text and "eval_loss=" in caplog.text
+
+
+def test_by_default_the_lowest_eval_loss_is_the_best_and_recorded_without_loading(tiny_model_dir, demo_data_dir,
+                                                                                   tmp_path):
+    state = _train(tiny_model_dir, demo_data_dir, tmp_path, max_steps=3, num_train_epochs=1, eval_dataset="identity",
+                   eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1)
+    evals = {h["step"]: h["eval_loss"] for h in state["log_history"] if "eval_loss" in h}
+    best_step = min(evals, key=evals.get)
+    assert state["best_metric"] == evals[best_step] and state["best_global_step"] == best_step
+    assert os.path.basename(state["best_model_checkpoint"]) == f"checkpoint-{best_step}"
+
+
+@pytest.mark.parametrize("keys, message", [
+    (dict(load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch", eval_dataset="identity"),
+     r"save_strategy \(epoch\) must equal eval_strategy \(steps\)"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps", eval_steps=3, save_steps=4, eval_dataset="identity"),
+     r"save_steps \(4\) must be a whole multiple of eval_steps \(3"),
+    (dict(load_best_model_at_end=True, eval_strategy="steps"), r"'load_best_model_at_end' needs evaluations"),
+])
+def test_a_best_model_without_a_checkpoint_per_evaluation_is_refused(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"model_name_or_path": "m", **keys})
+
+
+def test_metric_defaults_follow_transformers_and_an_unknown_metric_names_the_key(tiny_model_dir, demo_data_dir,
+                                                                                  tmp_path):
+    from lmf.extras.errors import LmfError
+
+    t = build_config({"model_name_or_path": "m", "metric_for_best_model": "accuracy"}).training
+    assert (t.metric_for_best_model, t.greater_is_better) == ("eval_accuracy", True)
+    t = build_config({"model_name_or_path": "m"}).training
+    assert (t.metric_for_best_model, t.greater_is_better) == ("eval_loss", False)
+    with pytest.raises(LmfError, match=r"'metric_for_best_model': the evaluation reports no 'eval_bleu' \(it "
+                                       r"reports eval_loss"):
+        _train(tiny_model_dir, demo_data_dir, tmp_path, max_steps=2, num_train_epochs=1, eval_dataset="identity",
+               eval_strategy="steps", eval_steps=1, metric_for_best_model="bleu")
+
+
+def test_load_best_model_at_end_under_fsdp_is_refused_naming_both():
+    from lmf.dist.plan import plan_parallelism
+    from lmf.dist.runtime import DistInfo
+    from lmf.train.trainer import Trainer
+
+    cfg = build_config({"model_name_or_path": "m", "load_best_model_at_end": True, "eval_strategy": "steps",
+                        "save_steps": 10, "eval_steps": 10, "eval_dataset": "identity", "fsdp": "full_shard"})
+    plan = plan_parallelism(cfg, 2, announce=False)  # what two processes would run
+    assert plan.mode == "fsdp"
+    runtime = DistInfo(rank=0, world_size=2, local_rank=0, local_world_size=2, device=None, backend="gloo")
+    with pytest.raises(ConfigError, match=r"'load_best_model_at_end' under FSDP sharding .* not implemented"):
+        Trainer(cfg, model=None, tokenizer=None, objective=None, train_dataset=[1], runtime=runtime, plan=plan)
+
+
+def test_full_determinism_turns_on_deterministic_algorithms_and_reruns_are_identical(tiny_model_dir, demo_data_dir,
+                                                                                       tmp_path, monkeypatch):
+    import torch
+
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUDA_LAUNCH_BLOCKING"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    try:
+        runs = [_train(tiny_model_dir, demo_data_dir, tmp_path / str(i), max_steps=3, num_train_epochs=1,
+                       full_determinism=True) for i in range(2)]
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+    losses = [[h["loss"] for h in r["log_history"] if "loss" in h] for r in runs]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_the_torch_profiler_writes_a_trace_of_the_scheduled_steps(tiny_model_dir, demo_data_dir, tmp_path):
+    import glob
+    import gzip
+
+    _train(tiny_model_dir, demo_data_dir, tmp_path, max_steps=4, num_train_epochs=1, enable_torch_profiler=True,
+           profiler_wait_steps=1, profiler_warmup_steps=1, profiler_active_steps=1, profiler_with_stack=False)
+    traces = glob.glob(str(tmp_path / "out" / "profiler" / "rank_0" / "*.pt.trace.json*"))
+    assert len(traces) == 1, traces  # one cycle (repeat 1): steps 3 recorded
+    opener = gzip.open if traces[0].endswith(".gz") else open
+    with opener(traces[0], "rt", encoding="utf-8") as fh:
+        events = json.load(fh)["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "aten::mm" in names or "aten::addmm" in names  # the model's matmuls
+    assert "ProfilerStep#2" in names and not any(n and n.startswith("ProfilerStep#0") for n in names)
+    assert any(e.get("name") == "[memory]" for e in events)  # profiler_profile_memory (default true)
+
+
+def test_torch_compile_trains_like_eager_and_saves_the_same_files(tiny_model_dir, demo_data_dir, tmp_path, caplog):
+    """The eager backend: torch.compile's tracing of every module into graphs, run without code generation
+    (inductor, which reorders float sums, is measured in bench/bench_compile.py: its C++ compilation takes minutes
+    on this machine)."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, extra in (("eager", {}), ("compiled", {"torch_compile": True, "torch_compile_backend": "eager"})):
+        with caplog.at_level(logging.INFO, logger="lmf"):
+            state = _train(tiny_model_dir, demo_data_dir, tmp_path / name, max_steps=3, num_train_epochs=1, **extra)
+        runs[name] = ([h["loss"] for h in state["log_history"] if "loss" in h],
+                      load_file(str(tmp_path / name / "out" / "adapter_model.safetensors")))
+    assert "torch_compile: 2 decoder blocks compiled, 8 modules (backend eager)" in caplog.text
+    assert runs["compiled"][0] == pytest.approx(runs["eager"][0], rel=1e-5)
+    assert runs["compiled"][1].keys() == runs["eager"][1].keys()  # the same adapter file, names and all
+
+
+def test_switched_keys_warn_when_their_switch_is_off(caplog):
+    import logging
+
+    logging.getLogger("lmf").propagate = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="lmf"):
+            build_config({"model_name_or_path": "m", "torch_compile_mode": "max-autotune", "profiler_repeat": 2,
+                          "eaft_alpha": 0.5})
+            text = caplog.text
+            caplog.clear()
+            build_config({"model_name_or_path": "m", "torch_compile": True, "torch_compile_mode": "max-autotune"})
+    finally:
+        logging.getLogger("lmf").propagate = False
+    assert "'torch_compile_mode' has no effect without torch_compile: true" in text
+    assert "'profiler_repeat' has no effect without enable_torch_profiler: true" in text
+    assert "'eaft_alpha' has no effect without use_eaft_loss: true" in text
+    assert "has no effect" not in caplog.text  # not with the switch on

@@ -173,3 +173,36 @@ def test_reentrant_checkpointing_by_default_except_under_fsdp(tiny_model_dir, tm
     with caplog.at_level(logging.INFO, logger="lmf.model.checkpointing"):
         _load(tiny_model_dir, tmp_path)  # WORLD_SIZE=2 without fsdp: DDP keeps reentrant checkpointing
     assert "use_reentrant=True" in caplog.text
+
+
+def test_stop_words_a_template_added_get_mean_rows_and_other_new_tokens_need_resize_vocab(tiny_model_dir, tmp_path):
+    from lmf.data.template import get_template
+
+    cfg = make_config(tiny_model_dir, str(tmp_path / "o"), template="llama3")
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_model(cfg, tokenizer, is_trainable=False)
+    rows = base.get_input_embeddings().weight.shape[0]
+    assert rows == len(tokenizer)  # the tiny model has no spare rows
+    get_template("llama3", tokenizer)  # adds <|eot_id|>, <|eom_id|>
+    model = load_model(cfg, tokenizer, is_trainable=False)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.shape[0] >= len(tokenizer) == rows + 2
+    for weight, old in ((emb, base.get_input_embeddings().weight), (head, base.get_output_embeddings().weight)):
+        torch.testing.assert_close(weight[:rows], old)
+        torch.testing.assert_close(weight[rows:], old.mean(0, keepdim=True).expand(weight.shape[0] - rows, -1))
+    again = load_model(cfg, tokenizer, is_trainable=False)  # what chat and export load: the same rows
+    assert torch.equal(again.get_input_embeddings().weight, emb)
+
+    other = load_tokenizer(cfg.model)
+    other.add_special_tokens({"additional_special_tokens": ["<new>"]})  # not from a template
+    with pytest.raises(ConfigError, match=r"no row for <new> \(2048\).*set resize_vocab: true"):
+        load_model(cfg, other, is_trainable=False)
+
+
+def test_resize_vocab_trains_the_embeddings_in_the_adapter_as_llamafactory(tiny_model_dir, tmp_path):
+    cfg = make_config(tiny_model_dir, str(tmp_path / "o"), resize_vocab=True)
+    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)
+    assert set(model.peft_config["default"].modules_to_save) == {"embed_tokens", "lm_head"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed_tokens.modules_to_save" in n for n in trainable) and any("lm_head.modules_to_save" in n
+                                                                             for n in trainable)

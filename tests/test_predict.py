@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 import yaml
@@ -151,16 +150,21 @@ def test_two_processes_predict_each_sample_once_and_write_the_same_file(tmp_path
     assert _predictions(tmp_path / "dist") == _predictions(GOLDEN)
 
 
-def test_vllm_backend_writes_the_same_predictions(tmp_path):  # the real run: tests/test_vllm_serving.py
-    pytest.importorskip("vllm")
-    from lmf.chat.vllm_engine import check_vllm_available
-    from lmf.extras.errors import NotAvailableError
 
-    try:
-        check_vllm_available()
-    except NotAvailableError as exc:
-        pytest.skip(str(exc))
-    out = tmp_path / "vllm"
-    _run([_write_yaml(tmp_path / "c.yaml", _lf_config(out, infer_backend="vllm", vllm_maxlen=512))])
-    assert [r["prompt"] for r in _predictions(out)] == [r["prompt"] for r in _predictions(GOLDEN)]
-    shutil.rmtree(out)
+@pytest.mark.parametrize("beams_key", ["num_beams", "eval_num_beams"])
+def test_beam_search_predictions_equal_llamafactory(tmp_path, beams_key):
+    """num_beams 3 and length_penalty 0.6: LLaMA-Factory 0.9.5's predictions (tests/fixtures/lf_predict_beams, its
+    run of lf_predict's config with those two keys added); eval_num_beams counts where num_beams is 1."""
+    beams = os.path.join(REPO_ROOT, "tests", "fixtures", "lf_predict_beams")
+    out = tmp_path / "out"
+    _run([_write_yaml(tmp_path / "c.yaml", _lf_config(out, length_penalty=0.6, **{beams_key: 3}))])
+    assert _predictions(out) == _predictions(beams)
+    assert _predictions(beams) != _predictions(GOLDEN)  # the beams changed answers
+
+
+def test_beams_are_refused_where_replies_stream_or_vllm_predicts(tiny_model_dir):
+    from lmf.chat import create_engine
+
+    for key, value in (("num_beams", 2), ("length_penalty", 0.5)):
+        with pytest.raises(ConfigError, match=rf"'{key}': beam search is not implemented for chat and api"):
+            create_engine(build_config({"model_name_or_path": tiny_model_dir, "template": "qwen", key: value}))

@@ -216,3 +216,37 @@ def test_qlora_reward_model_trains(tmp_path):
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
     assert all(os.path.isfile(os.path.join(out, f)) for f in ("adapter_model.safetensors", "value_head.safetensors"))
+
+
+def test_a_full_dpo_run_scores_with_a_4_bit_reference(tmp_path, caplog):
+    import logging
+
+    from lmf.model.loader import load_tokenizer
+    from lmf.train.reference import load_reference_model
+    from lmf.train.workflow import run_training
+
+    out = str(tmp_path / "dpo")
+    raw = _raw(out, stage="dpo", dataset="dpo_en_demo", max_samples=8, cutoff_len=128, max_steps=2,
+               finetuning_type="full", quantization_bit=None, learning_rate=1e-4, ref_model_quantization_bit=4)
+    cfg = build_config(raw)
+    ref = load_reference_model(cfg, load_tokenizer(cfg.model), device=torch.device("cpu"))
+    assert {type(m).__name__ for m in ref.modules()} >= {"Linear4bit"}
+    with caplog.at_level(logging.INFO, logger="lmf"):
+        run_training(cfg)
+    assert "loading the frozen reference model from" in caplog.text and "in 4 bits" in caplog.text
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as fh:
+        logged = [h for h in json.load(fh)["log_history"] if "loss" in h]
+    assert len(logged) == 2 and all(h["loss"] == h["loss"] for h in logged)
+    # a 4-bit reference is not the policy: the first step's rewards are not all zero, as they are with an exact copy
+    assert any(abs(h.get("rewards/chosen", 0.0)) > 0 for h in logged[:1])
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"finetuning_type": "lora"}, r"'ref_model_quantization_bit' and 'finetuning_type'.*set ref_model"),
+    ({"stage": "sft"}, r"'ref_model_quantization_bit' quantizes the reference model of dpo and kto"),
+    ({"pref_loss": "simpo"}, r"'ref_model_quantization_bit' and 'pref_loss': simpo uses no reference"),
+])
+def test_a_quantized_reference_without_a_separate_reference_is_refused(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"model_name_or_path": "m", "stage": "dpo", "finetuning_type": "full",
+                      "ref_model_quantization_bit": 4, **keys})

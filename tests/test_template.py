@@ -169,13 +169,21 @@ def test_phi_small_starts_with_endoftext_even_though_eos_is_replaced():
     assert tok.decode(prompt, skip_special_tokens=False) == "<|endoftext|><|user|>\nHi<|end|>\n<|assistant|>\n"
 
 
-def test_missing_special_tokens_render_as_text():
-    tok = build_char_tokenizer()  # no <|eot_id|> in the vocabulary
-    template = get_template("llama3", tok)
+def test_missing_stop_words_are_added_as_special_tokens_as_llamafactory_does(caplog):
+    import logging
+
+    tok = build_char_tokenizer()  # no <|eot_id|> / <|eom_id|> in the vocabulary
+    size = len(tok)
+    with caplog.at_level(logging.WARNING, logger="lmf"):
+        template = get_template("llama3", tok)
+    eot, eom = tok.convert_tokens_to_ids("<|eot_id|>"), tok.convert_tokens_to_ids("<|eom_id|>")
+    assert (eot, eom) == (size, size + 1) and tok.eos_token == "<|eot_id|>"  # replace_eos, as LLaMA-Factory
     (prompt, response), = template.encode_multiturn(tok, CONV[:2])
-    assert response == ids("Yo<|eot_id|>")
-    assert tok.eos_token == "<|im_end|>"  # not replaced by a token the vocabulary lacks
-    assert template.stop_token_ids(tok) == [IM_END]
+    assert response == ids("Yo") + [eot]
+    assert set(template.stop_token_ids(tok)) == {eot, eom}
+    assert "<|eot_id|>, <|eom_id|> not in the tokenizer's vocabulary: added as special tokens" in caplog.text
+    get_template("llama3", tok)
+    assert len(tok) == size + 2  # idempotent
 
 
 def test_added_special_tokens_are_single_ids():

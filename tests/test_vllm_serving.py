@@ -100,20 +100,21 @@ def test_vllm_applies_lmf_adapters_as_peft_does(trained):
         assert max(abs(a - b) for a, b in zip(logps, base)) > 1e-3, name  # the adapter is really applied
 
 
-def _engine(trained, backend: str, adapter: str):
+def _engine(trained, backend: str, adapter: str, **extra):
     from lmf.chat import create_engine
 
     return create_engine(build_config(dict(model_name_or_path=trained["base"], adapter_name_or_path=adapter,
                                            template="qwen", infer_backend=backend, vllm_maxlen=256,
                                            vllm_gpu_util=0.1, infer_dtype="float32", max_new_tokens=12,
-                                           do_sample=False)))
+                                           do_sample=False, **extra)))
 
 
 def test_chat_through_vllm_answers_what_huggingface_answers(trained):
     messages = [{"role": "user", "content": "Who are you?"}]
     hf = _engine(trained, "huggingface", trained["sft"]).chat(messages)
-    engine = _engine(trained, "vllm", trained["sft"])
+    engine = _engine(trained, "vllm", trained["sft"], vllm_config='{"max_num_seqs": 3}')  # LLaMA-Factory's JSON form
     try:
+        assert engine.engine.vllm_config.scheduler_config.max_num_seqs == 3  # vllm_config reached the engine
         served = engine.chat(messages)
     finally:
         engine.close()
@@ -193,3 +194,14 @@ def test_the_api_through_vllm_answers_what_huggingface_answers(trained):
     finally:
         engine.close()
     assert reply.choices[0].message.content == expected
+
+
+def test_a_vllm_config_key_vllm_does_not_know_is_refused_naming_it():
+    from lmf.chat.vllm_engine import vllm_engine_kwargs
+    from lmf.extras.errors import ConfigError
+
+    cfg = build_config({"model_name_or_path": "m", "vllm_config": {"max_num_seqs": 2, "no_such_argument": 1}})
+    with pytest.raises(ConfigError, match=r"'vllm_config': 'no_such_argument' is not an argument of vLLM's engine"):
+        vllm_engine_kwargs(cfg, enable_lora=False)
+    cfg = build_config({"model_name_or_path": "m", "vllm_config": {"max_model_len": 128}})
+    assert vllm_engine_kwargs(cfg, enable_lora=False)["max_model_len"] == 128  # it overrides vllm_maxlen

@@ -46,6 +46,13 @@ CASES: dict[str, dict] = {
     "qwen_dpo": {"stage": "rm", "config": dict(_sft("dpo_en_demo", "qwen")["config"], stage="rm")},
     "qwen_kto": {"stage": "kto", "config": dict(_sft("kto_en_demo", "qwen", cutoff_len=512)["config"], stage="kto")},
 }
+#: Templates LLaMA-Factory added after 0.9.5: their goldens come from LLaMA-Factory main (2026-08, 0.9.6.dev0),
+#: made with ``PYTHONPATH=<its src> python scripts/make_lf_golden.py <case>`` (it runs in bench/.lf-venv).
+for _name in ("hy_dense_1_8b", "hy_dense_7b"):
+    CASES[f"{_name}_alpaca_main"] = _sft("alpaca_en_demo,identity", _name, max_samples=20)
+#: Templates whose stop words (or eos) the tiny Qwen vocabulary lacks: both add them as special tokens.
+for _name in ("llama3", "glm4_moe", "hunyuan"):
+    CASES[f"{_name}_missing_stop_words"] = _sft("alpaca_en_demo,identity", _name, max_samples=20)
 
 #: The families' templates on the realistic tokenizer (Qwen's real BPE + each family's special tokens), on
 #: single-turn data with system prompts and on tool-calling multi-turn data.

@@ -14,7 +14,11 @@ if TYPE_CHECKING:
 
 def create_engine(cfg: "LmfConfig") -> ChatEngine:
     """The engine of ``infer_backend``: ``huggingface``/``hf`` (default) or ``vllm``."""
-    backend = cfg.model.infer_backend
+    backend, g = cfg.model.infer_backend, cfg.generating
+    for key, default in (("num_beams", 1), ("length_penalty", 1.0)):
+        if getattr(g, key) != default:
+            raise ConfigError(f"config key {key!r}: beam search is not implemented for chat and api (replies are "
+                              "streamed token by token); it applies to prediction (do_predict)")
     if backend in ("huggingface", "hf"):
         from lmf.chat.hf_engine import HuggingFaceEngine
 

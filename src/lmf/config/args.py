@@ -45,6 +45,13 @@ class ModelArguments:
     add_tokens: Optional[str] = _f(None, "Comma-separated non-special tokens to add to the tokenizer.")
     add_special_tokens: Optional[str] = _f(None, "Comma-separated special tokens to add to the tokenizer.")
     resize_vocab: bool = _f(False, "Resize the embeddings to the tokenizer's vocabulary.")
+    new_special_tokens_config: Optional[str] = _f(None, "A YAML file mapping new special tokens to descriptions "
+                                                  "(LLaMA-Factory main): its tokens are added (in place of "
+                                                  "add_special_tokens) and desc_init starts their rows from the "
+                                                  "descriptions.")
+    init_special_tokens: str = _f("noise_init", "How the rows of added tokens start: noise_init (mean + noise), "
+                                  "desc_init (the mean of the description's rows), desc_init_w_noise (both).",
+                                  ("noise_init", "desc_init", "desc_init_w_noise"))
     low_cpu_mem_usage: bool = _f(True, "Load weights lazily to save CPU memory.")
     init_on_rank0: bool = _f(False, "Under FSDP on several processes, only rank 0 reads the checkpoint; the other "
                                     "ranks build the model on the meta device and receive their shards from it "
@@ -96,7 +103,12 @@ class ModelArguments:
     double_quantization: bool = _f(True, "4-bit: quantize the quantization constants too (saves ~0.4 bit/param).")
     quantization_device_map: Optional[str] = _f(None, "Inference with a quantized model: 'auto' lets transformers "
                                                 "place it (chat/api).", (None, "auto"))
-    model_max_length: Optional[int] = _f(None, "Override the tokenizer's model_max_length.")
+    model_max_length: Optional[int] = _f(None, "Override the tokenizer's model_max_length; with rope_scaling at "
+                                         "inference, the length the RoPE is scaled for (training: cutoff_len).")
+    rope_scaling: Optional[str] = _f(None, "Scale the RoPE to train or serve past the model's native length: factor "
+                                     "ceil(cutoff_len / native length) in training, model_max_length / native "
+                                     "length (or 2) at inference, as LLaMA-Factory derives it (lmf.model.rope).",
+                                     ("linear", "dynamic", "yarn", "llama3"))
     # export
     export_dir: Optional[str] = _f(None, "Directory to write the merged model to (lmf export).")
     export_size: float = _f(5, "Maximum shard size of the exported model, in GB (fractions allowed, e.g. 0.5).")
@@ -110,6 +122,9 @@ class ModelArguments:
     vllm_gpu_util: float = _f(0.7, "GPU memory fraction for vLLM.")
     vllm_enforce_eager: bool = _f(False, "Disable CUDA graphs in vLLM.")
     vllm_max_lora_rank: int = _f(32, "Maximum LoRA rank vLLM accepts.")
+    vllm_config: Optional[dict] = _f(None, "Extra arguments of vLLM's engine (a mapping, or a JSON string as "
+                                           "LLaMA-Factory takes it), e.g. {max_num_seqs: 8}; they override the "
+                                           "vllm_* keys. Checked against vLLM's EngineArgs at start.")
 
 
 @dataclass
@@ -143,8 +158,8 @@ class DataArguments:
     preprocessing_batch_size: int = _f(1000, "Records per preprocessing batch.")
     preprocessing_num_workers: Optional[int] = _f(None, "Processes used for preprocessing.")
     max_samples: Optional[int] = _f(None, "Keep at most this many records per dataset.")
-    eval_num_beams: Optional[int] = _f(None, "Beams for evaluation generation.",
-        unsupported="generation during evaluation is not implemented")
+    eval_num_beams: Optional[int] = _f(None, "Beams of prediction (do_predict) when num_beams is 1, as "
+                                             "LLaMA-Factory passes it to generate.")
     ignore_pad_token_for_loss: bool = _f(True, "Ignore pad tokens in the loss.",
         unsupported="training on padding tokens (ignore_pad_token_for_loss: false) is not implemented")
     val_size: float = _f(0.0, "Validation split: a fraction in [0,1) or an absolute count.")
@@ -197,16 +212,28 @@ class FinetuningArguments:
     module_dropout: float = _f(0.0, "OFT: probability of dropping a module's rotation while training.")
     use_dft_loss: bool = _f(False, "SFT with the DFT loss: token cross-entropy weighted by the token's detached "
                                    "probability (Dynamic Fine-Tuning).")
+    use_eaft_loss: bool = _f(False, "SFT with the EAFT loss (LLaMA-Factory main): token cross-entropy weighted by "
+                                    "(entropy of the model's top-20 next-token distribution / 3) ^ eaft_alpha, "
+                                    "detached.")
+    eaft_alpha: float = _f(1.0, "EAFT: the power of the entropy weight.")
     neftune_noise_alpha: Optional[float] = _f(None, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) "
                                                     "added to the input embeddings while training.")
     # preference
     pref_beta: float = _f(0.1, "Beta of the preference loss.")
     pref_ftx: float = _f(0.0, "Weight of the SFT loss added to the preference loss.")
+    pref_bco_weight: float = _f(0.0, "DPO with a reference: weight of the BCO loss mixed into it, (dpo + w x bco) / "
+                                     "(1 + w), against a running mean of the rewards (LLaMA-Factory, after TRL).")
     pref_loss: str = _f("sigmoid", "Preference loss.", ("sigmoid", "hinge", "ipo", "orpo", "simpo"))
     dpo_label_smoothing: float = _f(0.0, "Label smoothing for the sigmoid DPO loss (cDPO).")
     simpo_gamma: float = _f(0.5, "Target reward margin of SimPO.")
+    ld_alpha: Optional[float] = _f(None, "LD-DPO (LLaMA-Factory): in the policy's log-probability of each answer, "
+                                         "the tokens past the shorter answer of its pair count ld_alpha times "
+                                         "(0 < ld_alpha <= 1; the reference's are plain).")
     ref_model: Optional[str] = _f(None, "Reference model path for DPO (default: the base model).")
     ref_model_adapters: Optional[str] = _f(None, "Adapters of the reference model.")
+    ref_model_quantization_bit: Optional[int] = _f(None, "Load the separate reference model (full/freeze tuning, "
+                                                   "or ref_model) quantized to 4 or 8 bits with bitsandbytes; "
+                                                   "otherwise it is unquantized, as in LLaMA-Factory.", (None, 4, 8))
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (full fine-tuning).")
     kto_chosen_weight: float = _f(1.0, "KTO: weight of the loss of desirable answers.")
     kto_rejected_weight: float = _f(1.0, "KTO: weight of the loss of undesirable answers.")
@@ -299,6 +326,12 @@ class TrainingArguments:
     tf32: Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
     gradient_checkpointing: Optional[bool] = _f(None, "Activation checkpointing per decoder layer (default: on unless disable_gradient_checkpointing).")
     seed: int = _f(42, "Random seed.")
+    label_smoothing_factor: float = _f(0.0, "SFT/pre-training: smooth the next-token targets, (1 - e) x cross-entropy "
+                                            "+ e x the mean over the vocabulary of -log p (transformers' "
+                                            "LabelSmoother), in the training and the eval loss.")
+    full_determinism: bool = _f(False, "Deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN "
+                                       "deterministic, a fixed cuBLAS workspace) for bit-identical reruns on GPU; "
+                                       "slower. On CPU lmf's runs are already deterministic for a seed.")
     data_seed: Optional[int] = _f(None, "Seed for data shuffling (default: seed).")
     logging_steps: int = _f(10, "Log every N optimizer steps.")
     logging_dir: Optional[str] = _f(None, "TensorBoard log dir (default: output_dir/runs).")
@@ -314,9 +347,28 @@ class TrainingArguments:
     eval_steps: Optional[float] = _f(None, "Evaluate every N steps (default: logging_steps).")
     eval_on_start: bool = _f(False, "Evaluate once before the first training step (a check of the eval set).")
     eval_delay: float = _f(0, "No evaluation before this many steps (eval_strategy steps) or epochs (epoch).")
+    metric_for_best_model: Optional[str] = _f(None, "The eval metric that ranks checkpoints and drives early "
+                                              "stopping ('loss' or eval_loss by default; 'eval_' is added when "
+                                              "missing).")
+    greater_is_better: Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better (default: false "
+                                           "for a metric ending in 'loss', true otherwise).")
+    load_best_model_at_end: bool = _f(False, "After training, load the checkpoint with the best "
+                                      "metric_for_best_model and save it as the final model (named in the log and "
+                                      "in trainer_state.json's best_model_checkpoint); needs save_strategy equal to "
+                                      "eval_strategy (save_steps a multiple of eval_steps); not under FSDP sharding.")
     report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb, mlflow, all (the "
                                              "installed ones); comma-separated or a list.")
     run_name: Optional[str] = _f(None, "Run name for trackers.")
+    enable_torch_profiler: bool = _f(False, "Profile training steps with torch.profiler (lmf.train.profiler): each "
+                                            "rank writes Chrome traces (TensorBoard's profiler plugin, Perfetto).")
+    profiler_output_dir: Optional[str] = _f(None, "Where the traces go (default: output_dir/profiler), in rank_<N>/.")
+    profiler_wait_steps: int = _f(1, "Profiler schedule: steps skipped at the start of each cycle.")
+    profiler_warmup_steps: int = _f(1, "Profiler schedule: warm-up steps of each cycle (traced, discarded).")
+    profiler_active_steps: int = _f(1, "Profiler schedule: steps recorded in each cycle.")
+    profiler_repeat: int = _f(1, "Profiler schedule: cycles (0: until training ends).")
+    profiler_record_shapes: bool = _f(True, "Profiler: record the operators' input shapes.")
+    profiler_profile_memory: bool = _f(True, "Profiler: record tensor memory allocations.")
+    profiler_with_stack: bool = _f(True, "Profiler: record Python stacks of the operators.")
     resume_from_checkpoint: Union[bool, str, None] = _f(None, "true: newest checkpoint in output_dir; a path: that checkpoint.")
     deepspeed: Optional[str] = _f(None, "DeepSpeed JSON config: ZeRO stages and CPU offload mapped onto "
                                          "FSDP2, batch/precision/clipping checked against the YAML; the DeepSpeed "
@@ -345,8 +397,13 @@ class TrainingArguments:
     remove_unused_columns: bool = _f(False, "Accepted for compatibility; lmf never drops columns it needs.",
         no_effect="lmf never drops columns it needs")
     use_cpu: bool = _f(False, "Train on CPU even when a GPU is present.")
-    torch_compile: bool = _f(False, "torch.compile the model.",
-        unsupported="torch.compile is not implemented")
+    torch_compile: bool = _f(False, "Compile each decoder block with torch.compile before training "
+                                    "(lmf.train.compile); the first steps include the compilation.")
+    torch_compile_backend: Optional[str] = _f(None, "torch.compile backend (default inductor; aot_eager and eager "
+                                                    "compile without code generation).")
+    torch_compile_mode: Optional[str] = _f(None, "torch.compile mode.",
+                                           (None, "default", "reduce-overhead", "max-autotune",
+                                            "max-autotune-no-cudagraphs"))
     predict_with_generate: bool = _f(False, "Generate during prediction (do_predict needs it).")
     batching_strategy: Optional[str] = _f(
         None, "Micro-batches: normal (per_device_train_batch_size samples, padded), padding_free (the same samples, "
@@ -385,13 +442,13 @@ class GeneratingArguments:
     temperature: float = _f(0.95, "Sampling temperature.")
     top_p: float = _f(0.7, "Nucleus sampling probability.")
     top_k: int = _f(50, "Top-k sampling.")
-    num_beams: int = _f(1, "Beam search width.",
-        unsupported="beam search is not implemented for chat/api (replies are streamed)")
+    num_beams: int = _f(1, "Beam search width of prediction (do_predict, huggingface backend); chat and api "
+                           "stream their replies and refuse beams.")
     max_length: int = _f(1024, "Maximum total length (prompt + reply); applies when max_new_tokens <= 0.")
     max_new_tokens: int = _f(1024, "Maximum new tokens of a reply (<= 0: limited by max_length instead).")
     repetition_penalty: float = _f(1.0, "Repetition penalty.")
-    length_penalty: float = _f(1.0, "Length penalty for beam search.",
-        unsupported="it only applies to beam search, which is not implemented for chat/api")
+    length_penalty: float = _f(1.0, "Length penalty of beam search (prediction): the beams' scores are divided "
+                                   "by length ** length_penalty.")
     skip_special_tokens: bool = _f(True, "Skip special tokens when decoding.")
 
 
@@ -413,20 +470,23 @@ BOUNDS: dict[str, str] = {
         "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
         "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "global_batch_size", "dp_size", "logging_steps", "ddp_timeout", "ray_num_workers",
-        "num_beams", "max_length", "ddp_bucket_cap_mb", "torch_empty_cache_steps", "dataloader_prefetch_factor"),
+        "num_beams", "max_length", "ddp_bucket_cap_mb", "torch_empty_cache_steps", "dataloader_prefetch_factor",
+        "profiler_active_steps"),
         ">= 1"),
     **dict.fromkeys((
         "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",
         "oft_block_size", "loraplus_lr_embedding", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
         "badam_start_block", "learning_rate", "weight_decay", "warmup_steps", "eval_steps", "save_steps", "seed", "data_seed",
-        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs", "eval_delay"),
+        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs", "eval_delay",
+        "pref_bco_weight",
+        "profiler_wait_steps", "profiler_warmup_steps", "profiler_repeat", "eaft_alpha"),
         ">= 0"),
     **dict.fromkeys((
         "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",
         "apollo_scale", "adam_epsilon", "repetition_penalty"), "> 0"),
-    **dict.fromkeys(("lora_dropout", "module_dropout", "adam_beta1", "adam_beta2"), "[0, 1)"),
+    **dict.fromkeys(("lora_dropout", "module_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor"), "[0, 1)"),
     **dict.fromkeys(("warmup_ratio", "badam_update_ratio", "top_p"), "[0, 1]"),
     **dict.fromkeys(("badam_verbose", "temperature"), "[0, 2]"),
     **dict.fromkeys(("max_steps", "pissa_iter", "badam_switch_interval"), ">= -1"),
-    "vllm_gpu_util": "(0, 1]", "dpo_label_smoothing": "[0, 0.5)", "malloc_mmap_threshold_mb": "[0, 32]",
+    "vllm_gpu_util": "(0, 1]", "ld_alpha": "(0, 1]", "dpo_label_smoothing": "[0, 0.5)", "malloc_mmap_threshold_mb": "[0, 32]",
 }

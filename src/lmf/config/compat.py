@@ -119,21 +119,25 @@ _GROUP_FEATURES = {
     "transformers": "this transformers TrainingArguments option",
 }
 _KEY_FEATURES = {
-    "ppo_": "PPO", "reward_model": "PPO", "pref_bco_weight": "BCO", "ld_alpha": "LD-DPO",
+    "ppo_": "PPO", "reward_model": "PPO",
     "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+",
     "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
-    "asft": "the ASFT loss", "eaft": "the EAFT loss", "rope_scaling": "RoPE scaling", "shift_attn": "shift short attention",
+    "asft": "the ASFT loss", "eaft": "the EAFT loss", "shift_attn": "shift short attention",
     "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
                          "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
                          "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",
     "offload_folder": "disk offload of model weights",
-    "adapter_folder": "adapter folders", "new_special_tokens_config": "special-token initialisation files",
-    "init_special_tokens": "special-token initialisation", "preserve_thinking": "preserve_thinking",
+    "adapter_folder": "adapter folders",
+    "hub_": "pushing to the Hugging Face Hub, which is not possible offline",
+    "trackio_": "Trackio tracking",
+    "preserve_thinking": "preserve_thinking",
 }
 
 
 def feature_of(key: str) -> str:
     """What an LLaMA-Factory-only key configures (for the "not implemented" message)."""
+    if key == "project":  # transformers' Trackio project name (not a prefix: swanlab_project is SwanLab's)
+        return "Trackio tracking (its project name)"
     for prefix, feature in _KEY_FEATURES.items():
         if key.startswith(prefix) or prefix in key:
             return feature

@@ -58,13 +58,13 @@ V1_KEYS: dict[str, str] = {
     "mp_shard_size": "the number of processes", "dist_timeout": "ddp_timeout",
     "optim_config": "muon: use_muon (wd -> weight_decay, adamw_betas, adamw_eps); others refused",
     "lr_scheduler_config": "refused (v1 registers no scheduler plugin)",
-    "seed": "seed", "full_determinism": "refused when true",
+    "seed": "seed", "full_determinism": "full_determinism",
     "resume_from_checkpoint": "resume_from_checkpoint (auto: the newest complete checkpoint)",
     "save_steps": "save_steps", "save_epochs": "1: save_strategy epoch; other values refused",
     "save_ckpt_as_hf": "no effect (lmf's checkpoints hold HF-format models)",
     "save_total_limit": "save_total_limit", "logging_steps": "logging_steps",
     "pref_loss": "pref_loss", "pref_beta": "pref_beta", "pref_ftx": "pref_ftx", "simpo_gamma": "simpo_gamma",
-    "dpo_label_smoothing": "dpo_label_smoothing", "ld_alpha": "refused (LD-DPO is not implemented)",
+    "dpo_label_smoothing": "dpo_label_smoothing", "ld_alpha": "ld_alpha (LD-DPO)",
     "sample_backend": "infer_backend (hf: huggingface, vllm)", "max_new_tokens": "max_new_tokens",
     "custom_chat_template": "refused (not implemented; template: auto uses the tokenizer's own)",
 }
@@ -122,7 +122,7 @@ def translate_v1(raw: dict, source: str = "config", stage: Optional[str] = None)
     for key in ("trust_remote_code", "eval_dataset", "output_dir", "cutoff_len", "learning_rate", "num_train_epochs",
                 "max_steps", "max_grad_norm", "bf16", "seed", "save_steps", "save_total_limit", "logging_steps",
                 "pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "dpo_label_smoothing", "max_new_tokens",
-                "template"):
+                "template", "full_determinism", "ld_alpha"):
         if key in raw and raw[key] is not None:
             out[key] = raw[key]
     _model(raw, out)
@@ -346,11 +346,6 @@ def _refusals(raw: dict) -> None:
     if raw.get("lr_scheduler_config") is not None:
         raise ConfigError("config key 'lr_scheduler_config' is not implemented (LLaMA-Factory v1 registers no "
                           "scheduler plugin; the learning rate is constant)")
-    if raw.get("full_determinism"):
-        raise ConfigError("config key 'full_determinism' is not implemented (lmf runs are seeded; CUDA's "
-                          "deterministic algorithms are not forced)")
-    if raw.get("ld_alpha") is not None:
-        raise ConfigError("config key 'ld_alpha' (LD-DPO) is not implemented")
     if raw.get("custom_chat_template") is not None:
         raise ConfigError("config key 'custom_chat_template' is not implemented; lmf renders with the tokenizer's "
                           "own chat template (template: auto) or a named template")

@@ -87,25 +87,28 @@ def loss_kwargs(model_args, model) -> dict:
 
 
 def causal_lm_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *,
-                   softcap: Optional[float] = None, use_liger: bool = False):
-    """Sum of next-token cross-entropy over label tokens, and the number of label tokens."""
+                   softcap: Optional[float] = None, use_liger: bool = False, label_smoothing: float = 0.0):
+    """Sum of next-token cross-entropy over label tokens, and the number of label tokens. ``label_smoothing`` e:
+    ``(1 - e) * CE + e * mean_v(-log p_v)`` per token (transformers' LabelSmoother, torch's label_smoothing)."""
     if use_liger_for(hidden, use_liger):
         from lmf.loss.chunked import linear_params
 
         if linear_params(lm_head) is not None:
-            return liger_causal_lm_loss(hidden, lm_head, labels, softcap)
+            return liger_causal_lm_loss(hidden, lm_head, labels, softcap, label_smoothing)
         log_once("lmf.loss", "liger-head", "enable_liger_kernel: the LM head is not a plain nn.Linear; using the chunked loss")
         chunk_size = chunk_size or 1024
     if chunk_size:
         from lmf.loss.chunked import chunked_causal_lm_loss
 
-        return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size, softcap=softcap)
+        return chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size, softcap=softcap,
+                                      label_smoothing=label_smoothing)
     import torch.nn.functional as F
 
     h, y = _shift(hidden, labels)
     logits = _plain_logits(h, lm_head, softcap)
     loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum",
+        label_smoothing=label_smoothing,
     )
     return loss_sum, (y != IGNORE_INDEX).sum()
 

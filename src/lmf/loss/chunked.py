@@ -25,6 +25,8 @@ checkpointing, which gives the same O(chunk x vocab) memory at the cost of a rec
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional
 
 import torch
@@ -146,7 +148,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
     """``sum_i CE(rows_i @ W.T + b, targets_i)`` with gradients computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk_size, softcap, compute_dtype, needs):
+    def forward(ctx, rows, weight, bias, targets, chunk_size, softcap, compute_dtype, needs, smoothing=0.0):
         need_rows, need_weight, need_bias = needs
         ctx.dtypes = (rows.dtype, weight.dtype, bias.dtype if bias is not None else None)
         device_type = rows.device.type
@@ -162,10 +164,17 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 t = targets[start:start + chunk_size]
                 logits, capped = _chunk_logits(h, w, bias, softcap)
                 target_logit = logits.gather(1, t.unsqueeze(1)).squeeze(1)
+                mean_logit = logits.mean(1) if smoothing else None
                 lse = _softmax_inplace(logits)  # logits now hold softmax probabilities
-                total += (lse - target_logit).sum()
+                if smoothing:  # (1 - e) * CE + e * mean over the vocabulary of -log p (transformers' LabelSmoother)
+                    total += (lse - (1.0 - smoothing) * target_logit - smoothing * mean_logit).sum()
+                else:
+                    total += (lse - target_logit).sum()
                 if any_grad:
-                    logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # p - onehot = dCE/dlogits
+                    # p - onehot = dCE/dlogits; smoothed: p - (1 - e) * onehot - e / V
+                    logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0 - smoothing
+                    if smoothing:
+                        logits.sub_(smoothing / logits.shape[1])
                     _apply_softcap_grad(logits, capped)
                     grad_logits = logits.to(compute_dtype)
                     if need_rows:
@@ -183,7 +192,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         rows_dtype, weight_dtype, bias_dtype = ctx.dtypes
         scale = grad_output.float()
         return (_scaled(grad_rows, scale, rows_dtype), _scaled(grad_weight, scale, weight_dtype),
-                _scaled(grad_bias, scale, bias_dtype), None, None, None, None, None)
+                _scaled(grad_bias, scale, bias_dtype), None, None, None, None, None, None)
 
 
 class LinearTargetLogProbs(torch.autograd.Function):
@@ -280,9 +289,9 @@ def _module_logits(lm_head, rows, softcap):
     return logits
 
 
-def _module_ce_sum(rows, targets, lm_head, softcap):
+def _module_ce_sum(rows, targets, lm_head, softcap, smoothing=0.0):
     logits = _module_logits(lm_head, rows, softcap)
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum", label_smoothing=smoothing)
 
 
 def _module_target_logps(rows, targets, lm_head, softcap):
@@ -326,7 +335,8 @@ def _validate_chunk_size(chunk_size) -> int:
     return chunk_size
 
 
-def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size: int, softcap: Optional[float] = None):
+def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size: int, softcap: Optional[float] = None,
+                           label_smoothing: float = 0.0):
     """Sum of next-token cross-entropy over label tokens, and their count; same contract as
     :func:`lmf.loss.causal_lm_loss`, computed ``chunk_size`` label tokens at a time."""
     chunk_size = _validate_chunk_size(chunk_size)
@@ -336,14 +346,15 @@ def chunked_causal_lm_loss(hidden, lm_head, labels, chunk_size: int, softcap: Op
     if params is None:
         if _vocab_size(lm_head) is not None:
             _check_targets(targets, _vocab_size(lm_head))
-        outs = _per_chunk_checkpointed(_module_ce_sum, rows, targets, lm_head, chunk_size, softcap)
+        ce_sum = functools.partial(_module_ce_sum, smoothing=label_smoothing) if label_smoothing else _module_ce_sum
+        outs = _per_chunk_checkpointed(ce_sum, rows, targets, lm_head, chunk_size, softcap)
         loss_sum = torch.stack(outs).sum() if outs else _zero_connected(rows, lm_head)
         return loss_sum, num_tokens
     weight, bias = params
     _check_targets(targets, weight.shape[0])
     needs = _needs(rows, weight, bias)
     loss_sum = LinearCrossEntropySum.apply(
-        rows, weight, bias, targets, chunk_size, softcap, _compute_dtype(weight), needs
+        rows, weight, bias, targets, chunk_size, softcap, _compute_dtype(weight), needs, float(label_smoothing)
     )
     return loss_sum, num_tokens
 

@@ -1,13 +1,20 @@
-"""DFT, Dynamic Fine-Tuning (Wu et al., 2025; LLaMA-Factory's ``use_dft_loss``): each label token's
-cross-entropy weighted by the model's own (detached) probability of that token,
-``sum_t -p_t.detach() * log p_t``; same ``(loss_sum, num_tokens)`` contract as ``causal_lm_loss``, on the
-chunked path (no ``[tokens, vocab]`` logits) or the plain one."""
+"""Token-weighted cross-entropies of LLaMA-Factory, each label token's cross-entropy times a detached weight; same
+``(loss_sum, num_tokens)`` contract as ``causal_lm_loss``, on the chunked path (no ``[tokens, vocab]`` logits) or
+the plain one:
+
+- DFT, Dynamic Fine-Tuning (Wu et al., 2025; ``use_dft_loss``): the token's own probability,
+  ``sum_t -p_t.detach() * log p_t``;
+- EAFT (LLaMA-Factory main's ``use_eaft_loss``): ``(H_t / 3) ** eaft_alpha``, ``H_t`` the entropy of the model's
+  top-20 next-token distribution (renormalised) at that position."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from lmf.extras.constants import IGNORE_INDEX
+
+EAFT_TOP_K = 20  # LLaMA-Factory's entropy approximation: the top 20 logits
+EAFT_SCALE = 3.0
 
 
 def token_logps(hidden, lm_head, labels, chunk_size: Optional[int] = None, softcap: Optional[float] = None):
@@ -30,3 +37,36 @@ def dft_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *, softc
     """``(sum over label tokens of -p.detach() * log p, number of label tokens)``; ``use_liger`` is ignored."""
     logps = token_logps(hidden, lm_head, labels, chunk_size, softcap)
     return -(logps.detach().exp() * logps).sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def _label_rows_logits(hidden, lm_head, labels, chunk_size: Optional[int], softcap: Optional[float]):
+    """fp32 logits of the label positions, ``chunk_size`` rows at a time (an iterator; no gradients)."""
+    from lmf.loss.chunked import _module_logits, select_label_rows
+
+    rows = select_label_rows(hidden, labels)[0]
+    step = chunk_size or max(rows.shape[0], 1)
+    for start in range(0, rows.shape[0], step):
+        yield _module_logits(lm_head, rows[start:start + step], softcap)
+
+
+def eaft_weights(hidden, lm_head, labels, alpha: float, chunk_size: Optional[int] = None,
+                 softcap: Optional[float] = None):
+    """``(H / 3) ** alpha`` per label token ``[N]``, H the entropy of the top-20 next-token distribution."""
+    import torch
+
+    with torch.no_grad():
+        parts = []
+        for logits in _label_rows_logits(hidden.detach(), lm_head, labels, chunk_size, softcap):
+            top = logits.topk(min(EAFT_TOP_K, logits.shape[-1]), dim=-1).values
+            logp = top - top.logsumexp(-1, keepdim=True)
+            parts.append((-(logp.exp() * logp).sum(-1) / EAFT_SCALE).pow(alpha))
+        return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def eaft_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *, softcap: Optional[float] = None,
+              use_liger: bool = False, alpha: float = 1.0):
+    """``(sum over label tokens of -w.detach() * log p, number of label tokens)``, ``w`` from :func:`eaft_weights`;
+    ``use_liger`` is ignored."""
+    logps = token_logps(hidden, lm_head, labels, chunk_size, softcap)
+    weights = eaft_weights(hidden, lm_head, labels, alpha, chunk_size, softcap)
+    return -(weights * logps).sum(), (labels[:, 1:] != IGNORE_INDEX).sum()

@@ -28,7 +28,7 @@ def use_liger_for(hidden, use_liger: bool) -> bool:
     return True
 
 
-def liger_causal_lm_loss(hidden, lm_head, labels, softcap):
+def liger_causal_lm_loss(hidden, lm_head, labels, softcap, label_smoothing: float = 0.0):
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     from lmf.loss.chunked import linear_params, select_label_rows
@@ -37,11 +37,13 @@ def liger_causal_lm_loss(hidden, lm_head, labels, softcap):
     if targets.numel() == 0:  # nothing to predict: the chunked path returns a connected zero
         from lmf.loss.chunked import chunked_causal_lm_loss
 
-        return chunked_causal_lm_loss(hidden, lm_head, labels, 1024, softcap=softcap)
+        return chunked_causal_lm_loss(hidden, lm_head, labels, 1024, softcap=softcap, label_smoothing=label_smoothing)
     weight, bias = linear_params(lm_head)
     kwargs = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
     if softcap:
         kwargs["softcap"] = softcap
+    if label_smoothing:
+        kwargs["label_smoothing"] = label_smoothing  # liger's fused loss smooths as torch's cross_entropy does
     out = LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, rows, targets, bias)
     loss_sum = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
     return loss_sum.float(), counts.sum()

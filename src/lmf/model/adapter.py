@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from lmf.config.parser import split_list
 from lmf.extras.errors import ConfigError
@@ -27,6 +27,18 @@ logger = get_logger(__name__)
 #: nn.Linear subclasses that LoRA may adapt: plain linears and the quantized ones of bitsandbytes.
 LORA_LINEAR_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt")
 
+
+def modules_to_save(cfg: "LmfConfig", model) -> Optional[list[str]]:
+    """Modules trained in full and saved with the adapter: ``additional_target``; with ``resize_vocab`` and none
+    given, the input and output embeddings (LLaMA-Factory's rule: the new rows must train and reach the adapter)."""
+    if cfg.finetuning.additional_target:
+        return split_list(cfg.finetuning.additional_target)
+    if not cfg.model.resize_vocab:
+        return None
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    names = sorted({name.split(".")[-1] for name, module in model.named_modules() if id(module) in wanted})
+    logger.warning("resize_vocab: the embeddings (%s) train in full and are saved with the adapter", ", ".join(names))
+    return names
 
 def find_all_linear_modules(model: "nn.Module") -> list[str]:
     """Leaf names of every linear layer LoRA can adapt (lora_target: all): not the output head, and not the
@@ -138,7 +150,7 @@ def _init_lora(cfg: "LmfConfig", model):
         lora_alpha=ft.lora_alpha,
         lora_dropout=ft.lora_dropout,
         target_modules=targets,
-        modules_to_save=split_list(ft.additional_target) or None,
+        modules_to_save=modules_to_save(cfg, model),
         use_rslora=ft.use_rslora,
         use_dora=ft.use_dora,
         init_lora_weights=pissa_init_value(ft.pissa_iter) if ft.pissa_init else True,
@@ -198,7 +210,7 @@ def _init_oft(cfg: "LmfConfig", model):
         targets = vision_lora_targets(model, ft, targets)
     config = OFTConfig(task_type="CAUSAL_LM", r=ft.oft_rank, oft_block_size=ft.oft_block_size,
                        module_dropout=ft.module_dropout, target_modules=targets,
-                       modules_to_save=split_list(ft.additional_target) or None)
+                       modules_to_save=modules_to_save(cfg, model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = get_peft_model(model, config)

@@ -17,6 +17,7 @@ from lmf.extras.errors import ConfigError, LmfError, NotAvailableError
 from lmf.extras.logging import get_logger
 from lmf.model.attention import resolve_attn_implementation
 from lmf.model.checkpointing import enable_gradient_checkpointing, reentrant_checkpointing
+from lmf.model.embeddings import configured_special_tokens, fit_embeddings_to_tokenizer
 from lmf.model.vision import uncheckpoint_frozen_parts
 from lmf.model.quantization import check_pre_quantized, prepare_quantized_for_training, quantization_config
 
@@ -114,9 +115,12 @@ def load_tokenizer(model_args: "ModelArguments"):
     if model_args.add_tokens:
         added = tokenizer.add_tokens(split_list(model_args.add_tokens))
         logger.info("added %d tokens to the tokenizer", added)
-    if model_args.add_special_tokens:
-        toks = split_list(model_args.add_special_tokens)
-        added = tokenizer.add_special_tokens({"additional_special_tokens": toks}, replace_extra_special_tokens=False)
+    special, _ = configured_special_tokens(model_args)
+    if model_args.new_special_tokens_config and model_args.add_special_tokens:
+        logger.warning("new_special_tokens_config and add_special_tokens are both set: the tokens of %s are added",
+                       model_args.new_special_tokens_config)
+    if special:
+        added = tokenizer.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
         logger.info("added %d special tokens to the tokenizer", added)
     return tokenizer
 
@@ -185,6 +189,8 @@ def model_class_of(path: str, trust_remote_code: bool = False):
 def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: bool = False):
     from transformers import AutoConfig
 
+    from lmf.model.rope import configure_rope
+
     m = cfg.model
     path = _check_model_path(m)
     trust = _trust_remote_code(m, path)
@@ -192,6 +198,7 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
     try:
         with config_json_errors(path):
             config = AutoConfig.from_pretrained(path, **common)
+        configure_rope(config, m.rope_scaling, m.model_max_length, path)
         auto_class = auto_model_class(config)
         if m.train_from_scratch or on_meta:  # on_meta: the shapes only; rank 0 sends the weights (init_on_rank0)
             return auto_class.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
@@ -201,7 +208,7 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
                 common["quantization_config"] = quantized  # a checkpoint saved quantized brings its own
             common["device_map"] = m.quantization_device_map or {"": str(device)}
         return auto_class.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=m.low_cpu_mem_usage, **common
+            path, config=config, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=m.low_cpu_mem_usage, **common
         )
     except (OSError, ValueError) as exc:
         raise LmfError(f"cannot load a causal LM from model_name_or_path={path!r}: {exc}") from exc
@@ -268,7 +275,7 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class, raw_config)
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
-    _maybe_resize_embeddings(cfg, model, tokenizer)
+    fit_embeddings_to_tokenizer(cfg, model, tokenizer)
     if tokenizer is not None and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -361,16 +368,3 @@ def _apply_upcasts(cfg: "LmfConfig", model) -> None:
                     "" if upcast else " (the weights already are)")
     if cfg.model.upcast_lmhead_output:
         logger.info("upcast_lmhead_output: lmf's losses always compute the LM head's logits in float32")
-
-
-def _maybe_resize_embeddings(cfg: "LmfConfig", model, tokenizer) -> None:
-    if tokenizer is None:
-        return
-    current = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > current:
-        if not (cfg.model.resize_vocab or cfg.model.add_tokens or cfg.model.add_special_tokens):
-            raise ConfigError(
-                f"the tokenizer has {len(tokenizer)} tokens but the model's embeddings hold {current}; set resize_vocab: true"
-            )
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-        logger.info("resized the embeddings from %d to %d tokens", current, model.get_input_embeddings().weight.shape[0])

@@ -7,8 +7,9 @@ from typing import Any
 
 def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, settings: Any,
                         batch_size: int, use_cache: bool = True, images: Any = None,
-                        media: Any = None) -> list[list[int]]:
-    """The answer ids of every prompt (up to and including its first stop token), in the order of ``prompts``.
+                        media: Any = None, num_beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+    """The answer ids of every prompt (up to and including its first stop token), in the order of ``prompts``;
+    ``num_beams`` > 1: transformers' beam search (each row's best beam), scores divided by length ** length_penalty.
 
     Prompts are batched longest first (less padding) and left-padded so that every row ends where its
     answer starts. A vision-language model gets each batch's ``images`` ((image paths, video paths) per prompt)
@@ -35,7 +36,9 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
         kwargs: dict[str, Any] = dict(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                       max_new_tokens=budget, eos_token_id=stop_ids, pad_token_id=pad_id,
                                       repetition_penalty=settings.repetition_penalty, use_cache=use_cache,
-                                      num_beams=1)
+                                      num_beams=num_beams)
+        if num_beams > 1:
+            kwargs["length_penalty"] = length_penalty
         if media is not None:
             from lmf.train.process import to_device
 

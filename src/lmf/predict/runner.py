@@ -88,7 +88,11 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
     from lmf.chat.engine import GenerationSettings
 
     settings = GenerationSettings.from_args(cfg.generating)
+    beams = cfg.generating.num_beams if cfg.generating.num_beams > 1 else (cfg.data.eval_num_beams or 1)
     if cfg.model.infer_backend == "vllm":
+        if beams > 1:
+            raise ConfigError("config keys 'num_beams' (or 'eval_num_beams') and 'infer_backend': beam search with "
+                              "vLLM is not implemented in lmf; predict with infer_backend: huggingface")
         if images and any(i or v for i, v in images):
             raise NotAvailableError("prediction on images with infer_backend: vllm is not implemented in lmf yet; "
                                     "use infer_backend: huggingface")
@@ -103,11 +107,13 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
 
     model = load_model(cfg, tokenizer, is_trainable=False, device=runtime.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    logger.info("predicting %d samples on %s with transformers generate (batch %d, %s)", len(prompts),
+    logger.info("predicting %d samples on %s with transformers generate (batch %d, %s%s)", len(prompts),
                 runtime.device, cfg.training.per_device_eval_batch_size,
-                "greedy" if settings.greedy else "sampling")
+                "greedy" if settings.greedy else "sampling",
+                f", {beams} beams, length_penalty {cfg.generating.length_penalty:g}" if beams > 1 else "")
     return generate_in_batches(model, prompts, stop_ids, pad_id, settings, cfg.training.per_device_eval_batch_size,
-                               use_cache=cfg.model.use_cache, images=images, media=media)
+                               use_cache=cfg.model.use_cache, images=images, media=media, num_beams=beams,
+                               length_penalty=cfg.generating.length_penalty)
 
 
 def _gather(answers: dict[int, list[int]], runtime) -> dict[int, list[int]]:

@@ -14,7 +14,7 @@ logger = get_logger(__name__)
 
 def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[int], settings: Any) -> list[list[int]]:
     """Answer ids of every prompt (up to and including the stop token), in order."""
-    from lmf.chat.vllm_engine import check_vllm_available
+    from lmf.chat.vllm_engine import check_vllm_available, vllm_engine_kwargs
 
     check_vllm_available()
     from vllm import LLM, SamplingParams
@@ -43,10 +43,8 @@ def generate_with_vllm(cfg, tokenizer, prompts: list[list[int]], stop_ids: list[
         if rank > m.vllm_max_lora_rank:
             raise NotAvailableError(f"the adapter(s) have LoRA rank {rank} (stacked ranks of several adapters add) but "
                                     f"vllm_max_lora_rank is {m.vllm_max_lora_rank}; raise vllm_max_lora_rank")
-        llm = LLM(model=m.model_name_or_path, tokenizer=m.model_name_or_path, trust_remote_code=m.trust_remote_code,
-                  dtype=m.infer_dtype, max_model_len=m.vllm_maxlen, gpu_memory_utilization=m.vllm_gpu_util,
-                  enforce_eager=m.vllm_enforce_eager, enable_lora=bool(adapters), max_lora_rank=m.vllm_max_lora_rank,
-                  seed=cfg.training.seed)
+        llm = LLM(**vllm_engine_kwargs(cfg, enable_lora=bool(adapters), tokenizer=m.model_name_or_path,
+                                       seed=cfg.training.seed))
         lora_request = None
         if adapters:
             from vllm.lora.request import LoRARequest

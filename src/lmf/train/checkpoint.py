@@ -110,13 +110,15 @@ def newest_intact_checkpoint(output_dir: str) -> tuple[Optional[str], list[tuple
     return None, damaged
 
 
-def rotate_checkpoints(output_dir: str, limit: Optional[int], keep: Optional[str] = None) -> None:
-    """Keep the newest ``limit`` complete checkpoints (never ``keep``)."""
+def rotate_checkpoints(output_dir: str, limit: Optional[int], keep: tuple = ()) -> None:
+    """Keep the newest ``limit`` complete checkpoints (and never delete one of ``keep``: the one just written, the
+    best one)."""
     if not limit or limit <= 0:
         return
     found = list_checkpoints(output_dir)
+    kept = {os.path.abspath(k) for k in keep if k}
     for path in found[: max(len(found) - limit, 0)]:
-        if keep and os.path.abspath(path) == os.path.abspath(keep):
+        if os.path.abspath(path) in kept:
             continue
         logger.info("deleting old checkpoint %s (save_total_limit=%d)", path, limit)
         shutil.rmtree(path, ignore_errors=True)
@@ -124,8 +126,7 @@ def rotate_checkpoints(output_dir: str, limit: Optional[int], keep: Optional[str
 
 def write_json(path: str, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
+        fh.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def read_json(path: str) -> Any:
@@ -245,10 +246,13 @@ class CheckpointIO:
         torch.save(run.scheduler.state_dict(), os.path.join(tmp, SCHEDULER_NAME))
         for rank, rank_state in enumerate(rngs):
             torch.save(rank_state, os.path.join(tmp, rng_state_name(rank)))
+        if state.best_global_step == state.global_step:  # this checkpoint holds the best evaluation so far
+            state.best_model_checkpoint = final_dir
         write_json(os.path.join(tmp, STATE_NAME), asdict(state))
         write_manifest(tmp)
         commit_dir(tmp, final_dir)
-        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, keep=final_dir)
+        rotate_checkpoints(self.args.output_dir, self.args.save_total_limit, keep=(final_dir,
+                                                                                   state.best_model_checkpoint))
         logger.info("saved %s", final_dir)
 
     def save_if_due(self, run: "Run", state: "TrainState", epoch_ended: bool) -> None:
@@ -263,9 +267,16 @@ class CheckpointIO:
             self.save(run, state)
 
     def save_at_end(self, run: "Run", state: "TrainState") -> None:
-        """After the last step: its checkpoint (unless ``save_strategy: no``), then the final outputs."""
+        """After the last step: its checkpoint (unless ``save_strategy: no``), the best checkpoint's weights back
+        (``load_best_model_at_end``: one process or DDP, whose replicas share the module's parameters), then the
+        final outputs."""
+        from lmf.train.evaluate import best_checkpoint_to_load
+
         if self.args.save_strategy != "no":
             self.save(run, state)
+        best = best_checkpoint_to_load(self.args, state) if self.args.load_best_model_at_end else None
+        if best is not None:
+            self.load_weights(best)
         self.save_final(run, state)
 
     def save_final(self, run: "Run", state: "TrainState") -> None:
@@ -357,7 +368,11 @@ class CheckpointIO:
         state.tokens_seen, state.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
         state.log_window = saved.get("log_window", [])
         state.data_epoch = saved.get("data_epoch", 0)
-        state.best_eval_loss = saved.get("best_eval_loss")
+        state.best_metric = saved.get("best_metric", saved.get("best_eval_loss"))  # best_eval_loss: before 2026-12
+        state.best_global_step, state.best_model_checkpoint = (saved.get("best_global_step"),
+                                                               saved.get("best_model_checkpoint"))
+        for key, value in (saved.get("objective_state") or {}).items():  # in place: the objective holds these dicts
+            state.objective_state.get(key, {}).update(value)
         state.evals_without_improvement = saved.get("evals_without_improvement", 0)
         state.batch_in_epoch = saved.get("batch_in_epoch", 0)
         old_world, old_micro = saved.get("world_size", 1), saved.get("micro_batch_size", state.micro_batch_size)

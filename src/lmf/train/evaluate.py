@@ -4,15 +4,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import TYPE_CHECKING, Optional
 
+from lmf.extras.errors import LmfError
 from lmf.train.process import autocast, to_device
 
 if TYPE_CHECKING:
     import torch
 
     from lmf.dist.runtime import DistInfo
-    from lmf.train.state import Run
+    from lmf.train.state import Run, TrainState
 
 
 @contextlib.contextmanager
@@ -76,8 +78,9 @@ def _evaluate_one(run: "Run", dataset, collator, runtime: "DistInfo", batch_size
 
 class Evaluator:
     """Owns evaluation during training: when it is due (``eval_strategy``, ``eval_steps``, ``do_eval``), running it,
-    and early stopping (``early_stopping_steps``: transformers' EarlyStoppingCallback, which LLaMA-Factory uses;
-    its counters live in the train state, so they survive a resume)."""
+    the best metric so far (``metric_for_best_model``, ``greater_is_better``) and early stopping on it
+    (``early_stopping_steps``: transformers' EarlyStoppingCallback, which LLaMA-Factory uses); the counters live in
+    the train state, so they survive a resume."""
 
     def __init__(self, cfg, eval_dataset, collator, runtime: "DistInfo", dtype, state):
         self.args, self.patience = cfg.training, cfg.finetuning.early_stopping_steps
@@ -109,21 +112,47 @@ class Evaluator:
         return evaluate(run, self.eval_dataset, self.collator, self.runtime, self.args.per_device_eval_batch_size,
                         self.dtype)
 
-    def should_stop(self, eval_loss: float) -> bool:
-        """True once eval_loss has not improved on its best for ``early_stopping_steps`` evaluations in a row."""
+    def should_stop(self, results: dict[str, float]) -> bool:
+        """Record ``results`` against the best ``metric_for_best_model`` so far (transformers' rule: an improvement
+        is strictly better); True once it has not improved for ``early_stopping_steps`` evaluations in a row."""
         from lmf.extras.logging import get_logger
 
-        st = self.state
-        if not self.patience:
-            return False
-        if st.best_eval_loss is None or eval_loss < st.best_eval_loss:
-            st.best_eval_loss, st.evals_without_improvement = eval_loss, 0
+        st, metric = self.state, self.args.metric_for_best_model
+        if metric not in results:
+            raise LmfError(f"config key 'metric_for_best_model': the evaluation reports no {metric!r} (it reports "
+                           f"{', '.join(sorted(results))})")
+        value = results[metric]
+        better = st.best_metric is None or (value > st.best_metric if self.args.greater_is_better
+                                            else value < st.best_metric)
+        if better:
+            st.best_metric, st.best_global_step, st.evals_without_improvement = value, st.global_step, 0
             return False
         st.evals_without_improvement += 1
-        if st.evals_without_improvement < self.patience:
+        if not self.patience or st.evals_without_improvement < self.patience:
             return False
         st.early_stopped = True
         get_logger(__name__).info(
-            "early stopping at step %d: eval_loss has not improved on %.6g for %d evaluation(s) (early_stopping_steps)",
-            st.global_step, st.best_eval_loss, self.patience)
+            "early stopping at step %d: %s has not improved on %.6g for %d evaluation(s) (early_stopping_steps)",
+            st.global_step, metric, st.best_metric, self.patience)
         return True
+
+
+def best_checkpoint_to_load(args, state: "TrainState") -> Optional[str]:
+    """``load_best_model_at_end``: the checkpoint of the best evaluation, when it is not the last step's (whose
+    weights the model holds); the log says which."""
+    from lmf.extras.logging import get_logger
+    from lmf.train.checkpoint import checkpoint_step
+
+    log, best = get_logger(__name__), state.best_model_checkpoint
+    if best is None:
+        log.warning("load_best_model_at_end: no checkpoint was saved at an evaluation; the final model is the last "
+                    "step's")
+        return None
+    path = os.path.join(args.output_dir, os.path.basename(os.path.normpath(best)))
+    metric = f"{args.metric_for_best_model}={state.best_metric:.6g}"
+    if checkpoint_step(path) == state.global_step:
+        log.info("load_best_model_at_end: the last step's model is the best (%s, %s)", metric, path)
+        return None
+    log.info("load_best_model_at_end: loading the best checkpoint %s (%s at step %d) as the final model", path,
+             metric, state.best_global_step)
+    return path

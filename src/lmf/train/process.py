@@ -68,14 +68,22 @@ def pick_cpu_threads(model, device) -> None:
                     threads, hidden)
 
 
-def set_seed(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
+def set_seed(seed: int, full_determinism: bool = False) -> None:
+    """Seed python, numpy and torch (all devices). ``full_determinism`` (transformers' enable_full_determinism):
+    also deterministic algorithms only (an op without one raises, naming itself), cuDNN without autotuning and
+    cuBLAS with a fixed workspace, for bit-identical reruns at some cost in speed."""
     import numpy as np
     import torch
 
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+    if full_determinism:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        os.environ.setdefault("CUDA_LAUNCH_BLOCKING", "1")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def compute_dtype(cfg: "LmfConfig", device) -> Optional["torch.dtype"]:

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from lmf.extras.constants import IGNORE_INDEX
+from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 from lmf.loss import sequence_logps
 from lmf.model.forward import decoder_hidden_states, lm_head_of
@@ -22,14 +24,37 @@ from lmf.model.forward import decoder_hidden_states, lm_head_of
 logger = get_logger(__name__)
 
 
-def paired_logps(model, batch: dict, **loss_opts):
+def paired_logps(model, batch: dict, ld_alpha: Optional[float] = None, **loss_opts):
     """``(first_logps, second_logps, first_lengths, second_lengths)``, each ``[B]``, of a two-half batch, from one
-    forward. ``loss_opts`` are :func:`lmf.loss.sequence_logps` options (``chunk_size``, ``softcap``)."""
+    forward. ``loss_opts`` are :func:`lmf.loss.sequence_logps` options (``chunk_size``, ``softcap``). ``ld_alpha``
+    (LD-DPO): :func:`ld_sequence_logps` instead of plain sums."""
     hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                    batch.get("mm_inputs"))
-    logps, lengths = sequence_logps(hidden, lm_head_of(model), batch["labels"], **loss_opts)
+    if ld_alpha is None:
+        logps, lengths = sequence_logps(hidden, lm_head_of(model), batch["labels"], **loss_opts)
+    else:
+        logps, lengths = ld_sequence_logps(hidden, lm_head_of(model), batch["labels"], ld_alpha, **loss_opts)
     half = batch["input_ids"].size(0) // 2
     return logps[:half], logps[half:], lengths[:half], lengths[half:]
+
+
+def ld_sequence_logps(hidden, lm_head, labels, ld_alpha: float, chunk_size=None, softcap=None, use_liger=False):
+    """LD-DPO's log-probabilities (LLaMA-Factory's ``get_batch_logps`` with ``ld_alpha``): in each answer of a pair
+    (rows ``i`` and ``i + B/2``), the label tokens past the shorter answer's count weigh ``ld_alpha``; the others 1.
+    LLaMA-Factory cuts at a position (the first label's plus that count): the same tokens where an answer's labels
+    are contiguous, as they are in pairwise data. Returns the sums ``[B]`` and label counts ``[B]``."""
+    from lmf.loss.dft import token_logps
+
+    token = token_logps(hidden, lm_head, labels, chunk_size, softcap)  # [N], label tokens in row-major order
+    mask = labels[:, 1:] != IGNORE_INDEX
+    row = mask.nonzero(as_tuple=True)[0]
+    index_in_answer = (mask.cumsum(1) - 1)[mask]
+    lengths = mask.sum(-1)
+    half = labels.size(0) // 2
+    shared = torch.minimum(lengths[:half], lengths[half:]).repeat(2)
+    weight = torch.where(index_in_answer < shared[row], 1.0, ld_alpha).to(token.dtype)
+    sums = torch.zeros(labels.size(0), dtype=token.dtype, device=token.device).index_add(0, row, token * weight)
+    return sums, lengths
 
 
 def has_adapters(model) -> bool:
@@ -87,12 +112,15 @@ def load_reference_model(cfg, tokenizer, device=None):
     from lmf.model.loader import load_model
 
     ft = cfg.finetuning
+    # quantized only by ref_model_quantization_bit (LLaMA-Factory: a QLoRA policy's reference is unquantized)
     ref_model_args = dataclasses.replace(cfg.model, model_name_or_path=ft.ref_model or cfg.model.model_name_or_path,
-                                         adapter_name_or_path=ft.ref_model_adapters)
+                                         adapter_name_or_path=ft.ref_model_adapters,
+                                         quantization_bit=ft.ref_model_quantization_bit)
     # adapters of the reference are merged for inference, which the loader allows for LoRA configs only
     finetuning = dataclasses.replace(ft, finetuning_type="lora") if ft.ref_model_adapters else ft
     ref_cfg = dataclasses.replace(cfg, model=ref_model_args, finetuning=finetuning)
-    logger.info("loading the frozen reference model from %s", ref_model_args.model_name_or_path)
+    logger.info("loading the frozen reference model from %s%s", ref_model_args.model_name_or_path,
+                f" in {ft.ref_model_quantization_bit} bits" if ft.ref_model_quantization_bit else "")
     model = load_model(ref_cfg, tokenizer, is_trainable=False, device=device)
     model.requires_grad_(False)
     return model.eval()
@@ -123,6 +151,9 @@ def build_reference(cfg, inputs, *, separate: bool):
         logger.info("reference model: the base model with the LoRA adapters disabled")
         return None
     shard = inputs.plan.mode == "fsdp"
+    if shard and cfg.finetuning.ref_model_quantization_bit:
+        raise ConfigError("config key 'ref_model_quantization_bit' under FSDP sharding is not implemented (the "
+                          "reference is sharded like the policy, which bitsandbytes weights are not); remove one")
     ref_model = load_reference_model(cfg, inputs.tokenizer, device=None if shard else inputs.runtime.device)
     disable_dropout(ref_model)
     if shard:

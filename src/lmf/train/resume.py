@@ -51,9 +51,9 @@ logger = get_logger(__name__)
 TRAJECTORY_KEYS = frozenset({
     # model
     "model_name_or_path", "adapter_name_or_path", "model_revision", "use_fast_tokenizer", "split_special_tokens",
-    "add_tokens", "add_special_tokens", "resize_vocab", "upcast_layernorm", "upcast_lmhead_output",
+    "add_tokens", "add_special_tokens", "new_special_tokens_config", "init_special_tokens", "resize_vocab", "upcast_layernorm", "upcast_lmhead_output",
     "train_from_scratch", "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
-    "moe_aux_loss_coef",
+    "moe_aux_loss_coef", "rope_scaling",
     # data
     "template", "dataset", "dataset_dir", "media_dir", "cutoff_len", "train_on_prompt", "mask_history",
     "mix_strategy", "interleave_probs", "max_samples", "val_size", "packing", "neat_packing", "tool_format",
@@ -62,7 +62,9 @@ TRAJECTORY_KEYS = frozenset({
     "stage", "finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora", "use_dora",
     "pissa_init", "pissa_iter", "loraplus_lr_ratio", "loraplus_lr_embedding", "create_new_adapter", "oft_rank",
-    "oft_block_size", "oft_target", "module_dropout", "use_dft_loss", "neftune_noise_alpha", "pref_beta", "pref_ftx", "pref_loss",
+    "oft_block_size", "oft_target", "module_dropout", "use_dft_loss", "use_eaft_loss", "eaft_alpha", "ld_alpha",
+    "pref_bco_weight",
+    "label_smoothing_factor", "neftune_noise_alpha", "pref_beta", "pref_ftx", "pref_loss",
     "dpo_label_smoothing", "simpo_gamma", "ref_model", "ref_model_adapters", "disable_shuffling", "pure_bf16",
     "use_llama_pro", "use_galore", "use_badam", "use_apollo", "use_adam_mini", "use_muon",
     "freeze_vision_tower", "freeze_multi_modal_projector", "freeze_language_model",

@@ -1,5 +1,5 @@
 """The SFT recipe (``lmf sft``, and ``stage: pt``): next-token cross-entropy on the label tokens (or, with
-``use_dft_loss``, DFT's probability-weighted cross-entropy, :mod:`lmf.loss.dft`)."""
+``use_dft_loss`` / ``use_eaft_loss``, a token-weighted cross-entropy, :mod:`lmf.loss.dft`)."""
 
 from __future__ import annotations
 
@@ -36,18 +36,29 @@ class SFTObjective:
         self.loss_opts = resolve_loss_kwargs(cfg, model)
         self.compute_accuracy = cfg.finetuning.compute_accuracy  # token accuracy of evaluations (eval_accuracy)
         self.use_dft_loss = cfg.finetuning.use_dft_loss
+        self.eaft_alpha = cfg.finetuning.eaft_alpha if cfg.finetuning.use_eaft_loss else None
+        if self.eaft_alpha is not None:
+            logger.info("use_eaft_loss: each label token's cross-entropy is weighted by (top-20 entropy / 3) ^ %g",
+                        self.eaft_alpha)
+        self.label_smoothing = cfg.training.label_smoothing_factor  # rules: not with use_dft_loss
         if self.use_dft_loss:
             logger.info("use_dft_loss: each label token's cross-entropy is weighted by its detached probability")
 
     def compute_loss(self, model, batch: dict):
         from lmf.loss import causal_lm_loss
-        from lmf.loss.dft import dft_loss
+        from lmf.loss.dft import dft_loss, eaft_loss
         from lmf.model.forward import decoder_hidden_states, lm_head_of
 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                        batch.get("mm_inputs"))
-        loss_fn = dft_loss if self.use_dft_loss else causal_lm_loss
-        loss_sum, num_tokens = loss_fn(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
+        if self.use_dft_loss:
+            loss_sum, num_tokens = dft_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
+        elif self.eaft_alpha is not None:
+            loss_sum, num_tokens = eaft_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts,
+                                             alpha=self.eaft_alpha)
+        else:
+            loss_sum, num_tokens = causal_lm_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts,
+                                                  label_smoothing=self.label_smoothing)
         metrics = {}
         if self.compute_accuracy and not model.training:
             from lmf.loss.metrics import token_accuracy_counts

@@ -46,8 +46,11 @@ class TrainState:
     log_window: list = field(default_factory=list)  # step losses since the last log entry
     resume_fingerprint: str = ""
     trajectory: dict = field(default_factory=dict)  # the training keys (lmf.train.resume.TRAJECTORY_KEYS)
-    best_eval_loss: Optional[float] = None  # early_stopping_steps: the best eval_loss so far
+    best_metric: Optional[float] = None  # the best metric_for_best_model so far (early stopping, the best model)
+    best_global_step: Optional[int] = None  # the step it was measured at
+    best_model_checkpoint: Optional[str] = None  # the checkpoint saved at that step, when one was
     evals_without_improvement: int = 0
+    objective_state: dict = field(default_factory=dict)  # the objective's persistent_state (BCO's baseline)
     early_stopped: bool = False
     finished: bool = False
 

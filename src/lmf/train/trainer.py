@@ -94,9 +94,14 @@ class Trainer:
         self.train_dataset = train_dataset
         self.runtime, self.resume = runtime, resume or ResumePlan()
         self.plan = plan or plan_parallelism(cfg, runtime.world_size, announce=False)
+        if self.args.load_best_model_at_end and self.plan.mode == "fsdp":
+            raise ConfigError("config key 'load_best_model_at_end' under FSDP sharding (fsdp, or a DeepSpeed ZeRO-2/3 "
+                              "config) is not implemented in lmf: the best checkpoint is loaded into an unsharded "
+                              "model (one process or DDP); remove one of them")
         self.hooks = hooks or TrainHooks()
         self.state = TrainState(world_size=runtime.world_size, micro_batch_size=self.args.per_device_train_batch_size,
-                                resume_fingerprint=resume_fingerprint(cfg), trajectory=trajectory_config(cfg))
+                                resume_fingerprint=resume_fingerprint(cfg), trajectory=trajectory_config(cfg),
+                                objective_state=getattr(objective, "persistent_state", {}))  # live: saved as it is
         self.dtype = compute_dtype(cfg, runtime.device)  # autocast dtype (None: none)
         self.checkpoints = CheckpointIO(cfg, runtime, model, tokenizer, objective, self.hooks)
         self.evaluator = Evaluator(cfg, eval_dataset, objective.collator, runtime, self.dtype, self.state)
@@ -111,6 +116,7 @@ class Trainer:
         :class:`~lmf.train.preemption.TrainingInterrupted`.
         """
         from lmf.train.preemption import StopRequest, TrainingInterrupted
+        from lmf.train.profiler import StepProfiler
         from lmf.train.reporting import Progress, TrainingLog, warn_if_no_plot
 
         run, st = self.setup(), self.state
@@ -122,12 +128,15 @@ class Trainer:
         log = TrainingLog(self.cfg, st, self.runtime.is_main)
         progress = Progress(st.max_steps, st.global_step, self.runtime.is_main and not self.args.disable_tqdm)
         stop = StopRequest().install()
+        profiler = StepProfiler(self.cfg, self.runtime.rank)  # enable_torch_profiler; a no-op otherwise
+        profiler.start()
         if self.evaluator.should_evaluate_on_start():
             log.write({"step": st.global_step, **self.evaluator.evaluate(run)})
         run.wrapped.train()
         try:
             while st.global_step < st.max_steps:
                 record = self.train_step(stop.flags)
+                profiler.step()
                 last = record.step >= st.max_steps
                 progress.update(record.loss, record.lr, record.tokens / max(record.seconds, 1e-9))
                 log.after_step(record, last, progress.suffix())
@@ -138,17 +147,20 @@ class Trainer:
                 if self.evaluator.should_evaluate(record.step, last=False, epoch_ended=record.epoch_ended):
                     results = self.evaluator.evaluate(run)
                     log.write({"step": record.step, **results})
-                    if self.evaluator.should_stop(results["eval_loss"]):
+                    if self.evaluator.should_stop(results):
                         break
                 self.checkpoints.save_if_due(run, st, record.epoch_ended)
         finally:
+            profiler.stop()
             stop.restore()
             progress.close()
             run.stream.close()  # its DataLoader workers: gone with the loop, also in a process that trains again
             if sys.exc_info()[0] is not None:
                 log.close()
         if self.evaluator.should_evaluate(st.global_step, last=True):
-            log.write({"step": st.global_step, **self.evaluator.evaluate(run)})
+            results = self.evaluator.evaluate(run)
+            log.write({"step": st.global_step, **results})
+            self.evaluator.should_stop(results)  # the last evaluation may be the best
         st.finished = True
         self.checkpoints.save_at_end(run, st)
         log.close()
@@ -194,6 +206,7 @@ class Trainer:
         import torch
 
         from lmf.train.batches import build_stream
+        from lmf.train.compile import compile_decoder_blocks
         from lmf.train.loss_scale import create_grad_scaler
         from lmf.train.optimizer import create_optimizer, create_scheduler
         from lmf.train.parallel import ddp_options, wrap
@@ -206,6 +219,7 @@ class Trainer:
         # init_on_rank0: rank 0 loads and sends them on; init_on_meta: every rank reads its shards once sharded
         if self.resume.checkpoint and not plan.from_checkpoint and not (plan.from_rank0 and self.runtime.rank != 0):
             self.checkpoints.load_weights(self.resume.checkpoint)
+        compile_decoder_blocks(self.model, self.args)  # torch_compile: before wrapping, as torchtitan
         loss_module = _make_loss_module(self.model, self.objective.compute_loss, self.cfg.model.moe_aux_loss_coef)
         sources = (self.cfg.model.model_name_or_path,) + ((self.resume.checkpoint,) if self.resume.checkpoint else ())
         wrapped = wrap(loss_module, plan, self.runtime.device, self.dtype, ddp_options(self.args, plan),

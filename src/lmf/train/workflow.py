@@ -114,13 +114,15 @@ def _train_locked(cfg: "LmfConfig", recipe, runtime: "DistInfo") -> None:
     from lmf.train.trainer import Trainer
 
     apply_world_size(cfg, runtime.world_size)  # global_batch_size, dp_size: known now, the same on every rank
+    if cfg.model.rope_scaling:  # LLaMA-Factory's training length: the RoPE is scaled for cutoff_len (lmf.model.rope)
+        cfg.model.model_max_length = cfg.data.cutoff_len
     plan = plan_parallelism(cfg, runtime.world_size)  # once; refuses what cannot run before data or model is loaded
     if runtime.is_main:
         from lmf.train.reporting import resolve_trackers
 
         resolve_trackers(cfg.training.report_to)  # a missing tracker package: stop now, with the pip line
     resume = plan_resume(cfg, runtime)
-    set_seed(cfg.training.seed)
+    set_seed(cfg.training.seed, cfg.training.full_determinism)
     tokenizer, template, data = load_tokenizer_and_data(cfg, cfg.finetuning.stage)
     # a quantized base is quantized where it trains; other models load on CPU and are placed by the trainer
     model = load_model(cfg, tokenizer, is_trainable=True, plan=plan,

@@ -30,6 +30,10 @@ def apply_defaults(cfg: "LmfConfig") -> None:
         d.packing = True
     if t.data_seed is None:
         t.data_seed = t.seed
+    metric = t.metric_for_best_model or "loss"  # transformers' rules: eval_ prefixed, loss lower is better
+    t.metric_for_best_model = metric if metric.startswith("eval_") else f"eval_{metric}"
+    if t.greater_is_better is None:
+        t.greater_is_better = not t.metric_for_best_model.endswith("loss")
     if not t.eval_steps:  # unset or 0: every logging_steps, as in transformers
         t.eval_steps = t.logging_steps
     if t.gradient_checkpointing is None:  # LLaMA-Factory turns it on unless disable_gradient_checkpointing is set

@@ -30,7 +30,7 @@ def init_on_rank0_applies(cfg: "LmfConfig") -> None:
 
 
 @rule("init_on_meta", "init_on_rank0", "finetuning_type", "stage", "quantization_bit", "train_from_scratch",
-      "resize_vocab", "add_tokens", "add_special_tokens")
+      "resize_vocab", "add_tokens", "add_special_tokens", "new_special_tokens_config")
 def init_on_meta_applies(cfg: "LmfConfig") -> None:
     m, ft = cfg.model, cfg.finetuning
     if not m.init_on_meta:
@@ -47,9 +47,10 @@ def init_on_meta_applies(cfg: "LmfConfig") -> None:
     if m.quantization_bit is not None or m.train_from_scratch:
         raise ConfigError("config key 'init_on_meta' reads the sharded weights from the checkpoint: it does not "
                           "combine with quantization_bit or train_from_scratch")
-    if m.resize_vocab or m.add_tokens or m.add_special_tokens:
+    if m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens_config:
         raise ConfigError("config key 'init_on_meta' reads the checkpoint's tensors as they are: it does not combine "
-                          "with resized embeddings (resize_vocab, add_tokens, add_special_tokens); use init_on_rank0")
+                          "with resized embeddings (resize_vocab, add_tokens, add_special_tokens, "
+                          "new_special_tokens_config); use init_on_rank0")
 
 
 @rule("quantization_method")
@@ -72,3 +73,11 @@ def quantized_base_trains_lora(cfg: "LmfConfig") -> None:
                           "loaded from trained weights")
     if ft.pure_bf16:
         raise ConfigError("config keys 'quantization_bit' and 'pure_bf16' do not combine; use bf16: true")
+
+
+@rule("init_special_tokens", "new_special_tokens_config")
+def description_init_needs_descriptions(cfg: "LmfConfig") -> None:
+    m = cfg.model
+    if m.init_special_tokens != "noise_init" and not m.new_special_tokens_config:
+        raise ConfigError(f"config key 'init_special_tokens': {m.init_special_tokens} starts each new token from its "
+                          "description: set new_special_tokens_config (LLaMA-Factory falls back to noise_init)")

@@ -78,11 +78,14 @@ def oft_has_one_size(cfg: "LmfConfig") -> None:
                           "(QOFT) is not implemented")
 
 
-@rule("use_dft_loss", "stage")
-def dft_is_an_sft_loss(cfg: "LmfConfig") -> None:
+@rule("use_dft_loss", "use_eaft_loss", "stage")
+def token_weighted_losses_are_sft_losses(cfg: "LmfConfig") -> None:
     ft = cfg.finetuning
-    if ft.use_dft_loss and not (ft.stage in STAGES and STAGES[ft.stage].token_level):
-        raise ConfigError(f"config key 'use_dft_loss' is an SFT loss; it does not apply to stage {ft.stage}")
+    for key in ("use_dft_loss", "use_eaft_loss"):
+        if getattr(ft, key) and not (ft.stage in STAGES and STAGES[ft.stage].token_level):
+            raise ConfigError(f"config key {key!r} is an SFT loss; it does not apply to stage {ft.stage}")
+    if ft.use_dft_loss and ft.use_eaft_loss:
+        raise ConfigError("config keys 'use_dft_loss' and 'use_eaft_loss': two token weightings of the loss; set one")
 
 
 @rule("adapter_name_or_path", "finetuning_type")

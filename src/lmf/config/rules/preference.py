@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from lmf.config.rules import rule
+from lmf.config.stages import REFERENCE_FREE_LOSSES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -35,3 +36,37 @@ def dpo_loss_keys_have_no_effect_on_kto(cfg: "LmfConfig") -> None:
     if ft.stage == "kto" and (ft.pref_loss != "sigmoid" or ft.dpo_label_smoothing or ft.simpo_gamma != 0.5):
         logger.warning("pref_loss / dpo_label_smoothing / simpo_gamma have no effect with stage kto (as in "
                        "LLaMA-Factory): the KTO loss is used")
+
+
+@rule("ref_model_quantization_bit", "stage", "pref_loss", "finetuning_type", "ref_model")
+def a_quantized_reference_is_a_separate_one(cfg: "LmfConfig") -> None:
+    ft = cfg.finetuning
+    if ft.ref_model_quantization_bit is None:
+        return
+    if ft.stage not in ("dpo", "kto"):
+        raise ConfigError(f"config key 'ref_model_quantization_bit' quantizes the reference model of dpo and kto; "
+                          f"stage {ft.stage} has none")
+    if ft.stage == "dpo" and ft.pref_loss in REFERENCE_FREE_LOSSES:
+        raise ConfigError(f"config keys 'ref_model_quantization_bit' and 'pref_loss': {ft.pref_loss} uses no "
+                          "reference model")
+    if ft.finetuning_type in ("lora", "oft") and not ft.ref_model:
+        raise ConfigError(f"config keys 'ref_model_quantization_bit' and 'finetuning_type': with "
+                          f"{ft.finetuning_type} the reference is the policy with its adapters disabled, nothing "
+                          "loaded apart to quantize; set ref_model to load a separate (quantized) reference")
+
+
+@rule("ld_alpha", "stage")
+def ld_dpo_is_a_dpo_loss(cfg: "LmfConfig") -> None:
+    if cfg.finetuning.ld_alpha is not None and cfg.finetuning.stage != "dpo":
+        raise ConfigError(f"config key 'ld_alpha' (LD-DPO) weighs DPO's answers; it does not apply to stage "
+                          f"{cfg.finetuning.stage}")
+
+
+@rule("pref_bco_weight", "stage", "pref_loss")
+def bco_mixes_into_dpo_with_a_reference(cfg: "LmfConfig") -> None:
+    ft = cfg.finetuning
+    if not ft.pref_bco_weight:
+        return
+    if ft.stage != "dpo" or ft.pref_loss in REFERENCE_FREE_LOSSES:
+        raise ConfigError(f"config key 'pref_bco_weight' mixes BCO into DPO with a reference model; it does not "
+                          f"apply to stage {ft.stage} with pref_loss {ft.pref_loss}")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from lmf.config.args import GeneratingArguments
 from lmf.config.rules import rule
+from lmf.config.stages import STAGES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -52,6 +53,42 @@ def early_stopping_has_evaluations(cfg: "LmfConfig") -> None:
     if not (d.val_size or d.eval_dataset) or (t.eval_strategy == "no" and t.evaluation_strategy in (None, "no")):
         raise ConfigError("config key 'early_stopping_steps' needs evaluations: set eval_strategy (steps or "
                           "epoch) and an eval set (val_size or eval_dataset)")
+
+
+@rule("load_best_model_at_end", "eval_strategy", "save_strategy", "save_steps", "eval_steps", "val_size",
+      "eval_dataset")
+def best_model_needs_a_checkpoint_at_each_evaluation(cfg: "LmfConfig") -> None:
+    """As transformers: the best evaluation must have a checkpoint to load."""
+    t, d = cfg.training, cfg.data
+    if not t.load_best_model_at_end:
+        return
+    if t.eval_strategy == "no" or not (d.val_size or d.eval_dataset):
+        raise ConfigError("config key 'load_best_model_at_end' needs evaluations: set eval_strategy (steps or epoch) "
+                          "and an eval set (val_size or eval_dataset)")
+    if t.save_strategy != t.eval_strategy:
+        raise ConfigError(f"config keys 'load_best_model_at_end', 'save_strategy' and 'eval_strategy': the best "
+                          f"model is loaded from a checkpoint saved at an evaluation, so save_strategy "
+                          f"({t.save_strategy}) must equal eval_strategy ({t.eval_strategy})")
+    eval_steps = t.eval_steps or t.logging_steps
+    if t.save_strategy == "steps" and (t.save_steps < 1 or eval_steps < 1 or t.save_steps % eval_steps):
+        raise ConfigError(f"config keys 'load_best_model_at_end', 'save_steps' and 'eval_steps': save_steps "
+                          f"({t.save_steps:g}) must be a whole multiple of eval_steps ({eval_steps:g}; "
+                          "logging_steps when unset), so that every checkpoint has its evaluation")
+
+
+@rule("label_smoothing_factor", "stage", "use_dft_loss", "use_eaft_loss")
+def label_smoothing_is_for_the_token_loss(cfg: "LmfConfig") -> None:
+    """transformers smooths the labels of the plain token loss; LLaMA-Factory's preference trainers drop it."""
+    ft = cfg.finetuning
+    if not cfg.training.label_smoothing_factor:
+        return
+    if not (ft.stage in STAGES and STAGES[ft.stage].token_level):
+        raise ConfigError(f"config keys 'label_smoothing_factor' and 'stage': label smoothing applies to the token "
+                          f"loss of sft and pt, not to stage {ft.stage!r} (LLaMA-Factory ignores it there)")
+    for key in ("use_dft_loss", "use_eaft_loss"):
+        if getattr(ft, key):
+            raise ConfigError(f"config keys 'label_smoothing_factor' and {key!r}: that loss has no label smoothing "
+                              "in lmf; set one")
 
 
 @rule("upcast_layernorm", "pure_bf16")
@@ -139,3 +176,29 @@ def eval_timing_needs_an_eval_set(cfg: "LmfConfig") -> None:
     if t.eval_delay and t.eval_strategy == "no":
         raise ConfigError("config keys 'eval_delay' and 'eval_strategy: no': a delay needs evaluations during "
                           "training (eval_strategy steps or epoch)")
+
+
+#: keys that only act with their switch on: switch -> (group, keys)
+_SWITCHED = {
+    "torch_compile": ("training", ("torch_compile_backend", "torch_compile_mode")),
+    "enable_torch_profiler": ("training", ("profiler_output_dir", "profiler_wait_steps", "profiler_warmup_steps",
+                                           "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
+                                           "profiler_profile_memory", "profiler_with_stack")),
+    "use_eaft_loss": ("finetuning", ("eaft_alpha",)),
+}
+
+
+@rule("torch_compile", "torch_compile_backend", "torch_compile_mode", "enable_torch_profiler", "profiler_output_dir",
+      "profiler_wait_steps", "profiler_warmup_steps", "profiler_active_steps", "profiler_repeat",
+      "profiler_record_shapes", "profiler_profile_memory", "profiler_with_stack", "use_eaft_loss", "eaft_alpha")
+def switched_keys_say_when_their_switch_is_off(cfg: "LmfConfig") -> None:
+    import dataclasses
+
+    for switch, (group_name, keys) in _SWITCHED.items():
+        group = getattr(cfg, group_name)
+        if getattr(group, switch):
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(group)}
+        for key in keys:
+            if getattr(group, key) != defaults[key]:
+                logger.warning("config key %r has no effect without %s: true", key, switch)

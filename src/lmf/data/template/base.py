@@ -53,6 +53,7 @@ class Template:
     system_in_user: bool = False  # llama2-style: the system text is prepended to the first user message
     tool_format: str = "default"  # tools and tool calls (lmf.data.tools)
     tools_slots: Optional[Slots] = None  # instead: slots around the raw tools JSON (phi4_mini)
+    tools_alone_lstrip: bool = False  # MOSS-VL: tools without a system prompt lose their leading newlines
     reasoning: bool = False  # qwen3-style thought block handling
     thought_words: tuple = ("<think>\n", "\n</think>\n\n")
     tool_call_words: tuple = ("<tool_call>", "</tool_call>")
@@ -92,7 +93,10 @@ class Template:
         return first if isinstance(first, str) else ""
 
     def _system_text(self, system: Optional[str], tools: Optional[str]) -> str:
-        return (system or self.default_system or "") + self.tools_text(tools)
+        system, tool_text = system or self.default_system or "", self.tools_text(tools)
+        if self.tools_alone_lstrip and not system:
+            tool_text = tool_text.lstrip("\n")
+        return system + tool_text
 
     def _message_pieces(self, messages: list[dict], system: Optional[str], tools: Optional[str]) -> list[list[Piece]]:
         """Pieces per message: turn 0 carries prefix + system."""
@@ -311,40 +315,47 @@ class Template:
         return ids
 
     def fix_tokenizer(self, tokenizer) -> None:
-        """Make ``tokenizer`` consistent with the template (idempotent).
+        """Make ``tokenizer`` consistent with the template (idempotent), as LLaMA-Factory's fix_special_tokens does:
 
-        - ``replace_eos`` templates: eos becomes the first stop word when it is a token of the vocabulary
-          (no new tokens are ever added here: that would need resized embeddings);
-        - a missing eos becomes ``<|endoftext|>`` when that token exists; a missing pad becomes eos;
-        - the other stop words that are tokens of the vocabulary become special tokens (as LLaMA-Factory does:
-          text holding them then tokenizes them whole); one that is not a token is said in the log;
+        - ``replace_eos`` templates: eos becomes the first stop word;
+        - a missing eos becomes ``<|endoftext|>``; a missing pad becomes eos;
+        - the other stop words become special tokens (text holding them then tokenizes them whole);
+        - a stop word (or eos) that is not a token of the vocabulary is added as a new special token, said in the
+          log: its id is past the vocabulary, so the model needs an embedding row for it (the Qwen checkpoints
+          have spare rows; otherwise the model loader adds rows, :func:`lmf.model.loader.load_model`);
         - a jinja ``chat_template`` equivalent to this template is installed unless the tokenizer's own
           template already renders the same prompts (checked on probe conversations; a model's native
           template, e.g. with tool support, is then kept), so exported models and vLLM render the
           same prompt as :meth:`encode_prompt`.
         """
+        added: list[str] = []
+
+        def set_eos(word: str) -> None:
+            if tokenizer.eos_token == word:
+                return
+            if single_token_id(tokenizer, word) is None:
+                added.append(word)
+            tokenizer.add_special_tokens({"eos_token": word})
+            logger.info("template %s: eos token set to %s", self.name, word)
+
         if self.replace_eos and self.stop_words:
-            word = self.stop_words[0]
-            if tokenizer.eos_token != word:
-                if single_token_id(tokenizer, word) is not None:
-                    tokenizer.eos_token = word
-                    logger.info("template %s: eos token set to %s", self.name, word)
-                else:
-                    logger.warning("template %s: stop word %r is not a token of this tokenizer; keeping eos %r",
-                                   self.name, word, tokenizer.eos_token)
-        if tokenizer.eos_token_id is None and single_token_id(tokenizer, "<|endoftext|>") is not None:
-            tokenizer.eos_token = "<|endoftext|>"
+            set_eos(self.stop_words[0])
+        if tokenizer.eos_token_id is None:
+            set_eos("<|endoftext|>")
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
             tokenizer.pad_token = tokenizer.eos_token
         others = self.stop_words[1:] if self.replace_eos else self.stop_words
         special = set(getattr(tokenizer, "all_special_tokens", ()))
-        missing = [w for w in others if w not in special and single_token_id(tokenizer, w) is None]
-        promote = [w for w in others if w not in special and w not in missing]
+        promote = [w for w in others if w not in special]
         if promote:
+            added += [w for w in promote if single_token_id(tokenizer, w) is None]
             tokenizer.add_special_tokens({"additional_special_tokens": promote}, replace_extra_special_tokens=False)
-        if missing:
-            logger.warning("template %s: stop word(s) %s are not tokens of this tokenizer; generation stops on eos",
-                           self.name, ", ".join(missing))
+        if added:  # the model loader gives them rows when the model has none spare (lmf.model.loader)
+            tokenizer._lmf_template_tokens = tuple(dict.fromkeys((*getattr(tokenizer, "_lmf_template_tokens", ()),
+                                                                   *added)))
+            logger.warning("template %s: %s not in the tokenizer's vocabulary: added as special tokens (ids %s), as "
+                           "LLaMA-Factory does; a model without spare embedding rows gets new ones", self.name, ", ".join(added),
+                           ", ".join(str(single_token_id(tokenizer, w)) for w in added))
         if self.jinja is None and not self._tokenizer_renders_alike(tokenizer):
             tokenizer.chat_template = self.jinja_template(tokenizer)
 

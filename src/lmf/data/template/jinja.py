@@ -118,7 +118,12 @@ def build_jinja(template: "Template", tokenizer) -> str:
         "{%- set loop_messages = messages -%}{%- endif -%}"
     )
     out.append(tools_block)
-    out.append("{%- set system_text = (system_message or " + jinja_str(template.default_system) + ") + tool_text -%}")
+    if template.tools_alone_lstrip:
+        out.append("{%- set system_head = system_message or " + jinja_str(template.default_system) + " -%}"
+                   "{%- set system_text = system_head + (tool_text if system_head else tool_text.lstrip('\\n')) -%}")
+    else:
+        out.append("{%- set system_text = (system_message or " + jinja_str(template.default_system)
+                   + ") + tool_text -%}")
     if template.prefix:
         out.append("{{- " + expr(template.prefix, "''") + " -}}")
     if not template.system_in_user:

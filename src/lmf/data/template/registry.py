@@ -34,7 +34,7 @@ FAMILIES = {
     "qwen": "Qwen", "llama": "Llama", "mistral": "Mistral", "ministral": "Mistral", "pixtral": "Mistral",
     "gemma": "Gemma", "paligemma": "Gemma", "phi": "Phi", "glm": "GLM", "chatglm": "GLM", "deepseek": "DeepSeek",
     "yi": "Yi", "intern": "InternLM", "baichuan": "Baichuan", "falcon": "Falcon", "granite": "Granite",
-    "gpt_oss": "GPT-OSS", "olmo": "OLMo", "mimo": "MiMo", "minimax": "MiniMax", "hunyuan": "Hunyuan",
+    "gpt_oss": "GPT-OSS", "olmo": "OLMo", "mimo": "MiMo", "minimax": "MiniMax", "hunyuan": "Hunyuan", "hy_dense": "Hunyuan", "moss": "MOSS",
     "ernie": "ERNIE", "exaone": "EXAONE", "seed": "Seed", "smollm": "SmolLM", "openchat": "OpenChat",
     "llava": "LLaVA", "minicpm": "MiniCPM", "kimi": "Kimi", "lfm2": "LFM2", "bailing": "Ling",
 }
@@ -75,6 +75,7 @@ def template_from_lf(name: str, spec: dict) -> Template:
         reasoning=kind in ("ReasoningTemplate", "Glm47ReasoningTemplate"), thought_words=tuple(spec["thought_words"]),
         tool_call_words=tuple(spec["tool_call_words"]), empty_thought_close_only=kind == "Glm47ReasoningTemplate",
         enable_thinking=spec["enable_thinking"], mm_plugin=spec["mm_plugin"], family=family_of(name),
+        tools_alone_lstrip=kind == "MossVLTemplate",
     )
 
 

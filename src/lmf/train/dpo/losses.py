@@ -13,6 +13,10 @@ Definitions follow LLaMA-Factory's ``CustomDPOTrainer`` (itself after TRL):
 
 Rewards: ``beta * (policy - ref)`` with a reference model, ``beta * policy`` without one.
 ``ftx`` adds ``ftx * -(chosen logps / chosen length)`` (an SFT term on the chosen answer).
+
+BCO (``pref_bco_weight`` w, with a reference): ``(loss + w * bco) / (1 + w)``, ``bco = -logsigmoid(r_c - delta)
+- logsigmoid(-(r_r - delta))`` with the rewards ``r`` and ``delta`` the running mean of the batches' mean reward
+(:class:`BCOBaseline`, TRL's ``RunningMoments``), before ``ftx``, as LLaMA-Factory combines them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,37 @@ def _average(logps, lengths, name: str):
     return logps / lengths.to(logps.dtype).clamp(min=1)
 
 
+class BCOBaseline:
+    """The running mean of the batches' mean reward (TRL's ``RunningMoments``: mean 0, variance 1 and count 1e-24 to
+    start; each update merges the values of every rank). ``state`` is what a checkpoint keeps."""
+
+    def __init__(self) -> None:
+        self.state = {"mean": 0.0, "var": 1.0, "count": 1e-24}
+
+    def update(self, mean_reward: "torch.Tensor") -> float:
+        """Merge this batch's mean reward (one value per rank) and return the new running mean."""
+        import torch
+
+        from lmf.dist.runtime import is_dist
+
+        xs = mean_reward.detach().float().reshape(1)
+        if is_dist():
+            import torch.distributed as dist
+
+            gathered = [torch.zeros_like(xs) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, xs)
+            xs = torch.cat(gathered)
+        st = self.state
+        n = xs.numel()
+        var, mean = torch.var_mean(xs, unbiased=False)
+        delta, total = mean.item() - st["mean"], st["count"] + n
+        old_sum = st["var"] * st["count"] + delta ** 2 * st["count"] * n / total
+        st["mean"] += delta * n / total
+        st["var"] = (old_sum + var.item() * n) / total
+        st["count"] = total
+        return st["mean"]
+
+
 def preference_loss(
     policy_chosen_logps: "torch.Tensor",
     policy_rejected_logps: "torch.Tensor",
@@ -60,6 +95,9 @@ def preference_loss(
     chosen_lengths: Optional["torch.Tensor"] = None,
     rejected_lengths: Optional["torch.Tensor"] = None,
     ftx: float = 0.0,
+    bco_weight: float = 0.0,
+    bco_baseline: Optional[BCOBaseline] = None,
+    bco_update: bool = True,
 ):
     """Per-pair preference losses and rewards.
 
@@ -67,6 +105,7 @@ def preference_loss(
     token counts ``[B]`` (needed for ipo/orpo/simpo and for ``ftx``). Returns
     ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are detached.
     """
+    import torch
     import torch.nn.functional as F
 
     if loss_type not in LOSS_TYPES:
@@ -95,6 +134,11 @@ def preference_loss(
             losses = (h - 1.0 / (2.0 * beta)) ** 2
         chosen_rewards = beta * (pi_c - ref_c).detach()
         rejected_rewards = beta * (pi_r - ref_r).detach()
+        if bco_weight > 0.0 and bco_baseline is not None:
+            rewards = torch.cat((chosen_rewards, rejected_rewards)).mean()
+            delta = bco_baseline.update(rewards) if bco_update else bco_baseline.state["mean"]  # eval: as it stands
+            bco = -F.logsigmoid(beta * (pi_c - ref_c) - delta) - F.logsigmoid(-(beta * (pi_r - ref_r) - delta))
+            losses = (losses + bco_weight * bco) / (1.0 + bco_weight)
     else:
         if loss_type == "orpo":
             log_odds = (pi_c - pi_r) - (_log1m_exp(pi_c) - _log1m_exp(pi_r))

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from lmf.train.dpo.losses import preference_loss, reward_metrics, uses_reference_model
+from lmf.train.dpo.losses import BCOBaseline, preference_loss, reward_metrics, uses_reference_model
 from lmf.train.reference import paired_logps, reference_logps
 
 REF_CHOSEN = "ref_chosen_logps"
@@ -36,9 +36,17 @@ class DPOObjective:
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
     ftx: float = 0.0
+    ld_alpha: Optional[float] = None  # LD-DPO: the policy's log-probs only, as in LLaMA-Factory
+    bco_weight: float = 0.0  # BCO: its baseline is checkpointed (persistent_state)
+    bco_baseline: BCOBaseline = field(default_factory=BCOBaseline)
     loss_opts: dict = field(default_factory=dict)
     ref_model: Optional[torch.nn.Module] = None
     collator: Optional[Callable] = None
+
+    @property
+    def persistent_state(self) -> dict:
+        """What a checkpoint keeps of the objective and a resume restores (the trainer's TrainState holds it)."""
+        return {"bco_baseline": self.bco_baseline.state} if self.bco_weight else {}
 
     @property
     def use_reference(self) -> bool:
@@ -48,7 +56,7 @@ class DPOObjective:
         return self.compute_loss(model, batch)
 
     def compute_loss(self, model, batch: dict):
-        pi_c, pi_r, len_c, len_r = paired_logps(model, batch, **self.loss_opts)
+        pi_c, pi_r, len_c, len_r = paired_logps(model, batch, ld_alpha=self.ld_alpha, **self.loss_opts)
         ref_c = ref_r = None
         if self.use_reference:
             if REF_CHOSEN in batch:
@@ -59,6 +67,7 @@ class DPOObjective:
             pi_c, pi_r, ref_c, ref_r,
             loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
             simpo_gamma=self.simpo_gamma, chosen_lengths=len_c, rejected_lengths=len_r, ftx=self.ftx,
+            bco_weight=self.bco_weight, bco_baseline=self.bco_baseline, bco_update=model.training,
         )
         metrics = {k: v.mean().item() for k, v in reward_metrics(chosen_rewards, rejected_rewards).items()}
         metrics["logps/chosen"] = pi_c.detach().mean().item()

@@ -52,5 +52,5 @@ def build_objective(cfg: "LmfConfig", inputs) -> DPOObjective:
         ref_model = None  # every batch now carries its reference log-probs
         _free(runtime.device)
     return DPOObjective(loss_type=ft.pref_loss, beta=ft.pref_beta, label_smoothing=ft.dpo_label_smoothing,
-                        simpo_gamma=ft.simpo_gamma, ftx=ft.pref_ftx, loss_opts=loss_opts, ref_model=ref_model,
-                        collator=collator)
+                        simpo_gamma=ft.simpo_gamma, ftx=ft.pref_ftx, ld_alpha=ft.ld_alpha,
+                        bco_weight=ft.pref_bco_weight, loss_opts=loss_opts, ref_model=ref_model, collator=collator)
