@@ -180,14 +180,14 @@ def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, w
         indexes = rng.permutation(len(ds))[: attr.num_samples]
         if attr.num_samples > len(ds):
             indexes = np.concatenate([indexes, rng.choice(len(ds), attr.num_samples - len(ds))])
-        ds = ds.select(indexes.tolist())
+        ds = ds.select(indexes)
         if data_args.max_samples:
             ds = ds.select(range(min(data_args.max_samples, len(ds))))
     if attr.sample_weight is not None and len(ds):
         import numpy as np
 
         count = max(1, int(len(ds) * attr.sample_weight))
-        ds = ds.select(np.random.default_rng(seed + 1).choice(len(ds), count, replace=True).tolist())
+        ds = ds.select(np.random.default_rng(seed + 1).choice(len(ds), count, replace=True))
     return ds
 
 
@@ -341,7 +341,7 @@ def split_validation(train, val_size: float, seed: int):
     if n_eval >= len(train):
         raise ConfigError(f"config key 'val_size': {val_size} leaves no training samples (dataset has {len(train)})")
     order = np.random.default_rng(seed).permutation(len(train))
-    eval_idx, train_idx = sorted(order[:n_eval].tolist()), order[n_eval:].tolist()
+    eval_idx, train_idx = np.sort(order[:n_eval]), order[n_eval:]  # index arrays: 8 bytes a sample
     return train.select(train_idx, keep_in_memory=True), train.select(eval_idx, keep_in_memory=True)
 
 

@@ -1,7 +1,7 @@
 """Read raw records (dicts) from local json, jsonl, csv, parquet and plain-text files.
 
 Records are yielded one at a time with their index in the file, so errors can name
-``file + record index``. JSON-lines, csv and parquet are streamed; a ``.json`` array is parsed whole.
+``file + record index``. JSON-lines, csv, parquet and ``.json`` arrays are streamed (an array one element at a time).
 Plain text: one record ``{"text": line}`` per non-blank line.
 
 Files must be UTF-8: a byte sequence that is not is a DataError naming the file, the byte offset and the line (in
@@ -95,6 +95,112 @@ def _iter_json_lines(path: str) -> Iterator[RawRecord]:
         index += 1
 
 
+JSON_READ_BYTES = 1 << 20
+
+
+def _iter_json_array(path: str) -> Iterator[Any]:
+    """The elements of a JSON array file (a single top-level object is one record), parsed one element at a time
+    from a sliding window of the file: memory is the largest record plus a read, not the whole array parsed."""
+    import codecs
+
+    decoder, text_decoder = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    consumed_bytes = consumed_lines = dropped_columns = 0  # read, and dropped from the window (error positions)
+    buf, pos, eof = "", 0, False
+    with open(path, "rb") as fh:
+        def more(size: int = JSON_READ_BYTES) -> bool:  # append to the window; False at the end of the file
+            nonlocal buf, eof, consumed_bytes
+            data = fh.read(size)
+            try:
+                buf += text_decoder.decode(data, final=not data)
+            except UnicodeDecodeError:  # its position is within this read: decode the file up to here to name it
+                fh.seek(0)
+                prefix = fh.read(consumed_bytes + len(data))
+                try:
+                    prefix.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(path, prefix, exc) from None
+                raise
+            consumed_bytes += len(data)
+            eof = not data
+            return bool(data)
+
+        def fail(msg: str, at: int) -> DataError:
+            line = consumed_lines + buf.count("\n", 0, at) + 1
+            newline = buf.rfind("\n", 0, at)
+            column = at - newline if newline >= 0 else dropped_columns + at + 1
+            return DataError(f"{path} is not valid JSON (line {line}, column {column}): {msg}")
+
+        def skip_space() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or eof or not more():
+                    return
+
+        def value():  # the JSON value at pos, reading more of the file until it is complete
+            nonlocal pos
+            size = JSON_READ_BYTES
+            while True:
+                try:
+                    item, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as exc:
+                    if eof:
+                        raise fail(exc.msg, exc.pos) from None
+                    more(size)
+                    size *= 2  # a record longer than the window: fewer re-parses
+                    continue
+                if end == len(buf) and not eof and isinstance(item, (int, float)):
+                    more()  # a number may go on in the next read
+                    continue
+                pos = end
+                return item
+
+        def drop_consumed() -> None:
+            nonlocal buf, pos, consumed_lines, dropped_columns
+            if pos > JSON_READ_BYTES:
+                newline = buf.rfind("\n", 0, pos)
+                consumed_lines += buf.count("\n", 0, pos)
+                dropped_columns = pos - newline - 1 if newline >= 0 else dropped_columns + pos
+                buf, pos = buf[pos:], 0
+
+        skip_space()
+        if buf.startswith("\ufeff", pos):
+            pos += 1
+            skip_space()
+        if pos >= len(buf):
+            raise fail("Expecting value", pos)
+        if buf[pos] != "[":
+            item = value()
+            skip_space()
+            if pos < len(buf):
+                raise fail("Extra data", pos)
+            if not isinstance(item, dict):
+                raise DataError(f"{path}: expected a JSON array of records, got {type(item).__name__}")
+            yield item
+            return
+        pos += 1
+        skip_space()
+        if buf.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                skip_space()
+                yield value()
+                drop_consumed()
+                skip_space()
+                if buf.startswith(",", pos):
+                    pos += 1
+                elif buf.startswith("]", pos):
+                    pos += 1
+                    break
+                else:
+                    raise fail("Expecting ',' delimiter", pos)
+        skip_space()
+        if pos < len(buf):
+            raise fail("Extra data", pos)
+
+
 def iter_records(path: str) -> Iterator[RawRecord]:
     """(index, record) for every record of ``path``; unreadable records come as (index, DataError)."""
     kind = file_kind(path)
@@ -103,15 +209,7 @@ def iter_records(path: str) -> Iterator[RawRecord]:
     if kind == "jsonl" or (kind == "json" and _json_is_lines(path)):
         yield from _iter_json_lines(path)
     elif kind == "json":
-        try:
-            data = json.loads(read_utf8(path))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from exc
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-        yield from enumerate(data)
+        yield from enumerate(_iter_json_array(path))
     elif kind == "csv":
         try:
             with open(path, encoding="utf-8", newline="") as fh:

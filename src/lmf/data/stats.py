@@ -2,37 +2,74 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from lmf.data.layout import layout_of
 from lmf.extras.constants import IGNORE_INDEX
 
+#: Rows per Arrow batch read by the statistics, packing and length passes: their memory is bounded by one batch,
+#: not the dataset (a whole-column pass over 142M tokens took 1.2 GB).
+ROWS_PER_CHUNK = 8192
 
-def token_stats(ds, stage: str) -> dict[str, Any]:
-    """Counts and length statistics of a tokenized dataset (computed with Arrow, not Python loops)."""
+
+def arrow_chunks(ds, columns: list[str], rows: int = ROWS_PER_CHUNK) -> Iterator:
+    """``pyarrow.Table`` chunks of ``columns`` of a ``datasets.Dataset`` (its index mapping applied), ``rows`` at a
+    time: memory-mapped data is read a chunk at a time instead of materialised."""
+    view = ds.select_columns(columns).with_format("arrow")
+    for start in range(0, len(ds), rows):
+        yield view[start:start + rows]
+
+
+def list_lengths(ds, column: str = "input_ids"):
+    """numpy int64 array of the list lengths of ``column`` (8 bytes per row; read chunk by chunk)."""
+    import numpy as np
     import pyarrow.compute as pc
 
-    table = ds.with_format("arrow")[:]
+    parts = [pc.list_value_length(chunk[column]).to_numpy(zero_copy_only=False)
+             for chunk in arrow_chunks(ds, [column])]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+
+def token_stats(ds, stage: str) -> dict[str, Any]:
+    """Counts and length statistics of a tokenized dataset (Arrow compute on bounded chunks, not Python loops)."""
+    import pyarrow.compute as pc
+
     layout = layout_of(stage)
     prefix = "chosen_" if layout == "pairwise" else ""
-    lengths = pc.list_value_length(table[f"{prefix}input_ids"])
-    labels = pc.list_flatten(table[f"{prefix}labels"])
+    columns = [f"{prefix}input_ids", f"{prefix}labels"]
+    columns += ["rejected_input_ids"] if layout == "pairwise" else []
+    columns += ["kto_tags"] if layout == "feedback" else []
+    columns += ["_truncated"] if "_truncated" in ds.column_names else []
     n = len(ds)
+    tokens = label_tokens = rejected = desirable = truncated = 0
+    shortest, longest = None, 0
+    for chunk in arrow_chunks(ds, columns):
+        lengths = pc.list_value_length(chunk[columns[0]])
+        tokens += int(pc.sum(lengths).as_py() or 0)
+        label_tokens += int(pc.sum(pc.not_equal(pc.list_flatten(chunk[columns[1]]), IGNORE_INDEX)).as_py() or 0)
+        low, high = pc.min_max(lengths).values()
+        shortest = low.as_py() if shortest is None else min(shortest, low.as_py())
+        longest = max(longest, high.as_py() or 0)
+        if layout == "pairwise":
+            rejected += int(pc.sum(pc.list_value_length(chunk["rejected_input_ids"])).as_py() or 0)
+        if layout == "feedback":
+            desirable += int(pc.sum(chunk["kto_tags"]).as_py() or 0)
+        if "_truncated" in columns:
+            truncated += int(pc.sum(chunk["_truncated"]).as_py() or 0)
     stats = {
         "samples": n,
-        "tokens": int(pc.sum(lengths).as_py() or 0),
-        "label_tokens": int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0),
-        "min_length": int(pc.min(lengths).as_py() or 0) if n else 0,
-        "max_length": int(pc.max(lengths).as_py() or 0) if n else 0,
-        "mean_length": round(float(pc.mean(lengths).as_py() or 0), 1) if n else 0.0,
+        "tokens": tokens,
+        "label_tokens": label_tokens,
+        "min_length": int(shortest or 0),
+        "max_length": int(longest),
+        "mean_length": round(tokens / n, 1) if n else 0.0,
     }
     if layout == "pairwise":
-        rej = pc.list_value_length(table["rejected_input_ids"])
-        stats["rejected_tokens"] = int(pc.sum(rej).as_py() or 0)
-        stats["rejected_mean_length"] = round(float(pc.mean(rej).as_py() or 0), 1) if n else 0.0
+        stats["rejected_tokens"] = rejected
+        stats["rejected_mean_length"] = round(rejected / n, 1) if n else 0.0
     if layout == "feedback":
-        stats["desirable"] = int(pc.sum(table["kto_tags"]).as_py() or 0)
-        stats["undesirable"] = n - stats["desirable"]
-    if "_truncated" in table.column_names:
-        stats["truncated"] = int(pc.sum(table["_truncated"]).as_py() or 0)
+        stats["desirable"] = desirable
+        stats["undesirable"] = n - desirable
+    if "_truncated" in columns:
+        stats["truncated"] = truncated
     return stats

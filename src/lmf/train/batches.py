@@ -46,62 +46,108 @@ class ResumableShardedSampler(Sampler[int]):
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
-    def epoch_indices(self) -> list[int]:
+    def epoch_order(self):
+        """This rank's indices of the current epoch, a numpy int64 array (8 bytes a sample, no Python int each)."""
+        import numpy as np
+
         if self.shuffle:
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_items, generator=g).tolist()
+            order = torch.randperm(self.num_items, generator=g).numpy()
         else:
-            order = list(range(self.num_items))
-        total = self.num_samples * self.num_replicas
-        while len(order) < total:
-            order += order[: total - len(order)]
-        return order[self.rank:total:self.num_replicas]
+            order = np.arange(self.num_items, dtype=np.int64)
+        order = np.resize(order, self.num_samples * self.num_replicas)  # the tail padded by wrapping around
+        return order[self.rank::self.num_replicas]
+
+    def epoch_indices(self) -> list[int]:
+        return self.epoch_order().tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices()[self.skip:])
+        return map(int, self.epoch_order()[self.skip:])
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+class IndexBatches:
+    """Micro-batches of sample indices held as numpy arrays (``order[starts[i]:ends[i]]`` is batch i): an epoch's
+    plan over millions of samples without a Python list per batch; a DataLoader ``batch_sampler``."""
+
+    def __init__(self, order, starts, ends):
+        self.order, self.starts, self.ends = order, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return IndexBatches(self.order, self.starts[index], self.ends[index])
+        return self.order[self.starts[index]:self.ends[index]].tolist()
+
+    def __iter__(self):
+        for start, end in zip(self.starts.tolist(), self.ends.tolist()):
+            yield self.order[start:end].tolist()
+
+    def padded_to(self, count: int) -> "IndexBatches":
+        """``count`` batches: these, then the first ones again (every rank runs the same number of steps)."""
+        import numpy as np
+
+        picks = np.arange(count) % len(self)
+        return IndexBatches(self.order, self.starts[picks], self.ends[picks])
+
+
+def token_budget_cuts(lengths, budget: int, padded: bool):
+    """End offsets of the micro-batches :func:`token_budget_batches` cuts ``lengths`` (in batch order) into."""
+    import numpy as np
+
+    ends = []
+    count = longest = total = 0
+    for position, n in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
+        if count:
+            size = max(longest, n) * (count + 1) if padded else total + n
+            if size > budget:
+                ends.append(position)
+                count = longest = total = 0
+        count, longest, total = count + 1, max(longest, n), total + n
+    if count:
+        ends.append(len(lengths))
+    return np.asarray(ends, dtype=np.int64)
 
 
 def token_budget_batches(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
     """``order`` cut greedily into micro-batches of at most ``budget`` tokens: padded tokens (the longest sample
     x the count; ``dynamic_batching``) or real ones (their sum; ``dynamic_padding_free``). A sample never
     crosses into the next micro-batch, and one longer than the budget goes alone."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = total = 0
-    for i in order:
-        n = int(lengths[i])
-        if current:
-            size = max(longest, n) * (len(current) + 1) if padded else total + n
-            if size > budget:
-                batches.append(current)
-                current, longest, total = [], 0, 0
-        current.append(i)
-        longest, total = max(longest, n), total + n
-    if current:
-        batches.append(current)
-    return batches
+    import numpy as np
+
+    order = np.asarray(list(order), dtype=np.int64)
+    ends = token_budget_cuts(np.asarray(lengths, dtype=np.int64)[order], budget, padded)
+    return list(IndexBatches(order, np.concatenate(([0], ends[:-1])).astype(np.int64), ends))
 
 
 class TokenBudget:
     """Dynamic batching: every rank cuts its share of the epoch by :func:`token_budget_batches`; all ranks
     compute every rank's cut (no communication) and the ones with fewer micro-batches repeat their first ones,
-    so every rank runs the same number of steps (as the sampler repeats indices)."""
+    so every rank runs the same number of steps (as the sampler repeats indices). ``lengths``: a numpy array."""
 
-    def __init__(self, lengths: Sequence[int], budget: int, padded: bool):
-        self.lengths, self.budget, self.padded = list(lengths), budget, padded
+    def __init__(self, lengths, budget: int, padded: bool):
+        import numpy as np
 
-    def epoch_batches(self, sampler: ResumableShardedSampler) -> list[list[int]]:
-        cuts = []
+        self.lengths, self.budget, self.padded = np.asarray(lengths, dtype=np.int64), budget, padded
+
+    def epoch_batches(self, sampler: ResumableShardedSampler) -> IndexBatches:
+        import numpy as np
+
+        cuts, mine = [], None
         for rank in range(sampler.num_replicas):
             shard = ResumableShardedSampler(sampler.num_items, sampler.num_replicas, rank, sampler.shuffle, sampler.seed)
             shard.set_epoch(sampler.epoch)
-            cuts.append(token_budget_batches(shard.epoch_indices(), self.lengths, self.budget, self.padded))
-        mine, most = cuts[sampler.rank], max(len(c) for c in cuts)
-        return mine + [mine[i % len(mine)] for i in range(most - len(mine))]
+            order = shard.epoch_order()
+            ends = token_budget_cuts(self.lengths[order], self.budget, self.padded)
+            cuts.append(len(ends))
+            if rank == sampler.rank:
+                mine = IndexBatches(order, np.concatenate(([0], ends[:-1])).astype(np.int64), ends)
+        return mine.padded_to(max(cuts))
 
 
 class _WorkerError:
@@ -161,7 +207,7 @@ class MicroBatchStream:
             return math.ceil(self.sampler.num_samples / self.batch_size)
         return len(self._budget_batches())
 
-    def _budget_batches(self) -> list[list[int]]:
+    def _budget_batches(self) -> IndexBatches:
         if self._epoch_of_batches != self.epoch:
             self.sampler.set_epoch(self.epoch)
             self._batches, self._epoch_of_batches = self.token_budget.epoch_batches(self.sampler), self.epoch
@@ -237,9 +283,9 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime, cut
     budget = None
     strategy = training_args.batching_strategy
     if strategy in ("dynamic_batching", "dynamic_padding_free"):
-        import pyarrow.compute as pc
+        from lmf.data.stats import list_lengths
 
-        lengths = pc.list_value_length(dataset.with_format("arrow")[:]["input_ids"]).to_pylist()
+        lengths = list_lengths(dataset)
         tokens = training_args.per_device_train_batch_size * cutoff_len
         budget = TokenBudget(lengths, tokens, padded=strategy == "dynamic_batching")
         get_logger(__name__).info("%s: micro-batches of up to %d %s tokens (cutoff_len x micro-batch size)",

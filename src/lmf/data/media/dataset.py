@@ -13,16 +13,21 @@ MAX_REPORTED = 5
 
 
 def _records_with_media(normalized) -> int:
-    """Records with at least one image or video, counted by pyarrow (no Python object per row)."""
+    """Records with at least one image or video, counted by pyarrow a chunk at a time (no Python object per row)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = normalized.with_format("arrow")[:]
-    columns = [table.column(name) for name in ("_images", "_videos")]
-    if not all(pa.types.is_list(c.type) or pa.types.is_large_list(c.type) for c in columns):
-        return sum(1 for images, videos in zip(normalized["_images"], normalized["_videos"]) if images or videos)
-    lengths = [pc.fill_null(pc.list_value_length(c), 0) for c in columns]
-    return int(pc.sum(pc.greater(pc.add(*lengths), 0)).as_py() or 0)
+    from lmf.data.stats import arrow_chunks
+
+    count = 0
+    for table in arrow_chunks(normalized, ["_images", "_videos"]):
+        columns = [table.column(name) for name in ("_images", "_videos")]
+        if not all(pa.types.is_list(c.type) or pa.types.is_large_list(c.type) for c in columns):
+            count += sum(1 for images, videos in zip(*(c.to_pylist() for c in columns)) if images or videos)
+            continue
+        lengths = [pc.fill_null(pc.list_value_length(c), 0) for c in columns]
+        count += int(pc.sum(pc.greater(pc.add(*lengths), 0)).as_py() or 0)
+    return count
 
 
 def check_images_for_stage(normalized, stage: str, media) -> None:
@@ -43,14 +48,20 @@ def drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
     "Image features and image tokens do not match"), counted and reported by index."""
     if "_media_cut" not in tokenized.column_names:
         return tokenized, 0, []
-    cut = [i for i, c in enumerate(tokenized["_media_cut"]) if c]
+    import numpy as np
+
+    from lmf.data.stats import arrow_chunks
+
+    parts = [chunk["_media_cut"].to_numpy(zero_copy_only=False) for chunk in arrow_chunks(tokenized, ["_media_cut"])]
+    is_cut = np.concatenate(parts).astype(bool) if parts else np.zeros(0, dtype=bool)
+    cut = np.flatnonzero(is_cut).tolist()
     if cut:
         logger.warning("dropped %d sample(s) whose vision tokens do not match their images/videos: cut by cutoff_len %d, "
                        "or vision tokens written in the text itself (sample index %s%s); raise cutoff_len or lower "
                        "image_max_pixels to keep cut ones", len(cut), cutoff_len,
                        ", ".join(map(str, cut[:MAX_REPORTED])), " ..." if len(cut) > MAX_REPORTED else "")
-        keep = sorted(set(range(len(tokenized))) - set(cut))
-        if not keep:
+        keep = np.flatnonzero(~is_cut)
+        if not len(keep):
             raise DataError(f"every sample's image tokens are cut by cutoff_len {cutoff_len}; raise cutoff_len or "
                             "lower image_max_pixels")
         tokenized = tokenized.select(keep)
