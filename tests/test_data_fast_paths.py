@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datasets
 
-from lmf.data.loader import _features, write_arrow_dataset
+from lmf.data.loader import _features
+from lmf.data.normalize import write_arrow_dataset
 from lmf.data.template import get_template
 from lmf.testing.tiny import build_tokenizer
 

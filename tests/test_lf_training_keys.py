@@ -299,7 +299,7 @@ def test_switched_keys_warn_when_their_switch_is_off(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="lmf"):
             build_config({"model_name_or_path": "m", "torch_compile_mode": "max-autotune", "profiler_repeat": 2,
-                          "eaft_alpha": 0.5})
+                          "eaft_alpha": 0.5, "buffer_size": 128})
             text = caplog.text
             caplog.clear()
             build_config({"model_name_or_path": "m", "torch_compile": True, "torch_compile_mode": "max-autotune"})
@@ -308,4 +308,5 @@ def test_switched_keys_warn_when_their_switch_is_off(caplog):
     assert "'torch_compile_mode' has no effect without torch_compile: true" in text
     assert "'profiler_repeat' has no effect without enable_torch_profiler: true" in text
     assert "'eaft_alpha' has no effect without use_eaft_loss: true" in text
+    assert "'buffer_size' has no effect without streaming: true" in text
     assert "has no effect" not in caplog.text  # not with the switch on

@@ -65,10 +65,17 @@ def print_report(module, tokenizer, template, stage: str, out: Optional[TextIO] 
             _print_split(f"eval ({name})", split, out)
     else:
         _print_split("eval", eval_stats, out)
-    print(f"train samples: {stats.get('train_samples')}  eval samples: {stats.get('eval_samples')}", file=out)
-    if len(module.train_dataset) == 0:
-        return
-    row = module.train_dataset[0]
+    if getattr(module.train_dataset, "streamed", False):  # nothing is counted before training reads it
+        print(f"train: streamed (read and tokenized while training; shuffle buffer {stats.get('buffer_size')} rows)  "
+              f"eval samples: {stats.get('eval_samples')}", file=out)
+        row = module.train_dataset.first_row()
+        if row is None:
+            return
+    else:
+        print(f"train samples: {stats.get('train_samples')}  eval samples: {stats.get('eval_samples')}", file=out)
+        if len(module.train_dataset) == 0:
+            return
+        row = module.train_dataset[0]
     if "chosen_input_ids" in row:
         for side in ("chosen", "rejected"):
             n_tokens = len(row[side + "_input_ids"])

@@ -146,10 +146,9 @@ class DataArguments:
     cutoff_len: int = _f(2048, "Maximum tokens per sample after tokenization.")
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = _f(False, "Train on the last assistant turn only.")
-    streaming: bool = _f(False, "Stream the dataset instead of loading it.",
-        unsupported="streaming datasets are not implemented; datasets are memory-mapped Arrow instead")
-    buffer_size: int = _f(16384, "Shuffle buffer size when streaming.",
-        unsupported="it is the shuffle buffer of streaming datasets, which are not implemented")
+    streaming: bool = _f(False, "Read and tokenize the training data while training instead of preprocessing it "
+                         "into the cache first (needs max_steps; each process reads its share of the records).")
+    buffer_size: int = _f(16384, "Rows in the shuffle buffer of streamed training data.")
     mix_strategy: str = _f("concat", "How to mix several datasets: concatenate, or interleave until the first "
                            "(under) / every (over) dataset is exhausted, or each record once (once).",
                            ("concat", "interleave_under", "interleave_over", "interleave_once"))

@@ -3,16 +3,15 @@
 Pipeline per split (train from ``dataset``, eval from ``eval_dataset``):
 
 1. resolve names in ``dataset_info.json`` (or file paths / a v1 YAML registry);
-2. read each file record by record, convert to the normalized shape; malformed records raise a
-   DataError naming file + record index + field, or with ``skip_bad_records`` are skipped, counted
-   and reported in a warning (never silently);
-3. ``max_samples`` / ``num_samples`` per dataset, datasets concatenated;
+2. read each file record by record, convert to the normalized shape (:mod:`lmf.data.normalize`);
+3. ``max_samples`` / ``num_samples`` per dataset, datasets concatenated or interleaved;
 4. tokenize with ``datasets.map`` (``preprocessing_num_workers`` processes);
-5. optional packing; statistics.
+5. optional packing; statistics (both by bounded chunks: memory does not grow with the dataset).
 
 The result is saved in the preprocessing cache and memory-mapped back; a second run with the same
 inputs loads it (unless ``overwrite_cache``). Local rank 0 builds first (``main_process_first``).
-``val_size`` splits the train set afterwards (seeded).
+``val_size`` splits the train set afterwards (seeded). With ``streaming`` the training split is instead read and
+tokenized while training (:mod:`lmf.data.streaming`).
 """
 
 from __future__ import annotations
@@ -24,24 +23,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lmf.config.stages import STAGES
+from lmf.config.parser import split_list
 from lmf.data import cache as cache_mod
-from lmf.data.converter import convert_record
 from lmf.data.layout import GENERATE, layout_of
 from lmf.data.layout import features as _features
 from lmf.data.media.dataset import check_images_for_stage, drop_media_cuts
 from lmf.data.mixing import merge_datasets
 from lmf.data.processor import make_processor
-from lmf.data.readers import iter_records
+from lmf.data.normalize import MAX_REPORTED_PROBLEMS, BadRecords, check_attr_for_stage, convert_dataset
 from lmf.data.registry import DatasetAttr, resolve_datasets
 from lmf.data.stats import token_stats
 from lmf.extras.errors import ConfigError, DataError
 from lmf.extras.logging import get_logger
 
 logger = get_logger(__name__)
-
-MAX_REPORTED_PROBLEMS = 5
-
 
 @dataclass
 class DatasetModule:
@@ -51,21 +46,6 @@ class DatasetModule:
     eval_dataset: Optional[Any]
     stats: dict = field(default_factory=dict)
     media: Any = None  # the vision plugin the data was built with (images go through the collator)
-
-
-@dataclass
-class BadRecords:
-    """Malformed records seen while converting (file, record index, problem)."""
-
-    problems: list = field(default_factory=list)
-
-    def add(self, path: str, index: int, problem: str) -> None:
-        self.problems.append((path, index, problem))
-
-    def describe(self, limit: int = MAX_REPORTED_PROBLEMS) -> str:
-        lines = [f"{p}: record {i}: {msg}" for p, i, msg in self.problems[:limit]]
-        more = len(self.problems) - limit
-        return "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
 
 
 @contextlib.contextmanager
@@ -100,97 +80,6 @@ def frozen_heap():
             gc.unfreeze()
 
 
-def _check_attr_for_stage(attr: DatasetAttr, stage: str) -> None:
-    layout = layout_of(stage)
-    if layout == "pairwise" and not attr.ranking:
-        raise DataError(f"dataset {attr.name!r} is not preference data (needs 'ranking: true' with chosen/rejected "
-                        f"columns in dataset_info.json) and cannot be used for stage {stage!r}")
-    if layout == "feedback" and not attr.kto_tag:
-        raise DataError(f"dataset {attr.name!r} has no kto_tag column (columns: {{\"kto_tag\": ...}} in "
-                        "dataset_info.json: true for a desirable answer, false for an undesirable one) and cannot be "
-                        "used for stage 'kto'")
-    if layout != "pairwise" and attr.ranking:
-        pairwise = " or ".join(name for name, spec in STAGES.items() if spec.layout == "pairwise")
-        raise DataError(f"dataset {attr.name!r} is preference data (ranking: true); use it with stage {pairwise}, "
-                        f"not {stage!r}")
-
-
-ARROW_WRITE_ROWS = 2000
-
-
-def write_arrow_dataset(rows, features, path: str):
-    """Memory-mapped ``datasets.Dataset`` of the dict ``rows`` (an iterator), written straight to ``path``.
-
-    Rows are converted a chunk at a time with ``pyarrow.RecordBatch.from_pylist`` against the features'
-    schema: the same table ``Dataset.from_generator`` builds, without its per-row Python encoding pass.
-    """
-    import datasets
-    import pyarrow as pa
-
-    schema = features.arrow_schema
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    count = 0
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        chunk: list = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) >= ARROW_WRITE_ROWS:
-                writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
-                count += len(chunk)
-                chunk = []
-        if chunk:
-            writer.write_batch(pa.RecordBatch.from_pylist(chunk, schema=schema))
-            count += len(chunk)
-    if not count:
-        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-    return datasets.Dataset.from_file(path)
-
-
-def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, work_dir: str, seed: int):
-    """Normalized Arrow dataset of one registered dataset (records converted in this process)."""
-    limit = data_args.max_samples if attr.num_samples is None else None
-    media_dir = data_args.media_dir or data_args.dataset_dir
-
-    def generate():
-        seen = 0
-        for path in attr.files:
-            for index, record in iter_records(path):
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                if isinstance(record, DataError):
-                    bad.add(path, index, str(record))
-                    continue
-                normalized, problem = convert_record(record, attr, stage, media_dir)
-                if problem is not None:
-                    bad.add(path, index, problem)
-                    continue
-                yield normalized
-
-    before = len(bad.problems)
-    ds = write_arrow_dataset(generate(), _features("normalized"),
-                            os.path.join(work_dir, "raw", f"{uuid.uuid4().hex}.arrow"))
-    if len(bad.problems) > before and not data_args.skip_bad_records:
-        raise DataError(f"dataset {attr.name!r}: {len(bad.problems) - before} malformed record(s): "
-                        f"{BadRecords(bad.problems[before:]).describe()}. Fix them or set skip_bad_records: true")
-    if attr.num_samples is not None and len(ds):
-        import numpy as np
-
-        rng = np.random.default_rng(seed)
-        indexes = rng.permutation(len(ds))[: attr.num_samples]
-        if attr.num_samples > len(ds):
-            indexes = np.concatenate([indexes, rng.choice(len(ds), attr.num_samples - len(ds))])
-        ds = ds.select(indexes)
-        if data_args.max_samples:
-            ds = ds.select(range(min(data_args.max_samples, len(ds))))
-    if attr.sample_weight is not None and len(ds):
-        import numpy as np
-
-        count = max(1, int(len(ds) * attr.sample_weight))
-        ds = ds.select(np.random.default_rng(seed + 1).choice(len(ds), count, replace=True))
-    return ds
-
-
 def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_args, work_dir: str,
                 seed: int, media=None) -> tuple[Any, dict[str, Any]]:
     """Convert, tokenize and (optionally) pack a list of datasets into one Arrow dataset; ``media``: the vision
@@ -200,7 +89,7 @@ def build_split(attrs: list[DatasetAttr], stage: str, tokenizer, template, data_
     parts, per_dataset = [], {}
     record_stage = "sft" if stage == GENERATE else stage
     for attr in attrs:
-        _check_attr_for_stage(attr, record_stage)
+        check_attr_for_stage(attr, record_stage)
         ds = convert_dataset(attr, record_stage, data_args, bad, work_dir, seed)
         per_dataset[attr.name] = len(ds)
         parts.append(ds)
@@ -364,6 +253,8 @@ def get_dataset(cfg, tokenizer, template, stage: str, media=None) -> DatasetModu
 
     layout_of(stage)  # a stage without a data pipeline stops here
     template = _apply_data_args(template, cfg.data)
+    if cfg.data.streaming:
+        return _streamed_module(cfg, tokenizer, template, stage, media)
     with main_process_first(local=True):
         train, eval_, stats = _load_or_build(cfg, tokenizer, template, stage, media)
     d = cfg.data
@@ -381,6 +272,45 @@ def get_dataset(cfg, tokenizer, template, stage: str, media=None) -> DatasetModu
                 f", packing waste {tr['packing']['padding_waste_packed']:.1%}" if tr.get("packing") else
                 f", {tr['desirable']} desirable / {tr['undesirable']} undesirable" if "desirable" in tr else "")
     return DatasetModule(train_dataset=train, eval_dataset=eval_, stats=stats)
+
+
+def _streamed_module(cfg, tokenizer, template, stage: str, media) -> DatasetModule:
+    """``streaming``: the training split as a :class:`~lmf.data.streaming.StreamedDataset` (read and tokenized while
+    training); an ``eval_dataset`` is preprocessed and cached as usual (an evaluation pass needs its length)."""
+    from dataclasses import replace
+
+    from lmf.data.streaming import StreamedDataset
+    from lmf.dist.runtime import main_process_first
+
+    d = cfg.data
+    attrs = resolve_datasets(d.dataset, d.dataset_dir, key="dataset")
+    if not attrs:
+        raise ConfigError("config key 'dataset' is required (comma-separated names from dataset_info.json)")
+    for attr in attrs:
+        check_attr_for_stage(attr, stage)
+        if attr.num_samples is not None or attr.sample_weight is not None:
+            raise ConfigError(f"config key 'streaming': dataset {attr.name!r} samples its records (num_samples / "
+                              "weight in its registry entry), which needs all of them first; remove one of them")
+    if media is not None:
+        raise ConfigError("config key 'streaming' with a vision-language model's data is not implemented in lmf "
+                          "(its images are checked and counted over the whole dataset); set streaming: false")
+    seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
+    train = StreamedDataset(attrs, stage, make_processor(stage, tokenizer, template, d, None), d, seed,
+                            shuffle=not cfg.finetuning.disable_shuffling)
+    eval_, stats = None, {"cache": "streamed", "buffer_size": d.buffer_size}
+    if d.eval_dataset:
+        eval_cfg = replace(cfg, data=replace(d, dataset=d.eval_dataset, eval_dataset=None, streaming=False))
+        with main_process_first(local=True):
+            if d.eval_on_each_dataset:
+                eval_ = {name: _load_or_build(replace(eval_cfg, data=replace(eval_cfg.data, dataset=name)), tokenizer,
+                                              template, stage, media)[0] for name in split_list(d.eval_dataset)}
+            else:
+                eval_ = _load_or_build(eval_cfg, tokenizer, template, stage, media)[0]
+    eval_samples = (sum(map(len, eval_.values())) if isinstance(eval_, dict) else len(eval_)) if eval_ else 0
+    logger.info("dataset ready (streamed): %s read and tokenized while training, shuffled through a buffer of %d "
+                "rows%s; %d eval samples", ", ".join(a.name for a in attrs), d.buffer_size,
+                " (disable_shuffling: in file order)" if cfg.finetuning.disable_shuffling else "", eval_samples)
+    return DatasetModule(train_dataset=train, eval_dataset=eval_, stats=dict(stats, eval_samples=eval_samples))
 
 
 def get_prediction_dataset(cfg, tokenizer, template, media=None):

@@ -279,8 +279,9 @@ def _load_v1_registry(path: str) -> list[DatasetAttr]:
                 raise DataError(f"{path}: dataset {name!r}: weight must be > 0, got {entry['weight']}")
             attr.sample_weight = float(entry["weight"])
         if entry.get("streaming"):
-            raise DataError(f"{path}: dataset {name!r}: streaming is not implemented (LLaMA-Factory v1 cannot "
-                            "batch a streamed dataset either); set streaming: false")
+            raise DataError(f"{path}: dataset {name!r}: streaming one dataset of a registry is not implemented "
+                            "(LLaMA-Factory v1 cannot batch a streamed dataset either); set streaming: false here "
+                            "and streaming: true in the training config to stream the whole training split")
         unknown = sorted(set(entry) - {"path", "source", "converter", "size", "weight", "split", "streaming"})
         if unknown:
             raise DataError(f"{path}: dataset {name!r}: unknown field(s) {', '.join(unknown)} (v1 dataset fields: "

@@ -33,3 +33,18 @@ def _next_rank(rank: int) -> int:
         if rank <= allowed:
             return allowed
     return rank
+
+
+def warn_if_vllm_refuses(adapter_dir: str) -> None:
+    """Log what vLLM's ``--enable-lora`` would refuse in the adapter saved in ``adapter_dir``."""
+    import json
+    import os
+
+    from lmf.extras.logging import get_logger
+
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+        for problem in vllm_lora_warnings(config):
+            get_logger(__name__).warning("serving this adapter with vLLM: %s", problem)

@@ -272,6 +272,16 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime, cut
     ``cutoff_len x per_device_train_batch_size`` with the dynamic ``batching_strategy``."""
     from lmf.extras.logging import get_logger
 
+    if getattr(dataset, "streamed", False):  # streaming: read and tokenized while training (lmf.data.streaming)
+        from lmf.train.stream_batches import StreamedBatchStream
+
+        prefetch = (training_args.dataloader_prefetch_factor or 2) if training_args.dataloader_num_workers else 0
+        if prefetch:
+            get_logger(__name__).info("streaming: one thread prepares %d micro-batches ahead (dataloader_num_workers "
+                                      "%d: a stream is read in order by one reader per process)", prefetch,
+                                      training_args.dataloader_num_workers)
+        return StreamedBatchStream(dataset.shard(runtime.rank, runtime.world_size), collator,
+                                   training_args.per_device_train_batch_size, prefetch=prefetch)
     sampler = ResumableShardedSampler(len(dataset), runtime.world_size, runtime.rank,
                                       shuffle=not finetuning_args.disable_shuffling, seed=training_args.data_seed)
     workers = training_args.dataloader_num_workers

@@ -205,24 +205,27 @@ class CheckpointIO:
         save.step(functools.partial(self._write_model, sd, final=False))
         del sd
         self.hooks.during_save(step)
-        rngs = self._gathered_rng_states()
+        rngs, state.stream_positions = self._gathered_rank_states(run)
         optim_sd = self._optimizer_state(run)  # collective under FSDP
         save.step(lambda tmp: self._write_training_state(tmp, final_dir, run, state, rngs, optim_sd),
                   needed=lambda: tensor_bytes(optim_sd))
         return final_dir
 
-    def _gathered_rng_states(self) -> Optional[list]:
-        """Every rank's RNG state, on rank 0 (None elsewhere)."""
+    def _gathered_rank_states(self, run: "Run") -> tuple[Optional[list], Optional[list]]:
+        """Every rank's RNG state and, for streamed data, its stream position: on rank 0 (None elsewhere)."""
         import torch.distributed as dist
 
         from lmf.dist.runtime import is_dist
 
-        rng = capture_rng_state()
-        if not is_dist():
-            return [rng]
-        rngs = [None] * self.runtime.world_size if self.runtime.is_main else None
-        dist.gather_object(rng, rngs, dst=0)
-        return rngs
+        mine = (capture_rng_state(), run.stream.position() if hasattr(run.stream, "position") else None)
+        states = [mine]
+        if is_dist():
+            states = [None] * self.runtime.world_size if self.runtime.is_main else None
+            dist.gather_object(mine, states, dst=0)
+        if states is None:
+            return None, None
+        positions = [position for _, position in states]
+        return [rng for rng, _ in states], positions if positions[0] is not None else None
 
     def _optimizer_state(self, run: "Run") -> Optional[dict]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -298,7 +301,9 @@ class CheckpointIO:
         commit_files(tmp, out, last=STATE_NAME)
         logger.info("saved the %s to %s", "adapter" if self.saves_adapter else "model", out)
         if self.saves_adapter:
-            _warn_for_vllm(out)
+            from lmf.model.vllm_compat import warn_if_vllm_refuses
+
+            warn_if_vllm_refuses(out)
         if self.cfg.finetuning.pissa_convert:
             from lmf.train.pissa import write_converted_adapter
 
@@ -387,14 +392,7 @@ class CheckpointIO:
                 state.micro_batch_size, consumed, state.data_epoch,
             )
         run.stream.epoch, run.stream.batch_in_epoch = state.data_epoch, state.batch_in_epoch
+        if saved.get("stream_positions") and hasattr(run.stream, "restore"):  # streamed data: each rank's own
+            run.stream.restore(saved["stream_positions"], self.runtime.rank, world)
         logger.info("resumed from %s at step %d (epoch %.2f)", path, state.global_step, state.epoch)
 
-
-def _warn_for_vllm(adapter_dir: str) -> None:
-    """Say what vLLM's ``--enable-lora`` would refuse in the adapter just saved (lmf.model.vllm_compat)."""
-    from lmf.model.vllm_compat import vllm_lora_warnings
-
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if os.path.isfile(path):
-        for problem in vllm_lora_warnings(read_json(path)):
-            logger.warning("serving this adapter with vLLM: %s", problem)

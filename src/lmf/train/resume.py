@@ -77,7 +77,8 @@ TRAJECTORY_KEYS = frozenset({
 #: Trajectory keys added after checkpoints were first fingerprinted: recorded only when set away from their
 #: default, so that the checkpoints of runs that never used them keep their fingerprint (resume still works).
 LATER_KEYS = {"image_max_pixels": 768 * 768, "image_min_pixels": 32 * 32, "video_max_pixels": 256 * 256,
-              "video_min_pixels": 16 * 16, "video_fps": 2.0, "video_maxlen": 128}
+              "video_min_pixels": 16 * 16, "video_fps": 2.0, "video_maxlen": 128, "streaming": False,
+              "buffer_size": 16384}
 
 PREVIOUS_DIR = ".previous"
 

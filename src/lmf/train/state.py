@@ -51,6 +51,7 @@ class TrainState:
     best_model_checkpoint: Optional[str] = None  # the checkpoint saved at that step, when one was
     evals_without_improvement: int = 0
     objective_state: dict = field(default_factory=dict)  # the objective's persistent_state (BCO's baseline)
+    stream_positions: Optional[list] = None  # streamed data: [epoch, rows, micro-batches] of each rank
     early_stopped: bool = False
     finished: bool = False
 

@@ -87,7 +87,7 @@ class Trainer:
         from lmf.dist.plan import plan_parallelism
         from lmf.train.evaluate import Evaluator
 
-        if len(train_dataset) == 0:
+        if not getattr(train_dataset, "streamed", False) and len(train_dataset) == 0:
             raise LmfError("the training dataset is empty")
         self.cfg, self.args = cfg, cfg.training
         self.model, self.tokenizer, self.objective = model, tokenizer, objective
@@ -292,9 +292,9 @@ class Trainer:
         a, st = self.args, self.state
         trainable, total = count_parameters(self.model)
         logger.info(
-            "training: %d examples, %d steps, micro-batch %d x accumulation %d x %d process(es) = %d per step, "
+            "training: %s examples, %d steps, micro-batch %d x accumulation %d x %d process(es) = %d per step, "
             "%d trainable of %d params, parallel=%s, device=%s%s%s",
-            len(self.train_dataset), st.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps,
+            "streamed" if getattr(self.train_dataset, "streamed", False) else len(self.train_dataset), st.max_steps, a.per_device_train_batch_size, a.gradient_accumulation_steps,
             self.runtime.world_size,
             a.per_device_train_batch_size * a.gradient_accumulation_steps * self.runtime.world_size,
             trainable, total, self.run.plan.mode, self.runtime.device,

@@ -59,3 +59,36 @@ def dynamic_batching_needs_a_budget(cfg: "LmfConfig") -> None:
     if t.do_train and not t.max_steps > 0:
         raise ConfigError(f"config key 'batching_strategy': {strategy} needs max_steps (the number of "
                           "micro-batches per epoch depends on the order, as in LLaMA-Factory v1)")
+
+
+@rule("streaming", "max_steps", "packing", "neat_packing", "batching_strategy", "val_size", "tokenized_path",
+      "mix_strategy", "eval_strategy", "save_strategy", "precompute_ref_log_probs")
+def streaming_runs_by_steps(cfg: "LmfConfig") -> None:
+    """Streamed data has no length and no cache: a run of max_steps, and nothing that needs the whole dataset first."""
+    d, t, ft = cfg.data, cfg.training, cfg.finetuning
+    if not d.streaming:
+        return
+    if t.do_train and not t.max_steps > 0:
+        raise ConfigError("config key 'streaming' needs max_steps (a stream has no length to count epochs in, as in "
+                          "LLaMA-Factory)")
+    needs_whole = {
+        "packing": d.packing or d.neat_packing,
+        "batching_strategy": (t.batching_strategy or "").startswith("dynamic"),
+        "val_size": bool(d.val_size),
+        "tokenized_path": bool(d.tokenized_path),
+        "mix_strategy": d.mix_strategy != "concat",
+        "eval_strategy": t.eval_strategy == "epoch",
+        "save_strategy": t.save_strategy == "epoch",
+        "precompute_ref_log_probs": bool(getattr(ft, "precompute_ref_log_probs", False)),
+    }
+    why = {"packing": "packing plans bins over the whole dataset",
+           "batching_strategy": "dynamic batching cuts micro-batches from the lengths of the whole dataset",
+           "val_size": "set eval_dataset instead (it is preprocessed and cached as usual)",
+           "tokenized_path": "a stream is tokenized while training and never saved",
+           "mix_strategy": "streamed datasets are concatenated (mix_strategy: concat)",
+           "eval_strategy": "a stream's epochs have no boundary the loop waits on: use steps",
+           "save_strategy": "a stream's epochs have no boundary the loop waits on: use steps",
+           "precompute_ref_log_probs": "it scores the whole training set before training"}
+    for key, used in needs_whole.items():
+        if used:
+            raise ConfigError(f"config keys 'streaming' and '{key}' do not combine in lmf: {why[key]}")

@@ -185,12 +185,14 @@ _SWITCHED = {
                                            "profiler_active_steps", "profiler_repeat", "profiler_record_shapes",
                                            "profiler_profile_memory", "profiler_with_stack")),
     "use_eaft_loss": ("finetuning", ("eaft_alpha",)),
+    "streaming": ("data", ("buffer_size",)),
 }
 
 
 @rule("torch_compile", "torch_compile_backend", "torch_compile_mode", "enable_torch_profiler", "profiler_output_dir",
       "profiler_wait_steps", "profiler_warmup_steps", "profiler_active_steps", "profiler_repeat",
-      "profiler_record_shapes", "profiler_profile_memory", "profiler_with_stack", "use_eaft_loss", "eaft_alpha")
+      "profiler_record_shapes", "profiler_profile_memory", "profiler_with_stack", "use_eaft_loss", "eaft_alpha",
+      "streaming", "buffer_size")
 def switched_keys_say_when_their_switch_is_off(cfg: "LmfConfig") -> None:
     import dataclasses
 
