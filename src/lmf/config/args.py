@@ -115,6 +115,9 @@ class ModelArguments:
     export_device: str = _f("cpu", "Device used to merge the adapter.", ("cpu", "auto"))
     export_legacy_format: bool = _f(False, "Save .bin instead of .safetensors when exporting.")
     export_overwrite: bool = _f(False, "Allow lmf export to overwrite a non-empty export_dir.")
+    export_gguf: Optional[str] = _f(None, "Also write the model as one GGUF file for llama.cpp / Ollama, with weights "
+                                    "of this type (q8_0: 8-bit; 1-D tensors stay f32), and point the Modelfile at it.",
+                                    ("f32", "f16", "bf16", "q8_0"))
     export_hub_model_id: Optional[str] = _f(None, "Hub repo id to push the export to.",
         unsupported="pushing to the hub is not possible offline")
     # vllm

@@ -108,7 +108,10 @@ MEGATRON_REFUSAL = ("configures the Megatron backend of LLaMA-Factory (mcore_ada
 _GROUP_FEATURES = {
     "QuantizationArguments": "on-the-fly quantization (QLoRA)",
     "ProcessorArguments": "multimodal (image, video, audio) input",
-    "ExportArguments": "quantized export (GPTQ)",
+    "ExportArguments": "GPTQ quantized export: GPTQ quantizes on a CUDA GPU only (transformers and optimum stop "
+                       "with 'A GPU is needed to quantize model'; LLaMA-Factory's too), so lmf, which runs on CPU, "
+                       "does not offer it; for a quantized model on CPU, export_gguf: q8_0 writes an 8-bit GGUF for "
+                       "llama.cpp / Ollama",
     "VllmArguments": "passing extra vLLM engine arguments",
     "SGLangArguments": "the SGLang inference backend",
     "KTransformersArguments": "KTransformers",

@@ -3,7 +3,8 @@
 ``lmf export CONFIG.yaml`` (or ``--model PATH --adapter PATH --template NAME export_dir=OUT``).
 The folder holds safetensors shards of at most ``export_size`` GB, config.json, a
 generation_config.json whose eos ids are the template's stop tokens, and the tokenizer with a
-chat template that renders prompts exactly as training did. It is written to a temporary folder
+chat template that renders prompts exactly as training did, an Ollama ``Modelfile`` and, with ``export_gguf``, a GGUF
+file (:mod:`lmf.export.gguf`). It is written to a temporary folder
 next to ``export_dir`` and renamed into place; a non-empty ``export_dir`` is refused unless
 ``export_overwrite: true``.
 """
@@ -108,6 +109,7 @@ def export_model(cfg: "LmfConfig") -> str:
     import torch
 
     from lmf.data.template import get_template
+    from lmf.data.template.ollama import ollama_modelfile
     from lmf.model.loader import load_model, load_tokenizer
 
     m = cfg.model
@@ -153,6 +155,17 @@ def export_model(cfg: "LmfConfig") -> str:
             copied = copy_processor_files(m.model_name_or_path, tmp)
             if copied:
                 logger.info("export: the base model's processor files %s copied", ", ".join(copied))
+        source = "."
+        if m.export_gguf:
+            from lmf.export.gguf import write_gguf
+
+            source = f"model-{m.export_gguf}.gguf"
+            info = write_gguf(tmp, os.path.join(tmp, source), m.export_gguf, os.path.basename(target))
+            logger.info("export: %s written (%s, %d tensors, %.1f MB)", source, info["architecture"], info["tensors"],
+                        info["bytes"] / 1e6)
+            source = f"./{source}"
+        with open(os.path.join(tmp, "Modelfile"), "w", encoding="utf-8") as fh:  # `ollama create NAME -f Modelfile`
+            fh.write(ollama_modelfile(template, tokenizer, source))
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
