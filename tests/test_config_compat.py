@@ -217,3 +217,12 @@ def test_llamafactory_megatron_examples_stop_on_the_megatron_backend_not_an_unkn
         with pytest.raises(ConfigError, match="configures the Megatron backend") as exc:
             build_config(raw, source=path)
         assert "unknown config key" not in str(exc.value)
+
+
+def test_sglang_is_refused_saying_why():
+    for raw in ({"infer_backend": "sglang"}, {"sglang_maxlen": 8192}):
+        with pytest.raises(ConfigError, match="SGLang") as info:
+            build_config({"model_name_or_path": "m", **raw})
+        assert "not implemented" in str(info.value)
+    with pytest.raises(ConfigError, match="PyPI wheels are CUDA builds.*use infer_backend: vllm"):
+        build_config({"model_name_or_path": "m", "infer_backend": "sglang"})

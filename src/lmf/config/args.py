@@ -89,7 +89,8 @@ class ModelArguments:
     moe_aux_loss_coef: Optional[float] = _f(None, "Mixture-of-experts models: add this times the router "
                                             "load-balancing loss (logged as aux_loss); unset: no auxiliary loss.")
     train_from_scratch: bool = _f(False, "Randomly initialise the model weights from its config.")
-    infer_backend: str = _f("huggingface", "Inference backend for chat/api.", ("huggingface", "hf", "vllm"))
+    infer_backend: str = _f("huggingface", "Inference backend for chat/api (sglang is refused saying why).",
+                            ("huggingface", "hf", "vllm", "sglang"))
     infer_dtype: str = _f("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))
     use_cache: bool = _f(True, "Use the KV cache during generation.")
     hf_hub_token: Optional[str] = _f(None, "Hugging Face Hub token.",

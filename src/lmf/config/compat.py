@@ -113,7 +113,7 @@ _GROUP_FEATURES = {
                        "does not offer it; for a quantized model on CPU, export_gguf: q8_0 writes an 8-bit GGUF for "
                        "llama.cpp / Ollama",
     "VllmArguments": "passing extra vLLM engine arguments",
-    "SGLangArguments": "the SGLang inference backend",
+    "SGLangArguments": "the SGLang inference backend (see infer_backend: sglang)",
     "KTransformersArguments": "KTransformers",
     "OFTArguments": "OFT",
     "SwanLabArguments": "SwanLab tracking",

