@@ -3,7 +3,9 @@ tokens, written by ``lmf export`` beside the model as LLaMA-Factory's export wri
 comment line; function calls are not in it, as in LLaMA-Factory).
 
 Deviation, on purpose: a slot holding a vocabulary token by name (ChatGLM's ``[gMASK]``, ``<|user|>``) is written as
-that token's text, where LLaMA-Factory stops the export with "Dict is not supported." after the model was saved.
+that token's text, where LLaMA-Factory stops the export with "Dict is not supported." after the model was saved; a
+token named in a set (phi_small's ``<|endoftext|>`` prefix) is written, as lmf's templates train with it. Checked
+against LLaMA-Factory 0.9.5 for all its templates (``bench/lf_modelfile_golden.py``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def ollama_modelfile(template, tokenizer, source: str = ".") -> str:
     text += f'FROM {source}\n\nTEMPLATE """{ollama_template(template, tokenizer)}"""\n\n'
     if template.default_system:
         text += f'SYSTEM """{template.default_system}"""\n\n'
+    stop_ids: set = set()  # LLaMA-Factory lists them from a set of ids: the same additions give the same order
     for token_id in template.stop_token_ids(tokenizer):
+        stop_ids.add(token_id)
+    for token_id in stop_ids:
         text += f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(token_id)}"\n'
     return text + "PARAMETER num_ctx 4096\n"
