@@ -131,3 +131,16 @@ def test_never_writes_over_a_model_directory(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="finished run"):
         train_tiny(make_config(tiny_model_dir, str(other), max_steps=1))
     assert (other / "model.safetensors").is_file()
+
+
+def test_ignore_data_skip_starts_the_data_over(tiny_model_dir, tmp_path):
+    """transformers' ignore_data_skip: the step, schedule and weights resume, the data restarts at its first batch."""
+    ref_dir = str(tmp_path / "ref")
+    train_tiny(make_config(tiny_model_dir, ref_dir, max_steps=2, save_steps=2))
+    saved = json.load(open(os.path.join(ref_dir, "checkpoint-2", "trainer_state.json")))
+    assert (saved["data_epoch"], saved["batch_in_epoch"]) == (0, 4)
+    for ignore, expected in ((False, (0, 5)), (True, (0, 2))):
+        _, state = train_tiny(make_config(tiny_model_dir, str(tmp_path / f"again-{ignore}"), max_steps=3,
+                                          resume_from_checkpoint=os.path.join(ref_dir, "checkpoint-2"),
+                                          ignore_data_skip=ignore))
+        assert state.global_step == 3 and (state.data_epoch, state.batch_in_epoch) == expected

@@ -389,6 +389,8 @@ class TrainingArguments:
     torch_empty_cache_steps: Optional[int] = _f(None, "Every N optimizer steps, hand the accelerator's cached free "
                                                       "memory back (torch.cuda.empty_cache; nothing to do on CPU).")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    ignore_data_skip: bool = _f(False, "On resume, start the data over from its first micro-batch instead of "
+                                "where the checkpoint stopped (weights, optimizer, schedule and step still resume).")
     dataloader_drop_last: bool = _f(False, "Drop each epoch's last training micro-batch of a process when it is "
                                            "incomplete (evaluation always sees every sample).")
     dataloader_persistent_workers: bool = _f(False, "Keep the DataLoader worker processes from one epoch to the next "
