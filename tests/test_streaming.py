@@ -110,6 +110,13 @@ def test_malformed_and_image_records_name_file_and_index(tmp_path, tok):
     streamed = get_dataset(_cfg(str(data), tmp_path, dataset="a"), tok, template, "sft").train_dataset
     with pytest.raises(Exception, match="a.jsonl: record 1: "):
         list(streamed.rows(0))
+    from lmf.train.stream_batches import StreamedBatchStream
+
+    prefetching = StreamedBatchStream(streamed, lambda rows: rows, 1, prefetch=2)
+    assert next(prefetching)  # record 0; the producer thread then meets record 1
+    with pytest.raises(Exception, match="a.jsonl: record 1: "):
+        next(prefetching)
+    prefetching.close()
     skipping = get_dataset(_cfg(str(data), tmp_path, dataset="a", skip_bad_records=True), tok, template,
                            "sft").train_dataset
     with pytest.raises(Exception, match="a.jsonl: record 2 has images or videos"):

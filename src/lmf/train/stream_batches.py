@@ -87,19 +87,22 @@ class StreamedBatchStream:
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         self._stop = stop = threading.Event()
 
+        def offer(item) -> bool:  # False once the stream is closed (nobody takes items any more)
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for item in self._batches():
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not offer(item):
                         return
             except BaseException as exc:  # noqa: BLE001 - raised again in the training loop
-                ready.put((_END, exc))
+                offer((_END, exc))
 
         self._thread = threading.Thread(target=produce, name="lmf-stream", daemon=True)
         self._thread.start()
