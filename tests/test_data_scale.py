@@ -77,7 +77,7 @@ def test_bin_plan_equals_list_first_fit_decreasing():
         lengths = [rng.randint(0, capacity + (4 if trial % 5 == 0 else 0)) for _ in range(rng.randint(0, 200))]
         assert plan_bins(lengths, capacity) == _reference_bins(lengths, capacity)
     members, sizes = plan_bin_members(np.random.default_rng(0).integers(1, 512, 200_000), 512)
-    assert members.dtype == sizes.dtype == np.int64 and sorted(members.tolist()) == list(range(200_000))
+    assert members.dtype == np.int32 and sizes.dtype == np.int64 and sorted(members.tolist()) == list(range(200_000))
 
 
 def _tokenized(layout: str, n: int):

@@ -21,13 +21,13 @@ def arrow_chunks(ds, columns: list[str], rows: int = ROWS_PER_CHUNK) -> Iterator
 
 
 def list_lengths(ds, column: str = "input_ids"):
-    """numpy int64 array of the list lengths of ``column`` (8 bytes per row; read chunk by chunk)."""
+    """numpy int32 array of the list lengths of ``column`` (4 bytes per row; read chunk by chunk)."""
     import numpy as np
     import pyarrow.compute as pc
 
-    parts = [pc.list_value_length(chunk[column]).to_numpy(zero_copy_only=False)
+    parts = [pc.list_value_length(chunk[column]).to_numpy(zero_copy_only=False).astype(np.int32)
              for chunk in arrow_chunks(ds, [column])]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 def token_stats(ds, stage: str) -> dict[str, Any]:

@@ -56,7 +56,9 @@ class ResumableShardedSampler(Sampler[int]):
             order = torch.randperm(self.num_items, generator=g).numpy()
         else:
             order = np.arange(self.num_items, dtype=np.int64)
-        order = np.resize(order, self.num_samples * self.num_replicas)  # the tail padded by wrapping around
+        total = self.num_samples * self.num_replicas
+        if total != len(order):
+            order = np.resize(order, total)  # the tail padded by wrapping around
         return order[self.rank::self.num_replicas]
 
     def epoch_indices(self) -> list[int]:
@@ -100,18 +102,22 @@ def token_budget_cuts(lengths, budget: int, padded: bool):
     """End offsets of the micro-batches :func:`token_budget_batches` cuts ``lengths`` (in batch order) into."""
     import numpy as np
 
-    ends = []
+    from array import array
+
+    lengths = np.asarray(lengths)
+    ends = array("q")  # 8 bytes a micro-batch, not a Python int
     count = longest = total = 0
-    for position, n in enumerate(np.asarray(lengths, dtype=np.int64).tolist()):
-        if count:
-            size = max(longest, n) * (count + 1) if padded else total + n
-            if size > budget:
-                ends.append(position)
-                count = longest = total = 0
-        count, longest, total = count + 1, max(longest, n), total + n
+    for start in range(0, len(lengths), 1 << 16):  # Python ints a chunk at a time
+        for position, n in enumerate(lengths[start:start + (1 << 16)].tolist(), start):
+            if count:
+                size = max(longest, n) * (count + 1) if padded else total + n
+                if size > budget:
+                    ends.append(position)
+                    count = longest = total = 0
+            count, longest, total = count + 1, max(longest, n), total + n
     if count:
         ends.append(len(lengths))
-    return np.asarray(ends, dtype=np.int64)
+    return np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, dtype=np.int64)
 
 
 def token_budget_batches(order: Sequence[int], lengths: Sequence[int], budget: int, padded: bool) -> list[list[int]]:
@@ -133,7 +139,7 @@ class TokenBudget:
     def __init__(self, lengths, budget: int, padded: bool):
         import numpy as np
 
-        self.lengths, self.budget, self.padded = np.asarray(lengths, dtype=np.int64), budget, padded
+        self.lengths, self.budget, self.padded = np.asarray(lengths), budget, padded
 
     def epoch_batches(self, sampler: ResumableShardedSampler) -> IndexBatches:
         import numpy as np
