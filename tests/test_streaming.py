@@ -147,3 +147,17 @@ def test_streamed_training_resumes_exactly(tiny_model_dir, demo_data_dir, tmp_pa
     shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
     run_training(config(part, resume_from_checkpoint=True))
     assert history(part) == history(full) and len(history(full)) == 6
+
+
+def test_data_check_shows_a_streamed_split(demo_data_dir, tmp_path, tok):
+    import io
+
+    from lmf.data_check import print_report
+
+    template = get_template("chatml", tok)
+    module = get_dataset(_cfg(demo_data_dir, tmp_path), tok, template, "sft")
+    out = io.StringIO()
+    print_report(module, tok, template, "sft", out)
+    text = out.getvalue()
+    assert "cutoff_len: 96" in text and "cache: streamed" in text and "shuffle buffer 6 rows" in text
+    assert "--- sample 0 (" in text and "[[" in text

@@ -297,7 +297,8 @@ def _streamed_module(cfg, tokenizer, template, stage: str, media) -> DatasetModu
     seed = cfg.training.data_seed if cfg.training.data_seed is not None else cfg.training.seed
     train = StreamedDataset(attrs, stage, make_processor(stage, tokenizer, template, d, None), d, seed,
                             shuffle=not cfg.finetuning.disable_shuffling)
-    eval_, stats = None, {"cache": "streamed", "buffer_size": d.buffer_size}
+    eval_, stats = None, {"stage": stage, "template": template.name, "cutoff_len": d.cutoff_len, "cache": "streamed",
+                          "buffer_size": d.buffer_size}
     if d.eval_dataset:
         eval_cfg = replace(cfg, data=replace(d, dataset=d.eval_dataset, eval_dataset=None, streaming=False))
         with main_process_first(local=True):
