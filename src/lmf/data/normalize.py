@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 from lmf.config.stages import STAGES
 from lmf.data.converter import convert_record
@@ -81,26 +82,35 @@ def write_arrow_dataset(rows, features, path: str):
     return datasets.Dataset.from_file(path)
 
 
+def raw_records(attr: DatasetAttr, limit: Optional[int]) -> Iterator[tuple[str, int, Any]]:
+    """(file, record index, record or the DataError of an unreadable one) of ``attr``'s files in order, ``limit`` at
+    most (``max_samples``)."""
+    seen = 0
+    for path in attr.files:
+        for index, record in iter_records(path):
+            if limit is not None and seen >= limit:
+                return
+            seen += 1
+            yield path, index, record
+
+
+def normalize_record(record: Any, attr: DatasetAttr, stage: str, data_args) -> tuple[Optional[dict], Optional[str]]:
+    """(normalized record, None) or (None, the problem) of one raw record of :func:`raw_records`."""
+    if isinstance(record, DataError):
+        return None, str(record)
+    return convert_record(record, attr, stage, data_args.media_dir or data_args.dataset_dir)
+
+
 def convert_dataset(attr: DatasetAttr, stage: str, data_args, bad: BadRecords, work_dir: str, seed: int):
     """Normalized Arrow dataset of one registered dataset (records converted in this process)."""
-    limit = data_args.max_samples if attr.num_samples is None else None
-    media_dir = data_args.media_dir or data_args.dataset_dir
 
     def generate():
-        seen = 0
-        for path in attr.files:
-            for index, record in iter_records(path):
-                if limit is not None and seen >= limit:
-                    return
-                seen += 1
-                if isinstance(record, DataError):
-                    bad.add(path, index, str(record))
-                    continue
-                normalized, problem = convert_record(record, attr, stage, media_dir)
-                if problem is not None:
-                    bad.add(path, index, problem)
-                    continue
-                yield normalized
+        for path, index, record in raw_records(attr, data_args.max_samples if attr.num_samples is None else None):
+            normalized, problem = normalize_record(record, attr, stage, data_args)
+            if problem is not None:
+                bad.add(path, index, problem)
+                continue
+            yield normalized
 
     before = len(bad.problems)
     ds = write_arrow_dataset(generate(), _features("normalized"),

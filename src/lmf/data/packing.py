@@ -77,11 +77,13 @@ def plan_bins(lengths, capacity: int) -> list[list[int]]:
     return [part.tolist() for part in np.split(members, np.cumsum(sizes)[:-1])] if len(sizes) else []
 
 
-def padding_waste(lengths: list[int], capacity: int) -> float:
-    """Fraction of a ``len(lengths) x capacity`` block that is padding."""
-    if not lengths:
+def padding_waste(lengths, capacity: int) -> float:
+    """Fraction of a ``len(lengths) x capacity`` block that is padding (``lengths``: a list or a numpy array)."""
+    import numpy as np
+
+    if not len(lengths):
         return 0.0
-    return 1.0 - sum(lengths) / (len(lengths) * capacity)
+    return 1.0 - int(np.sum(lengths, dtype=np.int64)) / (len(lengths) * capacity)
 
 
 #: Tokens per written batch of packed rows: bounds the memory of one batch (~70 bytes a token while it is built) and
@@ -94,7 +96,8 @@ def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[
 
     Built by Arrow and numpy a batch of bins at a time (at most :data:`PACK_BATCH_TOKENS` tokens): the batch's rows
     gathered in bin order, their values concatenated, one list per bin (no Python list per token). Memory is the
-    lengths and the bin plan (24 bytes a sample) plus one batch, whatever the dataset's size. Written to
+    lengths and the bin plan (~26 bytes a sample at the peak, bench/RESULTS-data-scale.md) plus one batch, whatever
+    the number of tokens. Written to
     ``cache_dir`` (memory-mapped from there), or kept in memory without one.
     """
     import os
@@ -105,7 +108,7 @@ def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from lmf.data.stats import list_lengths
+    from lmf.data.stats import list_lengths, python_ints
 
     lengths = list_lengths(dataset)
     members, sizes = plan_bin_members(lengths, capacity)
@@ -134,12 +137,11 @@ def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[
 
     def batches():  # consecutive bins, PACK_BATCH_TOKENS tokens at most (one bin at least)
         first, tokens = 0, 0
-        for start in range(0, len(bin_lengths), 1 << 16):  # Python ints a chunk at a time
-            for b, size in enumerate(bin_lengths[start:start + (1 << 16)].tolist(), start):
-                if b > first and tokens + size > PACK_BATCH_TOKENS:
-                    yield packed_batch(first, b)
-                    first, tokens = b, 0
-                tokens += size
+        for b, size in enumerate(python_ints(bin_lengths)):
+            if b > first and tokens + size > PACK_BATCH_TOKENS:
+                yield packed_batch(first, b)
+                first, tokens = b, 0
+            tokens += size
         if len(bin_lengths):
             yield packed_batch(first, len(bin_lengths))
 
@@ -152,11 +154,10 @@ def pack_dataset(dataset, capacity: int, cache_dir: str | None = None) -> tuple[
             for batch in batches():
                 writer.write_batch(batch)
         packed = datasets.Dataset.from_file(path)
-    total, count = int(lengths.sum()), len(lengths)
     stats = {
         "packed_sequences": len(sizes),
-        "samples_per_sequence": round(count / max(len(sizes), 1), 2),
-        "padding_waste_unpacked": round(1.0 - total / (count * capacity), 4) if count else 0.0,
-        "padding_waste_packed": round(1.0 - total / (len(sizes) * capacity), 4) if len(sizes) else 0.0,
+        "samples_per_sequence": round(len(lengths) / max(len(sizes), 1), 2),
+        "padding_waste_unpacked": round(padding_waste(lengths, capacity), 4),
+        "padding_waste_packed": round(padding_waste(bin_lengths, capacity), 4),
     }
     return packed, stats

@@ -20,6 +20,12 @@ def arrow_chunks(ds, columns: list[str], rows: int = ROWS_PER_CHUNK) -> Iterator
         yield view[start:start + rows]
 
 
+def python_ints(values, chunk: int = 1 << 16) -> Iterator[int]:
+    """The numbers of a numpy array as Python ints, converted a chunk at a time (not one list of them all)."""
+    for start in range(0, len(values), chunk):
+        yield from values[start:start + chunk].tolist()
+
+
 def list_lengths(ds, column: str = "input_ids"):
     """numpy int32 array of the list lengths of ``column`` (4 bytes per row; read chunk by chunk)."""
     import numpy as np

@@ -40,39 +40,29 @@ class StreamedDataset:
 
     def _records(self) -> Iterator[dict]:
         """Normalized records of this rank's share, in file order."""
-        from lmf.data.converter import convert_record
-        from lmf.data.readers import iter_records
+        from lmf.data.normalize import MAX_REPORTED_PROBLEMS, normalize_record, raw_records
 
         d = self.data_args
-        media_dir = d.media_dir or d.dataset_dir
         position = 0  # over all datasets: the ranks' shares interleave record by record
         for attr in self.attrs:
-            seen = 0
-            for path in attr.files:
-                for index, record in iter_records(path):
-                    if d.max_samples is not None and seen >= d.max_samples:
-                        break
-                    seen += 1
-                    mine = position % self.world_size == self.rank
-                    position += 1
-                    if not mine:
-                        continue
-                    problem = str(record) if isinstance(record, DataError) else None
-                    normalized = None
-                    if problem is None:
-                        normalized, problem = convert_record(record, attr, self.stage, media_dir)
-                    if normalized is not None and (normalized["_images"] or normalized["_videos"]):
-                        raise DataError(f"{path}: record {index} has images or videos but the model takes text only "
-                                        "(a streamed dataset is text: set streaming: false for vision data)")
-                    if problem is not None:
-                        if not d.skip_bad_records:
-                            raise DataError(f"{path}: record {index}: {problem}. Fix it or set skip_bad_records: true")
-                        self.skipped_records += 1
-                        if self.skipped_records <= 5:
-                            logger.warning("skipped malformed record (skip_bad_records: true): %s: record %d: %s",
-                                           path, index, problem)
-                        continue
-                    yield normalized
+            for path, index, record in raw_records(attr, d.max_samples):
+                mine = position % self.world_size == self.rank
+                position += 1
+                if not mine:
+                    continue
+                normalized, problem = normalize_record(record, attr, self.stage, d)
+                if normalized is not None and (normalized["_images"] or normalized["_videos"]):
+                    raise DataError(f"{path}: record {index} has images or videos but the model takes text only "
+                                    "(a streamed dataset is text: set streaming: false for vision data)")
+                if problem is not None:
+                    if not d.skip_bad_records:
+                        raise DataError(f"{path}: record {index}: {problem}. Fix it or set skip_bad_records: true")
+                    self.skipped_records += 1
+                    if self.skipped_records <= MAX_REPORTED_PROBLEMS:
+                        logger.warning("skipped malformed record (skip_bad_records: true): %s: record %d: %s",
+                                       path, index, problem)
+                    continue
+                yield normalized
 
     def _tokenized(self) -> Iterator[dict]:
         """Training rows (the stage's columns, python lists) of this rank's share, in order."""

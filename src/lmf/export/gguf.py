@@ -8,7 +8,8 @@ from config.json; the byte-level BPE vocabulary with token types (control tokens
 rows), merges, special token ids and the chat template through ``gguf.SpecialVocab``; the pre-tokenizer named by its
 regular expression (Qwen2's, Llama 3's or GPT-2's), since llama.cpp splits text by that name. 1-D tensors stay
 float32 as llama.cpp keeps them. Tensors are read one at a time from the safetensors shards and written as they are
-converted: memory is the largest tensor, not the model. Another architecture or tokenizer is refused by name.
+converted: memory is the largest tensor, not the model. Another architecture or tokenizer is refused by name. The file
+is written into the export's temporary folder, which ``lmf export`` fsyncs and renames into place.
 """
 
 from __future__ import annotations
@@ -127,21 +128,13 @@ def _add_hyper_parameters(writer, config: dict, file_type) -> None:
     writer.add_file_type(file_type)
 
 
-def _tensors(folder: str):
-    """(Hugging Face name, safetensors file) of every weight of the exported folder, in file order."""
-    from safetensors import safe_open
-
+def _weight_files(folder: str) -> list[str]:
+    """The safetensors files of the exported folder (one, or the shards of its index)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    for name in files:
-        path = os.path.join(folder, name)
-        with safe_open(path, framework="pt") as fh:
-            for key in fh.keys():
-                yield key, path
+            return [os.path.join(folder, name) for name in sorted(set(json.load(fh)["weight_map"].values()))]
+    return [os.path.join(folder, "model.safetensors")]
 
 
 def write_gguf(folder: str, out_path: str, gguf_type: str, model_name: str) -> dict[str, Any]:
@@ -168,60 +161,57 @@ def write_gguf(folder: str, out_path: str, gguf_type: str, model_name: str) -> d
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
+    plain_types = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}
 
-    def plan(hf_name: str, path: str):
-        """(GGUF name, Hugging Face shape, ggml type) of one tensor, read from the file's header only."""
-        with safe_open(path, framework="pt") as fh:
-            shape = tuple(fh.get_slice(hf_name).get_shape())
+    def plan(hf_name: str, shape: tuple):
+        """(GGUF name, ggml type) of one tensor."""
         target = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ConfigError(f"config key 'export_gguf': {architecture} weight {hf_name!r} has no GGUF name")
         kind = quant if len(shape) > 1 else gguf.GGMLQuantizationType.F32
         if kind == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
             kind = gguf.GGMLQuantizationType.F16  # llama.cpp's fallback for rows that are not whole blocks
-        return target, shape, kind
+        return target, kind
 
-    def converted(hf_name: str, path: str, kind):
+    def converted(hf_name: str, tensor, kind):
         """The tensor as written: permuted where llama.cpp's rotary layout needs it, in ``kind``."""
-        with safe_open(path, framework="pt") as fh:
-            data = fh.get_tensor(hf_name).to(torch.float32).numpy()
+        data = tensor.to(torch.float32).numpy()
         if permute and hf_name.endswith("q_proj.weight"):
             data = _permute(data, heads)
         elif permute and hf_name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
-        if kind == gguf.GGMLQuantizationType.F32:
-            return data
-        if kind == gguf.GGMLQuantizationType.F16:
-            return data.astype(np.float16)
+        if kind in plain_types:
+            return data.astype(plain_types[kind], copy=False)
         return gguf.quants.quantize(data, kind)
 
-    names = [(n, p) for n, p in _tensors(folder) if not n.endswith("rotary_emb.inv_freq")]
-    tmp_path = f"{out_path}.partial"
-    writer = gguf.GGUFWriter(tmp_path, arch)
+    files = _weight_files(folder)
+    tensors = []  # (file, Hugging Face name, shape, GGUF name, ggml type) in file order: the header comes first
+    for path in files:
+        with safe_open(path, framework="pt") as fh:
+            for hf_name in fh.keys():
+                if not hf_name.endswith("rotary_emb.inv_freq"):
+                    shape = tuple(fh.get_slice(hf_name).get_shape())
+                    tensors.append((path, hf_name, shape, *plan(hf_name, shape)))
+    writer = gguf.GGUFWriter(out_path, arch)  # inside the export's temporary folder, renamed with it
     try:
         writer.add_name(model_name)
         _add_hyper_parameters(writer, config, file_type)
         _add_vocabulary(writer, gguf, folder, config["vocab_size"])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        plans = [plan(hf_name, path) for hf_name, path in names]  # the header precedes the data
-        for target, shape, kind in plans:
-            if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-                dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
-                writer.add_tensor_info(target, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        for _, _, shape, target, kind in tensors:
+            if kind in plain_types:
+                dtype = np.dtype(plain_types[kind])
+                writer.add_tensor_info(target, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
             else:
                 byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, kind)
                 writer.add_tensor_info(target, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for (hf_name, path), (_, _, kind) in zip(names, plans):  # the data, one tensor at a time
-            writer.write_tensor_data(converted(hf_name, path, kind))
-        writer.close()
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, out_path)
+        for path in files:  # the data, one tensor at a time, each file opened once
+            with safe_open(path, framework="pt") as fh:
+                for _, hf_name, _, _, kind in (t for t in tensors if t[0] == path):
+                    writer.write_tensor_data(converted(hf_name, fh.get_tensor(hf_name), kind))
     finally:
         writer.close()
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    return {"architecture": arch, "tensors": len(names), "bytes": os.path.getsize(out_path), "type": gguf_type}
+    return {"architecture": arch, "tensors": len(tensors), "bytes": os.path.getsize(out_path), "type": gguf_type}

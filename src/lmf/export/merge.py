@@ -5,7 +5,7 @@ The folder holds safetensors shards of at most ``export_size`` GB, config.json, 
 generation_config.json whose eos ids are the template's stop tokens, and the tokenizer with a
 chat template that renders prompts exactly as training did, an Ollama ``Modelfile`` and, with ``export_gguf``, a GGUF
 file (:mod:`lmf.export.gguf`). It is written to a temporary folder
-next to ``export_dir`` and renamed into place; a non-empty ``export_dir`` is refused unless
+next to ``export_dir``, fsynced and renamed into place; a non-empty ``export_dir`` is refused unless
 ``export_overwrite: true``.
 """
 
@@ -111,6 +111,7 @@ def export_model(cfg: "LmfConfig") -> str:
     from lmf.data.template import get_template
     from lmf.data.template.ollama import ollama_modelfile
     from lmf.model.loader import load_model, load_tokenizer
+    from lmf.train.durable import fsync_tree
 
     m = cfg.model
     if m.quantization_bit is not None:
@@ -166,6 +167,7 @@ def export_model(cfg: "LmfConfig") -> str:
             source = f"./{source}"
         with open(os.path.join(tmp, "Modelfile"), "w", encoding="utf-8") as fh:  # `ollama create NAME -f Modelfile`
             fh.write(ollama_modelfile(template, tokenizer, source))
+        fsync_tree(tmp)  # on disk before it is renamed into place
         _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

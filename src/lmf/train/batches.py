@@ -104,17 +104,18 @@ def token_budget_cuts(lengths, budget: int, padded: bool):
 
     from array import array
 
+    from lmf.data.stats import python_ints
+
     lengths = np.asarray(lengths)
     ends = array("q")  # 8 bytes a micro-batch, not a Python int
     count = longest = total = 0
-    for start in range(0, len(lengths), 1 << 16):  # Python ints a chunk at a time
-        for position, n in enumerate(lengths[start:start + (1 << 16)].tolist(), start):
-            if count:
-                size = max(longest, n) * (count + 1) if padded else total + n
-                if size > budget:
-                    ends.append(position)
-                    count = longest = total = 0
-            count, longest, total = count + 1, max(longest, n), total + n
+    for position, n in enumerate(python_ints(lengths)):
+        if count:
+            size = max(longest, n) * (count + 1) if padded else total + n
+            if size > budget:
+                ends.append(position)
+                count = longest = total = 0
+        count, longest, total = count + 1, max(longest, n), total + n
     if count:
         ends.append(len(lengths))
     return np.frombuffer(ends, dtype=np.int64) if len(ends) else np.zeros(0, dtype=np.int64)

@@ -372,17 +372,18 @@ class CheckpointIO:
         state.global_step, state.epoch = saved["global_step"], saved["epoch"]
         state.tokens_seen, state.log_history = saved.get("tokens_seen", 0), saved.get("log_history", [])
         state.log_window = saved.get("log_window", [])
-        state.data_epoch = saved.get("data_epoch", 0)
+        skip = not self.args.ignore_data_skip  # ignore_data_skip: the data starts over, the rest resumes
+        state.data_epoch = saved.get("data_epoch", 0) if skip else 0
         state.best_metric = saved.get("best_metric", saved.get("best_eval_loss"))  # best_eval_loss: before 2026-12
         state.best_global_step, state.best_model_checkpoint = (saved.get("best_global_step"),
                                                                saved.get("best_model_checkpoint"))
         for key, value in (saved.get("objective_state") or {}).items():  # in place: the objective holds these dicts
             state.objective_state.get(key, {}).update(value)
         state.evals_without_improvement = saved.get("evals_without_improvement", 0)
-        state.batch_in_epoch = saved.get("batch_in_epoch", 0)
+        state.batch_in_epoch = saved.get("batch_in_epoch", 0) if skip else 0
         old_world, old_micro = saved.get("world_size", 1), saved.get("micro_batch_size", state.micro_batch_size)
         world = self.runtime.world_size
-        if (old_world, old_micro) != (world, state.micro_batch_size):
+        if skip and (old_world, old_micro) != (world, state.micro_batch_size):
             # another shape of job: skip as many samples of the epoch as were consumed (a different subset of them)
             consumed = state.batch_in_epoch * old_micro * old_world
             state.batch_in_epoch = min(consumed // (state.micro_batch_size * world), run.stream.batches_per_epoch)
@@ -392,7 +393,8 @@ class CheckpointIO:
                 state.micro_batch_size, consumed, state.data_epoch,
             )
         run.stream.epoch, run.stream.batch_in_epoch = state.data_epoch, state.batch_in_epoch
-        if saved.get("stream_positions") and hasattr(run.stream, "restore"):  # streamed data: each rank's own
+        if skip and saved.get("stream_positions") and hasattr(run.stream, "restore"):  # streamed: each rank's own
             run.stream.restore(saved["stream_positions"], self.runtime.rank, world)
-        logger.info("resumed from %s at step %d (epoch %.2f)", path, state.global_step, state.epoch)
+        logger.info("resumed from %s at step %d (epoch %.2f)%s", path, state.global_step, state.epoch,
+                    "" if skip else "; ignore_data_skip: the data starts over from its first micro-batch")
 

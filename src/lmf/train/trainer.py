@@ -236,14 +236,6 @@ class Trainer:
                                   if p.requires_grad or getattr(optimizer, "switches_blocks", False)])
         if self.resume.checkpoint:
             self.checkpoints.load_training_state(self.resume.checkpoint, self.run, self.state)
-            if self.args.ignore_data_skip:  # transformers' key: the data starts over, the rest resumes
-                stream = self.run.stream
-                stream.close()
-                if hasattr(stream, "restore"):
-                    stream.restore([[0, 0, 0]] * self.runtime.world_size, self.runtime.rank, self.runtime.world_size)
-                stream.epoch, stream.batch_in_epoch = 0, 0
-                logger.info("ignore_data_skip: the data starts over from its first micro-batch (step %d resumed)",
-                            self.state.global_step)
         return self.run
 
     def _total_steps(self, batches_per_epoch: int) -> int:

@@ -79,7 +79,7 @@ def streaming_runs_by_steps(cfg: "LmfConfig") -> None:
         "mix_strategy": d.mix_strategy != "concat",
         "eval_strategy": t.eval_strategy == "epoch",
         "save_strategy": t.save_strategy == "epoch",
-        "precompute_ref_log_probs": bool(getattr(ft, "precompute_ref_log_probs", False)),
+        "precompute_ref_log_probs": ft.precompute_ref_log_probs,
     }
     why = {"packing": "packing plans bins over the whole dataset",
            "batching_strategy": "dynamic batching cuts micro-batches from the lengths of the whole dataset",

@@ -10,18 +10,16 @@ against LLaMA-Factory 0.9.5 for all its templates (``bench/lf_modelfile_golden.p
 
 from __future__ import annotations
 
-from lmf.data.template.pieces import Token, _Special
+from lmf.data.template.pieces import _Marker
 
 
 def _slots_text(slots, tokenizer, placeholder: str = "content") -> str:
     items: list[str] = []
     for piece in slots:
-        if isinstance(piece, _Special):  # the token's text, not {{ eos_token }}, which Ollama would not know
+        if isinstance(piece, _Marker):  # bos/eos or a named token: its text (Ollama knows no {{ eos_token }})
             text = piece.text(tokenizer)
             if text is not None:
                 items.append(text)
-        elif isinstance(piece, Token):
-            items.append(piece.token)
         else:
             before, *after = str(piece).split("{{content}}")
             if before:
