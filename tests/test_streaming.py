@@ -161,3 +161,12 @@ def test_data_check_shows_a_streamed_split(demo_data_dir, tmp_path, tok):
     text = out.getvalue()
     assert "cutoff_len: 96" in text and "cache: streamed" in text and "shuffle buffer 6 rows" in text
     assert "--- sample 0 (" in text and "[[" in text
+
+
+def test_sampling_registry_entries_are_refused_when_streamed(tmp_path, tok):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"instruction": "q", "output": "a"}\n')
+    (data / "dataset_info.json").write_text(json.dumps({"a": {"file_name": "a.jsonl", "num_samples": 5}}))
+    with pytest.raises(ConfigError, match="'streaming': dataset 'a' samples its records"):
+        get_dataset(_cfg(str(data), tmp_path, dataset="a"), tok, get_template("chatml", tok), "sft")
