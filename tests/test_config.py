@@ -168,7 +168,7 @@ def test_config_is_import_light():
     assert out.returncode == 0 and out.stdout.strip() == ""
 
 
-# ---- numeric ranges (args.BOUNDS), checked at parse time ----
+# ---- numeric ranges (values.BOUNDS), checked at parse time ----
 
 @pytest.mark.parametrize("key, value, shown", [
     ("lora_rank", 0, "0 is out of range (must be >= 1)"),
@@ -216,7 +216,7 @@ def test_in_range_edges_and_sentinels_pass():
 def test_bounds_table_names_numeric_keys_whose_defaults_fit():
     import dataclasses
 
-    from lmf.config.args import BOUNDS
+    from lmf.config.values import BOUNDS
     from lmf.config.parser import KEY_INDEX
     from lmf.config.values import _within
 

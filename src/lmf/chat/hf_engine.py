@@ -18,6 +18,25 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
+def load_generation_config(path: str):
+    """``generation_config``: a generation_config.json (any file name) or a folder holding one, as a
+    ``GenerationConfig``; ConfigError naming the file when it is missing or not a generation config."""
+    import os
+
+    from transformers import GenerationConfig
+
+    from lmf.extras.errors import ConfigError
+
+    folder, name = (path, "generation_config.json") if os.path.isdir(path) else os.path.split(path)
+    if not os.path.isfile(os.path.join(folder or ".", name)):
+        raise ConfigError(f"config key 'generation_config': no file {os.path.join(folder, name)!r}")
+    try:
+        return GenerationConfig.from_pretrained(folder or ".", config_file_name=name)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"config key 'generation_config': {os.path.join(folder, name)!r} is not a generation "
+                          f"config: {str(exc).splitlines()[0]}") from None
+
+
 def inference_device():
     """The first CUDA device when there is one, else the CPU."""
     import torch
@@ -49,6 +68,8 @@ class HuggingFaceEngine(ChatEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self.settings = GenerationSettings.from_args(cfg.generating)
+        self.base_config = load_generation_config(cfg.generating.generation_config) \
+            if cfg.generating.generation_config else None
         self.use_cache = cfg.model.use_cache
         self.model_name = served_model_name(cfg)
         logger.info("chat engine ready: %s on %s, template %s, stop tokens %s",
@@ -103,6 +124,8 @@ class HuggingFaceEngine(ChatEngine):
             use_cache=self.use_cache,
             num_beams=1,
         )
+        if self.base_config is not None:
+            kwargs["generation_config"] = self.base_config
         if self.media is not None:  # pixel inputs of the images (and the token types a Qwen-VL model needs)
             from lmf.train.process import to_device
 

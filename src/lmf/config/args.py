@@ -324,6 +324,17 @@ class TrainingArguments:
     warmup_ratio: float = _f(0.0, "Fraction of steps used for linear warmup.")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
     optim: str = _f("adamw_torch", "Optimizer.", ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "sgd"))
+    optim_args: Optional[str] = _f(None, "More optimizer arguments, 'key=value,key=value' (transformers' optim_args): "
+                                         "sgd: momentum, dampening, nesterov; AdamW: amsgrad, maximize.")
+    optim_target_modules: Union[str, list, None] = _f(None, "The modules GaLore / APOLLO project (transformers' name "
+                                                            "for galore_target / apollo_target).")
+    group_by_length: bool = _f(False, "Micro-batches of similar lengths: each epoch's shuffled order is cut into "
+                                      "mega-batches sorted longest first, the longest sample in the first batch "
+                                      "(transformers' LengthGroupedSampler; train_sampling_strategy: group_by_length).")
+    debug: Union[str, list] = _f("", "underflow_overflow: stop at the first module whose output has inf or nan, "
+                                     "with a report of the frames before it (transformers' DebugUnderflowOverflow).")
+    prediction_loss_only: bool = _f(False, "Evaluation computes the loss only (lmf's evaluation computes the loss, "
+                                           "and accuracy only with compute_accuracy).")
     bf16: bool = _f(False, "bfloat16 mixed precision (GPU; on CPU training falls back to fp32 with a warning).")
     fp16: bool = _f(False, "float16 mixed precision (GPU only).")
     tf32: Optional[bool] = _f(None, "Allow TF32 matmuls on Ampere+ GPUs.")
@@ -455,6 +466,9 @@ class GeneratingArguments:
     length_penalty: float = _f(1.0, "Length penalty of beam search (prediction): the beams' scores are divided "
                                    "by length ** length_penalty.")
     skip_special_tokens: bool = _f(True, "Skip special tokens when decoding.")
+    generation_config: Optional[str] = _f(None, "Prediction (huggingface backend): a generation_config.json, or the "
+                                                "folder holding one, whose settings apply under the generating keys "
+                                                "lmf sets (transformers' Seq2Seq generation_config).")
 
 
 ARG_GROUPS = {
@@ -463,35 +477,4 @@ ARG_GROUPS = {
     "finetuning": FinetuningArguments,
     "training": TrainingArguments,
     "generating": GeneratingArguments,
-}
-
-#: The natural range of every numeric key that has one, checked by the parser on each key it is given (an unset
-#: Optional key, null, passes): ">= 1", "> 0", or an interval such as "[0, 1)". -1 stays allowed where it is a
-#: sentinel (max_steps: train by epochs; pissa_iter: the exact SVD). The text is what the error message shows.
-BOUNDS: dict[str, str] = {
-    **dict.fromkeys((
-        "loss_chunk_size", "model_max_length", "vllm_maxlen", "vllm_max_lora_rank", "image_max_pixels",
-        "video_max_pixels", "video_maxlen", "cutoff_len", "buffer_size", "preprocessing_batch_size", "max_samples",
-        "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
-        "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
-        "per_device_eval_batch_size", "gradient_accumulation_steps", "global_batch_size", "dp_size", "logging_steps", "ddp_timeout", "ray_num_workers",
-        "num_beams", "max_length", "ddp_bucket_cap_mb", "torch_empty_cache_steps", "dataloader_prefetch_factor",
-        "profiler_active_steps"),
-        ">= 1"),
-    **dict.fromkeys((
-        "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",
-        "oft_block_size", "loraplus_lr_embedding", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
-        "badam_start_block", "learning_rate", "weight_decay", "warmup_steps", "eval_steps", "save_steps", "seed", "data_seed",
-        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs", "eval_delay",
-        "pref_bco_weight",
-        "profiler_wait_steps", "profiler_warmup_steps", "profiler_repeat", "eaft_alpha"),
-        ">= 0"),
-    **dict.fromkeys((
-        "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",
-        "apollo_scale", "adam_epsilon", "repetition_penalty"), "> 0"),
-    **dict.fromkeys(("lora_dropout", "module_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor"), "[0, 1)"),
-    **dict.fromkeys(("warmup_ratio", "badam_update_ratio", "top_p"), "[0, 1]"),
-    **dict.fromkeys(("badam_verbose", "temperature"), "[0, 2]"),
-    **dict.fromkeys(("max_steps", "pissa_iter", "badam_switch_interval"), ">= -1"),
-    "vllm_gpu_util": "(0, 1]", "ld_alpha": "(0, 1]", "dpo_label_smoothing": "[0, 0.5)", "malloc_mmap_threshold_mb": "[0, 32]",
 }

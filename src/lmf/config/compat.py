@@ -43,6 +43,20 @@ LF_NO_EFFECT: dict[str, str] = {
     "log_level": "lmf logs at INFO on rank 0",
     "log_level_replica": "lmf logs on rank 0 only",
     "logging_nan_inf_filter": "lmf logs the loss as computed",
+    "log_on_each_node": "lmf logs on rank 0 only",
+    "local_rank": "torchrun sets each process's rank (LOCAL_RANK)",
+    "length_column_name": "group_by_length measures the tokenized lengths itself",
+    "sortish_sampler": "transformers applies it to its legacy Seq2SeqDataset only, never to LLaMA-Factory's "
+                       "datasets (group_by_length sorts by length)",
+    "generation_max_length": "LLaMA-Factory's prediction always passes max_new_tokens or max_length, which "
+                             "transformers uses instead (set those)",
+    "eval_accumulation_steps": "lmf's evaluation sums the loss and accuracy per batch and keeps no predictions",
+    "batch_eval_metrics": "lmf's evaluation metrics are summed batch by batch already",
+    "eval_do_concat_batches": "lmf's evaluation keeps no predictions to concatenate",
+    "eval_use_gather_object": "lmf's evaluation all-reduces sums and gathers no objects",
+    "include_for_metrics": "lmf computes its own metrics (loss, compute_accuracy) and takes no compute_metrics",
+    "restore_callback_states_from_checkpoint": "lmf always restores the early-stopping and best-model state "
+                                               "(trainer_state.json) on resume",
 }
 #: LLaMA-Factory aliases and renamed keys -> lmf key.
 ALIASES: dict[str, str] = {
@@ -82,11 +96,69 @@ def _map_v1_kernels(value: Any) -> dict[str, Any]:
     return out
 
 
+def _map_generation_num_beams(value: Any) -> dict[str, Any]:
+    """``generation_num_beams`` -> ``eval_num_beams`` (LLaMA-Factory: eval_num_beams, or else this)."""
+    return {"eval_num_beams": value} if value is not None else {}
+
+
+def _map_sampling_strategy(value: Any) -> dict[str, Any]:
+    """``train_sampling_strategy``: random (the default), sequential (``disable_shuffling``) or group_by_length
+    (``group_by_length``)."""
+    mapped = {"random": {}, "sequential": {"disable_shuffling": True}, "group_by_length": {"group_by_length": True}}
+    if value in mapped:
+        return mapped[value]
+    if value == "batch_rebalance":
+        raise ConfigError("config key 'train_sampling_strategy': batch_rebalance is not implemented in lmf; "
+                          "batching_strategy: dynamic_batching balances the tokens of each micro-batch instead")
+    raise ConfigError(f"config key 'train_sampling_strategy': {value!r} is not one of random, sequential, "
+                      "group_by_length, batch_rebalance")
+
+
+#: accelerate's settings (transformers' accelerator_config) -> what lmf always does
+_ACCELERATOR_BEHAVIOUR = {
+    "split_batches": (False, "per_device_train_batch_size is each process's own micro-batch"),
+    "dispatch_batches": (None, "each process reads its own share of the data"),
+    "even_batches": (True, "every process gets the same number of micro-batches (the last share wraps around)"),
+    "use_seedable_sampler": (True, "the order is always seeded (data_seed)"),
+    "non_blocking": (False, "host-to-device copies are synchronous"),
+    "gradient_accumulation_kwargs": (None, "gradient_accumulation_steps is the only accumulation setting"),
+    "use_configured_state": (False, "lmf sets up its own process group"),
+}
+
+
+def _map_accelerator_config(value: Any) -> dict[str, Any]:
+    """``accelerator_config``: accepted where each setting is what lmf does anyway (it has no accelerate)."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        import json
+
+        try:
+            with open(value, encoding="utf-8") as fh:
+                value = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"config key 'accelerator_config': cannot read the JSON file {value!r}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key 'accelerator_config': expected a mapping or a JSON file, got {value!r}")
+    for key, setting in value.items():
+        if key not in _ACCELERATOR_BEHAVIOUR:
+            raise ConfigError(f"config key 'accelerator_config.{key}': unknown (one of "
+                              f"{', '.join(_ACCELERATOR_BEHAVIOUR)})")
+        lmf_value, behaviour = _ACCELERATOR_BEHAVIOUR[key]
+        if setting != lmf_value and not (lmf_value is None and setting in ({}, False)):
+            raise ConfigError(f"config key 'accelerator_config.{key}': {setting!r} is not implemented in lmf, which "
+                              f"has no accelerate: {behaviour} (only {lmf_value!r} is accepted)")
+    return {}
+
+
 #: LLaMA-Factory-only key -> function(value) -> lmf keys it stands for.
 VALUE_MAPPINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "gradient_checkpointing_kwargs": _map_gc_kwargs,
     "fsdp_transformer_layer_cls_to_wrap": _map_layer_cls,
     "use_v1_kernels": _map_v1_kernels,
+    "generation_num_beams": _map_generation_num_beams,
+    "train_sampling_strategy": _map_sampling_strategy,
+    "accelerator_config": _map_accelerator_config,
 }
 
 #: keys of LLaMA-Factory main's Megatron backends (mcore_adapter under USE_MCA=1, Megatron Bridge; its

@@ -3,7 +3,7 @@
 Rules:
 - later sources win: YAML file, then overrides in command-line order;
 - an unknown key is an error naming the key and the closest valid one;
-- a bad value names the key, the value and the allowed values/type, or its range (``args.BOUNDS``);
+- a bad value names the key, the value and the allowed values/type, or its range (``values.BOUNDS``);
 - every message about one key names where the key came from: the YAML file or the command line;
 - keys accepted for LLaMA-Factory compatibility but not implemented are an error when set
   to a non-default value (``UNSUPPORTED``) or a warning when harmless (``NO_EFFECT``); keys that only
@@ -22,7 +22,6 @@ from typing import Any, Optional
 
 from lmf.config.args import (
     ARG_GROUPS,
-    BOUNDS,
     DataArguments,
     FinetuningArguments,
     GeneratingArguments,
@@ -42,7 +41,7 @@ from lmf.config.compat import (
 )
 from lmf.config.deepspeed import DeepSpeedSettings
 from lmf.config.stages import UNIMPLEMENTED_STAGES
-from lmf.config.values import check_value
+from lmf.config.values import BOUNDS, check_value
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 

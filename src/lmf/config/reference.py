@@ -64,7 +64,8 @@ def _description(f: dataclasses.Field) -> str:
 
 
 def _lmf_groups() -> list[str]:
-    from lmf.config.args import ARG_GROUPS, BOUNDS
+    from lmf.config.args import ARG_GROUPS
+    from lmf.config.values import BOUNDS
 
     lines = []
     for name, cls in ARG_GROUPS.items():

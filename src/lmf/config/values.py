@@ -1,5 +1,5 @@
 """One config value on its own: coerced to its key's type, then checked against the key's ``choices`` and its
-range (:data:`lmf.config.args.BOUNDS`). Errors name the key, the value and what is allowed; the parser
+range (:data:`BOUNDS`). Errors name the key, the value and what is allowed; the parser
 (:mod:`lmf.config.parser`) adds where the key was given.
 
 This module must stay import-light (stdlib only): ``lmf help`` imports the parser.
@@ -14,8 +14,39 @@ import types
 import typing
 from typing import Any, Optional, Union
 
-from lmf.config.args import BOUNDS
 from lmf.extras.errors import ConfigError
+
+#: The natural range of every numeric key that has one, checked by the parser on each key it is given (an unset
+#: Optional key, null, passes): ">= 1", "> 0", or an interval such as "[0, 1)". -1 stays allowed where it is a
+#: sentinel (max_steps: train by epochs; pissa_iter: the exact SVD). The text is what the error message shows.
+BOUNDS: dict[str, str] = {
+    **dict.fromkeys((
+        "loss_chunk_size", "model_max_length", "vllm_maxlen", "vllm_max_lora_rank", "image_max_pixels",
+        "video_max_pixels", "video_maxlen", "cutoff_len", "buffer_size", "preprocessing_batch_size", "max_samples",
+        "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
+        "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "global_batch_size", "dp_size", "logging_steps", "ddp_timeout", "ray_num_workers",
+        "num_beams", "max_length", "ddp_bucket_cap_mb", "torch_empty_cache_steps", "dataloader_prefetch_factor",
+        "profiler_active_steps"),
+        ">= 1"),
+    **dict.fromkeys((
+        "moe_aux_loss_coef", "image_min_pixels", "video_min_pixels", "preprocessing_num_workers", "val_size", "oft_rank",
+        "oft_block_size", "loraplus_lr_embedding", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight",
+        "badam_start_block", "learning_rate", "weight_decay", "warmup_steps", "eval_steps", "save_steps", "seed", "data_seed",
+        "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs", "eval_delay",
+        "pref_bco_weight",
+        "profiler_wait_steps", "profiler_warmup_steps", "profiler_repeat", "eaft_alpha"),
+        ">= 0"),
+    **dict.fromkeys((
+        "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",
+        "apollo_scale", "adam_epsilon", "repetition_penalty"), "> 0"),
+    **dict.fromkeys(("lora_dropout", "module_dropout", "adam_beta1", "adam_beta2", "label_smoothing_factor"), "[0, 1)"),
+    **dict.fromkeys(("warmup_ratio", "badam_update_ratio", "top_p"), "[0, 1]"),
+    **dict.fromkeys(("badam_verbose", "temperature"), "[0, 2]"),
+    **dict.fromkeys(("max_steps", "pissa_iter", "badam_switch_interval"), ">= -1"),
+    "vllm_gpu_util": "(0, 1]", "ld_alpha": "(0, 1]", "dpo_label_smoothing": "[0, 0.5)", "malloc_mmap_threshold_mb": "[0, 32]",
+}
+
 
 
 def check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
@@ -110,7 +141,7 @@ def _check_choices(key: str, value: Any, f: dataclasses.Field) -> None:
 
 
 def _within(value: float, spec: str) -> bool:
-    """Whether ``value`` is in the range ``spec`` of :data:`lmf.config.args.BOUNDS` (">= 1", "> 0", "[0, 1)")."""
+    """Whether ``value`` is in the range ``spec`` of :data:`BOUNDS` (">= 1", "> 0", "[0, 1)")."""
     if not math.isfinite(value):
         return False
     if spec[0] in "[(":
@@ -126,3 +157,40 @@ def _check_bounds(key: str, value: Any) -> None:
             and not _within(value, spec):
         shown = f"in {spec}" if spec[0] in "[(" else spec
         raise ConfigError(f"config key {key!r}: {value!r} is out of range (must be {shown})")
+
+
+#: optimizer -> the optim_args keys it takes and how each is read (transformers' names; sgd's are transformers' own,
+#: AdamW's those of torch.optim.AdamW that transformers leaves out)
+OPTIM_ARGS: dict[str, dict[str, type]] = {
+    "sgd": {"momentum": float, "dampening": float, "nesterov": bool},
+    "adamw": {"amsgrad": bool, "maximize": bool},
+}
+
+
+def parse_optim_args(text: Optional[str], optim: str) -> dict[str, Any]:
+    """``optim_args`` ('key=value,key=value') as keyword arguments of ``optim``'s torch optimizer; ConfigError on a
+    malformed pair, a key that optimizer does not take, or a value that is not a number / boolean."""
+    if not text:
+        return {}
+    table = OPTIM_ARGS["sgd" if optim == "sgd" else "adamw"]
+    out: dict[str, Any] = {}
+    for pair in text.replace(" ", "").split(","):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"config key 'optim_args': {pair!r} is not key=value (e.g. 'momentum=0.9,nesterov=true')")
+        if key == "weight_decay":  # transformers passes it, but every parameter group sets its own
+            raise ConfigError("config key 'optim_args': weight_decay is the config key weight_decay in lmf (which "
+                              "keeps biases and norms undecayed); set that instead")
+        if key not in table:
+            raise ConfigError(f"config key 'optim_args': {key!r} is not an argument of optim {optim} (it takes "
+                              f"{', '.join(table)})")
+        if table[key] is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"config key 'optim_args': {key}={raw!r} is not a boolean")
+            out[key] = raw.lower() in ("true", "1", "yes")
+        else:
+            try:
+                out[key] = float(raw)
+            except ValueError:
+                raise ConfigError(f"config key 'optim_args': {key}={raw!r} is not a number") from None
+    return out

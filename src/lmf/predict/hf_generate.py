@@ -7,13 +7,14 @@ from typing import Any
 
 def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int, settings: Any,
                         batch_size: int, use_cache: bool = True, images: Any = None,
-                        media: Any = None, num_beams: int = 1, length_penalty: float = 1.0) -> list[list[int]]:
+                        media: Any = None, num_beams: int = 1, length_penalty: float = 1.0,
+                        generation_config: Any = None) -> list[list[int]]:
     """The answer ids of every prompt (up to and including its first stop token), in the order of ``prompts``;
     ``num_beams`` > 1: transformers' beam search (each row's best beam), scores divided by length ** length_penalty.
 
     Prompts are batched longest first (less padding) and left-padded so that every row ends where its
     answer starts. A vision-language model gets each batch's ``images`` ((image paths, video paths) per prompt)
-    through ``media``."""
+    through ``media``. ``generation_config`` (a GenerationConfig) is the base the settings here are applied over."""
     import torch
 
     device = next(model.parameters()).device
@@ -37,6 +38,8 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
                                       max_new_tokens=budget, eos_token_id=stop_ids, pad_token_id=pad_id,
                                       repetition_penalty=settings.repetition_penalty, use_cache=use_cache,
                                       num_beams=num_beams)
+        if generation_config is not None:
+            kwargs["generation_config"] = generation_config
         if num_beams > 1:
             kwargs["length_penalty"] = length_penalty
         if media is not None:

@@ -90,6 +90,9 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
     settings = GenerationSettings.from_args(cfg.generating)
     beams = cfg.generating.num_beams if cfg.generating.num_beams > 1 else (cfg.data.eval_num_beams or 1)
     if cfg.model.infer_backend == "vllm":
+        if cfg.generating.generation_config:
+            raise ConfigError("config keys 'generation_config' and 'infer_backend: vllm': not implemented together; "
+                              "predict with infer_backend: huggingface, or set the generating keys")
         if beams > 1:
             raise ConfigError("config keys 'num_beams' (or 'eval_num_beams') and 'infer_backend': beam search with "
                               "vLLM is not implemented in lmf; predict with infer_backend: huggingface")
@@ -103,8 +106,10 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
 
         return generate_with_vllm(cfg, tokenizer, prompts, stop_ids, settings)
     from lmf.model.loader import load_model
+    from lmf.chat.hf_engine import load_generation_config
     from lmf.predict.hf_generate import generate_in_batches
 
+    base = load_generation_config(cfg.generating.generation_config) if cfg.generating.generation_config else None
     model = load_model(cfg, tokenizer, is_trainable=False, device=runtime.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     logger.info("predicting %d samples on %s with transformers generate (batch %d, %s%s)", len(prompts),
@@ -113,7 +118,7 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
                 f", {beams} beams, length_penalty {cfg.generating.length_penalty:g}" if beams > 1 else "")
     return generate_in_batches(model, prompts, stop_ids, pad_id, settings, cfg.training.per_device_eval_batch_size,
                                use_cache=cfg.model.use_cache, images=images, media=media, num_beams=beams,
-                               length_penalty=cfg.generating.length_penalty)
+                               length_penalty=cfg.generating.length_penalty, generation_config=base)
 
 
 def _gather(answers: dict[int, list[int]], runtime) -> dict[int, list[int]]:

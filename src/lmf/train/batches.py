@@ -32,14 +32,33 @@ def sharded_index_batches(num_items: int, world_size: int, rank: int, batch_size
     return batches, num_real
 
 
+def length_grouped(order, lengths, batch: int):
+    """transformers' LengthGroupedSampler order from the shuffled ``order``: mega-batches of ``m x batch`` samples
+    (m = 50, or fewer so that there are 4 mega-batches) each sorted longest first, and the longest sample of all
+    swapped to the front (an out-of-memory shows at the first step)."""
+    import numpy as np
+
+    mult = max(1, min(len(order) // (batch * 4), 50))
+    size = mult * batch
+    length = np.asarray(lengths)[order]
+    grouped = np.lexsort((-length.astype(np.int64), np.arange(len(order)) // size))  # stable: ties keep the shuffle
+    order, length = order[grouped], length[grouped]
+    starts = np.arange(0, len(order), size)
+    longest = starts[int(np.argmax(length[starts]))]
+    order[[0, longest]] = order[[longest, 0]]
+    return order
+
+
 class ResumableShardedSampler(Sampler[int]):
     """Indices of this rank for one epoch, optionally starting after ``skip`` of them."""
 
-    def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+    def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 lengths=None, group_batch: int = 1):
         if num_items <= 0:
             raise ValueError("the training dataset is empty")
         self.num_items, self.num_replicas, self.rank = num_items, num_replicas, rank
         self.shuffle, self.seed = shuffle, seed
+        self.lengths, self.group_batch = lengths, group_batch  # group_by_length: every sample's length
         self.num_samples = math.ceil(num_items / num_replicas)
         self.epoch, self.skip = 0, 0
 
@@ -54,6 +73,8 @@ class ResumableShardedSampler(Sampler[int]):
             g = torch.Generator()
             g.manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.num_items, generator=g).numpy()
+            if self.lengths is not None:
+                order = length_grouped(order, self.lengths, self.group_batch)
         else:
             order = np.arange(self.num_items, dtype=np.int64)
         total = self.num_samples * self.num_replicas
@@ -289,8 +310,16 @@ def build_stream(dataset, collator, training_args, finetuning_args, runtime, cut
                                       training_args.dataloader_num_workers)
         return StreamedBatchStream(dataset.shard(runtime.rank, runtime.world_size), collator,
                                    training_args.per_device_train_batch_size, prefetch=prefetch)
+    lengths = None
+    if training_args.group_by_length:
+        from lmf.data.stats import list_lengths
+
+        columns = [c for c in ("input_ids", "chosen_input_ids", "rejected_input_ids") if c in dataset.column_names]
+        lengths = sum(list_lengths(dataset, c) for c in columns)
     sampler = ResumableShardedSampler(len(dataset), runtime.world_size, runtime.rank,
-                                      shuffle=not finetuning_args.disable_shuffling, seed=training_args.data_seed)
+                                      shuffle=not finetuning_args.disable_shuffling, seed=training_args.data_seed,
+                                      lengths=lengths,
+                                      group_batch=training_args.per_device_train_batch_size * runtime.world_size)
     workers = training_args.dataloader_num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if workers > cores:

@@ -54,9 +54,12 @@ def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=Non
 
     if ft is not None and special_optimizer_of(ft):
         return create_special_optimizer(model, args, ft)
+    from lmf.config.values import parse_optim_args
+
     groups = param_groups(model, args, ft)
+    extra = parse_optim_args(args.optim_args, args.optim)  # optim_args
     if args.optim == "sgd":
-        return torch.optim.SGD(groups, lr=args.learning_rate)
+        return torch.optim.SGD(groups, lr=args.learning_rate, **extra)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     fused = on_cuda and args.optim in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf")
     return torch.optim.AdamW(
@@ -65,6 +68,7 @@ def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=Non
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,
         fused=fused or None,
+        **extra,
     )
 
 

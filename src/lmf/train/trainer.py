@@ -212,6 +212,10 @@ class Trainer:
         from lmf.train.parallel import ddp_options, wrap
 
         pick_cpu_threads(self.model, self.runtime.device)
+        if "underflow_overflow" in self.args.debug:
+            from lmf.train.overflow import watch_overflow
+
+            self._overflow_watch = watch_overflow(self.model)  # hooks live as long as the model
         stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning, self.runtime,
                               cutoff_len=self.cfg.data.cutoff_len)
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)

@@ -141,6 +141,25 @@ def one_special_optimizer_that_can_run(cfg: "LmfConfig") -> None:
                           "normalisation and clipping); use badam_mode: layer")
 
 
+@rule("optim_target_modules", "use_galore", "use_apollo", "galore_target", "apollo_target")
+def optim_target_modules_are_galore_or_apollo_targets(cfg: "LmfConfig") -> None:
+    """transformers' ``optim_target_modules`` names the modules its GaLore / APOLLO optimizers project: lmf's
+    ``galore_target`` / ``apollo_target``."""
+    t, ft = cfg.training, cfg.finetuning
+    if t.optim_target_modules is None:
+        return
+    names = t.optim_target_modules
+    names = ",".join(str(n) for n in names) if isinstance(names, list) else str(names)
+    family = "galore" if ft.use_galore else "apollo" if ft.use_apollo else None
+    if family is None:
+        raise ConfigError("config key 'optim_target_modules' names the modules of GaLore or APOLLO; set use_galore "
+                          "or use_apollo (LLaMA-Factory's keys), or remove it")
+    key = f"{family}_target"
+    if getattr(ft, key) not in ("all", names):
+        raise ConfigError(f"config keys 'optim_target_modules' and {key!r} name different modules; set one")
+    setattr(ft, key, names)
+
+
 def _warn_family_keys_without_switch(ft) -> None:
     """galore_*/apollo_*/badam_* keys set while their optimizer is off do nothing: say so."""
     import dataclasses

@@ -1,5 +1,5 @@
 """Rules of the preference stages (DPO, KTO): what their losses take (the numeric ranges of ``pref_beta``,
-``pref_ftx``, ``dpo_label_smoothing`` and the KTO weights are in :data:`lmf.config.args.BOUNDS`)."""
+``pref_ftx``, ``dpo_label_smoothing`` and the KTO weights are in :data:`lmf.config.values.BOUNDS`)."""
 
 from __future__ import annotations
 

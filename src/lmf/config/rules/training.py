@@ -178,6 +178,57 @@ def eval_timing_needs_an_eval_set(cfg: "LmfConfig") -> None:
                           "training (eval_strategy steps or epoch)")
 
 
+@rule("optim_args", "optim", "use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon", "weight_decay")
+def optim_args_fit_the_optimizer(cfg: "LmfConfig") -> None:
+    from lmf.config.values import parse_optim_args
+
+    t, ft = cfg.training, cfg.finetuning
+    if not t.optim_args:
+        return
+    special = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(ft, k)]
+    if special:
+        raise ConfigError(f"config keys 'optim_args' and {special[0]!r}: {special[0]} is configured by its own keys "
+                          f"({special[0][4:]}_*), not optim_args")
+    parse_optim_args(t.optim_args, t.optim)  # names a bad pair now rather than when the optimizer is built
+
+
+@rule("debug")
+def debug_options_exist(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    options = t.debug if isinstance(t.debug, list) else str(t.debug or "").split()
+    for option in options:
+        if option == "tpu_metrics_debug":
+            raise ConfigError("config key 'debug': tpu_metrics_debug reports TPU metrics; lmf does not run on TPUs")
+        if option != "underflow_overflow":
+            raise ConfigError(f"config key 'debug': {option!r} is not one of underflow_overflow, tpu_metrics_debug")
+    t.debug = " ".join(options)
+
+
+@rule("prediction_loss_only", "compute_accuracy", "do_predict")
+def prediction_loss_only_keeps_the_loss(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    if not t.prediction_loss_only:
+        return
+    if cfg.finetuning.compute_accuracy:
+        raise ConfigError("config keys 'prediction_loss_only' and 'compute_accuracy': the first asks for the loss "
+                          "only, the second for the token accuracy too; set one")
+    if t.do_predict:
+        raise ConfigError("config keys 'prediction_loss_only' and 'do_predict': prediction generates answers, "
+                          "it has no loss; set one")
+
+
+@rule("group_by_length", "disable_shuffling", "streaming")
+def group_by_length_orders_a_dataset(cfg: "LmfConfig") -> None:
+    if not cfg.training.group_by_length:
+        return
+    if cfg.finetuning.disable_shuffling:
+        raise ConfigError("config keys 'group_by_length' and 'disable_shuffling' (train_sampling_strategy: "
+                          "sequential) are two orders of the data; choose one")
+    if cfg.data.streaming:
+        raise ConfigError("config keys 'group_by_length' and 'streaming' do not combine: a stream's lengths are not "
+                          "known before it is read")
+
+
 #: keys that only act with their switch on: switch -> (group, keys)
 _SWITCHED = {
     "torch_compile": ("training", ("torch_compile_backend", "torch_compile_mode")),

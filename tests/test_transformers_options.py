@@ -1,0 +1,216 @@
+"""The rest of transformers' TrainingArguments options that LLaMA-Factory passes through: optim_args,
+optim_target_modules, train_sampling_strategy / group_by_length, debug: underflow_overflow, prediction_loss_only,
+generation_config / generation_num_beams, accelerator_config, and the options with no meaning in lmf's loop (a
+warning saying why)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmf.config.parser import build_config
+from lmf.extras.errors import ConfigError
+
+
+def _cfg(**keys):
+    return build_config({"model_name_or_path": "m", **keys})
+
+
+# ---- optim_args / optim_target_modules
+def test_optim_args_reach_the_torch_optimizer():
+    import torch
+
+    from lmf.train.optimizer import create_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    sgd = create_optimizer(model, _cfg(optim="sgd", optim_args="momentum=0.9, nesterov=true,dampening=0").training)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"] is True
+    adamw = create_optimizer(model, _cfg(optim_args="amsgrad=True").training)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["amsgrad"] is True
+    assert create_optimizer(model, _cfg().training).defaults["amsgrad"] is False
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"optim_args": "momentum"}, "'momentum' is not key=value"),
+    ({"optim_args": "momentum=0.9"}, "'momentum' is not an argument of optim adamw_torch"),
+    ({"optim": "sgd", "optim_args": "momentum=fast"}, "momentum='fast' is not a number"),
+    ({"optim": "sgd", "optim_args": "nesterov=maybe"}, "nesterov='maybe' is not a boolean"),
+    ({"optim": "sgd", "optim_args": "weight_decay=0.1"}, "weight_decay is the config key weight_decay"),
+    ({"optim_args": "amsgrad=true", "use_adam_mini": True, "finetuning_type": "full"}, "'use_adam_mini'"),
+    ({"optim_target_modules": ["q_proj"]}, "set use_galore or use_apollo"),
+    ({"optim_target_modules": "q_proj", "use_galore": True, "finetuning_type": "full", "galore_target": "v_proj"},
+     "name different modules"),
+])
+def test_optimizer_options_that_cannot_work_name_the_key(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**keys)
+
+
+def test_optim_target_modules_are_the_galore_or_apollo_targets():
+    galore = _cfg(optim_target_modules=["q_proj", "v_proj"], use_galore=True, finetuning_type="full")
+    assert galore.finetuning.galore_target == "q_proj,v_proj"
+    apollo = _cfg(optim_target_modules="mlp", use_apollo=True, finetuning_type="full")
+    assert apollo.finetuning.apollo_target == "mlp" and apollo.finetuning.galore_target == "all"
+
+
+# ---- the order of the data
+def test_train_sampling_strategy_maps_onto_lmf_keys():
+    assert _cfg(train_sampling_strategy="sequential").finetuning.disable_shuffling
+    assert _cfg(train_sampling_strategy="group_by_length").training.group_by_length
+    plain = _cfg(train_sampling_strategy="random")
+    assert not plain.training.group_by_length and not plain.finetuning.disable_shuffling
+    with pytest.raises(ConfigError, match="batch_rebalance is not implemented"):
+        _cfg(train_sampling_strategy="batch_rebalance")
+    with pytest.raises(ConfigError, match="'group_by_length' and 'disable_shuffling'"):
+        _cfg(group_by_length=True, disable_shuffling=True)
+    with pytest.raises(ConfigError, match="'group_by_length' and 'streaming'"):
+        _cfg(group_by_length=True, streaming=True, max_steps=2)
+
+
+def test_length_grouped_order_sorts_mega_batches_longest_first_as_transformers():
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from lmf.train.batches import length_grouped
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 500, size=1000)  # distinct enough that ties are rare; ties keep the shuffled order
+    g = torch.Generator()
+    g.manual_seed(7)
+    shuffled = torch.randperm(1000, generator=g).numpy()
+    ours = length_grouped(shuffled.copy(), lengths, batch=5)
+    g.manual_seed(7)
+    theirs = get_length_grouped_indices(lengths.tolist(), 5, generator=g)
+    assert [lengths[i] for i in ours] == [lengths[i] for i in theirs]
+    assert sorted(ours.tolist()) == list(range(1000))  # a permutation: every sample once
+    assert lengths[ours[0]] == lengths.max()
+
+
+def test_the_sampler_groups_by_length_per_epoch_and_resumes_mid_epoch():
+    from lmf.train.batches import ResumableShardedSampler
+
+    lengths = np.arange(1, 201)
+    samplers = [ResumableShardedSampler(200, 2, rank, seed=3, lengths=lengths, group_batch=4) for rank in (0, 1)]
+    orders = [s.epoch_order() for s in samplers]
+    assert sorted(np.concatenate(orders).tolist()) == list(range(200))
+    # each rank's micro-batches of 2 come from one sorted mega-batch: far narrower than a random batch
+    spread = [np.ptp(lengths[o[i:i + 2]]) for o in orders for i in range(2, 100, 2)]
+    assert np.mean(spread) < 10
+    samplers[0].set_epoch(1)
+    second = samplers[0].epoch_order()
+    assert not np.array_equal(second, orders[0])  # reshuffled each epoch
+    samplers[0].set_epoch(1, skip=10)
+    assert list(samplers[0]) == second[10:].tolist()
+
+
+def test_group_by_length_trains(tiny_model_dir, demo_data_dir, tmp_path):
+    from lmf.train.workflow import run_training
+
+    raw = dict(model_name_or_path=tiny_model_dir, dataset_dir=demo_data_dir, dataset="alpaca_en_demo", template="qwen",
+               cutoff_len=64, max_samples=16, output_dir=str(tmp_path / "out"), max_steps=3,
+               per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="no", disable_tqdm=True,
+               logging_steps=1, preprocessing_cache_dir=str(tmp_path / "cache"), train_sampling_strategy="group_by_length")
+    run_training(build_config(raw))
+    with open(tmp_path / "out" / "trainer_state.json", encoding="utf-8") as fh:
+        losses = [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+# ---- debug: underflow_overflow
+def test_underflow_overflow_names_the_module_that_overflowed(tiny_model_dir, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmf.train.overflow import NumericalOverflowError, watch_overflow
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    watch_overflow(model)
+    model(torch.tensor([[1, 2, 3]]))  # finite: nothing happens
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("inf"))
+    with pytest.raises(NumericalOverflowError, match="module 'model.layers.1.mlp.down_proj' in forward 2"):
+        model(torch.tensor([[1, 2, 3]]))
+    assert "model.layers.1.mlp.down_proj" in capsys.readouterr().out  # the frames before it
+
+
+def test_debug_options_are_checked():
+    assert _cfg(debug="underflow_overflow").training.debug == "underflow_overflow"
+    assert _cfg(debug=["underflow_overflow"]).training.debug == "underflow_overflow"
+    with pytest.raises(ConfigError, match="lmf does not run on TPUs"):
+        _cfg(debug="tpu_metrics_debug")
+    with pytest.raises(ConfigError, match="'overflow' is not one of"):
+        _cfg(debug="overflow")
+
+
+# ---- evaluation and prediction
+def test_prediction_loss_only_is_refused_where_it_would_drop_something():
+    assert _cfg(prediction_loss_only=True, val_size=0.1).training.prediction_loss_only
+    with pytest.raises(ConfigError, match="'prediction_loss_only' and 'compute_accuracy'"):
+        _cfg(prediction_loss_only=True, compute_accuracy=True)
+    with pytest.raises(ConfigError, match="'prediction_loss_only' and 'do_predict'"):
+        _cfg(prediction_loss_only=True, do_predict=True, predict_with_generate=True, eval_dataset="x",
+             do_train=False)
+
+
+def test_generation_num_beams_is_eval_num_beams_unless_that_is_set():
+    assert _cfg(generation_num_beams=3).data.eval_num_beams == 3
+    assert _cfg(generation_num_beams=3, eval_num_beams=2).data.eval_num_beams == 2  # LLaMA-Factory's precedence
+
+
+def test_generation_config_is_the_base_of_generate(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from lmf.chat.engine import GenerationSettings
+    from lmf.chat.hf_engine import load_generation_config
+    from lmf.predict.hf_generate import generate_in_batches
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    settings = GenerationSettings(do_sample=False, max_new_tokens=3)
+    prompt = [[5, 6, 7, 8]]
+    plain = generate_in_batches(model, prompt, stop_ids=[0], pad_id=0, settings=settings, batch_size=1)[0]
+    GenerationConfig(suppress_tokens=[plain[0]]).save_pretrained(tmp_path / "gen")
+    base = load_generation_config(str(tmp_path / "gen"))
+    assert load_generation_config(str(tmp_path / "gen" / "generation_config.json")).suppress_tokens == [plain[0]]
+    steered = generate_in_batches(model, prompt, stop_ids=[0], pad_id=0, settings=settings, batch_size=1,
+                                  generation_config=base)[0]
+    assert steered[0] != plain[0] and len(steered) == 3
+
+
+def test_a_missing_or_broken_generation_config_names_the_file(tmp_path):
+    from lmf.chat.hf_engine import load_generation_config
+
+    with pytest.raises(ConfigError, match="no file .*generation_config.json"):
+        load_generation_config(str(tmp_path))
+    (tmp_path / "gen.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="gen.json' is not a generation config"):
+        load_generation_config(str(tmp_path / "gen.json"))
+
+
+# ---- accelerator_config and the options without a meaning in lmf
+def test_accelerator_config_is_accepted_where_lmf_does_the_same(tmp_path):
+    _cfg(accelerator_config={"split_batches": False, "even_batches": True, "use_seedable_sampler": True})
+    path = tmp_path / "acc.json"
+    path.write_text(json.dumps({"dispatch_batches": None}))
+    _cfg(accelerator_config=str(path))
+    with pytest.raises(ConfigError, match=r"'accelerator_config.split_batches': True is not implemented"):
+        _cfg(accelerator_config={"split_batches": True})
+    with pytest.raises(ConfigError, match=r"'accelerator_config.sharding': unknown"):
+        _cfg(accelerator_config={"sharding": 1})
+    with pytest.raises(ConfigError, match="cannot read the JSON file"):
+        _cfg(accelerator_config=str(tmp_path / "missing.json"))
+
+
+@pytest.mark.parametrize("key, value", [("eval_accumulation_steps", 4), ("log_on_each_node", False),
+                                        ("sortish_sampler", True), ("generation_max_length", 512),
+                                        ("restore_callback_states_from_checkpoint", True)])
+def test_options_without_a_meaning_in_lmf_warn_saying_why(key, value):
+    from tests.conftest import log_records
+
+    with log_records("lmf") as records:
+        _cfg(**{key: value})
+    assert any(f"{key!r} has no effect in lmf" in r.getMessage() for r in records)
