@@ -214,3 +214,92 @@ def test_options_without_a_meaning_in_lmf_warn_saying_why(key, value):
     with log_records("lmf") as records:
         _cfg(**{key: value})
     assert any(f"{key!r} has no effect in lmf" in r.getMessage() for r in records)
+
+
+# ---- auto_find_batch_size and the final evaluation's precision
+def _train_state(tiny_model_dir, demo_data_dir, tmp_path, name, **overrides):
+    from lmf.train.workflow import run_training
+
+    raw = dict(model_name_or_path=tiny_model_dir, dataset_dir=demo_data_dir, dataset="alpaca_en_demo", template="qwen",
+               cutoff_len=64, max_samples=10, output_dir=str(tmp_path / name), num_train_epochs=2,
+               per_device_train_batch_size=4, learning_rate=5e-3, save_strategy="no", disable_tqdm=True,
+               logging_steps=1, preprocessing_cache_dir=str(tmp_path / "cache"), padding_free=False)
+    raw.update(overrides)
+    run_training(build_config(raw))
+    with open(tmp_path / name / "trainer_state.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def test_auto_find_batch_size_retries_the_step_in_halves_with_the_same_samples(tiny_model_dir, demo_data_dir,
+                                                                              tmp_path, monkeypatch):
+    import torch
+
+    import lmf.train.trainer as trainer
+    from tests.conftest import log_records
+
+    make, calls = trainer._make_loss_module, []
+
+    def limited(model, compute_loss, coef=None):  # the second forward of more than 2 rows runs out of memory
+        def compute(model, batch):
+            if batch["input_ids"].shape[0] > 2:
+                calls.append(1)
+                if len(calls) > 1:  # step 2, in the middle of the first epoch
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return compute_loss(model, batch)
+        return make(model, compute, coef)
+
+    monkeypatch.setattr(trainer, "_make_loss_module", limited)
+    with log_records("lmf") as records:
+        found = _train_state(tiny_model_dir, demo_data_dir, tmp_path, "found", auto_find_batch_size=True)
+    monkeypatch.setattr(trainer, "_make_loss_module", make)
+    planned = _train_state(tiny_model_dir, demo_data_dir, tmp_path, "planned", per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2)
+    said = [r.getMessage() for r in records if "auto_find_batch_size: out of memory" in r.getMessage()]
+    assert len(said) == 1 and "micro-batches of 4" in said[0] and "micro-batches of 2 x accumulation 2" in said[0]
+    # 10 samples: 3 steps an epoch either way; every step trains the same samples as micro-batches of 2 x 2
+    assert found["global_step"] == planned["global_step"] == 6
+    losses = [[h["loss"] for h in s["log_history"] if "loss" in h] for s in (found, planned)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_auto_find_batch_size_leaves_other_errors_and_the_smallest_batch_alone(tiny_model_dir, demo_data_dir,
+                                                                              tmp_path, monkeypatch):
+    import torch
+
+    import lmf.train.trainer as trainer
+
+    make = trainer._make_loss_module
+
+    def failing(model, compute_loss, coef=None):
+        def compute(model, batch):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return make(model, compute, coef)
+
+    monkeypatch.setattr(trainer, "_make_loss_module", failing)
+    with pytest.raises(torch.OutOfMemoryError):  # 4 -> 2 -> 1, then nothing smaller is left
+        _train_state(tiny_model_dir, demo_data_dir, tmp_path, "oom", auto_find_batch_size=True)
+    from lmf.train.batch_finder import is_out_of_memory, smaller_micro_batch
+
+    assert [smaller_micro_batch(n) for n in (1, 2, 3, 6, 12)] == [None, 1, 1, 3, 6]
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 1099511627776 bytes"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"auto_find_batch_size": True, "batching_strategy": "dynamic_batching", "max_steps": 2}, "'batching_strategy'"),
+    ({"auto_find_batch_size": True, "streaming": True, "max_steps": 2}, "'streaming'"),
+    ({"bf16_full_eval": True, "fp16_full_eval": True}, "'bf16_full_eval' and 'fp16_full_eval'"),
+])
+def test_precision_and_batch_finding_combinations_are_refused(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**keys)
+
+
+def test_bf16_full_eval_runs_the_final_evaluation_in_bf16_only(tiny_model_dir, demo_data_dir, tmp_path):
+    runs = [_train_state(tiny_model_dir, demo_data_dir, tmp_path, f"run{n}", num_train_epochs=1, val_size=2,
+                         eval_strategy="steps", eval_steps=1, **extra)
+            for n, extra in enumerate(({}, {"bf16_full_eval": True}))]
+    evals = [[h["eval_loss"] for h in s["log_history"] if "eval_loss" in h] for s in runs]
+    assert evals[0][:-1] == evals[1][:-1]  # the evaluations during training: unchanged
+    assert evals[0][-1] != evals[1][-1] and evals[0][-1] == pytest.approx(evals[1][-1], rel=2e-2)

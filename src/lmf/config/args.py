@@ -333,6 +333,12 @@ class TrainingArguments:
                                       "(transformers' LengthGroupedSampler; train_sampling_strategy: group_by_length).")
     debug: Union[str, list] = _f("", "underflow_overflow: stop at the first module whose output has inf or nan, "
                                      "with a report of the frames before it (transformers' DebugUnderflowOverflow).")
+    auto_find_batch_size: bool = _f(False, "One process: a step that runs out of memory is retried from its first "
+                                           "sample with micro-batches of half the size (or less) and accumulation "
+                                           "grown to keep the samples per step (transformers restarts the run).")
+    bf16_full_eval: bool = _f(False, "The evaluation after the last step runs in bf16 (autocast; transformers casts "
+                                     "the model for the evaluation after training).")
+    fp16_full_eval: bool = _f(False, "The evaluation after the last step runs in fp16 (as bf16_full_eval).")
     prediction_loss_only: bool = _f(False, "Evaluation computes the loss only (lmf's evaluation computes the loss, "
                                            "and accuracy only with compute_accuracy).")
     bf16: bool = _f(False, "bfloat16 mixed precision (GPU; on CPU training falls back to fp32 with a warning).")

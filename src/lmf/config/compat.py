@@ -55,6 +55,8 @@ LF_NO_EFFECT: dict[str, str] = {
     "eval_do_concat_batches": "lmf's evaluation keeps no predictions to concatenate",
     "eval_use_gather_object": "lmf's evaluation all-reduces sums and gathers no objects",
     "include_for_metrics": "lmf computes its own metrics (loss, compute_accuracy) and takes no compute_metrics",
+    "enable_jit_checkpoint": "lmf always checkpoints on SIGTERM / SIGINT after the current step and exits "
+                             "(lmf.train.preemption); relaunching resumes from it",
     "restore_callback_states_from_checkpoint": "lmf always restores the early-stopping and best-model state "
                                                "(trainer_state.json) on resume",
 }

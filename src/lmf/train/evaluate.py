@@ -107,10 +107,16 @@ class Evaluator:
         """``eval_on_start``: once before the first step of this process (a resumed run evaluates what it resumed)."""
         return bool(self.args.eval_on_start and self.eval_dataset is not None)
 
-    def evaluate(self, run: "Run") -> dict[str, float]:
-        """:func:`evaluate` on the run's eval set(s)."""
+    def evaluate(self, run: "Run", final: bool = False) -> dict[str, float]:
+        """:func:`evaluate` on the run's eval set(s); the ``final`` one (after the last step) in bf16 / fp16 under
+        ``bf16_full_eval`` / ``fp16_full_eval``."""
+        import torch
+
+        dtype = self.dtype
+        if final and (self.args.bf16_full_eval or self.args.fp16_full_eval):
+            dtype = torch.bfloat16 if self.args.bf16_full_eval else torch.float16
         return evaluate(run, self.eval_dataset, self.collator, self.runtime, self.args.per_device_eval_batch_size,
-                        self.dtype)
+                        dtype)
 
     def should_stop(self, results: dict[str, float]) -> bool:
         """Record ``results`` against the best ``metric_for_best_model`` so far (transformers' rule: an improvement

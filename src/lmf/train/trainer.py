@@ -98,6 +98,10 @@ class Trainer:
             raise ConfigError("config key 'load_best_model_at_end' under FSDP sharding (fsdp, or a DeepSpeed ZeRO-2/3 "
                               "config) is not implemented in lmf: the best checkpoint is loaded into an unsharded "
                               "model (one process or DDP); remove one of them")
+        if self.args.auto_find_batch_size and runtime.world_size > 1:
+            raise ConfigError(f"config key 'auto_find_batch_size' with {runtime.world_size} processes is not "
+                              "implemented in lmf: an out-of-memory error on one rank would leave the others waiting "
+                              "in a collective; find the micro-batch size in one process")
         self.hooks = hooks or TrainHooks()
         self.state = TrainState(world_size=runtime.world_size, micro_batch_size=self.args.per_device_train_batch_size,
                                 resume_fingerprint=resume_fingerprint(cfg), trajectory=trajectory_config(cfg),
@@ -158,7 +162,7 @@ class Trainer:
             if sys.exc_info()[0] is not None:
                 log.close()
         if self.evaluator.should_evaluate(st.global_step, last=True):
-            results = self.evaluator.evaluate(run)
+            results = self.evaluator.evaluate(run, final=True)
             log.write({"step": st.global_step, **results})
             self.evaluator.should_stop(results)  # the last evaluation may be the best
         st.finished = True
@@ -173,17 +177,18 @@ class Trainer:
 
         run, st, device = self.run, self.state, self.runtime.device
         start, epochs_before = time.perf_counter(), self._epochs_done()
-        sums = StepSums(device)
-        n_micro = min(self.args.gradient_accumulation_steps, run.stream.batches_left_in_epoch)
-        for micro in range(n_micro):
-            batch = to_device(next(run.stream), device)
-            with gradient_sync(run.wrapped, run.plan, enabled=micro == n_micro - 1), autocast(self.dtype, device):
-                loss_sum, num_items, metrics = run.wrapped(batch)
-            if run.steps_in_backward:  # layerwise optimizers step in the backward hooks: mean loss
-                (loss_sum / max(float(num_items), 1.0)).backward()
-            else:
-                (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
-            sums.add(loss_sum, num_items, batch, metrics)
+        while True:
+            first = (run.stream.epoch, run.stream.batch_in_epoch)
+            try:
+                sums = self._accumulate()
+                break
+            except Exception as exc:  # auto_find_batch_size: an out-of-memory step again in smaller micro-batches
+                from lmf.train.batch_finder import can_retry_smaller
+
+                if not (self.args.auto_find_batch_size and can_retry_smaller(exc, self.args)):
+                    raise
+                reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            self._retry_smaller(reason, first)  # here the failed step's tensors are free (no traceback holds them)
         totals = sums.all_reduce(stop_flags(), self.runtime.world_size)
         grad_norm = self._optimizer_step(totals.items)
         if run.plan.offload and not self._offload_reported:
@@ -199,6 +204,41 @@ class Trainer:
                           grad_norm=grad_norm, lr=run.scheduler.get_last_lr()[0], seconds=time.perf_counter() - start,
                           epoch_ended=self._epochs_done() > epochs_before, metrics=totals.metrics,
                           stop_signal=totals.stop_signal)
+
+    def _accumulate(self) -> StepSums:
+        """Forward and backward of the step's micro-batches (the gradients accumulate); their sums."""
+        from lmf.train.parallel import gradient_sync
+
+        run, device = self.run, self.runtime.device
+        sums = StepSums(device)
+        n_micro = min(self.args.gradient_accumulation_steps, run.stream.batches_left_in_epoch)
+        for micro in range(n_micro):
+            batch = to_device(next(run.stream), device)
+            with gradient_sync(run.wrapped, run.plan, enabled=micro == n_micro - 1), autocast(self.dtype, device):
+                loss_sum, num_items, metrics = run.wrapped(batch)
+            if run.steps_in_backward:  # layerwise optimizers step in the backward hooks: mean loss
+                (loss_sum / max(float(num_items), 1.0)).backward()
+            else:
+                (run.scaler.scale(loss_sum) if run.scaler else loss_sum).backward()
+            sums.add(loss_sum, num_items, batch, metrics)
+        return sums
+
+    def _retry_smaller(self, reason: str, first: tuple[int, int]) -> None:
+        """``auto_find_batch_size``: after an out-of-memory error, the step's gradients dropped and the stream rebuilt
+        at the step's first sample (``first``: epoch, micro-batch) in smaller micro-batches
+        (:mod:`lmf.train.batch_finder`)."""
+        from lmf.train.batch_finder import shrink_after_oom
+        from lmf.train.batches import build_stream
+
+        run = self.run
+        restart = shrink_after_oom(self.args, first[1], reason)
+        run.optimizer.zero_grad(set_to_none=True)
+        release_cached_memory(self.runtime.device)
+        run.stream.close()
+        run.stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning,
+                                  self.runtime, cutoff_len=self.cfg.data.cutoff_len)
+        run.stream.epoch, run.stream.batch_in_epoch = first[0], restart
+        self.state.micro_batch_size = self.args.per_device_train_batch_size
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Run:

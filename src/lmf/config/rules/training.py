@@ -17,10 +17,11 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
-@rule("bf16", "fp16")
+@rule("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")
 def one_half_precision(cfg: "LmfConfig") -> None:
-    if cfg.training.bf16 and cfg.training.fp16:
-        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
+    for a, b in (("bf16", "fp16"), ("bf16_full_eval", "fp16_full_eval")):
+        if getattr(cfg.training, a) and getattr(cfg.training, b):
+            raise ConfigError(f"config keys {a!r} and {b!r} are both true; choose one")
 
 
 @rule("global_batch_size", "gradient_accumulation_steps", "per_device_train_batch_size")
@@ -215,6 +216,23 @@ def prediction_loss_only_keeps_the_loss(cfg: "LmfConfig") -> None:
     if t.do_predict:
         raise ConfigError("config keys 'prediction_loss_only' and 'do_predict': prediction generates answers, "
                           "it has no loss; set one")
+
+
+@rule("auto_find_batch_size", "batching_strategy", "streaming", "galore_layerwise", "apollo_layerwise")
+def auto_find_batch_size_can_split_a_step(cfg: "LmfConfig") -> None:
+    """A step retried in smaller micro-batches must be re-readable from its first sample and not yet applied."""
+    if not cfg.training.auto_find_batch_size:
+        return
+    ft = cfg.finetuning
+    others = {"batching_strategy": (cfg.training.batching_strategy or "").startswith("dynamic"),
+              "streaming": cfg.data.streaming,
+              "galore_layerwise": ft.use_galore and ft.galore_layerwise,
+              "apollo_layerwise": ft.use_apollo and ft.apollo_layerwise}
+    for key, on in others.items():
+        if on:
+            raise ConfigError(f"config keys 'auto_find_batch_size' and {key!r} do not combine in lmf: a step that "
+                              "runs out of memory is retried in micro-batches of fewer samples, from its first sample, "
+                              "before any weight changes")
 
 
 @rule("group_by_length", "disable_shuffling", "streaming")
