@@ -303,3 +303,55 @@ def test_bf16_full_eval_runs_the_final_evaluation_in_bf16_only(tiny_model_dir, d
     evals = [[h["eval_loss"] for h in s["log_history"] if "eval_loss" in h] for s in runs]
     assert evals[0][:-1] == evals[1][:-1]  # the evaluations during training: unchanged
     assert evals[0][-1] != evals[1][-1] and evals[0][-1] == pytest.approx(evals[1][-1], rel=2e-2)
+
+
+# ---- profile_modules, adapter_folder, offload_folder
+def test_profile_modules_times_the_matching_modules_at_each_logging_step(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmf.train.profiler import ModuleTimer
+    from tests.conftest import log_records
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with log_records("lmf") as records:
+        timer = ModuleTimer(model, "*.layers.0.self_attn, *.layers.1.mlp", logging_steps=2, is_main=True)
+        for step in (1, 2):
+            model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+            report = timer.after_step(step, last=False)
+            assert (report is None) == (step == 1)
+    assert set(report) == {"model.layers.0.self_attn", "model.layers.1.mlp"}
+    assert all(f > 0 and b > 0 for f, b in report.values())
+    assert any("profile_modules at step 2" in r.getMessage() and "model.layers.1.mlp: fwd=" in r.getMessage()
+               for r in records)
+    timer.remove()
+    model(torch.tensor([[1, 2]]))
+    assert not timer.times  # the hooks are gone
+    with log_records("lmf") as records:
+        ModuleTimer(model, "*.nothing", 1, True)
+    assert any("no module matches" in r.getMessage() for r in records)
+
+
+def test_profile_modules_in_a_training_run(tiny_model_dir, demo_data_dir, tmp_path):
+    from tests.conftest import log_records
+
+    with log_records("lmf") as records:
+        _train_state(tiny_model_dir, demo_data_dir, tmp_path, "prof", max_steps=2, profile_modules="*.layers.0.mlp")
+    assert sum("profile_modules at step" in r.getMessage() for r in records) == 2
+
+
+def test_adapter_folder_is_appended_to_every_adapter_path(tmp_path):
+    cfg = _cfg(adapter_name_or_path="a, b", adapter_folder="sub")
+    assert cfg.model.adapter_name_or_path == "a/sub,b/sub"
+    with pytest.raises(ConfigError, match="'adapter_folder' names a sub-folder"):
+        _cfg(adapter_folder="sub")
+
+
+def test_offload_folder_goes_with_an_automatic_device_map():
+    from tests.conftest import log_records
+
+    with log_records("lmf") as records:
+        _cfg(offload_folder="/tmp/x")
+        _cfg(offload_folder="/tmp/x", quantization_device_map="auto", quantization_bit=4)
+    said = [r.getMessage() for r in records if "'offload_folder' has no effect" in r.getMessage()]
+    assert len(said) == 1

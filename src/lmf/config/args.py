@@ -52,6 +52,9 @@ class ModelArguments:
     init_special_tokens: str = _f("noise_init", "How the rows of added tokens start: noise_init (mean + noise), "
                                   "desc_init (the mean of the description's rows), desc_init_w_noise (both).",
                                   ("noise_init", "desc_init", "desc_init_w_noise"))
+    adapter_folder: Optional[str] = _f(None, "The sub-folder of each adapter_name_or_path that holds the adapter.")
+    offload_folder: str = _f("offload", "Where weights that fit neither GPU nor CPU memory go with "
+                                        "quantization_device_map: auto.")
     low_cpu_mem_usage: bool = _f(True, "Load weights lazily to save CPU memory.")
     init_on_rank0: bool = _f(False, "Under FSDP on several processes, only rank 0 reads the checkpoint; the other "
                                     "ranks build the model on the meta device and receive their shards from it "
@@ -381,6 +384,9 @@ class TrainingArguments:
     run_name: Optional[str] = _f(None, "Run name for trackers.")
     enable_torch_profiler: bool = _f(False, "Profile training steps with torch.profiler (lmf.train.profiler): each "
                                             "rank writes Chrome traces (TensorBoard's profiler plugin, Perfetto).")
+    profile_modules: Optional[str] = _f(None, "Time the forward and backward of the modules matching these comma-"
+                                              "separated fnmatch patterns (e.g. '*.layers.0.self_attn,*.mlp'), logged "
+                                              "at each logging step (LLaMA-Factory main).")
     profiler_output_dir: Optional[str] = _f(None, "Where the traces go (default: output_dir/profiler), in rank_<N>/.")
     profiler_wait_steps: int = _f(1, "Profiler schedule: steps skipped at the start of each cycle.")
     profiler_warmup_steps: int = _f(1, "Profiler schedule: warm-up steps of each cycle (traced, discarded).")

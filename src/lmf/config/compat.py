@@ -199,7 +199,9 @@ _KEY_FEATURES = {
     "ppo_": "PPO", "reward_model": "PPO",
     "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+",
     "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
-    "asft": "the ASFT loss", "eaft": "the EAFT loss", "shift_attn": "shift short attention",
+    "asft": "the ASFT loss", "eaft": "the EAFT loss",
+    "shift_attn": "LongLoRA's shift short attention: LLaMA-Factory patches LlamaAttention of transformers >=4.45,<4.48 "
+                  "only and stops with a version error otherwise; lmf runs on transformers 5",
     "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
                          "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
                          "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",

@@ -207,6 +207,8 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
             if not (os.path.isdir(path) and read_model_config(path).get("quantization_config")):
                 common["quantization_config"] = quantized  # a checkpoint saved quantized brings its own
             common["device_map"] = m.quantization_device_map or {"": str(device)}
+            if m.quantization_device_map == "auto":
+                common["offload_folder"] = m.offload_folder  # what fits in neither GPU nor CPU memory
         return auto_class.from_pretrained(
             path, config=config, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=m.low_cpu_mem_usage, **common
         )

@@ -58,3 +58,94 @@ class StepProfiler:
         if self._profiler is not None:
             profiler, self._profiler = self._profiler, None
             profiler.stop()
+
+
+class ModuleTimer:
+    """``profile_modules`` (LLaMA-Factory main's ModuleProfilerCallback): the forward and backward time of the modules
+    whose names match the comma-separated fnmatch patterns, logged (mean ms a call) at every logging step. CUDA
+    events on a GPU; on the CPU, where kernels run synchronously, the wall clock (LLaMA-Factory times CUDA and NPU
+    only)."""
+
+    def __init__(self, model, patterns: str, logging_steps: int, is_main: bool):
+        import fnmatch
+        import time
+        from collections import defaultdict
+
+        import torch
+
+        import warnings
+
+        # a timed module whose inputs need no gradient (the first layer under LoRA) is still timed: torch's note on it
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        self.patterns = [p.strip() for p in patterns.split(",") if p.strip()]
+        self.logging_steps, self.is_main = logging_steps, is_main
+        self.times: dict[tuple[str, str], list] = defaultdict(list)  # (module, fwd|bwd) -> [ms or event pairs]
+        self._open: dict[tuple[str, str], object] = {}
+        self._cuda = next((p.is_cuda for p in model.parameters()), False) and torch.cuda.is_available()
+        self._clock = time.perf_counter
+        self._handles = []
+        names = [n for n, _ in model.named_modules() if n and any(fnmatch.fnmatch(n, p) for p in self.patterns)]
+        modules = dict(model.named_modules())
+        for name in names:
+            module = modules[name]
+            self._handles += [module.register_forward_pre_hook(self._starter(name, "fwd")),
+                              module.register_forward_hook(self._stopper(name, "fwd")),
+                              module.register_full_backward_pre_hook(self._starter(name, "bwd")),
+                              module.register_full_backward_hook(self._stopper(name, "bwd"))]
+        if is_main:
+            if names:
+                logger.info("profile_modules: timing %d module(s): %s%s", len(names), ", ".join(names[:5]),
+                            f" ... (+{len(names) - 5})" if len(names) > 5 else "")
+            else:
+                logger.warning("profile_modules: no module matches %s", self.patterns)
+
+    def _starter(self, name: str, kind: str):
+        def hook(module, *args):
+            if self._cuda:
+                import torch
+
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
+                self._open[(name, kind)] = start
+            else:
+                self._open[(name, kind)] = self._clock()
+        return hook
+
+    def _stopper(self, name: str, kind: str):
+        def hook(module, *args):
+            start = self._open.pop((name, kind), None)
+            if start is None:
+                return
+            if self._cuda:
+                import torch
+
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.times[(name, kind)].append((start, end))
+            else:
+                self.times[(name, kind)].append((self._clock() - start) * 1000.0)
+        return hook
+
+    def after_step(self, step: int, last: bool) -> Optional[dict[str, tuple[float, float]]]:
+        """At a logging step (or the last): module -> (mean forward ms, mean backward ms) since the last report,
+        logged on rank 0; None between reports."""
+        if not self.times or not (last or step % self.logging_steps == 0):
+            return None
+        if self._cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        means: dict[str, list[float]] = {}
+        for (name, kind), values in self.times.items():
+            ms = [s.elapsed_time(e) for s, e in values] if self._cuda else values
+            means.setdefault(name, [0.0, 0.0])[kind == "bwd"] = sum(ms) / len(ms)
+        self.times.clear()
+        if self.is_main:
+            logger.info("profile_modules at step %d (mean ms a call): %s", step,
+                        "; ".join(f"{n}: fwd={f:.3f} bwd={b:.3f}" for n, (f, b) in sorted(means.items())))
+        return {n: (f, b) for n, (f, b) in means.items()}
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

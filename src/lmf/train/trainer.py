@@ -120,7 +120,7 @@ class Trainer:
         :class:`~lmf.train.preemption.TrainingInterrupted`.
         """
         from lmf.train.preemption import StopRequest, TrainingInterrupted
-        from lmf.train.profiler import StepProfiler
+        from lmf.train.profiler import ModuleTimer, StepProfiler
         from lmf.train.reporting import Progress, TrainingLog, warn_if_no_plot
 
         run, st = self.setup(), self.state
@@ -134,6 +134,8 @@ class Trainer:
         stop = StopRequest().install()
         profiler = StepProfiler(self.cfg, self.runtime.rank)  # enable_torch_profiler; a no-op otherwise
         profiler.start()
+        timer = ModuleTimer(self.model, self.args.profile_modules, self.args.logging_steps, self.runtime.is_main) \
+            if self.args.profile_modules else None
         if self.evaluator.should_evaluate_on_start():
             log.write({"step": st.global_step, **self.evaluator.evaluate(run)})
         run.wrapped.train()
@@ -142,6 +144,8 @@ class Trainer:
                 record = self.train_step(stop.flags)
                 profiler.step()
                 last = record.step >= st.max_steps
+                if timer is not None:
+                    timer.after_step(record.step, last)
                 progress.update(record.loss, record.lr, record.tokens / max(record.seconds, 1e-9))
                 log.after_step(record, last, progress.suffix())
                 if last:
@@ -156,6 +160,8 @@ class Trainer:
                 self.checkpoints.save_if_due(run, st, record.epoch_ended)
         finally:
             profiler.stop()
+            if timer is not None:
+                timer.remove()
             stop.restore()
             progress.close()
             run.stream.close()  # its DataLoader workers: gone with the loop, also in a process that trains again
@@ -173,7 +179,7 @@ class Trainer:
     def train_step(self, stop_flags: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)) -> StepRecord:
         """One optimizer step: accumulate the micro-batches, one all-reduce (with this rank's stop request as it
         stands then: ``stop_flags()``), normalise, clip, step; the train state advanced."""
-        from lmf.train.parallel import gradient_sync, log_offload
+        from lmf.train.parallel import log_offload
 
         run, st, device = self.run, self.state, self.runtime.device
         start, epochs_before = time.perf_counter(), self._epochs_done()

@@ -7,9 +7,12 @@ from typing import TYPE_CHECKING
 from lmf.config.rules import rule
 from lmf.config.stages import STAGES
 from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
 
 
 def _token_level(stage: str) -> bool:
@@ -94,3 +97,28 @@ SGLANG_REFUSAL = ("config key 'infer_backend': sglang is not implemented in lmf:
 def sglang_is_refused_saying_why(cfg: "LmfConfig") -> None:
     if cfg.model.infer_backend == "sglang":
         raise ConfigError(SGLANG_REFUSAL)
+
+
+@rule("adapter_folder", "adapter_name_or_path")
+def adapter_folder_is_inside_each_adapter(cfg: "LmfConfig") -> None:
+    """LLaMA-Factory's ``adapter_folder`` (peft's subfolder): every adapter path gets it appended."""
+    import os
+
+    m = cfg.model
+    if not m.adapter_folder:
+        return
+    if not m.adapter_name_or_path:
+        raise ConfigError("config key 'adapter_folder' names a sub-folder of adapter_name_or_path; set that too")
+    paths = [p.strip() for p in m.adapter_name_or_path.split(",") if p.strip()]
+    m.adapter_name_or_path = ",".join(os.path.join(p, m.adapter_folder) for p in paths)
+    m.adapter_folder = None  # applied once (a config built again from these values must not append it twice)
+
+
+@rule("offload_folder", "quantization_device_map")
+def offload_folder_needs_an_automatic_device_map(cfg: "LmfConfig") -> None:
+    from lmf.config.args import ModelArguments
+
+    m = cfg.model
+    if m.offload_folder != ModelArguments().offload_folder and m.quantization_device_map != "auto":
+        logger.warning("config key 'offload_folder' has no effect without quantization_device_map: auto (as in "
+                       "LLaMA-Factory)")
