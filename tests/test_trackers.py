@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -74,10 +75,11 @@ def test_tensorboard_mlflow_and_wandb_get_every_step(tmp_path, monkeypatch):
 
 
 def test_report_to_all_uses_every_installed_tracker():
-    from lmf.train.reporting import resolve_trackers
+    from lmf.train.trackers import resolve_trackers
 
     found = resolve_trackers(["all"])
-    expected = [n for n, m in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"))
+    expected = [n for n, m in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"),
+                               ("swanlab", "swanlab"), ("trackio", "trackio"))
                 if importlib.util.find_spec(m) is not None]
     assert found == expected
 
@@ -104,3 +106,82 @@ def test_only_rank_0_reports(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(glob.glob(str(out / "runs" / "events.out.tfevents.*"))) == 1
+
+
+def _swanlab_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """key -> [(step, value)] read back from the offline run's .swanlab file with SwanLab's own reader."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    files = glob.glob(os.path.join(str(logdir), "*", "*.swanlab"))
+    assert len(files) == 1, files
+    reader, out = DataStoreReader(), {}
+    reader.open(files[0])
+    while (data := reader.scan()) is not None:
+        record = Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "scalar":
+            out.setdefault(record.scalar.key, []).append((record.scalar.step, record.scalar.value.number))
+    return out
+
+
+def test_swanlab_offline_and_trackio_get_every_step_and_lark_is_notified(tmp_path, monkeypatch):
+    import http.server
+    import threading
+
+    from lmf.train.workflow import run_training
+
+    posts = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            posts.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"code": 0}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    out = tmp_path / "out"
+    try:
+        run_training(build_config(_raw(out, use_swanlab=True, swanlab_mode="offline", swanlab_project="proj",
+                                       swanlab_logdir=str(tmp_path / "swanlog"), report_to="trackio",
+                                       project="tproj", swanlab_lark_webhook_url=f"http://127.0.0.1:"
+                                                                                 f"{server.server_port}/hook")))
+    finally:
+        server.shutdown()
+    history = _history(out)
+    scalars = _swanlab_scalars(tmp_path / "swanlog")
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    assert os.path.isfile(out / "swanlab_public_config.json")  # LLaMA-Factory's file of the run's settings
+
+    from trackio.sqlite_storage import SQLiteStorage
+
+    logs = [entry for entry in SQLiteStorage.get_logs("tproj", "tracked") if "train/loss" in entry]
+    assert [e["step"] for e in logs] == [1, 2, 3, 4]
+    assert [e["train/loss"] for e in logs] == pytest.approx([h["loss"] for h in history], rel=1e-6)
+    for _ in range(100):  # SwanLab notifies from a background thread when the run finishes
+        if posts:
+            break
+        time.sleep(0.1)
+    assert len(posts) == 1 and posts[0]["msg_type"] == "text" and posts[0]["content"]["text"]
+
+
+def test_swanlab_cloud_without_a_login_is_a_clear_error_and_all_leaves_it_out(tmp_path, monkeypatch):
+    from lmf.train.trackers import Reporter, resolve_trackers, swanlab_needs_login
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no saved SwanLab credentials
+    monkeypatch.setenv("SWANLAB_SAVE_DIR", str(tmp_path / ".swanlab"))
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # no terminal to ask on
+    cfg = build_config(_raw(tmp_path / "out", report_to="swanlab", swanlab_logdir=str(tmp_path / "logs")))
+    with pytest.raises(NotAvailableError, match="swanlab: .*set swanlab_api_key"):
+        Reporter(cfg, is_main=True)
+    assert swanlab_needs_login(cfg) and "swanlab" not in resolve_trackers(["all"], swanlab_cloud=True)
+    assert "swanlab" in resolve_trackers(["all"], swanlab_cloud=False)

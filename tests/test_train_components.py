@@ -112,7 +112,7 @@ def test_data_error_in_a_dataloader_worker_is_its_own_one_line(capsys):
 
 
 def test_report_to_missing_tracker_is_a_clear_error(tmp_path, monkeypatch):
-    from lmf.train.reporting import Reporter
+    from lmf.train.trackers import Reporter
 
     cfg = build_config({"report_to": "tensorboard", "output_dir": str(tmp_path)})
     real = importlib.util.find_spec

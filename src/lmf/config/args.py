@@ -289,6 +289,16 @@ class FinetuningArguments:
     freeze_vision_tower: bool = _f(True, "Vision-language models: keep the vision tower frozen (no LoRA on it).")
     freeze_multi_modal_projector: bool = _f(True, "Vision-language models: keep the projector (merger) frozen.")
     freeze_language_model: bool = _f(False, "Vision-language models: keep the language model frozen.")
+    use_swanlab: bool = _f(False, "Report to SwanLab (as report_to: swanlab), with the swanlab_* keys.")
+    swanlab_project: Optional[str] = _f("llamafactory", "SwanLab project.")
+    swanlab_workspace: Optional[str] = _f(None, "SwanLab workspace.")
+    swanlab_run_name: Optional[str] = _f(None, "SwanLab experiment name (default: run_name).")
+    swanlab_mode: str = _f("cloud", "SwanLab mode: cloud, local (swanlab watch), offline (swanlab sync later).",
+                           ("cloud", "local", "offline"))
+    swanlab_api_key: Optional[str] = _f(None, "SwanLab API key (swanlab.login).")
+    swanlab_logdir: Optional[str] = _f(None, "Folder of SwanLab's run files (default: swanlog in the working directory).")
+    swanlab_lark_webhook_url: Optional[str] = _f(None, "Lark (Feishu) webhook SwanLab notifies when the run ends.")
+    swanlab_lark_secret: Optional[str] = _f(None, "Secret of the Lark webhook.")
     early_stopping_steps: Optional[int] = _f(None, "Stop when the eval loss has not improved for N evaluations.")
 
 
@@ -379,9 +389,12 @@ class TrainingArguments:
                                       "metric_for_best_model and save it as the final model (named in the log and "
                                       "in trainer_state.json's best_model_checkpoint); needs save_strategy equal to "
                                       "eval_strategy (save_steps a multiple of eval_steps); not under FSDP sharding.")
-    report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb, mlflow, all (the "
-                                             "installed ones); comma-separated or a list.")
+    report_to: Union[str, list] = _f("none", "Where to report metrics: none, tensorboard, wandb, mlflow, swanlab, "
+                                             "trackio, all (the installed ones); comma-separated or a list.")
     run_name: Optional[str] = _f(None, "Run name for trackers.")
+    project: str = _f("huggingface", "Trackio project (transformers' key).")
+    trackio_space_id: Optional[str] = _f(None, "Trackio: the Hugging Face Space the run syncs to (default: local only).")
+    trackio_bucket_id: Optional[str] = _f(None, "Trackio: the Hugging Face bucket that stores its data.")
     enable_torch_profiler: bool = _f(False, "Profile training steps with torch.profiler (lmf.train.profiler): each "
                                             "rank writes Chrome traces (TensorBoard's profiler plugin, Perfetto).")
     profile_modules: Optional[str] = _f(None, "Time the forward and backward of the modules matching these comma-"

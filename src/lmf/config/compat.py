@@ -190,7 +190,6 @@ _GROUP_FEATURES = {
     "SGLangArguments": "the SGLang inference backend (see infer_backend: sglang)",
     "KTransformersArguments": "KTransformers",
     "OFTArguments": "OFT",
-    "SwanLabArguments": "SwanLab tracking",
     "ProfilerArguments": "the torch profiler",
     "Fp8Arguments": "FP8 training",
     "transformers": "this transformers TrainingArguments option",
@@ -208,15 +207,14 @@ _KEY_FEATURES = {
     "offload_folder": "disk offload of model weights",
     "adapter_folder": "adapter folders",
     "hub_": "pushing to the Hugging Face Hub, which is not possible offline",
-    "trackio_": "Trackio tracking",
+    "trackio_static_space_id": "a static Trackio Space pushed to the Hugging Face Hub after training (lmf does not "
+                               "push to the Hub; trackio_space_id syncs the run to a live Space)",
     "preserve_thinking": "preserve_thinking",
 }
 
 
 def feature_of(key: str) -> str:
     """What an LLaMA-Factory-only key configures (for the "not implemented" message)."""
-    if key == "project":  # transformers' Trackio project name (not a prefix: swanlab_project is SwanLab's)
-        return "Trackio tracking (its project name)"
     for prefix, feature in _KEY_FEATURES.items():
         if key.startswith(prefix) or prefix in key:
             return feature

@@ -1,5 +1,5 @@
-"""Rank-0 progress bar, the training log (what is logged and when), metric trackers (tensorboard / wandb / mlflow)
-and the loss plot."""
+"""Rank-0 progress bar, the training log (what is logged and when; the trackers it reports to:
+:mod:`lmf.train.trackers`) and the loss plot."""
 
 from __future__ import annotations
 
@@ -8,92 +8,13 @@ import os
 import time
 from typing import TYPE_CHECKING, Optional
 
-from lmf.extras.errors import NotAvailableError
 from lmf.extras.logging import get_logger
+from lmf.train.trackers import Reporter
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
 
 logger = get_logger(__name__)
-
-
-#: tracker -> (import name, pip line)
-TRACKERS = {"tensorboard": ("tensorboard", "pip install tensorboard (or lmf[tensorboard])"),
-            "wandb": ("wandb", "pip install wandb (or lmf[wandb])"),
-            "mlflow": ("mlflow", "pip install mlflow-skinny (or lmf[mlflow])")}
-
-
-def resolve_trackers(report_to: list) -> list[str]:
-    """The trackers of ``report_to`` (``all``: every supported one that is installed); raises NotAvailableError with
-    the pip line for a named one that is missing, so that a run stops before any data or model is loaded."""
-    import importlib.util
-
-    if "all" in report_to:
-        found = [name for name, (module, _) in TRACKERS.items() if importlib.util.find_spec(module) is not None]
-        logger.info("report_to: all -> %s", ", ".join(found) or "none installed")
-        return found
-    for name in report_to:
-        module, pip = TRACKERS[name]
-        if importlib.util.find_spec(module) is None:
-            raise NotAvailableError(f"report_to: {name} needs the {module} package: {pip}")
-    return list(report_to)
-
-
-def _flat_params(config: dict) -> dict[str, str]:
-    """The config as MLflow params (values as text, at most 500 characters each; None left out)."""
-    return {k: str(v)[:500] for k, v in config.items() if v is not None}
-
-
-class Reporter:
-    """Sends logged metrics to the trackers named in ``report_to`` (rank 0 only; no-op elsewhere)."""
-
-    def __init__(self, cfg: "LmfConfig", is_main: bool):
-        self.writers: list = []
-        if not is_main:
-            return
-        t = cfg.training
-        for name in resolve_trackers(t.report_to):
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-
-                log_dir = t.logging_dir or os.path.join(t.output_dir, "runs")
-                self.writers.append(("tensorboard", SummaryWriter(log_dir=log_dir)))
-            elif name == "wandb":
-                import wandb
-
-                os.makedirs(t.output_dir, exist_ok=True)
-                self.writers.append(("wandb", wandb.init(name=t.run_name, config=cfg.to_dict(), dir=t.output_dir)))
-            elif name == "mlflow":
-                import mlflow
-
-                if not os.environ.get("MLFLOW_TRACKING_URI"):  # a local file store next to the run
-                    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
-                    mlflow.set_tracking_uri("file:" + os.path.abspath(os.path.join(t.output_dir, "mlruns")))
-                run = mlflow.start_run(run_name=t.run_name)
-                mlflow.log_params(_flat_params(cfg.to_dict()))
-                logger.info("mlflow: run %s in %s", run.info.run_id, mlflow.get_tracking_uri())
-                self.writers.append(("mlflow", mlflow))
-
-    def log(self, metrics: dict, step: int) -> None:
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
-        for kind, writer in self.writers:
-            if kind == "tensorboard":
-                for key, value in numeric.items():
-                    writer.add_scalar(f"train/{key}" if not key.startswith("eval") else key, value, step)
-            elif kind == "mlflow":
-                writer.log_metrics({k.replace("/", "_"): v for k, v in numeric.items()}, step=step)
-            else:
-                writer.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-
-    def close(self) -> None:
-        for kind, writer in self.writers:
-            if kind == "tensorboard":
-                writer.close()
-            elif kind == "mlflow":
-                writer.end_run()
-            else:
-                writer.finish()
-        self.writers = []
 
 
 class TrainingLog:

@@ -118,9 +118,9 @@ def _train_locked(cfg: "LmfConfig", recipe, runtime: "DistInfo") -> None:
         cfg.model.model_max_length = cfg.data.cutoff_len
     plan = plan_parallelism(cfg, runtime.world_size)  # once; refuses what cannot run before data or model is loaded
     if runtime.is_main:
-        from lmf.train.reporting import resolve_trackers
+        from lmf.train.trackers import resolve_trackers, swanlab_needs_login
 
-        resolve_trackers(cfg.training.report_to)  # a missing tracker package: stop now, with the pip line
+        resolve_trackers(cfg.training.report_to, swanlab_needs_login(cfg))  # a missing package: stop now, pip line
     resume = plan_resume(cfg, runtime)
     set_seed(cfg.training.seed, cfg.training.full_determinism)
     tokenizer, template, data = load_tokenizer_and_data(cfg, cfg.finetuning.stage)

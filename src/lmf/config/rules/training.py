@@ -38,12 +38,15 @@ def global_batch_size_fits(cfg: "LmfConfig") -> None:
                           f"per_device_train_batch_size {t.per_device_train_batch_size}")
 
 
-@rule("report_to")
+@rule("report_to", "use_swanlab")
 def known_trackers(cfg: "LmfConfig") -> None:
-    for r in cfg.training.report_to:
-        if r not in ("tensorboard", "wandb", "mlflow", "all"):
+    t = cfg.training
+    for r in t.report_to:
+        if r not in ("tensorboard", "wandb", "mlflow", "swanlab", "trackio", "all"):
             raise ConfigError(f"config key 'report_to': {r!r} is not supported; choose none, tensorboard, wandb, "
-                              "mlflow or all")
+                              "mlflow, swanlab, trackio or all")
+    if cfg.finetuning.use_swanlab and "swanlab" not in t.report_to and "all" not in t.report_to:
+        t.report_to = [*t.report_to, "swanlab"]  # LLaMA-Factory's switch for the same tracker
 
 
 @rule("early_stopping_steps", "eval_strategy", "val_size", "eval_dataset")
