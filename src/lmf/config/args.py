@@ -222,6 +222,10 @@ class FinetuningArguments:
                                     "(entropy of the model's top-20 next-token distribution / 3) ^ eaft_alpha, "
                                     "detached.")
     eaft_alpha: float = _f(1.0, "EAFT: the power of the entropy weight.")
+    use_asft_loss: bool = _f(False, "SFT with the ASFT loss (LLaMA-Factory main): the DFT loss plus asft_alpha x the "
+                                    "KL divergence from the frozen reference (the base model: disabled LoRA "
+                                    "adapters, or ref_model) to the policy at each label token.")
+    asft_alpha: float = _f(0.1, "ASFT: the weight of the KL anchor to the reference.")
     neftune_noise_alpha: Optional[float] = _f(None, "NEFTune: uniform noise of scale alpha / sqrt(length x hidden) "
                                                     "added to the input embeddings while training.")
     # preference

@@ -35,7 +35,7 @@ BOUNDS: dict[str, str] = {
         "badam_start_block", "learning_rate", "weight_decay", "warmup_steps", "eval_steps", "save_steps", "seed", "data_seed",
         "save_total_limit", "dataloader_num_workers", "max_checkpoint_wait", "top_k", "num_train_epochs", "eval_delay",
         "pref_bco_weight",
-        "profiler_wait_steps", "profiler_warmup_steps", "profiler_repeat", "eaft_alpha"),
+        "profiler_wait_steps", "profiler_warmup_steps", "profiler_repeat", "eaft_alpha", "asft_alpha"),
         ">= 0"),
     **dict.fromkeys((
         "export_size", "video_fps", "loraplus_lr_ratio", "neftune_noise_alpha", "pref_beta", "galore_scale",

@@ -5,7 +5,9 @@ the plain one:
 - DFT, Dynamic Fine-Tuning (Wu et al., 2025; ``use_dft_loss``): the token's own probability,
   ``sum_t -p_t.detach() * log p_t``;
 - EAFT (LLaMA-Factory main's ``use_eaft_loss``): ``(H_t / 3) ** eaft_alpha``, ``H_t`` the entropy of the model's
-  top-20 next-token distribution (renormalised) at that position."""
+  top-20 next-token distribution (renormalised) at that position;
+- ASFT (LLaMA-Factory main's ``use_asft_loss``): DFT plus ``asft_alpha`` times the KL divergence from a frozen
+  reference's next-token distribution to the policy's at each label token (:func:`asft_loss`)."""
 
 from __future__ import annotations
 
@@ -70,3 +72,34 @@ def eaft_loss(hidden, lm_head, labels, chunk_size: Optional[int] = None, *, soft
     logps = token_logps(hidden, lm_head, labels, chunk_size, softcap)
     weights = eaft_weights(hidden, lm_head, labels, alpha, chunk_size, softcap)
     return -(weights * logps).sum(), (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def asft_loss(hidden, lm_head, labels, ref_hidden, ref_head, alpha: float, chunk_size: Optional[int] = None, *,
+              softcap: Optional[float] = None, use_liger: bool = False):
+    """ASFT (LLaMA-Factory main's ``use_asft_loss``): ``(sum over label tokens of the DFT term + alpha x KL(q || p),
+    number of label tokens)``, ``q`` the frozen reference's next-token distribution (from ``ref_hidden`` through
+    ``ref_head``), ``p`` the policy's. The KL is taken ``chunk_size`` rows at a time, each chunk recomputed in
+    backward (no ``[tokens, vocab]`` logits kept); ``use_liger`` is ignored."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from lmf.loss.chunked import _module_logits, select_label_rows
+
+    dft_sum, num_tokens = dft_loss(hidden, lm_head, labels, chunk_size, softcap=softcap)
+    rows = select_label_rows(hidden, labels)[0]
+    with torch.no_grad():
+        ref_rows = select_label_rows(ref_hidden.detach(), labels)[0]
+
+    def chunk_kl(policy_rows, reference_rows):
+        logp = _module_logits(lm_head, policy_rows, softcap).log_softmax(-1)
+        with torch.no_grad():
+            logq = _module_logits(ref_head, reference_rows, softcap).log_softmax(-1)
+        return F.kl_div(logp, logq, reduction="sum", log_target=True)
+
+    step = chunk_size or max(rows.shape[0], 1)
+    kl = dft_sum.new_zeros(())
+    for start in range(0, rows.shape[0], step):
+        args = (rows[start:start + step], ref_rows[start:start + step])
+        kl = kl + (checkpoint(chunk_kl, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk_kl(*args))
+    return dft_sum + alpha * kl, num_tokens

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable
 
 from lmf.extras.logging import get_logger
@@ -31,8 +32,13 @@ class SFTObjective:
 
     name = "sft"
 
-    def __init__(self, cfg: "LmfConfig", model, collator: Callable):
+    def __init__(self, cfg: "LmfConfig", model, collator: Callable, reference=None):
         self.collator = collator
+        self.asft_alpha = cfg.finetuning.asft_alpha if cfg.finetuning.use_asft_loss else None
+        self.ref_model = reference  # ASFT: a frozen copy, or None (the policy with its adapters disabled)
+        if self.asft_alpha is not None:
+            logger.info("use_asft_loss: the DFT loss plus %g x KL(reference || policy) at each label token",
+                        self.asft_alpha)
         self.loss_opts = resolve_loss_kwargs(cfg, model)
         self.compute_accuracy = cfg.finetuning.compute_accuracy  # token accuracy of evaluations (eval_accuracy)
         self.use_dft_loss = cfg.finetuning.use_dft_loss
@@ -46,12 +52,16 @@ class SFTObjective:
 
     def compute_loss(self, model, batch: dict):
         from lmf.loss import causal_lm_loss
-        from lmf.loss.dft import dft_loss, eaft_loss
+        from lmf.loss.dft import asft_loss, dft_loss, eaft_loss
         from lmf.model.forward import decoder_hidden_states, lm_head_of
 
         hidden = decoder_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
                                        batch.get("mm_inputs"))
-        if self.use_dft_loss:
+        if self.asft_alpha is not None:
+            ref_hidden, ref_head = self._reference_hidden(model, batch)
+            loss_sum, num_tokens = asft_loss(hidden, lm_head_of(model), batch["labels"], ref_hidden, ref_head,
+                                             self.asft_alpha, **self.loss_opts)
+        elif self.use_dft_loss:
             loss_sum, num_tokens = dft_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts)
         elif self.eaft_alpha is not None:
             loss_sum, num_tokens = eaft_loss(hidden, lm_head_of(model), batch["labels"], **self.loss_opts,
@@ -69,9 +79,37 @@ class SFTObjective:
         return loss_sum, num_tokens, metrics
 
 
+    def _reference_hidden(self, model, batch: dict):
+        """ASFT: the frozen reference's last hidden states of the batch and its LM head (no gradients)."""
+        import torch
+
+        from lmf.model.forward import decoder_hidden_states, lm_head_of
+        from lmf.train.reference import has_adapters
+
+        target = self.ref_model if self.ref_model is not None else model
+        context = model.disable_adapter() if self.ref_model is None and has_adapters(model) else nullcontext()
+        with torch.no_grad(), context:
+            hidden = decoder_hidden_states(target, batch["input_ids"], batch.get("attention_mask"),
+                                           batch.get("position_ids"), batch.get("mm_inputs"))
+        return hidden, lm_head_of(target)
+
+
 def build_objective(cfg: "LmfConfig", inputs) -> SFTObjective:
-    """The ``lmf sft`` recipe (also ``stage: pt``): next-token cross-entropy on the label tokens."""
+    """The ``lmf sft`` recipe (also ``stage: pt``): next-token cross-entropy on the label tokens; with
+    ``use_asft_loss``, the frozen reference (:mod:`lmf.train.reference`) it anchors to."""
     from lmf.data.collator import SFTCollator
 
+    reference = None
+    if cfg.finetuning.use_asft_loss:
+        from lmf.extras.errors import ConfigError
+        from lmf.train.reference import build_reference, needs_separate_reference
+
+        separate = needs_separate_reference(cfg, inputs.model)
+        if separate and inputs.plan.mode == "fsdp":
+            raise ConfigError("config key 'use_asft_loss' with a separate reference model (full / freeze tuning, or "
+                              "ref_model) under FSDP sharding is not implemented; use LoRA (its reference is the "
+                              "disabled adapters) or DDP")
+        reference = build_reference(cfg, inputs, separate=separate)
     return SFTObjective(cfg, inputs.model,
-                        inputs.collate(SFTCollator(inputs.tokenizer, pad_to_multiple_of=inputs.pad_to_multiple_of)))
+                        inputs.collate(SFTCollator(inputs.tokenizer, pad_to_multiple_of=inputs.pad_to_multiple_of)),
+                        reference)

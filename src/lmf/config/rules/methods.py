@@ -46,9 +46,10 @@ def pissa_applies(cfg: "LmfConfig") -> None:
     if ft.use_dora:
         raise ConfigError("config keys 'pissa_init' and 'use_dora' do not combine (peft initialises one or the "
                           "other)")
-    if ft.stage in STAGES and STAGES[ft.stage].uses_reference and ft.finetuning_type == "lora":
-        raise ConfigError(f"config key 'pissa_init' with stage {ft.stage}: the reference model is the base "
-                          "without the adapter, which PiSSA replaces by its residual; not implemented")
+    if (ft.stage in STAGES and STAGES[ft.stage].uses_reference or ft.use_asft_loss) and ft.finetuning_type == "lora":
+        raise ConfigError(f"config key 'pissa_init' with {'use_asft_loss' if ft.use_asft_loss else f'stage {ft.stage}'}"
+                          ": the reference model is the base without the adapter, which PiSSA replaces by its "
+                          "residual; not implemented")
     if m.adapter_name_or_path and not ft.create_new_adapter:
         raise ConfigError("config keys 'pissa_init' and 'adapter_name_or_path': PiSSA initialises a new adapter;"
                           " set create_new_adapter: true to add one on top of the loaded adapters")
@@ -78,14 +79,27 @@ def oft_has_one_size(cfg: "LmfConfig") -> None:
                           "(QOFT) is not implemented")
 
 
-@rule("use_dft_loss", "use_eaft_loss", "stage")
+@rule("use_dft_loss", "use_eaft_loss", "use_asft_loss", "stage")
 def token_weighted_losses_are_sft_losses(cfg: "LmfConfig") -> None:
     ft = cfg.finetuning
-    for key in ("use_dft_loss", "use_eaft_loss"):
-        if getattr(ft, key) and not (ft.stage in STAGES and STAGES[ft.stage].token_level):
+    on = [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if getattr(ft, key)]
+    for key in on:
+        if not (ft.stage in STAGES and STAGES[ft.stage].token_level):
             raise ConfigError(f"config key {key!r} is an SFT loss; it does not apply to stage {ft.stage}")
-    if ft.use_dft_loss and ft.use_eaft_loss:
-        raise ConfigError("config keys 'use_dft_loss' and 'use_eaft_loss': two token weightings of the loss; set one")
+    if len(on) > 1:
+        raise ConfigError(f"config keys {on[0]!r} and {on[1]!r}: two token weightings of the loss (ASFT is DFT with a "
+                          "KL anchor); set one")
+
+
+@rule("ref_model", "ref_model_adapters", "stage", "use_asft_loss")
+def reference_keys_need_a_reference(cfg: "LmfConfig") -> None:
+    ft = cfg.finetuning
+    if ft.stage in STAGES and STAGES[ft.stage].uses_reference or ft.use_asft_loss:
+        return
+    for key in ("ref_model", "ref_model_adapters"):
+        if getattr(ft, key):
+            logger.warning("config key %r has no effect with stage %s (only dpo, kto and use_asft_loss score "
+                           "against a reference model)", key, ft.stage)
 
 
 @rule("adapter_name_or_path", "finetuning_type")

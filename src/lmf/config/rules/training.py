@@ -80,7 +80,7 @@ def best_model_needs_a_checkpoint_at_each_evaluation(cfg: "LmfConfig") -> None:
                           "logging_steps when unset), so that every checkpoint has its evaluation")
 
 
-@rule("label_smoothing_factor", "stage", "use_dft_loss", "use_eaft_loss")
+@rule("label_smoothing_factor", "stage", "use_dft_loss", "use_eaft_loss", "use_asft_loss")
 def label_smoothing_is_for_the_token_loss(cfg: "LmfConfig") -> None:
     """transformers smooths the labels of the plain token loss; LLaMA-Factory's preference trainers drop it."""
     ft = cfg.finetuning
@@ -89,7 +89,7 @@ def label_smoothing_is_for_the_token_loss(cfg: "LmfConfig") -> None:
     if not (ft.stage in STAGES and STAGES[ft.stage].token_level):
         raise ConfigError(f"config keys 'label_smoothing_factor' and 'stage': label smoothing applies to the token "
                           f"loss of sft and pt, not to stage {ft.stage!r} (LLaMA-Factory ignores it there)")
-    for key in ("use_dft_loss", "use_eaft_loss"):
+    for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss"):
         if getattr(ft, key):
             raise ConfigError(f"config keys 'label_smoothing_factor' and {key!r}: that loss has no label smoothing "
                               "in lmf; set one")
