@@ -355,3 +355,19 @@ def test_offload_folder_goes_with_an_automatic_device_map():
         _cfg(offload_folder="/tmp/x", quantization_device_map="auto", quantization_bit=4)
     said = [r.getMessage() for r in records if "'offload_folder' has no effect" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_parallelism_config_maps_onto_fsdp_hsdp_or_ddp():
+    full = _cfg(parallelism_config={"dp_shard_size": 4})
+    assert full.training.fsdp == ["full_shard"] or full.training.fsdp == "full_shard"
+    assert full.training.dp_size == 4
+    hybrid = _cfg(parallelism_config={"dp_shard_size": 2, "dp_replicate_size": 3})
+    assert "hybrid_shard" in hybrid.training.fsdp and hybrid.training.dp_size == 6
+    assert hybrid.training.fsdp_config["hybrid_shard_size"] == 2
+    ddp = _cfg(parallelism_config={"dp_replicate_size": 2})
+    assert not ddp.training.fsdp and ddp.training.dp_size == 2
+    for key, what in (("tp_size", "tensor parallelism"), ("cp_size", "context parallelism")):
+        with pytest.raises(ConfigError, match=f"'parallelism_config.{key}': {what} is not implemented"):
+            _cfg(parallelism_config={key: 2})
+    with pytest.raises(ConfigError, match="'parallelism_config.tp_handler' is not implemented"):
+        _cfg(parallelism_config={"tp_handler": {}})

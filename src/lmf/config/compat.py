@@ -153,6 +153,35 @@ def _map_accelerator_config(value: Any) -> dict[str, Any]:
     return {}
 
 
+def _map_parallelism_config(value: Any) -> dict[str, Any]:
+    """``parallelism_config`` (accelerate's ParallelismConfig): dp_shard_size -> ``fsdp: full_shard``, with
+    dp_replicate_size -> ``hybrid_shard`` (HSDP) of that shard size, replicas only -> DDP; their product is
+    ``dp_size`` (checked against the processes); tensor, context and sequence parallelism are refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key 'parallelism_config': expected a mapping (dp_replicate_size, dp_shard_size, "
+                          f"tp_size, cp_size, sp_size), got {value!r}")
+    known = {"dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "sp_size", "cp_backend", "sp_backend"}
+    for key, size in value.items():
+        if key not in known:
+            raise ConfigError(f"config key 'parallelism_config.{key}' is not implemented in lmf (it takes "
+                              f"{', '.join(sorted(known))})")
+        if key.endswith("_size") and size is not None and (not isinstance(size, int) or size < 1):
+            raise ConfigError(f"config key 'parallelism_config.{key}': expected a positive integer, got {size!r}")
+    refused = {"tp_size": ("tensor parallelism", "; lmf shards parameters with FSDP2 (dp_shard_size)"),
+               "cp_size": ("context parallelism", ""), "sp_size": ("sequence parallelism", "")}
+    for key, (what, instead) in refused.items():
+        if (value.get(key) or 1) > 1:
+            raise ConfigError(f"config key 'parallelism_config.{key}': {what} is not implemented in lmf{instead}")
+    shard, replicas = value.get("dp_shard_size") or 1, value.get("dp_replicate_size") or 1
+    if shard == 1:
+        return {"dp_size": replicas} if "dp_replicate_size" in value else {}
+    if replicas == 1:
+        return {"fsdp": "full_shard", "dp_size": shard}
+    return {"fsdp": "hybrid_shard", "fsdp_config": {"hybrid_shard_size": shard}, "dp_size": shard * replicas}
+
+
 #: LLaMA-Factory-only key -> function(value) -> lmf keys it stands for.
 VALUE_MAPPINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "gradient_checkpointing_kwargs": _map_gc_kwargs,
@@ -161,6 +190,7 @@ VALUE_MAPPINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "generation_num_beams": _map_generation_num_beams,
     "train_sampling_strategy": _map_sampling_strategy,
     "accelerator_config": _map_accelerator_config,
+    "parallelism_config": _map_parallelism_config,
 }
 
 #: keys of LLaMA-Factory main's Megatron backends (mcore_adapter under USE_MCA=1, Megatron Bridge; its
