@@ -100,3 +100,23 @@ def test_offload_on_cuda_same_grads_and_less_memory(tmp_path):
         torch.testing.assert_close(results[mode][1], results["none"][1], atol=1e-4, rtol=1e-3)
     assert results["ckpt"][0] < results["none"][0]
     assert results["offload"][0] < results["ckpt"][0]
+
+
+@pytest.mark.skipif(not liger_available(), reason="liger-kernel not installed")
+def test_liger_module_kernels_keep_the_models_loss_and_gradients(tiny_model_dir):
+    """enable_liger_kernel on CUDA patches liger's rope / swiglu / rms_norm into the model: same loss, gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from lmf.loss.liger import apply_module_kernels
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), device="cuda")
+    before = model(ids, labels=ids).loss
+    before.backward()
+    grad = model.model.layers[0].mlp.gate_proj.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    assert apply_module_kernels(model, {"rope": True, "swiglu": True, "rms_norm": True}, torch.device("cuda"))
+    after = model(ids, labels=ids).loss
+    after.backward()
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.model.layers[0].mlp.gate_proj.weight.grad, grad, rtol=1e-3, atol=1e-4)

@@ -371,3 +371,39 @@ def test_parallelism_config_maps_onto_fsdp_hsdp_or_ddp():
             _cfg(parallelism_config={key: 2})
     with pytest.raises(ConfigError, match="'parallelism_config.tp_handler' is not implemented"):
         _cfg(parallelism_config={"tp_handler": {}})
+
+
+def test_liger_kernel_config_switches_are_checked_and_steer_the_loss():
+    from lmf.loss import loss_kwargs
+    from tests.conftest import log_records
+
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    on = _cfg(use_liger_kernel=True, liger_kernel_config={"rope": False, "swiglu": True})
+    assert loss_kwargs(on.model, model)["use_liger"] is True
+    off = _cfg(use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": False})
+    assert loss_kwargs(off.model, model)["use_liger"] is False
+    with pytest.raises(ConfigError, match=r"'liger_kernel_config.flash' is not implemented"):
+        _cfg(use_liger_kernel=True, liger_kernel_config={"flash": True})
+    with pytest.raises(ConfigError, match=r"'liger_kernel_config.rope': expected true or false"):
+        _cfg(use_liger_kernel=True, liger_kernel_config={"rope": "yes"})
+    with log_records("lmf") as records:
+        _cfg(liger_kernel_config={"rope": True})
+        _cfg(use_liger_kernel=True, liger_kernel_config={"cross_entropy": True})
+    said = " | ".join(r.getMessage() for r in records)
+    assert "has no effect without use_liger_kernel" in said and "cross_entropy' has no effect in lmf" in said
+
+
+def test_liger_module_kernels_are_a_logged_no_op_on_the_cpu(monkeypatch):
+    import torch
+
+    import lmf.extras.logging as lmf_logging
+    from lmf.loss.liger import apply_module_kernels
+    from tests.conftest import log_records
+
+    monkeypatch.setattr(lmf_logging, "_ONCE", set())  # said once a process: this test's process hears it
+    model = torch.nn.Linear(2, 2)
+    with log_records("lmf") as records:
+        assert apply_module_kernels(model, {"rope": True}, torch.device("cpu")) is False
+    assert any("module kernels run on CUDA only" in r.getMessage() for r in records)

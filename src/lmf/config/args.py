@@ -85,7 +85,11 @@ class ModelArguments:
     malloc_mmap_threshold_mb: Optional[float] = _f(
         None, "Opt-in (glibc): fix malloc's mmap threshold at this many MiB in training processes, so freed "
         "activations go back to the OS (lower peak RSS on CPU; 4 is a good value). Unset: malloc's own behaviour.")
-    enable_liger_kernel: bool = _f(False, "Use liger-kernel's fused linear cross-entropy on GPU when installed.")
+    enable_liger_kernel: bool = _f(False, "On a GPU with liger-kernel installed: its fused linear cross-entropy and "
+                                          "module kernels (rope, swiglu, rms_norm ... as liger_kernel_config says).")
+    liger_kernel_config: Optional[dict] = _f(None, "liger-kernel switches (transformers' key), each true/false: "
+                                                   "fused_linear_cross_entropy, rope, swiglu, rms_norm, geglu, "
+                                                   "layer_norm (default: liger's own).")
     use_onednn_matmul: bool = _f(True, "On the CPU in fp32, the chunked loss computes the LM head's matmuls with "
                                        "oneDNN (faster than the default BLAS at those shapes; the same results up to "
                                        "summation order). False: torch.matmul.")

@@ -194,3 +194,9 @@ def parse_optim_args(text: Optional[str], optim: str) -> dict[str, Any]:
             except ValueError:
                 raise ConfigError(f"config key 'optim_args': {key}={raw!r} is not a number") from None
     return out
+
+
+#: liger_kernel_config's switches: the module kernels lmf asks liger to patch in (its defaults apply when unset)
+LIGER_MODULE_KERNELS = ("rope", "swiglu", "rms_norm", "geglu", "layer_norm")
+#: every switch lmf accepts: the module kernels, the fused loss, and the plain cross-entropy (never: no full logits)
+LIGER_SWITCHES = (*LIGER_MODULE_KERNELS, "fused_linear_cross_entropy", "cross_entropy")

@@ -82,7 +82,8 @@ def loss_kwargs(model_args, model) -> dict:
         if getattr(config, key, None) not in (None, 1, 1.0):
             log_once("lmf.loss", key, f"the model config's {key} is not applied by lmf's loss (logits are unscaled)",
                      warning=True)
-    use_liger = bool(model_args.enable_liger_kernel)
+    use_liger = bool(model_args.enable_liger_kernel) and \
+        (model_args.liger_kernel_config or {}).get("fused_linear_cross_entropy", True) is not False
     return {"chunk_size": int(chunk_size) if chunk_size else None, "softcap": logit_softcap_of(model), "use_liger": use_liger}
 
 

@@ -1,4 +1,5 @@
-"""liger-kernel's fused linear cross-entropy (CUDA, optional): ``enable_liger_kernel``."""
+"""liger-kernel (CUDA, optional): ``enable_liger_kernel``, with ``liger_kernel_config``'s switches: its fused linear
+cross-entropy for lmf's loss, and its module kernels (rope, swiglu, rms_norm, ...) patched into the model."""
 
 from __future__ import annotations
 
@@ -47,3 +48,26 @@ def liger_causal_lm_loss(hidden, lm_head, labels, softcap, label_smoothing: floa
     out = LigerFusedLinearCrossEntropyLoss(**kwargs)(weight, rows, targets, bias)
     loss_sum = out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
     return loss_sum.float(), counts.sum()
+
+
+def apply_module_kernels(model, config, device) -> bool:
+    """Patch liger's module kernels into ``model`` (on CUDA, liger-kernel installed), as transformers'
+    ``use_liger_kernel`` does; the loss stays lmf's (its forward is never patched). Returns whether they were."""
+    if device.type != "cuda":
+        log_once("lmf.loss", "liger-modules-cpu", "enable_liger_kernel: liger's module kernels run on CUDA only; "
+                 "the model keeps its own")
+        return False
+    if not liger_available():
+        return False  # use_liger_for says so once, with the pip line
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    from lmf.loss.ce import unwrap_causal_lm
+
+    from lmf.config.values import LIGER_MODULE_KERNELS
+
+    switches = {k: bool(v) for k, v in (config or {}).items() if k in LIGER_MODULE_KERNELS}
+    _apply_liger_kernel_to_instance(model=unwrap_causal_lm(model), fused_linear_cross_entropy=False,
+                                    cross_entropy=False, **switches)
+    log_once("lmf.loss", "liger-modules", f"enable_liger_kernel: liger's module kernels applied "
+             f"({', '.join(f'{k}={v}' for k, v in switches.items()) or 'its defaults'})")
+    return True

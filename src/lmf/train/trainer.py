@@ -258,6 +258,10 @@ class Trainer:
         from lmf.train.parallel import ddp_options, wrap
 
         pick_cpu_threads(self.model, self.runtime.device)
+        if self.cfg.model.enable_liger_kernel:
+            from lmf.loss.liger import apply_module_kernels
+
+            apply_module_kernels(self.model, self.cfg.model.liger_kernel_config, self.runtime.device)
         if "underflow_overflow" in self.args.debug:
             from lmf.train.overflow import watch_overflow
 

@@ -122,3 +122,24 @@ def offload_folder_needs_an_automatic_device_map(cfg: "LmfConfig") -> None:
     if m.offload_folder != ModelArguments().offload_folder and m.quantization_device_map != "auto":
         logger.warning("config key 'offload_folder' has no effect without quantization_device_map: auto (as in "
                        "LLaMA-Factory)")
+
+
+@rule("liger_kernel_config", "enable_liger_kernel")
+def liger_switches_are_liger_kernels(cfg: "LmfConfig") -> None:
+    m = cfg.model
+    if m.liger_kernel_config is None:
+        return
+    from lmf.config.values import LIGER_SWITCHES
+
+    for key, value in m.liger_kernel_config.items():
+        if key not in LIGER_SWITCHES:
+            raise ConfigError(f"config key 'liger_kernel_config.{key}' is not implemented in lmf (it takes "
+                              f"{', '.join(LIGER_SWITCHES)})")
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key 'liger_kernel_config.{key}': expected true or false, got {value!r}")
+    if m.liger_kernel_config.get("cross_entropy"):
+        logger.warning("config key 'liger_kernel_config.cross_entropy' has no effect in lmf: its loss never forms "
+                       "full logits (chunked, or liger's fused_linear_cross_entropy)")
+    if not m.enable_liger_kernel:
+        logger.warning("config key 'liger_kernel_config' has no effect without use_liger_kernel (enable_liger_kernel)"
+                       ": true, as in transformers")
