@@ -144,7 +144,7 @@ def test_disk_full_while_writing_names_the_file_and_removes_the_partial_save(tmp
     disk.mkdir()
     code = ("import os, types, torch; from lmf.train.durable import RankZeroSave\n"
             f"out = '{disk}/o'\n"
-            "save = RankZeroSave(types.SimpleNamespace(is_main=True), out, 'checkpoint-5', out + '/checkpoint-5')\n"
+            "save = RankZeroSave(types.SimpleNamespace(is_main=True, is_writer=True, writers_per_node=False), out, 'checkpoint-5', out + '/checkpoint-5')\n"
             "try:\n"
             "    save.step(lambda tmp: torch.save({'w': torch.zeros(300_000)}, os.path.join(tmp, 'optimizer.pt')))\n"
             "except Exception as exc:\n"

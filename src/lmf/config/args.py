@@ -423,6 +423,8 @@ class TrainingArguments:
     fsdp: Union[str, list, None] = _f(None, "FSDP options, e.g. 'full_shard' (FSDP2).")
     fsdp_config: Union[dict, str, None] = _f(None, "FSDP extra config.")
     ddp_timeout: int = _f(1800, "Collective timeout in seconds.")
+    save_on_each_node: bool = _f(False, "Nodes without a shared filesystem: the local rank 0 of every node writes "
+                                        "output_dir on its node and resumes from its own copy (DDP).")
     ddp_backend: Optional[str] = _f(None, "Process group backend (default: nccl on GPU, gloo on CPU).", (None, "nccl", "gloo"))
     ddp_find_unused_parameters: Optional[bool] = _f(None, "DDP find_unused_parameters.")
     ddp_bucket_cap_mb: Optional[int] = _f(None, "DDP: size of the gradient buckets in MiB (torch's default: 25).")

@@ -162,6 +162,10 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-1/2/3) has no loss scaling in lmf; use "
                           "bf16: true")
     _check_optimizer_parallelism(cfg.finetuning, mode, world_size, bool(ds and ds.offload))
+    if t.save_on_each_node and ((mode == "fsdp" and world_size > 1) or (ds and ds.offload)):
+        raise ConfigError("config key 'save_on_each_node' under FSDP sharding (fsdp, or a DeepSpeed ZeRO-2/3 config) "
+                          "is not implemented in lmf: the full state is gathered on global rank 0 only; train with "
+                          "DDP, or write to a filesystem every node shares")
     offload = bool(ds and ds.offload)
     if offload and cfg.model.quantization_bit is not None:
         raise ConfigError("config keys 'quantization_bit' and 'deepspeed' offload do not combine")

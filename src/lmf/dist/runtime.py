@@ -30,10 +30,17 @@ class DistInfo:
     local_world_size: int
     device: "object"  # torch.device
     backend: Optional[str]
+    writers_per_node: bool = False  # save_on_each_node: local rank 0 of every node writes output_dir (no shared fs)
 
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this process writes ``output_dir``: global rank 0, or with ``save_on_each_node`` the local rank 0
+        of each node (each node's own copy)."""
+        return self.is_local_main if self.writers_per_node else self.is_main
 
     @property
     def is_main(self) -> bool:
@@ -190,6 +197,28 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def writers_outcome(runtime: "DistInfo", value):
+    """Every rank gets what the writers (:attr:`DistInfo.is_writer`) hold: rank 0's ``value`` (a broadcast), or with
+    one writer per node the list of every writer's ``value`` in rank order (an all-gather; non-writers' left out)."""
+    if not runtime.writers_per_node:
+        return broadcast_object(value)
+    if not is_dist():
+        return [value]
+    import torch.distributed as dist
+
+    everyone: list = [None] * runtime.world_size
+    dist.all_gather_object(everyone, (runtime.is_writer, value))
+    return [v for is_writer, v in everyone if is_writer]
+
+
+def first_error(runtime: "DistInfo", error: Optional[str]) -> Optional[str]:
+    """The writers' first error (None when every write succeeded), on every rank."""
+    shared = writers_outcome(runtime, error)
+    if not runtime.writers_per_node:
+        return shared
+    return next((e for e in shared if e is not None), None)
 
 
 def destroy_distributed() -> None:

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Optional
 from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
-from lmf.train.rng_state import capture_rng_state, load_rng_state, rng_state_name
+from lmf.train.gather import full_model_state, full_optimizer_state, rank_states
+from lmf.train.rng_state import load_rng_state, rng_state_name
 from lmf.train.durable import (
     RankZeroSave,
     check_free_space,
@@ -149,20 +150,6 @@ class CheckpointIO:
         self.saves_adapter = cfg.finetuning.finetuning_type in ADAPTER_TYPES  # the result is a peft adapter
 
     # ------------------------------------------------------------------ saving
-    def _full_state_dict(self, loss_module, trainable_only: bool) -> dict:
-        """Full (unsharded, CPU) state dict of the HF model; a collective under FSDP."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        if trainable_only and self.cfg.model.quantization_bit is not None:
-            # QLoRA (never sharded): the trainable weights only; quantized modules have no plain state dict
-            # to walk (bitsandbytes 8-bit layers on CPU lack their scales until used)
-            return {k[len("model."):]: v.detach().cpu().clone() for k, v in loss_module.named_parameters()
-                    if v.requires_grad and k.startswith("model.")}
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
-        sd = get_model_state_dict(loss_module, options=options)
-        return {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
-
     def _write_model(self, sd: dict, out_dir: str, final: bool) -> None:
         """Adapter (LoRA) or full model + tokenizer into ``out_dir`` (rank 0)."""
         save_extra = getattr(self.objective, "save_extra", None)
@@ -180,15 +167,16 @@ class CheckpointIO:
     def _already_saved(self, final_dir: str) -> bool:
         """Rank 0's answer, for every rank: ``final_dir`` is an intact checkpoint of this step already (a run resumed
         from its last step saves nothing again: rewriting it would put the only copy at risk)."""
-        from lmf.dist.runtime import broadcast_object
+        from lmf.dist.runtime import writers_outcome
 
         done = None
-        if self.runtime.is_main:
+        if self.runtime.is_writer:
             try:
                 done = is_complete_checkpoint(final_dir) and checkpoint_problem(final_dir) is None
             except LmfError:
                 done = False
-        return bool(broadcast_object(done))
+        done = writers_outcome(self.runtime, done)
+        return all(done) if self.runtime.writers_per_node else bool(done)  # saved on every node
 
     def save(self, run: "Run", state: "TrainState") -> str:
         """Write ``checkpoint-{step}`` atomically: model, optimizer, scheduler, per-rank RNG, state, manifest.
@@ -201,41 +189,15 @@ class CheckpointIO:
         save = RankZeroSave(self.runtime, out, f"checkpoint-{step}", final_dir)
         # the last checkpoint's size predicts this one's: refuse before writing when it cannot fit
         save.step(lambda tmp: None, needed=lambda: dir_bytes(latest_checkpoint(out)))
-        sd = self._full_state_dict(run.loss_module, trainable_only=self.saves_adapter)  # collective under FSDP
+        sd = full_model_state(run.loss_module, self.runtime, self.saves_adapter, self.cfg.model.quantization_bit)
         save.step(functools.partial(self._write_model, sd, final=False))
         del sd
         self.hooks.during_save(step)
-        rngs, state.stream_positions = self._gathered_rank_states(run)
-        optim_sd = self._optimizer_state(run)  # collective under FSDP
+        rngs, state.stream_positions = rank_states(run, self.runtime)
+        optim_sd = None if self.args.save_only_model else full_optimizer_state(run, self.runtime)
         save.step(lambda tmp: self._write_training_state(tmp, final_dir, run, state, rngs, optim_sd),
                   needed=lambda: tensor_bytes(optim_sd))
         return final_dir
-
-    def _gathered_rank_states(self, run: "Run") -> tuple[Optional[list], Optional[list]]:
-        """Every rank's RNG state and, for streamed data, its stream position: on rank 0 (None elsewhere)."""
-        import torch.distributed as dist
-
-        from lmf.dist.runtime import is_dist
-
-        mine = (capture_rng_state(), run.stream.position() if hasattr(run.stream, "position") else None)
-        states = [mine]
-        if is_dist():
-            states = [None] * self.runtime.world_size if self.runtime.is_main else None
-            dist.gather_object(mine, states, dst=0)
-        if states is None:
-            return None, None
-        positions = [position for _, position in states]
-        return [rng for rng, _ in states], positions if positions[0] is not None else None
-
-    def _optimizer_state(self, run: "Run") -> Optional[dict]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        if self.args.save_only_model:
-            return None
-        if hasattr(run.optimizer, "lmf_state_dict"):
-            return run.optimizer.lmf_state_dict()  # lmf.train.optimizer_plugins: one process or DDP, own layout
-        return get_optimizer_state_dict(run.loss_module, run.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _write_training_state(self, tmp: str, final_dir: str, run: "Run", state: "TrainState", rngs: list,
                               optim_sd: Optional[dict]) -> None:
@@ -286,7 +248,7 @@ class CheckpointIO:
         """Final model/adapter, tokenizer, trainer_state.json (last) and the loss plot in output_dir."""
         out = self.args.output_dir
         save = RankZeroSave(self.runtime, out, "final", out)
-        sd = self._full_state_dict(run.loss_module, trainable_only=self.saves_adapter)  # collective under FSDP
+        sd = full_model_state(run.loss_module, self.runtime, self.saves_adapter, self.cfg.model.quantization_bit)
         save.step(functools.partial(self._write_model, sd, final=True))
         del sd
         save.step(lambda tmp: self._publish_final(tmp, state))

@@ -257,13 +257,14 @@ class RankZeroSave:
     """
 
     def __init__(self, runtime, output_dir: str, name: str, final: str):
-        self.is_writer, self.output_dir, self.name, self.final = runtime.is_main, output_dir, name, final
+        self.runtime, self.output_dir, self.name, self.final = runtime, output_dir, name, final
+        self.is_writer = runtime.is_writer  # rank 0, or each node's local rank 0 with save_on_each_node
         self.tmp: Optional[str] = None
 
     def step(self, write, needed=None) -> None:
         """``write(tmp_dir)`` on rank 0, after checking that ~``needed()`` bytes fit (``needed``: a callable, run on
         rank 0 only)."""
-        from lmf.dist.runtime import broadcast_object
+        from lmf.dist.runtime import first_error
         from lmf.extras.errors import everywhere
 
         error, crash = None, None
@@ -276,7 +277,7 @@ class RankZeroSave:
                 write(self.tmp)
             except BaseException as exc:  # noqa: BLE001 - every failure must reach the other ranks
                 error, crash = self._failed(exc)
-        error = broadcast_object(error)
+        error = first_error(self.runtime, error)
         if crash is not None:
             raise crash  # a bug on rank 0: its own traceback there; the other ranks stop with the line below
         if error is not None:

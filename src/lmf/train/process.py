@@ -25,6 +25,10 @@ def setup_runtime(cfg: "LmfConfig") -> "DistInfo":
 
     t = cfg.training
     info = init_distributed(timeout_s=t.ddp_timeout, backend=t.ddp_backend, use_cpu=t.use_cpu)
+    if t.save_on_each_node:  # every node writes its own output_dir (no shared filesystem)
+        import dataclasses
+
+        info = dataclasses.replace(info, writers_per_node=True)
     apply_tf32(t.tf32, info.device)
     if info.is_distributed:
         logger.info("distributed: world_size=%d backend=%s device=%s", info.world_size, info.backend, info.device)

@@ -295,31 +295,54 @@ def apply_resume_plan(cfg: "LmfConfig", plan: ResumePlan) -> None:
 
 
 def plan_resume(cfg: "LmfConfig", runtime: "DistInfo") -> ResumePlan:
-    """:func:`decide_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs)."""
-    from lmf.dist.runtime import broadcast_object
+    """:func:`decide_resume` on rank 0, broadcast to every rank (errors too, so no rank hangs); with
+    ``save_on_each_node``, on each node's writer in its own ``output_dir``: the nodes must agree."""
+    from lmf.dist.runtime import writers_outcome
 
     result: tuple[str, Any] = ("ok", None)
-    if runtime.is_main:
+    if runtime.is_writer:
         try:
             result = ("ok", decide_resume(cfg))
         except LmfError as exc:
             result = ("error", str(exc))
-    result = broadcast_object(result)
+    result = writers_outcome(runtime, result)
+    if runtime.writers_per_node:  # torchrun numbers the ranks node by node
+        result = _agreed_across_nodes(cfg, result, runtime.rank // runtime.local_world_size)
     if result[0] == "error":
         raise everywhere(ConfigError(result[1]))
     return result[1]
 
 
+def _agreed_across_nodes(cfg: "LmfConfig", results: list, node: int) -> tuple[str, Any]:
+    """``save_on_each_node``: this ``node``'s resume decision once every node's (in node order) resumes from the same
+    checkpoint (what each moves aside is its own); else an error naming the nodes and the newest checkpoint they all
+    hold (a save that completed on some nodes only)."""
+    errors = [r for r in results if r[0] == "error"]
+    if errors:
+        return errors[0]
+    plans = [r[1] for r in results]
+    if all(p.checkpoint == plans[0].checkpoint for p in plans):
+        return results[node]
+    found = ", ".join(f"node {n}: {p.checkpoint or 'no checkpoint'}" for n, p in enumerate(plans))
+    steps = [ckpt.checkpoint_step(p.checkpoint) if p.checkpoint else None for p in plans]
+    common = min((s for s in steps if s is not None), default=None) if None not in steps else None
+    hint = (f"set resume_from_checkpoint to {os.path.join(cfg.training.output_dir, f'{ckpt.CHECKPOINT_PREFIX}{common}')}"
+            " (the newest every node can hold)" if common is not None else "make the nodes' output_dirs agree")
+    return ("error", f"save_on_each_node: the nodes' output_dirs disagree on where to resume ({found}): a save "
+                     f"completed on some nodes only; {hint}")
+
+
 def prepare_output_dir(cfg: "LmfConfig", plan: ResumePlan, runtime: "DistInfo") -> None:
-    """:func:`apply_resume_plan` on rank 0 (errors broadcast), then every rank continues together."""
-    from lmf.dist.runtime import broadcast_object
+    """:func:`apply_resume_plan` on rank 0 (each node's writer with ``save_on_each_node``; errors shared), then
+    every rank continues together."""
+    from lmf.dist.runtime import first_error
 
     error = None
-    if runtime.is_main:
+    if runtime.is_writer:
         try:
             apply_resume_plan(cfg, plan)
         except OSError as exc:
             error = f"cannot prepare output_dir {cfg.training.output_dir!r}: {exc}"
-    error = broadcast_object(error)
+    error = first_error(runtime, error)
     if error:
         raise everywhere(LmfError(error))

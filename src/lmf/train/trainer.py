@@ -335,7 +335,7 @@ class Trainer:
 
     def _save_pissa_initial_adapter(self) -> None:
         """``pissa_convert``: the initial PiSSA adapter, which the final conversion subtracts (rank 0)."""
-        if self.cfg.finetuning.pissa_convert and self.runtime.is_main:
+        if self.cfg.finetuning.pissa_convert and self.runtime.is_writer:
             from lmf.train.pissa import save_initial_adapter
 
             save_initial_adapter(self.model, self.args.output_dir)
