@@ -357,6 +357,10 @@ class TrainingArguments:
     auto_find_batch_size: bool = _f(False, "One process: a step that runs out of memory is retried from its first "
                                            "sample with micro-batches of half the size (or less) and accumulation "
                                            "grown to keep the samples per step (transformers restarts the run).")
+    fp8: bool = _f(False, "FP8 training: linear layers compute in float8 (torchao; a GPU of compute capability 8.9+).")
+    fp8_backend: str = _f("auto", "FP8 backend: auto / torchao (te and msamp are refused).",
+                          ("auto", "torchao", "te", "msamp"))
+    fp8_enable_fsdp_float8_all_gather: bool = _f(False, "FP8 under FSDP2: all-gather the weights in float8.")
     bf16_full_eval: bool = _f(False, "The evaluation after the last step runs in bf16 (autocast; transformers casts "
                                      "the model for the evaluation after training).")
     fp16_full_eval: bool = _f(False, "The evaluation after the last step runs in fp16 (as bf16_full_eval).")

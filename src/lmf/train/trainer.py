@@ -273,6 +273,10 @@ class Trainer:
         # init_on_rank0: rank 0 loads and sends them on; init_on_meta: every rank reads its shards once sharded
         if self.resume.checkpoint and not plan.from_checkpoint and not (plan.from_rank0 and self.runtime.rank != 0):
             self.checkpoints.load_weights(self.resume.checkpoint)
+        if self.args.fp8:  # before wrapping: FSDP2 shards the float8 linears (lmf.model.fp8)
+            from lmf.model.fp8 import convert_to_fp8
+
+            convert_to_fp8(self.model, self.runtime.device, self.args.fp8_enable_fsdp_float8_all_gather)
         compile_decoder_blocks(self.model, self.args)  # torch_compile: before wrapping, as torchtitan
         loss_module = _make_loss_module(self.model, self.objective.compute_loss, self.cfg.model.moe_aux_loss_coef)
         sources = (self.cfg.model.model_name_or_path,) + ((self.resume.checkpoint,) if self.resume.checkpoint else ())

@@ -221,6 +221,26 @@ def prediction_loss_only_keeps_the_loss(cfg: "LmfConfig") -> None:
                           "it has no loss; set one")
 
 
+@rule("fp8", "fp8_backend", "fp8_enable_fsdp_float8_all_gather", "quantization_bit", "fsdp", "deepspeed")
+def fp8_trains_unquantized_linears(cfg: "LmfConfig") -> None:
+    t = cfg.training
+    if t.fp8_enable_fsdp_float8_all_gather and not t.fp8:
+        logger.warning("config key 'fp8_enable_fsdp_float8_all_gather' turns fp8 on (as in LLaMA-Factory)")
+        t.fp8 = True
+    if not t.fp8:
+        if t.fp8_backend != "auto":
+            logger.warning("config key 'fp8_backend' has no effect without fp8: true")
+        return
+    if t.fp8_backend in ("te", "msamp"):
+        raise ConfigError(f"config key 'fp8_backend': {t.fp8_backend} is not implemented in lmf (Transformer Engine "
+                          "and MS-AMP run on NVIDIA GPUs only); auto / torchao trains in FP8 with torchao")
+    if cfg.model.quantization_bit is not None:
+        raise ConfigError("config keys 'fp8' and 'quantization_bit' do not combine (as in LLaMA-Factory): FP8 "
+                          "computes with the unquantized weights")
+    if t.fp8_enable_fsdp_float8_all_gather and not (t.fsdp or t.deepspeed):
+        logger.warning("config key 'fp8_enable_fsdp_float8_all_gather' has no effect without FSDP sharding")
+
+
 @rule("auto_find_batch_size", "batching_strategy", "streaming", "galore_layerwise", "apollo_layerwise")
 def auto_find_batch_size_can_split_a_step(cfg: "LmfConfig") -> None:
     """A step retried in smaller micro-batches must be re-readable from its first sample and not yet applied."""
