@@ -407,3 +407,38 @@ def test_liger_module_kernels_are_a_logged_no_op_on_the_cpu(monkeypatch):
     with log_records("lmf") as records:
         assert apply_module_kernels(model, {"rope": True}, torch.device("cpu")) is False
     assert any("module kernels run on CUDA only" in r.getMessage() for r in records)
+
+
+# ---- ignore_pad_token_for_loss: false (LLaMA-Factory's SFT collator trains the padding)
+def test_training_on_padding_labels_the_padding_and_pads_to_eights(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from lmf.data.collator import SFTCollator
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": list(range(5, 16)),
+                                                                    "labels": [-100] * 5 + list(range(10, 16))}]
+    batch = SFTCollator(tok, pad_to_multiple_of=8, label_pad_id=pad)(features)
+    assert batch["labels"].shape == (2, 16)
+    assert batch["labels"][0].tolist() == [-100, 6, 7] + [pad] * 13
+    assert batch["labels"][1, 11:].tolist() == [pad] * 5 and batch["attention_mask"][0, 3:].sum() == 0
+
+
+def test_training_on_padding_turns_padding_free_off_or_names_what_removes_it():
+    cfg = _cfg(ignore_pad_token_for_loss=False)
+    assert cfg.model.padding_free is False
+    with pytest.raises(ConfigError, match="'ignore_pad_token_for_loss: false' and 'batching_strategy: padding_free'"):
+        _cfg(ignore_pad_token_for_loss=False, batching_strategy="padding_free")
+    with pytest.raises(ConfigError, match="'stage: dpo': training on padding is implemented for sft and pt only"):
+        _cfg(ignore_pad_token_for_loss=False, stage="dpo")
+
+
+def test_training_on_padding_counts_the_padded_labels(tiny_model_dir, demo_data_dir, tmp_path):
+    padded = _train_state(tiny_model_dir, demo_data_dir, tmp_path, "pad", max_steps=2, ignore_pad_token_for_loss=False,
+                          cutoff_len=512, learning_rate=0.0)  # long enough that rows differ in length
+    plain = _train_state(tiny_model_dir, demo_data_dir, tmp_path, "plain", max_steps=2, learning_rate=0.0,
+                         cutoff_len=512)
+    # the same weights (lr 0): the loss differs only by the padded positions it now includes
+    assert [h["loss"] for h in padded["log_history"] if "loss" in h] != \
+        [h["loss"] for h in plain["log_history"] if "loss" in h]

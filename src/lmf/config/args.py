@@ -170,8 +170,8 @@ class DataArguments:
     max_samples: Optional[int] = _f(None, "Keep at most this many records per dataset.")
     eval_num_beams: Optional[int] = _f(None, "Beams of prediction (do_predict) when num_beams is 1, as "
                                              "LLaMA-Factory passes it to generate.")
-    ignore_pad_token_for_loss: bool = _f(True, "Ignore pad tokens in the loss.",
-        unsupported="training on padding tokens (ignore_pad_token_for_loss: false) is not implemented")
+    ignore_pad_token_for_loss: bool = _f(True, "false (SFT): padded label positions carry the pad token and are "
+                                               "trained, batches padded to a multiple of 8 (LLaMA-Factory's rule).")
     val_size: float = _f(0.0, "Validation split: a fraction in [0,1) or an absolute count.")
     eval_on_each_dataset: bool = _f(False, "Evaluate on each eval_dataset separately (logged as eval_<name>_loss).")
     packing: Optional[bool] = _f(None, "Pack several samples into one sequence (default: on for pt, off otherwise).")

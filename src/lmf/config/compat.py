@@ -98,6 +98,12 @@ def _map_v1_kernels(value: Any) -> dict[str, Any]:
     return out
 
 
+def _map_unsloth_gc(value: Any) -> dict[str, Any]:
+    """``use_unsloth_gc`` (LLaMA-Factory's own copy of unsloth's gradient checkpointing, which keeps each layer's
+    checkpointed input in CPU memory) -> ``offload_activations`` with gradient checkpointing."""
+    return {"offload_activations": True, "gradient_checkpointing": True} if value else {}
+
+
 def _map_generation_num_beams(value: Any) -> dict[str, Any]:
     """``generation_num_beams`` -> ``eval_num_beams`` (LLaMA-Factory: eval_num_beams, or else this)."""
     return {"eval_num_beams": value} if value is not None else {}
@@ -191,6 +197,7 @@ VALUE_MAPPINGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "train_sampling_strategy": _map_sampling_strategy,
     "accelerator_config": _map_accelerator_config,
     "parallelism_config": _map_parallelism_config,
+    "use_unsloth_gc": _map_unsloth_gc,
 }
 
 #: keys of LLaMA-Factory main's Megatron backends (mcore_adapter under USE_MCA=1, Megatron Bridge; its
@@ -233,7 +240,8 @@ _KEY_FEATURES = {
                   "only and stops with a version error otherwise; lmf runs on transformers 5",
     "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
                          "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
-                         "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth", "moe_aux_loss_coef": "the MoE auxiliary loss",
+                         "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth: its kernels run on NVIDIA GPUs only (Triton, CUDA); lmf's fused LoRA, chunked loss and "
+                   "activation offload (use_unsloth_gc) cover its memory savings", "moe_aux_loss_coef": "the MoE auxiliary loss",
     "offload_folder": "disk offload of model weights",
     "adapter_folder": "adapter folders",
     "hub_": "pushing to the Hugging Face Hub, which is not possible offline",

@@ -39,9 +39,10 @@ class SFTCollator:
     position_ids (packed data) with 0.
     """
 
-    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None) -> None:
+    def __init__(self, tokenizer, pad_to_multiple_of: Optional[int] = None, label_pad_id: int = IGNORE_INDEX) -> None:
         self.pad_id = _pad_id(tokenizer)
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.label_pad_id = label_pad_id  # the pad id with ignore_pad_token_for_loss: false (the padding is trained)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         input_ids = [list(f["input_ids"]) for f in features]
@@ -50,7 +51,7 @@ class SFTCollator:
             "input_ids": _pad_rows(input_ids, length, self.pad_id),
             "attention_mask": _pad_rows([list(f.get("attention_mask") or [1] * len(f["input_ids"])) for f in features],
                                         length, 0),
-            "labels": _pad_rows([list(f.get("labels", f["input_ids"])) for f in features], length, IGNORE_INDEX),
+            "labels": _pad_rows([list(f.get("labels", f["input_ids"])) for f in features], length, self.label_pad_id),
         }
         if all("position_ids" in f and f["position_ids"] is not None for f in features):
             batch["position_ids"] = _pad_rows([list(f["position_ids"]) for f in features], length, 0)

@@ -99,6 +99,11 @@ def build_objective(cfg: "LmfConfig", inputs) -> SFTObjective:
     ``use_asft_loss``, the frozen reference (:mod:`lmf.train.reference`) it anchors to."""
     from lmf.data.collator import SFTCollator
 
+    collator = SFTCollator(inputs.tokenizer, pad_to_multiple_of=inputs.pad_to_multiple_of)
+    if not cfg.data.ignore_pad_token_for_loss:  # LLaMA-Factory: the padding is trained, batches padded to 8s
+        collator = SFTCollator(inputs.tokenizer, pad_to_multiple_of=8, label_pad_id=collator.pad_id)
+        logger.info("ignore_pad_token_for_loss: false: padded positions are labelled with the pad token %d and "
+                    "trained (batches padded to a multiple of 8)", collator.pad_id)
     reference = None
     if cfg.finetuning.use_asft_loss:
         from lmf.extras.errors import ConfigError
@@ -110,6 +115,4 @@ def build_objective(cfg: "LmfConfig", inputs) -> SFTObjective:
                               "ref_model) under FSDP sharding is not implemented; use LoRA (its reference is the "
                               "disabled adapters) or DDP")
         reference = build_reference(cfg, inputs, separate=separate)
-    return SFTObjective(cfg, inputs.model,
-                        inputs.collate(SFTCollator(inputs.tokenizer, pad_to_multiple_of=inputs.pad_to_multiple_of)),
-                        reference)
+    return SFTObjective(cfg, inputs.model, inputs.collate(collator), reference)

@@ -7,9 +7,30 @@ from typing import TYPE_CHECKING
 from lmf.config.rules import rule
 from lmf.config.stages import STAGES
 from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
     from lmf.config.parser import LmfConfig
+
+logger = get_logger(__name__)
+
+
+@rule("ignore_pad_token_for_loss", "stage", "padding_free", "batching_strategy")
+def training_on_padding_needs_padding(cfg: "LmfConfig") -> None:
+    """``ignore_pad_token_for_loss: false`` trains the padded positions (LLaMA-Factory's SFT collator): batches must
+    be padded, so padding-free batching is turned off (said in the log)."""
+    d, m, t, stage = cfg.data, cfg.model, cfg.training, cfg.finetuning.stage
+    if d.ignore_pad_token_for_loss:
+        return
+    if stage not in ("sft", "pt"):
+        raise ConfigError(f"config keys 'ignore_pad_token_for_loss: false' and 'stage: {stage}': training on padding "
+                          "is implemented for sft and pt only")
+    if t.batching_strategy in ("padding_free", "dynamic_padding_free"):
+        raise ConfigError(f"config keys 'ignore_pad_token_for_loss: false' and 'batching_strategy: "
+                          f"{t.batching_strategy}': the first trains the padding the second removes")
+    if m.padding_free:
+        logger.info("ignore_pad_token_for_loss: false trains the padding: padding_free is turned off")
+        m.padding_free = False
 
 
 @rule("interleave_probs", "mix_strategy", "dataset", "eval_dataset")
