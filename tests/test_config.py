@@ -98,9 +98,9 @@ def test_bad_keys_and_values(raw, pattern):
 
 
 def test_accepted_but_not_implemented_says_so(caplog):
-    with pytest.raises(ConfigError, match=r"'ignore_pad_token_for_loss' is accepted for LLaMA-Factory compatibility "
-                                          r"but training on padding tokens .* is not implemented"):
-        build_config({"model_name_or_path": "m", "ignore_pad_token_for_loss": False})
+    with pytest.raises(ConfigError, match=r"'push_to_hub' is accepted for LLaMA-Factory compatibility "
+                                          r"but .*pushing to the hub is not possible offline"):
+        build_config({"model_name_or_path": "m", "push_to_hub": True})
     with pytest.raises(ConfigError, match=r"'stage': 'ppo' — PPO is not implemented"):
         build_config({"model_name_or_path": "m", "stage": "ppo"})
     # setting such a key to its default is fine (LLaMA-Factory YAMLs often spell defaults out)
@@ -115,7 +115,7 @@ def test_accepted_but_not_implemented_says_so(caplog):
     text = describe_keys()
     for key in UNSUPPORTED:
         assert f"  {key} = " in text
-    assert "ignore_pad_token_for_loss = True [not implemented]" in text
+    assert "push_to_hub = False [not implemented]" in text
     assert all(f"{key} = " in text for key in NO_EFFECT)
 
 
@@ -252,8 +252,7 @@ def test_out_of_range_on_the_command_line_exits_2_before_loading_anything(tmp_pa
     ("lora_rnk", 8, "unknown config key 'lora_rnk'"),
     ("lora_rank", "abc", "config key 'lora_rank': expected an integer, got 'abc'"),
     ("lora_rank", 0, "config key 'lora_rank': 0 is out of range"),
-    ("ignore_pad_token_for_loss", False, "config key 'ignore_pad_token_for_loss' is accepted for LLaMA-Factory "
-                                         "compatibility but"),
+    ("push_to_hub", True, "config key 'push_to_hub' is accepted for LLaMA-Factory compatibility but"),
     ("stage", "ppo", "config key 'stage': 'ppo' — PPO is not implemented"),
 ])
 @pytest.mark.parametrize("given_in", ["yaml", "command line"])

@@ -85,8 +85,8 @@ def test_mixture_of_depths_is_refused_saying_why():
 
 
 def test_refused_values_of_own_keys():
-    for raw in ({"ignore_pad_token_for_loss": False},):
-        with pytest.raises(ConfigError, match="not implemented"):
+    for raw in ({"push_to_hub": True}, {"export_hub_model_id": "me/model"}):
+        with pytest.raises(ConfigError, match="accepted for LLaMA-Factory compatibility but"):
             build_config({"model_name_or_path": "m", **raw})
 
 
