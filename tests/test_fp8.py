@@ -4,6 +4,7 @@ cannot work is refused naming the hardware or the other key."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from lmf.config.parser import build_config
 from lmf.extras.errors import ConfigError, NotAvailableError
 
-pytest.importorskip("torchao")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 
 
 def test_the_eligible_linears_convert_and_the_ends_of_the_model_do_not(tiny_model_dir):
@@ -83,3 +84,17 @@ def test_fp8_combinations_that_cannot_work_are_refused(keys, message):
 def test_the_fsdp_float8_all_gather_turns_fp8_on_as_llamafactory_does():
     cfg = build_config({"model_name_or_path": "m", "fp8_enable_fsdp_float8_all_gather": True, "fsdp": "full_shard"})
     assert cfg.training.fp8
+
+
+def test_loading_a_model_does_not_import_torchao_unless_something_needs_it(tiny_model_dir):
+    """transformers' torchao quantizer imports torchao whenever it is installed (~1.3 s a process): lmf defers it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmf.model\nfrom transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({tiny_model_dir!r})\n"
+            "from transformers.quantizers import quantizer_torchao as q\n"
+            "print('torchao' in sys.modules, q.is_torchao_available())\n"
+            "import torchao\nprint(q.is_torchao_available())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False", "True"], out.stderr[-2000:]  # seen once imported

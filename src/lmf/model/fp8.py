@@ -48,7 +48,13 @@ def convert_to_fp8(model, device, fsdp_float8_all_gather: bool = False) -> int:
     if importlib.util.find_spec("torchao") is None:
         raise NotAvailableError("config key 'fp8' needs the torchao package: pip install torchao (or lmf[fp8])")
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its notes on CUDA extensions a CPU build cannot load
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    pytree = logging.getLogger("torch.utils._pytree")  # torch's deprecation note on torchao's enum registrations
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    finally:
+        pytree.setLevel(level)
 
     if fsdp_float8_all_gather:  # torchao all-gathers float8 with tensor-wise scales only
         config = Float8LinearConfig(enable_fsdp_float8_all_gather=True)

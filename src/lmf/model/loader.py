@@ -202,6 +202,9 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
         auto_class = auto_model_class(config)
         if m.train_from_scratch or on_meta:  # on_meta: the shapes only; rank 0 sends the weights (init_on_rank0)
             return auto_class.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust)
+        saved_quant = (read_model_config(path).get("quantization_config") or {}) if os.path.isdir(path) else {}
+        if saved_quant.get("quant_method") == "torchao":
+            import torchao  # noqa: F401 - transformers' torchao quantizer sees it once imported (lmf.model.startup)
         quantized = quantization_config(cfg, dtype)
         if quantized is not None:
             if not (os.path.isdir(path) and read_model_config(path).get("quantization_config")):

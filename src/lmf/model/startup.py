@@ -6,6 +6,11 @@ worker), although a run that quantizes nothing never calls those kernels. :func:
 the first import of bitsandbytes hand plain functions to ``torch.compile`` on their first call instead: the same
 compiled kernel where one is used, nothing paid where none is. ``torch.compile`` itself is restored as soon as that
 import ends, and modules (``torch.compile(model)``) are always compiled at once, as before.
+
+torchao, which transformers' torchao quantizer imports at its own import whenever torchao is installed (on every
+``from_pretrained``), costs ~1.3 s and two log lines per process; :func:`torchao_on_demand` lets that quantizer (and
+transformers' torchao integration) see torchao only once something imported it: lmf's ``fp8``, or the loader for a
+checkpoint quantized with torchao.
 """
 
 from __future__ import annotations
@@ -17,7 +22,31 @@ import importlib.machinery
 import sys
 from typing import Any
 
-DEFERRED_MODULES = ("bitsandbytes",)
+@contextlib.contextmanager
+def torchao_on_demand():
+    """Within the block, transformers' ``is_torchao_available`` is true only once torchao has been imported; a module
+    executed here keeps that gate (its ``from ..utils import is_torchao_available``)."""
+    import transformers.utils as utils
+    import transformers.utils.import_utils as import_utils
+
+    real = import_utils.is_torchao_available
+
+    def gated(*args, **kwargs) -> bool:
+        return "torchao" in sys.modules and real(*args, **kwargs)
+
+    utils.is_torchao_available = import_utils.is_torchao_available = gated
+    try:
+        yield
+    finally:
+        utils.is_torchao_available = import_utils.is_torchao_available = real
+
+
+#: module -> the context its code is executed in, the first time it is imported
+DEFERRED_MODULES = {
+    "bitsandbytes": "compiles_deferred",
+    "transformers.quantizers.quantizer_torchao": "torchao_on_demand",
+    "transformers.integrations.torchao": "torchao_on_demand",
+}
 
 
 def defer_import_time_compiles() -> None:
@@ -41,13 +70,13 @@ class _DeferringFinder(importlib.abc.MetaPathFinder):
             sys.meta_path.remove(self)
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _DeferringLoader(spec.loader)
+            spec.loader = _DeferringLoader(spec.loader, globals()[DEFERRED_MODULES[fullname]])
         return spec
 
 
 class _DeferringLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self._loader = loader
+    def __init__(self, loader, context):
+        self._loader, self._context = loader, context
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...: the real loader's
         return getattr(self._loader, name)
@@ -56,7 +85,7 @@ class _DeferringLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module) -> None:
-        with compiles_deferred():
+        with self._context():
             self._loader.exec_module(module)
 
 
