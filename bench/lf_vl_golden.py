@@ -1,6 +1,6 @@
 """LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data: the golden file of tests/test_vision.py.
 
-    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL / LLaVA / Gemma 3
+    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL / LLaVA(-NeXT) / Gemma 3
     bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
 
 The ``lf`` side never imports lmf. LLaMA-Factory loads its processor with ``AutoProcessor``, which needs
@@ -55,11 +55,17 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                                "video_maxlen": 8}),
     ("llava_sft", "llava", "sft", {"template": "llava", "dataset": "mllm_demo,identity", "max_samples": 8,
                                    "cutoff_len": 1024}),
+    ("llava_next_sft", "llava_next", "sft", {"template": "llava_next", "dataset": "mllm_demo,identity",
+                                             "max_samples": 8, "cutoff_len": 2048}),
+    ("llava_next_small_images", "llava_next", "sft", {"template": "llava_next", "dataset": "mllm_demo",
+                                                      "cutoff_len": 2048, "image_max_pixels": 16384}),
     ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
     ("gemma3_dpo", "gemma3", "dpo", {"template": "gemma3", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
 ]
+#: The tiny families the cases use.
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
-OWN_PROCESSOR = ("llava", "gemma3")
+OWN_PROCESSOR = ("llava", "llava_next", "gemma3")
 
 
 def digest(payload) -> str:
@@ -110,7 +116,7 @@ def build(out_dir: str) -> None:
     sys.path.insert(0, os.path.join(ROOT, "src"))
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    for family in ("qwen2_vl", "qwen3_vl", "llava", "gemma3"):
+    for family in FAMILIES:
         build_tiny_vlm(os.path.join(out_dir, family), family, qwen_tokenizer=True)
     data_dir(out_dir)
 

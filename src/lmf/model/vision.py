@@ -31,6 +31,8 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
     "qwen2_5_vl": _QWEN2_VL,
     "llava": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                             language=("language_model", "lm_head")),
+    "llava_next": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
+                                 language=("language_model", "lm_head")),  # image_newline: trained with full
     "gemma3": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                              language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),

@@ -1,8 +1,9 @@
 """Tiny, randomly initialised vision-language models with their image processors, saved for ``from_pretrained``.
 
 ``build_tiny_vlm(out_dir, family)`` for the families lmf fine-tunes on images: ``qwen2_vl``, ``qwen2_5_vl`` and
-``qwen3_vl`` (a vision tower of one block), ``llava`` (LLaVA-1.5 style: CLIP tower, Llama decoder) and ``gemma3``
-(SigLIP tower, Gemma 3 decoder), the last two on 56 x 56 images. The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
+``qwen3_vl`` (a vision tower of one block), ``llava`` (LLaVA-1.5 style: CLIP tower, Llama decoder), ``llava_next``
+(the same with LLaVA-NeXT's tiles of 56 x 56) and ``gemma3`` (SigLIP tower, Gemma 3 decoder), the last three on
+56 x 56 images. The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
 Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -18,9 +19,11 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 #: LLaVA's image token; Gemma 3's image tokens (its processor reads them as tokenizer attributes) and turn markers.
 LLAVA_TOKENS = ["<image>"]
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
 #: Image side of the LLaVA / Gemma 3 builds: 56 x 56 pixels, 14-pixel patches (16 patches).
 SMALL_IMAGE, PATCH = 56, 14
+#: LLaVA-NeXT's tile grids of the tiny build (its tiles are SMALL_IMAGE pixels square)
+LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 QWEN_VL_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}"
@@ -37,7 +40,7 @@ QWEN_VL_TEMPLATE = (
 def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
-    extra = {"llava": LLAVA_TOKENS, "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
+    extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
 
@@ -68,7 +71,8 @@ def _name_gemma3_tokens(out_dir: str) -> None:
 
 def _small_vision_config(family: str, hidden: int, vision_depth: int) -> dict:
     return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=2,
-                image_size=SMALL_IMAGE, patch_size=PATCH, **({"projection_dim": hidden} if family == "llava" else {}))
+                image_size=SMALL_IMAGE, patch_size=PATCH,
+                **({"projection_dim": hidden} if family.startswith("llava") else {}))
 
 
 def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int):
@@ -80,6 +84,14 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     vision = _small_vision_config(family, hidden, vision_depth)
+    if family == "llava_next":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+        return LlavaNextConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                               image_token_index=tok.convert_tokens_to_ids("<image>"),
+                               vision_feature_select_strategy="default", vision_feature_layer=-1,
+                               image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, image_seq_length=(SMALL_IMAGE // PATCH) ** 2,
+                               tie_word_embeddings=False)
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -98,7 +110,7 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
 
 
 def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
-    if family in ("llava", "gemma3"):
+    if family in ("llava", "llava_next", "gemma3"):
         return _other_config(family, tok, hidden, layers, vision_depth)
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
@@ -141,6 +153,12 @@ def _image_processor(family: str, min_pixels: int, max_pixels: int):
 
         return CLIPImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
                                      crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE})
+    if family == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
+                                          crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE},
+                                          image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
     if family == "gemma3":
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -177,6 +195,8 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                  "qwen3_vl": {"processor_class": "Qwen3VLProcessor"},
                  "llava": {"processor_class": "LlavaProcessor", "patch_size": PATCH,
                            "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+                 "llava_next": {"processor_class": "LlavaNextProcessor", "patch_size": PATCH,
+                                "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
                  "gemma3": {"processor_class": "Gemma3Processor", "image_seq_length": 4}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)

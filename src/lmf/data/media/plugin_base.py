@@ -1,0 +1,123 @@
+"""What every vision plugin does (:class:`MediaPlugin`): ``<image>`` / ``<video>`` placeholders to the model's vision
+tokens and images to pixel inputs, with the config's image and video keys (:class:`MediaOptions`); the families are in
+:mod:`lmf.data.media.qwen_vl`, :mod:`lmf.data.media.llava` and :mod:`lmf.data.media.gemma3`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from lmf.data.media.images import load_image
+from lmf.extras.errors import NotAvailableError
+
+#: ``mm_token_type_ids`` values (transformers' ProcessorMixin.create_mm_token_type_ids).
+IMAGE_TYPE, VIDEO_TYPE = 1, 2
+
+
+@dataclass
+class MediaOptions:
+    """The config's image/video keys (LLaMA-Factory's ProcessorArguments)."""
+
+    image_max_pixels: int = 768 * 768
+    image_min_pixels: int = 32 * 32
+    video_max_pixels: int = 256 * 256
+    video_min_pixels: int = 16 * 16
+    video_fps: float = 2.0
+    video_maxlen: int = 128
+
+    @classmethod
+    def from_data_args(cls, data_args) -> "MediaOptions":
+        return cls(data_args.image_max_pixels, data_args.image_min_pixels, data_args.video_max_pixels,
+                   data_args.video_min_pixels, data_args.video_fps, data_args.video_maxlen)
+
+
+@dataclass
+class MediaPlugin:
+    """What every vision plugin does: placeholders to vision tokens (:meth:`expand`), images to pixel inputs
+    (:meth:`model_inputs`); subclasses say how many tokens an image takes and how they are written."""
+
+    image_processor: Any
+    tokenizer: Any
+    options: MediaOptions = field(default_factory=MediaOptions)
+    name: str = ""
+    processor_config: dict = field(default_factory=dict)  # the model's processor_config.json
+    image_token: str = "<image>"
+    #: LLaMA-Factory's extra resize rules of the Qwen-VL family (sides >= 28 pixels, aspect ratio <= 200)
+    qwen_rules = False
+
+    def __post_init__(self) -> None:
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        #: never labels, even with train_on_prompt (LLaMA-Factory labels them then; lmf deviates on purpose)
+        self.vision_token_ids = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in self.vision_tokens())
+
+    def vision_tokens(self) -> tuple[str, ...]:
+        return (self.image_token,)
+
+    def cache_identity(self) -> dict:
+        """What the preprocessed data depends on besides the text (part of the cache key)."""
+        return {"plugin": self.name, "options": vars(self.options), "image_processor": self.image_processor.to_dict(),
+                "processor": self.processor_config}
+
+    def image_seqlen(self, path: str) -> int:
+        """Vision tokens of the image at ``path``."""
+        raise NotImplementedError
+
+    def image_text(self, path: str) -> str:
+        """What one ``<image>`` placeholder becomes."""
+        return self.image_token * self.image_seqlen(path)
+
+    def video_text(self, path: str) -> str:
+        """What one ``<video>`` placeholder becomes."""
+        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf (the "
+                                "Qwen-VL family takes videos)")
+
+    def expand(self, messages: list[dict], images: list[str], videos: tuple = ()) -> tuple[list[dict], int]:
+        """(messages with each ``<image>`` / ``<video>`` expanded, total vision tokens)."""
+        out, used_images, used_videos, total = [], 0, 0, 0
+        for message in messages:
+            pieces = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>": split, not replace
+            text = pieces[0]
+            for piece in pieces[1:]:
+                block = self.image_text(images[used_images])
+                total += block.count(self.image_token)  # the block's own tokens: each file is read once
+                text += block + piece
+                used_images += 1
+            pieces = text.split(VIDEO_PLACEHOLDER)
+            text = pieces[0]
+            for piece in pieces[1:]:
+                block = self.video_text(videos[used_videos])
+                total += block.count(self.video_token)
+                text += block + piece
+                used_videos += 1
+            out.append(dict(message, content=text))
+        return out, total
+
+    def count_image_tokens(self, ids: list[int]) -> int:
+        """Vision tokens in ``ids`` (image and video placeholders' tokens)."""
+        return ids.count(self.image_token_id)
+
+    def load_images(self, paths: list[str]) -> list:
+        o = self.options
+        return [load_image(p, o.image_max_pixels, o.image_min_pixels, qwen_rules=self.qwen_rules) for p in paths]
+
+    def model_inputs(self, paths: list[str], input_ids, videos: tuple = ()) -> dict:
+        """The pixel inputs of the images ``paths`` and ``videos`` (in row order) and the token types of
+        ``input_ids``."""
+        inputs: dict = {}
+        if paths:
+            inputs.update(self.image_processor(self.load_images(paths), return_tensors="pt"))
+        if videos:
+            inputs.update(self.video_inputs(list(videos)))
+        inputs.update(self.token_types(input_ids))
+        return dict(inputs)
+
+    def video_inputs(self, videos: list[str]) -> dict:
+        raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf")
+
+    def token_types(self, input_ids) -> dict:
+        return {}
+
+    def expected_tokens(self, inputs: dict, pictures: int) -> Optional[int]:
+        """Vision tokens the pixel ``inputs`` of ``pictures`` images/videos fill (None: not checkable)."""
+        return pictures * self.image_seqlen("") if hasattr(self, "seqlen") else None
