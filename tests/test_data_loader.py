@@ -249,3 +249,22 @@ def test_frozen_heap_restores_the_collector_and_keeps_a_callers_freeze():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_cache_entry_published_meanwhile_is_kept_and_never_vanishes(tmp_path):
+    """Two processes (or nodes on one filesystem) build the same entry: the second keeps the first's, whose path a
+    reader never sees disappear; overwrite_cache replaces it."""
+    from lmf.data import cache as cache_mod
+
+    target = tmp_path / "entry"
+    first, second = cache_mod.new_build_dir(str(target)), cache_mod.new_build_dir(str(target))
+    for build, tag in ((first, "first"), (second, "second")):
+        os.makedirs(os.path.join(build, "train"))
+        with open(os.path.join(build, "stats.json"), "w") as fh:
+            fh.write(tag)
+    assert cache_mod.publish(first, str(target), replace=False)
+    inode = os.stat(target).st_ino
+    assert not cache_mod.publish(second, str(target), replace=False)
+    assert os.stat(target).st_ino == inode and (target / "stats.json").read_text() == "first"
+    assert cache_mod.publish(second, str(target), replace=True)
+    assert (target / "stats.json").read_text() == "second"

@@ -44,12 +44,15 @@ def _run_two_nodes(tmp_path, cache, *overrides: str) -> list[tuple[int, str]]:
     return [finish(p)[:2] for p in procs]
 
 
+def _logs(runs) -> str:
+    return "\n".join(f"node {node} (rc {rc}):\n{log[-3000:]}" for node, (rc, log) in enumerate(runs))
+
+
 def test_each_node_writes_and_resumes_from_its_own_copy(tiny_model_dir, tmp_path, cache):
     write_config(tmp_path / "cfg.yaml", base_config(tiny_model_dir, "out", per_device_train_batch_size=2,
                                                     save_steps=2, save_on_each_node=True))
     runs = _run_two_nodes(tmp_path, cache)
-    for node, (rc, log) in enumerate(runs):
-        assert rc == 0, f"node {node}:\n{log[-4000:]}"
+    assert all(rc == 0 for rc, _ in runs), _logs(runs)
     outs = [tmp_path / f"node{n}" / "out" for n in (0, 1)]
     for out in outs:  # every node holds the whole run
         assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
@@ -71,8 +74,7 @@ def test_each_node_writes_and_resumes_from_its_own_copy(tiny_model_dir, tmp_path
 
     # resumed from the checkpoint both hold: each node's own copy, the same final adapter as the uninterrupted run
     runs = _run_two_nodes(tmp_path, cache, "resume_from_checkpoint=out/checkpoint-2")
-    for node, (rc, log) in enumerate(runs):
-        assert rc == 0, f"node {node}:\n{log[-4000:]}"
+    assert all(rc == 0 for rc, _ in runs), _logs(runs)
     assert "resuming from out/checkpoint-2" in runs[0][1]
     for out in outs:
         assert read_state(out)["global_step"] == 4

@@ -156,8 +156,18 @@ def new_build_dir(target: str) -> str:
     return path
 
 
-def publish(build_dir: str, target: str) -> None:
-    """Atomically move a finished ``build_dir`` to ``target`` (replacing an old entry)."""
+def publish(build_dir: str, target: str, replace: bool = True) -> bool:
+    """Atomically move a finished ``build_dir`` to ``target``; whether it was. ``replace``: an existing entry is moved
+    aside first (overwrite_cache, tokenized_path). Without it an entry that appears meanwhile (another process,
+    another node on a shared filesystem, built the same data) is kept as it is: a reader of that entry never sees
+    the path vanish between the two renames, and ``build_dir`` is left to its caller."""
+    if not replace:
+        try:
+            os.rename(build_dir, target)  # fails when target exists (a non-empty directory): atomic, no window
+            return True
+        except OSError:
+            if is_complete(target):
+                return False  # a damaged entry in the way is replaced below, as before
     old: Optional[str] = None
     if os.path.exists(target):
         old = f"{target}.old-{uuid.uuid4().hex[:8]}"
@@ -165,6 +175,7 @@ def publish(build_dir: str, target: str) -> None:
     os.replace(build_dir, target)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 def save_entry(build_dir: str, train, eval_, stats: dict) -> None:

@@ -196,10 +196,8 @@ def _load_or_build_inner(cfg, tokenizer, template, stage: str, media=None) -> tu
             cache_mod.save_entry(build_dir, train, eval_, stats)
             del train, eval_
             shutil.rmtree(work_dir, ignore_errors=True)
-            if cache_mod.is_complete(entry) and not overwrite:
+            if not cache_mod.publish(build_dir, entry, replace=overwrite):
                 logger.info("another process published %s first; using it", entry)
-            else:
-                cache_mod.publish(build_dir, entry)
         finally:
             if os.path.isdir(build_dir):
                 shutil.rmtree(build_dir, ignore_errors=True)
