@@ -315,10 +315,10 @@ def test_profile_modules_times_the_matching_modules_at_each_logging_step(tiny_mo
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with log_records("lmf") as records:
-        timer = ModuleTimer(model, "*.layers.0.self_attn, *.layers.1.mlp", logging_steps=2, is_main=True)
+        timer = ModuleTimer(model, "*.layers.0.self_attn, *.layers.1.mlp", is_main=True)
         for step in (1, 2):
             model(torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
-            report = timer.after_step(step, last=False)
+            report = timer.after_step(step, due=step % 2 == 0)  # logging_steps 2
             assert (report is None) == (step == 1)
     assert set(report) == {"model.layers.0.self_attn", "model.layers.1.mlp"}
     assert all(f > 0 and b > 0 for f, b in report.values())
@@ -328,7 +328,7 @@ def test_profile_modules_times_the_matching_modules_at_each_logging_step(tiny_mo
     model(torch.tensor([[1, 2]]))
     assert not timer.times  # the hooks are gone
     with log_records("lmf") as records:
-        ModuleTimer(model, "*.nothing", 1, True)
+        ModuleTimer(model, "*.nothing", True)
     assert any("no module matches" in r.getMessage() for r in records)
 
 

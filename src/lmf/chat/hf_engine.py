@@ -28,13 +28,14 @@ def load_generation_config(path: str):
     from lmf.extras.errors import ConfigError
 
     folder, name = (path, "generation_config.json") if os.path.isdir(path) else os.path.split(path)
-    if not os.path.isfile(os.path.join(folder or ".", name)):
-        raise ConfigError(f"config key 'generation_config': no file {os.path.join(folder, name)!r}")
+    file = os.path.join(folder, name)
+    if not os.path.isfile(file):
+        raise ConfigError(f"config key 'generation_config': no file {file!r}")
     try:
         return GenerationConfig.from_pretrained(folder or ".", config_file_name=name)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"config key 'generation_config': {os.path.join(folder, name)!r} is not a generation "
-                          f"config: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"config key 'generation_config': {file!r} is not a generation config: "
+                          f"{str(exc).splitlines()[0]}") from None
 
 
 def inference_device():

@@ -240,8 +240,10 @@ _KEY_FEATURES = {
                   "only and stops with a version error otherwise; lmf runs on transformers 5",
     "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
                          "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
-                         "transformers 5, and no maintained implementation exists", "use_unsloth": "unsloth: its kernels run on NVIDIA GPUs only (Triton, CUDA); lmf's fused LoRA, chunked loss and "
-                   "activation offload (use_unsloth_gc) cover its memory savings", "moe_aux_loss_coef": "the MoE auxiliary loss",
+                         "transformers 5, and no maintained implementation exists",
+    "use_unsloth": "unsloth: its kernels run on NVIDIA GPUs only (Triton, CUDA); lmf's fused LoRA, chunked loss and "
+                   "activation offload (use_unsloth_gc) cover its memory savings",
+    "moe_aux_loss_coef": "the MoE auxiliary loss",
     "offload_folder": "disk offload of model weights",
     "adapter_folder": "adapter folders",
     "hub_": "pushing to the Hugging Face Hub, which is not possible offline",

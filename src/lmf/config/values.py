@@ -48,7 +48,6 @@ BOUNDS: dict[str, str] = {
 }
 
 
-
 def check_value(key: str, value: Any, f: dataclasses.Field) -> Any:
     """``value`` (not None) of config key ``key`` (field ``f``) coerced to its type; ConfigError when it is not of
     that type, not one of its choices or out of its range."""

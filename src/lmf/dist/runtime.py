@@ -213,8 +213,8 @@ def writers_outcome(runtime: "DistInfo", value):
     return [v for is_writer, v in everyone if is_writer]
 
 
-def first_error(runtime: "DistInfo", error: Optional[str]) -> Optional[str]:
-    """The writers' first error (None when every write succeeded), on every rank."""
+def first_error(runtime: "DistInfo", error):
+    """The writers' first error (any value; None when every writer succeeded), on every rank."""
     shared = writers_outcome(runtime, error)
     if not runtime.writers_per_node:
         return shared

@@ -207,7 +207,7 @@ def _from_pretrained(cfg: "LmfConfig", dtype, attn: str, device=None, on_meta: b
             import torchao  # noqa: F401 - transformers' torchao quantizer sees it once imported (lmf.model.startup)
         quantized = quantization_config(cfg, dtype)
         if quantized is not None:
-            if not (os.path.isdir(path) and read_model_config(path).get("quantization_config")):
+            if not saved_quant:
                 common["quantization_config"] = quantized  # a checkpoint saved quantized brings its own
             common["device_map"] = m.quantization_device_map or {"": str(device)}
             if m.quantization_device_map == "auto":

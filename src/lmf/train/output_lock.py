@@ -122,7 +122,7 @@ def hold_output_dir(output_dir: str, runtime: "DistInfo") -> Iterator[Optional[O
     """Hold ``output_dir``'s lock for the block: global rank 0 takes it (with ``save_on_each_node``, the local rank
     0 of each node, in its own ``output_dir``), every rank learns the outcome (an error is raised on all ranks, so
     no rank of a refused job waits for the others)."""
-    from lmf.dist.runtime import writers_outcome
+    from lmf.dist.runtime import first_error
 
     lock, error = None, None
     if runtime.is_writer:
@@ -130,9 +130,7 @@ def hold_output_dir(output_dir: str, runtime: "DistInfo") -> Iterator[Optional[O
             lock = acquire(output_dir)
         except LmfError as exc:
             error = (isinstance(exc, ConfigError), str(exc))
-    error = writers_outcome(runtime, error)
-    if runtime.writers_per_node:
-        error = next((e for e in error if e is not None), None)
+    error = first_error(runtime, error)
     if error is not None:
         raise everywhere((OutputDirBusy if error[0] else LmfError)(error[1]))
     try:

@@ -62,32 +62,30 @@ class StepProfiler:
 
 class ModuleTimer:
     """``profile_modules`` (LLaMA-Factory main's ModuleProfilerCallback): the forward and backward time of the modules
-    whose names match the comma-separated fnmatch patterns, logged (mean ms a call) at every logging step. CUDA
-    events on a GPU; on the CPU, where kernels run synchronously, the wall clock (LLaMA-Factory times CUDA and NPU
-    only)."""
+    whose names match the comma-separated fnmatch patterns, logged (mean ms a call) when the training log writes an
+    entry (:meth:`lmf.train.reporting.TrainingLog.reports`). CUDA events on a GPU; on the CPU, where kernels run
+    synchronously, the wall clock (LLaMA-Factory times CUDA and NPU only)."""
 
-    def __init__(self, model, patterns: str, logging_steps: int, is_main: bool):
+    def __init__(self, model, patterns: str, is_main: bool):
         import fnmatch
         import time
+        import warnings
         from collections import defaultdict
 
         import torch
 
-        import warnings
-
         # a timed module whose inputs need no gradient (the first layer under LoRA) is still timed: torch's note on it
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
         self.patterns = [p.strip() for p in patterns.split(",") if p.strip()]
-        self.logging_steps, self.is_main = logging_steps, is_main
+        self.is_main = is_main
         self.times: dict[tuple[str, str], list] = defaultdict(list)  # (module, fwd|bwd) -> [ms or event pairs]
         self._open: dict[tuple[str, str], object] = {}
         self._cuda = next((p.is_cuda for p in model.parameters()), False) and torch.cuda.is_available()
         self._clock = time.perf_counter
         self._handles = []
-        names = [n for n, _ in model.named_modules() if n and any(fnmatch.fnmatch(n, p) for p in self.patterns)]
-        modules = dict(model.named_modules())
-        for name in names:
-            module = modules[name]
+        modules = {n: m for n, m in model.named_modules() if n and any(fnmatch.fnmatch(n, p) for p in self.patterns)}
+        names = list(modules)
+        for name, module in modules.items():
             self._handles += [module.register_forward_pre_hook(self._starter(name, "fwd")),
                               module.register_forward_hook(self._stopper(name, "fwd")),
                               module.register_full_backward_pre_hook(self._starter(name, "bwd")),
@@ -126,10 +124,10 @@ class ModuleTimer:
                 self.times[(name, kind)].append((self._clock() - start) * 1000.0)
         return hook
 
-    def after_step(self, step: int, last: bool) -> Optional[dict[str, tuple[float, float]]]:
-        """At a logging step (or the last): module -> (mean forward ms, mean backward ms) since the last report,
-        logged on rank 0; None between reports."""
-        if not self.times or not (last or step % self.logging_steps == 0):
+    def after_step(self, step: int, due: bool) -> Optional[dict[str, tuple[float, float]]]:
+        """When the training log writes an entry (``due``): module -> (mean forward ms, mean backward ms) since the
+        last report, logged on rank 0; None between reports."""
+        if not self.times or not due:
             return None
         if self._cuda:
             import torch

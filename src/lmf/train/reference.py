@@ -85,15 +85,20 @@ class ReferenceScorer(torch.nn.Module):
         return first, second
 
 
+def reference_target(model, ref_model=None):
+    """(what scores as the reference, the context to score in): ``ref_model``, or ``model`` with its adapters
+    disabled."""
+    if ref_model is not None:
+        return ref_model, nullcontext()
+    if has_adapters(model):
+        return model, model.disable_adapter()
+    raise ValueError("no reference model: full fine-tuning needs ref_model, the base model or precomputed log-probs")
+
+
 @torch.no_grad()
 def reference_logps(model, batch: dict, ref_model=None, loss_opts: Optional[dict] = None):
     """Reference ``(first_logps, second_logps)`` sums ``[B]``: ``ref_model``, or ``model`` without its adapters."""
-    if ref_model is not None:
-        target, context = ref_model, nullcontext()
-    elif has_adapters(model):
-        target, context = model, model.disable_adapter()
-    else:
-        raise ValueError("no reference model: full fine-tuning needs ref_model, the base model or precomputed log-probs")
+    target, context = reference_target(model, ref_model)
     was_training = target.training
     target.eval()  # no dropout in the reference
     try:

@@ -35,6 +35,10 @@ class TrainingLog:
             return epoch_ended or last or (a.logging_first_step and step == 1)
         return step % a.logging_steps == 0 or last or (a.logging_first_step and step == 1)
 
+    def reports(self, step: int, last: bool, epoch_ended: bool = False) -> bool:
+        """Whether an entry is written after ``step`` (what reports alongside the log follows it: profile_modules)."""
+        return self.args.logging_strategy != "no" and self.due(step, last, epoch_ended)
+
     def after_step(self, record, last: bool, suffix: str = "") -> None:
         """Add a step (:class:`lmf.train.step.StepRecord`) to the window; write an entry when one is due."""
         st = self.state

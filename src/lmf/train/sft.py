@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import importlib.util
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable
 
 from lmf.extras.logging import get_logger
@@ -78,16 +77,14 @@ class SFTObjective:
             metrics["accuracy"] = float(correct) / max(float(total), 1.0)  # the trainer weights it by num_tokens
         return loss_sum, num_tokens, metrics
 
-
     def _reference_hidden(self, model, batch: dict):
         """ASFT: the frozen reference's last hidden states of the batch and its LM head (no gradients)."""
         import torch
 
         from lmf.model.forward import decoder_hidden_states, lm_head_of
-        from lmf.train.reference import has_adapters
+        from lmf.train.reference import reference_target
 
-        target = self.ref_model if self.ref_model is not None else model
-        context = model.disable_adapter() if self.ref_model is None and has_adapters(model) else nullcontext()
+        target, context = reference_target(model, self.ref_model)
         with torch.no_grad(), context:
             hidden = decoder_hidden_states(target, batch["input_ids"], batch.get("attention_mask"),
                                            batch.get("position_ids"), batch.get("mm_inputs"))
@@ -101,7 +98,7 @@ def build_objective(cfg: "LmfConfig", inputs) -> SFTObjective:
 
     collator = SFTCollator(inputs.tokenizer, pad_to_multiple_of=inputs.pad_to_multiple_of)
     if not cfg.data.ignore_pad_token_for_loss:  # LLaMA-Factory: the padding is trained, batches padded to 8s
-        collator = SFTCollator(inputs.tokenizer, pad_to_multiple_of=8, label_pad_id=collator.pad_id)
+        collator.pad_to_multiple_of, collator.label_pad_id = 8, collator.pad_id
         logger.info("ignore_pad_token_for_loss: false: padded positions are labelled with the pad token %d and "
                     "trained (batches padded to a multiple of 8)", collator.pad_id)
     reference = None

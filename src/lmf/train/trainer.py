@@ -134,7 +134,7 @@ class Trainer:
         stop = StopRequest().install()
         profiler = StepProfiler(self.cfg, self.runtime.rank)  # enable_torch_profiler; a no-op otherwise
         profiler.start()
-        timer = ModuleTimer(self.model, self.args.profile_modules, self.args.logging_steps, self.runtime.is_main) \
+        timer = ModuleTimer(self.model, self.args.profile_modules, self.runtime.is_main) \
             if self.args.profile_modules else None
         if self.evaluator.should_evaluate_on_start():
             log.write({"step": st.global_step, **self.evaluator.evaluate(run)})
@@ -145,7 +145,7 @@ class Trainer:
                 profiler.step()
                 last = record.step >= st.max_steps
                 if timer is not None:
-                    timer.after_step(record.step, last)
+                    timer.after_step(record.step, log.reports(record.step, last, record.epoch_ended))
                 progress.update(record.loss, record.lr, record.tokens / max(record.seconds, 1e-9))
                 log.after_step(record, last, progress.suffix())
                 if last:
@@ -265,7 +265,7 @@ class Trainer:
         if "underflow_overflow" in self.args.debug:
             from lmf.train.overflow import watch_overflow
 
-            self._overflow_watch = watch_overflow(self.model)  # hooks live as long as the model
+            watch_overflow(self.model)  # its hooks hold it for as long as the model lives
         stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning, self.runtime,
                               cutoff_len=self.cfg.data.cutoff_len)
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)

@@ -104,13 +104,14 @@ def adapter_folder_is_inside_each_adapter(cfg: "LmfConfig") -> None:
     """LLaMA-Factory's ``adapter_folder`` (peft's subfolder): every adapter path gets it appended."""
     import os
 
+    from lmf.config.parser import split_list
+
     m = cfg.model
     if not m.adapter_folder:
         return
     if not m.adapter_name_or_path:
         raise ConfigError("config key 'adapter_folder' names a sub-folder of adapter_name_or_path; set that too")
-    paths = [p.strip() for p in m.adapter_name_or_path.split(",") if p.strip()]
-    m.adapter_name_or_path = ",".join(os.path.join(p, m.adapter_folder) for p in paths)
+    m.adapter_name_or_path = ",".join(os.path.join(p, m.adapter_folder) for p in split_list(m.adapter_name_or_path))
     m.adapter_folder = None  # applied once (a config built again from these values must not append it twice)
 
 

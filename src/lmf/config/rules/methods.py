@@ -46,7 +46,7 @@ def pissa_applies(cfg: "LmfConfig") -> None:
     if ft.use_dora:
         raise ConfigError("config keys 'pissa_init' and 'use_dora' do not combine (peft initialises one or the "
                           "other)")
-    if (ft.stage in STAGES and STAGES[ft.stage].uses_reference or ft.use_asft_loss) and ft.finetuning_type == "lora":
+    if _scores_against_reference(ft) and ft.finetuning_type == "lora":
         raise ConfigError(f"config key 'pissa_init' with {'use_asft_loss' if ft.use_asft_loss else f'stage {ft.stage}'}"
                           ": the reference model is the base without the adapter, which PiSSA replaces by its "
                           "residual; not implemented")
@@ -91,10 +91,15 @@ def token_weighted_losses_are_sft_losses(cfg: "LmfConfig") -> None:
                           "KL anchor); set one")
 
 
+def _scores_against_reference(ft) -> bool:
+    """Whether the run scores against a frozen reference model: its stage does (dpo, kto), or the ASFT loss."""
+    return bool(ft.stage in STAGES and STAGES[ft.stage].uses_reference or ft.use_asft_loss)
+
+
 @rule("ref_model", "ref_model_adapters", "stage", "use_asft_loss")
 def reference_keys_need_a_reference(cfg: "LmfConfig") -> None:
     ft = cfg.finetuning
-    if ft.stage in STAGES and STAGES[ft.stage].uses_reference or ft.use_asft_loss:
+    if _scores_against_reference(ft):
         return
     for key in ("ref_model", "ref_model_adapters"):
         if getattr(ft, key):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from lmf.config.args import GeneratingArguments
 from lmf.config.rules import rule
+from lmf.config.rules.methods import OPTIMIZER_SWITCHES
 from lmf.config.stages import STAGES
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
@@ -182,14 +183,14 @@ def eval_timing_needs_an_eval_set(cfg: "LmfConfig") -> None:
                           "training (eval_strategy steps or epoch)")
 
 
-@rule("optim_args", "optim", "use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon", "weight_decay")
+@rule("optim_args", "optim", *OPTIMIZER_SWITCHES)
 def optim_args_fit_the_optimizer(cfg: "LmfConfig") -> None:
     from lmf.config.values import parse_optim_args
 
     t, ft = cfg.training, cfg.finetuning
     if not t.optim_args:
         return
-    special = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(ft, k)]
+    special = [k for k in OPTIMIZER_SWITCHES if getattr(ft, k)]
     if special:
         raise ConfigError(f"config keys 'optim_args' and {special[0]!r}: {special[0]} is configured by its own keys "
                           f"({special[0][4:]}_*), not optim_args")

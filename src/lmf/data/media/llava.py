@@ -54,8 +54,5 @@ class LlavaNextPlugin(MediaPlugin):
         self._less_one = self.processor_config.get("vision_feature_select_strategy") == "default"
 
     def image_seqlen(self, path: str) -> int:
-        from lmf.data.media.images import image_size, regularized_size
-
-        o = self.options
-        width, height = regularized_size(image_size(path), o.image_max_pixels, o.image_min_pixels, qwen_rules=False)
+        width, height = self.resized_size(path)
         return int(self._features(height, width, *self.tile)) - int(self._less_one)

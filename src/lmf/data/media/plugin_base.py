@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
-from lmf.data.media.images import load_image
+from lmf.data.media.images import image_size, load_image, regularized_size
 from lmf.extras.errors import NotAvailableError
 
 #: ``mm_token_type_ids`` values (transformers' ProcessorMixin.create_mm_token_type_ids).
@@ -96,6 +96,11 @@ class MediaPlugin:
     def count_image_tokens(self, ids: list[int]) -> int:
         """Vision tokens in ``ids`` (image and video placeholders' tokens)."""
         return ids.count(self.image_token_id)
+
+    def resized_size(self, path: str) -> tuple[int, int]:
+        """(width, height) of the image at ``path`` once :meth:`load_images` resizes it (its header is read)."""
+        o = self.options
+        return regularized_size(image_size(path), o.image_max_pixels, o.image_min_pixels, qwen_rules=self.qwen_rules)
 
     def load_images(self, paths: list[str]) -> list:
         o = self.options

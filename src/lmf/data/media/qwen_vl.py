@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from lmf.data.media.images import image_size, regularized_size
+from lmf.data.media.images import regularized_size
 from lmf.data.media.plugin_base import IMAGE_TYPE, VIDEO_TYPE, MediaPlugin
 
 
@@ -104,8 +104,7 @@ class QwenVLPlugin(MediaPlugin):
         return (self.image_token, self.video_token, self.vision_bos, self.vision_eos)
 
     def image_seqlen(self, path: str) -> int:
-        o = self.options
-        width, height = regularized_size(image_size(path), o.image_max_pixels, o.image_min_pixels, qwen_rules=True)
+        width, height = self.resized_size(path)
         return int(self.image_processor.get_number_of_image_patches(height, width, {})) // self.merge_length
 
     def image_text(self, path: str) -> str:
