@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -147,13 +146,20 @@ def test_swanlab_offline_and_trackio_get_every_step_and_lark_is_notified(tmp_pat
     server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):  # CI machines reach registries by a proxy
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # requests reads the lower-case name first
     out = tmp_path / "out"
     try:
         run_training(build_config(_raw(out, use_swanlab=True, swanlab_mode="offline", swanlab_project="proj",
                                        swanlab_logdir=str(tmp_path / "swanlog"), report_to="trackio",
                                        project="tproj", swanlab_lark_webhook_url=f"http://127.0.0.1:"
                                                                                  f"{server.server_port}/hook")))
+        from swanlab.plugin.notification import NotificationCallback
+
+        # SwanLab notifies from its one-thread pool once the run finishes: wait for that before the server stops
+        NotificationCallback._executor.submit(lambda: None).result(timeout=60)
     finally:
         server.shutdown()
     history = _history(out)
@@ -167,10 +173,6 @@ def test_swanlab_offline_and_trackio_get_every_step_and_lark_is_notified(tmp_pat
     logs = [entry for entry in SQLiteStorage.get_logs("tproj", "tracked") if "train/loss" in entry]
     assert [e["step"] for e in logs] == [1, 2, 3, 4]
     assert [e["train/loss"] for e in logs] == pytest.approx([h["loss"] for h in history], rel=1e-6)
-    for _ in range(100):  # SwanLab notifies from a background thread when the run finishes
-        if posts:
-            break
-        time.sleep(0.1)
     assert len(posts) == 1 and posts[0]["msg_type"] == "text" and posts[0]["content"]["text"]
 
 
