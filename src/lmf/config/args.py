@@ -64,6 +64,8 @@ class ModelArguments:
                                    "tensor at a time (LLaMA-Factory v1's init_on_meta; full and freeze tuning, as "
                                    "there: LoRA uses init_on_rank0).")
     flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
+    shift_attn: bool = _f(False, "Training: LongLoRA's shift short attention (S²-Attn): attend within quarters of "
+                          "each row, half of the heads shifted by half a quarter (lmf.model.shift_attention).")
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
     use_reentrant_gc: bool = _f(True, "Use reentrant gradient checkpointing (LLaMA-Factory's default; it keeps less "
                                 "memory between a layer's recompute and its backward). FSDP sharding always uses the "
@@ -100,8 +102,6 @@ class ModelArguments:
                             ("huggingface", "hf", "vllm", "sglang"))
     infer_dtype: str = _f("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))
     use_cache: bool = _f(True, "Use the KV cache during generation.")
-    hf_hub_token: Optional[str] = _f(None, "Hugging Face Hub token.",
-        no_effect="lmf runs offline")
     print_param_status: bool = _f(False, "Print every parameter's dtype, device and trainable flag.")
     quantization_bit: Optional[int] = _f(None, "QLoRA: quantize the base model on load to 4 or 8 bits (bitsandbytes; "
                                          "pip install 'lmf[qlora]'); LoRA trains on top.", (None, 4, 8))

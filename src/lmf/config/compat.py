@@ -34,6 +34,7 @@ UNSUPPORTED_FINETUNING_TYPES: dict[str, str] = {}
 NO_EFFECT: dict[str, str] = _status("no_effect")
 #: LLaMA-Factory-only keys whose value is harmless to accept with a warning (why, in the message).
 LF_NO_EFFECT: dict[str, str] = {
+    "hf_hub_token": "lmf runs offline",
     "ms_hub_token": "lmf runs offline",
     "om_hub_token": "lmf runs offline",
     "hub_token": "lmf runs offline",
@@ -236,8 +237,6 @@ _KEY_FEATURES = {
     "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+",
     "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
     "asft": "the ASFT loss", "eaft": "the EAFT loss",
-    "shift_attn": "LongLoRA's shift short attention: LLaMA-Factory patches LlamaAttention of transformers >=4.45,<4.48 "
-                  "only and stops with a version error otherwise; lmf runs on transformers 5",
     "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
                          "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
                          "transformers 5, and no maintained implementation exists",

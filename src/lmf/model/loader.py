@@ -278,6 +278,8 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     check_pre_quantized(cfg.model, raw_config)
     model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if local else None
     attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class, raw_config)
+    if is_trainable and cfg.model.shift_attn:
+        attn = _shift_short_attention(cfg, path)
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     fit_embeddings_to_tokenizer(cfg, model, tokenizer)
@@ -314,6 +316,22 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     if cfg.model.quantization_bit is not None or on_meta:
         return model  # placed by from_pretrained (device_map), or on meta until the trainer fills it
     return model.to(device)
+
+
+def _shift_short_attention(cfg: "LmfConfig", path: str) -> str:
+    """``shift_attn``: the attn_implementation of LongLoRA's S²-Attn (lmf.model.shift_attention), for this model."""
+    from transformers import AutoConfig
+
+    from lmf.model import shift_attention
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=_trust_remote_code(cfg.model, path))
+    reason = shift_attention.unsupported_reason(config.get_text_config())
+    if reason:
+        raise ConfigError(f"config key 'shift_attn' is not implemented for {reason}")
+    shift_attention.install()
+    logger.info("shift_attn: S²-Attn in training (groups of a quarter of each row, half of the heads shifted by half "
+                "a group); evaluation and generation attend over the whole row")
+    return shift_attention.IMPLEMENTATION
 
 
 def _enable_router_aux_loss(cfg: "LmfConfig", model) -> None:

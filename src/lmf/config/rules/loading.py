@@ -144,3 +144,17 @@ def liger_switches_are_liger_kernels(cfg: "LmfConfig") -> None:
     if not m.enable_liger_kernel:
         logger.warning("config key 'liger_kernel_config' has no effect without use_liger_kernel (enable_liger_kernel)"
                        ": true, as in transformers")
+
+
+@rule("shift_attn", "flash_attn", "packing", "neat_packing")
+def shift_attn_groups_one_sample_per_row(cfg: "LmfConfig") -> None:
+    """S²-Attn groups the positions of a row: it runs its groups with sdpa, on rows of one sample each."""
+    m, d = cfg.model, cfg.data
+    if not m.shift_attn:
+        return
+    if m.flash_attn not in ("auto", "sdpa"):
+        raise ConfigError(f"config keys 'shift_attn' and 'flash_attn: {m.flash_attn}' do not combine: S²-Attn runs "
+                          "its groups with sdpa; use flash_attn: auto or sdpa")
+    if d.packing or d.neat_packing:
+        raise ConfigError("config keys 'shift_attn' and 'packing' / 'neat_packing' do not combine: S²-Attn groups "
+                          "the positions of a row, and a packed row holds several samples; set packing: false")

@@ -1,0 +1,151 @@
+"""LongLoRA's shift short attention (S²-Attn), the ``shift_attn`` key, on transformers' attention interface.
+
+In training, each attention layer attends within groups of a quarter of the row (``g = L / 4``, LongLoRA's and
+LLaMA-Factory's ``group_size_ratio``): half of the heads over the groups ``[0, g), [g, 2g), ...``, the other half over
+groups shifted by ``g / 2`` (``[g/2, 3g/2), ...``), so information flows between neighbouring groups; the work is
+``L * g`` instead of ``L^2``. Outside training (evaluation, generation, chat) the same model attends over the whole row
+with transformers' sdpa, as LongLoRA intends (train short, serve full).
+
+Where lmf deviates from LLaMA-Factory (which patches ``LlamaAttention`` of transformers 4.45-4.47 only), on purpose:
+
+- the shifted heads' output is shifted back over the whole row, as LongLoRA's paper and reference code do
+  (LLaMA-Factory's patch discards the reshape before rolling back, so it rolls within each group: the output of those
+  heads lands ``g / 2`` positions off in every group);
+- the shift does not wrap around: LongLoRA rolls the row, which puts its last ``g / 2`` positions and its first ``g / 2``
+  in one group, where a causal mask over group positions lets the first tokens of the row attend to its last ones (a
+  look at the future). Here those two half groups stay apart (``group(p) = (p + g/2) // g``);
+- the row's own mask is kept: padding and any other mask transformers builds are combined with the groups;
+- any row length: the row is padded inside the layer to a multiple of the (even) group size (LLaMA-Factory asserts
+  that a quarter of the row divides it);
+- any decoder of :data:`SUPPORTED_MODEL_TYPES` whose layers are all full attention, not only Llama.
+
+Mechanism: the function is registered under :data:`IMPLEMENTATION` in transformers' ``AttentionInterface`` (and sdpa's
+mask function under the same name in ``AttentionMaskInterface``), and the model is loaded with that
+``attn_implementation`` (``lmf.model.loader``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+IMPLEMENTATION = "lmf_shift_short"
+GROUP_SIZE_RATIO = 0.25
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral"})
+
+
+def unsupported_reason(config) -> Optional[str]:
+    """Why this model cannot train with S²-Attn, or None."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} (shift_attn supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and any(kind != "full_attention" for kind in layer_types):
+        return "a model with sliding-window layers"
+    if layer_types is None and getattr(config, "sliding_window", None) is not None \
+            and getattr(config, "use_sliding_window", True):
+        return "a model with sliding-window attention"
+    if config.num_attention_heads % 2:
+        return f"{config.num_attention_heads} attention heads (S²-Attn shifts half of them)"
+    return None
+
+
+def install() -> None:
+    """Register the S²-Attn attention function and sdpa's mask function under :data:`IMPLEMENTATION` (idempotent)."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(IMPLEMENTATION, shift_short_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+def group_size(length: int) -> int:
+    """Positions per group for a row of ``length``: a quarter of it, even, at least 2."""
+    quarter = -(-length // round(1 / GROUP_SIZE_RATIO))
+    return max(2, quarter + quarter % 2)
+
+
+def shift_short_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """transformers' attention-function signature: ``query`` ``[B, H, L, D]``, ``key``/``value`` ``[B, H_kv, L, D]``;
+    returns ``([B, L, H, D], None)``. Grouped attention in training on a full row, sdpa otherwise."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not module.training or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    output = grouped_attention(query, key, value, attention_mask, dropout=dropout, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def grouped_attention(query, key, value, attention_mask=None, dropout: float = 0.0, scale: Optional[float] = None):
+    """S²-Attn on ``[B, H, L, D]`` tensors (``key``/``value`` may have fewer heads, repeated here); ``attention_mask``:
+    None (causal) or a ``[B or 1, 1, L, L]`` mask (bool: True attends; float: 0 attends). Returns ``[B, H, L, D]``."""
+    import torch
+    import torch.nn.functional as F
+
+    batch, heads, length, dim = query.shape
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    g = group_size(length)
+    padded = -(-length // g) * g
+    if padded != length:
+        query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    n_groups, half, shift = padded // g, heads // 2, g // 2
+    allowed = _padded_mask(attention_mask, batch, length, padded, query.device)
+
+    def grouped(t):  # [B, h, Lp, D] -> [B * n_groups, h, g, D]
+        return t.reshape(t.shape[0], t.shape[1], n_groups, g, dim).transpose(1, 2).reshape(-1, t.shape[1], g, dim)
+
+    def ungrouped(t):
+        return t.reshape(batch, n_groups, -1, g, dim).transpose(1, 2).reshape(batch, -1, padded, dim)
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              is_causal=mask is None)
+
+    # the shifted row's two end halves (its last and, rolled in after them, its first positions) never meet
+    split_last = _split_last_group(g, n_groups, query.device).repeat(batch, 1, 1, 1)
+    if allowed is None:
+        plain_mask, shifted_mask = None, split_last
+    else:
+        rolled_allowed = allowed.roll((-shift, -shift), dims=(2, 3))
+        plain_mask, shifted_mask = _diagonal_blocks(allowed, g), _diagonal_blocks(rolled_allowed, g) & split_last
+    rolled = [t[:, half:].roll(-shift, dims=2) for t in (query, key, value)]
+    plain = ungrouped(attend(grouped(query[:, :half]), grouped(key[:, :half]), grouped(value[:, :half]), plain_mask))
+    shifted = ungrouped(attend(*(grouped(t) for t in rolled), shifted_mask)).roll(shift, dims=2)
+    return torch.cat((plain, shifted), dim=1)[:, :, :length]
+
+
+def _padded_mask(attention_mask, batch: int, length: int, padded: int, device):
+    """The row's mask as bool ``[B, 1, Lp, Lp]`` (positions past ``length`` see only themselves), or None when causal."""
+    import torch
+
+    if attention_mask is None:
+        return None
+    allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    allowed = allowed[:, :, :length, :length].expand(batch, 1, length, length)
+    out = torch.zeros(batch, 1, padded, padded, dtype=torch.bool, device=device)
+    out[:, :, :length, :length] = allowed
+    # every position may see itself: a row of padding inside a group would otherwise attend to nothing (NaN)
+    return out | torch.eye(padded, dtype=torch.bool, device=device)
+
+
+def _diagonal_blocks(allowed, g: int):
+    """``[B, 1, Lp, Lp]`` -> the ``g x g`` blocks on its diagonal, ``[B * n_groups, 1, g, g]``."""
+    batch, _, padded, _ = allowed.shape
+    n_groups = padded // g
+    blocks = allowed.reshape(batch, n_groups, g, n_groups, g).diagonal(dim1=1, dim2=3)  # [B, g, g, n_groups]
+    return blocks.permute(0, 3, 1, 2).reshape(batch * n_groups, 1, g, g)
+
+
+def _split_last_group(g: int, n_groups: int, device):
+    """Causal masks of the shifted groups ``[n_groups, 1, g, g]``; the last one (the row's end and, rolled in after
+    it, its start) is two separate causal halves."""
+    import torch
+
+    causal = torch.ones(g, g, dtype=torch.bool, device=device).tril()
+    masks = causal.expand(n_groups, 1, g, g).clone()
+    half = g // 2
+    masks[-1, 0, half:, :half] = False
+    return masks
