@@ -104,3 +104,20 @@ def test_asft_trains_against_its_reference(tiny_model_dir, demo_data_dir, tmp_pa
 def test_combinations_are_refused_naming_both_keys(keys, message):
     with pytest.raises(ConfigError, match=message):
         build_config({"model_name_or_path": "m", "use_asft_loss": True, **keys})
+
+
+def test_a_separate_reference_under_fsdp_is_refused_before_it_loads(tiny_model_dir):
+    """Full tuning has no adapters to switch off: its reference is a second model, which FSDP does not shard here."""
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmf.train.sft import build_objective
+
+    cfg = build_config({"model_name_or_path": tiny_model_dir, "use_asft_loss": True, "finetuning_type": "full",
+                        "template": "qwen"})
+    inputs = types.SimpleNamespace(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                   tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir), pad_to_multiple_of=None,
+                                   plan=types.SimpleNamespace(mode="fsdp"))
+    with pytest.raises(ConfigError, match=r"'use_asft_loss' with a separate reference model .* under FSDP"):
+        build_objective(cfg, inputs)

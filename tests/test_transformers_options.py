@@ -290,10 +290,19 @@ def test_auto_find_batch_size_leaves_other_errors_and_the_smallest_batch_alone(t
     ({"auto_find_batch_size": True, "batching_strategy": "dynamic_batching", "max_steps": 2}, "'batching_strategy'"),
     ({"auto_find_batch_size": True, "streaming": True, "max_steps": 2}, "'streaming'"),
     ({"bf16_full_eval": True, "fp16_full_eval": True}, "'bf16_full_eval' and 'fp16_full_eval'"),
+    ({"generation_config": "gen", "infer_backend": "vllm"}, "'generation_config' and 'infer_backend: vllm'"),
 ])
 def test_precision_and_batch_finding_combinations_are_refused(keys, message):
     with pytest.raises(ConfigError, match=message):
         _cfg(**keys)
+
+
+def test_auto_find_batch_size_is_refused_with_several_processes_naming_the_key():
+    from lmf.config.world import apply_world_size
+
+    apply_world_size(_cfg(auto_find_batch_size=True), 1)
+    with pytest.raises(ConfigError, match=r"'auto_find_batch_size' with 2 processes is not implemented"):
+        apply_world_size(_cfg(auto_find_batch_size=True), 2)  # what a run checks once its process group is up
 
 
 def test_bf16_full_eval_runs_the_final_evaluation_in_bf16_only(tiny_model_dir, demo_data_dir, tmp_path):

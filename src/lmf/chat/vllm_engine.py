@@ -81,9 +81,6 @@ class VllmEngine(ChatEngine):
 
     def __init__(self, cfg: "LmfConfig") -> None:
         check_vllm_available()
-        if cfg.generating.generation_config:
-            raise ConfigError("config keys 'generation_config' and 'infer_backend: vllm': not implemented together; "
-                              "use infer_backend: huggingface, or set the generating keys")
         from vllm import AsyncEngineArgs, AsyncLLMEngine
 
         from lmf.data.template import get_template

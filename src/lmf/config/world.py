@@ -13,8 +13,13 @@ if TYPE_CHECKING:
 
 
 def apply_world_size(cfg: "LmfConfig", world_size: int) -> None:
-    """``global_batch_size`` -> ``gradient_accumulation_steps``; ``dp_size`` checked against ``world_size``."""
+    """``global_batch_size`` -> ``gradient_accumulation_steps``; ``dp_size`` and ``auto_find_batch_size`` checked
+    against ``world_size``."""
     t = cfg.training
+    if t.auto_find_batch_size and world_size > 1:
+        raise ConfigError(f"config key 'auto_find_batch_size' with {world_size} processes is not implemented in lmf: "
+                          "an out-of-memory error on one rank would leave the others waiting in a collective; find "
+                          "the micro-batch size in one process")
     if t.dp_size is not None and t.dp_size != world_size:
         raise ConfigError(f"config key 'dp_size': {t.dp_size} differs from the {world_size} process(es); lmf has no "
                           "model-parallel mesh")

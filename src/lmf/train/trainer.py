@@ -98,10 +98,6 @@ class Trainer:
             raise ConfigError("config key 'load_best_model_at_end' under FSDP sharding (fsdp, or a DeepSpeed ZeRO-2/3 "
                               "config) is not implemented in lmf: the best checkpoint is loaded into an unsharded "
                               "model (one process or DDP); remove one of them")
-        if self.args.auto_find_batch_size and runtime.world_size > 1:
-            raise ConfigError(f"config key 'auto_find_batch_size' with {runtime.world_size} processes is not "
-                              "implemented in lmf: an out-of-memory error on one rank would leave the others waiting "
-                              "in a collective; find the micro-batch size in one process")
         self.hooks = hooks or TrainHooks()
         self.state = TrainState(world_size=runtime.world_size, micro_batch_size=self.args.per_device_train_batch_size,
                                 resume_fingerprint=resume_fingerprint(cfg), trajectory=trajectory_config(cfg),

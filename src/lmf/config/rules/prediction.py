@@ -29,3 +29,10 @@ def prediction_generates_for_sft(cfg: "LmfConfig") -> None:
     if d.tokenized_path and not t.do_train:
         raise ConfigError("config key 'tokenized_path' with do_predict is not implemented (the prediction set is "
                           "tokenized from eval_dataset and cached in the preprocessing cache)")
+
+
+@rule("generation_config", "infer_backend")
+def generation_config_is_for_transformers(cfg: "LmfConfig") -> None:
+    if cfg.generating.generation_config and cfg.model.infer_backend == "vllm":
+        raise ConfigError("config keys 'generation_config' and 'infer_backend: vllm': not implemented together; use "
+                          "infer_backend: huggingface, or set the generating keys")
