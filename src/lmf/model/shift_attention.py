@@ -79,7 +79,10 @@ def shift_short_attention(module, query, key, value, attention_mask, dropout: fl
 
 def grouped_attention(query, key, value, attention_mask=None, dropout: float = 0.0, scale: Optional[float] = None):
     """S²-Attn on ``[B, H, L, D]`` tensors (``key``/``value`` may have fewer heads, repeated here); ``attention_mask``:
-    None (causal) or a ``[B or 1, 1, L, L]`` mask (bool: True attends; float: 0 attends). Returns ``[B, H, L, D]``."""
+    None (causal) or a ``[B or 1, 1, L, L]`` mask (bool: True attends; float: 0 attends). Returns ``[B, H, L, D]``.
+
+    The groups are contiguous slices of the row, so without a mask every group runs sdpa's causal kernel (no mask
+    tensor); the shifted heads' groups are ``[0, g/2)``, ``[g/2, 3g/2)``, ..., ``[Lp - g/2, Lp)``."""
     import torch
     import torch.nn.functional as F
 
@@ -91,29 +94,26 @@ def grouped_attention(query, key, value, attention_mask=None, dropout: float = 0
     padded = -(-length // g) * g
     if padded != length:
         query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
-    n_groups, half, shift = padded // g, heads // 2, g // 2
+    half, shift = heads // 2, g // 2
     allowed = _padded_mask(attention_mask, batch, length, padded, query.device)
 
-    def grouped(t):  # [B, h, Lp, D] -> [B * n_groups, h, g, D]
-        return t.reshape(t.shape[0], t.shape[1], n_groups, g, dim).transpose(1, 2).reshape(-1, t.shape[1], g, dim)
+    def attend(tensors, start: int, stop: int, size: int):
+        """Heads' slice ``tensors`` ([B, h, Lp, D] each) over groups of ``size`` covering ``[start, stop)``."""
+        count = (stop - start) // size
+        q, k, v = (t[:, :, start:stop].reshape(batch, t.shape[1], count, size, dim).transpose(1, 2)
+                   .reshape(batch * count, t.shape[1], size, dim) for t in tensors)
+        mask = None if allowed is None else _diagonal_blocks(allowed[:, :, start:stop, start:stop], size)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                             is_causal=mask is None)
+        return out.reshape(batch, count, -1, size, dim).transpose(1, 2).reshape(batch, -1, stop - start, dim)
 
-    def ungrouped(t):
-        return t.reshape(batch, n_groups, -1, g, dim).transpose(1, 2).reshape(batch, -1, padded, dim)
-
-    def attend(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
-                                              is_causal=mask is None)
-
-    # the shifted row's two end halves (its last and, rolled in after them, its first positions) never meet
-    split_last = _split_last_group(g, n_groups, query.device).repeat(batch, 1, 1, 1)
-    if allowed is None:
-        plain_mask, shifted_mask = None, split_last
-    else:
-        rolled_allowed = allowed.roll((-shift, -shift), dims=(2, 3))
-        plain_mask, shifted_mask = _diagonal_blocks(allowed, g), _diagonal_blocks(rolled_allowed, g) & split_last
-    rolled = [t[:, half:].roll(-shift, dims=2) for t in (query, key, value)]
-    plain = ungrouped(attend(grouped(query[:, :half]), grouped(key[:, :half]), grouped(value[:, :half]), plain_mask))
-    shifted = ungrouped(attend(*(grouped(t) for t in rolled), shifted_mask)).roll(shift, dims=2)
+    plain = attend([t[:, :half] for t in (query, key, value)], 0, padded, g)
+    shifted_heads = [t[:, half:] for t in (query, key, value)]
+    pieces = [attend(shifted_heads, 0, shift, shift)]  # the row's first half group
+    if padded > g:
+        pieces.append(attend(shifted_heads, shift, padded - shift, g))
+    pieces.append(attend(shifted_heads, padded - shift, padded, shift))  # its last: no wrap-around to the first
+    shifted = torch.cat(pieces, dim=2)
     return torch.cat((plain, shifted), dim=1)[:, :, :length]
 
 
@@ -132,20 +132,8 @@ def _padded_mask(attention_mask, batch: int, length: int, padded: int, device):
 
 
 def _diagonal_blocks(allowed, g: int):
-    """``[B, 1, Lp, Lp]`` -> the ``g x g`` blocks on its diagonal, ``[B * n_groups, 1, g, g]``."""
-    batch, _, padded, _ = allowed.shape
-    n_groups = padded // g
+    """``[B, 1, n * g, n * g]`` -> the ``g x g`` blocks on its diagonal, ``[B * n, 1, g, g]``."""
+    batch, _, size, _ = allowed.shape
+    n_groups = size // g
     blocks = allowed.reshape(batch, n_groups, g, n_groups, g).diagonal(dim1=1, dim2=3)  # [B, g, g, n_groups]
     return blocks.permute(0, 3, 1, 2).reshape(batch * n_groups, 1, g, g)
-
-
-def _split_last_group(g: int, n_groups: int, device):
-    """Causal masks of the shifted groups ``[n_groups, 1, g, g]``; the last one (the row's end and, rolled in after
-    it, its start) is two separate causal halves."""
-    import torch
-
-    causal = torch.ones(g, g, dtype=torch.bool, device=device).tril()
-    masks = causal.expand(n_groups, 1, g, g).clone()
-    half = g // 2
-    masks[-1, 0, half:, :half] = False
-    return masks
