@@ -248,7 +248,7 @@ def test_out_of_range_on_the_command_line_exits_2_before_loading_anything(tmp_pa
 
 @pytest.mark.parametrize("key, value, message", [
     ("rope_scaling", "ntk", "config key 'rope_scaling': 'ntk' is not allowed"),
-    ("mixture_of_depths", "convert", "config key 'mixture_of_depths' is accepted for LLaMA-Factory compatibility but"),
+    ("use_kt", True, "config key 'use_kt' is accepted for LLaMA-Factory compatibility but not"),
     ("lora_rnk", 8, "unknown config key 'lora_rnk'"),
     ("lora_rank", "abc", "config key 'lora_rank': expected an integer, got 'abc'"),
     ("lora_rank", 0, "config key 'lora_rank': 0 is out of range"),

@@ -77,13 +77,6 @@ def test_known_features_that_are_not_implemented_say_so(key, value, feature):
     assert "not implemented" in str(info.value) and key in str(info.value)
 
 
-def test_mixture_of_depths_is_refused_saying_why():
-    for value in ("convert", "load"):
-        with pytest.raises(ConfigError, match="mixture_of_depths.*unmaintained") as info:
-            build_config({"model_name_or_path": "m", "mixture_of_depths": value})
-        assert "not implemented" in str(info.value)
-
-
 def test_refused_values_of_own_keys():
     for raw in ({"push_to_hub": True}, {"export_hub_model_id": "me/model"}):
         with pytest.raises(ConfigError, match="accepted for LLaMA-Factory compatibility but"):
@@ -159,14 +152,6 @@ def test_the_other_methods_examples_are_accepted_as_they_are(example):
     with open(os.path.join(LF_EXAMPLES, example), encoding="utf-8") as fh:
         raw = yaml.safe_load(fh)
     build_config(raw, source=example)
-
-
-@pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason="../shared/lf-examples is not here")
-def test_the_mixture_of_depths_example_is_refused_saying_why():
-    with open(os.path.join(LF_EXAMPLES, "extras", "mod", "llama3_full_sft.yaml"), encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
-    with pytest.raises(ConfigError, match="unmaintained"):
-        build_config(raw)
 
 
 def test_the_lf_keys_report_accounts_for_every_key_and_prints_the_refused_count():

@@ -29,8 +29,10 @@ OPTIMIZERS = {
     "badam": dict(use_badam=True, badam_switch_interval=3),
     "adam_mini": dict(use_adam_mini=True),
     "muon": dict(use_muon=True),
+    "adamw_8bit": dict(optim="adamw_8bit"),  # bitsandbytes (paged_adamw_8bit: test_mixture_of_depths)
 }
-PACKAGE = {"galore": "galore_torch", "apollo": "apollo_torch", "badam": "badam", "adam_mini": "adam_mini"}
+PACKAGE = {"galore": "galore_torch", "apollo": "apollo_torch", "badam": "badam", "adam_mini": "adam_mini",
+           "adamw_8bit": "bitsandbytes"}
 
 
 def _needs(name: str) -> None:
@@ -165,7 +167,24 @@ def test_muon_orthogonalises_hidden_weights_and_adamw_takes_the_rest(tmp_path):
         assert (id(p) in muon_ids) == expected, name
 
 
-@pytest.mark.parametrize("name", ["galore", "apollo_layerwise", "badam", "adam_mini", "muon"])
+def test_bitsandbytes_adamw_keeps_8_bit_moments_of_the_large_weights(tmp_path):
+    _needs("adamw_8bit")
+    import bitsandbytes as bnb
+
+    _, adamw = _optimizer_after_steps(tmp_path)
+    model, eight = _optimizer_after_steps(tmp_path, optim="adamw_8bit")
+    assert isinstance(eight, bnb.optim.AdamW)
+    big = [p for p in model.parameters() if p.numel() >= 4096]  # smaller ones keep 32-bit moments (bitsandbytes)
+    assert big and all(eight.state[p]["state1"].dtype == torch.uint8 for p in big)
+
+    def state_bytes(optimizer):
+        return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.numel() > 1)
+
+    assert state_bytes(eight) < 0.4 * state_bytes(adamw)
+
+
+@pytest.mark.parametrize("name", ["galore", "apollo_layerwise", "badam", "adam_mini", "muon", "adamw_8bit"])
 def test_resume_is_exact(tmp_path, name):
     _needs(name)
     from lmf.train.workflow import run_training
@@ -205,7 +224,9 @@ def test_combinations_that_cannot_work_are_refused():
              ({"use_galore": True, "galore_layerwise": True, "gradient_accumulation_steps": 2}, "accumulation"),
              ({"use_apollo": True, "apollo_layerwise": True, "fp16": True, "gradient_accumulation_steps": 1}, "fp16"),
              ({"use_badam": True, "badam_mode": "ratio"}, "ratio is not implemented"),
-             ({"use_adam_mini": True, "optim": "sgd"}, "sgd")]
+             ({"use_adam_mini": True, "optim": "sgd"}, "sgd"),
+             ({"use_galore": True, "optim": "paged_adamw_8bit"}, "'use_galore' and 'optim: paged_adamw_8bit'"),
+             ({"optim": "adamw_8bit", "optim_args": "amsgrad=true"}, "not an argument of optim adamw_8bit")]
     for change, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_config({**base, **change})

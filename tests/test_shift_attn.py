@@ -125,8 +125,6 @@ def test_lora_and_full_training_learn_and_save_a_model_transformers_serves(tmp_p
 
 
 def test_what_shift_attn_does_not_combine_with_is_refused_naming_the_keys(tmp_path):
-    from transformers import GPT2Config
-
     from lmf.model.shift_attention import unsupported_reason
     from lmf.testing.tiny import build_config as tiny_config
 
@@ -137,7 +135,9 @@ def test_what_shift_attn_does_not_combine_with_is_refused_naming_the_keys(tmp_pa
         build_config({**base, "stage": "pt"})  # pt packs by default
     with pytest.raises(ConfigError, match=r"'shift_attn' and 'packing'"):
         build_config({**base, "neat_packing": True, "packing": True})
-    assert "model type 'gpt2'" in unsupported_reason(GPT2Config())
+    assert "model type 'gpt2'" in unsupported_reason({"model_type": "gpt2"})
     assert "3 attention heads" in unsupported_reason(tiny_config("llama", 64, hidden_size=48, num_heads=3,
-                                                                 num_kv_heads=1))
-    assert unsupported_reason(tiny_config("qwen3", 64)) is None
+                                                                 num_kv_heads=1).to_dict())
+    assert "sliding-window layers" in unsupported_reason(
+        tiny_config("qwen3", 64, layer_types=["full_attention", "sliding_attention"]).to_dict())
+    assert unsupported_reason(tiny_config("qwen3", 64).to_dict()) is None

@@ -64,6 +64,9 @@ class ModelArguments:
                                    "tensor at a time (LLaMA-Factory v1's init_on_meta; full and freeze tuning, as "
                                    "there: LoRA uses init_on_rank0).")
     flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
+    mixture_of_depths: Optional[str] = _f(None, "Mixture-of-depths (full SFT/pt): convert routes every other decoder "
+                                          "layer (12.5% of the positions), load reads a model trained so "
+                                          "(lmf.model.mixture_of_depths).", (None, "convert", "load"))
     shift_attn: bool = _f(False, "Training: LongLoRA's shift short attention (S²-Attn): attend within quarters of "
                           "each row, half of the heads shifted by half a quarter (lmf.model.shift_attention).")
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
@@ -117,7 +120,6 @@ class ModelArguments:
                                      "ceil(cutoff_len / native length) in training, model_max_length / native "
                                      "length (or 2) at inference, as LLaMA-Factory derives it (lmf.model.rope).",
                                      ("linear", "dynamic", "yarn", "llama3"))
-    # export
     export_dir: Optional[str] = _f(None, "Directory to write the merged model to (lmf export).")
     export_size: float = _f(5, "Maximum shard size of the exported model, in GB (fractions allowed, e.g. 0.5).")
     export_device: str = _f("cpu", "Device used to merge the adapter.", ("cpu", "auto"))
@@ -128,7 +130,6 @@ class ModelArguments:
                                     ("f32", "f16", "bf16", "q8_0"))
     export_hub_model_id: Optional[str] = _f(None, "Hub repo id to push the export to.",
         unsupported="pushing to the hub is not possible offline")
-    # vllm
     vllm_maxlen: int = _f(4096, "Max sequence length for the vLLM engine.")
     vllm_gpu_util: float = _f(0.7, "GPU memory fraction for vLLM.")
     vllm_enforce_eager: bool = _f(False, "Disable CUDA graphs in vLLM.")
@@ -195,11 +196,9 @@ class FinetuningArguments:
 
     stage: str = _f("sft", "Training stage (lmf.config.stages).", (*STAGES, *UNIMPLEMENTED_STAGES))
     finetuning_type: str = _f("lora", "Which parameters to train.", ("lora", "freeze", "full", "oft"))
-    # freeze
     freeze_trainable_layers: int = _f(2, "Freeze: train the last N layers (negative: the first -N).")
     freeze_trainable_modules: str = _f("all", "Freeze: comma-separated module names within trainable layers.")
     freeze_extra_modules: Optional[str] = _f(None, "Freeze: extra non-layer modules to train (e.g. embed_tokens).")
-    # lora
     lora_rank: int = _f(8, "LoRA rank.")
     lora_alpha: Optional[int] = _f(None, "LoRA alpha (default: 2 * lora_rank).")
     lora_dropout: float = _f(0.0, "LoRA dropout.")
@@ -344,7 +343,9 @@ class TrainingArguments:
     lr_scheduler_kwargs: dict = _f({}, "Extra scheduler arguments (e.g. min_lr_rate).")
     warmup_ratio: float = _f(0.0, "Fraction of steps used for linear warmup.")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
-    optim: str = _f("adamw_torch", "Optimizer.", ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "sgd"))
+    optim: str = _f("adamw_torch", "Optimizer (the *8bit / paged_* AdamW: bitsandbytes, pip install 'lmf[qlora]').",
+                    ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "sgd", "adamw_bnb_8bit", "adamw_8bit",
+                     "paged_adamw_8bit", "paged_adamw_32bit"))
     optim_args: Optional[str] = _f(None, "More optimizer arguments, 'key=value,key=value' (transformers' optim_args): "
                                          "sgd: momentum, dampening, nesterov; AdamW: amsgrad, maximize.")
     optim_target_modules: Union[str, list, None] = _f(None, "The modules GaLore / APOLLO project (transformers' name "

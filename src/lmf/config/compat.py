@@ -237,9 +237,6 @@ _KEY_FEATURES = {
     "ref_model_quantization_bit": "a quantized reference model", "loraplus_": "LoRA+",
     "use_mca": "Megatron-Core training", "hyper_parallel": "hyper-parallel training", "use_dft_loss": "the DFT loss",
     "asft": "the ASFT loss", "eaft": "the EAFT loss",
-    "mixture_of_depths": "mixture-of-depths: LLaMA-Factory builds it on the PyPI package mixture-of-depth (import "
-                         "MoD), unmaintained since its 1.2.0 of June 2024, which no longer imports with "
-                         "transformers 5, and no maintained implementation exists",
     "use_unsloth": "unsloth: its kernels run on NVIDIA GPUs only (Triton, CUDA); lmf's fused LoRA, chunked loss and "
                    "activation offload (use_unsloth_gc) cover its memory savings",
     "moe_aux_loss_coef": "the MoE auxiliary loss",

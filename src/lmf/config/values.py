@@ -163,6 +163,13 @@ def _check_bounds(key: str, value: Any) -> None:
 OPTIM_ARGS: dict[str, dict[str, type]] = {
     "sgd": {"momentum": float, "dampening": float, "nesterov": bool},
     "adamw": {"amsgrad": bool, "maximize": bool},
+    "bitsandbytes": {},
+}
+
+#: transformers' bitsandbytes AdamW names -> (bits of the optimizer state, paged state)
+BNB_ADAMW: dict[str, tuple[int, bool]] = {
+    "adamw_bnb_8bit": (8, False), "adamw_8bit": (8, False), "paged_adamw_8bit": (8, True),
+    "paged_adamw_32bit": (32, True),
 }
 
 
@@ -171,7 +178,7 @@ def parse_optim_args(text: Optional[str], optim: str) -> dict[str, Any]:
     malformed pair, a key that optimizer does not take, or a value that is not a number / boolean."""
     if not text:
         return {}
-    table = OPTIM_ARGS["sgd" if optim == "sgd" else "adamw"]
+    table = OPTIM_ARGS["sgd" if optim == "sgd" else "bitsandbytes" if optim in BNB_ADAMW else "adamw"]
     out: dict[str, Any] = {}
     for pair in text.replace(" ", "").split(","):
         key, sep, raw = pair.partition("=")
@@ -182,7 +189,7 @@ def parse_optim_args(text: Optional[str], optim: str) -> dict[str, Any]:
                               "keeps biases and norms undecayed); set that instead")
         if key not in table:
             raise ConfigError(f"config key 'optim_args': {key!r} is not an argument of optim {optim} (it takes "
-                              f"{', '.join(table)})")
+                              f"{', '.join(table) or 'none'})")
         if table[key] is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ConfigError(f"config key 'optim_args': {key}={raw!r} is not a boolean")

@@ -279,10 +279,16 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if local else None
     attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class, raw_config)
     if is_trainable and cfg.model.shift_attn:
-        attn = _shift_short_attention(cfg, path)
+        from lmf.model.shift_attention import attn_implementation_for
+
+        attn = attn_implementation_for(raw_config)
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     fit_embeddings_to_tokenizer(cfg, model, tokenizer)
+    if cfg.model.mixture_of_depths:
+        from lmf.model.mixture_of_depths import apply_mixture_of_depths
+
+        apply_mixture_of_depths(cfg.model.mixture_of_depths, model, path, is_trainable)
     if tokenizer is not None and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -309,29 +315,14 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
         for name, p in model.named_parameters():
             print(f"{name}: {p.dtype} {p.device} trainable={p.requires_grad}")
     log_param_counts(model)
-    set_padding_free(model, cfg.model.padding_free)
-    set_packed_sdpa(model, cfg.model.packed_sdpa)
+    routed = bool(cfg.model.mixture_of_depths)  # its layers pick positions of one row: no rows of several samples
+    set_padding_free(model, cfg.model.padding_free and not routed)
+    set_packed_sdpa(model, cfg.model.packed_sdpa and not routed)
     if is_trainable and cfg.model.moe_aux_loss_coef:
         _enable_router_aux_loss(cfg, model)
     if cfg.model.quantization_bit is not None or on_meta:
         return model  # placed by from_pretrained (device_map), or on meta until the trainer fills it
     return model.to(device)
-
-
-def _shift_short_attention(cfg: "LmfConfig", path: str) -> str:
-    """``shift_attn``: the attn_implementation of LongLoRA's S²-Attn (lmf.model.shift_attention), for this model."""
-    from transformers import AutoConfig
-
-    from lmf.model import shift_attention
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=_trust_remote_code(cfg.model, path))
-    reason = shift_attention.unsupported_reason(config.get_text_config())
-    if reason:
-        raise ConfigError(f"config key 'shift_attn' is not implemented for {reason}")
-    shift_attention.install()
-    logger.info("shift_attn: S²-Attn in training (groups of a quarter of each row, half of the heads shifted by half "
-                "a group); evaluation and generation attend over the whole row")
-    return shift_attention.IMPLEMENTATION
 
 
 def _enable_router_aux_loss(cfg: "LmfConfig", model) -> None:

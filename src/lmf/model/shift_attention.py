@@ -28,25 +28,40 @@ from __future__ import annotations
 
 from typing import Optional
 
+from lmf.extras.errors import ConfigError
+from lmf.extras.logging import get_logger
+from lmf.model.packed_attention import SUPPORTED_MODEL_TYPES  # decoders whose layers pass **kwargs to attention
+
+logger = get_logger(__name__)
+
 IMPLEMENTATION = "lmf_shift_short"
 GROUP_SIZE_RATIO = 0.25
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mistral", "mixtral"})
 
 
-def unsupported_reason(config) -> Optional[str]:
-    """Why this model cannot train with S²-Attn, or None."""
-    model_type = getattr(config, "model_type", None)
+def unsupported_reason(config: dict) -> Optional[str]:
+    """Why the model of this config.json (a dict) cannot train with S²-Attn, or None."""
+    model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model type {model_type!r} (shift_attn supports {', '.join(sorted(SUPPORTED_MODEL_TYPES))})"
-    layer_types = getattr(config, "layer_types", None)
+    layer_types = config.get("layer_types")
     if layer_types is not None and any(kind != "full_attention" for kind in layer_types):
         return "a model with sliding-window layers"
-    if layer_types is None and getattr(config, "sliding_window", None) is not None \
-            and getattr(config, "use_sliding_window", True):
+    if layer_types is None and config.get("sliding_window") is not None and config.get("use_sliding_window", True):
         return "a model with sliding-window attention"
-    if config.num_attention_heads % 2:
-        return f"{config.num_attention_heads} attention heads (S²-Attn shifts half of them)"
+    if config.get("num_attention_heads", 0) % 2:
+        return f"{config['num_attention_heads']} attention heads (S²-Attn shifts half of them)"
     return None
+
+
+def attn_implementation_for(config: dict) -> str:
+    """``shift_attn`` in training: the attn_implementation to load the model of this config.json with."""
+    reason = unsupported_reason(config)
+    if reason:
+        raise ConfigError(f"config key 'shift_attn' is not implemented for {reason}")
+    install()
+    logger.info("shift_attn: S²-Attn in training (groups of a quarter of each row, half of the heads shifted by half "
+                "a group); evaluation and generation attend over the whole row")
+    return IMPLEMENTATION
 
 
 def install() -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from lmf.extras.errors import ConfigError
+from lmf.extras.errors import ConfigError, NotAvailableError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +57,14 @@ def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=Non
 
     if ft is not None and special_optimizer_of(ft):
         return create_special_optimizer(model, args, ft)
-    from lmf.config.values import parse_optim_args
+    from lmf.config.values import BNB_ADAMW, parse_optim_args
 
     groups = param_groups(model, args, ft)
     extra = parse_optim_args(args.optim_args, args.optim)  # optim_args
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, **extra)
+    if args.optim in BNB_ADAMW:
+        return _bitsandbytes_adamw(groups, args)
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     fused = on_cuda and args.optim in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf")
     return torch.optim.AdamW(
@@ -70,6 +75,27 @@ def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=Non
         fused=fused or None,
         **extra,
     )
+
+
+def _bitsandbytes_adamw(groups: list[dict], args: "TrainingArguments"):
+    """transformers' bitsandbytes AdamW (``optim: adamw_8bit``, ``paged_adamw_8bit`` ...): 8- or 32-bit state, paged
+    or not; tensors under 4096 elements keep a 32-bit state (bitsandbytes' rule)."""
+    from lmf.config.values import BNB_ADAMW
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise NotAvailableError(f"optim: {args.optim} needs bitsandbytes: pip install 'lmf[qlora]'") from None
+    if any(type(p).__name__ == "DTensor" for g in groups for p in g["params"]):
+        raise ConfigError(f"config key 'optim': {args.optim} under FSDP sharding is not implemented (bitsandbytes' "
+                          "optimizers take plain tensors); use DDP or optim: adamw_torch")
+    bits, paged = BNB_ADAMW[args.optim]
+    if paged and not all(p.is_cuda for g in groups for p in g["params"]):
+        paged = False
+        logger.info("optim: %s: paged optimizer state needs CUDA; on this device it stays in memory unpaged",
+                    args.optim)
+    return bnb.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           eps=args.adam_epsilon, optim_bits=bits, is_paged=paged)
 
 
 def warmup_steps_for(args: "TrainingArguments", total_steps: int) -> int:

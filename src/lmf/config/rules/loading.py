@@ -158,3 +158,32 @@ def shift_attn_groups_one_sample_per_row(cfg: "LmfConfig") -> None:
     if d.packing or d.neat_packing:
         raise ConfigError("config keys 'shift_attn' and 'packing' / 'neat_packing' do not combine: S²-Attn groups "
                           "the positions of a row, and a packed row holds several samples; set packing: false")
+
+
+@rule("mixture_of_depths", "finetuning_type", "stage", "packing", "neat_packing", "flash_attn", "infer_backend",
+      "use_cache")
+def mixture_of_depths_trains_full_models_row_by_row(cfg: "LmfConfig") -> None:
+    """Its routers are new weights of the base model, trained with it; a routed row is one sample."""
+    m, d, ft = cfg.model, cfg.data, cfg.finetuning
+    if not m.mixture_of_depths:
+        return
+    if m.mixture_of_depths == "convert" and ft.finetuning_type != "full":
+        raise ConfigError(f"config key 'mixture_of_depths: convert' with finetuning_type {ft.finetuning_type} is not "
+                          "implemented: its routers are new weights of the base model; use finetuning_type: full "
+                          "(LLaMA-Factory's example; a model trained so takes LoRA with mixture_of_depths: load)")
+    if m.mixture_of_depths == "convert" and not _token_level(ft.stage):
+        raise ConfigError(f"config key 'mixture_of_depths: convert' with stage {ft.stage} is not implemented (its "
+                          "reference would start other routers); use it for sft/pt")
+    if d.packing or d.neat_packing:
+        raise ConfigError("config keys 'mixture_of_depths' and 'packing' / 'neat_packing' do not combine: a routed "
+                          "layer picks positions of a row, and a packed row holds several samples; set packing: false")
+    if m.flash_attn == "fa2":
+        raise ConfigError("config keys 'mixture_of_depths' and 'flash_attn: fa2' do not combine: the routed positions "
+                          "attend through a 4-D mask; use flash_attn: auto or sdpa")
+    if m.infer_backend == "vllm":
+        raise ConfigError("config keys 'mixture_of_depths' and 'infer_backend: vllm' do not combine: vLLM has no "
+                          "routed layers; use infer_backend: huggingface")
+    if m.use_cache:
+        logger.info("mixture_of_depths: generation recomputes the row at each token (a routed layer keeps keys of "
+                    "its routed positions only: no KV cache)")
+        m.use_cache = False

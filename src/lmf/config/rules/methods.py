@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from lmf.config.rules import rule
 from lmf.config.stages import STAGES
+from lmf.config.values import BNB_ADAMW
 from lmf.extras.errors import ConfigError
 from lmf.extras.logging import get_logger
 
@@ -138,6 +139,9 @@ def one_special_optimizer_that_can_run(cfg: "LmfConfig") -> None:
                           f"weights), got {ft.finetuning_type}")
     if t.optim == "sgd":
         raise ConfigError(f"config keys {switch!r} and 'optim: sgd' do not combine: {switch} is an Adam variant")
+    if t.optim in BNB_ADAMW:
+        raise ConfigError(f"config keys {switch!r} and 'optim: {t.optim}' do not combine: {switch} brings its own "
+                          "optimizer")
     layerwise = ft.galore_layerwise if switch == "use_galore" else ft.apollo_layerwise if switch == "use_apollo" \
         else False
     if layerwise:
