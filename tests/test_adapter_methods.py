@@ -205,7 +205,6 @@ def test_oft_refusals():
         build_config({"model_name_or_path": "m", "finetuning_type": "oft", "oft_rank": 4})
     with pytest.raises(ConfigError, match="use_dora' needs finetuning_type: lora"):
         build_config({"model_name_or_path": "m", "finetuning_type": "oft", "use_dora": True})
-    with pytest.raises(ConfigError, match="QOFT"):
-        build_config({"model_name_or_path": "m", "finetuning_type": "oft", "quantization_bit": 4})
+    assert build_config({"model_name_or_path": "m", "finetuning_type": "oft", "quantization_bit": 4})  # QOFT
     cfg = build_config({"model_name_or_path": "m", "finetuning_type": "oft", "oft_rank": 4, "oft_block_size": 0})
     assert cfg.finetuning.oft_rank == 4

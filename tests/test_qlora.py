@@ -143,6 +143,40 @@ def test_export_merges_in_full_precision_and_refuses_quantization_bit(tmp_path):
     assert all(v.dtype == torch.float32 for v in weights.values())  # the base's own dtype, not quantized
 
 
+QOFT_EXAMPLE = os.path.join(REPO_ROOT, "..", "shared", "lf-examples", "extras", "qoft", "llama3_oft_sft_bnb_npu.yaml")
+
+
+@pytest.mark.skipif(not os.path.isfile(QOFT_EXAMPLE), reason="../shared/lf-examples is not here")
+def test_qoft_llamafactorys_example_trains_oft_on_the_4_bit_base_and_reloads_onto_one(tmp_path):
+    """OFT on a bitsandbytes-quantized base, through peft's OFT layers over Linear4bit (its 'npu' name aside, the
+    example needs no NPU)."""
+    import bitsandbytes as bnb
+    import yaml
+    from peft.tuners.oft.layer import OFTLayer
+
+    from lmf.chat import create_engine
+    from lmf.chat.options import load_serving_config
+
+    with open(QOFT_EXAMPLE, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    out = str(tmp_path / "out")
+    raw.update(_raw(out, max_samples=16, learning_rate=1e-2, cutoff_len=64), dataset=raw["dataset"],
+               template=raw["template"], finetuning_type="oft", oft_block_size=raw["oft_block_size"])
+    from lmf.train.workflow import run_training
+
+    run_training(build_config(raw))
+    with open(os.path.join(out, "trainer_state.json"), encoding="utf-8") as fh:
+        losses = [h["loss"] for h in json.load(fh)["log_history"] if "loss" in h]
+    assert sum(losses[-2:]) < sum(losses[:2]) - 0.3, losses
+    with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as fh:
+        assert json.load(fh)["peft_type"] == "OFT"
+    engine = create_engine(load_serving_config(["--model", DEMO_MODEL, "--adapter", out, "--template", "llama3",
+                                                "quantization_bit=4", "max_new_tokens=8", "do_sample=false"]))
+    adapted = [m for m in engine.model.modules() if isinstance(m, OFTLayer)]
+    assert adapted and all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in adapted)
+    assert engine.chat([{"role": "user", "content": "hi"}]).completion_tokens > 0
+
+
 def test_configs_that_cannot_work_are_refused():
     from lmf.dist.plan import plan_parallelism
 

@@ -1,9 +1,9 @@
 """Typed argument groups. Key names and meanings follow LLaMA-Factory's hparams.
 
-Every field carries ``metadata['help']``; fields with a closed set of values carry
-``metadata['choices']``; a key accepted for LLaMA-Factory compatibility but not implemented carries
-``metadata['unsupported']`` (why), one that is harmless to ignore ``metadata['no_effect']`` (why). The parser (``lmf.config.parser``) validates types, choices
-and ranges (:data:`BOUNDS`, at the end), and rejects unknown keys with a suggestion.
+Every field carries ``metadata['help']``; fields with a closed set of values carry ``metadata['choices']``; a key
+accepted for LLaMA-Factory compatibility but not implemented carries ``metadata['unsupported']`` (why), one that is
+harmless to ignore ``metadata['no_effect']`` (why). The parser (``lmf.config.parser``) validates types, choices and
+ranges (``lmf.config.values.BOUNDS``) and rejects unknown keys with a suggestion.
 
 This module must stay import-light (stdlib only): ``lmf help`` imports it.
 
@@ -64,9 +64,8 @@ class ModelArguments:
                                    "tensor at a time (LLaMA-Factory v1's init_on_meta; full and freeze tuning, as "
                                    "there: LoRA uses init_on_rank0).")
     flash_attn: str = _f("auto", "Attention implementation.", ("auto", "disabled", "sdpa", "fa2", "eager"))
-    mixture_of_depths: Optional[str] = _f(None, "Mixture-of-depths (full SFT/pt): convert routes every other decoder "
-                                          "layer (12.5% of the positions), load reads a model trained so "
-                                          "(lmf.model.mixture_of_depths).", (None, "convert", "load"))
+    mixture_of_depths: Optional[str] = _f(None, "Mixture-of-depths: convert routes every other layer (full SFT/pt), "
+                                          "load reads a model trained so.", (None, "convert", "load"))
     shift_attn: bool = _f(False, "Training: LongLoRA's shift short attention (S²-Attn): attend within quarters of "
                           "each row, half of the heads shifted by half a quarter (lmf.model.shift_attention).")
     disable_gradient_checkpointing: bool = _f(False, "Turn gradient checkpointing off (it is on by default for training).")
@@ -106,8 +105,9 @@ class ModelArguments:
     infer_dtype: str = _f("auto", "Dtype for inference.", ("auto", "float16", "bfloat16", "float32"))
     use_cache: bool = _f(True, "Use the KV cache during generation.")
     print_param_status: bool = _f(False, "Print every parameter's dtype, device and trainable flag.")
-    quantization_bit: Optional[int] = _f(None, "QLoRA: quantize the base model on load to 4 or 8 bits (bitsandbytes; "
-                                         "pip install 'lmf[qlora]'); LoRA trains on top.", (None, 4, 8))
+    quantization_bit: Optional[int] = _f(None, "QLoRA / QOFT: quantize the base model on load to 4 or 8 bits "
+                                         "(bitsandbytes; pip install 'lmf[qlora]'); LoRA or OFT trains on top.",
+                                         (None, 4, 8))
     quantization_method: str = _f("bnb", "On-the-fly quantization method: bitsandbytes (hqq and eetq "
                                    "are not implemented).", ("bnb", "hqq", "eetq"))
     quantization_type: str = _f("nf4", "4-bit data type: NormalFloat4 or FP4.", ("nf4", "fp4"))
@@ -343,9 +343,8 @@ class TrainingArguments:
     lr_scheduler_kwargs: dict = _f({}, "Extra scheduler arguments (e.g. min_lr_rate).")
     warmup_ratio: float = _f(0.0, "Fraction of steps used for linear warmup.")
     warmup_steps: int = _f(0, "Warmup steps (overrides warmup_ratio when > 0).")
-    optim: str = _f("adamw_torch", "Optimizer (the *8bit / paged_* AdamW: bitsandbytes, pip install 'lmf[qlora]').",
-                    ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "sgd", "adamw_bnb_8bit", "adamw_8bit",
-                     "paged_adamw_8bit", "paged_adamw_32bit"))
+    optim: str = _f("adamw_torch", "Optimizer (*8bit/paged_*: bitsandbytes).", ("adamw_torch", "adamw_hf", "adamw", "sgd",
+                    "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"))
     optim_args: Optional[str] = _f(None, "More optimizer arguments, 'key=value,key=value' (transformers' optim_args): "
                                          "sgd: momentum, dampening, nesterov; AdamW: amsgrad, maximize.")
     optim_target_modules: Union[str, list, None] = _f(None, "The modules GaLore / APOLLO project (transformers' name "

@@ -74,7 +74,7 @@ def prepare_quantized_for_training(model) -> None:
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     _keep_trainable_weight_layout(model)
-    logger.info("QLoRA: base model quantized; non-quantized weights in float32, LoRA trains on top")
+    logger.info("quantized base (QLoRA / QOFT): non-quantized weights in float32, the adapter trains on top")
 
 
 def _keep_trainable_weight_layout(model) -> None:

@@ -68,8 +68,8 @@ def quantized_base_trains_lora(cfg: "LmfConfig") -> None:
     m, ft = cfg.model, cfg.finetuning
     if m.quantization_bit is None:
         return
-    if ft.finetuning_type != "lora":
-        raise ConfigError(f"config key 'quantization_bit' needs finetuning_type: lora (QLoRA), got "
+    if ft.finetuning_type not in ("lora", "oft"):
+        raise ConfigError(f"config key 'quantization_bit' needs finetuning_type: lora (QLoRA) or oft (QOFT), got "
                           f"{ft.finetuning_type}")
     if m.train_from_scratch:
         raise ConfigError("config keys 'quantization_bit' and 'train_from_scratch': a quantized base must be "

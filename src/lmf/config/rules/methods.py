@@ -75,9 +75,6 @@ def oft_has_one_size(cfg: "LmfConfig") -> None:
     if (ft.oft_rank == 0) == (ft.oft_block_size == 0):
         raise ConfigError(f"config keys 'oft_rank' ({ft.oft_rank}) and 'oft_block_size' ({ft.oft_block_size}): "
                           "set exactly one of them (the other 0)")
-    if cfg.model.quantization_bit is not None:
-        raise ConfigError("config keys 'finetuning_type: oft' and 'quantization_bit': OFT on a quantized base "
-                          "(QOFT) is not implemented")
 
 
 @rule("use_dft_loss", "use_eaft_loss", "use_asft_loss", "stage")
