@@ -1,12 +1,14 @@
 """LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data: the golden file of tests/test_vision.py.
 
-    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL / LLaVA(-NeXT) / Gemma 3
+    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL / LLaVA(-NeXT) / Gemma 3 / Pixtral
     bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
 
 The ``lf`` side never imports lmf. LLaMA-Factory loads its processor with ``AutoProcessor``, which needs
-torchvision for the Qwen-VL video processor (LLaVA's and Gemma 3's load as they are); torchvision's PyPI wheels do not load next to the CPU torch, so the
-processor here is the model's own image processor (``Qwen2VLImageProcessorPil``, what transformers picks without
-torchvision) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts; images only.
+torchvision for the Qwen-VL video processor and for PixtralProcessor (LLaVA's and Gemma 3's load as they are);
+torchvision's PyPI wheels do not load next to the CPU torch, so the processor here is the model's own PIL image
+processor (``Qwen2VLImageProcessorPil``, what transformers picks without torchvision; ``PixtralImageProcessorPil``
+with PixtralProcessor's attributes) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts;
+images only.
 Each case stores per row the digest of ``[input_ids, labels]`` (tests/lf_parity/digest.py) and of the pixel
 inputs LLaMA-Factory's plugin builds for the row's images (videos: tokens only, LLaMA-Factory's video pixels need
 torchvision's video processor) (``image_grid_thw`` and ``pixel_values`` rounded to 1e-4). Pixel
@@ -61,9 +63,14 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                                       "cutoff_len": 2048, "image_max_pixels": 16384}),
     ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
     ("gemma3_dpo", "gemma3", "dpo", {"template": "gemma3", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
+    ("pixtral_sft", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo,identity", "max_samples": 8,
+                                       "cutoff_len": 2048}),
+    ("pixtral_small_images", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo", "cutoff_len": 2048,
+                                                "image_max_pixels": 4096}),
+    ("ministral3_dpo", "pixtral", "dpo", {"template": "ministral3", "dataset": "mllm_dpo_demo", "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
-FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "pixtral")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
 OWN_PROCESSOR = ("llava", "llava_next", "gemma3")
 
@@ -144,6 +151,32 @@ def _processor(model_dir: str, tokenizer):
     return Qwen2VLProcessor()
 
 
+def _pixtral_processor(model_dir: str, tokenizer):
+    """PixtralProcessor asks for torchvision at construction: the same attributes around the model's PIL image
+    processor (what LLaMA-Factory's PixtralPlugin reads: patch_size, spatial_merge_size, the break and end tokens)."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+
+    class PixtralProcessor:  # LLaMA-Factory's load_tokenizer checks the name
+        model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
+        def __init__(self):
+            self.image_processor = PixtralImageProcessorPil.from_pretrained(model_dir)
+            self.tokenizer = tokenizer
+            self.patch_size = config["patch_size"]
+            self.spatial_merge_size = config["spatial_merge_size"]
+            self.image_token, self.image_break_token = config["image_token"], config["image_break_token"]
+            self.image_end_token = config["image_end_token"]
+
+        def save_pretrained(self, out_dir):
+            self.image_processor.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+
+    return PixtralProcessor()
+
+
 def _smart_resize_without_torchvision() -> None:
     """LLaMA-Factory's video token count imports ``smart_resize`` from transformers' torchvision image processor
     module; the PIL module holds the same function (copied from it), so that module's name is given it alone."""
@@ -178,6 +211,8 @@ def lf(out_dir: str, golden_path: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if family in OWN_PROCESSOR:
             AutoProcessor.from_pretrained = own_processor
+        elif family == "pixtral":
+            AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _pixtral_processor(model_dir, tokenizer))
         else:
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
         config = dict(keys, stage="rm" if stage == "dpo" else stage, do_train=True, model_name_or_path=model_dir, finetuning_type="lora",

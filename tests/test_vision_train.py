@@ -22,12 +22,12 @@ TWO_PROCS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory) -> dict:
-    """Tiny qwen2_vl / qwen3_vl / qwen2_5_vl / llava / llava_next / gemma3 models (the local tokenizer) and a data folder with
+    """Tiny qwen2_vl / qwen3_vl / qwen2_5_vl / llava / llava_next / gemma3 / pixtral models (the local tokenizer) and a data folder with
     mllm_demo and mllm_dpo_demo, built once per test run (read-only)."""
     from conftest import build_once
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3")
+    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "pixtral")
 
     def build(root):
         for family in families:
@@ -161,7 +161,7 @@ def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm)
 
 
 @pytest.mark.parametrize("family,template", [("qwen2_5_vl", "qwen2_vl"), ("llava", "llava"), ("llava_next", "llava_next"),
-                                             ("gemma3", "gemma3")])
+                                             ("gemma3", "gemma3"), ("pixtral", "pixtral")])
 def test_each_family_trains_lora_on_images_and_answers_an_image(tmp_path, vlm, family, template):
     from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config

@@ -3,7 +3,7 @@
 ``build_tiny_vlm(out_dir, family)`` for the families lmf fine-tunes on images: ``qwen2_vl``, ``qwen2_5_vl`` and
 ``qwen3_vl`` (a vision tower of one block), ``llava`` (LLaVA-1.5 style: CLIP tower, Llama decoder), ``llava_next``
 (the same with LLaVA-NeXT's tiles of 56 x 56) and ``gemma3`` (SigLIP tower, Gemma 3 decoder), the last three on
-56 x 56 images. The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
+56 x 56 images; ``pixtral`` (LLaVA with Pixtral's tower and a Mistral decoder, images of up to 112 pixels a side). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
 Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -19,7 +19,11 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 #: LLaVA's image token; Gemma 3's image tokens (its processor reads them as tokenizer attributes) and turn markers.
 LLAVA_TOKENS = ["<image>"]
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3")
+#: Pixtral's image, row-break and end tokens.
+PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "pixtral")
+#: Pixtral's longest image side in the tiny build (images are resized to fit it, in 14-pixel patches).
+PIXTRAL_LONGEST = 112
 #: Image side of the LLaVA / Gemma 3 builds: 56 x 56 pixels, 14-pixel patches (16 patches).
 SMALL_IMAGE, PATCH = 56, 14
 #: LLaVA-NeXT's tile grids of the tiny build (its tiles are SMALL_IMAGE pixels square)
@@ -40,7 +44,8 @@ QWEN_VL_TEMPLATE = (
 def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
-    extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
+    extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "pixtral": PIXTRAL_TOKENS,
+             "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
 
@@ -52,8 +57,9 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
         tokens = VISION_TOKENS + [t for t in extra.get(family, ()) if t not in VISION_TOKENS]
         tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
                                                               for t in tokens]})
-    if family == "gemma3":
-        tok.add_special_tokens({"bos_token": AddedToken("<bos>", special=True, normalized=False)})
+    if family in ("gemma3", "pixtral"):  # their templates start with the bos token
+        bos = "<bos>" if family == "gemma3" else "<s>"
+        tok.add_special_tokens({"bos_token": AddedToken(bos, special=True, normalized=False)})
     return tok
 
 
@@ -92,6 +98,15 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
                                vision_feature_select_strategy="default", vision_feature_layer=-1,
                                image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, image_seq_length=(SMALL_IMAGE // PATCH) ** 2,
                                tie_word_embeddings=False)
+    if family == "pixtral":  # LLaVA with Pixtral's vision tower (Pixtral-12B's layout; Mistral 3 merges 2 x 2)
+        from transformers import LlavaConfig, MistralConfig, PixtralVisionConfig
+
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_depth, num_attention_heads=2,
+                      head_dim=16, image_size=PIXTRAL_LONGEST, patch_size=PATCH)
+        return LlavaConfig(vision_config=PixtralVisionConfig(**vision), text_config=MistralConfig(**text),
+                           image_token_index=tok.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1,
+                           vision_feature_select_strategy="full", projector_hidden_act="gelu",
+                           multimodal_projector_bias=True, tie_word_embeddings=False)
     if family == "llava":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -110,7 +125,7 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
 
 
 def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
-    if family in ("llava", "llava_next", "gemma3"):
+    if family in ("llava", "llava_next", "gemma3", "pixtral"):
         return _other_config(family, tok, hidden, layers, vision_depth)
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
@@ -159,6 +174,11 @@ def _image_processor(family: str, min_pixels: int, max_pixels: int):
         return LlavaNextImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
                                           crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE},
                                           image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    if family == "pixtral":
+        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+        return PixtralImageProcessorPil(size={"longest_edge": PIXTRAL_LONGEST}, patch_size={"height": PATCH,
+                                                                                              "width": PATCH})
     if family == "gemma3":
         from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
@@ -197,7 +217,10 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                            "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
                  "llava_next": {"processor_class": "LlavaNextProcessor", "patch_size": PATCH,
                                 "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
-                 "gemma3": {"processor_class": "Gemma3Processor", "image_seq_length": 4}}[family]
+                 "gemma3": {"processor_class": "Gemma3Processor", "image_seq_length": 4},
+                 "pixtral": {"processor_class": "PixtralProcessor", "patch_size": PATCH, "spatial_merge_size": 1,
+                             "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
+                             "image_end_token": "[IMG_END]"}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
     return out_dir

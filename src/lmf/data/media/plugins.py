@@ -2,7 +2,8 @@
 as LLaMA-Factory 0.9.5's mm_plugin does: :class:`~lmf.data.media.qwen_vl.QwenVLPlugin` (templates ``qwen2_vl``,
 ``qwen3_vl``, ``qwen3_vl_nothink``, ...), :class:`~lmf.data.media.llava.LlavaPlugin` (``llava``),
 :class:`~lmf.data.media.llava.LlavaNextPlugin` (``llava_next``, ``llava_next_*``),
-:class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``); what they share: :mod:`lmf.data.media.plugin_base`.
+:class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``), :class:`~lmf.data.media.pixtral.PixtralPlugin`
+(``pixtral``, ``ministral3``, ...); what they share: :mod:`lmf.data.media.plugin_base`.
 
 :func:`media_plugin_for` picks the plugin of a template for a model directory (None for text models).
 """
@@ -13,15 +14,16 @@ import os
 
 from lmf.data.media.gemma3 import Gemma3Plugin
 from lmf.data.media.llava import LlavaNextPlugin, LlavaPlugin
+from lmf.data.media.pixtral import PixtralPlugin
 from lmf.data.media.plugin_base import MediaOptions, MediaPlugin  # noqa: F401 - the plugins' shared base, here too
 from lmf.data.media.qwen_vl import QwenVLPlugin
 from lmf.extras.errors import ConfigError, NotAvailableError
 
 #: LLaMA-Factory's mm_plugin names lmf implements -> plugin class name.
 IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
-               "LlavaNextPlugin": "LlavaNextPlugin", "Gemma3Plugin": "Gemma3Plugin"}
+               "LlavaNextPlugin": "LlavaNextPlugin", "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin"}
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
-           "Gemma3Plugin": Gemma3Plugin}
+           "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin}
 
 
 def has_image_processor(model_path: str) -> bool:
@@ -38,7 +40,7 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
             f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl, llava, "
-            "gemma3)")
+            "gemma3, pixtral)")
     try:
         image_processor = load_image_processor(model_path, trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
