@@ -60,7 +60,6 @@ def main() -> int:
         assert abs(a["loss"] - b["loss"]) <= 1e-3 * abs(a["loss"]), (a, b)
     tps = {name: statistics.median(h["tokens_per_second"] for h in run[args.warmup:])
            for name, run in (("eager", eager), ("compiled", compiled))}
-    first = sum(1.0 / max(h["tokens_per_second"], 1e-9) for h in compiled[:args.warmup])
     lines = [
         "# torch_compile against eager (bench/bench_compile.py)", "",
         f"LoRA SFT of a 4-layer Qwen3 (hidden 256) on packed 512-token rows, micro-batch 2, {args.steps} steps, CPU "
