@@ -233,9 +233,10 @@ def test_the_images_reach_the_loss(vlm):
     assert tokens > 0 and not torch.allclose(loss, loss_blank)
 
 
-def test_dpo_on_images_trains_with_the_disabled_adapter_as_reference(tmp_path, vlm):
+@pytest.mark.parametrize("family,template", [("qwen2_vl", "qwen2_vl"), ("pixtral", "ministral3")])
+def test_dpo_on_images_trains_with_the_disabled_adapter_as_reference(tmp_path, vlm, family, template):
     out = tmp_path / "dpo"
-    proc = _cli("dpo", f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_dpo_demo", "stage=dpo",
+    proc = _cli("dpo", f"model_name_or_path={vlm[family]}", f"template={template}", "dataset=mllm_dpo_demo", "stage=dpo",
                 "do_train=true", f"dataset_dir={vlm['data']}", "finetuning_type=lora", f"output_dir={out}",
                 "learning_rate=5e-3", "max_steps=4", "per_device_train_batch_size=2", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
