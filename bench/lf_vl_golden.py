@@ -1,14 +1,14 @@
 """LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data: the golden file of tests/test_vision.py.
 
-    .venv/bin/python bench/lf_vl_golden.py build DIR        # tiny Qwen2-VL / Qwen3-VL / LLaVA(-NeXT) / Gemma 3 / Pixtral
+    .venv/bin/python bench/lf_vl_golden.py build DIR        # the tiny families of FAMILIES
     bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
 
 The ``lf`` side never imports lmf. LLaMA-Factory loads its processor with ``AutoProcessor``, which needs
-torchvision for the Qwen-VL video processor and for PixtralProcessor (LLaVA's and Gemma 3's load as they are);
-torchvision's PyPI wheels do not load next to the CPU torch, so the processor here is the model's own PIL image
-processor (``Qwen2VLImageProcessorPil``, what transformers picks without torchvision; ``PixtralImageProcessorPil``
-with PixtralProcessor's attributes) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts;
-images only.
+torchvision for the Qwen-VL and LLaVA-NeXT-Video video processors and for PixtralProcessor (LLaVA's and Gemma 3's
+load as they are); torchvision's PyPI wheels do not load next to the CPU torch, so the processor here is the model's
+own PIL image processor (``Qwen2VLImageProcessorPil``, what transformers picks without torchvision;
+``PixtralImageProcessorPil`` with PixtralProcessor's attributes; LLaVA-NeXT-Video's frame steps through the PIL CLIP
+image processor) with the tokenizer, in an object LLaMA-Factory's ``load_tokenizer`` accepts.
 Each case stores per row the digest of ``[input_ids, labels]`` (tests/lf_parity/digest.py) and of the pixel
 inputs LLaMA-Factory's plugin builds for the row's images (videos: tokens only, LLaMA-Factory's video pixels need
 torchvision's video processor) (``image_grid_thw`` and ``pixel_values`` rounded to 1e-4). Pixel
@@ -61,6 +61,13 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                              "max_samples": 8, "cutoff_len": 2048}),
     ("llava_next_small_images", "llava_next", "sft", {"template": "llava_next", "dataset": "mllm_demo",
                                                       "cutoff_len": 2048, "image_max_pixels": 16384}),
+    ("llava_next_video_images", "llava_next_video", "sft", {"template": "llava_next_video",
+                                                             "dataset": "mllm_demo,identity", "max_samples": 8,
+                                                             "cutoff_len": 2048}),
+    ("llava_next_video_videos", "llava_next_video", "sft", {"template": "llava_next_video",
+                                                             "dataset": "mllm_video_demo", "cutoff_len": 2048,
+                                                             "video_max_pixels": 16384, "video_fps": 1.0,
+                                                             "video_maxlen": 8}),
     ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
     ("gemma3_dpo", "gemma3", "dpo", {"template": "gemma3", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
     ("pixtral_sft", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo,identity", "max_samples": 8,
@@ -70,7 +77,7 @@ CASES = [  # (name, model family dir, stage, LF keys)
     ("ministral3_dpo", "pixtral", "dpo", {"template": "ministral3", "dataset": "mllm_dpo_demo", "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
-FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "pixtral")
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
 OWN_PROCESSOR = ("llava", "llava_next", "gemma3")
 
@@ -151,6 +158,52 @@ def _processor(model_dir: str, tokenizer):
     return Qwen2VLProcessor()
 
 
+def _llava_next_video_processor(model_dir: str, tokenizer):
+    """LlavaNextVideoProcessor builds its video processor with torchvision: here the same settings through the PIL CLIP
+    image processor, frame by frame (what the video processor does: resize, center crop, rescale, normalize), with
+    the attributes LLaMA-Factory's LlavaNextVideoPlugin reads."""
+    import numpy as np
+    import torch
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next_video.processing_llava_next_video import LlavaNextVideoProcessor as Real
+
+    with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+    with open(os.path.join(model_dir, "video_preprocessor_config.json"), encoding="utf-8") as fh:
+        video = json.load(fh)
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
+    frames = CLIPImageProcessorPil(**{key: video[key] for key in keys if key in video})
+
+    class VideoProcessor:
+        def preprocess(self, videos, images=None, return_tensors=None):  # as LLaMA-Factory calls transformers' one
+            stacked = [np.stack(frames(list(v), return_tensors="np")["pixel_values"]) for v in videos]
+            return {"pixel_values_videos": torch.from_numpy(np.stack(stacked))}
+
+        __call__ = preprocess
+
+    class LlavaNextVideoProcessor:  # LLaMA-Factory's load_tokenizer checks the name
+        model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos"]
+        _get_number_of_features = Real._get_number_of_features
+        _get_unpadded_features = Real._get_unpadded_features
+
+        def __init__(self):
+            self.image_processor = LlavaNextImageProcessorPil.from_pretrained(model_dir)
+            self.video_processor = VideoProcessor()
+            self.tokenizer = tokenizer
+            self.patch_size = config["patch_size"]
+            self.vision_feature_select_strategy = config["vision_feature_select_strategy"]
+            self.num_additional_image_tokens = config["num_additional_image_tokens"]
+            self.image_token, self.video_token = config["image_token"], config["video_token"]
+
+        def save_pretrained(self, out_dir):
+            self.image_processor.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+
+    return LlavaNextVideoProcessor()
+
+
 def _pixtral_processor(model_dir: str, tokenizer):
     """PixtralProcessor asks for torchvision at construction: the same attributes around the model's PIL image
     processor (what LLaMA-Factory's PixtralPlugin reads: patch_size, spatial_merge_size, the break and end tokens)."""
@@ -213,6 +266,9 @@ def lf(out_dir: str, golden_path: str) -> None:
             AutoProcessor.from_pretrained = own_processor
         elif family == "pixtral":
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _pixtral_processor(model_dir, tokenizer))
+        elif family == "llava_next_video":
+            AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _llava_next_video_processor(model_dir,
+                                                                                                     tokenizer))
         else:
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
         config = dict(keys, stage="rm" if stage == "dpo" else stage, do_train=True, model_name_or_path=model_dir, finetuning_type="lora",

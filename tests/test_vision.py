@@ -236,12 +236,16 @@ def test_tokens_labels_and_pixels_equal_llamafactory(vlm_root, name):
     # under the golden's versions, grid / shape / sums within 0.1% under any
     exact = (transformers.__version__, PIL.__version__) == (_golden()["transformers"], _golden()["pillow"])
     for row, expected, stats in zip(rows, case["pixels"], case["pixel_stats"]):
-        if row["videos"]:  # videos: tokens compared above; the patches must cover the video tokens' grid
+        if row["videos"]:  # videos: tokens compared above; the frames / patches must cover the video tokens
             ids = torch.tensor([row["input_ids"]])
             inputs = data.media.model_inputs(row["images"], ids, tuple(row["videos"]))
-            grid = inputs["video_grid_thw"]
-            assert inputs["pixel_values_videos"].shape[0] == int(grid.prod(-1).sum())
-            assert int((ids == data.media.video_token_id).sum()) == int(grid.prod(-1).sum()) // 4
+            video_tokens = int((ids == data.media.video_token_id).sum())
+            if "video_grid_thw" in inputs:  # Qwen-VL: flattened patches, 2 x 2 merged
+                grid = inputs["video_grid_thw"]
+                assert inputs["pixel_values_videos"].shape[0] == int(grid.prod(-1).sum())
+                assert video_tokens == int(grid.prod(-1).sum()) // 4
+            else:  # LLaVA-NeXT-Video: frames, each pooled 2 x 2
+                assert video_tokens == inputs["pixel_values_videos"].shape[1] * data.media.frame_seqlen
         if expected is None:
             assert not row["images"]
             continue

@@ -22,12 +22,12 @@ TWO_PROCS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
 
 @pytest.fixture(scope="module")
 def vlm(tmp_path_factory) -> dict:
-    """Tiny qwen2_vl / qwen3_vl / qwen2_5_vl / llava / llava_next / gemma3 / pixtral models (the local tokenizer) and a data folder with
+    """Tiny models of each family of lmf.testing.tiny_vlm (the local tokenizer) and a data folder with
     mllm_demo and mllm_dpo_demo, built once per test run (read-only)."""
     from conftest import build_once
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "gemma3", "pixtral")
+    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral")
 
     def build(root):
         for family in families:
@@ -312,11 +312,12 @@ def test_api_takes_data_url_images_and_local_paths_only_inside_its_image_dir(tmp
         assert outside.status_code == 400 and "outside the server's image directory" in outside.text
 
 
-@pytest.mark.parametrize("family,template", [("qwen2_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl_nothink")])
+@pytest.mark.parametrize("family,template", [("qwen2_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl_nothink"),
+                                             ("llava_next_video", "llava_next_video")])
 def test_lora_sft_on_videos_and_images_trains(tmp_path, vlm, family, template):
     """LLaMA-Factory's mllm_video_demo (mp4 / avi, decoded with PyAV) mixed with mllm_demo's images in the same
-    micro-batches of a Qwen2-VL / Qwen3-VL (per-frame timestamps): every step trains (tokens and patch counts are
-    checked in test_vision.py)."""
+    micro-batches of a Qwen2-VL / Qwen3-VL (per-frame timestamps) / LLaVA-NeXT-Video: every step trains (tokens and
+    patch counts are checked in test_vision.py)."""
     pytest.importorskip("av")
     from test_vision import LF_DEMO
 

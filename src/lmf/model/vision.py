@@ -33,6 +33,8 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
                             language=("language_model", "lm_head")),
     "llava_next": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                                  language=("language_model", "lm_head")),  # image_newline: trained with full
+    "llava_next_video": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
+                                       language=("language_model", "lm_head")),
     "gemma3": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                              language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),

@@ -2,9 +2,10 @@
 
 ``build_tiny_vlm(out_dir, family)`` for the families lmf fine-tunes on images: ``qwen2_vl``, ``qwen2_5_vl`` and
 ``qwen3_vl`` (a vision tower of one block), ``llava`` (LLaVA-1.5 style: CLIP tower, Llama decoder), ``llava_next``
-(the same with LLaVA-NeXT's tiles of 56 x 56) and ``gemma3`` (SigLIP tower, Gemma 3 decoder), the last three on
-56 x 56 images; ``pixtral`` (LLaVA with Pixtral's tower and a Mistral decoder, images of up to 112 pixels a side). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny` with the
-Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
+(the same with LLaVA-NeXT's tiles), ``llava_next_video`` (LLaVA-NeXT with video frames) and ``gemma3`` (SigLIP
+tower, Gemma 3 decoder), these on 56 x 56 images (tiles, frames); ``pixtral`` (LLaVA with Pixtral's tower and a
+Mistral decoder, images of up to 112 pixels a side). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
+with the Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
 
@@ -21,7 +22,14 @@ LLAVA_TOKENS = ["<image>"]
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 #: Pixtral's image, row-break and end tokens.
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "gemma3", "pixtral")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral")
+#: LLaVA-NeXT-Video's frame processing (its video processor's settings, frames of SMALL_IMAGE pixels square)
+LLAVA_NEXT_VIDEO_FRAMES = {"video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True,
+                           "size": {"shortest_edge": 56}, "do_center_crop": True,
+                           "crop_size": {"height": 56, "width": 56},
+                           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+                           "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                           "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3}
 #: Pixtral's longest image side in the tiny build (images are resized to fit it, in 14-pixel patches).
 PIXTRAL_LONGEST = 112
 #: Image side of the LLaVA / Gemma 3 builds: 56 x 56 pixels, 14-pixel patches (16 patches).
@@ -44,7 +52,8 @@ QWEN_VL_TEMPLATE = (
 def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
-    extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "pixtral": PIXTRAL_TOKENS,
+    extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "llava_next_video": LLAVA_TOKENS + ["<video>"],
+             "pixtral": PIXTRAL_TOKENS,
              "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
@@ -90,6 +99,16 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                 eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     vision = _small_vision_config(family, hidden, vision_depth)
+    if family == "llava_next_video":
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextVideoConfig
+
+        return LlavaNextVideoConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                                    image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                    video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                    vision_feature_select_strategy="default", vision_feature_layer=-1,
+                                    image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, spatial_pool_stride=2,
+                                    image_seq_length=(SMALL_IMAGE // PATCH) ** 2,
+                                    video_seq_length=(SMALL_IMAGE // PATCH) ** 2 // 4, tie_word_embeddings=False)
     if family == "llava_next":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
@@ -125,7 +144,7 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
 
 
 def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
-    if family in ("llava", "llava_next", "gemma3", "pixtral"):
+    if family in ("llava", "llava_next", "llava_next_video", "gemma3", "pixtral"):
         return _other_config(family, tok, hidden, layers, vision_depth)
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
@@ -168,7 +187,7 @@ def _image_processor(family: str, min_pixels: int, max_pixels: int):
 
         return CLIPImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
                                      crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE})
-    if family == "llava_next":
+    if family in ("llava_next", "llava_next_video"):
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
         return LlavaNextImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
@@ -217,12 +236,18 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                            "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
                  "llava_next": {"processor_class": "LlavaNextProcessor", "patch_size": PATCH,
                                 "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+                 "llava_next_video": {"processor_class": "LlavaNextVideoProcessor", "patch_size": PATCH,
+                                      "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
+                                      "image_token": "<image>", "video_token": "<video>"},
                  "gemma3": {"processor_class": "Gemma3Processor", "image_seq_length": 4},
                  "pixtral": {"processor_class": "PixtralProcessor", "patch_size": PATCH, "spatial_merge_size": 1,
                              "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
                              "image_end_token": "[IMG_END]"}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
+    if family == "llava_next_video":  # its video processor needs torchvision to be built: its settings, written
+        with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w", encoding="utf-8") as fh:
+            json.dump(LLAVA_NEXT_VIDEO_FRAMES, fh)
     return out_dir
 
 

@@ -1,4 +1,5 @@
-"""The LLaVA family's vision plugins: LLaVA-1.5 (LLaMA-Factory's LlavaPlugin) and LLaVA-NeXT (LlavaNextPlugin)."""
+"""The LLaVA family's vision plugins: LLaVA-1.5 (LLaMA-Factory's LlavaPlugin), LLaVA-NeXT (LlavaNextPlugin) and
+LLaVA-NeXT-Video (LlavaNextVideoPlugin)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,64 @@ class LlavaNextPlugin(MediaPlugin):
     def image_seqlen(self, path: str) -> int:
         width, height = self.resized_size(path)
         return int(self._features(height, width, *self.tile)) - int(self._less_one)
+
+
+@dataclass
+class LlavaNextVideoPlugin(LlavaNextPlugin):
+    """LLaVA-NeXT-Video: images as LLaVA-NeXT; a video's frames sampled by ``video_fps`` / ``video_maxlen`` and
+    resized by ``video_max_pixels`` / ``video_min_pixels`` (LLaMA-Factory's base rules), then the video processor's
+    resize and center crop (``video_preprocessor_config.json``): ``<video>`` x (crop patches / 4, the model's 2 x 2
+    pooling) per frame, as LLaMA-Factory's LlavaNextVideoPlugin counts them. The frames of a batch's videos go to the
+    model as one sequence of frames: its video features fill the ``<video>`` tokens in order either way, and videos of
+    different lengths need no padding. LLaMA-Factory counts every video of a sample with the first one's frames; lmf
+    counts each with its own (the same on one video per sample)."""
+
+    video_token: str = "<video>"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
+        video = self.processor_config.get("video_processor", {})
+        self.frame_processor = _frame_processor(video)
+        crop = video.get("crop_size") or {"height": 224, "width": 224}
+        patch = int(self.processor_config.get("patch_size") or 14)
+        self.frame_seqlen = (crop["height"] // patch) * (crop["width"] // patch) // 4
+
+    def vision_tokens(self) -> tuple[str, ...]:
+        return (self.image_token, self.video_token)
+
+    def count_image_tokens(self, ids: list[int]) -> int:
+        return ids.count(self.image_token_id) + ids.count(self.video_token_id)
+
+    def _indices(self, path: str) -> list[int]:
+        from lmf.data.media.videos import video_metadata
+
+        return video_metadata(path, self.options.video_fps, self.options.video_maxlen)["indices"]
+
+    def video_text(self, path: str) -> str:
+        return self.video_token * (self.frame_seqlen * len(self._indices(path)))
+
+    def video_inputs(self, videos: list[str]) -> dict:
+        """``pixel_values_videos``: ``[1, all frames, 3, crop height, crop width]``."""
+        import torch
+
+        from lmf.data.media.videos import load_frames
+
+        o = self.options
+        frames = [frame for path in videos for frame in
+                  load_frames(path, self._indices(path), o.video_max_pixels, o.video_min_pixels, qwen_rules=False)]
+        pixels = self.frame_processor(frames, return_tensors="pt")["pixel_values"]
+        return {"pixel_values_videos": torch.as_tensor(pixels).unsqueeze(0)}
+
+    def expected_tokens(self, inputs: dict, pictures: int) -> None:
+        return None  # images (anyres) and videos: counted at preprocessing, checked by the model
+
+
+def _frame_processor(config: dict):
+    """The video processor's per-frame steps (resize the shortest side, center crop, rescale, normalize) with
+    transformers' PIL CLIP image processor, which runs without torchvision; its defaults are LLaVA-NeXT-Video's."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
+    return CLIPImageProcessorPil(**{key: config[key] for key in keys if key in config})

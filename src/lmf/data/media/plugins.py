@@ -2,6 +2,7 @@
 as LLaMA-Factory 0.9.5's mm_plugin does: :class:`~lmf.data.media.qwen_vl.QwenVLPlugin` (templates ``qwen2_vl``,
 ``qwen3_vl``, ``qwen3_vl_nothink``, ...), :class:`~lmf.data.media.llava.LlavaPlugin` (``llava``),
 :class:`~lmf.data.media.llava.LlavaNextPlugin` (``llava_next``, ``llava_next_*``),
+:class:`~lmf.data.media.llava.LlavaNextVideoPlugin` (``llava_next_video``, ``llava_next_video_*``: images and videos),
 :class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``), :class:`~lmf.data.media.pixtral.PixtralPlugin`
 (``pixtral``, ``ministral3``, ...); what they share: :mod:`lmf.data.media.plugin_base`.
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 
 from lmf.data.media.gemma3 import Gemma3Plugin
-from lmf.data.media.llava import LlavaNextPlugin, LlavaPlugin
+from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin
 from lmf.data.media.pixtral import PixtralPlugin
 from lmf.data.media.plugin_base import MediaOptions, MediaPlugin  # noqa: F401 - the plugins' shared base, here too
 from lmf.data.media.qwen_vl import QwenVLPlugin
@@ -21,9 +22,10 @@ from lmf.extras.errors import ConfigError, NotAvailableError
 
 #: LLaMA-Factory's mm_plugin names lmf implements -> plugin class name.
 IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
-               "LlavaNextPlugin": "LlavaNextPlugin", "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin"}
+               "LlavaNextPlugin": "LlavaNextPlugin", "LlavaNextVideoPlugin": "LlavaNextVideoPlugin",
+               "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin"}
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
-           "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin}
+           "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin}
 
 
 def has_image_processor(model_path: str) -> bool:

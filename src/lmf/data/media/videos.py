@@ -1,4 +1,4 @@
-"""Video files for the Qwen-VL family, as LLaMA-Factory 0.9.5 reads them (PyAV, ``pip install 'lmf[video]'``).
+"""Video files, as LLaMA-Factory 0.9.5 reads them (PyAV, ``pip install 'lmf[video]'``).
 
 - :func:`video_problem`: why a file is not a usable video (missing, not decodable, no video stream).
 - :func:`video_metadata`: size, frame rate and the frames LLaMA-Factory samples (``video_fps`` frames per
@@ -65,9 +65,10 @@ def video_metadata(path: str, fps: float, maxlen: int) -> dict:
                 "indices": sample_indices(stream.frames, duration, fps, maxlen)}
 
 
-def load_frames(path: str, indices: list[int], max_pixels: int, min_pixels: int) -> list:
-    """The frames at ``indices`` (the sampled ones, :func:`video_metadata`) as RGB PIL images, regularized and padded
-    to an even count."""
+def load_frames(path: str, indices: list[int], max_pixels: int, min_pixels: int, qwen_rules: bool = True) -> list:
+    """The frames at ``indices`` (the sampled ones, :func:`video_metadata`) as RGB PIL images, resized by
+    LLaMA-Factory's image rules; ``qwen_rules`` (the Qwen-VL family's): its side and aspect rules too, and padded to an
+    even count (two frames per temporal patch)."""
     from lmf.data.media.images import resize_like_llamafactory
 
     av = _av()
@@ -84,9 +85,9 @@ def load_frames(path: str, indices: list[int], max_pixels: int, min_pixels: int)
 
         raise DataError(f"video file {path!r}: {len(frames)} of the {len(wanted)} frames its container promises could "
                         "be decoded (its frame count is wrong or the file is damaged); re-encode it")
-    if len(frames) % 2:
+    if qwen_rules and len(frames) % 2:
         frames.append(frames[-1])
-    return [resize_like_llamafactory(f, max_pixels, min_pixels, qwen_rules=True) for f in frames]
+    return [resize_like_llamafactory(f, max_pixels, min_pixels, qwen_rules=qwen_rules) for f in frames]
 
 
 def qwen_video_patches(frames: list, resized: tuple[int, int], patch: int, temporal: int, merge: int,
