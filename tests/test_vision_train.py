@@ -246,9 +246,18 @@ def test_dpo_on_images_trains_with_the_disabled_adapter_as_reference(tmp_path, v
 
 
 @pytest.mark.slow
-def test_two_process_ddp_and_fsdp2_train_images_like_one_process(tmp_path, vlm):
-    common = (f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_demo", "stage=sft", "do_train=true",
-              f"dataset_dir={vlm['data']}", "finetuning_type=lora", "learning_rate=5e-3", "max_steps=2",
+def test_two_process_ddp_and_fsdp2_train_images_and_videos_like_one_process(tmp_path, vlm):
+    """LLaMA-Factory's demo videos mixed with its images (images only where ../shared's demo data is not here)."""
+    import importlib.util
+
+    from test_vision import LF_DEMO
+
+    videos = os.path.isdir(LF_DEMO) and importlib.util.find_spec("av") is not None
+    data = _golden_module().data_dir(str(tmp_path), LF_DEMO) if videos else vlm["data"]
+    media = ("dataset=mllm_video_demo,mllm_demo", "video_max_pixels=16384", "video_maxlen=4", "video_fps=1.0") \
+        if videos else ("dataset=mllm_demo",)
+    common = (f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", *media, "stage=sft", "do_train=true",
+              f"dataset_dir={data}", "finetuning_type=lora", "learning_rate=5e-3", "max_steps=2",
               "max_samples=8", "logging_steps=1", "disable_tqdm=true", "report_to=none", "dataloader_num_workers=0")
     single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
     p1 = _cli("sft", *common, f"output_dir={single}", "gradient_accumulation_steps=4")
