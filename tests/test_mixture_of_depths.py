@@ -108,6 +108,14 @@ def test_llamafactorys_example_trains_saves_its_routers_and_load_serves_it(tmp_p
         routers = {k: fh.get_tensor(k) for k in fh.keys() if "mod_router" in k}
     assert sorted(routers) == ["model.layers.1.mod_router.bias", "model.layers.1.mod_router.weight"]
 
+    from lmf.model.mixture_of_depths import routes_positions
+
+    with pytest.raises(ConfigError, match=r"convert would replace the trained routers"):
+        again = build_config({"model_name_or_path": str(out), "template": "llama3", "finetuning_type": "full",
+                              "mixture_of_depths": "convert"})
+        load_model(again, load_tokenizer(again.model), is_trainable=True)
+    plain = build_config({"model_name_or_path": str(out), "template": "llama3"})
+    assert not routes_positions(load_model(plain, load_tokenizer(plain.model), is_trainable=False).config)
     serve = {"model_name_or_path": str(out), "template": "llama3", "mixture_of_depths": "load"}
     cfg = build_config(serve)
     model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=False)
@@ -134,10 +142,34 @@ def test_llamafactorys_example_trains_saves_its_routers_and_load_serves_it(tmp_p
     ({"stage": "pt"}, r"'mixture_of_depths' and 'packing' / 'neat_packing' do not combine"),
     ({"infer_backend": "vllm"}, r"'mixture_of_depths' and 'infer_backend: vllm'"),
     ({"flash_attn": "fa2"}, r"'mixture_of_depths' and 'flash_attn: fa2'"),
+    ({"init_on_meta": True}, r"'init_on_meta' and 'mixture_of_depths: convert' do not combine"),
 ])
 def test_combinations_are_refused_naming_both_keys(keys, message):
     with pytest.raises(ConfigError, match=message):
         build_config({"model_name_or_path": "m", "mixture_of_depths": "convert", "finetuning_type": "full", **keys})
+
+
+def test_the_padding_mask_reaches_routed_layers_and_a_sliding_window_hides_no_real_position(tiny_llama_dir):
+    from lmf.model.forward import decoder_hidden_states
+    from lmf.model.loader import load_model, load_tokenizer
+    from lmf.model.mixture_of_depths import _valid_keys
+
+    cfg = build_config({"model_name_or_path": tiny_llama_dir, "template": "qwen", "finetuning_type": "full",
+                        "mixture_of_depths": "convert", "disable_gradient_checkpointing": True})
+    model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=True)  # padding-free off: one sample per row
+    seen = []
+    model.model.layers[1].register_forward_pre_hook(lambda m, a, k: seen.append(k.get("attention_mask")),
+                                                    with_kwargs=True)
+    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    keep = torch.ones(2, 24, dtype=torch.long)
+    keep[1, 10:] = 0  # right padding on CPU: lmf drops this mask for dense models, not for routed ones
+    with torch.no_grad():
+        decoder_hidden_states(model, ids, attention_mask=keep)
+    assert seen and seen[0] is not None
+    assert _valid_keys(seen[0], 2, 24).tolist() == keep.bool().tolist()
+    pos = torch.arange(32)
+    sliding = ((pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < 8))[None, None]
+    assert _valid_keys(sliding, 1, 32).all()  # the last row sees 8 keys; every real key is seen by some row
 
 
 def test_convert_is_for_training_and_load_needs_a_model_trained_so(tiny_llama_dir):

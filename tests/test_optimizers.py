@@ -234,6 +234,8 @@ def test_combinations_that_cannot_work_are_refused():
         plan_parallelism(build_config({**base, "use_galore": True, "fsdp": "full_shard"}), 2)
     with pytest.raises(ConfigError, match="one process"):
         plan_parallelism(build_config({**base, "use_badam": True}), 2)
+    with pytest.raises(ConfigError, match="'optim': adamw_8bit with FSDP sharding"):
+        plan_parallelism(build_config({**base, "optim": "adamw_8bit", "fsdp": "full_shard"}), 2)
     assert build_config({**base, "use_muon": True, "finetuning_type": "lora"}).finetuning.use_muon  # as in LF
 
 

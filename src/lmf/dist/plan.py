@@ -162,6 +162,12 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-1/2/3) has no loss scaling in lmf; use "
                           "bf16: true")
     _check_optimizer_parallelism(cfg.finetuning, mode, world_size, bool(ds and ds.offload))
+    from lmf.config.values import BNB_ADAMW
+
+    if t.optim in BNB_ADAMW and ((mode == "fsdp" and world_size > 1) or (ds and ds.offload)):
+        raise ConfigError(f"config key 'optim': {t.optim} with FSDP sharding or offload (fsdp / deepspeed ZeRO-2/3) is "
+                          "not implemented (bitsandbytes' optimizers take whole, plain tensors); use DDP (no fsdp, "
+                          "ZeRO-0/1) or optim: adamw_torch")
     if t.save_on_each_node and ((mode == "fsdp" and world_size > 1) or (ds and ds.offload)):
         raise ConfigError("config key 'save_on_each_node' under FSDP sharding (fsdp, or a DeepSpeed ZeRO-2/3 config) "
                           "is not implemented in lmf: the full state is gathered on global rank 0 only; train with "

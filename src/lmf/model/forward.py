@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from lmf.model.mixture_of_depths import routes_positions
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -122,7 +124,7 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
         input_ids = input_ids.reshape(-1).index_select(0, keep).unsqueeze(0)
     if position_ids is not None:
         attention_mask = None
-    elif attention_mask is not None and _right_padded_cpu(attention_mask):
+    elif attention_mask is not None and _right_padded_cpu(attention_mask) and not routes_positions(config):
         attention_mask = None  # causal attention never looks at the padding after a row's last token
     extra = {"output_router_logits": True} if getattr(causal_lm, ROUTER_LOGITS_FLAG, False) else {}
     if position_ids is None:

@@ -278,6 +278,9 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     check_pre_quantized(cfg.model, raw_config)
     model_class = model_class_of(path, _trust_remote_code(cfg.model, path)) if local else None
     attn = resolve_attn_implementation(cfg.model.flash_attn, device, dtype, model_class, raw_config)
+    if cfg.model.mixture_of_depths and attn == "flash_attention_2":  # routed positions attend through a 4-D mask
+        attn = "sdpa"
+        logger.info("mixture_of_depths: attention through sdpa (its routed positions need a 4-D mask)")
     if is_trainable and cfg.model.shift_attn:
         from lmf.model.shift_attention import attn_implementation_for
 
@@ -285,10 +288,9 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     fit_embeddings_to_tokenizer(cfg, model, tokenizer)
-    if cfg.model.mixture_of_depths:
-        from lmf.model.mixture_of_depths import apply_mixture_of_depths
+    from lmf.model.mixture_of_depths import apply_mixture_of_depths
 
-        apply_mixture_of_depths(cfg.model.mixture_of_depths, model, path, is_trainable)
+    apply_mixture_of_depths(cfg.model.mixture_of_depths, model, path, is_trainable)
     if tokenizer is not None and getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 

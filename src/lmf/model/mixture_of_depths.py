@@ -82,18 +82,34 @@ def load(model, path: str):
     return model
 
 
-def apply_mixture_of_depths(mode: str, model, path: str, is_trainable: bool) -> None:
-    """The ``mixture_of_depths`` key at load time: ``convert`` (training) or ``load``."""
+def apply_mixture_of_depths(mode: Optional[str], model, path: str, is_trainable: bool) -> None:
+    """The ``mixture_of_depths`` key at load time: ``convert`` (training) or ``load``; unset on a model trained with
+    it: the dense model, said in the log (its routers are not loaded)."""
+    if mode is None:
+        if routes_positions(model.config):
+            logger.warning("%s was trained with mixture_of_depths; without mixture_of_depths: load it runs as the "
+                           "dense model (its routers are not loaded)", path)
+            delattr(model.config, CONFIG_KEY)
+        return
     reason = unsupported_reason(model.config.get_text_config())
     if reason:
         raise ConfigError(f"config key 'mixture_of_depths' is not implemented for {reason}")
     if mode == "load":
         load(model, path)
+    elif routes_positions(model.config):
+        raise ConfigError(f"config key 'mixture_of_depths': convert would replace the trained routers of {path!r} with "
+                          "new ones; use mixture_of_depths: load")
     elif is_trainable:
         convert(model)
     else:
         raise ConfigError("config key 'mixture_of_depths': convert starts new (untrained) routers, for training; "
                           "load the trained model with mixture_of_depths: load")
+
+
+def routes_positions(config) -> bool:
+    """Whether the model of ``config`` has routed layers (its padding mask must reach them: padding is never routed
+    while a real position is left)."""
+    return bool(getattr(config, CONFIG_KEY, None))
 
 
 def unsupported_reason(config) -> Optional[str]:
@@ -142,15 +158,15 @@ def routed_forward(layer, forward, capacity: float, hidden_states, attention_mas
 
 
 def _valid_keys(attention_mask, batch: int, length: int):
-    """[B, L] bool: the positions that are not padding, read from the last query row of a 4-D mask (it sees every
-    real key of the row), or None."""
+    """[B, L] bool: the positions that are not padding (a key some query of the row may attend to: every real one
+    attends to itself, under any causal or sliding-window mask), or None without a 4-D mask."""
     import torch
 
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
         return None
-    last = attention_mask[:, 0, -1, :length]
-    valid = last if last.dtype == torch.bool else last == 0
-    return valid.expand(batch, -1)
+    mask = attention_mask[:, 0, :, :length]
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    return allowed.any(dim=1).expand(batch, -1)
 
 
 def _gather_positions(tensor, index, batch: int):
@@ -177,8 +193,11 @@ def _router_tensors(path: str) -> dict:
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as fh:
             files = sorted(set(json.load(fh)["weight_map"].values()))
-    else:
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"config key 'mixture_of_depths': load reads the routers from safetensors files; "
+                          f"{path!r} has none (model.safetensors or its index)")
     state = {}
     for name in files:
         with safe_open(os.path.join(path, name), framework="pt") as fh:

@@ -110,14 +110,14 @@ def grouped_attention(query, key, value, attention_mask=None, dropout: float = 0
     if padded != length:
         query, key, value = (F.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
     half, shift = heads // 2, g // 2
-    allowed = _padded_mask(attention_mask, batch, length, padded, query.device)
+    allowed = _bool_mask(attention_mask, length, padded)
 
     def attend(tensors, start: int, stop: int, size: int):
         """Heads' slice ``tensors`` ([B, h, Lp, D] each) over groups of ``size`` covering ``[start, stop)``."""
         count = (stop - start) // size
         q, k, v = (t[:, :, start:stop].reshape(batch, t.shape[1], count, size, dim).transpose(1, 2)
                    .reshape(batch * count, t.shape[1], size, dim) for t in tensors)
-        mask = None if allowed is None else _diagonal_blocks(allowed[:, :, start:stop, start:stop], size)
+        mask = None if allowed is None else _group_masks(allowed, start, count, size, batch)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
                                              is_causal=mask is None)
         return out.reshape(batch, count, -1, size, dim).transpose(1, 2).reshape(batch, -1, stop - start, dim)
@@ -132,23 +132,29 @@ def grouped_attention(query, key, value, attention_mask=None, dropout: float = 0
     return torch.cat((plain, shifted), dim=1)[:, :, :length]
 
 
-def _padded_mask(attention_mask, batch: int, length: int, padded: int, device):
-    """The row's mask as bool ``[B, 1, Lp, Lp]`` (positions past ``length`` see only themselves), or None when causal."""
+def _bool_mask(attention_mask, length: int, padded: int):
+    """The row's mask as bool ``[B or 1, 1, Lp, Lp]`` (True attends; positions past ``length`` see nothing), or None
+    (causal). A bool mask of the row's size is used as it is: no copy of the ``L x L`` mask."""
     import torch
+    import torch.nn.functional as F
 
     if attention_mask is None:
         return None
     allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    allowed = allowed[:, :, :length, :length].expand(batch, 1, length, length)
-    out = torch.zeros(batch, 1, padded, padded, dtype=torch.bool, device=device)
-    out[:, :, :length, :length] = allowed
-    # every position may see itself: a row of padding inside a group would otherwise attend to nothing (NaN)
-    return out | torch.eye(padded, dtype=torch.bool, device=device)
+    allowed = allowed[:, :1, :length, :length]
+    if padded > length:
+        allowed = F.pad(allowed, (0, padded - length, 0, padded - length), value=False)
+    return allowed.contiguous()
 
 
-def _diagonal_blocks(allowed, g: int):
-    """``[B, 1, n * g, n * g]`` -> the ``g x g`` blocks on its diagonal, ``[B * n, 1, g, g]``."""
-    batch, _, size, _ = allowed.shape
-    n_groups = size // g
-    blocks = allowed.reshape(batch, n_groups, g, n_groups, g).diagonal(dim1=1, dim2=3)  # [B, g, g, n_groups]
-    return blocks.permute(0, 3, 1, 2).reshape(batch * n_groups, 1, g, g)
+def _group_masks(allowed, start: int, count: int, size: int, batch: int):
+    """The ``count`` diagonal ``size x size`` blocks of ``allowed`` from ``start``, as ``[B * count, 1, size, size]``
+    (read through a strided view: only the blocks are copied); each position may see itself, so a group of padding
+    alone attends to something (no NaN)."""
+    import torch
+
+    side = allowed.shape[-1]
+    blocks = allowed.as_strided((allowed.shape[0], count, size, size), (allowed.stride(0), size * side + size, side, 1),
+                                allowed.storage_offset() + start * side + start)
+    blocks = blocks | torch.eye(size, dtype=torch.bool, device=allowed.device)
+    return blocks.expand(batch, -1, -1, -1).reshape(batch * count, 1, size, size)

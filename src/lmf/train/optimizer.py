@@ -86,9 +86,6 @@ def _bitsandbytes_adamw(groups: list[dict], args: "TrainingArguments"):
         import bitsandbytes as bnb
     except ImportError:
         raise NotAvailableError(f"optim: {args.optim} needs bitsandbytes: pip install 'lmf[qlora]'") from None
-    if any(type(p).__name__ == "DTensor" for g in groups for p in g["params"]):
-        raise ConfigError(f"config key 'optim': {args.optim} under FSDP sharding is not implemented (bitsandbytes' "
-                          "optimizers take plain tensors); use DDP or optim: adamw_torch")
     bits, paged = BNB_ADAMW[args.optim]
     if paged and not all(p.is_cuda for g in groups for p in g["params"]):
         paged = False

@@ -33,7 +33,7 @@ def init_on_rank0_applies(cfg: "LmfConfig") -> None:
 
 
 @rule("init_on_meta", "init_on_rank0", "finetuning_type", "stage", "quantization_bit", "train_from_scratch",
-      "resize_vocab", "add_tokens", "add_special_tokens", "new_special_tokens_config")
+      "resize_vocab", "add_tokens", "add_special_tokens", "new_special_tokens_config", "mixture_of_depths")
 def init_on_meta_applies(cfg: "LmfConfig") -> None:
     m, ft = cfg.model, cfg.finetuning
     if not m.init_on_meta:
@@ -50,6 +50,9 @@ def init_on_meta_applies(cfg: "LmfConfig") -> None:
     if m.quantization_bit is not None or m.train_from_scratch:
         raise ConfigError("config key 'init_on_meta' reads the sharded weights from the checkpoint: it does not "
                           "combine with quantization_bit or train_from_scratch")
+    if m.mixture_of_depths == "convert":
+        raise ConfigError("config keys 'init_on_meta' and 'mixture_of_depths: convert' do not combine: the new routers "
+                          "are not in the checkpoint; use init_on_rank0")
     if m.resize_vocab or m.add_tokens or m.add_special_tokens or m.new_special_tokens_config:
         raise ConfigError("config key 'init_on_meta' reads the checkpoint's tensors as they are: it does not combine "
                           "with resized embeddings (resize_vocab, add_tokens, add_special_tokens, "

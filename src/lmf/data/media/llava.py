@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmf.data.media.plugin_base import MediaPlugin
+from lmf.extras.errors import NotAvailableError
 
 
 @dataclass
@@ -75,8 +76,11 @@ class LlavaNextVideoPlugin(LlavaNextPlugin):
         super().__post_init__()
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
         video = self.processor_config.get("video_processor", {})
-        self.frame_processor = _frame_processor(video)
         crop = video.get("crop_size") or {"height": 224, "width": 224}
+        if video.get("do_center_crop") is False or not isinstance(crop, dict) or not {"height", "width"} <= set(crop):
+            raise NotAvailableError("LLaVA-NeXT-Video: a video processor without a center crop to crop_size {height, "
+                                    "width} (video_preprocessor_config.json) is not implemented in lmf")
+        self.frame_processor = _frame_processor(video)
         patch = int(self.processor_config.get("patch_size") or 14)
         self.frame_seqlen = (crop["height"] // patch) * (crop["width"] // patch) // 4
 
