@@ -70,6 +70,8 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                                              "video_maxlen": 8}),
     ("gemma3_sft", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 1024}),
     ("gemma3_dpo", "gemma3", "dpo", {"template": "gemma3", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
+    ("gemma3_pan_and_scan", "gemma3", "sft", {"template": "gemma3", "dataset": "mllm_demo", "cutoff_len": 2048,
+                                              "image_do_pan_and_scan": True}),
     ("pixtral_sft", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo,identity", "max_samples": 8,
                                        "cutoff_len": 2048}),
     ("pixtral_small_images", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo", "cutoff_len": 2048,
@@ -230,6 +232,22 @@ def _pixtral_processor(model_dir: str, tokenizer):
     return PixtralProcessor()
 
 
+def _nested_num_crops(image_processor) -> None:
+    """LLaMA-Factory 0.9.5's Gemma3Plugin reads ``num_crops[0][i]``, transformers 4's nesting (one list per batch);
+    transformers 5 returns one flat tensor, on which LLaMA-Factory stops with an IndexError on every image. The
+    golden takes what LLaMA-Factory meant: the processor's crop counts in the nesting it indexes."""
+    base = type(image_processor)
+
+    class Nested(base):
+        def __call__(self, *args, **kwargs):
+            out = base.__call__(self, *args, **kwargs)
+            if "num_crops" in out:
+                out["num_crops"] = [out["num_crops"].tolist()]
+            return out
+
+    image_processor.__class__ = Nested
+
+
 def _smart_resize_without_torchvision() -> None:
     """LLaMA-Factory's video token count imports ``smart_resize`` from transformers' torchvision image processor
     module; the PIL module holds the same function (copied from it), so that module's name is given it alone."""
@@ -276,6 +294,8 @@ def lf(out_dir: str, golden_path: str) -> None:
                       overwrite_cache=True, report_to="none", preprocessing_num_workers=1)
         model_args, data_args, training_args, _, _ = get_train_args(config)
         module = lf_loader.load_tokenizer(model_args)
+        if keys.get("image_do_pan_and_scan"):
+            _nested_num_crops(module["processor"].image_processor)
         template = get_template_and_fix_tokenizer(module["tokenizer"], data_args)
         lf_stage = "rm" if stage == "dpo" else stage  # LLaMA-Factory tokenizes DPO data as stage rm
         dataset = get_dataset(template, model_args, data_args, training_args, stage=lf_stage, **module)["train_dataset"]

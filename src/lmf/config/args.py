@@ -150,6 +150,8 @@ class DataArguments:
     media_dir: Optional[str] = _f(None, "Folder for images/videos/audios (defaults to dataset_dir).")
     image_max_pixels: int = _f(768 * 768, "Images larger than this many pixels are scaled down (LLaMA-Factory's rule).")
     image_min_pixels: int = _f(32 * 32, "Images smaller than this many pixels are scaled up.")
+    image_do_pan_and_scan: bool = _f(False, "Gemma 3: each image also as pan-and-scan crops (LLaMA-Factory's settings: "
+                                            "crops of >= 256 pixels, at most 4, from an aspect ratio of 1.2).")
     video_max_pixels: int = _f(256 * 256, "Video frames larger than this many pixels are scaled down (Qwen2-VL / "
                                           "Qwen2.5-VL videos; LLaMA-Factory's rule).")
     video_min_pixels: int = _f(16 * 16, "Video frames smaller than this are scaled up.")
@@ -214,7 +216,6 @@ class FinetuningArguments:
     loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: the LoRA B matrices train at learning_rate x this ratio.")
     loraplus_lr_embedding: float = _f(1e-6, "LoRA+: learning rate of the B matrices of LoRA on embeddings.")
     create_new_adapter: bool = _f(False, "Create a new adapter on top of loaded ones instead of resuming them.")
-    # oft
     oft_rank: int = _f(0, "OFT: number of orthogonal blocks per layer (0: set by oft_block_size).")
     oft_block_size: int = _f(32, "OFT: size of each orthogonal block (0: set by oft_rank).")
     oft_target: str = _f("all", "OFT: comma-separated module names, or 'all' for every linear layer but the head.")
@@ -250,7 +251,6 @@ class FinetuningArguments:
     precompute_ref_log_probs: bool = _f(False, "Compute reference log-probs once before training (full fine-tuning).")
     kto_chosen_weight: float = _f(1.0, "KTO: weight of the loss of desirable answers.")
     kto_rejected_weight: float = _f(1.0, "KTO: weight of the loss of undesirable answers.")
-    # misc
     plot_loss: bool = _f(False, "Write training_loss.png at the end.")
     compute_accuracy: bool = _f(False, "Compute token accuracy during evaluation.")
     disable_shuffling: bool = _f(False, "Do not shuffle the training data.")

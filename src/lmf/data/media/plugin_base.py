@@ -25,11 +25,13 @@ class MediaOptions:
     video_min_pixels: int = 16 * 16
     video_fps: float = 2.0
     video_maxlen: int = 128
+    image_do_pan_and_scan: bool = False
 
     @classmethod
     def from_data_args(cls, data_args) -> "MediaOptions":
         return cls(data_args.image_max_pixels, data_args.image_min_pixels, data_args.video_max_pixels,
-                   data_args.video_min_pixels, data_args.video_fps, data_args.video_maxlen)
+                   data_args.video_min_pixels, data_args.video_fps, data_args.video_maxlen,
+                   data_args.image_do_pan_and_scan)
 
 
 @dataclass
