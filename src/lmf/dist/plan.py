@@ -161,18 +161,13 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
     if mode == "fsdp" and t.fp16:
         raise ConfigError("fp16 with FSDP sharding (fsdp / deepspeed ZeRO-1/2/3) has no loss scaling in lmf; use "
                           "bf16: true")
-    _check_optimizer_parallelism(cfg.finetuning, mode, world_size, bool(ds and ds.offload))
-    from lmf.config.values import BNB_ADAMW
-
-    if t.optim in BNB_ADAMW and ((mode == "fsdp" and world_size > 1) or (ds and ds.offload)):
-        raise ConfigError(f"config key 'optim': {t.optim} with FSDP sharding or offload (fsdp / deepspeed ZeRO-2/3) is "
-                          "not implemented (bitsandbytes' optimizers take whole, plain tensors); use DDP (no fsdp, "
-                          "ZeRO-0/1) or optim: adamw_torch")
-    if t.save_on_each_node and ((mode == "fsdp" and world_size > 1) or (ds and ds.offload)):
+    offload = bool(ds and ds.offload)
+    sharded = (mode == "fsdp" and world_size > 1) or offload  # one process trains unsharded unless it offloads
+    _check_optimizer_parallelism(cfg.finetuning, t.optim, sharded, world_size)
+    if t.save_on_each_node and sharded:
         raise ConfigError("config key 'save_on_each_node' under FSDP sharding (fsdp, or a DeepSpeed ZeRO-2/3 config) "
                           "is not implemented in lmf: the full state is gathered on global rank 0 only; train with "
                           "DDP, or write to a filesystem every node shares")
-    offload = bool(ds and ds.offload)
     if offload and cfg.model.quantization_bit is not None:
         raise ConfigError("config keys 'quantization_bit' and 'deepspeed' offload do not combine")
     from_rank0 = bool(cfg.model.init_on_rank0) and mode == "fsdp" and world_size > 1 and shard_size is None
@@ -198,15 +193,21 @@ def plan_parallelism(cfg: "LmfConfig", world_size: int, announce: bool = True) -
                         bool(ds and ds.pin_memory), from_rank0, from_checkpoint, ds)
 
 
-def _check_optimizer_parallelism(ft, mode: str, world_size: int, offload: bool) -> None:
-    """GaLore/APOLLO/BAdam/Adam-mini/Muon work on whole weight matrices: one process or DDP, never FSDP shards;
-    the layerwise variants and BAdam (it switches requires_grad, which DDP's reducer cannot follow) need one."""
+def _check_optimizer_parallelism(ft, optim: str, sharded: bool, world_size: int) -> None:
+    """GaLore/APOLLO/BAdam/Adam-mini/Muon and bitsandbytes' AdamW (``optim``) work on whole, plain weight matrices:
+    one process or DDP, never FSDP shards (``sharded``); the layerwise variants and BAdam (it switches requires_grad,
+    which DDP's reducer cannot follow) need one."""
     from lmf.config.rules.methods import OPTIMIZER_SWITCHES
+    from lmf.config.values import BNB_ADAMW
 
+    if optim in BNB_ADAMW and sharded:
+        raise ConfigError(f"config key 'optim': {optim} with FSDP sharding or offload (fsdp / deepspeed ZeRO-2/3) is "
+                          "not implemented (bitsandbytes' optimizers take whole, plain tensors); use DDP (no fsdp, "
+                          "ZeRO-0/1) or optim: adamw_torch")
     on = [k for k in OPTIMIZER_SWITCHES if getattr(ft, k, False)]
     if not on:
         return
-    if (mode == "fsdp" and world_size > 1) or offload:  # one process trains unsharded anyway
+    if sharded:
         raise ConfigError(f"config key {on[0]!r} with FSDP sharding or offload (fsdp / deepspeed ZeRO-2/3) is not "
                           "implemented: the optimizer needs whole weight matrices; use DDP (no fsdp, ZeRO-0/1)")
     layerwise = [k for k in ("galore_layerwise", "apollo_layerwise") if getattr(ft, k, False)]

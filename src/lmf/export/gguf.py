@@ -128,21 +128,14 @@ def _add_hyper_parameters(writer, config: dict, file_type) -> None:
     writer.add_file_type(file_type)
 
 
-def _weight_files(folder: str) -> list[str]:
-    """The safetensors files of the exported folder (one, or the shards of its index)."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            return [os.path.join(folder, name) for name in sorted(set(json.load(fh)["weight_map"].values()))]
-    return [os.path.join(folder, "model.safetensors")]
-
-
 def write_gguf(folder: str, out_path: str, gguf_type: str, model_name: str) -> dict[str, Any]:
     """Convert the Hugging Face model ``folder`` into ``out_path`` (``gguf_type`` weights); returns what was written
     (architecture, tensor count, file size)."""
     import numpy as np
     import torch
     from safetensors import safe_open
+
+    from lmf.model.loader import safetensors_files
 
     gguf = _require_gguf()
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as fh:
@@ -184,7 +177,7 @@ def write_gguf(folder: str, out_path: str, gguf_type: str, model_name: str) -> d
             return data.astype(plain_types[kind], copy=False)
         return gguf.quants.quantize(data, kind)
 
-    files = _weight_files(folder)
+    files = safetensors_files(folder)
     tensors = []  # (file, Hugging Face name, shape, GGUF name, ggml type) in file order: the header comes first
     for path in files:
         with safe_open(path, framework="pt") as fh:

@@ -62,7 +62,7 @@ def apply_module_kernels(model, config, device) -> bool:
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     from lmf.config.values import LIGER_MODULE_KERNELS
-    from lmf.loss.ce import unwrap_causal_lm
+    from lmf.model.forward import unwrap_causal_lm
 
     switches = {k: bool(v) for k, v in (config or {}).items() if k in LIGER_MODULE_KERNELS}
     _apply_liger_kernel_to_instance(model=unwrap_causal_lm(model), fused_linear_cross_entropy=False,

@@ -71,6 +71,15 @@ def read_model_config(path: str) -> dict:
         return json.load(fh)
 
 
+def safetensors_files(folder: str) -> list[str]:
+    """The safetensors weight files of the model folder: the shards its index names, else ``model.safetensors``."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            return [os.path.join(folder, name) for name in sorted(set(json.load(fh)["weight_map"].values()))]
+    return [os.path.join(folder, "model.safetensors")]
+
+
 @contextlib.contextmanager
 def config_json_errors(path: str):
     """A wrong-typed field of the model's config.json (transformers' strict config classes): one line naming both."""

@@ -28,7 +28,6 @@ Routing reads the whole row (as the package and the paper in training), so gener
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Optional
 
@@ -176,10 +175,10 @@ def _gather_positions(tensor, index, batch: int):
 
 
 def _decoder_layers(model):
-    from lmf.model.forward import unwrap_causal_lm
+    from lmf.model.forward import decoder_of, unwrap_causal_lm
 
     causal_lm = unwrap_causal_lm(model)
-    decoder = getattr(getattr(causal_lm, "model", None), "layers", None)
+    decoder = getattr(decoder_of(causal_lm), "layers", None)
     if decoder is None:
         raise NotAvailableError(f"mixture_of_depths: {type(causal_lm).__name__} has no model.layers to route")
     return decoder
@@ -189,17 +188,14 @@ def _router_tensors(path: str) -> dict:
     """The ``mod_router`` tensors of the safetensors checkpoint at ``path`` (one file or an index of shards)."""
     from safetensors import safe_open
 
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as fh:
-            files = sorted(set(json.load(fh)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
+    from lmf.model.loader import safetensors_files
+
+    files = safetensors_files(path)
+    if not all(os.path.isfile(name) for name in files):
         raise ConfigError(f"config key 'mixture_of_depths': load reads the routers from safetensors files; "
                           f"{path!r} has none (model.safetensors or its index)")
     state = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as fh:
+        with safe_open(name, framework="pt") as fh:
             state.update({key: fh.get_tensor(key) for key in fh.keys() if f".{ROUTER}." in key})
     return state

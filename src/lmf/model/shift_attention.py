@@ -100,11 +100,10 @@ def grouped_attention(query, key, value, attention_mask=None, dropout: float = 0
     tensor); the shifted heads' groups are ``[0, g/2)``, ``[g/2, 3g/2)``, ..., ``[Lp - g/2, Lp)``."""
     import torch
     import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv
 
     batch, heads, length, dim = query.shape
-    if key.shape[1] != heads:
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     g = group_size(length)
     padded = -(-length // g) * g
     if padded != length:

@@ -64,7 +64,7 @@ def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=Non
     if args.optim == "sgd":
         return torch.optim.SGD(groups, lr=args.learning_rate, **extra)
     if args.optim in BNB_ADAMW:
-        return _bitsandbytes_adamw(groups, args)
+        return _bitsandbytes_adamw(groups, args, *BNB_ADAMW[args.optim])
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     fused = on_cuda and args.optim in ("adamw_torch", "adamw_torch_fused", "adamw", "adamw_hf")
     return torch.optim.AdamW(
@@ -77,16 +77,13 @@ def create_optimizer(model: "torch.nn.Module", args: "TrainingArguments", ft=Non
     )
 
 
-def _bitsandbytes_adamw(groups: list[dict], args: "TrainingArguments"):
-    """transformers' bitsandbytes AdamW (``optim: adamw_8bit``, ``paged_adamw_8bit`` ...): 8- or 32-bit state, paged
+def _bitsandbytes_adamw(groups: list[dict], args: "TrainingArguments", bits: int, paged: bool):
+    """transformers' bitsandbytes AdamW (``optim: adamw_8bit``, ``paged_adamw_8bit`` ...): ``bits``-bit state, paged
     or not; tensors under 4096 elements keep a 32-bit state (bitsandbytes' rule)."""
-    from lmf.config.values import BNB_ADAMW
-
     try:
         import bitsandbytes as bnb
     except ImportError:
         raise NotAvailableError(f"optim: {args.optim} needs bitsandbytes: pip install 'lmf[qlora]'") from None
-    bits, paged = BNB_ADAMW[args.optim]
     if paged and not all(p.is_cuda for g in groups for p in g["params"]):
         paged = False
         logger.info("optim: %s: paged optimizer state needs CUDA; on this device it stays in memory unpaged",

@@ -230,24 +230,28 @@ class Trainer:
         at the step's first sample (``first``: epoch, micro-batch) in smaller micro-batches
         (:mod:`lmf.train.batch_finder`)."""
         from lmf.train.batch_finder import shrink_after_oom
-        from lmf.train.batches import build_stream
 
         run = self.run
         restart = shrink_after_oom(self.args, first[1], reason)
         run.optimizer.zero_grad(set_to_none=True)
         release_cached_memory(self.runtime.device)
         run.stream.close()
-        run.stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning,
-                                  self.runtime, cutoff_len=self.cfg.data.cutoff_len)
+        run.stream = self._build_stream()
         run.stream.epoch, run.stream.batch_in_epoch = first[0], restart
         self.state.micro_batch_size = self.args.per_device_train_batch_size
+
+    def _build_stream(self):
+        """The training batches (:func:`lmf.train.batches.build_stream`) with the run's current batch settings."""
+        from lmf.train.batches import build_stream
+
+        return build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning, self.runtime,
+                            cutoff_len=self.cfg.data.cutoff_len)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> Run:
         """Data stream, plan, wrapped loss module, optimizer and schedule; the checkpoint's state on resume."""
         import torch
 
-        from lmf.train.batches import build_stream
         from lmf.train.compile import compile_decoder_blocks
         from lmf.train.loss_scale import create_grad_scaler
         from lmf.train.optimizer import create_optimizer, create_scheduler
@@ -262,8 +266,7 @@ class Trainer:
             from lmf.train.overflow import watch_overflow
 
             watch_overflow(self.model)  # its hooks hold it for as long as the model lives
-        stream = build_stream(self.train_dataset, self.objective.collator, self.args, self.cfg.finetuning, self.runtime,
-                              cutoff_len=self.cfg.data.cutoff_len)
+        stream = self._build_stream()
         self.state.max_steps = self._total_steps(stream.batches_per_epoch)
         plan = self.plan
         # init_on_rank0: rank 0 loads and sends them on; init_on_meta: every rank reads its shards once sharded

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lmf.data.media.plugin_base import MediaPlugin
 
@@ -23,7 +23,6 @@ class Gemma3Plugin(MediaPlugin):
     image_token: str = "<image_soft_token>"
     boi_token: str = "<start_of_image>"
     eoi_token: str = "<end_of_image>"
-    _crops: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.image_token = getattr(self.tokenizer, "image_token", None) or self.image_token
@@ -43,13 +42,7 @@ class Gemma3Plugin(MediaPlugin):
         """Pan-and-scan crops of the image at ``path`` (0 without image_do_pan_and_scan)."""
         if not self.options.image_do_pan_and_scan:
             return 0
-        size = self.resized_size(path)
-        if size not in self._crops:
-            from PIL import Image
-
-            out = self.image_processor([Image.new("RGB", size)], return_tensors="pt", **self.pan_and_scan)
-            self._crops[size] = int(out["num_crops"][0])
-        return self._crops[size]
+        return int(self.blank_output(self.resized_size(path), "num_crops", **self.pan_and_scan))
 
     def image_text(self, path: str) -> str:
         image = f"\n\n{self.boi_token}{self.image_token * self.seqlen}{self.eoi_token}\n\n"

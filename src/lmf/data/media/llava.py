@@ -16,10 +16,7 @@ class LlavaPlugin(MediaPlugin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from PIL import Image
-
-        pixels = self.image_processor([Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"][0]
-        height, width = pixels.shape[-2:]
+        height, width = self.blank_output((64, 64), "pixel_values").shape[-2:]
         patch = int(self.processor_config.get("patch_size") or 14)
         seqlen = (height // patch) * (width // patch) + int(self.processor_config.get("num_additional_image_tokens", 0))
         if self.processor_config.get("vision_feature_select_strategy") == "default":
@@ -41,12 +38,10 @@ class LlavaNextPlugin(MediaPlugin):
         from functools import partial
         from types import SimpleNamespace
 
-        from PIL import Image
         from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
         # LLaMA-Factory takes the tile size from the first tile of the processed images: the crop size
-        pixels = self.image_processor([Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"]
-        self.tile = tuple(int(x) for x in pixels.shape[-2:])
+        self.tile = tuple(int(x) for x in self.blank_output((64, 64), "pixel_values").shape[-2:])
         counter = SimpleNamespace(image_processor=self.image_processor,
                                   patch_size=int(self.processor_config.get("patch_size") or 14),
                                   num_additional_image_tokens=int(

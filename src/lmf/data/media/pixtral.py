@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lmf.data.media.plugin_base import MediaPlugin
 
@@ -18,7 +18,6 @@ class PixtralPlugin(MediaPlugin):
     image_token: str = "[IMG]"
     break_token: str = "[IMG_BREAK]"
     end_token: str = "[IMG_END]"
-    _sizes: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         config = self.processor_config
@@ -32,15 +31,10 @@ class PixtralPlugin(MediaPlugin):
         return (self.image_token, self.break_token, self.end_token)
 
     def processed_size(self, path: str) -> tuple[int, int]:
-        """(height, width) of the image at ``path`` as the model sees it: the image processor run on a blank image of
-        its resized size (exact for any processor version; one per distinct size)."""
-        size = self.resized_size(path)
-        if size not in self._sizes:
-            from PIL import Image
-
-            out = self.image_processor([Image.new("RGB", size)], return_tensors="pt")["image_sizes"][0]
-            self._sizes[size] = (int(out[0]), int(out[1]))
-        return self._sizes[size]
+        """(height, width) of the image at ``path`` as the model sees it (the processor's ``image_sizes`` for its
+        resized size)."""
+        height, width = self.blank_output(self.resized_size(path), "image_sizes").tolist()
+        return int(height), int(width)
 
     def image_seqlen(self, path: str) -> int:
         height, width = self.processed_size(path)

@@ -45,6 +45,7 @@ class MediaPlugin:
     name: str = ""
     processor_config: dict = field(default_factory=dict)  # the model's processor_config.json
     image_token: str = "<image>"
+    _blank_outputs: dict = field(default_factory=dict, repr=False)
     #: LLaMA-Factory's extra resize rules of the Qwen-VL family (sides >= 28 pixels, aspect ratio <= 200)
     qwen_rules = False
 
@@ -98,6 +99,17 @@ class MediaPlugin:
     def count_image_tokens(self, ids: list[int]) -> int:
         """Vision tokens in ``ids`` (image and video placeholders' tokens)."""
         return ids.count(self.image_token_id)
+
+    def blank_output(self, size: tuple[int, int], key: str, **kwargs):
+        """The image processor's ``key`` for one blank image of ``size`` (width, height), cached: what it makes of
+        any image of that size (the processed size, the crops ...) without reading a file again."""
+        cache_key = (size, key, tuple(sorted(kwargs.items())))
+        if cache_key not in self._blank_outputs:
+            from PIL import Image
+
+            out = self.image_processor([Image.new("RGB", size)], return_tensors="pt", **kwargs)
+            self._blank_outputs[cache_key] = out[key][0]
+        return self._blank_outputs[cache_key]
 
     def resized_size(self, path: str) -> tuple[int, int]:
         """(width, height) of the image at ``path`` once :meth:`load_images` resizes it (its header is read)."""
