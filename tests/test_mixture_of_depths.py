@@ -181,3 +181,18 @@ def test_convert_is_for_training_and_load_needs_a_model_trained_so(tiny_llama_di
                             "finetuning_type": "full"})
         with pytest.raises(ConfigError, match=message):
             load_model(cfg, load_tokenizer(cfg.model), is_trainable=trainable)
+
+
+def test_a_kv_cache_and_weights_outside_safetensors_are_refused_naming_the_key(tiny_llama_dir, tmp_path):
+    from transformers import DynamicCache
+
+    from lmf.extras.errors import NotAvailableError
+    from lmf.model.mixture_of_depths import _router_tensors
+
+    model = _converted(tiny_llama_dir).eval()
+    ids = torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotAvailableError, match=r"mixture_of_depths: generation with a KV cache is not implemented"):
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=True, past_key_values=DynamicCache(config=model.config))
+    with pytest.raises(ConfigError, match=r"'mixture_of_depths': load reads the routers from safetensors files"):
+        _router_tensors(str(tmp_path))  # e.g. a pytorch_model.bin checkpoint

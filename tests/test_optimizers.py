@@ -203,6 +203,17 @@ def test_resume_is_exact(tmp_path, name):
     assert _losses(straight) == _losses(resumed)
 
 
+def test_bitsandbytes_missing_names_the_pip_line(monkeypatch):
+    import sys
+
+    from lmf.train.optimizer import create_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # an import of it fails
+    cfg = build_config({"model_name_or_path": "m", "optim": "paged_adamw_8bit"})
+    with pytest.raises(NotAvailableError, match=r"paged_adamw_8bit needs bitsandbytes: pip install 'lmf\[qlora\]'"):
+        create_optimizer(torch.nn.Linear(4, 4), cfg.training)
+
+
 def test_a_missing_package_names_the_pip_line(monkeypatch):
     import importlib.util
 

@@ -306,3 +306,18 @@ def test_an_image_replaced_after_preprocessing_is_caught_at_batch_time(vlm_root,
     Image.new("RGB", (640, 480)).save(data / "mllm_demo_data" / "1.jpg")  # another size under the same name
     with pytest.raises(DataError, match="changed since the data was preprocessed.*overwrite_cache"):
         collate(rows)
+
+
+def test_a_llava_next_video_processor_without_a_center_crop_is_refused(vlm_root):
+    from transformers import AutoTokenizer
+
+    from lmf.data.media.llava import LlavaNextVideoPlugin
+    from lmf.data.media.plugins import _processor_config, load_image_processor
+    from lmf.extras.errors import NotAvailableError
+
+    model_dir = os.path.join(vlm_root, "llava_next_video")
+    config = _processor_config(model_dir)
+    config["video_processor"] = dict(config["video_processor"], do_center_crop=False)
+    with pytest.raises(NotAvailableError, match=r"LLaVA-NeXT-Video: a video processor without a center crop"):
+        LlavaNextVideoPlugin(load_image_processor(model_dir), AutoTokenizer.from_pretrained(model_dir),
+                             processor_config=config)
