@@ -141,3 +141,13 @@ def test_what_shift_attn_does_not_combine_with_is_refused_naming_the_keys(tmp_pa
     assert "sliding-window layers" in unsupported_reason(
         tiny_config("qwen3", 64, layer_types=["full_attention", "sliding_attention"]).to_dict())
     assert unsupported_reason(tiny_config("qwen3", 64).to_dict()) is None
+
+
+def test_outside_training_shift_attn_says_the_model_attends_over_the_whole_row(tiny_llama_dir, caplog):
+    from lmf.model.loader import load_model, load_tokenizer
+
+    cfg = build_config({"model_name_or_path": tiny_llama_dir, "template": "qwen", "shift_attn": True})
+    with caplog.at_level(logging.INFO, logger="lmf"):
+        model = load_model(cfg, load_tokenizer(cfg.model), is_trainable=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert "shift_attn applies to training" in caplog.text

@@ -321,3 +321,17 @@ def test_a_llava_next_video_processor_without_a_center_crop_is_refused(vlm_root)
     with pytest.raises(NotAvailableError, match=r"LLaVA-NeXT-Video: a video processor without a center crop"):
         LlavaNextVideoPlugin(load_image_processor(model_dir), AutoTokenizer.from_pretrained(model_dir),
                              processor_config=config)
+
+
+def test_pan_and_scan_outside_gemma3_says_it_has_no_effect(vlm_root, caplog):
+    import logging
+
+    from lmf.data.media.plugins import media_plugin_for
+    from lmf.data.template import get_template
+    from lmf.model.loader import load_tokenizer
+
+    cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", image_do_pan_and_scan=True)
+    tokenizer = load_tokenizer(cfg.model)
+    with caplog.at_level(logging.WARNING, logger="lmf"):
+        media_plugin_for(get_template("qwen2_vl", tokenizer), cfg.model.model_name_or_path, tokenizer, cfg.data)
+    assert "image_do_pan_and_scan has no effect with template 'qwen2_vl'" in caplog.text

@@ -294,6 +294,8 @@ def _load_model(cfg: "LmfConfig", tokenizer, is_trainable: bool, device: Optiona
         from lmf.model.shift_attention import attn_implementation_for
 
         attn = attn_implementation_for(raw_config)
+    elif cfg.model.shift_attn:
+        logger.info("shift_attn applies to training; here the model attends over the whole row, as it was trained to")
     model = _from_pretrained(cfg, dtype, attn, device, on_meta=on_meta)
     logger.info("loaded %s (%s, attn=%s)", cfg.model.model_name_or_path, str(dtype).replace("torch.", ""), attn)
     fit_embeddings_to_tokenizer(cfg, model, tokenizer)

@@ -19,6 +19,9 @@ from lmf.data.media.pixtral import PixtralPlugin
 from lmf.data.media.plugin_base import MediaOptions, MediaPlugin  # noqa: F401 - the plugins' shared base, here too
 from lmf.data.media.qwen_vl import QwenVLPlugin
 from lmf.extras.errors import ConfigError, NotAvailableError
+from lmf.extras.logging import get_logger
+
+logger = get_logger(__name__)
 
 #: LLaMA-Factory's mm_plugin names lmf implements -> plugin class name.
 IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
@@ -36,6 +39,9 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
     """The vision plugin of ``template`` for the model at ``model_path``, or None (a text template, or a model
     without an image processor: text only)."""
     name = getattr(template, "mm_plugin", None)
+    if data_args.image_do_pan_and_scan and name != "Gemma3Plugin":
+        logger.warning("image_do_pan_and_scan has no effect with template %r: it is Gemma 3's (as in LLaMA-Factory)",
+                       getattr(template, "name", template))
     if not name or not os.path.isdir(model_path) or not has_image_processor(model_path):
         return None
     if name not in IMPLEMENTED:
