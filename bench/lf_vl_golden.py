@@ -1,4 +1,5 @@
-"""LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data: the golden file of tests/test_vision.py.
+"""LLaMA-Factory 0.9.5's tokens, labels and pixel inputs of image data (and audio features): the golden file of
+tests/test_vision.py.
 
     .venv/bin/python bench/lf_vl_golden.py build DIR        # the tiny families of FAMILIES
     bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
@@ -15,6 +16,12 @@ torchvision's video processor) (``image_grid_thw`` and ``pixel_values`` rounded 
 values depend on the resize numerics of transformers' image processor and of Pillow (both changed between the
 versions here), so the test compares them exactly under the versions recorded here and, under any versions, their
 grid, shape and sums within 0.1%.
+
+Audio (Qwen2-Audio): LLaMA-Factory reads a clip with ``torchaudio.load``, which torchaudio 2.9+ hands to torchcodec,
+whose PyPI wheel is a CUDA build that does not load here; the golden decodes with PyAV instead (:func:`pyav_load`:
+FFmpeg's decoders, as torchcodec's, to float32 [channels, samples]), then LLaMA-Factory's own code averages the
+channels, resamples with ``torchaudio.functional.resample`` and runs the Whisper feature extractor. Each row stores
+:func:`audio_stats` of its features, compared within a tolerance (lmf resamples with its own copy of the formula).
 """
 
 from __future__ import annotations
@@ -77,11 +84,13 @@ CASES = [  # (name, model family dir, stage, LF keys)
     ("pixtral_small_images", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo", "cutoff_len": 2048,
                                                 "image_max_pixels": 4096}),
     ("ministral3_dpo", "pixtral", "dpo", {"template": "ministral3", "dataset": "mllm_dpo_demo", "cutoff_len": 2048}),
+    ("qwen2_audio_sft", "qwen2_audio", "sft", {"template": "qwen2_audio", "dataset": "mllm_audio_demo,identity",
+                                               "max_samples": 6, "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
-FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral")
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral", "qwen2_audio")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
-OWN_PROCESSOR = ("llava", "llava_next", "gemma3")
+OWN_PROCESSOR = ("llava", "llava_next", "gemma3", "qwen2_audio")
 
 
 def digest(payload) -> str:
@@ -102,6 +111,29 @@ def pixel_stats(inputs: dict) -> list:
     grid = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
     pixels = inputs["pixel_values"].double()
     return [grid, list(pixels.shape), float(pixels.sum()), float(pixels.abs().sum())]
+
+
+def audio_stats(inputs: dict) -> list:
+    """``[shape, unpadded frames per clip, sum, sum of |x|, 16 values of each clip's first frame]`` of a row's
+    ``input_features`` / ``feature_attention_mask``."""
+    features = inputs["input_features"].double()
+    return [list(features.shape), inputs["feature_attention_mask"].sum(-1).tolist(), float(features.sum()),
+            float(features.abs().sum()), features[:, :16, 0].flatten().tolist()]
+
+
+def pyav_load(path: str):
+    """``(float32 tensor [channels, samples], sample rate)`` of an audio file, decoded by FFmpeg through PyAV: the
+    stand-in of ``torchaudio.load`` (see the module's docstring)."""
+    import av
+    import numpy as np
+    import torch
+
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        to_float = av.AudioResampler(format="fltp")
+        chunks = [c.to_ndarray() for frame in container.decode(stream) for c in to_float.resample(frame)]
+        chunks += [c.to_ndarray() for c in to_float.resample(None)]
+        return torch.from_numpy(np.concatenate(chunks, axis=1).astype(np.float32)), stream.rate
 
 
 def data_dir(out_dir: str, demo: str = "") -> str:
@@ -265,6 +297,7 @@ def lf(out_dir: str, golden_path: str) -> None:
     _smart_resize_without_torchvision()
     import llamafactory
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.data import mm_plugin
     from llamafactory.hparams import get_train_args
     from llamafactory.model import loader as lf_loader
     from transformers import AutoProcessor, AutoTokenizer
@@ -277,6 +310,7 @@ def lf(out_dir: str, golden_path: str) -> None:
     results = {"lf_version": llamafactory.__version__, "transformers": transformers.__version__,
                "pillow": PIL.__version__, "cases": {}}
     own_processor = AutoProcessor.from_pretrained
+    mm_plugin.torchaudio.load = pyav_load
     for name, family, stage, keys in CASES:
         model_dir = os.path.join(out_dir, family)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -300,15 +334,19 @@ def lf(out_dir: str, golden_path: str) -> None:
         lf_stage = "rm" if stage == "dpo" else stage  # LLaMA-Factory tokenizes DPO data as stage rm
         dataset = get_dataset(template, model_args, data_args, training_args, stage=lf_stage, **module)["train_dataset"]
         rows = [dict(r) for r in dataset]
-        pixels, stats = [], []
+        pixels, stats, audio = [], [], []
         for row in rows:
+            audios = row.get("audios") or []
+            audio.append(audio_stats(template.mm_plugin.get_mm_inputs([], [], audios, [0], [0], [len(audios)], [],
+                                                                       module["processor"])) if audios else None)
             images = row.get("images") or []
             inputs = template.mm_plugin.get_mm_inputs(images, [], [], [len(images)], [0], [0], [row.get(
                 "input_ids", row.get("chosen_input_ids"))], module["processor"])
             pixels.append(pixel_digest(inputs) if images else None)
             stats.append(pixel_stats(inputs) if images else None)
         results["cases"][name] = {"family": family, "stage": stage, "config": keys, **digest_rows(rows, stage),
-                                  "pixels": pixels, "pixel_stats": stats}
+                                  "pixels": pixels, "pixel_stats": stats,
+                                  **({"audio_stats": audio} if any(audio) else {})}
     with open(golden_path, "w", encoding="utf-8") as fh:
         json.dump(results, fh, indent=1)
 

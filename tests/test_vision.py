@@ -219,9 +219,9 @@ def test_tokens_labels_and_pixels_equal_llamafactory(vlm_root, name):
     import torch
 
     case = _golden_cases()[name]
-    if "video" in case["config"]["dataset"] and not os.path.isdir(LF_DEMO):
-        pytest.skip("the demo videos are in ../shared/data/lf-demo, which is not here")
-    pytest.importorskip("av") if "video" in case["config"]["dataset"] else None
+    if ("video" in case["config"]["dataset"] or "audio" in case["config"]["dataset"]) and not os.path.isdir(LF_DEMO):
+        pytest.skip("the demo videos and audio are in ../shared/data/lf-demo, which is not here")
+    pytest.importorskip("av") if "video" in case["config"]["dataset"] or "audio" in case["config"]["dataset"] else None
     cfg = _cfg(vlm_root, case["family"], case["stage"], **case["config"])
     _, _, data = _dataset(cfg, case["stage"])
     rows = [dict(r) for r in data.train_dataset]
@@ -235,6 +235,13 @@ def test_tokens_labels_and_pixels_equal_llamafactory(vlm_root, name):
     # the resize numerics of transformers' image processor and of Pillow differ across versions: exact pixels
     # under the golden's versions, grid / shape / sums within 0.1% under any
     exact = (transformers.__version__, PIL.__version__) == (_golden()["transformers"], _golden()["pillow"])
+    for row, audio in zip(rows, case.get("audio_stats") or [None] * len(rows)):
+        assert bool(row["audios"]) == bool(audio)
+        if audio:  # lmf resamples with its own copy of torchaudio's formula: equal within float rounding
+            shape, frames, total, absolute, first = golden.audio_stats(data.media.audio_inputs(row["audios"]))
+            assert [shape, frames] == audio[:2]
+            assert total == pytest.approx(audio[2], rel=1e-5) and absolute == pytest.approx(audio[3], rel=1e-5)
+            assert first == pytest.approx(audio[4], abs=1e-4)
     for row, expected, stats in zip(rows, case["pixels"], case["pixel_stats"]):
         if row["videos"]:  # videos: tokens compared above; the frames / patches must cover the video tokens
             ids = torch.tensor([row["input_ids"]])

@@ -152,11 +152,11 @@ class DataArguments:
     image_min_pixels: int = _f(32 * 32, "Images smaller than this many pixels are scaled up.")
     image_do_pan_and_scan: bool = _f(False, "Gemma 3: each image also as pan-and-scan crops (LLaMA-Factory's settings: "
                                             "crops of >= 256 pixels, at most 4, from an aspect ratio of 1.2).")
-    video_max_pixels: int = _f(256 * 256, "Video frames larger than this many pixels are scaled down (Qwen2-VL / "
-                                          "Qwen2.5-VL videos; LLaMA-Factory's rule).")
+    video_max_pixels: int = _f(256 * 256, "Video frames larger than this many pixels are scaled down.")
     video_min_pixels: int = _f(16 * 16, "Video frames smaller than this are scaled up.")
     video_fps: float = _f(2.0, "Frames sampled per second of video.")
     video_maxlen: int = _f(128, "At most this many frames per video.")
+    audio_sampling_rate: int = _f(16000, "Audio is resampled to this many samples per second (LLaMA-Factory's key).")
     cutoff_len: int = _f(2048, "Maximum tokens per sample after tokenization.")
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = _f(False, "Train on the last assistant turn only.")

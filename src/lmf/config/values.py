@@ -22,7 +22,7 @@ from lmf.extras.errors import ConfigError
 BOUNDS: dict[str, str] = {
     **dict.fromkeys((
         "loss_chunk_size", "model_max_length", "vllm_maxlen", "vllm_max_lora_rank", "image_max_pixels",
-        "video_max_pixels", "video_maxlen", "cutoff_len", "buffer_size", "preprocessing_batch_size", "max_samples",
+        "video_max_pixels", "video_maxlen", "audio_sampling_rate", "cutoff_len", "buffer_size", "preprocessing_batch_size", "max_samples",
         "eval_num_beams", "lora_rank", "lora_alpha", "galore_rank", "galore_update_interval", "apollo_rank",
         "apollo_update_interval", "early_stopping_steps", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "global_batch_size", "dp_size", "logging_steps", "ddp_timeout", "ray_num_workers",

@@ -20,7 +20,9 @@ import shutil
 import uuid
 from typing import Any, Optional
 
-CACHE_VERSION = "lmf-data-2"  # 2: packed rows mask the first label of every sample
+from lmf.data.media import MEDIA_COLUMNS
+
+CACHE_VERSION = "lmf-data-3"  # 2: packed rows mask the first label of every sample; 3: media rows have audios
 _CONTENT_HASH_LIMIT = 256 << 20
 
 
@@ -135,7 +137,7 @@ def missing_media(train, eval_) -> Optional[str]:
     for ds in [train, *parts]:
         if ds is None:
             continue
-        for column in ("images", "videos"):
+        for column in MEDIA_COLUMNS:
             if column in ds.column_names:
                 for path in pc.unique(pc.list_flatten(ds.data.column(column))).to_pylist():
                     if path and not os.path.exists(path):

@@ -69,17 +69,20 @@ def token_table(segments: list[list[int]], kinds: list[int], row_segments: list[
 
 
 def media_columns(table_or_dict, media, files: list[tuple], cut: list[bool]):
-    """Add the ``images`` and ``videos`` columns (paths, for the collator) and ``_media_cut`` (the row's vision tokens
-    are not exactly its pictures': cutoff_len cut through them, or the text itself holds vision tokens) when the data
-    goes to a vision model."""
+    """Add the ``images``, ``videos`` and ``audios`` columns (paths, for the collator; ``files``: each row's
+    (images, videos, audios)) and ``_media_cut`` (the row's media tokens are not exactly its files': cutoff_len cut
+    through them, or the text itself holds media tokens) when the data goes to a multimodal model."""
     if media is None:
         return table_or_dict
-    images, videos = [f[0] for f in files], [f[1] for f in files]
+    from lmf.data.media import MEDIA_COLUMNS
+
+    columns = {kind: [row[k] for row in files] for k, kind in enumerate(MEDIA_COLUMNS)}
     if isinstance(table_or_dict, dict):
-        table_or_dict["images"], table_or_dict["videos"], table_or_dict["_media_cut"] = images, videos, cut
+        table_or_dict.update(columns, _media_cut=cut)
         return table_or_dict
     import pyarrow as pa
 
-    table = table_or_dict.append_column("images", pa.array(images, type=pa.list_(pa.string())))
-    table = table.append_column("videos", pa.array(videos, type=pa.list_(pa.string())))
+    table = table_or_dict
+    for kind, paths in columns.items():
+        table = table.append_column(kind, pa.array(paths, type=pa.list_(pa.string())))
     return table.append_column("_media_cut", pa.array(cut, type=pa.bool_()))

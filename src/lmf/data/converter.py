@@ -4,9 +4,10 @@ Normalized record::
 
     {"_prompt": [{"role": "user"|"assistant"|"observation"|"function", "content": str}, ...],
      "_response": [{"role": "assistant"|"function", "content": str}, ...],  # 1 (sft) or 2: chosen, rejected
-     "_system": str, "_tools": str, "_images": [path, ...], "_videos": [path, ...]}
+     "_system": str, "_tools": str, "_images": [path, ...], "_videos": [path, ...], "_audios": [path, ...]}
 
-Videos come from its ``videos`` column with ``<video>`` placeholders, checked the same way (PyAV opens them).
+Videos and audio clips come from the ``videos`` / ``audios`` columns with ``<video>`` / ``<audio>`` placeholders,
+checked the same way (PyAV opens them).
 Images come from the dataset's ``images`` column (or OpenAI / v1 content parts of type ``image_url`` / ``image``,
 which become ``<image>`` placeholders in the text); paths are resolved against ``media_dir``; each file must open
 and the number of ``<image>`` placeholders must equal the number of images, else the record is malformed.
@@ -24,7 +25,7 @@ import json
 from typing import Any, Optional
 
 from lmf.data.layout import layout_of
-from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from lmf.data.media import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lmf.data.media.images import image_problem, resolve_media_path
 from lmf.data.registry import DatasetAttr
 
@@ -319,11 +320,10 @@ def _resolve_media(paths: list[str], column: str, problem_of, media_dir: Optiona
 
 def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_dir: Optional[str],
                   part_images: list[str]) -> dict:
-    """``_images`` / ``_videos`` of the record, resolved and checked against its placeholders."""
+    """``_images`` / ``_videos`` / ``_audios`` of the record, resolved and checked against its placeholders."""
     images = _column_media(record, attr.images) + part_images
     videos = _column_media(record, attr.videos)
-    if attr.audios and record.get(attr.audios):
-        raise RecordProblem(f"field {attr.audios!r}: audio input is not implemented in lmf")
+    audios = _column_media(record, attr.audios)
     # placeholders of what one sample sees: the prompt and (preference data) its chosen answer
     messages = out["_prompt"] + out["_response"][:1]
     if layout_of(stage) == "feedback" and len(out["_response"]) == 2 and not out["_response"][0]["content"]:
@@ -336,11 +336,16 @@ def _attach_media(out: dict, record: dict, attr: DatasetAttr, stage: str, media_
     if attr.videos and found != len(videos):
         raise RecordProblem(f"field {attr.videos!r}: {len(videos)} video(s) but {found} {VIDEO_PLACEHOLDER} "
                             "placeholder(s) in the messages; they must match")
+    found = _count(messages, AUDIO_PLACEHOLDER)
+    if attr.audios and found != len(audios):
+        raise RecordProblem(f"field {attr.audios!r}: {len(audios)} audio file(s) but {found} {AUDIO_PLACEHOLDER} "
+                            "placeholder(s) in the messages; they must match")
+    from lmf.data.media.audios import audio_problem
     from lmf.data.media.videos import video_problem
 
-    resolved = _resolve_media(images, attr.images or "images", image_problem, media_dir)
-    resolved_videos = _resolve_media(videos, attr.videos, video_problem, media_dir) if videos else []
-    out["_images"], out["_videos"] = resolved, resolved_videos
+    out["_images"] = _resolve_media(images, attr.images or "images", image_problem, media_dir)
+    out["_videos"] = _resolve_media(videos, attr.videos, video_problem, media_dir) if videos else []
+    out["_audios"] = _resolve_media(audios, attr.audios, audio_problem, media_dir) if audios else []
     return out
 
 

@@ -28,8 +28,10 @@ def features(kind: str, media: bool = False):
 
     feats = _base_features(kind)
     if media and kind != "normalized":
-        feats["images"] = datasets.List(datasets.Value("string"))
-        feats["videos"] = datasets.List(datasets.Value("string"))
+        from lmf.data.media import MEDIA_COLUMNS
+
+        for column in MEDIA_COLUMNS:
+            feats[column] = datasets.List(datasets.Value("string"))
         feats["_media_cut"] = datasets.Value("bool")
     return feats
 
@@ -43,7 +45,8 @@ def _base_features(kind: str):
         msg = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
         paths = datasets.List(datasets.Value("string"))
         return datasets.Features({"_prompt": msg, "_response": msg, "_system": datasets.Value("string"),
-                                  "_tools": datasets.Value("string"), "_images": paths, "_videos": paths})
+                                  "_tools": datasets.Value("string"), "_images": paths, "_videos": paths,
+                                  "_audios": paths})
     if kind == "feedback":
         cols = {"input_ids": ids, "attention_mask": mask, "labels": ids, "kl_input_ids": ids,
                 "kl_attention_mask": mask, "kl_labels": ids, "kto_tags": datasets.Value("bool"),

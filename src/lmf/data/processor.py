@@ -20,6 +20,7 @@ from typing import Any
 from lmf.data.columns import EOS_THEN_MASKED, LABELLED, MASKED, media_columns, rows_table, token_table
 from lmf.data.fork_share import ForkSharedTokenizer
 from lmf.data.layout import GENERATE, layout_of
+from lmf.data.media import MEDIA_COLUMNS
 from lmf.data.template import encode_many
 from lmf.extras.constants import IGNORE_INDEX
 from lmf.extras.errors import DataError
@@ -52,22 +53,23 @@ def _conversation(prompt: list[dict], response: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in list(prompt) + list(response)]
 
 
-def _images_of(batch: dict[str, list]) -> list[tuple[list[str], list[str]]]:
-    """(images, videos) of every record of a normalized batch."""
+def _images_of(batch: dict[str, list]) -> list[tuple[list[str], ...]]:
+    """(images, videos, audios) of every record of a normalized batch."""
     empty = [[] for _ in batch["_prompt"]]
-    return [(list(i or []), list(v or [])) for i, v in zip(batch.get("_images") or empty, batch.get("_videos") or empty)]
+    columns = [batch.get("_" + kind) or empty for kind in MEDIA_COLUMNS]
+    return [tuple(list(files or []) for files in row) for row in zip(*columns)]
 
 
 def expand_media(media, messages: list[dict], media_files: tuple) -> tuple[list[dict], int]:
-    """(messages with their ``<image>`` / ``<video>`` placeholders expanded into vision tokens, vision tokens
-    expected); ``media_files`` is a record's (images, videos)."""
-    images, videos = media_files if media_files else ([], [])
-    if not images and not videos:
+    """(messages with their ``<image>`` / ``<video>`` / ``<audio>`` placeholders expanded into media tokens, media
+    tokens expected); ``media_files`` is a record's (images, videos, audios)."""
+    if not media_files or not any(media_files):
         return messages, 0
     if media is None:
-        raise DataError("the data has images or videos but the model takes text only (its template has no vision "
-                        "plugin lmf implements, or model_name_or_path has no image processor, preprocessor_config.json)")
-    return media.expand(messages, images, videos)
+        raise DataError("the data has images, videos or audio but the model takes text only (its template has no "
+                        "media plugin lmf implements, or model_name_or_path has no image processor or audio feature "
+                        "extractor, preprocessor_config.json)")
+    return media.expand(messages, *media_files)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+from lmf.data.media import MEDIA_COLUMNS
 from lmf.extras.errors import DataError
 from lmf.extras.logging import get_logger
 
@@ -51,9 +52,9 @@ class StreamedDataset:
                 if not mine:
                     continue
                 normalized, problem = normalize_record(record, attr, self.stage, d)
-                if normalized is not None and (normalized["_images"] or normalized["_videos"]):
-                    raise DataError(f"{path}: record {index} has images or videos but the model takes text only "
-                                    "(a streamed dataset is text: set streaming: false for vision data)")
+                if normalized is not None and any(normalized["_" + kind] for kind in MEDIA_COLUMNS):
+                    raise DataError(f"{path}: record {index} has images, videos or audio but the model takes text "
+                                    "only (a streamed dataset is text: set streaming: false for multimodal data)")
                 if problem is not None:
                     if not d.skip_bad_records:
                         raise DataError(f"{path}: record {index}: {problem}. Fix it or set skip_bad_records: true")

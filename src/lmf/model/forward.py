@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from lmf.model.mixture_of_depths import routes_positions
+from lmf.model.vision import is_vision_config
 
 if TYPE_CHECKING:
     import torch
@@ -81,8 +82,8 @@ def set_packed_sdpa(model, enabled: bool) -> None:
 
 
 def is_vision_language(model) -> bool:
-    """Whether ``model`` (possibly PEFT-wrapped) is a vision-language model (its config has a ``vision_config``)."""
-    return getattr(getattr(unwrap_causal_lm(model), "config", None), "vision_config", None) is not None
+    """Whether ``model`` (possibly PEFT-wrapped) is a multimodal model (its config has a vision or audio tower's)."""
+    return is_vision_config(getattr(unwrap_causal_lm(model), "config", None))
 
 
 def _vision_language_hidden_states(causal_lm, input_ids, attention_mask, mm_inputs: Optional[dict]):
@@ -114,7 +115,7 @@ def decoder_hidden_states(model, input_ids, attention_mask=None, position_ids=No
     """
     causal_lm = unwrap_causal_lm(model)
     config = getattr(causal_lm, "config", None)
-    if getattr(config, "vision_config", None) is not None:
+    if is_vision_language(causal_lm):
         return _vision_language_hidden_states(causal_lm, input_ids, attention_mask, mm_inputs)
     decoder = decoder_of(causal_lm)
     flat = _padding_free_layout(causal_lm, config, input_ids, attention_mask, position_ids)

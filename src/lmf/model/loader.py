@@ -174,12 +174,15 @@ def resolve_dtype(cfg: "LmfConfig", device: "torch.device", is_trainable: bool) 
 
 
 def auto_model_class(config):
-    """``AutoModelForImageTextToText`` for a vision-language config (``vision_config``), else
+    """``AutoModelForImageTextToText`` for a vision-language config (``vision_config``), ``AutoModelForSeq2SeqLM``
+    for an audio-language one (``audio_config``: Qwen2-Audio, where transformers registers it), else
     ``AutoModelForCausalLM``."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
 
     if getattr(config, "vision_config", None) is not None and type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
+    if getattr(config, "audio_config", None) is not None and type(config) in AutoModelForSeq2SeqLM._model_mapping:
+        return AutoModelForSeq2SeqLM
     return AutoModelForCausalLM
 
 

@@ -1,6 +1,7 @@
-"""Vision-language models: which parts are the vision tower, the projector and the language model, and what
-``freeze_vision_tower`` / ``freeze_multi_modal_projector`` / ``freeze_language_model`` keep frozen (module keys as
-LLaMA-Factory 0.9.5's ``COMPOSITE_MODELS``, so the same parameters train).
+"""Multimodal (vision- and audio-language) models: which parts are the vision (or audio) tower, the projector and the
+language model, and what ``freeze_vision_tower`` / ``freeze_multi_modal_projector`` / ``freeze_language_model`` keep
+frozen (module keys as LLaMA-Factory's ``COMPOSITE_MODELS``, so the same parameters train; an audio tower is frozen
+by ``freeze_vision_tower``, as there).
 
 LoRA: ``lora_target`` names (or ``all``) are matched to full module names outside the frozen parts, so a vision
 tower whose MLP reuses the language model's names (Qwen2.5-VL's ``gate_proj``) is not adapted unless asked.
@@ -37,6 +38,8 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
                                        language=("language_model", "lm_head")),
     "gemma3": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                              language=("language_model", "lm_head")),
+    "qwen2_audio": CompositeModel(projector=("multi_modal_projector",), vision=("audio_tower",),
+                                  language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),
                                vision=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
                                        "visual.deepstack_merger_list"),
@@ -45,13 +48,14 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
 
 
 def is_vision_config(config) -> bool:
-    return getattr(config, "vision_config", None) is not None
+    """A multimodal model's config: it has a vision (or audio) tower's config."""
+    return getattr(config, "vision_config", None) is not None or getattr(config, "audio_config", None) is not None
 
 
 def composite_of(config) -> CompositeModel:
     model_type = getattr(config, "model_type", None)
     if model_type not in COMPOSITE_MODELS:
-        raise NotAvailableError(f"vision-language model type {model_type!r} is not implemented in lmf (implemented: "
+        raise NotAvailableError(f"multimodal model type {model_type!r} is not implemented in lmf (implemented: "
                                 f"{', '.join(COMPOSITE_MODELS)})")
     return COMPOSITE_MODELS[model_type]
 

@@ -13,7 +13,7 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
     ``num_beams`` > 1: transformers' beam search (each row's best beam), scores divided by length ** length_penalty.
 
     Prompts are batched longest first (less padding) and left-padded so that every row ends where its
-    answer starts. A vision-language model gets each batch's ``images`` ((image paths, video paths) per prompt)
+    answer starts. A multimodal model gets each batch's ``images`` ((images, videos, audios) paths per prompt)
     through ``media``. ``generation_config`` (a GenerationConfig) is the base the settings here are applied over."""
     import torch
 
@@ -45,9 +45,8 @@ def generate_in_batches(model, prompts: list[list[int]], stop_ids: list[int], pa
         if media is not None:
             from lmf.train.process import to_device
 
-            paths = [p for i in rows for p in (images[i][0] if images else [])]
-            videos = tuple(p for i in rows for p in (images[i][1] if images else []))
-            kwargs.update(to_device(media.model_inputs(paths, input_ids, videos), device))
+            paths, videos, audios = ([p for i in rows for p in (images[i][k] if images else [])] for k in range(3))
+            kwargs.update(to_device(media.model_inputs(paths, input_ids, tuple(videos), tuple(audios)), device))
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

@@ -17,6 +17,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.data.media import MEDIA_COLUMNS
 from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
 
@@ -63,7 +64,7 @@ def run_prediction(cfg: "LmfConfig") -> dict[str, float]:
             media = load_media_plugin(cfg, template, tokenizer)
             dataset, _ = get_prediction_dataset(cfg, tokenizer, template, media)
             prompts = [list(ids) for ids in dataset["input_ids"]]
-            images = ([(list(i), list(v)) for i, v in zip(dataset["images"], dataset["videos"])]
+            images = ([tuple(list(files) for files in row) for row in zip(*(dataset[c] for c in MEDIA_COLUMNS))]
                       if "images" in dataset.column_names else None)
             labels = [list(ids) for ids in dataset["labels"]]
             stop_ids = template.stop_token_ids(tokenizer)
@@ -96,7 +97,7 @@ def _generate(cfg, tokenizer, runtime, prompts: list[list[int]], stop_ids: list[
         if beams > 1:
             raise ConfigError("config keys 'num_beams' (or 'eval_num_beams') and 'infer_backend': beam search with "
                               "vLLM is not implemented in lmf; predict with infer_backend: huggingface")
-        if images and any(i or v for i, v in images):
+        if images and any(any(files) for files in images):
             raise NotAvailableError("prediction on images with infer_backend: vllm is not implemented in lmf yet; "
                                     "use infer_backend: huggingface")
         if runtime.world_size > 1:

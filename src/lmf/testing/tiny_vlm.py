@@ -4,7 +4,8 @@
 ``qwen3_vl`` (a vision tower of one block), ``llava`` (LLaVA-1.5 style: CLIP tower, Llama decoder), ``llava_next``
 (the same with LLaVA-NeXT's tiles), ``llava_next_video`` (LLaVA-NeXT with video frames) and ``gemma3`` (SigLIP
 tower, Gemma 3 decoder), these on 56 x 56 images (tiles, frames); ``pixtral`` (LLaVA with Pixtral's tower and a
-Mistral decoder, images of up to 112 pixels a side). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
+Mistral decoder, images of up to 112 pixels a side); ``qwen2_audio`` (Qwen2-Audio: a Whisper-style audio tower of one
+layer, a Qwen2 decoder, the Whisper feature extractor of 128 mel bins). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
 with the Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -20,9 +21,12 @@ VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 #: LLaVA's image token; Gemma 3's image tokens (its processor reads them as tokenizer attributes) and turn markers.
 LLAVA_TOKENS = ["<image>"]
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+#: Qwen2-Audio's audio token and its clip markers.
+QWEN2_AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 #: Pixtral's image, row-break and end tokens.
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
+            "qwen2_audio")
 #: LLaVA-NeXT-Video's frame processing (its video processor's settings, frames of SMALL_IMAGE pixels square)
 LLAVA_NEXT_VIDEO_FRAMES = {"video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True,
                            "size": {"shortest_edge": 56}, "do_center_crop": True,
@@ -53,7 +57,7 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
     extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "llava_next_video": LLAVA_TOKENS + ["<video>"],
-             "pixtral": PIXTRAL_TOKENS,
+             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS,
              "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
@@ -143,6 +147,16 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
                         tie_word_embeddings=False)
 
 
+def _qwen2_audio_config(tok, text: dict, depth: int):
+    from transformers import Qwen2AudioConfig
+
+    audio = dict(num_mel_bins=128, encoder_layers=depth, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+                 max_source_positions=1500)
+    return Qwen2AudioConfig(audio_config=dict(audio, model_type="qwen2_audio_encoder"),
+                            text_config=dict(text, model_type="qwen2"),
+                            audio_token_index=tok.convert_tokens_to_ids("<|AUDIO|>"))
+
+
 def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
     if family in ("llava", "llava_next", "llava_next_video", "gemma3", "pixtral"):
         return _other_config(family, tok, hidden, layers, vision_depth)
@@ -155,6 +169,8 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
     text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
                 bos_token_id=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    if family == "qwen2_audio":
+        return _qwen2_audio_config(tok, text, vision_depth)
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
@@ -182,6 +198,10 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
 
 
 def _image_processor(family: str, min_pixels: int, max_pixels: int):
+    if family == "qwen2_audio":  # its preprocessor_config.json is the audio feature extractor's
+        from transformers import WhisperFeatureExtractor
+
+        return WhisperFeatureExtractor(feature_size=128)
     if family == "llava":
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -216,14 +236,16 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                    vision_depth: int = 1) -> str:
     """Save a random-init ``family`` VLM, its tokenizer, image processor and chat template to ``out_dir``."""
     import torch
-    from transformers import AutoModelForImageTextToText
+
+    from lmf.model.loader import auto_model_class
 
     if family not in FAMILIES:
         raise ValueError(f"family {family!r}: choose one of {', '.join(FAMILIES)}")
     tok = _tokenizer(qwen_tokenizer, family)
     tok.chat_template = QWEN_VL_TEMPLATE
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(_config(family, tok, hidden_size, num_layers, vision_depth))
+    config = _config(family, tok, hidden_size, num_layers, vision_depth)
+    model = auto_model_class(config).from_config(config)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     if family == "gemma3":
@@ -242,7 +264,8 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                  "gemma3": {"processor_class": "Gemma3Processor", "image_seq_length": 4},
                  "pixtral": {"processor_class": "PixtralProcessor", "patch_size": PATCH, "spatial_merge_size": 1,
                              "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
-                             "image_end_token": "[IMG_END]"}}[family]
+                             "image_end_token": "[IMG_END]"},
+                 "qwen2_audio": {"processor_class": "Qwen2AudioProcessor"}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
     if family == "llava_next_video":  # its video processor needs torchvision to be built: its settings, written

@@ -1,7 +1,9 @@
-"""Images (and, later, videos) in the data: placeholders, files, the model's image processor (LLaMA-Factory's
-mm_plugin semantics). :mod:`.images` opens and resizes files, :mod:`.plugins` expands ``<image>`` into the model's
-vision tokens and builds the pixel inputs, :mod:`.collator` adds them to batches."""
+"""Images, videos and audio in the data: placeholders, files, the model's processors (LLaMA-Factory's mm_plugin
+semantics). :mod:`.images`, :mod:`.videos` and :mod:`.audios` open and regularize files, :mod:`.plugins` expands
+the placeholders into the model's media tokens and builds its inputs, :mod:`.collator` adds them to batches."""
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 AUDIO_PLACEHOLDER = "<audio>"
+#: A sample's media files, by kind: the tokenized data's path columns (the normalized data's are ``_`` + these).
+MEDIA_COLUMNS = ("images", "videos", "audios")

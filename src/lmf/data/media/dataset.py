@@ -1,4 +1,5 @@
-"""Dataset-level checks of image data: which stages take images, and samples whose vision tokens do not fit."""
+"""Dataset-level checks of media data: which stages take images (videos, audio), and samples whose media tokens do
+not fit."""
 
 from __future__ import annotations
 
@@ -7,26 +8,31 @@ from typing import Any
 from lmf.extras.errors import DataError
 from lmf.extras.logging import get_logger
 from lmf.data.layout import layout_of
+from lmf.data.media import MEDIA_COLUMNS
 
 logger = get_logger(__name__)
 MAX_REPORTED = 5
 
 
 def _records_with_media(normalized) -> int:
-    """Records with at least one image or video, counted by pyarrow a chunk at a time (no Python object per row)."""
+    """Records with at least one image, video or audio clip, counted by pyarrow a chunk at a time (no Python object
+    per row)."""
+    import functools
+
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from lmf.data.stats import arrow_chunks
 
+    names = [name for name in ("_" + kind for kind in MEDIA_COLUMNS) if name in normalized.column_names]
     count = 0
-    for table in arrow_chunks(normalized, ["_images", "_videos"]):
-        columns = [table.column(name) for name in ("_images", "_videos")]
+    for table in arrow_chunks(normalized, names):
+        columns = [table.column(name) for name in names]
         if not all(pa.types.is_list(c.type) or pa.types.is_large_list(c.type) for c in columns):
-            count += sum(1 for images, videos in zip(*(c.to_pylist() for c in columns)) if images or videos)
+            count += sum(1 for files in zip(*(c.to_pylist() for c in columns)) if any(files))
             continue
         lengths = [pc.fill_null(pc.list_value_length(c), 0) for c in columns]
-        count += int(pc.sum(pc.greater(pc.add(*lengths), 0)).as_py() or 0)
+        count += int(pc.sum(pc.greater(functools.reduce(pc.add, lengths), 0)).as_py() or 0)
     return count
 
 
@@ -35,12 +41,12 @@ def check_images_for_stage(normalized, stage: str, media) -> None:
     if not with_images:
         return
     if layout_of(stage) in ("text", "feedback"):
-        raise DataError(f"{with_images} record(s) have images or videos; stage {stage!r} with images is not implemented in lmf "
-                        "(sft, dpo, rm and prediction take images)")
+        raise DataError(f"{with_images} record(s) have images, videos or audio; stage {stage!r} with them is not "
+                        "implemented in lmf (sft, dpo, rm and prediction take them)")
     if media is None:
-        raise DataError(f"{with_images} record(s) have images or videos but the model takes text only: its template has no "
-                        "vision plugin lmf implements, or model_name_or_path has no image processor "
-                        "(preprocessor_config.json)")
+        raise DataError(f"{with_images} record(s) have images, videos or audio but the model takes text only: its "
+                        "template has no media plugin lmf implements, or model_name_or_path has no image processor "
+                        "or audio feature extractor (preprocessor_config.json)")
 
 
 def drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:

@@ -1,13 +1,14 @@
-"""What every vision plugin does (:class:`MediaPlugin`): ``<image>`` / ``<video>`` placeholders to the model's vision
-tokens and images to pixel inputs, with the config's image and video keys (:class:`MediaOptions`); the families are in
-:mod:`lmf.data.media.qwen_vl`, :mod:`lmf.data.media.llava` and :mod:`lmf.data.media.gemma3`."""
+"""What every media plugin does (:class:`MediaPlugin`): ``<image>`` / ``<video>`` / ``<audio>`` placeholders to the
+model's media tokens and files to the model's inputs, with the config's image, video and audio keys
+(:class:`MediaOptions`); the families are in :mod:`lmf.data.media.qwen_vl`, :mod:`lmf.data.media.llava`,
+:mod:`lmf.data.media.gemma3`, :mod:`lmf.data.media.pixtral` and :mod:`lmf.data.media.qwen_audio`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from lmf.data.media import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from lmf.data.media import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from lmf.data.media.images import image_size, load_image, regularized_size
 from lmf.extras.errors import NotAvailableError
 
@@ -17,7 +18,7 @@ IMAGE_TYPE, VIDEO_TYPE = 1, 2
 
 @dataclass
 class MediaOptions:
-    """The config's image/video keys (LLaMA-Factory's ProcessorArguments)."""
+    """The config's image/video/audio keys (LLaMA-Factory's ProcessorArguments)."""
 
     image_max_pixels: int = 768 * 768
     image_min_pixels: int = 32 * 32
@@ -26,18 +27,20 @@ class MediaOptions:
     video_fps: float = 2.0
     video_maxlen: int = 128
     image_do_pan_and_scan: bool = False
+    audio_sampling_rate: int = 16000
 
     @classmethod
     def from_data_args(cls, data_args) -> "MediaOptions":
         return cls(data_args.image_max_pixels, data_args.image_min_pixels, data_args.video_max_pixels,
                    data_args.video_min_pixels, data_args.video_fps, data_args.video_maxlen,
-                   data_args.image_do_pan_and_scan)
+                   data_args.image_do_pan_and_scan, data_args.audio_sampling_rate)
 
 
 @dataclass
 class MediaPlugin:
-    """What every vision plugin does: placeholders to vision tokens (:meth:`expand`), images to pixel inputs
-    (:meth:`model_inputs`); subclasses say how many tokens an image takes and how they are written."""
+    """What every media plugin does: placeholders to media tokens (:meth:`expand`), files to model inputs
+    (:meth:`model_inputs`); subclasses say how many tokens an image (video, audio clip) takes and how they are
+    written. ``image_processor`` is None for an audio-only family; ``feature_extractor`` is the audio one."""
 
     image_processor: Any
     tokenizer: Any
@@ -45,6 +48,7 @@ class MediaPlugin:
     name: str = ""
     processor_config: dict = field(default_factory=dict)  # the model's processor_config.json
     image_token: str = "<image>"
+    feature_extractor: Any = None
     _blank_outputs: dict = field(default_factory=dict, repr=False)
     #: LLaMA-Factory's extra resize rules of the Qwen-VL family (sides >= 28 pixels, aspect ratio <= 200)
     qwen_rules = False
@@ -59,8 +63,9 @@ class MediaPlugin:
 
     def cache_identity(self) -> dict:
         """What the preprocessed data depends on besides the text (part of the cache key)."""
-        return {"plugin": self.name, "options": vars(self.options), "image_processor": self.image_processor.to_dict(),
-                "processor": self.processor_config}
+        return {"plugin": self.name, "options": vars(self.options), "processor": self.processor_config,
+                **{key: part.to_dict() for key, part in (("image_processor", self.image_processor),
+                                                          ("feature_extractor", self.feature_extractor)) if part}}
 
     def image_seqlen(self, path: str) -> int:
         """Vision tokens of the image at ``path``."""
@@ -73,11 +78,17 @@ class MediaPlugin:
     def video_text(self, path: str) -> str:
         """What one ``<video>`` placeholder becomes."""
         raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf (the "
-                                "Qwen-VL family takes videos)")
+                                "Qwen-VL and LLaVA-NeXT-Video families take videos)")
 
-    def expand(self, messages: list[dict], images: list[str], videos: tuple = ()) -> tuple[list[dict], int]:
-        """(messages with each ``<image>`` / ``<video>`` expanded, total vision tokens)."""
-        out, used_images, used_videos, total = [], 0, 0, 0
+    def audio_text(self, path: str) -> str:
+        """What one ``<audio>`` placeholder becomes."""
+        raise NotAvailableError(f"audio with {self.name or type(self).__name__} is not implemented in lmf (Qwen2-Audio "
+                                "takes audio)")
+
+    def expand(self, messages: list[dict], images: list[str], videos: tuple = (),
+               audios: tuple = ()) -> tuple[list[dict], int]:
+        """(messages with each ``<image>`` / ``<video>`` / ``<audio>`` expanded, total media tokens)."""
+        out, used_images, used_videos, used_audios, total = [], 0, 0, 0, 0
         for message in messages:
             pieces = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>": split, not replace
             text = pieces[0]
@@ -93,6 +104,13 @@ class MediaPlugin:
                 total += block.count(self.video_token)
                 text += block + piece
                 used_videos += 1
+            pieces = text.split(AUDIO_PLACEHOLDER)
+            text = pieces[0]
+            for piece in pieces[1:]:
+                block = self.audio_text(audios[used_audios])
+                total += block.count(self.audio_token)
+                text += block + piece
+                used_audios += 1
             out.append(dict(message, content=text))
         return out, total
 
@@ -120,23 +138,28 @@ class MediaPlugin:
         o = self.options
         return [load_image(p, o.image_max_pixels, o.image_min_pixels, qwen_rules=self.qwen_rules) for p in paths]
 
-    def model_inputs(self, paths: list[str], input_ids, videos: tuple = ()) -> dict:
-        """The pixel inputs of the images ``paths`` and ``videos`` (in row order) and the token types of
-        ``input_ids``."""
+    def model_inputs(self, paths: list[str], input_ids, videos: tuple = (), audios: tuple = ()) -> dict:
+        """The pixel inputs of the images ``paths`` and ``videos``, the features of the ``audios`` (each in row
+        order) and the token types of ``input_ids``."""
         inputs: dict = {}
         if paths:
             inputs.update(self.image_processor(self.load_images(paths), return_tensors="pt"))
         if videos:
             inputs.update(self.video_inputs(list(videos)))
+        if audios:
+            inputs.update(self.audio_inputs(list(audios)))
         inputs.update(self.token_types(input_ids))
         return dict(inputs)
 
     def video_inputs(self, videos: list[str]) -> dict:
         raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf")
 
+    def audio_inputs(self, audios: list[str]) -> dict:
+        raise NotAvailableError(f"audio with {self.name or type(self).__name__} is not implemented in lmf")
+
     def token_types(self, input_ids) -> dict:
         return {}
 
     def expected_tokens(self, inputs: dict, pictures: int) -> Optional[int]:
-        """Vision tokens the pixel ``inputs`` of ``pictures`` images/videos fill (None: not checkable)."""
+        """Media tokens the ``inputs`` of ``pictures`` images/videos/audio clips fill (None: not checkable)."""
         return pictures * self.image_seqlen("") if hasattr(self, "seqlen") else None

@@ -1,10 +1,11 @@
-"""Vision plugins: how a model family turns ``<image>`` placeholders into vision tokens and images into pixels,
-as LLaMA-Factory 0.9.5's mm_plugin does: :class:`~lmf.data.media.qwen_vl.QwenVLPlugin` (templates ``qwen2_vl``,
+"""Media plugins: how a model family turns ``<image>`` / ``<video>`` / ``<audio>`` placeholders into its tokens and
+the files into its inputs, as LLaMA-Factory's mm_plugin does: :class:`~lmf.data.media.qwen_vl.QwenVLPlugin` (templates ``qwen2_vl``,
 ``qwen3_vl``, ``qwen3_vl_nothink``, ...), :class:`~lmf.data.media.llava.LlavaPlugin` (``llava``),
 :class:`~lmf.data.media.llava.LlavaNextPlugin` (``llava_next``, ``llava_next_*``),
 :class:`~lmf.data.media.llava.LlavaNextVideoPlugin` (``llava_next_video``, ``llava_next_video_*``: images and videos),
 :class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``), :class:`~lmf.data.media.pixtral.PixtralPlugin`
-(``pixtral``, ``ministral3``, ...); what they share: :mod:`lmf.data.media.plugin_base`.
+(``pixtral``, ``ministral3``, ...), :class:`~lmf.data.media.qwen_audio.Qwen2AudioPlugin` (``qwen2_audio``: audio);
+what they share: :mod:`lmf.data.media.plugin_base`.
 
 :func:`media_plugin_for` picks the plugin of a template for a model directory (None for text models).
 """
@@ -17,6 +18,7 @@ from lmf.data.media.gemma3 import Gemma3Plugin
 from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin
 from lmf.data.media.pixtral import PixtralPlugin
 from lmf.data.media.plugin_base import MediaOptions, MediaPlugin  # noqa: F401 - the plugins' shared base, here too
+from lmf.data.media.qwen_audio import Qwen2AudioPlugin
 from lmf.data.media.qwen_vl import QwenVLPlugin
 from lmf.extras.errors import ConfigError, NotAvailableError
 from lmf.extras.logging import get_logger
@@ -26,9 +28,12 @@ logger = get_logger(__name__)
 #: LLaMA-Factory's mm_plugin names lmf implements -> plugin class name.
 IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
                "LlavaNextPlugin": "LlavaNextPlugin", "LlavaNextVideoPlugin": "LlavaNextVideoPlugin",
-               "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin"}
+               "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin", "Qwen2AudioPlugin": "Qwen2AudioPlugin"}
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
-           "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin}
+           "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin,
+           "Qwen2AudioPlugin": Qwen2AudioPlugin}
+#: Plugins of audio-only families: the model's preprocessor_config.json is its audio feature extractor's.
+AUDIO_ONLY = (Qwen2AudioPlugin,)
 
 
 def has_image_processor(model_path: str) -> bool:
@@ -36,8 +41,8 @@ def has_image_processor(model_path: str) -> bool:
 
 
 def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remote_code: bool = False):
-    """The vision plugin of ``template`` for the model at ``model_path``, or None (a text template, or a model
-    without an image processor: text only)."""
+    """The media plugin of ``template`` for the model at ``model_path``, or None (a text template, or a model
+    without an image processor or audio feature extractor: text only)."""
     name = getattr(template, "mm_plugin", None)
     if data_args.image_do_pan_and_scan and name != "Gemma3Plugin":
         logger.warning("image_do_pan_and_scan has no effect with template %r: it is Gemma 3's (as in LLaMA-Factory)",
@@ -48,16 +53,29 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
             f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl, llava, "
-            "gemma3, pixtral)")
+            "gemma3, pixtral, qwen2_audio)")
+    plugin = PLUGINS[IMPLEMENTED[name]]
+    options = MediaOptions.from_data_args(data_args)
+    if plugin in AUDIO_ONLY:
+        return plugin(None, tokenizer, options, name=name, processor_config=_processor_config(model_path),
+                      feature_extractor=load_feature_extractor(model_path, trust_remote_code))
     try:
         image_processor = load_image_processor(model_path, trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise ConfigError(f"model_name_or_path={model_path!r}: cannot load its image processor: {exc}") from exc
-    plugin = PLUGINS[IMPLEMENTED[name]]
     if plugin is QwenVLPlugin and not hasattr(image_processor, "get_number_of_image_patches"):
         raise NotAvailableError(f"{type(image_processor).__name__}: lmf's {name} needs a Qwen-VL image processor")
-    return plugin(image_processor, tokenizer, MediaOptions.from_data_args(data_args), name=name,
-                  processor_config=_processor_config(model_path))
+    return plugin(image_processor, tokenizer, options, name=name, processor_config=_processor_config(model_path))
+
+
+def load_feature_extractor(model_path: str, trust_remote_code: bool = False):
+    """The model's audio feature extractor (``preprocessor_config.json``)."""
+    import transformers
+
+    try:
+        return transformers.AutoFeatureExtractor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ConfigError(f"model_name_or_path={model_path!r}: cannot load its audio feature extractor: {exc}") from exc
 
 
 def load_image_processor(model_path: str, trust_remote_code: bool = False):
