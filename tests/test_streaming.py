@@ -118,7 +118,7 @@ def test_malformed_and_image_records_name_file_and_index(tmp_path, tok):
     prefetching.close()
     skipping = get_dataset(_cfg(str(data), tmp_path, dataset="a", skip_bad_records=True), tok, template,
                            "sft").train_dataset
-    with pytest.raises(Exception, match="a.jsonl: record 2 has images or videos"):
+    with pytest.raises(Exception, match="a.jsonl: record 2 has images, videos or audio"):
         list(skipping.rows(0))
 
 

@@ -95,7 +95,7 @@ def test_v1_dpo_needs_the_hub_dataset_and_runs_on_its_local_copy(lf_checkout):
 @pytest.mark.parametrize("example,message", [
     ("train_full/train_full_ulysses_cp.yaml", "context parallelism"),
     ("train_full/train_full_qwen3_moe_fsdpturbo_ep_fsdp.yaml", "fsdpturbo"),
-    ("train_full/train_multimodal.yaml", "have images or videos but the model takes text only"),  # the tiny text model
+    ("train_full/train_multimodal.yaml", "have images, videos or audio but the model takes text only"),  # the tiny text model
 ])
 def test_v1_examples_lmf_cannot_run_say_why(lf_checkout, example, message):
     with pytest.raises(LmfError, match=message):

@@ -173,7 +173,7 @@ def test_vision_tokens_written_in_the_text_drop_the_sample(vlm_root, tmp_path):
     with _loader_messages() as messages:
         _, _, module = _dataset(cfg, "sft")
     assert len(module.train_dataset) == 5 and module.stats["train"]["media_cut_examples"] == [1]
-    assert any("vision tokens written in the text" in m.getMessage() for m in messages)
+    assert any("media tokens written in the text" in m.getMessage() for m in messages)
 
 
 def test_bad_image_record_names_file_and_record_or_is_skipped_and_counted(vlm_root, tmp_path):
@@ -199,7 +199,7 @@ def test_a_text_model_refuses_image_data(tiny_model_dir, demo_data_dir):
 
     cfg = get_config([f"model_name_or_path={tiny_model_dir}", "stage=sft", "do_train=true", "template=qwen2_vl",
                       "dataset=mllm_demo", f"dataset_dir={demo_data_dir}", "output_dir=unused", "overwrite_cache=true"])
-    with pytest.raises(DataError, match="have images or videos but the model takes text only"):
+    with pytest.raises(DataError, match="have images, videos or audio but the model takes text only"):
         load_tokenizer_and_data(cfg, "sft")
 
 

@@ -28,6 +28,18 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class InputAudio(BaseModel):
+    data: str  # base64
+    format: str  # wav, mp3, flac, ...
+
+
+class AudioPart(BaseModel):
+    """An audio clip, as OpenAI's API sends one: base64 ``data`` and its ``format``."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str
@@ -39,10 +51,14 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+PLACEHOLDERS = {ImagePart: "<image>", AudioPart: "<audio>"}
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     tool_calls: Optional[list[ToolCall]] = None  # before content: its check reads them
-    content: Union[str, list[Union[TextPart, ImagePart]], None] = Field(default=None, validate_default=True)
+    content: Union[str, list[Union[TextPart, ImagePart, AudioPart]], None] = Field(default=None,
+                                                                                  validate_default=True)
     tool_call_id: Optional[str] = None
     name: Optional[str] = None
 
@@ -71,14 +87,20 @@ class ChatMessage(BaseModel):
 
             return tool_call_message_content([{"name": c.function.name, "arguments": c.function.arguments}
                                               for c in self.tool_calls])
-        if isinstance(self.content, list):  # an image part is its <image> placeholder, as in training data
-            return "".join(part.text if isinstance(part, TextPart) else "<image>" for part in self.content)
+        if isinstance(self.content, list):  # a media part is its placeholder, as in training data
+            return "".join(part.text if isinstance(part, TextPart) else PLACEHOLDERS[type(part)]
+                           for part in self.content)
         return self.content or ""
 
     def image_urls(self) -> list[str]:
         if not isinstance(self.content, list):
             return []
         return [part.image_url.url for part in self.content if isinstance(part, ImagePart)]
+
+    def audio_parts(self) -> list[InputAudio]:
+        if not isinstance(self.content, list):
+            return []
+        return [part.input_audio for part in self.content if isinstance(part, AudioPart)]
 
 
 class FunctionDefinition(BaseModel):

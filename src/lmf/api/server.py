@@ -148,17 +148,19 @@ def create_app(engine: "ChatEngine", settings: Optional[ApiSettings] = None) -> 
             system, messages = split_system([{"role": m.engine_role(), "content": m.text()} for m in body.messages])
         except MessageError as exc:
             return _error_response(400, str(exc), param="messages")
-        from lmf.api.images import ImageRequestError, RequestImages
+        from lmf.api.media import MediaRequestError, RequestMedia
 
-        images = RequestImages(settings.image_dir)
+        images = RequestMedia(settings.image_dir)
         try:
             for index, message in enumerate(body.messages):
                 for url in message.image_urls():
                     images.add(url, f"messages[{index}].content")
-        except (ImageRequestError, OSError, ValueError) as exc:  # the decoded ones so far are deleted
+                for audio in message.audio_parts():
+                    images.add_audio(audio.data, audio.format, f"messages[{index}].content")
+        except (MediaRequestError, OSError, ValueError) as exc:  # the decoded ones so far are deleted
             images.close()
             return _error_response(400, str(exc), param="messages")
-        gen_images = {"images": images.paths} if images.paths else {}
+        gen_images = images.files()
         tools = None
         if body.tools:
             tools = json.dumps([t.function.model_dump(exclude_none=True) for t in body.tools], ensure_ascii=False)

@@ -3,9 +3,9 @@
 ``lmf chat CONFIG.yaml`` or ``lmf chat --model PATH [--adapter PATH] [--template NAME]``, plus any
 config key as an override (``temperature=0.3``, ``--max_new_tokens 256``). Reads one message per
 line from stdin (a terminal or a pipe); ``clear`` forgets the history, ``exit`` (or end of input)
-quits. Ctrl-C during a reply stops that reply and keeps the session. A vision-language model takes images:
-``/image PATH`` attaches a local image file to the next message (its ``<image>`` placeholder goes first, as in
-LLaMA-Factory's chat; a message may also place ``<image>`` itself).
+quits. Ctrl-C during a reply stops that reply and keeps the session. A multimodal model takes media files:
+``/image PATH`` (``/audio PATH``) attaches a local image (audio) file to the next message (its ``<image>``
+(``<audio>``) placeholder goes first, as in LLaMA-Factory's chat; a message may also place the placeholder itself).
 """
 
 from __future__ import annotations
@@ -15,13 +15,18 @@ import sys
 from typing import TYPE_CHECKING, Optional, TextIO
 
 from lmf.chat.engine import MessageError
+from lmf.data.media import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 
 if TYPE_CHECKING:
     from lmf.chat.engine import ChatEngine
 
 WELCOME = ("Welcome to lmf chat: type a message and press Enter; `clear` forgets the history, `exit` quits, "
-           "`/image PATH` attaches an image to the next message.")
-IMAGE_COMMAND = "/image"
+           "`/image PATH` (`/audio PATH`) attaches an image (audio) file to the next message.")
+#: attach commands -> the engine's keyword (and the placeholder's kind)
+ATTACH_COMMANDS = {"/image": "images", "/audio": "audios"}
+
+
+_PLACEHOLDERS = {"images": IMAGE_PLACEHOLDER, "audios": AUDIO_PLACEHOLDER}
 
 
 class ChatSession:
@@ -31,33 +36,36 @@ class ChatSession:
         self.engine = engine
         self.system = system
         self.messages: list[dict[str, str]] = []
-        self.images: list[str] = []  # the images of the history's messages, in order
-        self.pending_images: list[str] = []  # attached with /image, for the next message
+        self.files: dict[str, list[str]] = {kind: [] for kind in ATTACH_COMMANDS.values()}  # the history's, in order
+        self.pending: dict[str, list[str]] = {kind: [] for kind in ATTACH_COMMANDS.values()}  # for the next message
 
     def clear(self) -> None:
-        self.messages, self.images, self.pending_images = [], [], []
+        self.messages = []
+        for kind in ATTACH_COMMANDS.values():
+            self.files[kind], self.pending[kind] = [], []
 
-    def attach(self, path: str) -> None:
-        """Attach an image file to the next message (checked now: MessageError if it cannot be used)."""
-        from lmf.chat.engine import check_images
+    def attach(self, path: str, kind: str = "images") -> None:
+        """Attach an image (``kind`` "audios": audio) file to the next message (checked now: MessageError if it
+        cannot be used)."""
+        from lmf.chat.engine import check_media
 
         path = os.path.expanduser(path.strip().strip("'\""))
-        check_images(self.engine.media, [{"role": "user", "content": "<image>"}], [path])
-        self.pending_images.append(path)
+        check_media(self.engine.media, [{"role": "user", "content": _PLACEHOLDERS[kind]}], **{kind: [path]})
+        self.pending[kind].append(path)
 
     def reply(self, query: str, out: TextIO, prefix: str = "") -> str:
         """Stream ``prefix`` and the answer to ``query`` into ``out``; on success both turns join the history.
 
         A conversation the engine rejects (e.g. too long) raises :class:`MessageError` before anything is written.
         """
-        from lmf.data.media import IMAGE_PLACEHOLDER
-
-        missing = len(self.pending_images) - query.count(IMAGE_PLACEHOLDER)
-        if missing > 0:
-            query = IMAGE_PLACEHOLDER * missing + query
-        images = self.images + self.pending_images
+        files = {}
+        for kind, placeholder in _PLACEHOLDERS.items():
+            missing = len(self.pending[kind]) - query.count(placeholder)
+            if missing > 0:
+                query = placeholder * missing + query
+            files[kind] = self.files[kind] + self.pending[kind]
         stream = self.engine.stream_chat(self.messages + [{"role": "user", "content": query}], system=self.system,
-                                         images=images or None)
+                                         **{kind: paths or None for kind, paths in files.items()})
         out.write(prefix)
         pieces: list[str] = []
         try:
@@ -69,7 +77,8 @@ class ChatSession:
             stream.close()
         answer = "".join(pieces)
         self.messages += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-        self.images, self.pending_images = images, []
+        for kind in ATTACH_COMMANDS.values():
+            self.files[kind], self.pending[kind] = files[kind], []
         return answer
 
 
@@ -106,10 +115,13 @@ def chat_loop(engine: "ChatEngine", inp: TextIO, out: TextIO, err: TextIO, syste
             session.clear()
             print("History has been removed.", file=out, flush=True)
             continue
-        if query.startswith(IMAGE_COMMAND + " ") or query == IMAGE_COMMAND:
+        command = query.split(" ", 1)[0]
+        if command in ATTACH_COMMANDS:
+            kind = ATTACH_COMMANDS[command]
             try:
-                session.attach(query[len(IMAGE_COMMAND):])
-                print(f"Image attached to the next message ({len(session.pending_images)}).", file=err, flush=True)
+                session.attach(query[len(command):], kind)
+                print(f"{'Image' if kind == 'images' else 'Audio'} attached to the next message "
+                      f"({len(session.pending[kind])}).", file=err, flush=True)
             except MessageError as exc:
                 print(f"lmf chat: {exc}", file=err, flush=True)
             continue

@@ -201,7 +201,7 @@ class ChatEngine(ABC):
     settings: GenerationSettings = GenerationSettings()
     #: How the template writes tool calls (see :mod:`lmf.data.tools`).
     tool_format: str = "default"
-    #: The vision plugin of a vision-language model (:mod:`lmf.data.media.plugins`); None: text only.
+    #: The media plugin of a multimodal model (:mod:`lmf.data.media.plugins`); None: text only.
     media: Any = None
 
     @abstractmethod
@@ -211,10 +211,12 @@ class ChatEngine(ABC):
         system: Optional[str] = None,
         tools: Optional[str] = None,
         images: Optional[list[str]] = None,
+        audios: Optional[list[str]] = None,
         **gen: Any,
     ) -> ChatStream:
         """Start generating a reply to ``messages``; ``gen`` overrides :class:`GenerationSettings` fields.
-        ``images``: local image files, one per ``<image>`` placeholder of the messages, in order."""
+        ``images`` / ``audios``: local files, one per ``<image>`` / ``<audio>`` placeholder of the messages, in
+        order."""
 
     def chat(
         self,
@@ -222,10 +224,11 @@ class ChatEngine(ABC):
         system: Optional[str] = None,
         tools: Optional[str] = None,
         images: Optional[list[str]] = None,
+        audios: Optional[list[str]] = None,
         **gen: Any,
     ) -> Response:
         """Generate a complete reply."""
-        stream = self.stream_chat(messages, system=system, tools=tools, images=images, **gen)
+        stream = self.stream_chat(messages, system=system, tools=tools, images=images, audios=audios, **gen)
         try:
             text = "".join(stream)
         finally:
@@ -242,24 +245,29 @@ class ChatEngine(ABC):
         """Release the model (optional)."""
 
 
-def check_images(media: Any, messages: list[dict[str, str]], images: Optional[list[str]]) -> None:
-    """An engine can answer these images: the model takes images, one ``<image>`` placeholder per image, each
-    a readable file. Raises MessageError naming what is wrong."""
-    from lmf.data.media import IMAGE_PLACEHOLDER
+def check_media(media: Any, messages: list[dict[str, str]], images: Optional[list[str]] = None,
+                audios: Optional[list[str]] = None) -> None:
+    """An engine can answer these images and audio clips: the model takes them, one ``<image>`` (``<audio>``)
+    placeholder per file, each a readable file. Raises MessageError naming what is wrong."""
+    from lmf.data.media import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+    from lmf.data.media.audios import audio_problem
     from lmf.data.media.images import image_problem
 
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    images = images or []
-    if images and media is None:
-        raise MessageError("this model takes text only: images need a vision-language model (with its image "
-                           "processor, preprocessor_config.json) and its template (e.g. qwen2_vl)")
-    if media is not None and placeholders != len(images):
-        raise MessageError(f"{len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the "
-                           "messages; they must match")
-    for i, path in enumerate(images):
-        problem = image_problem(path)
-        if problem:
-            raise MessageError(f"image {i}: {problem}")
+    kinds = (("image", images, IMAGE_PLACEHOLDER, image_problem, True),
+             ("audio", audios, AUDIO_PLACEHOLDER, audio_problem, bool(getattr(media, "takes_audio", False))))
+    for kind, files, placeholder, problem_of, counted in kinds:
+        files = files or []
+        if files and media is None:
+            raise MessageError(f"this model takes text only: {kind} input needs a multimodal model (with its "
+                               "processor, preprocessor_config.json) and its template (e.g. qwen2_vl, qwen2_audio)")
+        placeholders = sum(m["content"].count(placeholder) for m in messages)
+        if media is not None and (files or counted) and placeholders != len(files):
+            raise MessageError(f"{len(files)} {kind} file(s) but {placeholders} {placeholder} placeholder(s) in the "
+                               "messages; they must match")
+        for i, path in enumerate(files):
+            problem = problem_of(path)
+            if problem:
+                raise MessageError(f"{kind} {i}: {problem}")
 
 
 def served_model_name(cfg: "LmfConfig") -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
-from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, check_images, served_model_name
+from lmf.chat.engine import ChatEngine, ChatStream, GenerationSettings, MessageError, check_media, served_model_name
 from lmf.extras.logging import get_logger
 
 if TYPE_CHECKING:
@@ -77,25 +77,26 @@ class HuggingFaceEngine(ChatEngine):
                     self.model_name, self.device, self.template.name, self.stop_ids)
 
     def encode(self, messages: list[dict[str, str]], system: Optional[str] = None,
-               tools: Optional[str] = None, images: Optional[list[str]] = None) -> list[int]:
+               tools: Optional[str] = None, images: Optional[list[str]] = None,
+               audios: Optional[list[str]] = None) -> list[int]:
         """Prompt token ids of a conversation (ending with a user turn), as the training template renders it
-        (``<image>`` placeholders expanded into the model's vision tokens, as in training)."""
-        from lmf.extras.errors import DataError
+        (``<image>`` / ``<audio>`` placeholders expanded into the model's media tokens, as in training)."""
+        from lmf.extras.errors import DataError, NotAvailableError
 
-        check_images(self.media, messages, images)
-        if images:
-            messages, _ = self.media.expand(messages, images)
+        check_media(self.media, messages, images, audios)
         try:
+            if images or audios:
+                messages, _ = self.media.expand(messages, list(images or []), (), list(audios or []))
             return self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools)
-        except DataError as exc:
+        except (DataError, NotAvailableError) as exc:
             raise MessageError(str(exc)) from exc
 
-    def stream_chat(self, messages, system=None, tools=None, images=None, **gen: Any) -> ChatStream:
+    def stream_chat(self, messages, system=None, tools=None, images=None, audios=None, **gen: Any) -> ChatStream:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         settings = self.settings.updated(**gen)
-        prompt_ids = self.encode(messages, system, tools, images)
+        prompt_ids = self.encode(messages, system, tools, images, audios)
         max_new_tokens = settings.reply_budget(len(prompt_ids))
         if self.max_positions:
             room = self.max_positions - len(prompt_ids)
@@ -127,11 +128,11 @@ class HuggingFaceEngine(ChatEngine):
         )
         if self.base_config is not None:
             kwargs["generation_config"] = self.base_config
-        if self.media is not None:  # pixel inputs of the images (and the token types a Qwen-VL model needs)
+        if self.media is not None:  # pixel inputs of the images, audio features (and a Qwen-VL model's token types)
             from lmf.train.process import to_device
 
-            kwargs.update(to_device(self.media.model_inputs(list(images or []), kwargs["input_ids"].cpu()),
-                                    self.device))
+            inputs = self.media.model_inputs(list(images or []), kwargs["input_ids"].cpu(), (), tuple(audios or ()))
+            kwargs.update(to_device(inputs, self.device))
         if settings.greedy:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:

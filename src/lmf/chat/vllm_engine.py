@@ -127,14 +127,14 @@ class VllmEngine(ChatEngine):
                 shutil.rmtree(self._adapter_tmp, ignore_errors=True)
             raise
 
-    def stream_chat(self, messages, system=None, tools=None, images=None, **gen: Any) -> ChatStream:
+    def stream_chat(self, messages, system=None, tools=None, images=None, audios=None, **gen: Any) -> ChatStream:
         from vllm import SamplingParams
 
         from lmf.extras.errors import DataError
 
-        if images:
-            raise MessageError("images with infer_backend: vllm are not implemented in lmf yet; use the "
-                               "huggingface backend")
+        if images or audios:
+            raise MessageError(f"{'image' if images else 'audio'} input with infer_backend: vllm is not implemented in "
+                               "lmf yet; use the huggingface backend")
         settings = self.settings.updated(**gen)
         try:
             prompt_ids = self.template.encode_prompt(self.tokenizer, messages, system=system, tools=tools)

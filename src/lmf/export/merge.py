@@ -88,28 +88,13 @@ def _stop_generation_config(model, tokenizer, stop_ids: list[int]) -> None:
         gen.pad_token_id = tokenizer.pad_token_id
 
 
-#: The processor files of a vision-language model (image / video preprocessing), copied from the base model.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
-
-
-def copy_processor_files(base_dir: str, out_dir: str) -> list[str]:
-    """Copy the base model's processor files into the export (transformers and vLLM load the image processor
-    from the model folder); returns the names copied."""
-    copied = []
-    for name in PROCESSOR_FILES:
-        src = os.path.join(base_dir, name)
-        if os.path.isfile(src) and not os.path.exists(os.path.join(out_dir, name)):
-            shutil.copyfile(src, os.path.join(out_dir, name))
-            copied.append(name)
-    return copied
-
-
 def export_model(cfg: "LmfConfig") -> str:
     """Merge, then write the standalone model folder; returns its path."""
     import torch
 
     from lmf.data.template import get_template
     from lmf.data.template.ollama import ollama_modelfile
+    from lmf.data.media.plugins import copy_processor_files
     from lmf.model.loader import load_model, load_tokenizer
     from lmf.train.durable import fsync_tree
 

@@ -25,9 +25,11 @@ import shutil
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Optional
 
+from lmf.data.media import PROCESSOR_FILES
 from lmf.extras.constants import ADAPTER_TYPES
 from lmf.extras.errors import LmfError
 from lmf.extras.logging import get_logger
+from lmf.model.forward import is_vision_language
 from lmf.train.gather import full_model_state, full_optimizer_state, rank_states
 from lmf.train.rng_state import load_rng_state, rng_state_name
 from lmf.train.durable import (
@@ -58,7 +60,7 @@ FINAL_ARTEFACTS = (
     "model.safetensors", "model.safetensors.index.json", "training_loss.png", "all_results.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "README.md",
-    "value_head.safetensors", "value_head_config.json",
+    "value_head.safetensors", "value_head_config.json", *PROCESSOR_FILES,
 )
 
 
@@ -163,6 +165,11 @@ class CheckpointIO:
         self.model.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
+        base = self.cfg.model.model_name_or_path
+        if os.path.isdir(base) and is_vision_language(self.model):  # its processors load from the output, as from
+            from lmf.data.media.plugins import copy_processor_files   # the base model
+
+            copy_processor_files(base, out_dir)
 
     def _already_saved(self, final_dir: str) -> bool:
         """Rank 0's answer, for every rank: ``final_dir`` is an intact checkpoint of this step already (a run resumed

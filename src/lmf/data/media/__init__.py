@@ -7,3 +7,6 @@ VIDEO_PLACEHOLDER = "<video>"
 AUDIO_PLACEHOLDER = "<audio>"
 #: A sample's media files, by kind: the tokenized data's path columns (the normalized data's are ``_`` + these).
 MEDIA_COLUMNS = ("images", "videos", "audios")
+#: A multimodal model's processor files (image / video / audio preprocessing), which travel with what is trained from
+#: it (the final output, checkpoints, exports): transformers and vLLM load the processors from the model folder.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")

@@ -50,7 +50,7 @@ def check_images_for_stage(normalized, stage: str, media) -> None:
 
 
 def drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
-    """Samples whose vision tokens ``cutoff_len`` cut through are dropped (the model would fail on them with
+    """Samples whose media tokens ``cutoff_len`` cut through are dropped (the model would fail on them with
     "Image features and image tokens do not match"), counted and reported by index."""
     if "_media_cut" not in tokenized.column_names:
         return tokenized, 0, []
@@ -62,13 +62,13 @@ def drop_media_cuts(tokenized, cutoff_len: int) -> tuple[Any, int, list[int]]:
     is_cut = np.concatenate(parts).astype(bool) if parts else np.zeros(0, dtype=bool)
     cut = np.flatnonzero(is_cut).tolist()
     if cut:
-        logger.warning("dropped %d sample(s) whose vision tokens do not match their images/videos: cut by cutoff_len %d, "
-                       "or vision tokens written in the text itself (sample index %s%s); raise cutoff_len or lower "
-                       "image_max_pixels to keep cut ones", len(cut), cutoff_len,
+        logger.warning("dropped %d sample(s) whose media tokens do not match their images/videos/audio: cut by "
+                       "cutoff_len %d, or media tokens written in the text itself (sample index %s%s); raise "
+                       "cutoff_len or lower image_max_pixels to keep cut ones", len(cut), cutoff_len,
                        ", ".join(map(str, cut[:MAX_REPORTED])), " ..." if len(cut) > MAX_REPORTED else "")
         keep = np.flatnonzero(~is_cut)
         if not len(keep):
-            raise DataError(f"every sample's image tokens are cut by cutoff_len {cutoff_len}; raise cutoff_len or "
+            raise DataError(f"every sample's media tokens are cut by cutoff_len {cutoff_len}; raise cutoff_len or "
                             "lower image_max_pixels")
         tokenized = tokenized.select(keep)
     return tokenized.remove_columns(["_media_cut"]), len(cut), cut[:MAX_REPORTED]

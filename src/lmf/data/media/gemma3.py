@@ -54,12 +54,9 @@ class Gemma3Plugin(MediaPlugin):
     def token_types(self, input_ids) -> dict:
         return {"token_type_ids": (input_ids == self.image_token_id).to(input_ids.dtype)}
 
-    def model_inputs(self, paths: list[str], input_ids, videos: tuple = ()) -> dict:
-        inputs: dict = {}
-        if paths:
-            inputs.update(self.image_processor(self.load_images(paths), return_tensors="pt", **self.pan_and_scan))
+    def image_inputs(self, paths: list[str]) -> dict:
+        inputs = dict(self.image_processor(self.load_images(paths), return_tensors="pt", **self.pan_and_scan))
         inputs.pop("num_crops", None)  # pan-and-scan bookkeeping of the processor, not a model input
-        inputs.update(self.token_types(input_ids))
         return inputs
 
     def expected_tokens(self, inputs: dict, pictures: int) -> int:

@@ -52,6 +52,8 @@ class MediaPlugin:
     _blank_outputs: dict = field(default_factory=dict, repr=False)
     #: LLaMA-Factory's extra resize rules of the Qwen-VL family (sides >= 28 pixels, aspect ratio <= 200)
     qwen_rules = False
+    #: the family takes ``<audio>`` clips
+    takes_audio = False
 
     def __post_init__(self) -> None:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
@@ -104,7 +106,7 @@ class MediaPlugin:
                 total += block.count(self.video_token)
                 text += block + piece
                 used_videos += 1
-            pieces = text.split(AUDIO_PLACEHOLDER)
+            pieces = text.split(AUDIO_PLACEHOLDER) if audios else [text]  # a vision model's text may say "<audio>"
             text = pieces[0]
             for piece in pieces[1:]:
                 block = self.audio_text(audios[used_audios])
@@ -143,13 +145,17 @@ class MediaPlugin:
         order) and the token types of ``input_ids``."""
         inputs: dict = {}
         if paths:
-            inputs.update(self.image_processor(self.load_images(paths), return_tensors="pt"))
+            inputs.update(self.image_inputs(paths))
         if videos:
             inputs.update(self.video_inputs(list(videos)))
         if audios:
             inputs.update(self.audio_inputs(list(audios)))
         inputs.update(self.token_types(input_ids))
         return dict(inputs)
+
+    def image_inputs(self, paths: list[str]) -> dict:
+        """The image processor's inputs of the images ``paths``."""
+        return dict(self.image_processor(self.load_images(paths), return_tensors="pt"))
 
     def video_inputs(self, videos: list[str]) -> dict:
         raise NotAvailableError(f"videos with {self.name or type(self).__name__} are not implemented in lmf")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from lmf.data.media import PROCESSOR_FILES
 from lmf.data.media.gemma3 import Gemma3Plugin
 from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin
 from lmf.data.media.pixtral import PixtralPlugin
@@ -34,6 +35,20 @@ PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextP
            "Qwen2AudioPlugin": Qwen2AudioPlugin}
 #: Plugins of audio-only families: the model's preprocessor_config.json is its audio feature extractor's.
 AUDIO_ONLY = (Qwen2AudioPlugin,)
+
+
+def copy_processor_files(base_dir: str, out_dir: str) -> list[str]:
+    """Copy the base model's processor files (:data:`~lmf.data.media.PROCESSOR_FILES`) into ``out_dir``, where it
+    has none of its own; returns the names copied."""
+    import shutil
+
+    copied = []
+    for name in PROCESSOR_FILES:
+        src = os.path.join(base_dir, name)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(out_dir, name)):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
 
 
 def has_image_processor(model_path: str) -> bool:

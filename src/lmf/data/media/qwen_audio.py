@@ -26,6 +26,7 @@ class Qwen2AudioPlugin(MediaPlugin):
     audio_token: str = "<|AUDIO|>"
     audio_bos: str = "<|audio_bos|>"
     audio_eos: str = "<|audio_eos|>"
+    takes_audio = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
