@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from test_e2e_sft import history
-from test_vision_train import FAST, _cli
+from test_vision_train import FAST, TWO_PROCS, _cli
 
 pytest.importorskip("av")
 RECORDS = [("<audio>What is this tone?", "A low hum."), ("What do you hear in <audio>?", "A high whistle."),
@@ -35,11 +35,11 @@ def write_wav(path, seconds: float, rate: int = 22050, freq: float = 440.0, chan
     return str(path)
 
 
-def write_dataset(folder, records=None) -> str:
-    """``folder`` with audio_demo.json (sharegpt, an ``audios`` column) and its clips."""
+def write_dataset(folder, records=None, count: int = len(RECORDS)) -> str:
+    """``folder`` with audio_demo.json (sharegpt, an ``audios`` column) and its ``count`` clips."""
     os.makedirs(folder / "clips", exist_ok=True)
     rows = []
-    for i, (question, answer) in enumerate(RECORDS):
+    for i, (question, answer) in enumerate(RECORDS[i % len(RECORDS)] for i in range(count)):
         clip = write_wav(folder / "clips" / f"{i}.wav", 0.6 + 0.4 * i, freq=220.0 * (i + 1), channels=1 + i % 2)
         rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
                      "audios": [os.path.relpath(clip, folder)]})
@@ -301,3 +301,23 @@ def test_chat_session_attaches_audio_with_the_audio_command(audio_lm, tmp_path):
     assert "Audio attached to the next message (1)." in err.getvalue()
     assert "Assistant: " in out.getvalue()
     assert "audio 0: audio file" in err.getvalue() and "not found" in err.getvalue()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_and_fsdp2_train_audio_like_one_process(tmp_path, audio_lm):
+    data = write_dataset(tmp_path / "data", count=8)
+    common = (f"model_name_or_path={audio_lm['model']}", "template=qwen2_audio", "dataset=audio_demo", "stage=sft",
+              "do_train=true", f"dataset_dir={data}", "finetuning_type=lora", "learning_rate=5e-3", "max_steps=2",
+              "logging_steps=1", "disable_tqdm=true", "report_to=none", "dataloader_num_workers=0")
+    single, ddp, fsdp = tmp_path / "single", tmp_path / "ddp", tmp_path / "fsdp"
+    p1 = _cli("sft", *common, f"output_dir={single}", "gradient_accumulation_steps=4")
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = _cli("sft", *common, f"output_dir={ddp}", "gradient_accumulation_steps=2", env_extra=TWO_PROCS)
+    assert p2.returncode == 0 and "parallel=ddp" in p2.stderr, p2.stderr[-3000:]
+    p3 = _cli("sft", *common, f"output_dir={fsdp}", "gradient_accumulation_steps=2", "fsdp=full_shard",
+              env_extra=TWO_PROCS)
+    assert p3.returncode == 0 and "parallel=fsdp" in p3.stderr, p3.stderr[-3000:]
+    reference = [h["loss"] for h in history(single) if "loss" in h]
+    assert len(reference) == 2
+    for out in (ddp, fsdp):
+        assert [h["loss"] for h in history(out) if "loss" in h] == pytest.approx(reference, rel=1e-4)
