@@ -84,11 +84,18 @@ CASES = [  # (name, model family dir, stage, LF keys)
     ("pixtral_small_images", "pixtral", "sft", {"template": "pixtral", "dataset": "mllm_demo", "cutoff_len": 2048,
                                                 "image_max_pixels": 4096}),
     ("ministral3_dpo", "pixtral", "dpo", {"template": "ministral3", "dataset": "mllm_dpo_demo", "cutoff_len": 2048}),
+    ("intern_vl_sft", "intern_vl", "sft", {"template": "intern_vl", "dataset": "mllm_demo,identity", "max_samples": 8,
+                                           "cutoff_len": 2048}),
+    ("intern_vl_crop_to_patches", "intern_vl", "sft", {"template": "intern_vl", "dataset": "mllm_demo",
+                                                       "cutoff_len": 4096, "crop_to_patches": True}),
+    ("intern_vl_dpo", "intern_vl", "dpo", {"template": "intern_vl", "dataset": "mllm_dpo_demo", "cutoff_len": 2048,
+                                           "crop_to_patches": True, "image_max_pixels": 65536}),
     ("qwen2_audio_sft", "qwen2_audio", "sft", {"template": "qwen2_audio", "dataset": "mllm_audio_demo,identity",
                                                "max_samples": 6, "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
-FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral", "qwen2_audio")
+FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral", "qwen2_audio",
+            "intern_vl")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
 OWN_PROCESSOR = ("llava", "llava_next", "gemma3", "qwen2_audio")
 
@@ -264,6 +271,29 @@ def _pixtral_processor(model_dir: str, tokenizer):
     return PixtralProcessor()
 
 
+def _internvl_processor(model_dir: str, tokenizer):
+    """InternVLProcessor builds its video processor with torchvision: the attributes LLaMA-Factory's InternVLPlugin
+    reads (``image_seq_length``) around the model's PIL image processor (GotOcr2's)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+
+    class InternVLProcessor:  # LLaMA-Factory's load_tokenizer checks the name
+        model_input_names = ["input_ids", "attention_mask", "pixel_values"]
+
+        def __init__(self):
+            self.image_processor = GotOcr2ImageProcessorPil.from_pretrained(model_dir)
+            self.tokenizer = tokenizer
+            self.image_seq_length = config["image_seq_length"]
+
+        def save_pretrained(self, out_dir):
+            self.image_processor.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+
+    return InternVLProcessor()
+
+
 def _nested_num_crops(image_processor) -> None:
     """LLaMA-Factory 0.9.5's Gemma3Plugin reads ``num_crops[0][i]``, transformers 4's nesting (one list per batch);
     transformers 5 returns one flat tensor, on which LLaMA-Factory stops with an IndexError on every image. The
@@ -318,6 +348,8 @@ def lf(out_dir: str, golden_path: str) -> None:
             AutoProcessor.from_pretrained = own_processor
         elif family == "pixtral":
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _pixtral_processor(model_dir, tokenizer))
+        elif family == "intern_vl":
+            AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _internvl_processor(model_dir, tokenizer))
         elif family == "llava_next_video":
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _llava_next_video_processor(model_dir,
                                                                                                      tokenizer))

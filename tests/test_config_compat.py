@@ -69,7 +69,7 @@ def test_every_llamafactory_key_is_known():
 
 
 @pytest.mark.parametrize("key,value,feature", [
-    ("ppo_epochs", 2, "PPO"), ("crop_to_patches", True, "multimodal"),
+    ("ppo_epochs", 2, "PPO"), ("use_audio_in_video", True, "multimodal"),
 ])
 def test_known_features_that_are_not_implemented_say_so(key, value, feature):
     with pytest.raises(ConfigError, match=feature) as info:

@@ -330,15 +330,28 @@ def test_a_llava_next_video_processor_without_a_center_crop_is_refused(vlm_root)
                              processor_config=config)
 
 
-def test_pan_and_scan_outside_gemma3_says_it_has_no_effect(vlm_root, caplog):
+@pytest.mark.parametrize("key", ["image_do_pan_and_scan", "crop_to_patches"])
+def test_a_family_key_outside_its_family_says_it_has_no_effect(vlm_root, caplog, key):
     import logging
 
     from lmf.data.media.plugins import media_plugin_for
     from lmf.data.template import get_template
     from lmf.model.loader import load_tokenizer
 
-    cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", image_do_pan_and_scan=True)
+    cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", **{key: True})
     tokenizer = load_tokenizer(cfg.model)
     with caplog.at_level(logging.WARNING, logger="lmf"):
         media_plugin_for(get_template("qwen2_vl", tokenizer), cfg.model.model_name_or_path, tokenizer, cfg.data)
-    assert "image_do_pan_and_scan has no effect with template 'qwen2_vl'" in caplog.text
+    assert f"{key} has no effect with template 'qwen2_vl'" in caplog.text
+
+
+def test_internvl_refuses_videos_by_name(vlm_root):
+    from lmf.extras.errors import NotAvailableError
+    from lmf.train.workflow import load_tokenizer_and_data
+
+    if not os.path.isdir(LF_DEMO):
+        pytest.skip("the demo videos are in ../shared/data/lf-demo, which is not here")
+    pytest.importorskip("av")
+    cfg = _cfg(vlm_root, "intern_vl", template="intern_vl", dataset="mllm_video_demo")
+    with pytest.raises(NotAvailableError, match="videos with InternVLPlugin are not implemented"):
+        load_tokenizer_and_data(cfg, "sft")

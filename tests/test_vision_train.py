@@ -27,7 +27,8 @@ def vlm(tmp_path_factory) -> dict:
     from conftest import build_once
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
-    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral")
+    families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
+                "intern_vl")
 
     def build(root):
         for family in families:
@@ -161,7 +162,7 @@ def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm)
 
 
 @pytest.mark.parametrize("family,template", [("qwen2_5_vl", "qwen2_vl"), ("llava", "llava"), ("llava_next", "llava_next"),
-                                             ("gemma3", "gemma3"), ("pixtral", "pixtral")])
+                                             ("gemma3", "gemma3"), ("pixtral", "pixtral"), ("intern_vl", "intern_vl")])
 def test_each_family_trains_lora_on_images_and_answers_an_image(tmp_path, vlm, family, template):
     from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config

@@ -152,6 +152,7 @@ class DataArguments:
     image_min_pixels: int = _f(32 * 32, "Images smaller than this many pixels are scaled up.")
     image_do_pan_and_scan: bool = _f(False, "Gemma 3: each image also as pan-and-scan crops (LLaMA-Factory's settings: "
                                             "crops of >= 256 pixels, at most 4, from an aspect ratio of 1.2).")
+    crop_to_patches: bool = _f(False, "InternVL: up to 12 tiles and a thumbnail per image (LLaMA-Factory's settings).")
     video_max_pixels: int = _f(256 * 256, "Video frames larger than this many pixels are scaled down.")
     video_min_pixels: int = _f(16 * 16, "Video frames smaller than this are scaled up.")
     video_fps: float = _f(2.0, "Frames sampled per second of video.")
@@ -223,8 +224,7 @@ class FinetuningArguments:
     use_dft_loss: bool = _f(False, "SFT with the DFT loss: token cross-entropy weighted by the token's detached "
                                    "probability (Dynamic Fine-Tuning).")
     use_eaft_loss: bool = _f(False, "SFT with the EAFT loss (LLaMA-Factory main): token cross-entropy weighted by "
-                                    "(entropy of the model's top-20 next-token distribution / 3) ^ eaft_alpha, "
-                                    "detached.")
+                                    "(entropy of the model's top-20 next-token distribution / 3) ^ eaft_alpha.")
     eaft_alpha: float = _f(1.0, "EAFT: the power of the entropy weight.")
     use_asft_loss: bool = _f(False, "SFT with the ASFT loss (LLaMA-Factory main): the DFT loss plus asft_alpha x the "
                                     "KL divergence from the frozen reference (the base model: disabled LoRA "
@@ -392,9 +392,8 @@ class TrainingArguments:
     eval_steps: Optional[float] = _f(None, "Evaluate every N steps (default: logging_steps).")
     eval_on_start: bool = _f(False, "Evaluate once before the first training step (a check of the eval set).")
     eval_delay: float = _f(0, "No evaluation before this many steps (eval_strategy steps) or epochs (epoch).")
-    metric_for_best_model: Optional[str] = _f(None, "The eval metric that ranks checkpoints and drives early "
-                                              "stopping ('loss' or eval_loss by default; 'eval_' is added when "
-                                              "missing).")
+    metric_for_best_model: Optional[str] = _f(None, "The eval metric that ranks checkpoints and drives early stopping "
+                                              "(eval_loss, else loss, by default; 'eval_' is added when missing).")
     greater_is_better: Optional[bool] = _f(None, "Whether a larger metric_for_best_model is better (default: false "
                                            "for a metric ending in 'loss', true otherwise).")
     load_best_model_at_end: bool = _f(False, "After training, load the checkpoint with the best "

@@ -38,6 +38,8 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
                                        language=("language_model", "lm_head")),
     "gemma3": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                              language=("language_model", "lm_head")),
+    "internvl": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
+                               language=("language_model", "lm_head")),
     "qwen2_audio": CompositeModel(projector=("multi_modal_projector",), vision=("audio_tower",),
                                   language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),

@@ -5,7 +5,8 @@
 (the same with LLaVA-NeXT's tiles), ``llava_next_video`` (LLaVA-NeXT with video frames) and ``gemma3`` (SigLIP
 tower, Gemma 3 decoder), these on 56 x 56 images (tiles, frames); ``pixtral`` (LLaVA with Pixtral's tower and a
 Mistral decoder, images of up to 112 pixels a side); ``qwen2_audio`` (Qwen2-Audio: a Whisper-style audio tower of one
-layer, a Qwen2 decoder, the Whisper feature extractor of 128 mel bins). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
+layer, a Qwen2 decoder, the Whisper feature extractor of 128 mel bins); ``intern_vl`` (InternVL: an InternViT tower of
+one layer on 56-pixel tiles, 4 tokens per tile, a Qwen2 decoder). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
 with the Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -23,10 +24,12 @@ LLAVA_TOKENS = ["<image>"]
 GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 #: Qwen2-Audio's audio token and its clip markers.
 QWEN2_AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+#: InternVL's image markers and context token.
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 #: Pixtral's image, row-break and end tokens.
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
-            "qwen2_audio")
+            "qwen2_audio", "intern_vl")
 #: LLaVA-NeXT-Video's frame processing (its video processor's settings, frames of SMALL_IMAGE pixels square)
 LLAVA_NEXT_VIDEO_FRAMES = {"video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True,
                            "size": {"shortest_edge": 56}, "do_center_crop": True,
@@ -57,7 +60,7 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
     extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "llava_next_video": LLAVA_TOKENS + ["<video>"],
-             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS,
+             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS, "intern_vl": INTERNVL_TOKENS,
              "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
@@ -171,6 +174,13 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
                 bos_token_id=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     if family == "qwen2_audio":
         return _qwen2_audio_config(tok, text, vision_depth)
+    if family == "intern_vl":
+        from transformers import InternVLConfig
+
+        vision = dict(hidden_size=32, num_hidden_layers=vision_depth, num_attention_heads=2, intermediate_size=64,
+                      image_size=[SMALL_IMAGE, SMALL_IMAGE], patch_size=[PATCH, PATCH])
+        return InternVLConfig(vision_config=vision, text_config=dict(text, model_type="qwen2"), downsample_ratio=0.5,
+                              image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
     if family == "qwen3_vl":
         from transformers import Qwen3VLConfig
 
@@ -198,6 +208,11 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
 
 
 def _image_processor(family: str, min_pixels: int, max_pixels: int):
+    if family == "intern_vl":  # GotOcr2's tiles, SMALL_IMAGE pixels square, none cut unless crop_to_patches
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        return GotOcr2ImageProcessorPil(size={"height": SMALL_IMAGE, "width": SMALL_IMAGE}, crop_to_patches=False,
+                                        min_patches=1, max_patches=12, image_processor_type="GotOcr2ImageProcessor")
     if family == "qwen2_audio":  # its preprocessor_config.json is the audio feature extractor's
         from transformers import WhisperFeatureExtractor
 
@@ -265,7 +280,8 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                  "pixtral": {"processor_class": "PixtralProcessor", "patch_size": PATCH, "spatial_merge_size": 1,
                              "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
                              "image_end_token": "[IMG_END]"},
-                 "qwen2_audio": {"processor_class": "Qwen2AudioProcessor"}}[family]
+                 "qwen2_audio": {"processor_class": "Qwen2AudioProcessor"},
+                 "intern_vl": {"processor_class": "InternVLProcessor", "image_seq_length": 4}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
     if family == "llava_next_video":  # its video processor needs torchvision to be built: its settings, written

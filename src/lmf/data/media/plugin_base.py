@@ -28,12 +28,13 @@ class MediaOptions:
     video_maxlen: int = 128
     image_do_pan_and_scan: bool = False
     audio_sampling_rate: int = 16000
+    crop_to_patches: bool = False
 
     @classmethod
     def from_data_args(cls, data_args) -> "MediaOptions":
         return cls(data_args.image_max_pixels, data_args.image_min_pixels, data_args.video_max_pixels,
                    data_args.video_min_pixels, data_args.video_fps, data_args.video_maxlen,
-                   data_args.image_do_pan_and_scan, data_args.audio_sampling_rate)
+                   data_args.image_do_pan_and_scan, data_args.audio_sampling_rate, data_args.crop_to_patches)
 
 
 @dataclass

@@ -4,7 +4,8 @@ the files into its inputs, as LLaMA-Factory's mm_plugin does: :class:`~lmf.data.
 :class:`~lmf.data.media.llava.LlavaNextPlugin` (``llava_next``, ``llava_next_*``),
 :class:`~lmf.data.media.llava.LlavaNextVideoPlugin` (``llava_next_video``, ``llava_next_video_*``: images and videos),
 :class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``), :class:`~lmf.data.media.pixtral.PixtralPlugin`
-(``pixtral``, ``ministral3``, ...), :class:`~lmf.data.media.qwen_audio.Qwen2AudioPlugin` (``qwen2_audio``: audio);
+(``pixtral``, ``ministral3``, ...), :class:`~lmf.data.media.internvl.InternVLPlugin` (``intern_vl``, ``intern_s1``),
+:class:`~lmf.data.media.qwen_audio.Qwen2AudioPlugin` (``qwen2_audio``: audio);
 what they share: :mod:`lmf.data.media.plugin_base`.
 
 :func:`media_plugin_for` picks the plugin of a template for a model directory (None for text models).
@@ -16,6 +17,7 @@ import os
 
 from lmf.data.media import PROCESSOR_FILES
 from lmf.data.media.gemma3 import Gemma3Plugin
+from lmf.data.media.internvl import InternVLPlugin
 from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin
 from lmf.data.media.pixtral import PixtralPlugin
 from lmf.data.media.plugin_base import MediaOptions, MediaPlugin  # noqa: F401 - the plugins' shared base, here too
@@ -29,10 +31,11 @@ logger = get_logger(__name__)
 #: LLaMA-Factory's mm_plugin names lmf implements -> plugin class name.
 IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
                "LlavaNextPlugin": "LlavaNextPlugin", "LlavaNextVideoPlugin": "LlavaNextVideoPlugin",
-               "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin", "Qwen2AudioPlugin": "Qwen2AudioPlugin"}
+               "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin", "Qwen2AudioPlugin": "Qwen2AudioPlugin",
+               "InternVLPlugin": "InternVLPlugin"}
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
            "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin,
-           "Qwen2AudioPlugin": Qwen2AudioPlugin}
+           "Qwen2AudioPlugin": Qwen2AudioPlugin, "InternVLPlugin": InternVLPlugin}
 #: Plugins of audio-only families: the model's preprocessor_config.json is its audio feature extractor's.
 AUDIO_ONLY = (Qwen2AudioPlugin,)
 
@@ -62,13 +65,16 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
     if data_args.image_do_pan_and_scan and name != "Gemma3Plugin":
         logger.warning("image_do_pan_and_scan has no effect with template %r: it is Gemma 3's (as in LLaMA-Factory)",
                        getattr(template, "name", template))
+    if data_args.crop_to_patches and name != "InternVLPlugin":
+        logger.warning("crop_to_patches has no effect with template %r: it is InternVL's (as in LLaMA-Factory)",
+                       getattr(template, "name", template))
     if not name or not os.path.isdir(model_path) or not has_image_processor(model_path):
         return None
     if name not in IMPLEMENTED:
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
             f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl, llava, "
-            "gemma3, pixtral, qwen2_audio)")
+            "gemma3, pixtral, intern_vl, qwen2_audio)")
     plugin = PLUGINS[IMPLEMENTED[name]]
     options = MediaOptions.from_data_args(data_args)
     if plugin in AUDIO_ONLY:
