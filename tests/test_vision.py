@@ -355,3 +355,18 @@ def test_internvl_refuses_videos_by_name(vlm_root):
     cfg = _cfg(vlm_root, "intern_vl", template="intern_vl", dataset="mllm_video_demo")
     with pytest.raises(NotAvailableError, match="videos with InternVLPlugin are not implemented"):
         load_tokenizer_and_data(cfg, "sft")
+
+
+@pytest.mark.parametrize("template,family", [("kimi_vl", "Kimi-VL"), ("minicpm_v", "MiniCPM-o"), ("moss_vl", "MOSS-VL"),
+                                             ("youtu_vl", "Youtu-VL")])
+def test_a_family_only_remote_code_loads_is_refused_with_that_reason(vlm_root, template, family):
+    from lmf.data.media.plugins import media_plugin_for
+    from lmf.data.template import get_template
+    from lmf.extras.errors import NotAvailableError
+    from lmf.model.loader import load_tokenizer
+
+    cfg = _cfg(vlm_root, "qwen2_vl", template=template)
+    tokenizer = load_tokenizer(cfg.model)
+    with pytest.raises(NotAvailableError, match=f"{family} models load only through trust_remote_code") as info:
+        media_plugin_for(get_template(template, tokenizer), cfg.model.model_name_or_path, tokenizer, cfg.data)
+    assert "Plugin is not implemented in lmf" in str(info.value)

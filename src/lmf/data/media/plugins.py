@@ -36,6 +36,10 @@ IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin",
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
            "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin,
            "Qwen2AudioPlugin": Qwen2AudioPlugin, "InternVLPlugin": InternVLPlugin}
+#: LLaMA-Factory's plugins of families whose model code transformers does not ship (only ``trust_remote_code``, code
+#: downloaded from the hub, loads them) -> the family.
+REMOTE_CODE_ONLY = {"KimiVLPlugin": "Kimi-VL", "MiniCPMVPlugin": "MiniCPM-V / MiniCPM-o", "MossVLPlugin": "MOSS-VL",
+                    "YoutuVLPlugin": "Youtu-VL"}
 #: Plugins of audio-only families: the model's preprocessor_config.json is its audio feature extractor's.
 AUDIO_ONLY = (Qwen2AudioPlugin,)
 
@@ -70,6 +74,11 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
                        getattr(template, "name", template))
     if not name or not os.path.isdir(model_path) or not has_image_processor(model_path):
         return None
+    if name in REMOTE_CODE_ONLY:
+        raise NotAvailableError(
+            f"template {template.name!r}: {REMOTE_CODE_ONLY[name]} models load only through trust_remote_code (model "
+            f"code downloaded from the hub; transformers does not ship it), so LLaMA-Factory's {name} is not "
+            "implemented in lmf")
     if name not in IMPLEMENTED:
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
