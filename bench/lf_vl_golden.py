@@ -90,14 +90,17 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                                        "cutoff_len": 4096, "crop_to_patches": True}),
     ("intern_vl_dpo", "intern_vl", "dpo", {"template": "intern_vl", "dataset": "mllm_dpo_demo", "cutoff_len": 2048,
                                            "crop_to_patches": True, "image_max_pixels": 65536}),
+    ("mllama_sft", "mllama", "sft", {"template": "mllama", "dataset": "mllm_demo,identity", "max_samples": 8,
+                                     "cutoff_len": 1024}),
+    ("mllama_dpo", "mllama", "dpo", {"template": "mllama", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
     ("qwen2_audio_sft", "qwen2_audio", "sft", {"template": "qwen2_audio", "dataset": "mllm_audio_demo,identity",
                                                "max_samples": 6, "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
 FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral", "qwen2_audio",
-            "intern_vl")
+            "intern_vl", "mllama")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
-OWN_PROCESSOR = ("llava", "llava_next", "gemma3", "qwen2_audio")
+OWN_PROCESSOR = ("llava", "llava_next", "gemma3", "qwen2_audio", "mllama")
 
 
 def digest(payload) -> str:

@@ -40,6 +40,8 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
                              language=("language_model", "lm_head")),
     "internvl": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                                language=("language_model", "lm_head")),
+    "mllama": CompositeModel(projector=("multi_modal_projector",), vision=("vision_model",),
+                             language=("language_model", "lm_head")),
     "qwen2_audio": CompositeModel(projector=("multi_modal_projector",), vision=("audio_tower",),
                                   language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),

@@ -6,7 +6,8 @@
 tower, Gemma 3 decoder), these on 56 x 56 images (tiles, frames); ``pixtral`` (LLaVA with Pixtral's tower and a
 Mistral decoder, images of up to 112 pixels a side); ``qwen2_audio`` (Qwen2-Audio: a Whisper-style audio tower of one
 layer, a Qwen2 decoder, the Whisper feature extractor of 128 mel bins); ``intern_vl`` (InternVL: an InternViT tower of
-one layer on 56-pixel tiles, 4 tokens per tile, a Qwen2 decoder). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
+one layer on 56-pixel tiles, 4 tokens per tile, a Qwen2 decoder); ``mllama`` (Llama 3.2 Vision: a tower of one local
+and one global layer on up to 4 tiles of 56 pixels, a decoder whose second layer cross-attends to the image). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
 with the Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -26,10 +27,12 @@ GEMMA3_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
 QWEN2_AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 #: InternVL's image markers and context token.
 INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
+#: Llama 3.2 Vision's image token and Llama 3's turn markers (its template's).
+MLLAMA_TOKENS = ["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
 #: Pixtral's image, row-break and end tokens.
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
-            "qwen2_audio", "intern_vl")
+            "qwen2_audio", "intern_vl", "mllama")
 #: LLaVA-NeXT-Video's frame processing (its video processor's settings, frames of SMALL_IMAGE pixels square)
 LLAVA_NEXT_VIDEO_FRAMES = {"video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True,
                            "size": {"shortest_edge": 56}, "do_center_crop": True,
@@ -60,7 +63,7 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
     extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "llava_next_video": LLAVA_TOKENS + ["<video>"],
-             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS, "intern_vl": INTERNVL_TOKENS,
+             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS, "intern_vl": INTERNVL_TOKENS, "mllama": MLLAMA_TOKENS,
              "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
@@ -73,8 +76,8 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
         tokens = VISION_TOKENS + [t for t in extra.get(family, ()) if t not in VISION_TOKENS]
         tok.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
                                                               for t in tokens]})
-    if family in ("gemma3", "pixtral"):  # their templates start with the bos token
-        bos = "<bos>" if family == "gemma3" else "<s>"
+    if family in ("gemma3", "pixtral", "mllama"):  # their templates start with the bos token
+        bos = {"gemma3": "<bos>", "pixtral": "<s>", "mllama": "<|begin_of_text|>"}[family]
         tok.add_special_tokens({"bos_token": AddedToken(bos, special=True, normalized=False)})
     return tok
 
@@ -174,6 +177,16 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
                 bos_token_id=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     if family == "qwen2_audio":
         return _qwen2_audio_config(tok, text, vision_depth)
+    if family == "mllama":
+        from transformers import MllamaConfig
+
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_global_layers=1, attention_heads=2,
+                      intermediate_size=64, vision_output_dim=64, image_size=SMALL_IMAGE, patch_size=PATCH,
+                      max_num_tiles=4, intermediate_layers_indices=[0])
+        text.update(model_type="mllama_text_model", cross_attention_layers=[1], bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.convert_tokens_to_ids("<|eot_id|>"))
+        return MllamaConfig(vision_config=vision, text_config=text,
+                            image_token_index=tok.convert_tokens_to_ids("<|image|>"))
     if family == "intern_vl":
         from transformers import InternVLConfig
 
@@ -208,6 +221,11 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
 
 
 def _image_processor(family: str, min_pixels: int, max_pixels: int):
+    if family == "mllama":
+        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+        return MllamaImageProcessorPil(size={"height": SMALL_IMAGE, "width": SMALL_IMAGE}, max_image_tiles=4,
+                                       image_processor_type="MllamaImageProcessor")
     if family == "intern_vl":  # GotOcr2's tiles, SMALL_IMAGE pixels square, none cut unless crop_to_patches
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -261,6 +279,11 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
     torch.manual_seed(seed)
     config = _config(family, tok, hidden_size, num_layers, vision_depth)
     model = auto_model_class(config).from_config(config)
+    if family == "mllama":  # its cross-attention gates start closed (0): opened, as in a trained model, the image counts
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                    param.fill_(0.5)
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     if family == "gemma3":
@@ -281,7 +304,8 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                              "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]",
                              "image_end_token": "[IMG_END]"},
                  "qwen2_audio": {"processor_class": "Qwen2AudioProcessor"},
-                 "intern_vl": {"processor_class": "InternVLProcessor", "image_seq_length": 4}}[family]
+                 "intern_vl": {"processor_class": "InternVLProcessor", "image_seq_length": 4},
+                 "mllama": {"processor_class": "MllamaProcessor"}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
     if family == "llava_next_video":  # its video processor needs torchvision to be built: its settings, written
