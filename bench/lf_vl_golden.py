@@ -93,12 +93,16 @@ CASES = [  # (name, model family dir, stage, LF keys)
     ("mllama_sft", "mllama", "sft", {"template": "mllama", "dataset": "mllm_demo,identity", "max_samples": 8,
                                      "cutoff_len": 1024}),
     ("mllama_dpo", "mllama", "dpo", {"template": "mllama", "dataset": "mllm_dpo_demo", "cutoff_len": 1024}),
+    ("glm4v_sft", "glm4v", "sft", {"template": "glm4v", "dataset": "mllm_demo,identity", "max_samples": 8,
+                                   "cutoff_len": 2048, "image_max_pixels": 262144}),
+    ("glm4v_small_images", "glm4v", "sft", {"template": "glm4v", "dataset": "mllm_demo", "cutoff_len": 2048,
+                                            "image_max_pixels": 16384, "image_min_pixels": 4096}),
     ("qwen2_audio_sft", "qwen2_audio", "sft", {"template": "qwen2_audio", "dataset": "mllm_audio_demo,identity",
                                                "max_samples": 6, "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
 FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral", "qwen2_audio",
-            "intern_vl", "mllama")
+            "intern_vl", "mllama", "glm4v")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
 OWN_PROCESSOR = ("llava", "llava_next", "gemma3", "qwen2_audio", "mllama")
 
@@ -274,6 +278,26 @@ def _pixtral_processor(model_dir: str, tokenizer):
     return PixtralProcessor()
 
 
+def _glm4v_processor(model_dir: str, tokenizer):
+    """Glm4vProcessor builds its video processor with torchvision: the model's PIL image processor (Glm4v's) and the
+    tokenizer, what LLaMA-Factory's GLM4VPlugin reads for images."""
+    from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+    class Glm4vProcessor:  # LLaMA-Factory's load_tokenizer checks the name
+        model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
+
+        def __init__(self):
+            self.image_processor = Glm4vImageProcessorPil.from_pretrained(model_dir)
+            self.video_processor = self.image_processor  # LLaMA-Factory checks there is one (no videos here)
+            self.tokenizer = tokenizer
+
+        def save_pretrained(self, out_dir):
+            self.image_processor.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+
+    return Glm4vProcessor()
+
+
 def _internvl_processor(model_dir: str, tokenizer):
     """InternVLProcessor builds its video processor with torchvision: the attributes LLaMA-Factory's InternVLPlugin
     reads (``image_seq_length``) around the model's PIL image processor (GotOcr2's)."""
@@ -351,6 +375,8 @@ def lf(out_dir: str, golden_path: str) -> None:
             AutoProcessor.from_pretrained = own_processor
         elif family == "pixtral":
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _pixtral_processor(model_dir, tokenizer))
+        elif family == "glm4v":
+            AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _glm4v_processor(model_dir, tokenizer))
         elif family == "intern_vl":
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _internvl_processor(model_dir, tokenizer))
         elif family == "llava_next_video":

@@ -28,7 +28,7 @@ def vlm(tmp_path_factory) -> dict:
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
     families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
-                "intern_vl", "mllama")
+                "intern_vl", "mllama", "glm4v")
 
     def build(root):
         for family in families:
@@ -163,7 +163,7 @@ def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm)
 
 @pytest.mark.parametrize("family,template", [("qwen2_5_vl", "qwen2_vl"), ("llava", "llava"), ("llava_next", "llava_next"),
                                              ("gemma3", "gemma3"), ("pixtral", "pixtral"), ("intern_vl", "intern_vl"),
-                                             ("mllama", "mllama")])
+                                             ("mllama", "mllama"), ("glm4v", "glm4v")])
 def test_each_family_trains_lora_on_images_and_answers_an_image(tmp_path, vlm, family, template):
     from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config

@@ -40,6 +40,8 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
                              language=("language_model", "lm_head")),
     "internvl": CompositeModel(projector=("multi_modal_projector",), vision=("vision_tower",),
                                language=("language_model", "lm_head")),
+    "glm4v": CompositeModel(projector=("visual.merger",), vision=("visual.patch_embed", "visual.blocks"),
+                            language=("language_model", "lm_head"), lora_conflict=("patch_embed",)),
     "mllama": CompositeModel(projector=("multi_modal_projector",), vision=("vision_model",),
                              language=("language_model", "lm_head")),
     "qwen2_audio": CompositeModel(projector=("multi_modal_projector",), vision=("audio_tower",),

@@ -7,7 +7,8 @@ tower, Gemma 3 decoder), these on 56 x 56 images (tiles, frames); ``pixtral`` (L
 Mistral decoder, images of up to 112 pixels a side); ``qwen2_audio`` (Qwen2-Audio: a Whisper-style audio tower of one
 layer, a Qwen2 decoder, the Whisper feature extractor of 128 mel bins); ``intern_vl`` (InternVL: an InternViT tower of
 one layer on 56-pixel tiles, 4 tokens per tile, a Qwen2 decoder); ``mllama`` (Llama 3.2 Vision: a tower of one local
-and one global layer on up to 4 tiles of 56 pixels, a decoder whose second layer cross-attends to the image). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
+and one global layer on up to 4 tiles of 56 pixels, a decoder whose second layer cross-attends to the image);
+``glm4v`` (GLM-4.1V: a tower of one block, Qwen2-VL's patches, a GLM-4 decoder). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
 with the Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -29,10 +30,14 @@ QWEN2_AUDIO_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]
 #: Llama 3.2 Vision's image token and Llama 3's turn markers (its template's).
 MLLAMA_TOKENS = ["<|image|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>"]
+#: GLM-4V's image and video markers and GLM-4's turn markers (its template's).
+GLM4V_TOKENS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_of_video|>", "<|end_of_video|>",
+                "<|video|>", "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>", "[gMASK]", "<sop>",
+                "<think>", "</think>", "</answer>"]
 #: Pixtral's image, row-break and end tokens.
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
-            "qwen2_audio", "intern_vl", "mllama")
+            "qwen2_audio", "intern_vl", "mllama", "glm4v")
 #: LLaVA-NeXT-Video's frame processing (its video processor's settings, frames of SMALL_IMAGE pixels square)
 LLAVA_NEXT_VIDEO_FRAMES = {"video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True,
                            "size": {"shortest_edge": 56}, "do_center_crop": True,
@@ -63,7 +68,7 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
     extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "llava_next_video": LLAVA_TOKENS + ["<video>"],
-             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS, "intern_vl": INTERNVL_TOKENS, "mllama": MLLAMA_TOKENS,
+             "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS, "intern_vl": INTERNVL_TOKENS, "mllama": MLLAMA_TOKENS, "glm4v": GLM4V_TOKENS,
              "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
         from lmf.testing.qwen_tokenizer import build_qwen_tokenizer
@@ -177,6 +182,19 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
                 bos_token_id=None, pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
     if family == "qwen2_audio":
         return _qwen2_audio_config(tok, text, vision_depth)
+    if family == "glm4v":
+        from transformers import Glm4vConfig
+
+        token = tok.convert_tokens_to_ids
+        text.update(model_type="glm4v_text", eos_token_id=token("<|user|>"),
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                     "partial_rotary_factor": 0.5})  # GLM's half-rotary heads: 4 of 16 dims
+        vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden, image_size=SMALL_IMAGE)
+        return Glm4vConfig(text_config=text, vision_config=vision, image_token_id=token("<|image|>"),
+                           video_token_id=token("<|video|>"), image_start_token_id=token("<|begin_of_image|>"),
+                           image_end_token_id=token("<|end_of_image|>"), video_start_token_id=token("<|begin_of_video|>"),
+                           video_end_token_id=token("<|end_of_video|>"))
     if family == "mllama":
         from transformers import MllamaConfig
 
@@ -221,6 +239,11 @@ def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
 
 
 def _image_processor(family: str, min_pixels: int, max_pixels: int):
+    if family == "glm4v":
+        from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
+
+        return Glm4vImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, patch_size=14,
+                                      merge_size=2, temporal_patch_size=2, image_processor_type="Glm4vImageProcessor")
     if family == "mllama":
         from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
@@ -305,7 +328,8 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                              "image_end_token": "[IMG_END]"},
                  "qwen2_audio": {"processor_class": "Qwen2AudioProcessor"},
                  "intern_vl": {"processor_class": "InternVLProcessor", "image_seq_length": 4},
-                 "mllama": {"processor_class": "MllamaProcessor"}}[family]
+                 "mllama": {"processor_class": "MllamaProcessor"},
+                 "glm4v": {"processor_class": "Glm4vProcessor"}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
     if family == "llava_next_video":  # its video processor needs torchvision to be built: its settings, written

@@ -6,6 +6,7 @@ the files into its inputs, as LLaMA-Factory's mm_plugin does: :class:`~lmf.data.
 :class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``), :class:`~lmf.data.media.pixtral.PixtralPlugin`
 (``pixtral``, ``ministral3``, ...), :class:`~lmf.data.media.internvl.InternVLPlugin` (``intern_vl``, ``intern_s1``),
 :class:`~lmf.data.media.mllama.MllamaPlugin` (``mllama``: Llama 3.2 Vision),
+:class:`~lmf.data.media.glm4v.GLM4VPlugin` (``glm4v``, ``glm4_5v``, ``glm_ocr``),
 :class:`~lmf.data.media.qwen_audio.Qwen2AudioPlugin` (``qwen2_audio``: audio);
 what they share: :mod:`lmf.data.media.plugin_base`.
 
@@ -18,6 +19,7 @@ import os
 
 from lmf.data.media import PROCESSOR_FILES
 from lmf.data.media.gemma3 import Gemma3Plugin
+from lmf.data.media.glm4v import GLM4VPlugin
 from lmf.data.media.internvl import InternVLPlugin
 from lmf.data.media.mllama import MllamaPlugin
 from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin
@@ -34,11 +36,12 @@ logger = get_logger(__name__)
 IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin", "LlavaPlugin": "LlavaPlugin",
                "LlavaNextPlugin": "LlavaNextPlugin", "LlavaNextVideoPlugin": "LlavaNextVideoPlugin",
                "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin", "Qwen2AudioPlugin": "Qwen2AudioPlugin",
-               "InternVLPlugin": "InternVLPlugin", "MllamaPlugin": "MllamaPlugin"}
+               "InternVLPlugin": "InternVLPlugin", "MllamaPlugin": "MllamaPlugin",
+               "GLM4VPlugin": "GLM4VPlugin"}
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
            "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin,
            "Qwen2AudioPlugin": Qwen2AudioPlugin, "InternVLPlugin": InternVLPlugin,
-           "MllamaPlugin": MllamaPlugin}
+           "MllamaPlugin": MllamaPlugin, "GLM4VPlugin": GLM4VPlugin}
 #: LLaMA-Factory's plugins of families whose model code transformers does not ship (only ``trust_remote_code``, code
 #: downloaded from the hub, loads them) -> the family.
 REMOTE_CODE_ONLY = {"KimiVLPlugin": "Kimi-VL", "MiniCPMVPlugin": "MiniCPM-V / MiniCPM-o", "MossVLPlugin": "MOSS-VL",
@@ -86,7 +89,7 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
             f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl, llava, "
-            "gemma3, pixtral, intern_vl, mllama, qwen2_audio)")
+            "gemma3, pixtral, intern_vl, mllama, glm4v, qwen2_audio)")
     plugin = PLUGINS[IMPLEMENTED[name]]
     options = MediaOptions.from_data_args(data_args)
     if plugin in AUDIO_ONLY:
@@ -96,7 +99,7 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
         image_processor = load_image_processor(model_path, trust_remote_code)
     except (OSError, ValueError, ImportError) as exc:
         raise ConfigError(f"model_name_or_path={model_path!r}: cannot load its image processor: {exc}") from exc
-    if plugin is QwenVLPlugin and not hasattr(image_processor, "get_number_of_image_patches"):
+    if issubclass(plugin, QwenVLPlugin) and not hasattr(image_processor, "get_number_of_image_patches"):
         raise NotAvailableError(f"{type(image_processor).__name__}: lmf's {name} needs a Qwen-VL image processor")
     return plugin(image_processor, tokenizer, options, name=name, processor_config=_processor_config(model_path))
 
