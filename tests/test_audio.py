@@ -5,6 +5,7 @@ mllm_audio_demo are checked in test_vision.py (the golden)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -17,6 +18,9 @@ from test_e2e_sft import history
 from test_vision_train import FAST, TWO_PROCS, _cli
 
 pytest.importorskip("av")
+#: Qwen2-Audio's model class has the layout lmf drives (Qwen2AudioModel) from transformers 5.10 (older: refused, tested)
+_MODELING = importlib.import_module("transformers.models.qwen2_audio.modeling_qwen2_audio")
+needs_model = pytest.mark.skipif(not hasattr(_MODELING, "Qwen2AudioModel"), reason="Qwen2-Audio: transformers 5.10")
 RECORDS = [("<audio>What is this tone?", "A low hum."), ("What do you hear in <audio>?", "A high whistle."),
            ("<audio>Describe it.", "Two notes.")]
 
@@ -142,6 +146,19 @@ def test_audio_sampling_rate_other_than_the_feature_extractors_is_refused(audio_
         load_tokenizer_and_data(_cfg(audio_lm, audio_sampling_rate=22050), "sft")
 
 
+def test_qwen2_audio_under_a_transformers_without_its_base_model_is_refused_by_version(audio_lm, monkeypatch):
+    import transformers
+    from transformers import AutoConfig
+
+    from lmf.extras.errors import NotAvailableError
+    from lmf.model.vision import composite_of
+
+    config = AutoConfig.from_pretrained(audio_lm["model"])
+    monkeypatch.setattr(transformers, "__version__", "5.9.0")
+    with pytest.raises(NotAvailableError, match=r"qwen2_audio models need transformers >= 5.10.*Qwen2AudioModel.*5\.9\.0"):
+        composite_of(config)
+
+
 # --- malformed records --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("change,message", [
@@ -177,6 +194,7 @@ def test_a_cutoff_through_the_audio_tokens_drops_the_sample_and_says_which(audio
 
 # --- training, serving --------------------------------------------------------------------------------------------
 
+@needs_model
 def test_lora_sft_on_audio_learns_predicts_and_the_adapter_answers_a_clip(tmp_path, audio_lm):
     from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config
@@ -192,8 +210,8 @@ def test_lora_sft_on_audio_learns_predicts_and_the_adapter_answers_a_clip(tmp_pa
     targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert targets and all("language_model" in t for t in targets)  # the audio tower stays frozen
     pred = tmp_path / "pred"
-    proc = _cli("sft", *common, "eval_dataset=audio_demo", "stage=sft", "do_predict=true", "predict_with_generate=true", f"adapter_name_or_path={out}",
-                f"output_dir={pred}", "max_new_tokens=4", "do_sample=false", *FAST)
+    proc = _cli("sft", *common, "eval_dataset=audio_demo", "stage=sft", "do_predict=true", "predict_with_generate=true",
+                f"adapter_name_or_path={out}", f"output_dir={pred}", "max_new_tokens=4", "do_sample=false", *FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((pred / "generated_predictions.jsonl").read_text().splitlines()) == 3
     engine = create_engine(load_serving_config(["--model", audio_lm["model"], "--adapter", str(out), "--template",
@@ -212,6 +230,7 @@ def test_lora_sft_on_audio_learns_predicts_and_the_adapter_answers_a_clip(tmp_pa
                                          "1.jpg")])
 
 
+@needs_model
 def test_full_tuning_keeps_the_audio_tower_frozen_and_the_export_serves(tmp_path, audio_lm):
     import torch
     from transformers import AutoConfig
@@ -231,6 +250,7 @@ def test_full_tuning_keeps_the_audio_tower_frozen_and_the_export_serves(tmp_path
     assert (out / "preprocessor_config.json").is_file()  # the feature extractor travels with the model
 
 
+@needs_model
 def test_the_audio_clips_reach_the_loss(audio_lm):
     import torch
 
@@ -254,6 +274,7 @@ def test_the_audio_clips_reach_the_loss(audio_lm):
     assert tokens > 0 and not torch.allclose(loss, stage.compute_loss(model, silent)[0])
 
 
+@needs_model
 def test_api_takes_input_audio_parts_and_refuses_bad_ones(audio_lm):
     import base64
 
@@ -286,6 +307,7 @@ def test_api_takes_input_audio_parts_and_refuses_bad_ones(audio_lm):
         assert junk.status_code == 400 and "audio 0: audio file" in junk.text
 
 
+@needs_model
 def test_chat_session_attaches_audio_with_the_audio_command(audio_lm, tmp_path):
     import io
 
@@ -303,6 +325,7 @@ def test_chat_session_attaches_audio_with_the_audio_command(audio_lm, tmp_path):
     assert "audio 0: audio file" in err.getvalue() and "not found" in err.getvalue()
 
 
+@needs_model
 @pytest.mark.slow
 def test_two_process_ddp_and_fsdp2_train_audio_like_one_process(tmp_path, audio_lm):
     data = write_dataset(tmp_path / "data", count=8)

@@ -23,6 +23,8 @@ class CompositeModel:
     vision: tuple[str, ...]
     language: tuple[str, ...]
     lora_conflict: tuple[str, ...] = ()
+    #: the first transformers release whose model class has the layout lmf drives (a base model under ``.model``)
+    min_transformers: str = ""
 
 
 _QWEN2_VL = CompositeModel(projector=("visual.merger",), vision=("visual.patch_embed", "visual.blocks"),
@@ -45,7 +47,7 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
     "mllama": CompositeModel(projector=("multi_modal_projector",), vision=("vision_model",),
                              language=("language_model", "lm_head")),
     "qwen2_audio": CompositeModel(projector=("multi_modal_projector",), vision=("audio_tower",),
-                                  language=("language_model", "lm_head")),
+                                  language=("language_model", "lm_head"), min_transformers="5.10"),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),
                                vision=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
                                        "visual.deepstack_merger_list"),
@@ -63,7 +65,16 @@ def composite_of(config) -> CompositeModel:
     if model_type not in COMPOSITE_MODELS:
         raise NotAvailableError(f"multimodal model type {model_type!r} is not implemented in lmf (implemented: "
                                 f"{', '.join(COMPOSITE_MODELS)})")
-    return COMPOSITE_MODELS[model_type]
+    parts = COMPOSITE_MODELS[model_type]
+    if parts.min_transformers:
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__) < Version(parts.min_transformers):
+            raise NotAvailableError(f"{model_type} models need transformers >= {parts.min_transformers} in lmf (its "
+                                    f"model class with a base model, {type(config).__name__.replace('Config', 'Model')}"
+                                    f"); this is {transformers.__version__}: pip install -U transformers")
+    return parts
 
 
 def frozen_keys(config, finetuning) -> set[str]:
