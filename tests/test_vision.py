@@ -39,14 +39,14 @@ def _golden_module():
 
 @pytest.fixture(scope="session")
 def vlm_root(tmp_path_factory) -> str:
-    """tiny qwen2_vl/, qwen3_vl/, llava/, llava_next/, gemma3/ (Qwen's real tokenizer) and data/ (the demo data +
-    mllm_dpo_demo), built once per test run (read-only)."""
+    """The golden's tiny families (Qwen's real tokenizer; their configs without weights: these tests read data only)
+    and data/ (the demo data + mllm_dpo_demo), built once per test run (read-only)."""
     from conftest import build_once
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
     def build(root):
         for family in _golden_module().FAMILIES:
-            build_tiny_vlm(os.path.join(root, family), family, qwen_tokenizer=True)
+            build_tiny_vlm(os.path.join(root, family), family, qwen_tokenizer=True, weights=False)
         _golden_module().data_dir(str(root), LF_DEMO if os.path.isdir(LF_DEMO) else DEMO_DATA_DIR)
 
     return str(build_once(tmp_path_factory, "vlm-root", build))

@@ -18,6 +18,10 @@ needs_lf_examples = pytest.mark.skipif(not os.path.isdir(LF_EXAMPLES), reason=".
 FAST = ("max_samples=6", "logging_steps=1", "disable_tqdm=true", "report_to=none", "preprocessing_num_workers=1",
         "dataloader_num_workers=0")
 TWO_PROCS = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}
+#: Long single-process runs of what the families' shorter tests already cover per transformers version (Qwen3-VL's
+#: LLaMA-Factory YAMLs, a longer LoRA run): in the main suite only (the compatibility runs of .ci/run skip `slow`).
+def main_suite_only(test):
+    return pytest.mark.slow(pytest.mark.single_process(test))
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +73,7 @@ def _vision_state(model) -> dict:
 
 
 @needs_lf_examples
+@main_suite_only
 def test_lf_qwen3vl_examples_lora_sft_merge_and_chat_run_unchanged(tmp_path, vlm):
     """train_lora/qwen3vl_lora_sft.yaml, then merge_lora/qwen3vl_lora_sft.yaml on its output, then
     inference/qwen3vl.yaml on the merged model: only the model paths change."""
@@ -105,6 +110,7 @@ def test_lf_qwen3vl_examples_lora_sft_merge_and_chat_run_unchanged(tmp_path, vlm
 
 
 @needs_lf_examples
+@main_suite_only
 def test_lf_qwen3vl_full_and_dpo_examples_run(tmp_path, vlm):
     """train_full/qwen3vl_full_sft.yaml (its DeepSpeed ZeRO-3 config mapped onto FSDP2) unchanged but for the
     model path; train_lora/qwen3vl_lora_dpo.yaml with its hub dataset rlhf_v swapped for the local
@@ -120,6 +126,7 @@ def test_lf_qwen3vl_full_and_dpo_examples_run(tmp_path, vlm):
     assert (tmp_path / "saves" / "qwen3-vl-4b" / "lora" / "dpo" / "adapter_model.safetensors").is_file()
 
 
+@main_suite_only
 def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm):
     out = tmp_path / "lora"
     proc = _cli("sft", f"model_name_or_path={vlm['qwen2_vl']}", "template=qwen2_vl", "dataset=mllm_demo",

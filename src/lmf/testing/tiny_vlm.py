@@ -289,8 +289,9 @@ def _image_processor(family: str, min_pixels: int, max_pixels: int):
 
 def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
                    qwen_tokenizer: bool = False, min_pixels: int = 3136, max_pixels: int = 200704,
-                   vision_depth: int = 1) -> str:
-    """Save a random-init ``family`` VLM, its tokenizer, image processor and chat template to ``out_dir``."""
+                   vision_depth: int = 1, weights: bool = True) -> str:
+    """Save a random-init ``family`` VLM, its tokenizer, image processor and chat template to ``out_dir``
+    (``weights=False``: its config.json without weights, for data-only tests: no init, no safetensors to write)."""
     import torch
 
     from lmf.model.loader import auto_model_class
@@ -301,13 +302,16 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
     tok.chat_template = QWEN_VL_TEMPLATE
     torch.manual_seed(seed)
     config = _config(family, tok, hidden_size, num_layers, vision_depth)
-    model = auto_model_class(config).from_config(config)
-    if family == "mllama":  # its cross-attention gates start closed (0): opened, as in a trained model, the image counts
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                    param.fill_(0.5)
-    model.save_pretrained(out_dir)
+    if weights:
+        model = auto_model_class(config).from_config(config)
+        if family == "mllama":  # its cross-attention gates start closed (0): opened, as in a trained model, images count
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                        param.fill_(0.5)
+        model.save_pretrained(out_dir)
+    else:
+        config.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     if family == "gemma3":
         _name_gemma3_tokens(out_dir)

@@ -1,7 +1,8 @@
 """What every media plugin does (:class:`MediaPlugin`): ``<image>`` / ``<video>`` / ``<audio>`` placeholders to the
 model's media tokens and files to the model's inputs, with the config's image, video and audio keys
 (:class:`MediaOptions`); the families are in :mod:`lmf.data.media.qwen_vl`, :mod:`lmf.data.media.llava`,
-:mod:`lmf.data.media.gemma3`, :mod:`lmf.data.media.pixtral` and :mod:`lmf.data.media.qwen_audio`."""
+:mod:`lmf.data.media.gemma3`, :mod:`lmf.data.media.pixtral`, :mod:`lmf.data.media.internvl`, :mod:`lmf.data.media.mllama`,
+:mod:`lmf.data.media.glm4v` and :mod:`lmf.data.media.qwen_audio`."""
 
 from __future__ import annotations
 
