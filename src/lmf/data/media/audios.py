@@ -13,39 +13,22 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
-from lmf.extras.errors import DataError, NotAvailableError
-
-
-def _av():
-    try:
-        import av
-    except ImportError:
-        raise NotAvailableError("audio input needs PyAV: pip install 'lmf[video]' (or pip install av)") from None
-    return av
+from lmf.data.media.containers import require_av, stream_problem
+from lmf.extras.errors import DataError
 
 
 def audio_problem(path: str) -> Optional[str]:
     """Why ``path`` is not a readable audio file, or None (the container is opened, nothing decoded)."""
-    if not os.path.isfile(path):
-        return f"audio file {path!r} not found"
-    av = _av()
-    try:
-        with av.open(path, "r") as container:
-            if not any(s.type == "audio" for s in container.streams):
-                return f"audio file {path!r} has no audio stream"
-    except (av.FFmpegError, OSError) as exc:
-        return f"audio file {path!r} cannot be read ({exc})"
-    return None
+    return stream_problem(path, "audio")
 
 
 def decode(path: str):
     """``(samples [channels, n] float32, sample rate)`` of the first audio stream of ``path``."""
     import numpy as np
 
-    av = _av()
+    av = require_av("audio")
     try:
         with av.open(path, "r") as container:
             stream = next(s for s in container.streams if s.type == "audio")

@@ -92,29 +92,23 @@ class MediaPlugin:
     def expand(self, messages: list[dict], images: list[str], videos: tuple = (),
                audios: tuple = ()) -> tuple[list[dict], int]:
         """(messages with each ``<image>`` / ``<video>`` / ``<audio>`` expanded, total media tokens)."""
-        out, used_images, used_videos, used_audios, total = [], 0, 0, 0, 0
+        # a kind is a placeholder only where its files are given: a text may say "<video>" literally (the converter
+        # checks the counts of the columns a dataset declares); LLaVA's image token is "<image>": split, not replace
+        kinds = [(placeholder, files, text_of, token) for placeholder, files, text_of, token in (
+            (IMAGE_PLACEHOLDER, images, self.image_text, "image_token"),
+            (VIDEO_PLACEHOLDER, videos, self.video_text, "video_token"),
+            (AUDIO_PLACEHOLDER, audios, self.audio_text, "audio_token")) if files]
+        used, out, total = [0] * len(kinds), [], 0
         for message in messages:
-            pieces = message["content"].split(IMAGE_PLACEHOLDER)  # LLaVA's image token is "<image>": split, not replace
-            text = pieces[0]
-            for piece in pieces[1:]:
-                block = self.image_text(images[used_images])
-                total += block.count(self.image_token)  # the block's own tokens: each file is read once
-                text += block + piece
-                used_images += 1
-            pieces = text.split(VIDEO_PLACEHOLDER)
-            text = pieces[0]
-            for piece in pieces[1:]:
-                block = self.video_text(videos[used_videos])
-                total += block.count(self.video_token)
-                text += block + piece
-                used_videos += 1
-            pieces = text.split(AUDIO_PLACEHOLDER) if audios else [text]  # a vision model's text may say "<audio>"
-            text = pieces[0]
-            for piece in pieces[1:]:
-                block = self.audio_text(audios[used_audios])
-                total += block.count(self.audio_token)
-                text += block + piece
-                used_audios += 1
+            text = message["content"]
+            for k, (placeholder, files, text_of, token) in enumerate(kinds):
+                pieces = text.split(placeholder)
+                text = pieces[0]
+                for piece in pieces[1:]:
+                    block = text_of(files[used[k]])
+                    total += block.count(getattr(self, token))  # the block's own tokens: each file is read once
+                    text += block + piece
+                    used[k] += 1
             out.append(dict(message, content=text))
         return out, total
 

@@ -14,32 +14,14 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
-from lmf.extras.errors import NotAvailableError
-
-
-def _av():
-    try:
-        import av
-    except ImportError:
-        raise NotAvailableError("video input needs PyAV: pip install 'lmf[video]' (or pip install av)") from None
-    return av
+from lmf.data.media.containers import require_av, stream_problem
 
 
 def video_problem(path: str) -> Optional[str]:
-    """Why ``path`` is not a readable video, or None."""
-    if not os.path.isfile(path):
-        return f"video file {path!r} not found"
-    av = _av()
-    try:
-        with av.open(path, "r") as container:
-            if not any(s.type == "video" for s in container.streams):
-                return f"video file {path!r} has no video stream"
-    except (av.FFmpegError, OSError) as exc:
-        return f"video file {path!r} cannot be read ({exc})"
-    return None
+    """Why ``path`` is not a readable video file, or None (the container is opened, nothing decoded)."""
+    return stream_problem(path, "video")
 
 
 def sample_indices(total_frames: int, duration_s: Optional[float], fps: float, maxlen: int) -> list[int]:
@@ -56,7 +38,7 @@ def sample_indices(total_frames: int, duration_s: Optional[float], fps: float, m
 
 def video_metadata(path: str, fps: float, maxlen: int) -> dict:
     """``{"width", "height", "average_fps", "indices"}`` of the video at ``path`` (container data only)."""
-    av = _av()
+    av = require_av("video")
     with av.open(path, "r") as container:
         stream = next(s for s in container.streams if s.type == "video")
         duration = float(stream.duration * stream.time_base) if stream.duration is not None else None
@@ -71,7 +53,7 @@ def load_frames(path: str, indices: list[int], max_pixels: int, min_pixels: int,
     even count (two frames per temporal patch)."""
     from lmf.data.media.images import resize_like_llamafactory
 
-    av = _av()
+    av = require_av("video")
     wanted = set(indices)
     frames = []
     with av.open(path, "r") as container:
