@@ -176,6 +176,17 @@ def test_vision_tokens_written_in_the_text_drop_the_sample(vlm_root, tmp_path):
     assert any("media tokens written in the text" in m.getMessage() for m in messages)
 
 
+def test_a_placeholder_of_a_kind_the_record_has_no_files_of_stays_text(vlm_root, tmp_path):
+    records = _demo_records()[:2]
+    records[0]["messages"][0]["content"] += " What does <video> or <audio> mean?"  # an image record's literal tags
+    data = _image_dataset(tmp_path, records)
+    cfg = _cfg(vlm_root, "qwen2_vl", template="qwen2_vl", dataset="imgs", dataset_dir=str(data),
+               media_dir=DEMO_DATA_DIR)
+    tokenizer, _, module = _dataset(cfg, "sft")
+    text = tokenizer.decode(module.train_dataset[0]["input_ids"])
+    assert "What does <video> or <audio> mean?" in text and "<|image_pad|>" in text
+
+
 def test_bad_image_record_names_file_and_record_or_is_skipped_and_counted(vlm_root, tmp_path):
     from lmf.extras.errors import DataError
 
