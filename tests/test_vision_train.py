@@ -58,14 +58,10 @@ def _lf_yaml(tmp_path, example: str, model_dir: str, data_dir: str) -> str:
 
 
 def _cli(*args, env_extra=None, cwd=None):
-    import subprocess
-    import sys
+    """``lmf *args``: in this process, or through torchrun when ``env_extra`` asks for it (lmf.testing.cli)."""
+    from lmf.testing.cli import run_lmf
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("FORCE_TORCHRUN", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "lmf", *args], env=env, capture_output=True, text=True, timeout=900,
-                          cwd=cwd)
+    return run_lmf(*args, env_extra=env_extra, cwd=cwd)
 
 
 def _vision_state(model) -> dict:
