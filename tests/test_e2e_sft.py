@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -13,12 +12,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join("examples", "demo_lora_sft.yaml")
 
 
-def run_lmf(*args: str, env_extra: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("FORCE_TORCHRUN", None)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", "from lmf.launcher import launch; launch()", *args], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+def run_lmf(*args: str, env_extra: dict | None = None, timeout: int = 600,
+            in_process: bool = True) -> subprocess.CompletedProcess:
+    """``lmf *args`` from the repository root: in this process where it runs on one process (lmf.testing.cli)."""
+    from lmf.testing.cli import run_lmf as run
+
+    return run(*args, env_extra=env_extra, cwd=REPO_ROOT, timeout=timeout, in_process=in_process)
 
 
 def history(out_dir) -> list[dict]:
@@ -32,7 +31,8 @@ def test_demo_config_trains_and_adapter_loads(tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "demo"
-    proc = run_lmf("sft", DEMO, f"output_dir={out}", "max_steps=6", "max_samples=24", "logging_steps=1", "save_steps=3")
+    proc = run_lmf("sft", DEMO, f"output_dir={out}", "max_steps=6", "max_samples=24", "logging_steps=1", "save_steps=3",
+                   in_process=False)  # the console entry point itself, in a new interpreter
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trainable params: 16,384 || all params: 352,640" in proc.stderr
     # stderr is a pipe, not a terminal: plain log lines with progress and ETA, no carriage-return redraws

@@ -4,7 +4,8 @@ transformers, peft and datasets take 5-10 s of a 2-core CI machine per call.
 
 :func:`run_lmf` returns what :func:`subprocess.run` would (``returncode``, ``stdout``, ``stderr``: the command's
 prints, its ``lmf`` log lines and Python warnings). A run that launches processes (``FORCE_TORCHRUN``,
-``NPROC_PER_NODE`` > 1, Ray) goes to a real subprocess, as does any run with ``in_process=False``. The environment
+``NPROC_PER_NODE`` > 1, Ray) or injects a fault (an ``LMF_TEST_*`` variable of :mod:`lmf.testing.faults`: a signal,
+a kill, a full disk) goes to a real subprocess, as does any run with ``in_process=False``. The environment
 overrides in ``env_extra`` hold for the call only; ``cwd`` is entered for it.
 """
 
@@ -29,6 +30,10 @@ def _launches_processes(env: dict) -> bool:
     return any(is_truthy(env.get(k)) for k in _LAUNCHING) or int(env.get("NPROC_PER_NODE") or 1) > 1
 
 
+def _injects_faults(env_extra: dict) -> bool:
+    return any(k.startswith("LMF_TEST_") or k == "LMF_FINGERPRINT_OVERRIDE" for k in env_extra)
+
+
 def run_lmf(*args: str, env_extra: Optional[dict] = None, cwd: Optional[str] = None, timeout: int = 900,
             in_process: bool = True) -> subprocess.CompletedProcess:
     """``lmf *args`` with ``env_extra`` on top of this process's environment (``FORCE_TORCHRUN`` removed unless
@@ -36,7 +41,7 @@ def run_lmf(*args: str, env_extra: Optional[dict] = None, cwd: Optional[str] = N
     env = dict(os.environ, **BASE_ENV)
     env.pop("FORCE_TORCHRUN", None)
     env.update(env_extra or {})
-    if not in_process or _launches_processes(env):
+    if not in_process or _launches_processes(env) or _injects_faults(env_extra or {}):
         return subprocess.run([sys.executable, "-m", "lmf", *args], env=env, capture_output=True, text=True,
                               timeout=timeout, cwd=cwd)
     return _in_process(list(args), env, cwd)
