@@ -230,13 +230,11 @@ def test_bounds_table_names_numeric_keys_whose_defaults_fit():
 
 
 def test_out_of_range_on_the_command_line_exits_2_before_loading_anything(tmp_path):
-    import subprocess
-    import sys
+    from lmf.testing.cli import run_lmf
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "lmf", "sft", "examples/demo_lora_sft.yaml", "lora_rank=0",
-                           f"output_dir={out}"], cwd=repo, capture_output=True, text=True, timeout=120)
+    proc = run_lmf("sft", "examples/demo_lora_sft.yaml", "lora_rank=0", f"output_dir={out}", cwd=repo)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -39,8 +36,6 @@ def test_data_check_prints_counts_stats_and_masked_sample(tmp_path, demo_data_di
     assert "packing:" in out and "samples/sequence, padding waste" in out
 
 
-@pytest.mark.slow
-@pytest.mark.single_process
 def test_data_check_cli_reports_bad_record(tmp_path, tiny_model_dir):
     data = tmp_path / "data"
     data.mkdir()
@@ -49,15 +44,13 @@ def test_data_check_cli_reports_bad_record(tmp_path, tiny_model_dir):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset_dir: {data}\ndataset: d\ntemplate: qwen\n"
                    f"preprocessing_cache_dir: {tmp_path}/cache\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cli = [sys.executable, "-c", "from lmf.launcher import launch; launch()"]
-    proc = subprocess.run(cli + ["data", "check", str(cfg)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    from lmf.testing.cli import run_lmf
+
+    proc = run_lmf("data", "check", str(cfg))
     assert proc.returncode == 1
     assert "record 1: field 'output' is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
-    ok = subprocess.run([sys.executable, "-c", "from lmf.launcher import launch; launch()", "data", "check", str(cfg),
-                         "skip_bad_records=true"], capture_output=True, text=True, env=env, timeout=300)
+    ok = run_lmf("data", "check", str(cfg), "skip_bad_records=true")
     assert ok.returncode == 0, ok.stderr
     assert "skipped malformed records: 1" in ok.stdout and "record 1: field 'output' is missing" in ok.stdout
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -105,8 +103,10 @@ def test_llamafactory_example_and_the_cli(tmp_path):
     build_tiny_model(str(base), arch="qwen3", seed=0, tokenizer=AutoTokenizer.from_pretrained(DEMO_MODEL),
                      hidden_size=64, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=128)
     pro = tmp_path / "tiny8-pro"
-    proc = subprocess.run([sys.executable, "-m", "lmf", "expand", "--model_name_or_path", str(base), "--output_dir",
-                           str(pro), "--num_expand", "8"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    from lmf.testing.cli import run_lmf
+
+    proc = run_lmf("expand", "--model_name_or_path", str(base), "--output_dir", str(pro), "--num_expand", "8",
+                   cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "use_llama_pro: true" in proc.stdout
     with open(LF_EXAMPLE, encoding="utf-8") as fh:
