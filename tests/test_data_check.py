@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from lmf.data_check import render_with_mask, run_data_command
 from lmf.testing.char_tokenizer import build_char_tokenizer
