@@ -3,6 +3,7 @@ tests/test_vision.py.
 
     .venv/bin/python bench/lf_vl_golden.py build DIR        # the tiny families of FAMILIES
     bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR tests/fixtures/lf_vision/golden.json
+    LF_GOLDEN_CASES=a,b bench/.lf-venv/bin/python bench/lf_vl_golden.py lf DIR OUT.json   # those cases only
 
 The ``lf`` side never imports lmf. LLaMA-Factory loads its processor with ``AutoProcessor``, which needs
 torchvision for the Qwen-VL and LLaVA-NeXT-Video video processors and for PixtralProcessor (LLaVA's and Gemma 3's
@@ -97,12 +98,17 @@ CASES = [  # (name, model family dir, stage, LF keys)
                                    "cutoff_len": 2048, "image_max_pixels": 262144}),
     ("glm4v_small_images", "glm4v", "sft", {"template": "glm4v", "dataset": "mllm_demo", "cutoff_len": 2048,
                                             "image_max_pixels": 16384, "image_min_pixels": 4096}),
+    ("video_llava_images", "video_llava", "sft", {"template": "video_llava", "dataset": "mllm_demo,identity",
+                                                   "max_samples": 8, "cutoff_len": 1024}),
+    ("video_llava_videos", "video_llava", "sft", {"template": "video_llava", "dataset": "mllm_video_demo",
+                                                   "cutoff_len": 2048, "video_max_pixels": 16384, "video_fps": 1.0,
+                                                   "video_maxlen": 8}),
     ("qwen2_audio_sft", "qwen2_audio", "sft", {"template": "qwen2_audio", "dataset": "mllm_audio_demo,identity",
                                                "max_samples": 6, "cutoff_len": 2048}),
 ]
 #: The tiny families the cases use.
 FAMILIES = ("qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral", "qwen2_audio",
-            "intern_vl", "mllama", "glm4v")
+            "intern_vl", "mllama", "glm4v", "video_llava")
 #: Families whose processor AutoProcessor builds without torchvision (no video processor).
 OWN_PROCESSOR = ("llava", "llava_next", "gemma3", "qwen2_audio", "mllama")
 
@@ -111,10 +117,16 @@ def digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:20]
 
 
+def _pixels(inputs: dict):
+    pixels = inputs["pixel_values"] if "pixel_values" in inputs else inputs["pixel_values_images"]
+    return pixels if hasattr(pixels, "double") else __import__("torch").as_tensor(pixels)
+
+
 def pixel_digest(inputs: dict) -> str:
-    """Digest of a row's ``pixel_values`` (shape, values rounded to 1e-4) and ``image_grid_thw`` (Qwen-VL)."""
+    """Digest of a row's ``pixel_values`` (Video-LLaVA's ``pixel_values_images``: shape, values rounded to 1e-4) and
+    ``image_grid_thw`` (Qwen-VL)."""
     grid = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
-    pixels = inputs["pixel_values"]
+    pixels = _pixels(inputs)
     values = [round(float(x), 4) for x in pixels.double().flatten().tolist()]
     return digest([grid, list(pixels.shape), values])
 
@@ -123,7 +135,7 @@ def pixel_stats(inputs: dict) -> list:
     """``[grid, shape, sum, sum of |x|]`` of a row's pixel inputs: compared with a tolerance where the resize
     numerics differ (Pillow and transformers versions), exactly equal otherwise (:func:`pixel_digest`)."""
     grid = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
-    pixels = inputs["pixel_values"].double()
+    pixels = _pixels(inputs).double()
     return [grid, list(pixels.shape), float(pixels.sum()), float(pixels.abs().sum())]
 
 
@@ -252,6 +264,46 @@ def _llava_next_video_processor(model_dir: str, tokenizer):
     return LlavaNextVideoProcessor()
 
 
+def _video_llava_processor(model_dir: str, tokenizer):
+    """VideoLlavaProcessor builds its video processor with torchvision: its settings through the PIL CLIP image
+    processor frame by frame (as for LLaVA-NeXT-Video), beside the model's own VideoLlavaImageProcessor, with the
+    attributes LLaMA-Factory's VideoLlavaPlugin reads."""
+    import numpy as np
+    import torch
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+    with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+    with open(os.path.join(model_dir, "video_preprocessor_config.json"), encoding="utf-8") as fh:
+        video = json.load(fh)
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
+    frames = CLIPImageProcessorPil(**{key: video[key] for key in keys if key in video})
+
+    class VideoProcessor:
+        def preprocess(self, images=None, videos=None, return_tensors=None):  # as LLaMA-Factory calls transformers'
+            stacked = [np.stack(frames(list(v), return_tensors="np")["pixel_values"]) for v in videos]
+            return {"pixel_values_videos": torch.from_numpy(np.stack(stacked))}
+
+        __call__ = preprocess
+
+    class VideoLlavaProcessor:  # LLaMA-Factory's load_tokenizer checks the name
+        def __init__(self):
+            self.image_processor = VideoLlavaImageProcessor.from_pretrained(model_dir)
+            self.video_processor = VideoProcessor()
+            self.tokenizer = tokenizer
+            self.patch_size = config["patch_size"]
+            self.vision_feature_select_strategy = config["vision_feature_select_strategy"]
+            self.num_additional_image_tokens = config["num_additional_image_tokens"]
+
+        def save_pretrained(self, out_dir):
+            self.image_processor.save_pretrained(out_dir)
+            self.tokenizer.save_pretrained(out_dir)
+
+    return VideoLlavaProcessor()
+
+
 def _pixtral_processor(model_dir: str, tokenizer):
     """PixtralProcessor asks for torchvision at construction: the same attributes around the model's PIL image
     processor (what LLaMA-Factory's PixtralPlugin reads: patch_size, spatial_merge_size, the break and end tokens)."""
@@ -368,7 +420,10 @@ def lf(out_dir: str, golden_path: str) -> None:
                "pillow": PIL.__version__, "cases": {}}
     own_processor = AutoProcessor.from_pretrained
     mm_plugin.torchaudio.load = pyav_load
+    only = set(filter(None, os.environ.get("LF_GOLDEN_CASES", "").split(",")))  # a subset, to add new cases
     for name, family, stage, keys in CASES:
+        if only and name not in only:
+            continue
         model_dir = os.path.join(out_dir, family)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if family in OWN_PROCESSOR:
@@ -382,6 +437,8 @@ def lf(out_dir: str, golden_path: str) -> None:
         elif family == "llava_next_video":
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _llava_next_video_processor(model_dir,
                                                                                                      tokenizer))
+        elif family == "video_llava":
+            AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _video_llava_processor(model_dir, tokenizer))
         else:
             AutoProcessor.from_pretrained = staticmethod(lambda *a, **k: _processor(model_dir, tokenizer))
         config = dict(keys, stage="rm" if stage == "dpo" else stage, do_train=True, model_name_or_path=model_dir, finetuning_type="lora",

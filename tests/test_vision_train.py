@@ -32,7 +32,7 @@ def vlm(tmp_path_factory) -> dict:
     from lmf.testing.tiny_vlm import build_tiny_vlm
 
     families = ("qwen2_vl", "qwen3_vl", "qwen2_5_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
-                "intern_vl", "mllama", "glm4v")
+                "intern_vl", "mllama", "glm4v", "video_llava")
 
     def build(root):
         for family in families:
@@ -166,7 +166,7 @@ def test_lora_sft_on_images_learns_and_the_adapter_answers_images(tmp_path, vlm)
 
 @pytest.mark.parametrize("family,template", [("qwen2_5_vl", "qwen2_vl"), ("llava", "llava"), ("llava_next", "llava_next"),
                                              ("gemma3", "gemma3"), ("pixtral", "pixtral"), ("intern_vl", "intern_vl"),
-                                             ("mllama", "mllama"), ("glm4v", "glm4v")])
+                                             ("mllama", "mllama"), ("glm4v", "glm4v"), ("video_llava", "video_llava")])
 def test_each_family_trains_lora_on_images_and_answers_an_image(tmp_path, vlm, family, template):
     from lmf.chat import create_engine
     from lmf.chat.options import load_serving_config
@@ -334,10 +334,10 @@ def test_api_takes_data_url_images_and_local_paths_only_inside_its_image_dir(tmp
 
 
 @pytest.mark.parametrize("family,template", [("qwen2_vl", "qwen2_vl"), ("qwen3_vl", "qwen3_vl_nothink"),
-                                             ("llava_next_video", "llava_next_video")])
+                                             ("llava_next_video", "llava_next_video"), ("video_llava", "video_llava")])
 def test_lora_sft_on_videos_and_images_trains(tmp_path, vlm, family, template):
     """LLaMA-Factory's mllm_video_demo (mp4 / avi, decoded with PyAV) mixed with mllm_demo's images in the same
-    micro-batches of a Qwen2-VL / Qwen3-VL (per-frame timestamps) / LLaVA-NeXT-Video: every step trains (tokens and
+    micro-batches of a Qwen2-VL / Qwen3-VL (per-frame timestamps) / LLaVA-NeXT-Video / Video-LLaVA: every step trains (tokens and
     patch counts are checked in test_vision.py)."""
     pytest.importorskip("av")
     from test_vision import LF_DEMO

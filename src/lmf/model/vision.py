@@ -48,6 +48,11 @@ COMPOSITE_MODELS: dict[str, CompositeModel] = {
                              language=("language_model", "lm_head")),
     "qwen2_audio": CompositeModel(projector=("multi_modal_projector",), vision=("audio_tower",),
                                   language=("language_model", "lm_head"), min_transformers="5.10"),
+    # LLaMA-Factory registers video_llava with its default "vision_tower", a module Video-LLaVA does not have (its towers
+    # are image_tower and video_tower): there freeze_vision_tower freezes nothing and LoRA adapts the towers; lmf
+    # freezes and leaves out both towers, as the key says
+    "video_llava": CompositeModel(projector=("multi_modal_projector",), vision=("image_tower", "video_tower"),
+                                  language=("language_model", "lm_head")),
     "qwen3_vl": CompositeModel(projector=("visual.merger",),
                                vision=("visual.pos_embed", "visual.patch_embed", "visual.blocks",
                                        "visual.deepstack_merger_list"),

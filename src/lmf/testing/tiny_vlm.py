@@ -8,7 +8,8 @@ Mistral decoder, images of up to 112 pixels a side); ``qwen2_audio`` (Qwen2-Audi
 layer, a Qwen2 decoder, the Whisper feature extractor of 128 mel bins); ``intern_vl`` (InternVL: an InternViT tower of
 one layer on 56-pixel tiles, 4 tokens per tile, a Qwen2 decoder); ``mllama`` (Llama 3.2 Vision: a tower of one local
 and one global layer on up to 4 tiles of 56 pixels, a decoder whose second layer cross-attends to the image);
-``glm4v`` (GLM-4.1V: a tower of one block, Qwen2-VL's patches, a GLM-4 decoder). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
+``glm4v`` (GLM-4.1V: a tower of one block, Qwen2-VL's patches, a GLM-4 decoder); ``video_llava`` (Video-LLaVA: CLIP
+image and video towers, a Llama decoder, 56-pixel images and frames). The tokenizer is the tiny local BPE of :mod:`lmf.testing.tiny`
 with the Qwen vision tokens added (``qwen_tokenizer=True``: Qwen's real tokenizer, ids as in the released models).
 ``python -m lmf.testing.tiny_vlm OUT_DIR [--family qwen2_vl]``.
 """
@@ -37,7 +38,7 @@ GLM4V_TOKENS = ["<|begin_of_image|>", "<|end_of_image|>", "<|image|>", "<|begin_
 #: Pixtral's image, row-break and end tokens.
 PIXTRAL_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava", "llava_next", "llava_next_video", "gemma3", "pixtral",
-            "qwen2_audio", "intern_vl", "mllama", "glm4v")
+            "qwen2_audio", "intern_vl", "mllama", "glm4v", "video_llava")
 #: LLaVA-NeXT-Video's frame processing (its video processor's settings, frames of SMALL_IMAGE pixels square)
 LLAVA_NEXT_VIDEO_FRAMES = {"video_processor_type": "LlavaNextVideoVideoProcessor", "do_resize": True,
                            "size": {"shortest_edge": 56}, "do_center_crop": True,
@@ -68,6 +69,7 @@ def _tokenizer(qwen_tokenizer: bool, family: str = "qwen2_vl"):
     from tokenizers import AddedToken
 
     extra = {"llava": LLAVA_TOKENS, "llava_next": LLAVA_TOKENS, "llava_next_video": LLAVA_TOKENS + ["<video>"],
+             "video_llava": LLAVA_TOKENS + ["<video>"],
              "pixtral": PIXTRAL_TOKENS, "qwen2_audio": QWEN2_AUDIO_TOKENS, "intern_vl": INTERNVL_TOKENS, "mllama": MLLAMA_TOKENS, "glm4v": GLM4V_TOKENS,
              "gemma3": list(GEMMA3_TOKENS.values()) + ["<start_of_turn>", "<end_of_turn>"]}
     if qwen_tokenizer:
@@ -124,6 +126,15 @@ def _other_config(family: str, tok, hidden: int, layers: int, vision_depth: int)
                                     image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, spatial_pool_stride=2,
                                     image_seq_length=(SMALL_IMAGE // PATCH) ** 2,
                                     video_seq_length=(SMALL_IMAGE // PATCH) ** 2 // 4, tie_word_embeddings=False)
+    if family == "video_llava":
+        from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig
+
+        return VideoLlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text),
+                                image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                video_token_index=tok.convert_tokens_to_ids("<video>"),
+                                vision_feature_select_strategy="default", vision_feature_layer=-1,
+                                image_seq_length=(SMALL_IMAGE // PATCH) ** 2,
+                                video_seq_length=((SMALL_IMAGE // PATCH) ** 2 + 1) * 8, tie_word_embeddings=False)
     if family == "llava_next":
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
@@ -169,7 +180,7 @@ def _qwen2_audio_config(tok, text: dict, depth: int):
 
 
 def _config(family: str, tok, hidden: int, layers: int, vision_depth: int = 1):
-    if family in ("llava", "llava_next", "llava_next_video", "gemma3", "pixtral"):
+    if family in ("llava", "llava_next", "llava_next_video", "video_llava", "gemma3", "pixtral"):
         return _other_config(family, tok, hidden, layers, vision_depth)
     ids = {f"{name}_token_id": tok.convert_tokens_to_ids(token) for name, token in
            (("image", "<|image_pad|>"), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
@@ -263,6 +274,11 @@ def _image_processor(family: str, min_pixels: int, max_pixels: int):
 
         return CLIPImageProcessorPil(size={"shortest_edge": SMALL_IMAGE},
                                      crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE})
+    if family == "video_llava":
+        from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+        return VideoLlavaImageProcessor(size={"shortest_edge": SMALL_IMAGE},
+                                        crop_size={"height": SMALL_IMAGE, "width": SMALL_IMAGE})
     if family in ("llava_next", "llava_next_video"):
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -333,12 +349,16 @@ def build_tiny_vlm(out_dir: str, family: str = "qwen2_vl", hidden_size: int = 64
                  "qwen2_audio": {"processor_class": "Qwen2AudioProcessor"},
                  "intern_vl": {"processor_class": "InternVLProcessor", "image_seq_length": 4},
                  "mllama": {"processor_class": "MllamaProcessor"},
-                 "glm4v": {"processor_class": "Glm4vProcessor"}}[family]
+                 "glm4v": {"processor_class": "Glm4vProcessor"},
+                 "video_llava": {"processor_class": "VideoLlavaProcessor", "patch_size": PATCH,
+                                 "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}}[family]
     with open(os.path.join(out_dir, "processor_config.json"), "w", encoding="utf-8") as fh:
         json.dump(processor, fh)
-    if family == "llava_next_video":  # its video processor needs torchvision to be built: its settings, written
+    if family in ("llava_next_video", "video_llava"):  # its video processor needs torchvision: its settings, written
+        frames = dict(LLAVA_NEXT_VIDEO_FRAMES, video_processor_type=("LlavaNextVideoVideoProcessor" if family ==
+                                                                     "llava_next_video" else "VideoLlavaVideoProcessor"))
         with open(os.path.join(out_dir, "video_preprocessor_config.json"), "w", encoding="utf-8") as fh:
-            json.dump(LLAVA_NEXT_VIDEO_FRAMES, fh)
+            json.dump(frames, fh)
     return out_dir
 
 

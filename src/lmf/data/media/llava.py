@@ -1,5 +1,5 @@
-"""The LLaVA family's vision plugins: LLaVA-1.5 (LLaMA-Factory's LlavaPlugin), LLaVA-NeXT (LlavaNextPlugin) and
-LLaVA-NeXT-Video (LlavaNextVideoPlugin)."""
+"""The LLaVA family's vision plugins: LLaVA-1.5 (LLaMA-Factory's LlavaPlugin), LLaVA-NeXT (LlavaNextPlugin),
+LLaVA-NeXT-Video (LlavaNextVideoPlugin) and Video-LLaVA (VideoLlavaPlugin)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ class LlavaPlugin(MediaPlugin):
     """LLaVA-1.5 style: ``<image>`` x N, N from the processed image size, the patch size and the feature selection
     (``processor_config.json``), as LLaMA-Factory computes it."""
 
+    #: the image processor's output with the pixels (Video-LLaVA's is ``pixel_values_images``)
+    pixel_key = "pixel_values"
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        height, width = self.blank_output((64, 64), "pixel_values").shape[-2:]
+        height, width = self.blank_output((64, 64), self.pixel_key).shape[-2:]
         patch = int(self.processor_config.get("patch_size") or 14)
         seqlen = (height // patch) * (width // patch) + int(self.processor_config.get("num_additional_image_tokens", 0))
         if self.processor_config.get("vision_feature_select_strategy") == "default":
@@ -107,6 +110,62 @@ class LlavaNextVideoPlugin(LlavaNextPlugin):
 
     def expected_tokens(self, inputs: dict, pictures: int) -> None:
         return None  # images (anyres) and videos: counted at preprocessing, checked by the model
+
+
+@dataclass
+class VideoLlavaPlugin(LlavaPlugin):
+    """Video-LLaVA: images as LLaVA-1.5 (``pixel_values_images``); a video's frames sampled by ``video_fps`` /
+    ``video_maxlen`` and resized by ``video_max_pixels`` / ``video_min_pixels`` (LLaMA-Factory's base rules), then the
+    CLIP resize, center crop and normalization of its video processor (``video_preprocessor_config.json``; without
+    one, of its image processor): ``<video>`` x (patches + the class token, which the video tower's features keep) per
+    frame, as LLaMA-Factory's VideoLlavaPlugin counts them. A batch's frames go to the model as one sequence (its video
+    features fill the ``<video>`` tokens in order; videos of different lengths need no padding). LLaMA-Factory counts
+    every video of a sample with the first one's frames; lmf counts each with its own (the same on one video per
+    sample)."""
+
+    video_token: str = "<video>"
+    pixel_key = "pixel_values_images"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
+        self.frame_seqlen = self.seqlen + int(self.processor_config.get("vision_feature_select_strategy") == "default")
+        video = self.processor_config.get("video_processor")
+        self.frame_processor = _frame_processor(video) if video else self.image_processor
+
+    def vision_tokens(self) -> tuple[str, ...]:
+        return (self.image_token, self.video_token)
+
+    def count_image_tokens(self, ids: list[int]) -> int:
+        return ids.count(self.image_token_id) + ids.count(self.video_token_id)
+
+    def _indices(self, path: str) -> list[int]:
+        from lmf.data.media.videos import video_metadata
+
+        return video_metadata(path, self.options.video_fps, self.options.video_maxlen)["indices"]
+
+    def video_text(self, path: str) -> str:
+        return self.video_token * (self.frame_seqlen * len(self._indices(path)))
+
+    def image_inputs(self, paths: list[str]) -> dict:
+        out = self.image_processor(self.load_images(paths), return_tensors="pt")
+        return {"pixel_values_images": out[self.pixel_key]}
+
+    def video_inputs(self, videos: list[str]) -> dict:
+        """``pixel_values_videos``: ``[1, all frames, 3, crop height, crop width]``."""
+        import torch
+
+        from lmf.data.media.videos import load_frames
+
+        o = self.options
+        frames = [frame for path in videos for frame in
+                  load_frames(path, self._indices(path), o.video_max_pixels, o.video_min_pixels, qwen_rules=False)]
+        out = self.frame_processor(frames, return_tensors="pt")
+        pixels = out["pixel_values"] if "pixel_values" in out else out[self.pixel_key]
+        return {"pixel_values_videos": torch.as_tensor(pixels).unsqueeze(0)}
+
+    def expected_tokens(self, inputs: dict, pictures: int) -> None:
+        return None  # images and videos: counted at preprocessing, checked by the model
 
 
 def _frame_processor(config: dict):

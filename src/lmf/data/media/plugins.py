@@ -3,6 +3,7 @@ the files into its inputs, as LLaMA-Factory's mm_plugin does: :class:`~lmf.data.
 ``qwen3_vl``, ``qwen3_vl_nothink``, ...), :class:`~lmf.data.media.llava.LlavaPlugin` (``llava``),
 :class:`~lmf.data.media.llava.LlavaNextPlugin` (``llava_next``, ``llava_next_*``),
 :class:`~lmf.data.media.llava.LlavaNextVideoPlugin` (``llava_next_video``, ``llava_next_video_*``: images and videos),
+:class:`~lmf.data.media.llava.VideoLlavaPlugin` (``video_llava``: images and videos),
 :class:`~lmf.data.media.gemma3.Gemma3Plugin` (``gemma3``), :class:`~lmf.data.media.pixtral.PixtralPlugin`
 (``pixtral``, ``ministral3``, ...), :class:`~lmf.data.media.internvl.InternVLPlugin` (``intern_vl``, ``intern_s1``),
 :class:`~lmf.data.media.mllama.MllamaPlugin` (``mllama``: Llama 3.2 Vision),
@@ -22,7 +23,7 @@ from lmf.data.media.gemma3 import Gemma3Plugin
 from lmf.data.media.glm4v import GLM4VPlugin
 from lmf.data.media.internvl import InternVLPlugin
 from lmf.data.media.mllama import MllamaPlugin
-from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin
+from lmf.data.media.llava import LlavaNextPlugin, LlavaNextVideoPlugin, LlavaPlugin, VideoLlavaPlugin
 from lmf.data.media.pixtral import PixtralPlugin
 from lmf.data.media.plugin_base import MediaOptions, MediaPlugin  # noqa: F401 - the plugins' shared base, here too
 from lmf.data.media.qwen_audio import Qwen2AudioPlugin
@@ -37,11 +38,11 @@ IMPLEMENTED = {"Qwen2VLPlugin": "QwenVLPlugin", "Qwen3VLPlugin": "QwenVLPlugin",
                "LlavaNextPlugin": "LlavaNextPlugin", "LlavaNextVideoPlugin": "LlavaNextVideoPlugin",
                "Gemma3Plugin": "Gemma3Plugin", "PixtralPlugin": "PixtralPlugin", "Qwen2AudioPlugin": "Qwen2AudioPlugin",
                "InternVLPlugin": "InternVLPlugin", "MllamaPlugin": "MllamaPlugin",
-               "GLM4VPlugin": "GLM4VPlugin"}
+               "GLM4VPlugin": "GLM4VPlugin", "VideoLlavaPlugin": "VideoLlavaPlugin"}
 PLUGINS = {"QwenVLPlugin": QwenVLPlugin, "LlavaPlugin": LlavaPlugin, "LlavaNextPlugin": LlavaNextPlugin,
            "LlavaNextVideoPlugin": LlavaNextVideoPlugin, "Gemma3Plugin": Gemma3Plugin, "PixtralPlugin": PixtralPlugin,
            "Qwen2AudioPlugin": Qwen2AudioPlugin, "InternVLPlugin": InternVLPlugin,
-           "MllamaPlugin": MllamaPlugin, "GLM4VPlugin": GLM4VPlugin}
+           "MllamaPlugin": MllamaPlugin, "GLM4VPlugin": GLM4VPlugin, "VideoLlavaPlugin": VideoLlavaPlugin}
 #: LLaMA-Factory's plugins of families whose model code transformers does not ship (only ``trust_remote_code``, code
 #: downloaded from the hub, loads them) -> the family.
 REMOTE_CODE_ONLY = {"KimiVLPlugin": "Kimi-VL", "MiniCPMVPlugin": "MiniCPM-V / MiniCPM-o", "MossVLPlugin": "MOSS-VL",
@@ -89,7 +90,7 @@ def media_plugin_for(template, model_path: str, tokenizer, data_args, trust_remo
         raise NotAvailableError(
             f"template {template.name!r}: images with LLaMA-Factory's {name} are not implemented in lmf (vision-language "
             f"templates lmf implements: those of {', '.join(sorted(IMPLEMENTED))}, e.g. qwen2_vl, qwen3_vl, llava, "
-            "gemma3, pixtral, intern_vl, mllama, glm4v, qwen2_audio)")
+            "gemma3, pixtral, intern_vl, mllama, glm4v, video_llava, qwen2_audio)")
     plugin = PLUGINS[IMPLEMENTED[name]]
     options = MediaOptions.from_data_args(data_args)
     if plugin in AUDIO_ONLY:
