@@ -381,3 +381,26 @@ def test_a_family_only_remote_code_loads_is_refused_with_that_reason(vlm_root, t
     with pytest.raises(NotAvailableError, match=f"{family} models load only through trust_remote_code") as info:
         media_plugin_for(get_template(template, tokenizer), cfg.model.model_name_or_path, tokenizer, cfg.data)
     assert "Plugin is not implemented in lmf" in str(info.value)
+
+
+def test_video_llava_full_tuning_freezes_both_of_its_towers(vlm_root):
+    """LLaMA-Factory's COMPOSITE_MODELS names a ``vision_tower`` Video-LLaVA lacks (nothing frozen there); lmf freezes
+    its image_tower and video_tower (and the projector) by default, and keeps them out of LoRA."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from lmf.model.loader import auto_model_class
+    from lmf.model.vision import freeze_frozen_parts, vision_lora_targets
+
+    config = AutoConfig.from_pretrained(os.path.join(vlm_root, "video_llava"))
+    model = auto_model_class(config).from_config(config)
+    finetuning = SimpleNamespace(freeze_vision_tower=True, freeze_multi_modal_projector=True,
+                                 freeze_language_model=False)
+    freeze_frozen_parts(model, finetuning)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("image_tower" in n for n in names) and any("video_tower" in n for n in names)
+    assert trainable and all("language_model" in n or "lm_head" in n for n in trainable)
+    targets = vision_lora_targets(model, finetuning, ["q_proj", "k_proj", "v_proj", "fc1"])
+    assert targets and all("language_model" in t for t in targets)
