@@ -7,6 +7,7 @@ Used by the tests, the benchmarks and the README demo: no network, real ``save_p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from typing import Iterable, Optional
@@ -54,10 +55,34 @@ def build_tokenizer(vocab_size: int = 2048, corpus: Optional[Iterable[str]] = No
     """Train a byte-level BPE tokenizer locally and wrap it as a ``PreTrainedTokenizerFast``.
 
     ``style`` picks the pre-tokenization pipeline: ``gpt2`` (ByteLevel regex), ``qwen2`` (NFC + Qwen2's
-    Split regex + ByteLevel, as Qwen2/Qwen3 ship) or ``llama3`` (Llama-3's Split regex + ByteLevel).
+    Split regex + ByteLevel, as Qwen2/Qwen3 ship) or ``llama3`` (Llama-3's Split regex + ByteLevel). With the default
+    corpus the trained tokenizer is kept per process (training takes ~0.8 s; test fixtures build many).
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    if corpus is None:
+        tok = Tokenizer.from_str(_trained_on_default_corpus(vocab_size, style))
+    else:
+        tok = _train_bpe(vocab_size, list(corpus), style)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        model_max_length=32768,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_on_default_corpus(vocab_size: int, style: str) -> str:
+    return _train_bpe(vocab_size, list(default_corpus()), style).to_str()
+
+
+def _train_bpe(vocab_size: int, corpus: list, style: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from lmf.data.fast_bpe import LLAMA3_PATTERN, QWEN2_PATTERN
 
@@ -81,16 +106,8 @@ def build_tokenizer(vocab_size: int = 2048, corpus: Optional[Iterable[str]] = No
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(corpus if corpus is not None else default_corpus()), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-        model_max_length=32768,
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return tok
 
 
 def build_config(arch: str, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
