@@ -89,8 +89,10 @@ def _captured_logs(stream: io.StringIO):
 
 
 def _in_process(argv: list[str], env: dict, cwd: Optional[str]) -> subprocess.CompletedProcess:
+    from lmf.extras import logging as lmf_logging
     from lmf.launcher import guarded, run_command
 
+    lmf_logging._ONCE.clear()  # "once per process" messages: this run is a new process's
     command = argv.pop(0) if argv else "help"
     out, err = io.StringIO(), io.StringIO()
     with contextlib.ExitStack() as stack:
