@@ -298,3 +298,17 @@ def test_a_finished_worker_exits_like_the_interpreter_but_without_its_teardown(t
     assert proc.returncode == 5 and proc.stdout == "buffered"
     assert (tmp_path / "thread").read_text() == "done"  # joined, as at interpreter exit
     assert (tmp_path / "atexit").read_text() == "1"  # exit handlers ran after the thread finished
+
+
+def test_in_process_cli_runs_return_what_a_subprocess_would_and_leave_the_environment(tmp_path):
+    """lmf.testing.cli.run_lmf (the suite's way to run single-process commands): exit code, stdout, the one-line
+    error on stderr, the environment and working directory of the test process restored."""
+    from lmf import __version__
+    from lmf.testing.cli import run_lmf
+
+    before_env, before_cwd = dict(os.environ), os.getcwd()
+    ok = run_lmf("version", env_extra={"LMF_SOME_SETTING": "1"}, cwd=str(tmp_path))
+    assert ok.returncode == 0 and __version__ in ok.stdout
+    bad = run_lmf("sft", str(tmp_path / "missing.yaml"))
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr and "Traceback" not in bad.stderr
+    assert dict(os.environ) == before_env and os.getcwd() == before_cwd
