@@ -14,7 +14,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(REPO_ROOT, "src", "lmf")
 
 #: The layers, lowest first. A module may import its own package and packages of lower layers only
-#: (lazy imports inside functions count too). ``lmf.testing`` is fixtures: nothing in lmf imports it.
+#: (lazy imports inside functions count too). ``lmf.testing`` is fixtures (its CLI runner drives the launcher): it is
+#: on top, and nothing in lmf imports it.
 LAYERS = [
     ("lmf", "lmf.extras"),
     ("lmf.config",),
@@ -26,9 +27,9 @@ LAYERS = [
     ("lmf.chat",),
     ("lmf.api", "lmf.export", "lmf.data_check", "lmf.predict", "lmf.expand"),
     ("lmf.experiment",),
-    ("lmf.ray_launcher", "lmf.torchrun", "lmf.env_info", "lmf.testing"),
+    ("lmf.ray_launcher", "lmf.torchrun", "lmf.env_info"),
     ("lmf.launcher",),
-    ("lmf.worker", "lmf.__main__"),
+    ("lmf.worker", "lmf.__main__", "lmf.testing"),
 ]
 MAX_LINES = 400
 #: Generated tables, any length; their docstring says so.
