@@ -126,11 +126,14 @@ def load_image_processor(model_path: str, trust_remote_code: bool = False):
         return transformers.AutoImageProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except ImportError:
         with open(os.path.join(model_path, "preprocessor_config.json"), encoding="utf-8") as fh:
-            name = json.load(fh).get("image_processor_type") or ""
-        pil = getattr(transformers, name.removesuffix("Fast") + "Pil", None) if name else None
-        if pil is None:
-            raise
-        return pil.from_pretrained(model_path)
+            name = (json.load(fh).get("image_processor_type") or "").removesuffix("Fast")
+        # the PIL class (transformers >= 5.x names it ...Pil), else the plain one where it is PIL-based (Video-LLaVA's)
+        for candidate in filter(None, (name and name + "Pil", name)):
+            try:
+                return getattr(transformers, candidate).from_pretrained(model_path)
+            except (AttributeError, ImportError):
+                continue
+        raise
 
 
 def _processor_config(model_path: str) -> dict:
