@@ -218,90 +218,68 @@ def _processor(model_dir: str, tokenizer):
     return Qwen2VLProcessor()
 
 
-def _llava_next_video_processor(model_dir: str, tokenizer):
-    """LlavaNextVideoProcessor builds its video processor with torchvision: here the same settings through the PIL CLIP
-    image processor, frame by frame (what the video processor does: resize, center crop, rescale, normalize), with
-    the attributes LLaMA-Factory's LlavaNextVideoPlugin reads."""
+def _frame_video_processor(model_dir: str):
+    """The video processor of LLaVA-NeXT-Video and Video-LLaVA (transformers builds it with torchvision): its settings
+    (``video_preprocessor_config.json``) through the PIL CLIP image processor, frame by frame (what the video processor
+    does: resize, center crop, rescale, normalize)."""
     import numpy as np
     import torch
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    with open(os.path.join(model_dir, "video_preprocessor_config.json"), encoding="utf-8") as fh:
+        video = json.load(fh)
+    keys = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
+            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
+    frames = CLIPImageProcessorPil(**{key: video[key] for key in keys if key in video})
+
+    class VideoProcessor:
+        def preprocess(self, images=None, videos=None, return_tensors=None):  # LLaMA-Factory passes videos=
+            stacked = [np.stack(frames(list(v), return_tensors="np")["pixel_values"]) for v in videos]
+            return {"pixel_values_videos": torch.from_numpy(np.stack(stacked))}
+
+        __call__ = preprocess
+
+    return VideoProcessor()
+
+
+def _llava_video_processor(name: str, image_processor, model_dir: str, tokenizer, **extra):
+    """A processor named ``name`` (LLaMA-Factory's load_tokenizer checks the name) with ``image_processor``, the frame
+    video processor and the LLaVA attributes LLaMA-Factory's plugins read (``processor_config.json``)."""
+    with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+
+    def save_pretrained(self, out_dir):
+        self.image_processor.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+
+    processor = type(name, (), dict(extra, save_pretrained=save_pretrained))()
+    processor.image_processor, processor.video_processor = image_processor, _frame_video_processor(model_dir)
+    processor.tokenizer = tokenizer
+    for key in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"):
+        setattr(processor, key, config[key])
+    return processor
+
+
+def _llava_next_video_processor(model_dir: str, tokenizer):
+    """LLaVA-NeXT-Video's processor: the PIL LLaVA-NeXT image processor, the frame video processor, its tokens."""
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
     from transformers.models.llava_next_video.processing_llava_next_video import LlavaNextVideoProcessor as Real
 
     with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
         config = json.load(fh)
-    with open(os.path.join(model_dir, "video_preprocessor_config.json"), encoding="utf-8") as fh:
-        video = json.load(fh)
-    keys = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
-            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
-    frames = CLIPImageProcessorPil(**{key: video[key] for key in keys if key in video})
-
-    class VideoProcessor:
-        def preprocess(self, videos, images=None, return_tensors=None):  # as LLaMA-Factory calls transformers' one
-            stacked = [np.stack(frames(list(v), return_tensors="np")["pixel_values"]) for v in videos]
-            return {"pixel_values_videos": torch.from_numpy(np.stack(stacked))}
-
-        __call__ = preprocess
-
-    class LlavaNextVideoProcessor:  # LLaMA-Factory's load_tokenizer checks the name
-        model_input_names = ["input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos"]
-        _get_number_of_features = Real._get_number_of_features
-        _get_unpadded_features = Real._get_unpadded_features
-
-        def __init__(self):
-            self.image_processor = LlavaNextImageProcessorPil.from_pretrained(model_dir)
-            self.video_processor = VideoProcessor()
-            self.tokenizer = tokenizer
-            self.patch_size = config["patch_size"]
-            self.vision_feature_select_strategy = config["vision_feature_select_strategy"]
-            self.num_additional_image_tokens = config["num_additional_image_tokens"]
-            self.image_token, self.video_token = config["image_token"], config["video_token"]
-
-        def save_pretrained(self, out_dir):
-            self.image_processor.save_pretrained(out_dir)
-            self.tokenizer.save_pretrained(out_dir)
-
-    return LlavaNextVideoProcessor()
+    return _llava_video_processor(
+        "LlavaNextVideoProcessor", LlavaNextImageProcessorPil.from_pretrained(model_dir), model_dir, tokenizer,
+        model_input_names=["input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos"],
+        _get_number_of_features=Real._get_number_of_features, _get_unpadded_features=Real._get_unpadded_features,
+        image_token=config["image_token"], video_token=config["video_token"])
 
 
 def _video_llava_processor(model_dir: str, tokenizer):
-    """VideoLlavaProcessor builds its video processor with torchvision: its settings through the PIL CLIP image
-    processor frame by frame (as for LLaVA-NeXT-Video), beside the model's own VideoLlavaImageProcessor, with the
-    attributes LLaMA-Factory's VideoLlavaPlugin reads."""
-    import numpy as np
-    import torch
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    """Video-LLaVA's processor: the model's own (PIL) VideoLlavaImageProcessor and the frame video processor."""
     from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
 
-    with open(os.path.join(model_dir, "processor_config.json"), encoding="utf-8") as fh:
-        config = json.load(fh)
-    with open(os.path.join(model_dir, "video_preprocessor_config.json"), encoding="utf-8") as fh:
-        video = json.load(fh)
-    keys = ("size", "crop_size", "image_mean", "image_std", "do_resize", "do_center_crop", "do_rescale",
-            "rescale_factor", "do_normalize", "do_convert_rgb", "resample")
-    frames = CLIPImageProcessorPil(**{key: video[key] for key in keys if key in video})
-
-    class VideoProcessor:
-        def preprocess(self, images=None, videos=None, return_tensors=None):  # as LLaMA-Factory calls transformers'
-            stacked = [np.stack(frames(list(v), return_tensors="np")["pixel_values"]) for v in videos]
-            return {"pixel_values_videos": torch.from_numpy(np.stack(stacked))}
-
-        __call__ = preprocess
-
-    class VideoLlavaProcessor:  # LLaMA-Factory's load_tokenizer checks the name
-        def __init__(self):
-            self.image_processor = VideoLlavaImageProcessor.from_pretrained(model_dir)
-            self.video_processor = VideoProcessor()
-            self.tokenizer = tokenizer
-            self.patch_size = config["patch_size"]
-            self.vision_feature_select_strategy = config["vision_feature_select_strategy"]
-            self.num_additional_image_tokens = config["num_additional_image_tokens"]
-
-        def save_pretrained(self, out_dir):
-            self.image_processor.save_pretrained(out_dir)
-            self.tokenizer.save_pretrained(out_dir)
-
-    return VideoLlavaProcessor()
+    return _llava_video_processor("VideoLlavaProcessor", VideoLlavaImageProcessor.from_pretrained(model_dir),
+                                  model_dir, tokenizer)
 
 
 def _pixtral_processor(model_dir: str, tokenizer):
