@@ -58,29 +58,17 @@ class LlavaNextPlugin(MediaPlugin):
         return int(self._features(height, width, *self.tile)) - int(self._less_one)
 
 
-@dataclass
-class LlavaNextVideoPlugin(LlavaNextPlugin):
-    """LLaVA-NeXT-Video: images as LLaVA-NeXT; a video's frames sampled by ``video_fps`` / ``video_maxlen`` and
-    resized by ``video_max_pixels`` / ``video_min_pixels`` (LLaMA-Factory's base rules), then the video processor's
-    resize and center crop (``video_preprocessor_config.json``): ``<video>`` x (crop patches / 4, the model's 2 x 2
-    pooling) per frame, as LLaMA-Factory's LlavaNextVideoPlugin counts them. The frames of a batch's videos go to the
-    model as one sequence of frames: its video features fill the ``<video>`` tokens in order either way, and videos of
-    different lengths need no padding. LLaMA-Factory counts every video of a sample with the first one's frames; lmf
-    counts each with its own (the same on one video per sample)."""
+class FrameVideos:
+    """Videos as frames for the LLaVA video families: each video's frames sampled by ``video_fps`` / ``video_maxlen``
+    and resized by ``video_max_pixels`` / ``video_min_pixels`` (LLaMA-Factory's base rules, no even padding), then
+    ``frame_processor``; ``<video>`` x ``frame_seqlen`` per frame. A batch's frames go to the model as one sequence (its
+    video features fill the ``<video>`` tokens in order; videos of different lengths need no padding). LLaMA-Factory
+    counts every video of a sample with the first one's frames; lmf counts each with its own (the same on one video
+    per sample)."""
 
-    video_token: str = "<video>"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _init_videos(self, frame_seqlen: int, frame_processor) -> None:
         self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
-        video = self.processor_config.get("video_processor", {})
-        crop = video.get("crop_size") or {"height": 224, "width": 224}
-        if video.get("do_center_crop") is False or not isinstance(crop, dict) or not {"height", "width"} <= set(crop):
-            raise NotAvailableError("LLaVA-NeXT-Video: a video processor without a center crop to crop_size {height, "
-                                    "width} (video_preprocessor_config.json) is not implemented in lmf")
-        self.frame_processor = _frame_processor(video)
-        patch = int(self.processor_config.get("patch_size") or 14)
-        self.frame_seqlen = (crop["height"] // patch) * (crop["width"] // patch) // 4
+        self.frame_seqlen, self.frame_processor = int(frame_seqlen), frame_processor
 
     def vision_tokens(self) -> tuple[str, ...]:
         return (self.image_token, self.video_token)
@@ -95,61 +83,6 @@ class LlavaNextVideoPlugin(LlavaNextPlugin):
 
     def video_text(self, path: str) -> str:
         return self.video_token * (self.frame_seqlen * len(self._indices(path)))
-
-    def video_inputs(self, videos: list[str]) -> dict:
-        """``pixel_values_videos``: ``[1, all frames, 3, crop height, crop width]``."""
-        import torch
-
-        from lmf.data.media.videos import load_frames
-
-        o = self.options
-        frames = [frame for path in videos for frame in
-                  load_frames(path, self._indices(path), o.video_max_pixels, o.video_min_pixels, qwen_rules=False)]
-        pixels = self.frame_processor(frames, return_tensors="pt")["pixel_values"]
-        return {"pixel_values_videos": torch.as_tensor(pixels).unsqueeze(0)}
-
-    def expected_tokens(self, inputs: dict, pictures: int) -> None:
-        return None  # images (anyres) and videos: counted at preprocessing, checked by the model
-
-
-@dataclass
-class VideoLlavaPlugin(LlavaPlugin):
-    """Video-LLaVA: images as LLaVA-1.5 (``pixel_values_images``); a video's frames sampled by ``video_fps`` /
-    ``video_maxlen`` and resized by ``video_max_pixels`` / ``video_min_pixels`` (LLaMA-Factory's base rules), then the
-    CLIP resize, center crop and normalization of its video processor (``video_preprocessor_config.json``; without
-    one, of its image processor): ``<video>`` x (patches + the class token, which the video tower's features keep) per
-    frame, as LLaMA-Factory's VideoLlavaPlugin counts them. A batch's frames go to the model as one sequence (its video
-    features fill the ``<video>`` tokens in order; videos of different lengths need no padding). LLaMA-Factory counts
-    every video of a sample with the first one's frames; lmf counts each with its own (the same on one video per
-    sample)."""
-
-    video_token: str = "<video>"
-    pixel_key = "pixel_values_images"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.video_token_id = self.tokenizer.convert_tokens_to_ids(self.video_token)
-        self.frame_seqlen = self.seqlen + int(self.processor_config.get("vision_feature_select_strategy") == "default")
-        video = self.processor_config.get("video_processor")
-        self.frame_processor = _frame_processor(video) if video else self.image_processor
-
-    def vision_tokens(self) -> tuple[str, ...]:
-        return (self.image_token, self.video_token)
-
-    def count_image_tokens(self, ids: list[int]) -> int:
-        return ids.count(self.image_token_id) + ids.count(self.video_token_id)
-
-    def _indices(self, path: str) -> list[int]:
-        from lmf.data.media.videos import video_metadata
-
-        return video_metadata(path, self.options.video_fps, self.options.video_maxlen)["indices"]
-
-    def video_text(self, path: str) -> str:
-        return self.video_token * (self.frame_seqlen * len(self._indices(path)))
-
-    def image_inputs(self, paths: list[str]) -> dict:
-        out = self.image_processor(self.load_images(paths), return_tensors="pt")
-        return {"pixel_values_images": out[self.pixel_key]}
 
     def video_inputs(self, videos: list[str]) -> dict:
         """``pixel_values_videos``: ``[1, all frames, 3, crop height, crop width]``."""
@@ -161,11 +94,51 @@ class VideoLlavaPlugin(LlavaPlugin):
         frames = [frame for path in videos for frame in
                   load_frames(path, self._indices(path), o.video_max_pixels, o.video_min_pixels, qwen_rules=False)]
         out = self.frame_processor(frames, return_tensors="pt")
-        pixels = out["pixel_values"] if "pixel_values" in out else out[self.pixel_key]
+        pixels = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]  # Video-LLaVA's processor
         return {"pixel_values_videos": torch.as_tensor(pixels).unsqueeze(0)}
 
     def expected_tokens(self, inputs: dict, pictures: int) -> None:
         return None  # images and videos: counted at preprocessing, checked by the model
+
+
+@dataclass
+class LlavaNextVideoPlugin(FrameVideos, LlavaNextPlugin):
+    """LLaVA-NeXT-Video: images as LLaVA-NeXT; videos as :class:`FrameVideos` through the video processor's resize and
+    center crop (``video_preprocessor_config.json``): ``<video>`` x (crop patches / 4, the model's 2 x 2 pooling) per
+    frame, as LLaMA-Factory's LlavaNextVideoPlugin counts them."""
+
+    video_token: str = "<video>"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        video = self.processor_config.get("video_processor", {})
+        crop = video.get("crop_size") or {"height": 224, "width": 224}
+        if video.get("do_center_crop") is False or not isinstance(crop, dict) or not {"height", "width"} <= set(crop):
+            raise NotAvailableError("LLaVA-NeXT-Video: a video processor without a center crop to crop_size {height, "
+                                    "width} (video_preprocessor_config.json) is not implemented in lmf")
+        patch = int(self.processor_config.get("patch_size") or 14)
+        self._init_videos((crop["height"] // patch) * (crop["width"] // patch) // 4, _frame_processor(video))
+
+
+@dataclass
+class VideoLlavaPlugin(FrameVideos, LlavaPlugin):
+    """Video-LLaVA: images as LLaVA-1.5 (``pixel_values_images``); videos as :class:`FrameVideos` through the CLIP
+    resize, center crop and normalization of its video processor (``video_preprocessor_config.json``; without one, of
+    its image processor): ``<video>`` x (patches + the class token, which the video tower's features keep) per frame,
+    as LLaMA-Factory's VideoLlavaPlugin counts them."""
+
+    video_token: str = "<video>"
+    pixel_key = "pixel_values_images"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        video = self.processor_config.get("video_processor")
+        self._init_videos(self.seqlen + int(self.processor_config.get("vision_feature_select_strategy") == "default"),
+                          _frame_processor(video) if video else self.image_processor)
+
+    def image_inputs(self, paths: list[str]) -> dict:
+        out = self.image_processor(self.load_images(paths), return_tensors="pt")
+        return {"pixel_values_images": out[self.pixel_key]}
 
 
 def _frame_processor(config: dict):
